@@ -1,0 +1,141 @@
+"""Estimate, Stage, SearchStats and Plan: what the solver returns and the runner executes."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .bound import LatencyBound
+from .errors import ExeGPTError
+from .schedule import Schedule, schedule_from_dict, schedule_to_dict
+from .workload import Workload
+
+PLAN_SCHEMA = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One pipeline stage: ``tp`` devices holding decoder layers [first_layer, first_layer + n_layers)
+    (and, for encoder-decoder models, encoder layers [first_enc_layer, first_enc_layer + n_enc_layers))."""
+
+    role: str
+    """'both' (RRA, static), 'encode' or 'decode' (WAA)."""
+    tp: int
+    first_layer: int
+    n_layers: int
+    first_enc_layer: int = 0
+    n_enc_layers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Predicted steady-state performance of a schedule. ``runner.RunReport`` uses the same names."""
+
+    throughput_seq_s: float
+    """Completed sequences per second."""
+    throughput_tok_s: float
+    """Generated (output) tokens per second."""
+    latency_s: float
+    """Time to generate an output of ``latency_len`` tokens, from the start of its encoding."""
+    latency_len: int
+    """The output length the bound applies to (the bound's length quantile)."""
+    encode_stage_s: float
+    """Time of one encode phase (RRA, static) or of the slowest encode stage (WAA)."""
+    decode_step_s: float
+    """Time of one decode iteration of the whole decode batch."""
+    decode_batch: float
+    """B_D: expected rows in the decode batch."""
+    memory_bytes: tuple[float, ...] = ()
+    """Peak bytes per pipeline stage device (weights + KV cache + activations)."""
+    memory_capacity_bytes: float = math.inf
+
+    def meets(self, bound: LatencyBound) -> bool:
+        return self.latency_s <= bound.bound_s
+
+    @property
+    def memory_ok(self) -> bool:
+        return all(m <= self.memory_capacity_bytes for m in self.memory_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchStats:
+    method: str
+    """'branch_and_bound' or 'exhaustive' (or 'given' for a schedule evaluated as is)."""
+    candidates_evaluated: int
+    wall_s: float
+    space_size: int = 0
+    """Points in the search space (all policies, TP configurations and box points)."""
+    boxes_pruned: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A schedule with its estimate, the bound it was chosen for, and where it came from.
+    ``Plan.from_json(plan.to_json()) == plan``; the runner executes ``schedule`` on ``stages``."""
+
+    schedule: Schedule
+    estimate: Estimate
+    bound: LatencyBound
+    profile_id: str
+    """model@device of the profile the estimate came from."""
+    model: str
+    devices: str
+    """Cluster label such as 4xA40."""
+    workload: Workload
+    stages: tuple[Stage, ...]
+    """Layer placement: RRA/static stages in pipeline order; WAA encode stages, then decode stages."""
+    search: SearchStats = field(default_factory=lambda: SearchStats("given", 1, 0.0))
+
+    def to_dict(self) -> dict:
+        est = asdict(self.estimate)
+        est["memory_bytes"] = list(est["memory_bytes"])
+        if math.isinf(est["memory_capacity_bytes"]):
+            est["memory_capacity_bytes"] = None
+        return {"schema": PLAN_SCHEMA, "schedule": schedule_to_dict(self.schedule), "estimate": est,
+                "bound": self.bound.to_dict(), "profile_id": self.profile_id, "model": self.model,
+                "devices": self.devices, "workload": self.workload.to_dict(),
+                "stages": [asdict(s) for s in self.stages], "search": asdict(self.search)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        if d.get("schema") != PLAN_SCHEMA:
+            raise ExeGPTError(f"plan schema {d.get('schema')!r} is not supported; expected {PLAN_SCHEMA}")
+        try:
+            est = dict(d["estimate"])
+            est["memory_bytes"] = tuple(est.get("memory_bytes", ()))
+            if est.get("memory_capacity_bytes") is None:
+                est["memory_capacity_bytes"] = math.inf
+            return cls(schedule=schedule_from_dict(d["schedule"]), estimate=Estimate(**est),
+                       bound=LatencyBound.from_dict(d["bound"]), profile_id=d["profile_id"], model=d["model"],
+                       devices=d["devices"], workload=Workload.from_dict(d["workload"]),
+                       stages=tuple(Stage(**s) for s in d["stages"]), search=SearchStats(**d["search"]))
+        except (KeyError, TypeError) as e:
+            raise ExeGPTError(f"plan JSON is missing or has a wrong field: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ExeGPTError(f"plan is not valid JSON: {e.msg} at line {e.lineno}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        try:
+            path.write_text(self.to_json())
+        except OSError as e:
+            raise ExeGPTError(f"cannot write plan to {str(path)!r}: {e.strerror}") from None
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except OSError as e:
+            raise ExeGPTError(f"cannot read plan {str(path)!r}: {e.strerror}") from None

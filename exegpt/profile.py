@@ -1,0 +1,297 @@
+"""Profile: measured (or modelled) kernel times of one model on one device type.
+
+ExeGPT's profiler split (paper §3): the attention kernel separately from the rest of the layer,
+for encode (prefill) and decode, per tensor-parallel degree, plus the synchronisation costs.
+All times are **seconds for one layer on one rank** of a TP group of degree ``tp``.
+
+Kernels and their axes:
+
+=============  ======================  ==============================================================
+kernel         axes                    meaning
+=============  ======================  ==============================================================
+attn_encode    batch, seq              self-attention of ``batch`` prompts of ``seq`` tokens each
+attn_decode    batch, context          one decode step of ``batch`` rows attending to ``context`` tokens
+attn_cross     batch, context          T5 decoder cross-attention, one step, ``context`` input tokens
+dense_encode   tokens                  the rest of an encoder / prefill layer for ``tokens`` tokens
+dense_decode   tokens                  the rest of a decoder layer for ``tokens`` rows (one token each)
+lm_head        tokens                  embedding + final norm + LM head + sampling, whole model, tp=1
+allreduce      bytes                   all-reduce of ``bytes`` in a group of ``tp`` ranks
+send_recv      bytes                   point-to-point hand-off of ``bytes`` between pipeline stages
+kv_handoff     bytes                   WAA KV-cache copy encode group -> host -> decode group
+=============  ======================  ==============================================================
+
+Lookups interpolate linearly (scipy) over the **monotone envelope** of each table: the running
+maximum along every size axis, so that more work is never credited as faster than less work
+(measurement noise otherwise breaks the monotonicity the search relies on). Outside the measured
+range a lookup raises ``ProfileRangeError`` unless the table says ``extrapolate: true``, in which
+case it extends the last segment linearly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+from scipy.interpolate import RegularGridInterpolator
+
+from .errors import ExeGPTError, ProfileRangeError
+
+SCHEMA = 1
+
+
+class Kernel(str, Enum):
+    ATTN_ENCODE = "attn_encode"
+    ATTN_DECODE = "attn_decode"
+    ATTN_CROSS = "attn_cross"
+    DENSE_ENCODE = "dense_encode"
+    DENSE_DECODE = "dense_decode"
+    LM_HEAD = "lm_head"
+    ALLREDUCE = "allreduce"
+    SEND_RECV = "send_recv"
+    KV_HANDOFF = "kv_handoff"
+
+
+AXES: dict[Kernel, tuple[str, ...]] = {
+    Kernel.ATTN_ENCODE: ("batch", "seq"),
+    Kernel.ATTN_DECODE: ("batch", "context"),
+    Kernel.ATTN_CROSS: ("batch", "context"),
+    Kernel.DENSE_ENCODE: ("tokens",),
+    Kernel.DENSE_DECODE: ("tokens",),
+    Kernel.LM_HEAD: ("tokens",),
+    Kernel.ALLREDUCE: ("bytes",),
+    Kernel.SEND_RECV: ("bytes",),
+    Kernel.KV_HANDOFF: ("bytes",),
+}
+
+# Kernels every usable profile must have at tp=1 (attn_cross only for encoder-decoder models).
+REQUIRED = (Kernel.ATTN_ENCODE, Kernel.ATTN_DECODE, Kernel.DENSE_ENCODE, Kernel.DENSE_DECODE, Kernel.LM_HEAD)
+
+
+def _kernel(k) -> Kernel:
+    try:
+        return Kernel(k)
+    except ValueError:
+        raise ExeGPTError(f"unknown kernel {k!r}; expected one of {', '.join(x.value for x in Kernel)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileTable:
+    """One measured grid: ``seconds[i]`` (1-D) or ``seconds[i][j]`` (2-D) at ``xs[i]`` (, ``ys[j]``)."""
+
+    kernel: Kernel
+    tp: int
+    """TP degree (for allreduce: the group size; 1 for send_recv, kv_handoff, lm_head)."""
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    """Second axis for 2-D kernels, empty for 1-D ones."""
+    seconds: tuple
+    """Median seconds: a tuple (1-D) or a tuple of tuples (2-D)."""
+    extrapolate: bool = False
+    """Whether lookups beyond the last grid point extend the last segment linearly."""
+    spread_s: tuple | None = None
+    """Optional spread (p90 - p10) with the same shape as ``seconds``."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernel", _kernel(self.kernel))
+        where = f"profile table {self.kernel.value} tp={self.tp}"
+        if int(self.tp) != self.tp or self.tp < 1:
+            raise ExeGPTError(f"{where}: tp {self.tp!r} must be an integer >= 1")
+        dims = len(AXES[self.kernel])
+        if (len(self.ys) > 0) != (dims == 2):
+            raise ExeGPTError(f"{where}: expected {dims} axes {AXES[self.kernel]}")
+        for name, axis in (("xs", self.xs), ("ys", self.ys)):
+            if name == "ys" and dims == 1:
+                continue
+            a = np.asarray(axis, dtype=float)
+            if a.size < 1 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+                raise ExeGPTError(f"{where}: {name} must be finite sizes > 0, got {list(axis)[:6]}")
+            if np.any(np.diff(a) <= 0):
+                raise ExeGPTError(f"{where}: {name} must be strictly increasing, got {list(axis)[:6]}")
+        try:
+            s = np.asarray(self.seconds, dtype=float)
+        except (ValueError, TypeError):
+            raise ExeGPTError(f"{where}: seconds is ragged or holds non-numbers") from None
+        shape = (len(self.xs),) if dims == 1 else (len(self.xs), len(self.ys))
+        if s.shape != shape:
+            raise ExeGPTError(f"{where}: seconds has shape {s.shape}, expected {shape} (a hole in the grid?)")
+        if not np.all(np.isfinite(s)) or np.any(s < 0):
+            bad = s[~np.isfinite(s) | (s < 0)].ravel()[0]
+            raise ExeGPTError(f"{where}: seconds holds {bad!r}; expected finite times >= 0 (a hole?)")
+
+    def grid(self) -> tuple[np.ndarray, ...]:
+        if self.ys:
+            return np.asarray(self.xs, dtype=float), np.asarray(self.ys, dtype=float)
+        return (np.asarray(self.xs, dtype=float),)
+
+    def envelope(self) -> np.ndarray:
+        """The running maximum along every axis: the monotone table used for lookups."""
+        s = np.asarray(self.seconds, dtype=float)
+        for axis in range(s.ndim):
+            s = np.maximum.accumulate(s, axis=axis)
+        return s
+
+    def to_dict(self) -> dict:
+        d = {"kernel": self.kernel.value, "tp": self.tp, "axes": list(AXES[self.kernel]), "xs": list(self.xs),
+             "seconds": _listify(self.seconds), "extrapolate": self.extrapolate}
+        if self.ys:
+            d["ys"] = list(self.ys)
+        if self.spread_s is not None:
+            d["spread_s"] = _listify(self.spread_s)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProfileTable:
+        try:
+            return cls(kernel=d["kernel"], tp=int(d["tp"]), xs=tuple(d["xs"]), ys=tuple(d.get("ys", ())),
+                       seconds=_tuplify(d["seconds"]), extrapolate=bool(d.get("extrapolate", False)),
+                       spread_s=_tuplify(d["spread_s"]) if d.get("spread_s") is not None else None)
+        except KeyError as e:
+            raise ExeGPTError(f"profile table {d.get('kernel', '?')!r} misses field {e}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    """Kernel times of one model on one device type. Load with ``Profile.load(path)``."""
+
+    model: str
+    device: str
+    tables: tuple[ProfileTable, ...]
+    dtype: str = "fp16"
+    step_overhead_s: float = 0.0
+    """Fixed per-iteration cost of the engine (scheduling, launches, Python) outside the kernels."""
+    source: str = "measured"
+    """'measured' (the profiler), 'gpu-data' (shipped measurements + roofline attention) or 'roofline'."""
+    device_memory_bytes: float | None = None
+    """Memory of one device, for devices that are not in ``exegpt.devices.DEVICES`` (e.g. a CPU)."""
+    provenance: dict = field(default_factory=dict)
+    """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
+    _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self):
+        if not self.tables:
+            raise ExeGPTError(f"profile {self.model}@{self.device} has no tables")
+        if not (np.isfinite(self.step_overhead_s) and self.step_overhead_s >= 0):
+            raise ExeGPTError(f"step_overhead_s={self.step_overhead_s!r} must be >= 0")
+        lookup = {}
+        for t in self.tables:
+            key = (t.kernel, t.tp)
+            if key in lookup:
+                raise ExeGPTError(f"profile has two tables for {t.kernel.value} tp={t.tp}")
+            interp = RegularGridInterpolator(t.grid(), t.envelope(), method="linear",
+                                             bounds_error=False, fill_value=None)
+            lookup[key] = (t, interp)
+        for k in REQUIRED:
+            if (k, 1) not in lookup:
+                raise ExeGPTError(f"profile {self.model}@{self.device} misses the {k.value} table at tp=1")
+        object.__setattr__(self, "_lookup", lookup)
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}@{self.device}"
+
+    def tp_degrees(self, kernel: Kernel = Kernel.DENSE_DECODE) -> tuple[int, ...]:
+        return tuple(sorted(tp for (k, tp) in self._lookup if k == kernel))
+
+    def has(self, kernel: Kernel, tp: int = 1) -> bool:
+        return (_kernel(kernel), tp) in self._lookup
+
+    def supports_tp(self, tp: int) -> bool:
+        """Whether every per-layer kernel (and the all-reduce, for tp > 1) was profiled at ``tp``."""
+        need = [Kernel.ATTN_ENCODE, Kernel.ATTN_DECODE, Kernel.DENSE_ENCODE, Kernel.DENSE_DECODE]
+        if tp > 1:
+            need.append(Kernel.ALLREDUCE)
+        return all((k, tp) in self._lookup for k in need)
+
+    def seconds(self, kernel: Kernel | str, tp: int, x, y=None):
+        """Interpolated seconds at ``x`` (and ``y`` for 2-D kernels); scalars or numpy arrays."""
+        kernel = _kernel(kernel)
+        entry = self._lookup.get((kernel, tp))
+        if entry is None:
+            raise ExeGPTError(f"profile {self.id} has no {kernel.value} table at tp={tp}; "
+                              f"it has tp {self.tp_degrees(kernel)}")
+        table, interp = entry
+        xs = np.asarray(x, dtype=float)
+        pts = [xs] if y is None else [xs, np.asarray(y, dtype=float)]
+        if len(pts) != len(AXES[kernel]):
+            raise ExeGPTError(f"{kernel.value} takes axes {AXES[kernel]}, got {len(pts)} coordinates")
+        pts = np.broadcast_arrays(*pts)
+        for axis, (p, grid) in enumerate(zip(pts, table.grid())):
+            lo, hi = grid[0], grid[-1]
+            if np.any(p < lo) or (not table.extrapolate and np.any(p > hi)):
+                bad = p[(p < lo) | ((p > hi) & (not table.extrapolate))].ravel()[0]
+                raise ProfileRangeError(
+                    f"{kernel.value} tp={tp}: {AXES[kernel][axis]}={bad:g} is outside the profiled range "
+                    f"[{lo:g}, {hi:g}] of {self.id} (re-profile with a larger grid)")
+        out = interp(np.stack([p.ravel() for p in pts], axis=-1)).reshape(pts[0].shape)
+        out = np.maximum(out, 0.0)
+        return float(out) if out.ndim == 0 else out
+
+    def max_coord(self, kernel: Kernel, tp: int = 1, axis: int = 0) -> float:
+        """The largest measured coordinate (``inf`` when the table extrapolates)."""
+        table, _ = self._lookup[(_kernel(kernel), tp)]
+        return float("inf") if table.extrapolate else table.grid()[axis][-1]
+
+    # --- JSON ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "model": self.model, "device": self.device, "dtype": self.dtype,
+                "source": self.source, "step_overhead_s": self.step_overhead_s,
+                "device_memory_bytes": self.device_memory_bytes, "provenance": self.provenance,
+                "tables": [t.to_dict() for t in self.tables]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Profile:
+        if not isinstance(d, dict):
+            raise ExeGPTError(f"a profile must be a JSON object, got {type(d).__name__}")
+        if d.get("schema") != SCHEMA:
+            raise ExeGPTError(f"profile schema {d.get('schema')!r} is not supported; expected {SCHEMA}")
+        try:
+            return cls(model=d["model"], device=d["device"], dtype=d.get("dtype", "fp16"),
+                       tables=tuple(ProfileTable.from_dict(t) for t in d["tables"]),
+                       step_overhead_s=float(d.get("step_overhead_s", 0.0)), source=d.get("source", "measured"),
+                       device_memory_bytes=d.get("device_memory_bytes"), provenance=d.get("provenance", {}))
+        except KeyError as e:
+            raise ExeGPTError(f"profile misses field {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ExeGPTError(f"profile is not valid JSON: {e.msg} at line {e.lineno}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        try:
+            path.write_text(self.to_json())
+        except OSError as e:
+            raise ExeGPTError(f"cannot write profile to {str(path)!r}: {e.strerror}") from None
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ExeGPTError(f"cannot read profile {str(path)!r}: {e.strerror}") from None
+        return cls.from_json(text)
+
+
+def today() -> str:
+    return _dt.date.today().isoformat()
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, (tuple, list, np.ndarray)) else float(x)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,209 @@
+"""Workload: the input- and output-length distributions of the queries a service receives.
+
+The simulator follows the paper and treats input and output lengths as **independent**
+(``input_len`` x ``output_len``). When a workload comes from a trace, the joint sample
+``pairs`` (and the arrival times, when the trace has them) is kept as well, so that the
+runner can replay real (input, output) pairs and later policies can use arrivals.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .distribution import Distribution
+from .errors import ExeGPTError
+
+# The paper's Table 3: input (mean, std, max) and output (mean, std, max) in tokens.
+TASKS: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]] = {
+    "S": ((256, 252, 512), (32, 13, 80)),     # summarization
+    "T": ((128, 81, 256), (128, 68, 320)),    # translation
+    "G": ((64, 23, 128), (192, 93, 480)),     # code generation
+    "C1": ((256, 115, 512), (64, 30, 160)),   # conversational QA
+    "C2": ((512, 252, 1024), (256, 134, 640)),  # conversational QA, long
+}
+
+# Real request-length traces shipped in exegpt/data/traces (see exegpt/data/ATTRIBUTION.md).
+TRACES: dict[str, str] = {
+    "arxiv": "arxiv.csv.gz",            # arXiv summarization, Llama-2 tokenizer (Vidur, MIT)
+    "azure_conv": "azure_conv.csv.gz",  # Azure LLM inference trace 2023, conversation (CC-BY-4.0)
+    "azure_code": "azure_code.csv.gz",  # Azure LLM inference trace 2023, code (CC-BY-4.0)
+}
+
+# Accepted trace layouts: (input column, output column, arrival column or None).
+_LAYOUTS = (
+    ("num_prefill_tokens", "num_decode_tokens", "arrived_at"),  # Vidur-style
+    ("ContextTokens", "GeneratedTokens", "TIMESTAMP"),         # Azure public dataset
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Input and output length distributions, assumed independent by the simulator."""
+
+    input_len: Distribution
+    """Prompt lengths (tokens)."""
+    output_len: Distribution
+    """Generated lengths (tokens), the first token included."""
+    name: str = "custom"
+    """A label for reports."""
+    pairs: tuple[tuple[int, int], ...] | None = field(default=None, compare=False, repr=False)
+    """The joint (input, output) sample of a trace, in trace order; None for synthetic workloads."""
+    arrivals_s: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
+    """Arrival times of ``pairs`` (seconds from the first request), when the trace has them."""
+
+    def __post_init__(self):
+        if self.arrivals_s is not None and (self.pairs is None or len(self.arrivals_s) != len(self.pairs)):
+            raise ExeGPTError("arrival times need a joint sample of the same size")
+
+    # --- constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def truncated_normal(cls, input: tuple[float, float, int], output: tuple[float, float, int],
+                         name: str = "truncated_normal") -> Workload:
+        """From (mean, std, max) in tokens for input and output, as in the paper's Table 3."""
+        return cls(Distribution.truncated_normal(*_triple(input, "input")),
+                   Distribution.truncated_normal(*_triple(output, "output")), name=name)
+
+    @classmethod
+    def task(cls, name: str) -> Workload:
+        """One of the paper's five tasks: S, T, G, C1, C2 (Table 3)."""
+        if name not in TASKS:
+            raise ExeGPTError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+        inp, out = TASKS[name]
+        return cls.truncated_normal(inp, out, name=name)
+
+    @classmethod
+    def trace(cls, name: str) -> Workload:
+        """A built-in real trace: arxiv, azure_conv or azure_code."""
+        if name not in TRACES:
+            raise ExeGPTError(f"unknown trace {name!r}; expected one of {', '.join(TRACES)}")
+        data = resources.files("exegpt").joinpath("data", "traces", TRACES[name]).read_bytes()
+        text = gzip.decompress(data).decode()
+        return cls._from_csv_text(text, source=f"trace {name}", name=name)
+
+    @classmethod
+    def from_trace(cls, path: str | Path, name: str | None = None) -> Workload:
+        """From a CSV trace: Vidur-style ``num_prefill_tokens,num_decode_tokens[,arrived_at]``
+        or Azure ``TIMESTAMP,ContextTokens,GeneratedTokens``. Keeps the joint sample."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ExeGPTError(f"cannot read trace file {str(path)!r}: {e.strerror}") from None
+        text = gzip.decompress(raw).decode() if raw[:2] == b"\x1f\x8b" else raw.decode(errors="replace")
+        return cls._from_csv_text(text, source=str(path), name=name or path.stem.split(".")[0])
+
+    @classmethod
+    def from_pairs(cls, pairs, arrivals_s=None, name: str = "pairs") -> Workload:
+        """From a joint sample of (input, output) lengths."""
+        arr = np.asarray(pairs)
+        if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
+            raise ExeGPTError(f"pairs must be a non-empty list of (input, output) lengths, got shape {arr.shape}")
+        arrivals = None
+        if arrivals_s is not None:
+            a = np.asarray(arrivals_s, dtype=float)
+            a = a - a.min()
+            arrivals = tuple(float(x) for x in a)
+        return cls(Distribution.from_samples(arr[:, 0]), Distribution.from_samples(arr[:, 1]), name=name,
+                   pairs=tuple((int(i), int(o)) for i, o in arr), arrivals_s=arrivals)
+
+    @classmethod
+    def _from_csv_text(cls, text: str, source: str, name: str) -> Workload:
+        reader = csv.reader(io.StringIO(text))
+        header = [h.strip() for h in next(reader, [])]
+        layout = next((lay for lay in _LAYOUTS if lay[0] in header and lay[1] in header), None)
+        if layout is None:
+            raise ExeGPTError(
+                f"trace {source!r} has columns {header}; expected num_prefill_tokens,num_decode_tokens"
+                f"[,arrived_at] or TIMESTAMP,ContextTokens,GeneratedTokens")
+        i_in, i_out = header.index(layout[0]), header.index(layout[1])
+        i_t = header.index(layout[2]) if layout[2] in header else None
+        pairs, times = [], []
+        for line_no, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            try:
+                a, b = float(row[i_in]), float(row[i_out])
+                t = _parse_time(row[i_t]) if i_t is not None else None
+            except (ValueError, IndexError):
+                raise ExeGPTError(f"trace {source!r} line {line_no}: expected numbers in {layout[0]},"
+                                  f"{layout[1]}, got {row!r}") from None
+            if a < 1 or b < 1 or a != int(a) or b != int(b):
+                raise ExeGPTError(f"trace {source!r} line {line_no}: lengths must be whole numbers >= 1, "
+                                  f"got input={row[i_in]!r} output={row[i_out]!r}")
+            pairs.append((int(a), int(b)))
+            times.append(t)
+        if not pairs:
+            raise ExeGPTError(f"trace {source!r} has no requests")
+        arrivals = times if i_t is not None else None
+        return cls.from_pairs(pairs, arrivals, name=name)
+
+    # --- derived ------------------------------------------------------------------------------
+
+    @property
+    def max_total_len(self) -> int:
+        """Longest context a query can reach: longest prompt plus longest output."""
+        return self.input_len.max + self.output_len.max
+
+    def scaled(self, input_factor: float, output_factor: float, name: str | None = None) -> Workload:
+        """Lengths scaled (e.g. a real trace shrunk to CPU-sized lengths); the joint sample follows."""
+        pairs = None
+        if self.pairs is not None:
+            arr = np.maximum(np.round(np.asarray(self.pairs) * [input_factor, output_factor]), 1).astype(int)
+            pairs = tuple((int(i), int(o)) for i, o in arr)
+        return Workload(self.input_len.scaled(input_factor), self.output_len.scaled(output_factor),
+                        name=name or f"{self.name}x({input_factor:g},{output_factor:g})",
+                        pairs=pairs, arrivals_s=self.arrivals_s)
+
+    def correlation(self) -> float | None:
+        """Pearson correlation of input and output length in the joint sample (None if synthetic)."""
+        if self.pairs is None or len(self.pairs) < 2:
+            return None
+        arr = np.asarray(self.pairs, dtype=float)
+        if arr[:, 0].std() == 0 or arr[:, 1].std() == 0:
+            return 0.0
+        return float(np.corrcoef(arr[:, 0], arr[:, 1])[0, 1])
+
+    def sample(self, n: int, rng: np.random.Generator, joint: bool = True) -> np.ndarray:
+        """``n`` (input, output) pairs: resampled from the joint sample when there is one and
+        ``joint`` is set, else independent draws from the two marginals (the paper's model)."""
+        if joint and self.pairs is not None:
+            idx = rng.integers(0, len(self.pairs), size=n)
+            return np.asarray(self.pairs, dtype=np.int64)[idx]
+        return np.stack([self.input_len.sample(n, rng), self.output_len.sample(n, rng)], axis=1)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "input_len": self.input_len.to_dict(),
+                "output_len": self.output_len.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Workload:
+        try:
+            return cls(Distribution.from_dict(d["input_len"]), Distribution.from_dict(d["output_len"]),
+                       name=d.get("name", "custom"))
+        except KeyError as e:
+            raise ExeGPTError(f"a workload needs 'input_len' and 'output_len', missing {e}") from None
+
+
+def _triple(t, what: str) -> tuple[float, float, int]:
+    try:
+        mean, std, max_len = t
+    except (TypeError, ValueError):
+        raise ExeGPTError(f"{what} must be (mean, std, max) tokens, got {t!r}") from None
+    return float(mean), float(std), max_len
+
+
+def _parse_time(s: str) -> float:
+    s = s.strip()
+    try:
+        return float(s)
+    except ValueError:
+        # Azure traces carry wall-clock timestamps such as 2023-11-16 18:15:46.6805900.
+        return float(np.datetime64(s.replace(" ", "T")[:26]).astype("datetime64[us]").astype(np.int64)) / 1e6
