@@ -1,0 +1,393 @@
+"""Decoder-only transformers (Llama and OPT families) for the built-in backend, written like gpt-fast's model.py.
+
+Llama: RMSNorm, rotary embeddings (HF's rotate_half convention), grouped KV heads, gated SiLU MLP, no biases.
+OPT/GPT: LayerNorm, learned positions (index = position + 2, OPT's offset), plain ReLU MLP, biases everywhere.
+
+Batches are ragged: ``prefill`` takes packed prompts and writes each to its own KV-cache row; ``decode`` advances
+any set of rows by one token, each at its own position (``cache.lengths``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from exegpt.errors import ExeGPTError
+from exegpt.models import MODELS, ModelShape
+from runner.kv_cache import KVCache, as_rows, row_range
+from runner.tp import all_reduce
+
+OPT_POS_OFFSET = 2
+"""OPT's learned position table starts with 2 unused rows: position p reads row p + 2."""
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF "gelu_new" / "gelu_pytorch_tanh"
+}
+
+# Shape fields ModelShape does not carry, per preset (the real models' RoPE bases).
+_PRESET_EXTRAS = {
+    "smollm2-135m": dict(rope_base=100000.0),
+    "llama-3.2-1b": dict(rope_base=500000.0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelArgs:
+    """Everything needed to build a model. After ``apply_tp`` the head and FFN counts are per rank."""
+
+    family: str
+    """'llama', 'opt' or 't5'."""
+    n_layers: int
+    """Decoder layers."""
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    tied_embeddings: bool = False
+    n_encoder_layers: int = 0
+    """T5 only."""
+    ffn_act: str = "silu"
+    gated_ffn: bool = True
+    """``w2(act(w1 x) * w3 x)`` when true, else ``w2(act(w1 x))``."""
+    bias: bool = False
+    """Biases on every Linear (OPT)."""
+    rel_buckets: int = 32
+    """T5 relative-position buckets."""
+    rel_max_distance: int = 128
+    output_scale: float = 1.0
+    """Hidden states are scaled by this before the LM head (T5 with tied embeddings: dim ** -0.5)."""
+    name: str = ""
+
+    def __post_init__(self):
+        if self.family not in ("llama", "opt", "t5"):
+            raise ExeGPTError(f"model family {self.family!r} unknown; expected llama, opt or t5")
+        if self.n_heads % self.n_kv_heads:
+            raise ExeGPTError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.ffn_act not in ACTIVATIONS:
+            raise ExeGPTError(f"activation {self.ffn_act!r} unsupported; expected one of {', '.join(ACTIVATIONS)}")
+
+    @classmethod
+    def from_shape(cls, shape: ModelShape) -> ModelArgs:
+        """Args of a ``exegpt.models.ModelShape`` with the family's conventions (norms, activation, biases)."""
+        family = dict(
+            llama=dict(ffn_act="silu", gated_ffn=True, bias=False, norm_eps=1e-5),
+            opt=dict(ffn_act="relu", gated_ffn=False, bias=True, norm_eps=1e-5),
+            t5=dict(ffn_act="relu", gated_ffn=False, bias=False, norm_eps=1e-6,
+                    output_scale=shape.dim ** -0.5 if shape.tied_embeddings else 1.0),
+        )[shape.family]
+        return cls(family=shape.family, n_layers=shape.n_layers, dim=shape.dim, n_heads=shape.n_heads,
+                   n_kv_heads=shape.n_kv_heads, head_dim=shape.hd, ffn_dim=shape.ffn_dim, vocab_size=shape.vocab_size,
+                   max_seq_len=shape.max_seq_len, tied_embeddings=shape.tied_embeddings,
+                   n_encoder_layers=shape.n_encoder_layers, name=shape.name,
+                   **(family | _PRESET_EXTRAS.get(shape.name, {})))
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelArgs:
+        """Preset by exact name from ``exegpt.models.MODELS``."""
+        if name not in MODELS:
+            raise ExeGPTError(f"unknown model preset {name!r}; expected one of {', '.join(MODELS)}")
+        return cls.from_shape(MODELS[name])
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalize in fp32, scale in the model dtype (as HF Llama / T5 do).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(args: ModelArgs) -> nn.Module:
+    return nn.LayerNorm(args.dim, eps=args.norm_eps) if args.family == "opt" else RMSNorm(args.dim, args.norm_eps)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float, dtype: torch.dtype, device: torch.device
+                ) -> tuple[Tensor, Tensor]:
+    """cos, sin ``[max_len, head_dim]`` in HF's rotate_half layout (each frequency twice: halves, not pairs)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [D/2]
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x``: ``[n, H, S, D]``; ``cos``, ``sin`` broadcast to it (``[S, D]`` or ``[n, 1, 1, D]``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What every layer of one prefill or decode call shares."""
+
+    rows: Tensor | slice
+    """Cache rows: a slice when consecutive (cache views, no copies), else a LongTensor ``[n]`` on the device."""
+    decode: bool
+    pos: Tensor | None = None
+    """Decode: per-row positions ``[n]`` (device)."""
+    kv_len: int = 0
+    """Decode: keys to attend to, ``max(pos) + 1``."""
+    mask: Tensor | None = None
+    """Boolean attention mask (True = attend) ``[n, 1, S, kv]``; None with ``is_causal`` or when all keys count."""
+    is_causal: bool = False
+    cos: Tensor | None = None
+    sin: Tensor | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.bias)
+        self.tp_group, self.tp_size = None, 1  # set by runner.tp.apply_tp
+
+    def forward(self, x: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
+        n, S, _ = x.shape  # [n, S, dim]; decode has S = 1
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(n, S, H, D).transpose(1, 2)  # [n, H, S, D]
+        k = k.view(n, S, Hkv, D).transpose(1, 2)  # [n, Hkv, S, D]
+        v = v.view(n, S, Hkv, D).transpose(1, 2)
+        if step.cos is not None:
+            q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        if step.decode:
+            k, v = cache.append(layer, step.rows, step.pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
+        else:
+            cache.write_prompt(layer, step.rows, k, v)  # prompts start at position 0: attend to themselves
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
+                                           enable_gqa=H != Hkv)  # [n, H, S, D]
+        y = self.wo(y.transpose(1, 2).reshape(n, S, H * D))  # [n, S, dim]
+        return all_reduce(y, self.tp_group, self.tp_size)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.act = ACTIVATIONS[args.ffn_act]
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=args.bias)
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=args.bias) if args.gated_ffn else None
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=args.bias)
+        self.tp_group, self.tp_size = None, 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.w1(x))  # [..., ffn_dim]
+        if self.w3 is not None:
+            h = h * self.w3(x)
+        return all_reduce(self.w2(h), self.tp_group, self.tp_size)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm, self.ffn_norm = make_norm(args), make_norm(args)
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), step, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    """Decoder layers ``[a, b)`` of a llama/opt model, optionally with the embedding and the norm + LM head.
+
+    A pipeline stage is one such module. Layer ``i`` is ``self.layers[str(i)]`` (its global index), so state-dict
+    names and random seeds are per global layer.
+    """
+
+    def __init__(self, args: ModelArgs, layers: tuple[int, int] | None = None, embed: bool = True,
+                 head: bool = True):
+        super().__init__()
+        if args.family not in ("llama", "opt"):
+            raise ExeGPTError(f"Transformer builds llama/opt models; use runner.t5.T5 for family {args.family!r}")
+        a, b = layers if layers is not None else (0, args.n_layers)
+        if not 0 <= a <= b <= args.n_layers:
+            raise ExeGPTError(f"layers={layers!r} must satisfy 0 <= a <= b <= n_layers={args.n_layers}")
+        self.args, self.layer_range = args, (a, b)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if embed else None
+        learned_pos = embed and args.family == "opt"
+        self.pos_embeddings = nn.Embedding(args.max_seq_len + OPT_POS_OFFSET, args.dim) if learned_pos else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(a, b)})
+        self.norm = make_norm(args) if head else None
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if head else None
+        self.tie_weights()
+        self.cache: KVCache | None = None
+        self.rope: tuple[Tensor, Tensor] | None = None  # cos, sin [max_len, head_dim]
+        self.tp_rank, self.tp_size = 0, 1
+
+    def tie_weights(self) -> None:
+        if self.args.tied_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def embed(self) -> bool:
+        return self.tok_embeddings is not None
+
+    @property
+    def head(self) -> bool:
+        return self.output is not None
+
+    def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        p = next(self.parameters(), None)
+        return (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+
+    def setup_cache(self, max_rows: int, max_len: int) -> KVCache:
+        """Preallocates the KV cache of this module's layers (idempotent for the same geometry).
+
+        Args:
+            max_rows: rows (concurrent requests) the cache holds.
+            max_len: positions per row (prompt + generated tokens).
+        """
+        if max_len > self.args.max_seq_len:
+            raise ExeGPTError(f"max_len={max_len} exceeds the model's max_seq_len={self.args.max_seq_len}")
+        dtype, device = self._dtype_device()
+        geometry = (len(self.layers), max_rows, max_len, self.args.n_kv_heads, self.args.head_dim, dtype, device)
+        if self.cache is None or not self.cache.matches(*geometry):
+            self.cache = KVCache(*geometry)
+        if self.args.family == "llama" and (self.rope is None or self.rope[0].shape[0] < max_len
+                                            or self.rope[0].device != device or self.rope[0].dtype != dtype):
+            self.rope = rope_tables(self.args.head_dim, max_len, self.args.rope_base, dtype, device)
+        return self.cache
+
+    def _cache(self) -> KVCache:
+        if self.cache is None:
+            raise ExeGPTError("no KV cache: call model.setup_cache(max_rows, max_len) first")
+        return self.cache
+
+    def _run_layers(self, h: Tensor, step: Step) -> Tensor:
+        for i, layer in enumerate(self.layers.values()):
+            h = layer(h, step, self.cache, i)
+        return h
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return self.output(self.norm(h)).float()  # [n, vocab]
+
+    @torch.no_grad()
+    def prefill(self, x: Tensor, seq_lens: Tensor | list[int], rows: Tensor | list[int]) -> Tensor:
+        """Runs packed prompts from position 0 and writes their KV to cache rows ``rows``.
+
+        Args:
+            x: token ids ``[T]`` (embed) or hidden ``[T, dim]``, prompts packed back to back.
+            seq_lens: prompt lengths ``[n]``, summing to ``T``.
+            rows: cache row of each prompt ``[n]``.
+        Returns:
+            hidden ``[T, dim]``, or (head) float32 logits of each prompt's last token ``[n, vocab]``.
+        """
+        seq_lens = as_rows(seq_lens)
+        h, valid = self._prefill(x, seq_lens, as_rows(rows))  # [n, S, dim], [n, S]
+        if self.head:
+            n, device = h.shape[0], h.device
+            return self._logits(h[torch.arange(n, device=device), (seq_lens - 1).to(device)])
+        return h.reshape(-1, h.shape[-1]) if valid is None else h[valid]  # [T, dim]
+
+    def _prefill(self, x: Tensor, seq_lens: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Layers over the padded prompt batch: hidden ``[n, S, dim]`` and the valid mask ``[n, S]`` (None: all)."""
+        cache = self._cache()
+        n, S = seq_lens.numel(), int(seq_lens.max())
+        if S > cache.max_len or int(seq_lens.min()) < 1 or rows.numel() != n:
+            raise ExeGPTError(f"prompt lengths must be in [1, {cache.max_len}] with one row each, "
+                              f"got seq_lens={seq_lens.tolist()} rows={rows.tolist()}")
+        _, device = self._dtype_device()
+        uniform = bool((seq_lens == S).all())
+        valid = torch.arange(S)[None, :] < seq_lens[:, None]  # [n, S]
+        valid_d = None if uniform else valid.to(device)
+        if self.embed:
+            ids = x.view(n, S) if uniform else x.new_zeros(n, S).index_put_((valid_d,), x)  # [n, S]
+            h = self.tok_embeddings(ids)  # [n, S, dim]
+            if self.pos_embeddings is not None:
+                h = h + self.pos_embeddings(torch.arange(S, device=device) + OPT_POS_OFFSET)
+        else:
+            h = x.view(n, S, -1) if uniform else x.new_zeros(n, S, x.shape[-1]).index_put_((valid_d,), x)
+        mask = None
+        if not uniform:  # causal within each prompt, padding keys masked out
+            mask = (torch.ones(S, S, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None].to(device)
+        cos = sin = None
+        if self.rope is not None:
+            cos, sin = self.rope[0][:S], self.rope[1][:S]  # [S, D]
+        r = row_range(rows)
+        step = Step(rows=r if r is not None else rows.to(device), decode=False, mask=mask, is_causal=uniform,
+                    cos=cos, sin=sin)
+        h = self._run_layers(h, step)  # [n, S, dim]
+        cache.lengths[rows] = seq_lens
+        return h, valid_d
+
+    @torch.no_grad()
+    def decode(self, x: Tensor, rows: Tensor | list[int]) -> Tensor:
+        """Advances rows ``rows`` by one token each, at their own positions ``cache.lengths[rows]``.
+
+        Args:
+            x: token ids ``[n]`` (embed) or hidden ``[n, dim]``.
+            rows: cache rows ``[n]``, distinct.
+        Returns:
+            hidden ``[n, dim]``, or (head) float32 logits ``[n, vocab]``.
+        """
+        cache = self._cache()
+        rows = as_rows(rows)
+        pos = cache.lengths[rows]  # [n] host
+        kv_len = int(pos.max()) + 1
+        if kv_len > cache.max_len:
+            raise ExeGPTError(f"decode past the cache: position {kv_len - 1} >= max_len={cache.max_len}")
+        _, device = self._dtype_device()
+        pos_d = pos.to(device)
+        if self.embed:
+            h = self.tok_embeddings(x)[:, None]  # [n, 1, dim]
+            if self.pos_embeddings is not None:
+                h = h + self.pos_embeddings(pos_d + OPT_POS_OFFSET)[:, None]
+        else:
+            h = x[:, None]  # [n, 1, dim]
+        mask = None
+        if int(pos.min()) != kv_len - 1:  # rows at different positions: each sees only its own prefix
+            mask = (torch.arange(kv_len)[None, :] <= pos[:, None])[:, None, None].to(device)  # [n, 1, 1, kv]
+        cos = sin = None
+        if self.rope is not None:
+            cos, sin = self.rope[0][pos_d][:, None, None], self.rope[1][pos_d][:, None, None]  # [n, 1, 1, D]
+        r = row_range(rows)
+        step = Step(rows=r if r is not None else rows.to(device), decode=True, pos=pos_d, kv_len=kv_len,
+                    mask=mask, cos=cos, sin=sin)
+        h = self._run_layers(h, step)[:, 0]  # [n, dim]
+        cache.lengths[rows] += 1
+        return self._logits(h) if self.head else h
+
+    @torch.no_grad()
+    def forward(self, ids: Tensor) -> Tensor:
+        """Uncached full forward of ids ``[n, S]`` (or hidden ``[n, S, dim]``) to float32 logits ``[n, S, vocab]``
+        (or hidden). A reference for tests; uses a temporary cache."""
+        saved, self.cache = self.cache, None
+        n, S = ids.shape[:2]
+        try:
+            self.setup_cache(n, S)
+            h, _ = self._prefill(ids.reshape(n * S, *ids.shape[2:]), torch.full((n,), S), torch.arange(n))
+            return self._logits(h) if self.head else h
+        finally:
+            self.cache = saved
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
