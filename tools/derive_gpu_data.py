@@ -5,7 +5,9 @@ Usage::
     python tools/derive_gpu_data.py [--src /work/shared/data/gpu-profiles] [--out exegpt/data/gpu]
 
 Writes one ``<gpu>.json.gz`` per GPU (a100, h100, a40) and ``network.json.gz``. All times in
-**seconds** (the CSVs are in milliseconds), rounded to 0.1 us.
+**seconds** (the CSVs are in milliseconds), rounded to 0.1 us. Then writes ``fit_validation.json``:
+the leave-one-model-out error of ``exegpt.gpu_data``'s calibrated model (quoted in the provenance of
+every gpu-data profile; ``tests/exegpt/test_gpu_data.py`` checks that it still holds).
 
 Compute: for each measured model and TP degree, per num_tokens, the median of every token-level op
 of one transformer layer (``ops``) and ``layer_s``, the per-layer sum. The ops are Vidur's
@@ -29,6 +31,7 @@ import argparse
 import csv
 import gzip
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from statistics import median
@@ -127,6 +130,22 @@ def main(argv=None) -> None:
         total += _write(derive_compute(args.src, gpu), args.out / f"{gpu}.json.gz")
     total += _write(derive_network(args.src), args.out / "network.json.gz")
     print(f"wrote {len(GPUS) + 1} files, {total / 1024:.0f} KiB, to {args.out}")
+    if args.out.resolve() == (here / "exegpt" / "data" / "gpu").resolve():
+        write_validation(here, args.out / "fit_validation.json")
+
+
+def write_validation(root: Path, path: Path) -> None:
+    sys.path.insert(0, str(root))  # the tool runs from a checkout, not an installed package
+    from exegpt import gpu_data
+
+    gpu_data.load_gpu.cache_clear()
+    out = {"what": "relative error of the per-layer dense time of a measured model predicted by the "
+                   "calibrated model fitted without it, over all its (tp, num_tokens) points"}
+    for gpu in GPUS:
+        out[gpu] = {m: gpu_data.holdout_error(gpu, m) for m in MODELS}
+    path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    worst = {gpu: max(v["median"] for v in out[gpu].values()) for gpu in GPUS}
+    print(f"wrote {path.name}: worst held-out median relative error per GPU {worst}")
 
 
 if __name__ == "__main__":
