@@ -1,0 +1,226 @@
+"""Process launch, rank layout, point-to-point messages and failure handling for plan execution.
+
+A run with P ranks uses P processes. Here (CPU) they are started with ``torch.multiprocessing`` (spawn), join
+gloo through ``tcp://127.0.0.1:<free port>`` and use one thread each; under ``torchrun`` the same rank function
+runs in the already-started processes (``env://``, NCCL when CUDA is available). Every message goes through
+``torch.distributed`` send/recv: there is no other transport.
+
+Failure handling: the launcher polls its processes; when one raises or dies, the others are terminated and
+``RankFailedError`` names the rank. A run that exceeds its wall-clock limit is terminated the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+from exegpt.errors import ExeGPTError
+from exegpt.plan import Stage
+
+from .tp import free_port
+
+log = logging.getLogger(__name__)
+
+# Message channels (gloo matches by tag; NCCL ignores tags, so every pair also keeps one fixed order).
+TAG_CMD, TAG_TOKENS, TAG_META, TAG_KV, TAG_CREDIT = 1, 2, 3, 4, 5
+HEADER = 8
+"""int64 words of a command header."""
+
+
+class RankFailedError(RuntimeError):
+    """A rank of a multi-process run raised, died or hung; ``rank`` is its index (-1 when unknown)."""
+
+    def __init__(self, message: str, rank: int = -1):
+        super().__init__(message)
+        self.rank = rank
+
+
+# --- rank layout -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StageRanks:
+    """The ranks of one pipeline stage: a TP group of ``len(ranks)`` ranks; ``ranks[0]`` leads it."""
+
+    index: int
+    """Position in its pipeline (0 = holds the embedding)."""
+    stage: Stage
+    ranks: tuple[int, ...]
+    pipeline: str
+    """'main' (RRA, static), 'encode' or 'decode' (WAA)."""
+    first: bool
+    last: bool
+
+    @property
+    def leader(self) -> int:
+        return self.ranks[0]
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return self.stage.first_layer, self.stage.first_layer + self.stage.n_layers
+
+
+def layout(stages: tuple[Stage, ...]) -> tuple[StageRanks, ...]:
+    """Assigns consecutive ranks to stages in plan order (WAA: encode stages, then decode stages)."""
+    out, rank = [], 0
+    pipes = [(p, [s for s in stages if _pipe(s) == p]) for p in ("main", "encode", "decode")]
+    for pipe, group in pipes:
+        for i, s in enumerate(group):
+            out.append(StageRanks(i, s, tuple(range(rank, rank + s.tp)), pipe, i == 0, i == len(group) - 1))
+            rank += s.tp
+    return tuple(out)
+
+
+def _pipe(s: Stage) -> str:
+    return {"both": "main", "encode": "encode", "decode": "decode"}.get(s.role) or _bad_role(s)
+
+
+def _bad_role(s: Stage):
+    raise ExeGPTError(f"stage role {s.role!r} unknown; expected both, encode or decode")
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+class Comm:
+    """Point-to-point messages of one rank. Sends are asynchronous; their buffers are kept alive until done."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pending: list[tuple[Any, tuple[Tensor, ...]]] = []
+
+    def send(self, tensors: list[Tensor], dst: int, tag: int) -> None:
+        for t in tensors:
+            t = t.contiguous().to(self.device)
+            self._pending.append((dist.isend(t, dst, tag=tag), (t,)))
+        if len(self._pending) > 64:
+            self._reap()
+
+    def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(buf, src, tag=tag)
+        return buf
+
+    def irecv(self, shape, dtype: torch.dtype, src: int, tag: int) -> tuple[Any, Tensor]:
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        return dist.irecv(buf, src, tag=tag), buf
+
+    def _reap(self) -> None:
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+
+    def flush(self) -> None:
+        """Waits for every outstanding send."""
+        for w, _ in self._pending:
+            w.wait()
+        self._pending.clear()
+
+
+# --- launch ------------------------------------------------------------------------------------
+
+
+def torchrun_env() -> bool:
+    """Whether this process was started by torchrun (or another env:// launcher)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init_from_env(timeout_s: float) -> tuple[int, int, torch.device]:
+    """Joins the default group from torchrun's environment: NCCL on ``cuda:LOCAL_RANK`` when CUDA exists."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return rank, world, comm_device()
+
+
+def comm_device() -> torch.device:
+    """Where this rank's message and compute tensors live: the current CUDA device under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _spawn_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float):
+    if world_size > 1:
+        torch.set_num_threads(1)  # P processes share the cores; one thread each avoids oversubscription
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        out = fn(rank, world_size, comm_device(), *args)
+        if out is not None:
+            results.put(out)
+    except BaseException:
+        # The launcher reports the first failing rank; the traceback goes to its stderr.
+        traceback.print_exc()
+        raise
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer already gone must not mask the real error
+            pass
+
+
+def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 600.0) -> Any:
+    """Runs ``fn(rank, world_size, device, *args)`` in ``world_size`` spawned processes and returns the one
+    non-None result a rank returned.
+
+    Raises:
+        RankFailedError: a rank raised or died (the others are terminated), or the run exceeded ``timeout_s``.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = free_port()
+    pctx = mp.start_processes(_spawn_entry, args=(world_size, port, fn, args, results, timeout_s),
+                              nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    out = None
+    try:
+        while True:
+            if not results.empty():
+                out = results.get()
+            try:
+                if pctx.join(timeout=0.2):
+                    break
+            except mp.ProcessRaisedException as e:
+                raise RankFailedError(f"rank {e.error_index} failed: {_last_line(str(e))}", e.error_index) \
+                    from None
+            except mp.ProcessExitedException as e:
+                raise RankFailedError(f"rank {e.error_index} died (exit code {e.exit_code}"
+                                      f"{', ' + e.signal_name if e.signal_name else ''})", e.error_index) from None
+            if time.monotonic() > deadline:
+                alive = [i for i, p in enumerate(pctx.processes) if p.is_alive()]
+                raise RankFailedError(f"run exceeded {timeout_s:.0f} s; ranks {alive} still running were "
+                                      f"terminated", alive[0] if alive else -1)
+    finally:
+        for p in pctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in pctx.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    while out is None and not results.empty():
+        out = results.get()
+    if out is None:
+        raise RankFailedError("no rank returned a result")
+    return out
+
+
+def _last_line(msg: str) -> str:
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else msg
+

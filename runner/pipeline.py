@@ -1,0 +1,418 @@
+"""Stage execution: commands flow through a pipeline of stages with their activations; tokens flow back.
+
+Every pipeline has a *driver*, the leader of its first stage, which decides what runs (the executors in
+``rra.py``, ``waa.py`` and ``static.py``). A command (prefill or decode of one micro-batch, or a cache
+operation) is executed by each stage in pipeline order: the driver sends it to its TP peers, computes
+stage 0, and sends the command with the hidden states to every rank of stage 1, whose leader forwards to
+stage 2, and so on. The last stage's leader returns the greedy tokens of compute commands to the driver.
+Every stage sees the commands in the order the driver issued them, so cache operations (compaction, KV
+import) stay consistent with the micro-batches in flight. Up to any number of micro-batches can be in
+flight: sends are asynchronous and the driver collects tokens first-in first-out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .dist import HEADER, TAG_CMD, TAG_TOKENS, Comm, StageRanks
+
+log = logging.getLogger(__name__)
+
+PREFILL, DECODE, COMPACT, IMPORT, END, STOP = 1, 2, 3, 4, 5, 6
+COMPUTE = (PREFILL, DECODE)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One unit of work for every stage of a pipeline."""
+
+    op: int
+    rows: Tensor
+    """Cache rows ``[n]`` (CPU int64); for COMPACT the rows to keep, in order."""
+    seq_lens: Tensor | None = None
+    """PREFILL / IMPORT: prompt lengths ``[n]``."""
+    ids: Tensor | None = None
+    """Input token ids of the first stage: packed prompts ``[T]`` (PREFILL) or ``[n]`` (DECODE)."""
+    req: Tensor | None = None
+    """PREFILL / IMPORT: request id of each row ``[n]``."""
+    batch: int = 0
+    """Encode-batch or micro-batch number."""
+    time_ns: int = 0
+    """WAA: when the encode batch started (ns since the run's start)."""
+
+
+def _i64(x) -> Tensor:
+    return torch.as_tensor(x, dtype=torch.long).reshape(-1)
+
+
+def send_command(comm: Comm, cmd: Command, hidden: Tensor | None, dst: int) -> None:
+    """Header ``[op, n, T, has_seq, has_req, batch, time_ns, hidden_rows]``, then the int64 meta, then hidden."""
+    ids = cmd.ids if hidden is None else None
+    parts = [cmd.rows] + [t for t in (cmd.seq_lens, cmd.req, ids) if t is not None]
+    header = _i64([cmd.op, cmd.rows.numel(), 0 if ids is None else ids.numel(), cmd.seq_lens is not None,
+                   cmd.req is not None, cmd.batch, cmd.time_ns, 0 if hidden is None else hidden.shape[0]])
+    tensors = [header, torch.cat([_i64(p) for p in parts])]
+    if hidden is not None:
+        tensors.append(hidden)
+    comm.send(tensors, dst, TAG_CMD)
+
+
+def recv_command(comm: Comm, src: int, dim: int, dtype: torch.dtype) -> tuple[Command, Tensor | None]:
+    h = comm.recv((HEADER,), torch.long, src, TAG_CMD).tolist()
+    op, n, T, has_seq, has_req, batch, time_ns, hidden_rows = h
+    meta = comm.recv((n + n * has_seq + n * has_req + T,), torch.long, src, TAG_CMD).cpu()
+    parts, off = [], 0
+    for size in (n, n * has_seq, n * has_req, T):
+        parts.append(meta[off:off + size])
+        off += size
+    hidden = comm.recv((hidden_rows, dim), dtype, src, TAG_CMD) if hidden_rows else None
+    # parts: rows, seq_lens, req, ids
+    cmd = Command(op, parts[0], parts[1] if has_seq else None, parts[3] if T else None,
+                  parts[2] if has_req else None, batch, time_ns)
+    return cmd, hidden
+
+
+class StageRuntime:
+    """One rank's part of a pipeline stage: its model shard and KV cache, and where commands go next.
+
+    Subclasses (WAA) add what happens after a prefill (KV export), on IMPORT and on END.
+    """
+
+    def __init__(self, model, stage: StageRanks, prev_stage: StageRanks | None, next_stage: StageRanks | None,
+                 rank: int, comm: Comm, driver: int, fault_after: int | None = None):
+        self.model, self.stage, self.next_stage, self.rank, self.comm = model, stage, next_stage, rank, comm
+        self.prev_stage = prev_stage
+        self.driver = driver
+        """Rank that receives the last stage's tokens."""
+        self.local_tokens: deque[Tensor] = deque()
+        self.tokenizer = None
+        self.fault_after = fault_after
+        self.num_executed = 0
+        dtype = next(model.parameters()).dtype
+        self.dim, self.dtype = model.args.dim, dtype
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.stage.leader
+
+    def source(self) -> int:
+        """Where this rank receives commands from."""
+        return self.stage.leader if self.prev_stage is None else self.prev_stage.leader
+
+    @torch.inference_mode()
+    def process(self, cmd: Command, hidden: Tensor | None) -> None:
+        """Executes ``cmd`` on this rank and passes it on (leader) to the next stage or back as tokens."""
+        if self.fault_after is not None and self.num_executed >= self.fault_after:
+            raise RuntimeError(f"injected fault on rank {self.rank} after {self.num_executed} commands")
+        self.num_executed += 1
+        out = None
+        if cmd.op == PREFILL:
+            x = cmd.ids if self.model.embed else hidden
+            out = self.model.prefill(x, cmd.seq_lens, cmd.rows)
+        elif cmd.op == DECODE:
+            out = self.model.decode(cmd.ids if self.model.embed else hidden, cmd.rows)
+        elif cmd.op == COMPACT:
+            self.model.cache.compact(cmd.rows)
+        elif cmd.op == IMPORT:
+            self.on_import(cmd)
+        elif cmd.op == END:
+            self.on_end(cmd)
+        if self.is_leader:
+            if self.next_stage is not None:
+                fwd = out if cmd.op in COMPUTE else None
+                for dst in self.next_stage.ranks:
+                    send_command(self.comm, cmd, fwd, dst)
+            elif cmd.op in COMPUTE:
+                self.emit(cmd, out.argmax(dim=-1))
+        if cmd.op == PREFILL:
+            self.after_prefill(cmd)  # after emit: the WAA meta goes before the KV on every channel
+
+    def emit(self, cmd: Command, tokens: Tensor) -> None:
+        """The last stage's greedy tokens ``[n]`` of a compute command: back to the driver."""
+        if self.rank == self.driver:
+            self.local_tokens.append(tokens.cpu())
+        else:
+            self.comm.send([tokens.to(torch.long)], self.driver, TAG_TOKENS)
+
+    def after_prefill(self, cmd: Command) -> None:
+        """Hook after a prefill has been passed on (WAA encode ranks export the KV here)."""
+
+    def on_import(self, cmd: Command) -> None:
+        """Hook for IMPORT (WAA decode ranks receive KV here)."""
+        raise RuntimeError(f"rank {self.rank}: IMPORT on a stage that does not import KV")
+
+    def on_end(self, cmd: Command) -> None:
+        """Hook for END (the WAA encode pipeline tells the decode driver it is done)."""
+
+    def serve(self) -> None:
+        """Worker loop of a non-driver rank: execute commands until STOP."""
+        src = self.source()
+        while True:
+            cmd, hidden = recv_command(self.comm, src, self.dim, self.dtype)
+            if cmd.op == STOP:
+                if self.is_leader and self.next_stage is not None:
+                    for dst in self.next_stage.ranks:
+                        send_command(self.comm, cmd, None, dst)
+                break
+            self.process(cmd, hidden)
+        self.comm.flush()
+
+
+class Pipeline:
+    """The driver's handle on its pipeline: submit commands, collect tokens in submission order."""
+
+    def __init__(self, runtime: StageRuntime, last_leader: int):
+        self.rt = runtime
+        self.last_leader = last_leader
+        self._inflight: deque[int] = deque()  # rows of each compute command not yet collected
+
+    def submit(self, cmd: Command) -> None:
+        for peer in self.rt.stage.ranks[1:]:
+            send_command(self.rt.comm, cmd, None, peer)
+        self.rt.process(cmd, None)
+        if cmd.op in COMPUTE:
+            self._inflight.append(cmd.rows.numel())
+
+    def collect(self) -> Tensor:
+        """Greedy tokens ``[n]`` of the oldest compute command still in flight (blocks)."""
+        n = self._inflight.popleft()
+        if self.rt.local_tokens:
+            return self.rt.local_tokens.popleft()
+        return self.rt.comm.recv((n,), torch.long, self.last_leader, TAG_TOKENS).cpu()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def stop(self) -> None:
+        """Ends every worker of this pipeline and waits for this rank's sends."""
+        cmd = Command(STOP, _i64([]))
+        for peer in self.rt.stage.ranks[1:]:
+            send_command(self.rt.comm, cmd, None, peer)
+        if self.rt.next_stage is not None:
+            for dst in self.rt.next_stage.ranks:
+                send_command(self.rt.comm, cmd, None, dst)
+        self.rt.comm.flush()
+
+
+def split_even(items: list, parts: int) -> list[list]:
+    """``items`` in order, cut into at most ``parts`` contiguous chunks whose sizes differ by at most one."""
+    parts = max(1, min(parts, len(items)))
+    q, r = divmod(len(items), parts)
+    out, i = [], 0
+    for p in range(parts):
+        size = q + (p < r)
+        out.append(items[i:i + size])
+        i += size
+    return [c for c in out if c]
+
+
+def split_by(items: list, size: int) -> list[list]:
+    """``items`` in order, cut into chunks of ``size`` (the last may be smaller)."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def barrier_all() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- building a rank's part of a run -----------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a rank needs to execute a plan (picklable: it is sent to spawned ranks)."""
+
+    plan: object
+    """The ``exegpt.Plan`` (its stages already remapped to the model's layer count)."""
+    layout: tuple[StageRanks, ...]
+    model: str
+    """Preset name, checkpoint folder or 'smollm2'."""
+    dtype: str
+    requests: tuple
+    """``runner.requests.Request`` of the run, in order."""
+    max_seq_len: int
+    cache_len: int
+    """KV positions per row: the plan's memory budget per sequence."""
+    stop_at_eos: bool = False
+    eos_id: int | None = None
+    keep_tokens: bool = False
+    seed: int = 0
+    """Seed of random weights."""
+    fault: tuple[int, int] | None = None
+    """Test hook: (rank, n) makes ``rank`` raise after executing ``n`` commands."""
+    progress: bool = False
+
+    def stages_of(self, pipeline: str) -> list[StageRanks]:
+        return [s for s in self.layout if s.pipeline == pipeline]
+
+    def stage_of(self, rank: int) -> StageRanks:
+        return next(s for s in self.layout if rank in s.ranks)
+
+
+def make_tp_groups(layout: tuple[StageRanks, ...]) -> dict[int, object]:
+    """One process group per TP stage, keyed by its leader; every rank creates them in the same order."""
+    groups = {}
+    if dist.is_initialized():
+        for s in layout:
+            if len(s.ranks) > 1:
+                groups[s.leader] = dist.new_group(list(s.ranks))
+    return groups
+
+
+def build_stage_model(ctx: RunContext, rank: int, device: torch.device, groups: dict, max_rows: int,
+                      max_len: int):
+    """Loads this rank's layers (and embedding/head), shards them for its TP group, allocates the cache.
+
+    Returns (model, tokenizer or None).
+    """
+    from .tp import apply_tp
+    from .weights import load_model
+
+    sr = ctx.stage_of(rank)
+    model, _, tok = load_model(ctx.model, DTYPES[ctx.dtype], device, layers=sr.layers, embed=sr.first,
+                               head=sr.last, seed=ctx.seed)
+    if len(sr.ranks) > 1:
+        apply_tp(model, rank - sr.leader, len(sr.ranks), groups[sr.leader])
+    model.eval()
+    model.setup_cache(max_rows, max_len)
+    return model, tok
+
+
+def make_runtime(ctx: RunContext, rank: int, device: torch.device, groups: dict, max_rows: int, max_len: int,
+                 driver: int, cls=StageRuntime, **kw) -> StageRuntime:
+    """This rank's StageRuntime within its pipeline (``driver`` receives the last stage's tokens)."""
+    sr = ctx.stage_of(rank)
+    pipe = ctx.stages_of(sr.pipeline)
+    prev = pipe[sr.index - 1] if sr.index > 0 else None
+    nxt = pipe[sr.index + 1] if sr.index + 1 < len(pipe) else None
+    model, tok = build_stage_model(ctx, rank, device, groups, max_rows, max_len)
+    fault = ctx.fault[1] if ctx.fault is not None and ctx.fault[0] == rank else None
+    rt = cls(model, sr, prev, nxt, rank, Comm(device), driver, fault_after=fault, **kw)
+    rt.tokenizer = tok
+    return rt
+
+
+def start_clock(device: torch.device) -> int:
+    """The run's time origin (``perf_counter_ns`` of rank 0), agreed by every rank after a barrier.
+
+    ``perf_counter`` is CLOCK_MONOTONIC on Linux, shared by the processes of one host; across hosts only
+    rank-local durations are meaningful.
+    """
+    import time
+
+    if not dist.is_initialized():
+        return time.perf_counter_ns()
+    dist.barrier()
+    t = torch.tensor([time.perf_counter_ns()], dtype=torch.long, device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
+def eos_of(ctx: RunContext, tokenizer) -> int | None:
+    """The EOS id: the one given, else the tokenizer's."""
+    if ctx.eos_id is not None:
+        return ctx.eos_id
+    for name in ("eos_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+# --- driver helpers shared by the executors ------------------------------------------------------------
+
+
+def encode(pipe: Pipeline, tracker, rids: list[int], first_row: int, parts: int, clock) -> None:
+    """Prefills requests ``rids`` into rows ``first_row, first_row + 1, ...`` as ``parts`` pipelined
+    micro-batches, and records each request's encode start and first token."""
+    mbs = split_even(list(range(len(rids))), parts)
+    for mb in mbs:
+        ids = [rids[i] for i in mb]
+        prompts = [tracker.requests[r].prompt for r in ids]
+        t = clock()
+        for r in ids:
+            tracker.start(r, t)
+        pipe.submit(Command(PREFILL, _i64([first_row + i for i in mb]), seq_lens=_i64([len(p) for p in prompts]),
+                            ids=_i64([tok for p in prompts for tok in p]), req=_i64(ids)))
+    for mb in mbs:
+        toks = pipe.collect().tolist()
+        t = clock()
+        for i, tok in zip(mb, toks):
+            tracker.token(rids[i], tok, t)
+
+
+def run_decode(pipe: Pipeline, tracker, mbs: list[list[int]], row_req: list[int], clock, max_iters: int,
+               drop_finished: bool = True, row_pos: list[int] | None = None, max_len: int = 0) -> list[int]:
+    """Decode micro-batches of cache rows, pipelined: a micro-batch's next iteration is submitted as soon as its
+    tokens are back, for up to ``max_iters`` iterations each.
+
+    With ``drop_finished`` (early termination) finished rows leave their micro-batch at once; without it
+    (static batching) they keep being computed, their tokens discarded, until every request of ``row_req``
+    is done or the row reaches ``max_len`` cache positions (tracked in ``row_pos``).
+
+    Returns:
+        rows computed at each iteration (iteration u of every micro-batch counts as iteration u).
+    """
+    mbs = [list(mb) for mb in mbs]
+    iters, steps, order = [0] * len(mbs), [], deque()
+
+    def submit(j: int) -> None:
+        rows = mbs[j]
+        pipe.submit(Command(DECODE, _i64(rows), ids=_i64([tracker.last(row_req[r]) for r in rows]), batch=j))
+        order.append(j)
+
+    def pending() -> bool:
+        return any(not tracker.done(r) for r in row_req)
+
+    for j, mb in enumerate(mbs):
+        if mb:
+            submit(j)
+    while order:
+        j = order.popleft()
+        toks = pipe.collect().tolist()
+        t = clock()
+        rows, u = mbs[j], iters[j]
+        if len(steps) <= u:
+            steps.append(0)
+        steps[u] += len(rows)
+        keep = []
+        for r, tok in zip(rows, toks):
+            rid = row_req[r]
+            finished = tracker.done(rid) or tracker.token(rid, tok, t)
+            if row_pos is not None:
+                row_pos[r] += 1
+            if finished and (drop_finished or (row_pos is not None and row_pos[r] >= max_len)):
+                continue
+            keep.append(r)
+        mbs[j], iters[j] = keep, u + 1
+        if keep and iters[j] < max_iters and (drop_finished or pending()):
+            submit(j)
+    return steps
+
+
+def driver_clock(t0_ns: int):
+    """Seconds since the run's start."""
+    import time
+
+    return lambda: (time.perf_counter_ns() - t0_ns) / 1e9
+
+
+def progress_bar(ctx: RunContext, tracker):
+    """A tqdm bar over requests on the driver (None unless ``ctx.progress``)."""
+    if not ctx.progress:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(ctx.requests), initial=len(tracker.rejected), unit="req", leave=False)
+    tracker.on_finish = lambda rid: bar.update(1)
+    return bar

@@ -1,0 +1,225 @@
+"""RunReport: what a run measured, with the metric names of ``exegpt.plan.Estimate``.
+
+All times are seconds from the start of the run (the first encode), measured on one clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from exegpt.errors import ExeGPTError
+from exegpt.plan import Estimate
+
+REPORT_SCHEMA = 1
+FINISHED = "finished"
+FAILED = "failed"
+STEADY_LO, STEADY_HI = 0.10, 0.90
+"""The steady window for throughput: between the 10 % and 90 % completion times."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request's outcome and timeline."""
+
+    id: int
+    input_len: int
+    output_len: int
+    """Target output length (tokens, the prefill's token included)."""
+    status: str
+    """'finished' or 'failed'."""
+    reason: str = ""
+    """Why a failed request failed; empty when finished."""
+    encode_start_s: float | None = None
+    """When its encode (prefill) started."""
+    first_token_s: float | None = None
+    """When its first token (from the prefill) was produced."""
+    finish_s: float | None = None
+    """When its last token was produced."""
+    num_generated: int = 0
+    """Tokens generated (== output_len when forced; fewer when stopped at EOS)."""
+    latency_len_token_s: float | None = None
+    """When its ``latency_len``-th token was produced (None if it generated fewer)."""
+    tokens: tuple[int, ...] | None = None
+    """The greedy tokens, when the run kept them."""
+
+    def __post_init__(self):
+        if self.status not in (FINISHED, FAILED):
+            raise ExeGPTError(f"request {self.id}: status {self.status!r} must be 'finished' or 'failed'")
+        if self.status == FAILED and not self.reason:
+            raise ExeGPTError(f"request {self.id}: a failed request needs a reason")
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    """Measured performance of one run; ``throughput_seq_s`` ... ``decode_batch`` compare field by field
+    with the plan's ``Estimate``."""
+
+    policy: str
+    throughput_seq_s: float
+    """Completed sequences per second over the steady window (10 %..90 % completion times)."""
+    throughput_tok_s: float
+    """Generated tokens per second over the same window."""
+    latency_s: float
+    """Worst measured time, from encode start, to the ``latency_len``-th token among requests at least
+    that long (the paper's bound is on this worst case). NaN when no request is that long."""
+    latency_len: int
+    encode_stage_s: float
+    """Mean measured encode phase time (RRA, static) or encode batch time (WAA)."""
+    decode_step_s: float
+    """Mean measured time of one decode iteration of the whole decode batch."""
+    decode_batch: float
+    """Mean rows per decode iteration."""
+    latency_p50_s: float = math.nan
+    """Median of the same per-request latencies as ``latency_s``."""
+    makespan_s: float = 0.0
+    """From the first encode to the last token."""
+    overall_seq_s: float = 0.0
+    """Finished requests / makespan."""
+    num_finished: int = 0
+    num_failed: int = 0
+    num_ranks: int = 1
+    estimate: Estimate | None = None
+    """The plan's prediction, for comparison."""
+    requests: tuple[RequestRecord, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("requests", "estimate")}
+        d = {k: _enc(v) for k, v in d.items()}
+        d["schema"] = REPORT_SCHEMA
+        d["estimate"] = None if self.estimate is None else {k: _enc(v) for k, v in asdict(self.estimate).items()}
+        d["requests"] = [{k: _enc(v) for k, v in asdict(r).items()} for r in self.requests]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunReport:
+        if d.get("schema") != REPORT_SCHEMA:
+            raise ExeGPTError(f"report schema {d.get('schema')!r} is not supported; expected {REPORT_SCHEMA}")
+        try:
+            d = dict(d)
+            d.pop("schema")
+            reqs = tuple(RequestRecord(**{**r, "tokens": None if r.get("tokens") is None else tuple(r["tokens"])})
+                         for r in d.pop("requests"))
+            est = d.pop("estimate")
+            if est is not None:
+                est = dict(est)
+                est["memory_bytes"] = tuple(est.get("memory_bytes") or ())
+                est = Estimate(**{k: (math.inf if k == "memory_capacity_bytes" and v is None else _dec(v))
+                                  for k, v in est.items()})
+            floats = {f.name for f in fields(cls) if f.type in ("float", float)}
+            d = {k: (_dec(v) if k in floats else v) for k, v in d.items()}
+            return cls(**d, estimate=est, requests=reqs)
+        except (KeyError, TypeError) as e:
+            raise ExeGPTError(f"report JSON is missing or has a wrong field: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunReport:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ExeGPTError(f"report is not valid JSON: {e.msg} at line {e.lineno}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        try:
+            path.write_text(self.to_json())
+        except OSError as e:
+            raise ExeGPTError(f"cannot write report to {str(path)!r}: {e.strerror}") from None
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunReport:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except OSError as e:
+            raise ExeGPTError(f"cannot read report {str(path)!r}: {e.strerror}") from None
+
+    def table(self) -> str:
+        """A readable summary: measured values, and the plan's predictions beside them when known."""
+        rows = [("throughput (seq/s)", "throughput_seq_s", 1.0), ("throughput (tok/s)", "throughput_tok_s", 1.0),
+                (f"latency to token {self.latency_len} (ms, max)", "latency_s", 1e3),
+                ("encode stage (ms)", "encode_stage_s", 1e3), ("decode step (ms)", "decode_step_s", 1e3),
+                ("decode batch (rows)", "decode_batch", 1.0)]
+        out = [f"{'metric':<32}{'predicted':>12}{'measured':>12}{'meas/pred':>11}"]
+        for label, name, scale in rows:
+            m = getattr(self, name) * scale
+            p = getattr(self.estimate, name) * scale if self.estimate is not None else math.nan
+            ratio = m / p if p and not math.isnan(p) and not math.isinf(p) else math.nan
+            out.append(f"{label:<32}{_fmt(p):>12}{_fmt(m):>12}{_fmt(ratio):>11}")
+        out.append(f"{'latency p50 (ms)':<32}{'':>12}{_fmt(self.latency_p50_s * 1e3):>12}")
+        out.append(f"{'makespan (s)':<32}{'':>12}{_fmt(self.makespan_s):>12}")
+        out.append(f"{'overall rate (seq/s)':<32}{'':>12}{_fmt(self.overall_seq_s):>12}")
+        out.append(f"requests: {self.num_finished} finished, {self.num_failed} failed "
+                   f"({self.policy}, {self.num_ranks} rank{'s' if self.num_ranks > 1 else ''})")
+        reasons = sorted({r.reason for r in self.requests if r.status == FAILED})
+        for reason in reasons[:5]:
+            out.append(f"  failed: {reason}")
+        return "\n".join(out)
+
+
+def build_report(policy: str, records: list[RequestRecord], latency_len: int, encode_times_s: list[float],
+                 decode_iters: list[tuple[float, int]], num_ranks: int = 1,
+                 estimate: Estimate | None = None) -> RunReport:
+    """Aggregate per-request records and phase timings into a RunReport.
+
+    Args:
+        encode_times_s: one entry per encode phase (or WAA encode batch).
+        decode_iters: (seconds, rows) per decode iteration of the whole decode batch.
+    """
+    records = sorted(records, key=lambda r: r.id)
+    done = [r for r in records if r.status == FINISHED]
+    finish = np.sort(np.array([r.finish_s for r in done], dtype=float))
+    starts = [r.encode_start_s for r in records if r.encode_start_s is not None]
+    makespan = float(finish[-1] - min(starts)) if len(finish) and starts else 0.0
+    overall = len(done) / makespan if makespan > 0 else math.nan
+    tokens_per_seq = float(np.mean([r.num_generated for r in done])) if done else math.nan
+    seq_s = _steady_rate(finish)
+    if math.isnan(seq_s):
+        seq_s = overall
+    lat = np.array([r.latency_len_token_s - r.encode_start_s for r in done
+                    if r.latency_len_token_s is not None and r.encode_start_s is not None], dtype=float)
+    rows = sum(n for _, n in decode_iters)
+    return RunReport(
+        policy=policy, throughput_seq_s=seq_s, throughput_tok_s=seq_s * tokens_per_seq,
+        latency_s=float(lat.max()) if lat.size else math.nan, latency_len=int(latency_len),
+        encode_stage_s=float(np.mean(encode_times_s)) if encode_times_s else math.nan,
+        decode_step_s=float(np.mean([t for t, _ in decode_iters])) if decode_iters else math.nan,
+        decode_batch=rows / len(decode_iters) if decode_iters else 0.0,
+        latency_p50_s=float(np.median(lat)) if lat.size else math.nan, makespan_s=makespan,
+        overall_seq_s=overall, num_finished=len(done), num_failed=len(records) - len(done), num_ranks=num_ranks,
+        estimate=estimate, requests=tuple(records))
+
+
+def _steady_rate(finish: np.ndarray) -> float:
+    """Completions per second between the 10 % and 90 % completion times (NaN if that window is empty)."""
+    n = len(finish)
+    if n < 5:
+        return math.nan
+    lo, hi = int(math.floor(STEADY_LO * (n - 1))), int(math.ceil(STEADY_HI * (n - 1)))
+    window = finish[hi] - finish[lo]
+    return (hi - lo) / window if window > 0 else math.nan
+
+
+def _enc(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _dec(v):
+    return math.nan if v is None else v
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.4g}"

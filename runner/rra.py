@@ -1,0 +1,89 @@
+"""RRA executor: all ranks pipeline all layers; encode a batch, then N_D decode iterations, refill, repeat.
+
+Rules shared with ``exegpt``'s simulator (keep them in step):
+- the decode batch is split into one micro-batch per pipeline stage (fixed rule, paper §11.1);
+- at each encode phase, ``n = min(queue, target - alive, free rows)`` queries are admitted, where
+  ``target = round(estimate.decode_batch)`` and the cache holds ``ceil(decode_batch) + encode_batch`` rows;
+  the encode batch is split into one micro-batch per stage, pipelined;
+- the prefill's token is the first output token; finished rows leave the decode batch at once (early
+  termination) and are compacted out of the KV cache at the next encode phase;
+- the phases alternate: every micro-batch finishes its N_D iterations (or runs out of rows) before the
+  next encode phase.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from .pipeline import COMPACT, Command, Pipeline, RunContext, _i64, driver_clock, encode, eos_of, \
+    make_runtime, make_tp_groups, progress_bar, run_decode, split_even, start_clock
+from .report import RunReport, build_report
+from .requests import RequestTracker
+
+
+def cache_rows(plan) -> int:
+    """KV-cache rows of an RRA run: ``ceil(decode_batch) + encode_batch``."""
+    return max(1, math.ceil(plan.estimate.decode_batch)) + plan.schedule.encode_batch
+
+
+def refill_target(plan) -> int:
+    """The decode batch RRA refills to: ``round(decode_batch)``, at least 1."""
+    return max(1, round(plan.estimate.decode_batch))
+
+
+def run_rra(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
+    """This rank's part of an RRA run; the driver (rank 0) returns the report."""
+    plan = ctx.plan
+    groups = make_tp_groups(ctx.layout)
+    main = ctx.stages_of("main")
+    rows = cache_rows(plan)
+    rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=main[0].leader)
+    t0 = start_clock(device)
+    if rank != main[0].leader:
+        rt.serve()
+        return None
+    pipe = Pipeline(rt, main[-1].leader)
+    tracker = RequestTracker(ctx.requests, plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
+                             ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
+    bar = progress_bar(ctx, tracker)
+    enc, dec = drive_rra(pipe, tracker, plan, len(main), rows, driver_clock(t0))
+    pipe.stop()
+    if bar is not None:
+        bar.close()
+    return build_report("rra", tracker.records(), plan.estimate.latency_len, enc, dec, world_size, plan.estimate)
+
+
+def drive_rra(pipe: Pipeline, tracker: RequestTracker, plan, num_stages: int, rows: int, clock
+              ) -> tuple[list[float], list[tuple[float, int]]]:
+    """The RRA loop on the driver. Returns (encode phase seconds, (seconds, rows) per decode iteration)."""
+    queue = deque(r.id for r in tracker.runnable)
+    alive: list[int] = []  # request of each cache row; row i holds alive[i]
+    target = refill_target(plan)
+    enc_s: list[float] = []
+    dec: list[tuple[float, int]] = []
+    while queue or alive:
+        # Encode phase: compact out finished rows, then refill toward the target decode batch.
+        keep = [i for i, rid in enumerate(alive) if not tracker.done(rid)]
+        if len(keep) < len(alive):
+            pipe.submit(Command(COMPACT, _i64(keep)))
+            alive = [alive[i] for i in keep]
+        n = min(len(queue), target - len(alive), rows - len(alive))
+        if n > 0:
+            batch = [queue.popleft() for _ in range(n)]
+            t = clock()
+            encode(pipe, tracker, batch, len(alive), num_stages, clock)
+            enc_s.append(clock() - t)
+            alive += batch
+        # Decode phase: N_D iterations, one micro-batch per stage, finished rows dropped at once.
+        active = [i for i, rid in enumerate(alive) if not tracker.done(rid)]
+        if not active:
+            continue
+        t = clock()
+        steps = run_decode(pipe, tracker, split_even(active, num_stages), alive, clock,
+                           plan.schedule.decode_iters)
+        dt = (clock() - t) / len(steps)
+        dec += [(dt, s) for s in steps]
+    return enc_s, dec

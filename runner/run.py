@@ -1,0 +1,189 @@
+"""run_plan: execute an ``exegpt.Plan`` on the built-in backend and measure it.
+
+One process per device of the schedule (``schedule.num_gpus``): in-process for one rank, spawned gloo ranks
+otherwise, or the ranks torchrun started (``env://``, NCCL on CUDA). The policy picks the executor through
+``executor_for``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from exegpt.errors import ExeGPTError
+from exegpt.models import MODELS
+from exegpt.plan import Plan, Stage
+from exegpt.schedule import Policy, RRASchedule, StaticSchedule, WAASchedule
+from exegpt.workload import Workload
+
+from .dist import init_from_env, launch, layout, torchrun_env
+from .pipeline import DTYPES, RunContext
+from .report import RunReport
+from .requests import Request, make_requests
+from .rra import run_rra
+from .static import run_static
+from .waa import run_waa
+
+log = logging.getLogger(__name__)
+
+Executor = Callable[[RunContext, int, int, torch.device], "RunReport | None"]
+
+_EXECUTORS: dict[Policy, Executor] = {
+    Policy.RRA: run_rra,
+    Policy.WAA_C: run_waa,
+    Policy.WAA_M: run_waa,
+    Policy.STATIC: run_static,
+}
+
+
+def executor_for(policy: Policy | str) -> Executor:
+    """The rank function that executes schedules of ``policy``.
+
+    Raises:
+        ValueError: unknown policy.
+    """
+    try:
+        return _EXECUTORS[Policy(policy)]
+    except (ValueError, KeyError):
+        raise ValueError(f"unknown policy: {policy!r}") from None
+
+
+def model_args(spec: str):
+    """The ``runner.model.ModelArgs`` of a model spec, without loading its weights."""
+    from .model import ModelArgs
+
+    if spec in MODELS:
+        return ModelArgs.from_name(spec)
+    if spec == "smollm2":
+        return ModelArgs.from_name("smollm2-135m")
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        from .weights import hf_args
+
+        return hf_args(json.loads((path / "config.json").read_text()))
+    raise ExeGPTError(f"unknown model {spec!r}: not a preset ({', '.join(MODELS)}), 'smollm2' or a checkpoint "
+                      f"folder with config.json")
+
+
+def expected_stage_degrees(schedule) -> tuple[tuple[str, int], ...]:
+    """(role, tp) of each stage the schedule implies, in plan order."""
+    if isinstance(schedule, WAASchedule):
+        return tuple(("encode", t) for t in schedule.encode_stages) + \
+            tuple(("decode", t) for t in schedule.decode_stages)
+    return tuple(("both", t) for t in schedule.stages)
+
+
+def check_stages(plan: Plan) -> None:
+    """The plan's stages must match its schedule: roles, TP degrees, and each pipeline covering every layer."""
+    want = expected_stage_degrees(plan.schedule)
+    got = tuple((s.role, s.tp) for s in plan.stages)
+    if want != got:
+        raise ExeGPTError(f"plan stages (role, tp) {list(got)} do not match the {plan.schedule.policy.value} "
+                          f"schedule, which implies {list(want)}")
+    for role in {r for r, _ in want}:
+        stages = [s for s in plan.stages if s.role == role]
+        at = 0
+        for s in stages:
+            if s.first_layer != at or s.n_layers < 1:
+                raise ExeGPTError(f"{role} stages must cover consecutive layers from 0, each at least one: "
+                                  f"got {[(s.first_layer, s.n_layers) for s in stages]}")
+            at += s.n_layers
+
+
+def remap_stages(stages: tuple[Stage, ...], n_layers: int) -> tuple[Stage, ...]:
+    """Scales each pipeline's layer split to a model of ``n_layers`` layers, proportionally.
+
+    Stage boundaries ``b`` of a pipeline with ``L`` layers move to ``round(b * n_layers / L)``, kept strictly
+    increasing so that every stage keeps at least one layer.
+
+    Raises:
+        ExeGPTError: the model has fewer layers than some pipeline has stages.
+    """
+    out: list[Stage] = []
+    for role in dict.fromkeys(s.role for s in stages):
+        group = [s for s in stages if s.role == role]
+        total = sum(s.n_layers for s in group)
+        if total == n_layers:
+            out += group
+            continue
+        if n_layers < len(group):
+            raise ExeGPTError(f"the model has {n_layers} layers, fewer than the {len(group)} {role} stages of "
+                              f"the plan")
+        ends, acc = [], 0
+        for i, s in enumerate(group):
+            acc += s.n_layers
+            e = round(acc * n_layers / total)
+            e = max(e, (ends[-1] if ends else 0) + 1)  # every stage keeps a layer
+            e = min(e, n_layers - (len(group) - 1 - i))  # and leaves one for each later stage
+            ends.append(e)
+        start = 0
+        for s, e in zip(group, ends):
+            out.append(dataclasses.replace(s, first_layer=start, n_layers=e - start))
+            start = e
+    return tuple(out)
+
+
+def cache_len_of(plan: Plan, max_seq_len: int) -> int:
+    """KV positions per row: the plan workload's longest prompt plus longest output, within the context."""
+    return min(max_seq_len, plan.workload.max_total_len)
+
+
+def run_plan(plan: Plan, model: str = "tiny", requests: tuple[Request, ...] | None = None,
+             num_requests: int = 64, trace: Workload | None = None, seed: int = 0, dtype: str = "fp32",
+             stop_at_eos: bool = False, eos_id: int | None = None, keep_tokens: bool = False,
+             timeout_s: float = 600.0, progress: bool = False, fault: tuple[int, int] | None = None
+             ) -> RunReport | None:
+    """Executes ``plan`` on ``model`` and returns what it measured.
+
+    Args:
+        requests: the requests to run; by default ``num_requests`` are drawn (seeded) from ``trace`` if given,
+            else from ``plan.workload``, with random prompt ids.
+        seed: seeds the request stream and the random weights of presets.
+        dtype: 'fp32', 'bf16' or 'fp16'.
+        stop_at_eos: end a request at its first EOS (default: forced to its target length).
+        keep_tokens: keep every request's greedy tokens in the report.
+        timeout_s: wall-clock limit of a multi-process run.
+        fault: test hook, (rank, n): that rank raises after executing n commands.
+    Returns:
+        the report (None on the ranks of a torchrun job that do not hold it).
+    Raises:
+        ExeGPTError: bad plan, model or arguments. RankFailedError: a rank failed, died or timed out.
+    """
+    if dtype not in DTYPES:
+        raise ExeGPTError(f"dtype {dtype!r} unknown; expected one of {', '.join(DTYPES)}")
+    if not isinstance(plan.schedule, (RRASchedule, WAASchedule, StaticSchedule)):
+        raise ExeGPTError(f"cannot execute schedule {plan.schedule!r}")
+    executor = executor_for(plan.schedule.policy)
+    args = model_args(model)
+    if args.family == "t5":
+        raise ExeGPTError("the plan executors run decoder-only models (llama, opt); T5 is not supported")
+    plan = dataclasses.replace(plan, stages=remap_stages(plan.stages, args.n_layers))
+    check_stages(plan)
+    for s in plan.stages:
+        if args.n_heads % s.tp or args.n_kv_heads % s.tp:
+            raise ExeGPTError(f"stage TP degree {s.tp} must divide the model's n_heads={args.n_heads} and "
+                              f"n_kv_heads={args.n_kv_heads}")
+    if requests is None:
+        requests = make_requests(trace if trace is not None else plan.workload, num_requests, args.vocab_size, seed)
+    ctx = RunContext(plan=plan, layout=layout(plan.stages), model=model, dtype=dtype, requests=tuple(requests),
+                     max_seq_len=args.max_seq_len, cache_len=cache_len_of(plan, args.max_seq_len),
+                     stop_at_eos=stop_at_eos, eos_id=eos_id, keep_tokens=keep_tokens, seed=seed, fault=fault,
+                     progress=progress)
+    world = plan.schedule.num_gpus
+    if torchrun_env():
+        rank, size, device = init_from_env(timeout_s)
+        if size != world:
+            raise ExeGPTError(f"torchrun started {size} ranks; the plan needs {world}")
+        return executor(ctx, rank, size, device)
+    if world == 1:
+        return executor(ctx, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return launch(_rank_main, world, (ctx,), timeout_s)
+
+
+def _rank_main(rank: int, world_size: int, device: torch.device, ctx: RunContext) -> RunReport | None:
+    return executor_for(ctx.plan.schedule.policy)(ctx, rank, world_size, device)

@@ -1,0 +1,228 @@
+"""WAA executor (WAA-C and WAA-M): an encode pipeline and a decode pipeline on disjoint ranks, concurrently.
+
+The encode driver (rank 0) prefills batches of B_E queries through the encode stages. After each prefill
+every encode rank sends the KV of its layers and heads to the decode ranks that hold them (through
+``torch.distributed``; on gloo this goes through host memory, as in the paper), and the last encode stage
+sends the batch's first tokens to the decode driver. The decode driver merges at most one encoded batch per
+decode iteration, when its cache has the rows free (backpressure otherwise: the encoder waits for a credit,
+at most ``DEPTH`` batches ahead), then runs one decode iteration of the whole batch in micro-batches of
+B_m rows, pipelined over the decode stages. Finished rows are compacted out every iteration.
+
+Rules shared with the simulator: one encode batch per decode iteration when rows are free; the prefill's
+token is the first output token (S tokens take S - 1 decode iterations); decode micro-batches of B_m rows;
+decode cache rows ``ceil(decode_batch) + encode_batch``.
+
+The KV of a layer and a range of KV heads goes from the encode rank holding it to the decode rank needing
+it, so encode and decode stages may split layers and TP heads differently.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import torch
+
+from .dist import TAG_CREDIT, TAG_KV, TAG_META, StageRanks
+from .pipeline import COMPACT, END, IMPORT, PREFILL, Command, Pipeline, RunContext, StageRuntime, _i64, \
+    driver_clock, eos_of, make_runtime, make_tp_groups, progress_bar, run_decode, split_by, start_clock
+from .report import RunReport, build_report
+from .requests import RequestTracker
+
+DEPTH = 2
+"""Encoded batches the encoder may run ahead of the decoder's merges."""
+
+
+def _kv_slice(src: StageRanks, src_rank: int, dst: StageRanks, dst_rank: int, n_kv_heads: int
+              ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Global (layers, kv heads) that ``src_rank`` holds and ``dst_rank`` needs, or None."""
+    l0, l1 = max(src.layers[0], dst.layers[0]), min(src.layers[1], dst.layers[1])
+
+    def heads(s: StageRanks, r: int) -> tuple[int, int]:
+        per = n_kv_heads // len(s.ranks)
+        t = r - s.leader
+        return t * per, (t + 1) * per
+
+    (a0, a1), (b0, b1) = heads(src, src_rank), heads(dst, dst_rank)
+    h0, h1 = max(a0, b0), min(a1, b1)
+    if l0 >= l1 or h0 >= h1:
+        return None
+    return (l0, l1), (h0, h1)
+
+
+class EncodeStage(StageRuntime):
+    """An encode rank: after each prefill, hands the KV to the decode ranks; the last stage sends the batch's
+    metadata and first tokens to the decode driver."""
+
+    def __init__(self, *a, decode_stages: list[StageRanks], encode_batch: int, t0_ns: int = 0, **kw):
+        super().__init__(*a, **kw)
+        self.decode_stages, self.encode_batch, self.t0_ns = decode_stages, encode_batch, t0_ns
+        self.n_kv_heads = self.model.args.n_kv_heads * len(self.stage.ranks)
+
+    def after_prefill(self, cmd: Command) -> None:
+        ex = self.model.cache.export_rows(cmd.rows)  # k, v: [layers, n, heads, L, D]
+        a = self.stage.layers[0]
+        h_base = (self.rank - self.stage.leader) * (self.n_kv_heads // len(self.stage.ranks))
+        for dst in self.decode_stages:
+            for r in dst.ranks:
+                sl = _kv_slice(self.stage, self.rank, dst, r, self.n_kv_heads)
+                if sl is None:
+                    continue
+                (l0, l1), (h0, h1) = sl
+                kv = torch.stack([ex["k"][l0 - a:l1 - a, :, h0 - h_base:h1 - h_base],
+                                  ex["v"][l0 - a:l1 - a, :, h0 - h_base:h1 - h_base]])  # [2, l, n, h, L, D]
+                self.comm.send([kv], r, TAG_KV)
+
+    def emit(self, cmd: Command, tokens: torch.Tensor) -> None:
+        n = cmd.rows.numel()
+        meta = torch.zeros(4 + 3 * self.encode_batch, dtype=torch.long)
+        meta[:4] = _i64([n, cmd.batch, cmd.time_ns, time.perf_counter_ns() - self.t0_ns])
+        meta[4:4 + n], meta[4 + n:4 + 2 * n] = cmd.req, cmd.seq_lens
+        meta[4 + 2 * n:4 + 3 * n] = tokens.cpu()
+        self.comm.send([meta], self.driver, TAG_META)
+
+    def on_end(self, cmd: Command) -> None:
+        if self.next_stage is None and self.is_leader:
+            meta = torch.zeros(4 + 3 * self.encode_batch, dtype=torch.long)
+            meta[0] = -1
+            self.comm.send([meta], self.driver, TAG_META)
+
+
+class DecodeStage(StageRuntime):
+    """A decode rank: on IMPORT, receives the KV of an encoded batch from the encode ranks into its rows."""
+
+    def __init__(self, *a, encode_stages: list[StageRanks], **kw):
+        super().__init__(*a, **kw)
+        self.encode_stages = encode_stages
+        self.n_kv_heads = self.model.args.n_kv_heads * len(self.stage.ranks)
+
+    def on_import(self, cmd: Command) -> None:
+        cache = self.model.cache
+        n, L = cmd.rows.numel(), int(cmd.seq_lens.max())
+        a = self.stage.layers[0]
+        h_base = (self.rank - self.stage.leader) * cache.n_kv_heads
+        shape = (cache.n_layers, n, cache.n_kv_heads, L, cache.head_dim)
+        k = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
+        v = torch.zeros_like(k)
+        for src in self.encode_stages:
+            for r in src.ranks:
+                sl = _kv_slice(src, r, self.stage, self.rank, self.n_kv_heads)
+                if sl is None:
+                    continue
+                (l0, l1), (h0, h1) = sl
+                kv = self.comm.recv((2, l1 - l0, n, h1 - h0, L, cache.head_dim), cache.dtype, r, TAG_KV)
+                k[l0 - a:l1 - a, :, h0 - h_base:h1 - h_base] = kv[0]
+                v[l0 - a:l1 - a, :, h0 - h_base:h1 - h_base] = kv[1]
+        cache.import_rows(cmd.rows, {"k": k, "v": v, "lengths": cmd.seq_lens})
+
+
+def cache_rows(plan) -> int:
+    """Decode-side KV-cache rows: ``ceil(decode_batch) + encode_batch``."""
+    return max(1, math.ceil(plan.estimate.decode_batch)) + plan.schedule.encode_batch
+
+
+def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
+    """This rank's part of a WAA run; the decode driver returns the report."""
+    plan, sched = ctx.plan, ctx.plan.schedule
+    groups = make_tp_groups(ctx.layout)
+    enc, dec = ctx.stages_of("encode"), ctx.stages_of("decode")
+    enc_driver, dec_driver = enc[0].leader, dec[0].leader
+    t0 = start_clock(device)
+    if ctx.stage_of(rank).pipeline == "encode":
+        rt = make_runtime(ctx, rank, device, groups, sched.encode_batch, ctx.cache_len, driver=dec_driver,
+                          cls=EncodeStage, decode_stages=dec, encode_batch=sched.encode_batch, t0_ns=t0)
+        if rank != enc_driver:
+            rt.serve()
+            return None
+        drive_encode(Pipeline(rt, enc[-1].leader), ctx, sched.encode_batch, dec_driver, t0)
+        return None
+    rows = cache_rows(plan)
+    rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=dec_driver, cls=DecodeStage,
+                      encode_stages=enc)
+    if rank != dec_driver:
+        rt.serve()
+        return None
+    tracker = RequestTracker(ctx.requests, plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
+                             ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
+    bar = progress_bar(ctx, tracker)
+    enc_s, dec_it = drive_decode(Pipeline(rt, dec[-1].leader), tracker, sched, rows, enc[-1].leader, enc_driver,
+                                 driver_clock(t0))
+    if bar is not None:
+        bar.close()
+    return build_report(sched.policy.value, tracker.records(), plan.estimate.latency_len, enc_s, dec_it,
+                        world_size, plan.estimate)
+
+
+def drive_encode(pipe: Pipeline, ctx: RunContext, encode_batch: int, dec_driver: int, t0_ns: int) -> None:
+    """The encode driver: batches of B_E through the encode pipeline, at most DEPTH ahead of the merges."""
+    tracker = RequestTracker(ctx.requests, ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
+                             ctx.stop_at_eos, 0 if ctx.stop_at_eos else None)
+    queue = [r.id for r in tracker.runnable]
+    comm, sent, credits = pipe.rt.comm, 0, 0
+    for k, i in enumerate(range(0, len(queue), encode_batch)):
+        if k - credits >= DEPTH:  # backpressure: wait until the decoder merged a batch
+            comm.recv((1,), torch.long, dec_driver, TAG_CREDIT)
+            credits += 1
+        ids = queue[i:i + encode_batch]
+        prompts = [tracker.requests[r].prompt for r in ids]
+        pipe.submit(Command(PREFILL, _i64(range(len(ids))), seq_lens=_i64([len(p) for p in prompts]),
+                            ids=_i64([t for p in prompts for t in p]), req=_i64(ids), batch=k,
+                            time_ns=time.perf_counter_ns() - t0_ns))
+        sent += 1
+    pipe.submit(Command(END, _i64([])))
+    for _ in range(sent - credits):
+        comm.recv((1,), torch.long, dec_driver, TAG_CREDIT)
+    pipe.stop()
+
+
+def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_last: int, enc_driver: int,
+                 clock) -> tuple[list[float], list[tuple[float, int]]]:
+    """The decode driver. Returns (encode seconds per batch, (seconds, rows) per decode iteration)."""
+    comm = pipe.rt.comm
+    size = 4 + 3 * sched.encode_batch
+    alive: list[int] = []  # request of each cache row
+    enc_s: list[float] = []
+    dec: list[tuple[float, int]] = []
+    pending = comm.irecv((size,), torch.long, enc_last, TAG_META)
+    held: torch.Tensor | None = None  # a received batch waiting for free rows
+    encoder_done = False
+    while True:
+        keep = [i for i, rid in enumerate(alive) if not tracker.done(rid)]
+        if len(keep) < len(alive):
+            pipe.submit(Command(COMPACT, _i64(keep)))
+            alive = [alive[i] for i in keep]
+        if held is None and not encoder_done and (not alive or pending[0].is_completed()):
+            pending[0].wait()  # blocks only when the decode batch is empty
+            held = pending[1].cpu()
+            if int(held[0]) < 0:
+                encoder_done, held = True, None
+        if held is not None and len(alive) + int(held[0]) <= rows:
+            _merge(pipe, tracker, held, alive, enc_s)
+            comm.send([_i64([int(held[1])])], enc_driver, TAG_CREDIT)
+            held = None
+            pending = comm.irecv((size,), torch.long, enc_last, TAG_META)
+        active = [i for i, rid in enumerate(alive) if not tracker.done(rid)]
+        if not active:
+            if encoder_done and held is None:
+                break
+            continue
+        t = clock()
+        steps = run_decode(pipe, tracker, split_by(active, sched.micro_batch), alive, clock, 1)
+        dec.append((clock() - t, steps[0]))
+    pipe.stop()
+    return enc_s, dec
+
+
+def _merge(pipe: Pipeline, tracker: RequestTracker, meta: torch.Tensor, alive: list[int], enc_s: list[float]
+           ) -> None:
+    """Imports an encoded batch into the rows after ``alive`` and records its encode start and first tokens."""
+    n, batch, start_ns, first_ns = (int(x) for x in meta[:4])
+    req, seq, tok = meta[4:4 + n], meta[4 + n:4 + 2 * n], meta[4 + 2 * n:4 + 3 * n]
+    pipe.submit(Command(IMPORT, _i64(range(len(alive), len(alive) + n)), seq_lens=seq.clone(), req=req.clone(),
+                        batch=batch))
+    for rid, t in zip(req.tolist(), tok.tolist()):
+        tracker.start(rid, start_ns / 1e9)
+        tracker.token(rid, t, first_ns / 1e9)
+    alive += req.tolist()
+    enc_s.append((first_ns - start_ns) / 1e9)
