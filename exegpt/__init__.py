@@ -5,14 +5,18 @@ from .devices import DEVICES, Cluster, DeviceSpec, parse_cluster
 from .distribution import Distribution
 from .errors import ExeGPTError, InfeasibleBoundError, ProfileRangeError
 from .models import MODELS, ModelShape, get_model
+from .optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
+                       smallest_feasible_bound, static_schedule)
 from .plan import Estimate, Plan, SearchStats, Stage
 from .profile import Kernel, Profile, ProfileTable
 from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule
+from .simulate import simulate
 from .workload import Workload
 
 __all__ = [
     "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate", "ExeGPTError", "InfeasibleBoundError",
     "Kernel", "LatencyBound", "MODELS", "ModelShape", "Plan", "Policy", "Profile", "ProfileRangeError",
     "ProfileTable", "RRASchedule", "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule",
-    "Workload", "get_model", "parse_cluster",
+    "Workload", "get_model", "parse_cluster", "SearchSpace", "evaluate_schedule", "exhaustive_schedule",
+    "find_schedule", "frontier", "simulate", "smallest_feasible_bound", "static_schedule",
 ]

@@ -44,7 +44,7 @@ MEASURED_MODELS = ("llama-2-7b", "llama-2-70b", "codellama-34b")
 MEASURED_TP = (1, 2, 4, 8)
 TILE_M = 64
 EXTEND_FROM_TOKENS = 2048
-# Vidur op name -> (element-wise kind, how its bytes per token follow from the shape)
+# Vidur's element-wise op name -> the kind it calibrates (bytes per token: _elementwise_bytes)
 _ELEMENTWISE = {"input_layernorm": "norm", "post_attention_layernorm": "norm", "attn_rope": "rope",
                 "mlp_act": "act", "add": "add", "emb": "emb"}
 _GEMMS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj")
@@ -186,8 +186,8 @@ def calibrate(gpu: str, exclude: tuple[str, ...] = ()) -> Calibration:
         f = least_squares(lambda q: np.log(np.exp(q[0]) * 1e-6 + mm * bb / np.exp(q[1])) - log_tt,
                           [np.log(3.0), np.log(1e12)], method="lm")
         kinds[kind] = (float(np.exp(f.x[0])), float(f.x[1]))
-    err = {"gemm_median": round(float(np.median(gemm_err)), 4), "gemm_p90": round(float(np.percentile(gemm_err, 90)), 4),
-           "gemm_points": int(len(t))}
+    err = {"gemm_median": round(float(np.median(gemm_err)), 4),
+           "gemm_p90": round(float(np.percentile(gemm_err, 90)), 4), "gemm_points": int(len(t))}
     return Calibration(gpu, gemm, kinds, models, err)
 
 

@@ -20,11 +20,15 @@ send_recv      bytes                   point-to-point hand-off of ``bytes`` betw
 kv_handoff     bytes                   WAA KV-cache copy encode group -> host -> decode group
 =============  ======================  ==============================================================
 
-Lookups interpolate linearly (scipy) over the **monotone envelope** of each table: the running
-maximum along every size axis, so that more work is never credited as faster than less work
-(measurement noise otherwise breaks the monotonicity the search relies on). Outside the measured
+Lookups interpolate linearly (scipy) over the **batching envelope** of each table: along every
+axis the time is made non-decreasing (running maximum: more work is never faster), and along the
+first axis (batch, tokens or bytes) the time *per unit* is also made non-increasing (running
+minimum of time/size: batching never makes a row slower). Both hold for real kernels up to
+measurement noise; noise otherwise breaks the monotonicity that the search's bounds rely on.
+Piecewise-linear interpolation keeps both properties between grid points. Outside the measured
 range a lookup raises ``ProfileRangeError`` unless the table says ``extrapolate: true``, in which
-case it extends the last segment linearly.
+case it extends the last segment linearly. Below the smallest measured size a lookup uses the
+smallest size (a fractional micro-batch of 0.5 rows costs what 1 row costs: an upper bound).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
-from scipy.interpolate import RegularGridInterpolator
+from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
 from .errors import ExeGPTError, ProfileRangeError
 
@@ -128,11 +132,13 @@ class ProfileTable:
         return (np.asarray(self.xs, dtype=float),)
 
     def envelope(self) -> np.ndarray:
-        """The running maximum along every axis: the monotone table used for lookups."""
+        """The batching envelope used for lookups (see the module docstring)."""
         s = np.asarray(self.seconds, dtype=float)
         for axis in range(s.ndim):
             s = np.maximum.accumulate(s, axis=axis)
-        return s
+        x = np.asarray(self.xs, dtype=float).reshape((-1,) + (1,) * (s.ndim - 1))
+        per_unit = np.minimum.accumulate(s / x, axis=0)
+        return per_unit * x
 
     def to_dict(self) -> dict:
         d = {"kernel": self.kernel.value, "tp": self.tp, "axes": list(AXES[self.kernel]), "xs": list(self.xs),
@@ -181,9 +187,7 @@ class Profile:
             key = (t.kernel, t.tp)
             if key in lookup:
                 raise ExeGPTError(f"profile has two tables for {t.kernel.value} tp={t.tp}")
-            interp = RegularGridInterpolator(t.grid(), t.envelope(), method="linear",
-                                             bounds_error=False, fill_value=None)
-            lookup[key] = (t, interp)
+            lookup[key] = (t, _interpolator(t))
         for k in REQUIRED:
             if (k, 1) not in lookup:
                 raise ExeGPTError(f"profile {self.model}@{self.device} misses the {k.value} table at tp=1")
@@ -221,14 +225,29 @@ class Profile:
         pts = np.broadcast_arrays(*pts)
         for axis, (p, grid) in enumerate(zip(pts, table.grid())):
             lo, hi = grid[0], grid[-1]
-            if np.any(p < lo) or (not table.extrapolate and np.any(p > hi)):
-                bad = p[(p < lo) | ((p > hi) & (not table.extrapolate))].ravel()[0]
+            if np.any(p < 0) or (not table.extrapolate and np.any(p > hi)):
+                bad = p[(p < 0) | ((p > hi) & (not table.extrapolate))].ravel()[0]
                 raise ProfileRangeError(
                     f"{kernel.value} tp={tp}: {AXES[kernel][axis]}={bad:g} is outside the profiled range "
                     f"[{lo:g}, {hi:g}] of {self.id} (re-profile with a larger grid)")
-        out = interp(np.stack([p.ravel() for p in pts], axis=-1)).reshape(pts[0].shape)
-        out = np.maximum(out, 0.0)
+        out, _ = self.lookup(kernel, tp, *pts)
         return float(out) if out.ndim == 0 else out
+
+    def lookup(self, kernel: Kernel, tp: int, x, y=None) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised lookup that never raises on range: (seconds, in_range). Out-of-range points are
+        evaluated at the nearest measured coordinate and flagged False; callers must treat them as
+        unusable (the search counts them infeasible), never as estimates."""
+        table, interp = self._lookup[(kernel, tp)]
+        pts = [np.asarray(x, dtype=float)] + ([] if y is None else [np.asarray(y, dtype=float)])
+        pts = np.broadcast_arrays(*pts)
+        ok = np.ones(pts[0].shape, dtype=bool)
+        clipped = []
+        for p, grid in zip(pts, table.grid()):
+            hi = np.inf if table.extrapolate else grid[-1]
+            ok &= p <= hi
+            clipped.append(np.clip(p, grid[0], hi))
+        out = interp(*(c.ravel() for c in clipped)).reshape(pts[0].shape)
+        return np.maximum(out, 0.0), ok
 
     def max_coord(self, kernel: Kernel, tp: int = 1, axis: int = 0) -> float:
         """The largest measured coordinate (``inf`` when the table extrapolates)."""
@@ -283,6 +302,24 @@ class Profile:
         except OSError as e:
             raise ExeGPTError(f"cannot read profile {str(path)!r}: {e.strerror}") from None
         return cls.from_json(text)
+
+
+def _interpolator(t: ProfileTable):
+    """A piecewise-linear interpolant of the table's envelope, f(x[, y]) on flat arrays."""
+    env = t.envelope()
+    grid = t.grid()
+    if len(grid) == 1:
+        xs = grid[0]
+        slope = (env[-1] - env[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+
+        def f1(x):  # np.interp, plus the last segment extended beyond the grid (extrapolating tables)
+            return np.interp(x, xs, env) + np.maximum(x - xs[-1], 0.0) * slope
+        return f1
+    if not t.extrapolate and len(grid[0]) > 1 and len(grid[1]) > 1:
+        spline = RectBivariateSpline(grid[0], grid[1], env, kx=1, ky=1, s=0)  # exact bilinear, fast
+        return lambda x, y: spline(x, y, grid=False)
+    rgi = RegularGridInterpolator(grid, env, method="linear", bounds_error=False, fill_value=None)
+    return lambda x, y: rgi(np.stack([x, y], axis=-1))
 
 
 def today() -> str:

@@ -1,0 +1,152 @@
+"""Per-stage times of an encode batch and of a decode step, composed from a Profile.
+
+Pure functions of (profile, model shape, workload constants, stage, batch sizes), vectorised over
+numpy arrays of batch sizes. Every function returns ``(seconds, ok)``: ``ok`` is False where a
+lookup left the profiled range, and such a point must be treated as unusable.
+
+Composition of one pipeline stage (tp devices, ``n`` decoder layers, ``n_enc`` encoder layers):
+
+* encode of ``B`` prompts: ``n_enc`` encoder layers (T5) or ``n`` prefill layers, each
+  dense_encode(B * E[S_in]) + E_S[attn_encode(B, S)] + 2 all-reduces of the activations (tp > 1);
+  for decoder-only models the last stage adds lm_head(B) (the prefill emits the first token); a
+  stage that is not the last sends its activations onward; every stage pays the step overhead.
+* decode step of ``n`` rows at mean context ``ctx``: per layer dense_decode(n) + attn_decode(n, ctx)
+  (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) on the last stage;
+  activations sent onward; the step overhead once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .models import ModelShape
+from .profile import Kernel, Profile
+from .workload import Workload
+
+_MAX_BINS = 32  # input-length support compressed to this many bins for the attention expectation
+
+
+@dataclass(frozen=True, eq=False)
+class WorkloadStats:
+    """The workload constants the cost model needs."""
+
+    in_lengths: np.ndarray
+    """Compressed input-length support (bin means) and their probabilities."""
+    in_probs: np.ndarray
+    in_mean: float
+    in_max: int
+    out_max: int
+    k_lengths: np.ndarray
+    """Decode iterations per query, k = output length - 1 (the prefill emits the first token)."""
+    k_probs: np.ndarray
+    decode_ctx: float
+    """Mean context (tokens attended) of a row of a steady decode batch with early termination."""
+
+    @classmethod
+    def of(cls, w: Workload, first_token_in_encode: bool = True) -> WorkloadStats:
+        """``first_token_in_encode``: decoder-only prefill emits the first output token, so a query of
+        S output tokens needs S - 1 decode iterations; a T5 encoder does not (S iterations)."""
+        lens, probs = w.input_len.lengths_array.astype(float), w.input_len.probs_array
+        if len(lens) > _MAX_BINS:
+            # Equal-probability bins; each bin is represented by its probability-weighted mean length.
+            edges = np.searchsorted(np.cumsum(probs), np.linspace(0, 1, _MAX_BINS + 1)[1:-1])
+            groups = np.split(np.arange(len(lens)), np.unique(edges))
+            groups = [g for g in groups if len(g)]
+            p = np.array([probs[g].sum() for g in groups])
+            lens = np.array([np.dot(lens[g], probs[g]) / probs[g].sum() for g in groups])
+            probs = p
+        k = w.output_len.lengths_array - (1 if first_token_in_encode else 0)
+        kp = w.output_len.probs_array
+        live = k > 0
+        ek, ek2 = (np.dot(k[live], kp[live]), np.dot(k[live].astype(float) ** 2, kp[live])) if live.any() else (0, 0)
+        # A row of the decode batch belongs to a query with k iterations with probability ~ k P(k) and
+        # has done j ~ U{0..k-1} of them: E[ctx] = E[S_in] + 1 + (E[k^2]/E[k] - 1) / 2.
+        # T5 decoder self-attention sees only generated tokens (the prompt is cross-attended).
+        base = w.input_len.mean() if first_token_in_encode else 0.0
+        ctx = base + 1 + ((ek2 / ek - 1) / 2 if ek > 0 else 0.0)
+        return cls(lens, probs / probs.sum(), w.input_len.mean(), w.input_len.max, w.output_len.max, k, kp,
+                   float(ctx))
+
+
+@dataclass(frozen=True, eq=False)
+class CostModel:
+    profile: Profile
+    model: ModelShape
+    stats: WorkloadStats
+
+    def _ar(self, tp: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+        if tp == 1:
+            z = np.zeros(np.shape(tokens))
+            return z, np.ones(np.shape(tokens), dtype=bool)
+        return self.profile.lookup(Kernel.ALLREDUCE, tp, self.model.activation_bytes(np.asarray(tokens, float)))
+
+    def _send(self, tokens) -> tuple[np.ndarray, np.ndarray]:
+        if not self.profile.has(Kernel.SEND_RECV):
+            return np.zeros(np.shape(tokens)), np.ones(np.shape(tokens), dtype=bool)
+        return self.profile.lookup(Kernel.SEND_RECV, 1, self.model.activation_bytes(np.asarray(tokens, float)))
+
+    def encode_layer(self, tp: int, batch) -> tuple[np.ndarray, np.ndarray]:
+        """One prefill (or T5 encoder) layer for ``batch`` prompts drawn from the input distribution."""
+        b = np.asarray(batch, dtype=float)
+        tokens = b * self.stats.in_mean
+        dense, ok1 = self.profile.lookup(Kernel.DENSE_ENCODE, tp, tokens)
+        attn, ok2 = self.profile.lookup(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
+        ar, ok3 = self._ar(tp, tokens)
+        return dense + attn @ self.stats.in_probs + 2 * ar, ok1 & ok2.all(-1) & ok3
+
+    def decode_layer(self, tp: int, rows, ctx: float) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder layer, one decode step of ``rows`` rows at mean context ``ctx``."""
+        r = np.asarray(rows, dtype=float)
+        dense, ok1 = self.profile.lookup(Kernel.DENSE_DECODE, tp, r)
+        attn, ok2 = self.profile.lookup(Kernel.ATTN_DECODE, tp, r, np.full(r.shape, ctx))
+        ar, ok3 = self._ar(tp, r)
+        t, ok = dense + attn, ok1 & ok2 & ok3
+        n_ar = 2
+        if self.model.is_encoder_decoder:
+            cross, ok4 = self.profile.lookup(Kernel.ATTN_CROSS, tp, r, np.full(r.shape, self.stats.in_mean))
+            t, ok, n_ar = t + cross, ok & ok4, 3
+        return t + n_ar * ar, ok
+
+    def _head(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        return self.profile.lookup(Kernel.LM_HEAD, 1, np.asarray(rows, dtype=float))
+
+    def stage_encode(self, tp: int, n_layers: int, n_enc_layers: int, last: bool, batch):
+        """Seconds for one stage to encode ``batch`` prompts (see the module docstring)."""
+        b = np.asarray(batch, dtype=float)
+        if self.model.is_encoder_decoder:
+            # T5: the encoder only (decoding starts from the start token); its output moves on to
+            # the next stage or to the decoder stages.
+            t, ok = self.encode_layer(tp, b)
+            s, ok2 = self._send(b * self.stats.in_mean)
+            return n_enc_layers * t + s + self.profile.step_overhead_s, ok & ok2
+        else:
+            t, ok = self.encode_layer(tp, b)
+            t = n_layers * t
+        t = t + self.profile.step_overhead_s
+        if last:
+            h, ok2 = self._head(b)
+            return t + h, ok & ok2
+        s, ok2 = self._send(b * self.stats.in_mean)
+        return t + s, ok & ok2
+
+    def stage_decode(self, tp: int, n_layers: int, last: bool, rows, ctx: float):
+        """Seconds for one stage to run one decode step of ``rows`` rows."""
+        r = np.asarray(rows, dtype=float)
+        t, ok = self.decode_layer(tp, r, ctx)
+        t = n_layers * t + self.profile.step_overhead_s
+        if last:
+            h, ok2 = self._head(r)
+            return t + h, ok & ok2
+        s, ok2 = self._send(r)
+        return t + s, ok & ok2
+
+    def kv_handoff(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """WAA: seconds to move the KV cache of ``batch`` encoded prompts to the decode group."""
+        b = np.asarray(batch, dtype=float)
+        per_token = self.model.kv_bytes_per_token() * self.model.n_layers + \
+            self.model.cross_kv_bytes_per_token() * self.model.n_layers
+        if not self.profile.has(Kernel.KV_HANDOFF):
+            return np.zeros(b.shape), np.ones(b.shape, dtype=bool)
+        return self.profile.lookup(Kernel.KV_HANDOFF, 1, b * self.stats.in_mean * per_token)

@@ -1,0 +1,299 @@
+"""find_schedule: the outer loops (policy x TP degree x TP devices x GPU split) around the search.
+
+Reads top to bottom: resolve the problem (model, devices, profile, workload, bound), enumerate the
+device layouts of each policy, turn each into a search space, run one branch and bound over all of
+them, and return the best ``Plan``. ``exhaustive_schedule`` evaluates every point of the same
+spaces, so the two can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bound import LatencyBound, as_bound
+from .devices import Cluster, DeviceSpec, parse_cluster
+from .errors import ExeGPTError, InfeasibleBoundError
+from .memory import MEMORY_FRACTION, stage_weight_bytes
+from .models import ModelShape, get_model
+from .plan import Plan, SearchStats
+from .profile import Kernel, Profile
+from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule, policy_of
+from .search import SearchResult, Space, branch_and_bound, exhaustive
+from .simulate import (Layout, Problem, estimate, layout_for, rra_box, rra_layout, static_layout, static_points,
+                       waa_box, waa_layout)
+from .workload import Workload
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "opt-13b"
+DEFAULT_DEVICES = "4xA40"
+DEFAULT_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Limits of the integer boxes searched."""
+
+    max_encode_batch: int = 256
+    """Largest B_E considered."""
+    max_micro_batch: int = 256
+    """Largest WAA decode micro-batch B_m considered."""
+
+    def __post_init__(self):
+        for f in ("max_encode_batch", "max_micro_batch"):
+            if int(getattr(self, f)) != getattr(self, f) or getattr(self, f) < 1:
+                raise ExeGPTError(f"{f}={getattr(self, f)!r} must be an integer >= 1")
+
+
+# --- the problem ----------------------------------------------------------------------------
+
+def problem(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
+            memory_fraction: float = MEMORY_FRACTION) -> Problem:
+    """Resolve names into a Problem. Defaults: the paper's OPT-13B on 4xA40 with the built-in
+    profile; with a ``profile`` given, its model on one of its devices."""
+    if not isinstance(dist, Workload):
+        raise ExeGPTError(f"dist must be a Workload (Workload.task, .from_trace, .truncated_normal), "
+                          f"got {type(dist).__name__}")
+    bound = as_bound(slo)
+    if profile is not None and not isinstance(profile, Profile):
+        raise ExeGPTError(f"profile must be an exegpt.Profile (Profile.load(path)), got {type(profile).__name__}")
+    shape = get_model(model if model is not None else (profile.model if profile else DEFAULT_MODEL))
+    known = {}
+    if profile is not None and profile.device_memory_bytes is not None:
+        known[profile.device] = DeviceSpec(profile.device, profile.device_memory_bytes, 1.0, 1.0, 1.0, 1.0)
+    if devices is None:
+        devices = DEFAULT_DEVICES if profile is None else f"1x{profile.device}"
+    cluster = parse_cluster(devices, known)
+    if profile is None:
+        from .gpu_data import builtin_profile
+        profile = builtin_profile(shape, cluster.device.name)
+    elif profile.model.lower() != shape.name:
+        raise ExeGPTError(f"profile {profile.id} was measured for {profile.model!r}, not for model {shape.name!r}")
+    return Problem.build(dist, bound, profile, shape, cluster, memory_fraction)
+
+
+# --- layouts and spaces -----------------------------------------------------------------------
+
+def _tp_degrees(prob: Problem, tp_degrees) -> list[int]:
+    n = prob.cluster.count
+    if tp_degrees is None:
+        return [t for t in prob.profile.tp_degrees() if t <= n and prob.model.valid_tp(t)
+                and prob.profile.supports_tp(t)]
+    out = []
+    for t in tp_degrees:
+        if int(t) != t or t < 1:
+            raise ExeGPTError(f"TP degree {t!r} must be an integer >= 1")
+        if t > n:
+            raise ExeGPTError(f"TP degree {t} exceeds the {n} devices of {prob.cluster.label}")
+        if not prob.model.valid_tp(t):
+            raise ExeGPTError(f"TP degree {t} must divide {prob.model.name}'s {prob.model.n_heads} heads "
+                              f"and {prob.model.n_kv_heads} KV heads")
+        if not prob.profile.supports_tp(t):
+            raise ExeGPTError(f"profile {prob.profile.id} has no tables at TP degree {t}; it has "
+                              f"{prob.profile.tp_degrees()}")
+        out.append(int(t))
+    return sorted(set(out))
+
+
+def _tp_gpu_counts(n: int, t: int) -> list[int]:
+    """Devices using TP at degree t: none (t = 1), else every multiple of t up to n."""
+    return [0] if t == 1 else list(range(t, n + 1, t))
+
+
+def waa_split_options(prob: Problem, policy: Policy, encode_batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The floor and ceiling encode-device counts of WAA-C (by compute) or WAA-M (by memory) for each
+    B_E; both are kept (the paper's rounding is not recoverable, method doc §11.7)."""
+    n, m, st, cost = prob.cluster.count, prob.model, prob.stats, prob.cost
+    b = np.asarray(encode_batch, dtype=float)
+    ek = float(np.dot(st.k_lengths, st.k_probs))
+    enc_layers = m.n_encoder_layers if m.is_encoder_decoder else m.n_layers
+    if policy is Policy.WAA_C:
+        # Estimated encode and decode times of one period on one device (nearest profiled point).
+        c_e = cost.stage_encode(1, m.n_layers, m.n_encoder_layers, True, b)[0]
+        c_d = cost.stage_decode(1, m.n_layers, True, np.maximum(b * ek, 1), st.decode_ctx)[0]
+    else:
+        max_ctx = st.out_max if m.is_encoder_decoder else st.in_max + st.out_max
+        w_e = stage_weight_bytes(m, 1, 0 if m.is_encoder_decoder else m.n_layers, m.n_encoder_layers, True, True)
+        w_d = stage_weight_bytes(m, 1, m.n_layers, 0, True, True)
+        c_e = w_e + 2 * b * st.in_max * m.kv_bytes_per_token() * enc_layers
+        c_d = w_d + (np.ceil(b * ek) + b) * max_ctx * m.kv_bytes_per_token() * m.n_layers
+    share = n * c_e / (c_e + c_d)
+    lo = np.clip(np.floor(share), 1, n - 1).astype(int)
+    hi = np.clip(np.ceil(share), 1, n - 1).astype(int)
+    return lo, hi
+
+
+def build_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None,
+                 space: SearchSpace = SearchSpace()) -> list[tuple[Layout, Space]]:
+    """One search space per device layout of every requested policy."""
+    n = prob.cluster.count
+    tps = _tp_degrees(prob, tp_degrees)
+    policies = [policy_of(p) for p in policies]
+    out: list[tuple[Layout, Space]] = []
+    be_max = space.max_encode_batch
+    bm_max = int(min(space.max_micro_batch, prob.max_batch(Kernel.ATTN_DECODE)))
+    for policy in policies:
+        if policy is Policy.RRA:
+            for t in tps:
+                for g in _tp_gpu_counts(n, t):
+                    lay = rra_layout(prob, t, g)
+                    if lay is not None:
+                        fn = (lambda lay: lambda lo, hi: rra_box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]))(lay)
+                        out.append((lay, Space(fn, (1, 1), (be_max, prob.max_decode_iters))))
+        elif policy in (Policy.WAA_C, Policy.WAA_M):
+            if n < 2:
+                continue  # WAA needs an encode and a decode device
+            lo_split, hi_split = waa_split_options(prob, policy, np.arange(1, be_max + 1))
+            for ne in sorted(set(lo_split) | set(hi_split)):
+                allowed = (lo_split == ne) | (hi_split == ne)       # allowed[b - 1]: B_E = b may use ne
+                prefix = np.concatenate([[0], np.cumsum(allowed)])
+                adm = (lambda prefix: lambda lo, hi: prefix[hi[:, 0]] - prefix[lo[:, 0] - 1] > 0)(prefix)
+                for t in tps:
+                    for g in _tp_gpu_counts(n, t):
+                        if t > 1 and (min(g, ne) % t or (g - min(g, ne)) % t):
+                            continue  # a TP group would straddle the encode/decode boundary
+                        lay = waa_layout(prob, policy, t, g, int(ne))
+                        if lay is None:
+                            continue
+                        fn = (lambda lay: lambda lo, hi: waa_box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]))(lay)
+                        out.append((lay, Space(fn, (1, 1), (be_max, bm_max), adm)))
+        elif policy is Policy.STATIC:
+            raise ExeGPTError("static batching is the baseline: use static_schedule(), not policies=('static',)")
+    if not out:
+        raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} under any of the policies "
+                          f"{[p.value for p in policies]} (weights exceed device memory?)")
+    return out
+
+
+def _schedule(lay: Layout, point: tuple[int, ...], n: int) -> Schedule:
+    if lay.policy is Policy.RRA:
+        return RRASchedule(point[0], point[1], lay.tp, lay.tp_gpus, n)
+    return WAASchedule(lay.policy, point[0], point[1], lay.tp, lay.tp_gpus, lay.encode_gpus, lay.decode_gpus)
+
+
+def _plan(prob: Problem, lay: Layout, s: Schedule, stats: SearchStats) -> Plan:
+    return Plan(schedule=s, estimate=estimate(prob, lay, s), bound=prob.bound, profile_id=prob.profile.id,
+                model=prob.model.name, devices=prob.cluster.label, workload=prob.workload, stages=lay.stages,
+                search=stats)
+
+
+def _infeasible(prob: Problem, spaces: list[Space]) -> InfeasibleBoundError:
+    fastest = branch_and_bound(spaces, math.inf, minimize_latency=True)
+    q = prob.bound.length_quantile
+    if fastest.space is None:
+        return InfeasibleBoundError(
+            f"no schedule of {prob.model.name} on {prob.cluster.label} fits in device memory (or in the "
+            f"profiled range) for this workload", math.inf)
+    smallest = fastest.latency
+    return InfeasibleBoundError(
+        f"latency bound {prob.bound.bound_s:g} s is infeasible for the p{q * 100:g}-length output "
+        f"({prob.latency_len} tokens) of {prob.model.name} on {prob.cluster.label}; the smallest feasible "
+        f"bound is {smallest:.4g} s", smallest)
+
+
+def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees, eps_throughput, eps_latency,
+           space, memory_fraction) -> Plan:
+    t0 = time.perf_counter()
+    prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
+    layouts = build_spaces(prob, policies, tp_degrees, space)
+    spaces = [sp for _, sp in layouts]
+    bound_s = prob.bound.bound_s
+    if method == "exhaustive":
+        res: SearchResult = exhaustive(spaces, bound_s)
+    else:
+        if eps_throughput < 0 or eps_latency < 0:
+            raise ExeGPTError(f"tolerances must be >= 0, got eps_throughput={eps_throughput}, "
+                              f"eps_latency={eps_latency}")
+        res = branch_and_bound(spaces, bound_s, eps_throughput, eps_latency)
+    if res.space is None:
+        raise _infeasible(prob, spaces)
+    lay = layouts[res.space][0]
+    stats = SearchStats(method, res.candidates_evaluated, time.perf_counter() - t0,
+                        sum(sp.size for sp in spaces), res.boxes_pruned)
+    return _plan(prob, lay, _schedule(lay, res.point, prob.cluster.count), stats)
+
+
+def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
+                  policies=DEFAULT_POLICIES, tp_degrees=None, eps_throughput: float = 0.0, eps_latency: float = 0.0,
+                  space: SearchSpace = SearchSpace(), memory_fraction: float = MEMORY_FRACTION) -> Plan:
+    """The highest-throughput schedule whose bound-length output meets ``slo`` seconds.
+
+    ``dist``: a Workload. ``slo``: seconds (or a LatencyBound with another length quantile).
+    ``model``/``devices``: names such as "opt-13b" and "4xA40" (defaults: the paper's OPT-13B on 4xA40).
+    ``profile``: a Profile (default: the built-in GPU profile of model on the device type).
+    ``policies``: any of "rra", "waa_c", "waa_m". ``tp_degrees``: TP degrees to try (default: all the
+    profile supports). ``eps_*``: the paper's search tolerances (0 = the exact optimum).
+    Raises InfeasibleBoundError naming the smallest feasible bound when nothing meets ``slo``.
+    """
+    return _solve("branch_and_bound", dist, slo, model, devices, profile, policies, tp_degrees,
+                  eps_throughput, eps_latency, space, memory_fraction)
+
+
+def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
+                        policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
+                        memory_fraction: float = MEMORY_FRACTION) -> Plan:
+    """The true optimum of the same space as ``find_schedule``, by evaluating every point."""
+    return _solve("exhaustive", dist, slo, model, devices, profile, policies, tp_degrees, 0.0, 0.0, space,
+                  memory_fraction)
+
+
+def static_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
+                    max_batch: int = 256, memory_fraction: float = MEMORY_FRACTION) -> Plan:
+    """The FasterTransformer-style baseline: the best static batch with TP inside a node and pipeline
+    stages across nodes; its bound applies to the longest output (paper §7.1)."""
+    t0 = time.perf_counter()
+    prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
+    n, node = prob.cluster.count, prob.cluster.device.node_size
+    tps = [t for t in _tp_degrees(prob, None) if t <= node and n % t == 0]
+    if not tps:
+        raise ExeGPTError(f"no TP degree of the profile divides {n} devices")
+    lay = static_layout(prob, max(tps))
+    if lay is None:
+        raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} with static batching")
+    batches = np.arange(1, max_batch + 1)
+    thr, lat, ok = static_points(prob, lay, batches)
+    feasible = ok & (lat <= prob.bound.bound_s)
+    if not feasible.any():
+        fits = ok.any()
+        smallest = float(lat[ok].min()) if fits else math.inf
+        raise InfeasibleBoundError(
+            f"static batching cannot meet {prob.bound.bound_s:g} s for the longest output "
+            f"({prob.workload.output_len.max} tokens); the smallest feasible bound is {smallest:.4g} s", smallest)
+    i = int(np.argmax(np.where(feasible, thr, -np.inf)))
+    s = StaticSchedule(int(batches[i]), lay.tp, n)
+    return _plan(prob, lay, s, SearchStats("exhaustive", len(batches), time.perf_counter() - t0, len(batches)))
+
+
+def evaluate_schedule(schedule: Schedule, dist: Workload, slo=math.inf, *, model=None, devices=None,
+                      profile: Profile | None = None, memory_fraction: float = MEMORY_FRACTION) -> Plan:
+    """A Plan for a schedule you choose (its estimate and layer placement)."""
+    t0 = time.perf_counter()
+    prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
+    lay = layout_for(prob, schedule)
+    return _plan(prob, lay, schedule, SearchStats("given", 1, time.perf_counter() - t0, 1))
+
+
+def frontier(dist: Workload, bounds_s, **kw) -> list[Plan | None]:
+    """The best plan at each bound (None where the bound is infeasible): the throughput-latency frontier."""
+    out = []
+    for b in bounds_s:
+        try:
+            out.append(find_schedule(dist, b, **kw))
+        except InfeasibleBoundError:
+            out.append(None)
+    return out
+
+
+def smallest_feasible_bound(dist: Workload, *, model=None, devices=None, profile: Profile | None = None,
+                            policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
+                            memory_fraction: float = MEMORY_FRACTION) -> float:
+    """The lowest latency any schedule of the space achieves for the bound-length output."""
+    prob = problem(dist, math.inf, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
+    spaces = [sp for _, sp in build_spaces(prob, policies, tp_degrees, space)]
+    res = branch_and_bound(spaces, math.inf, minimize_latency=True)
+    return res.latency

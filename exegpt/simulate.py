@@ -1,0 +1,399 @@
+"""The ExeGPT simulator: steady-state throughput and bound-length latency of RRA, WAA-C/M and static.
+
+Every policy is written as a **box function**: given arrays of lower and upper corners of boxes of
+its two search variables, it returns an upper bound on throughput, a lower bound on latency and
+whether any point of the box can fit (memory, profiled range). A single point is the box whose two
+corners coincide, and then the numbers are exact estimates. The bounds are sound because every
+cost is non-decreasing in the batch it is given and per-row cost is non-increasing (the profile's
+batching envelope), so the branch and bound in ``search.py`` returns the exact optimum. Arrays
+broadcast, so the exhaustive reference evaluates a whole grid in one call.
+
+RRA (paper §4.1, §6; "our reading" where marked):
+  * all N devices form P pipeline stages (partial TP: ``tp_gpus / tp`` TP stages, then single
+    devices); each phase is split into one micro-batch per stage (method doc §11.1);
+  * encode phase: T_E = sum_s t_s(B_E/P) + (P-1) max_s t_s(B_E/P) (pipeline fill and drain);
+  * decode iteration: T_D = P * max_s t_s(B_D/P) (every stage runs each of P micro-batches);
+  * completions per phase: a query with k decode iterations finishes in exactly one of its
+    ceil(k/N_D) phases, so sum_U P_D(U) = E[1/ceil(k/N_D)] and B_D = B_E (1 - P(k=0)) / sum_U P_D(U);
+  * throughput = B_E / (T_E + N_D T_D); latency(L) = max(1, ceil(k_L/N_D)) T_E + k_L T_D.
+WAA (paper §4.2, §6):
+  * encode group (E devices) and decode group (D devices) run concurrently; one encode batch enters
+    per decode iteration; B_D = B_E E[k] (Little's law; the paper's B_E * S_D);
+  * encode interval = slowest encode stage; encode latency = sum of encode stages;
+    KV hand-off of each batch through host memory (profiled ``kv_handoff``);
+  * decode iteration with M = ceil(B_D/B_m) micro-batches of B_D/M rows over the decode stages:
+    T_D = max(sum_s t_s, M max_s t_s); period T = max(T_D, encode interval, hand-off);
+  * throughput = B_E / T; latency(L) = encode latency + hand-off + (k_L + 1) T (one period waiting
+    to merge into the decode batch, the paper's "buffer time").
+Static (FasterTransformer, the paper's baseline): a batch of B runs E[max k] decode iterations with
+no early termination; its bound applies to the longest output (paper §7.1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bound import LatencyBound
+from .cost import CostModel, WorkloadStats
+from .devices import Cluster
+from .errors import ExeGPTError
+from .memory import MEMORY_FRACTION, activation_bytes, kv_bytes, stage_weight_bytes
+from .models import ModelShape
+from .placement import place_layers
+from .plan import Estimate, Stage
+from .profile import Kernel, Profile
+from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule, stage_degrees
+from .workload import Workload
+
+_REF_ROWS = 8.0  # rows at which per-layer times are compared to balance the layer placement
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """Everything fixed while schedules vary: profile, model, devices, workload and the bound."""
+
+    profile: Profile
+    model: ModelShape
+    cluster: Cluster
+    workload: Workload
+    bound: LatencyBound
+    cost: CostModel
+    capacity_bytes: float
+    latency_len: int
+    """The output length the bound applies to (its length quantile)."""
+    k_q: int
+    """Decode iterations of a ``latency_len`` output."""
+    completion: np.ndarray
+    """completion[n] = sum_U P_D(U) for N_D = n (index 0 unused)."""
+    idle_fraction: float
+    """P(k = 0): queries finished by their prefill alone."""
+
+    @classmethod
+    def build(cls, workload: Workload, bound: LatencyBound, profile: Profile, model: ModelShape,
+              cluster: Cluster, memory_fraction: float = MEMORY_FRACTION) -> Problem:
+        if not 0 < memory_fraction <= 1:
+            raise ExeGPTError(f"memory_fraction {memory_fraction!r} must be in (0, 1]")
+        if workload.max_total_len > model.max_seq_len:
+            raise ExeGPTError(f"workload reaches {workload.max_total_len} tokens (prompt + output) but "
+                              f"{model.name} supports {model.max_seq_len}")
+        stats = WorkloadStats.of(workload, first_token_in_encode=not model.is_encoder_decoder)
+        shift = 1 if not model.is_encoder_decoder else 0
+        latency_len = workload.output_len.quantile(bound.length_quantile)
+        k, p = stats.k_lengths, stats.k_probs
+        live = k > 0
+        n = np.arange(1, max(int(k.max()), 1) + 1)
+        completion = np.zeros(len(n) + 1)
+        if live.any():
+            completion[1:] = (p[live][None, :] / np.ceil(k[live][None, :] / n[:, None])).sum(axis=1)
+        memory = cluster.device.memory_bytes if profile.device_memory_bytes is None \
+            else profile.device_memory_bytes
+        return cls(profile, model, cluster, workload, bound, CostModel(profile, model, stats),
+                   memory * memory_fraction, latency_len, latency_len - shift, completion,
+                   float(p[~live].sum()))
+
+    @property
+    def stats(self) -> WorkloadStats:
+        return self.cost.stats
+
+    @property
+    def max_decode_iters(self) -> int:
+        return len(self.completion) - 1
+
+    def max_batch(self, kernel: Kernel) -> float:
+        return self.profile.max_coord(kernel, 1, 0)
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """A fixed device layout: the policy, TP configuration, GPU split and layer placement."""
+
+    policy: Policy
+    tp: int
+    tp_gpus: int
+    encode_gpus: int
+    decode_gpus: int
+    stages: tuple[Stage, ...]
+
+    def group(self, role: str) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.role in (role, "both"))
+
+
+def _place(prob: Problem, degrees: tuple[int, ...], role: str, n_layers: int, encoder: bool) -> tuple[int, ...] | None:
+    """Layers per stage for one group of stages, balanced on per-layer time (CP-SAT, cached)."""
+    cost, model = prob.cost, prob.model
+    tps = sorted(set(degrees))
+    if not all(prob.profile.supports_tp(t) for t in tps):
+        return None
+    if role == "encode":
+        per = {t: float(cost.encode_layer(t, 1.0)[0]) for t in tps}
+    else:
+        per = {t: float(cost.decode_layer(t, _REF_ROWS, prob.stats.decode_ctx)[0]) for t in tps}
+    head = float(prob.profile.seconds(Kernel.LM_HEAD, 1, _REF_ROWS))
+    last = len(degrees) - 1
+    fixed_s = [head if (s == last and not encoder) else 0.0 for s in range(len(degrees))]
+    per_bytes = [model.encoder_layer_bytes(t) if encoder else model.layer_bytes(t) for t in degrees]
+    fixed_bytes = [stage_weight_bytes(model, t, 0, 0, s == 0, s == last) for s, t in enumerate(degrees)]
+    return place_layers(n_layers, [per[t] for t in degrees], fixed_s, per_bytes, fixed_bytes, prob.capacity_bytes)
+
+
+def _stages(prob: Problem, degrees: tuple[int, ...], role: str) -> tuple[Stage, ...] | None:
+    model = prob.model
+    if model.is_encoder_decoder and role in ("encode", "decode"):
+        # T5 under WAA: the encode group holds the encoder, the decode group the decoder.
+        n = model.n_encoder_layers if role == "encode" else model.n_layers
+        counts = _place(prob, degrees, role, n, encoder=role == "encode")
+        if counts is None:
+            return None
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        if role == "encode":
+            return tuple(Stage(role, t, 0, 0, int(a), c) for t, a, c in zip(degrees, starts, counts))
+        return tuple(Stage(role, t, int(a), c) for t, a, c in zip(degrees, starts, counts))
+    counts = _place(prob, degrees, role, model.n_layers, encoder=False)
+    if counts is None:
+        return None
+    enc = (0,) * len(degrees)
+    if model.is_encoder_decoder:
+        enc = _place(prob, degrees, "encode", model.n_encoder_layers, encoder=True)
+        if enc is None:
+            return None
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    enc_starts = np.concatenate([[0], np.cumsum(enc)[:-1]])
+    return tuple(Stage(role, t, int(a), c, int(ea), e)
+                 for t, a, c, ea, e in zip(degrees, starts, counts, enc_starts, enc))
+
+
+def rra_layout(prob: Problem, tp: int, tp_gpus: int) -> Layout | None:
+    n = prob.cluster.count
+    stages = _stages(prob, stage_degrees(n, tp, tp_gpus), "both")
+    return None if stages is None else Layout(Policy.RRA, tp, tp_gpus, n, n, stages)
+
+
+def static_layout(prob: Problem, tp: int) -> Layout | None:
+    n = prob.cluster.count
+    stages = _stages(prob, (tp,) * (n // tp), "both")
+    return None if stages is None else Layout(Policy.STATIC, tp, n if tp > 1 else 0, n, n, stages)
+
+
+def waa_layout(prob: Problem, policy: Policy, tp: int, tp_gpus: int, encode_gpus: int) -> Layout | None:
+    n = prob.cluster.count
+    s = WAASchedule(policy, 1, 1, tp, tp_gpus, encode_gpus, n - encode_gpus)  # validates the split
+    enc = _stages(prob, s.encode_stages, "encode")
+    dec = _stages(prob, s.decode_stages, "decode")
+    if enc is None or dec is None:
+        return None
+    return Layout(policy, tp, tp_gpus, encode_gpus, n - encode_gpus, enc + dec)
+
+
+# --- stage-group times --------------------------------------------------------------------------
+
+def _encode_times(prob: Problem, stages: tuple[Stage, ...], batch):
+    """Per-stage encode seconds (a list of arrays) and the combined in-range mask."""
+    times, ok = [], True
+    for i, s in enumerate(stages):
+        t, o = prob.cost.stage_encode(s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1, batch)
+        times.append(t)
+        ok = ok & o
+    return times, ok
+
+
+def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float):
+    times, ok = [], True
+    for i, s in enumerate(stages):
+        t, o = prob.cost.stage_decode(s.tp, s.n_layers, i == len(stages) - 1, rows, ctx)
+        times.append(t)
+        ok = ok & o
+    return times, ok
+
+
+def _memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, kv_rows_in_flight=None):
+    """Peak bytes per stage device (a list of arrays)."""
+    m, st = prob.model, prob.stats
+    max_ctx = st.out_max if m.is_encoder_decoder else st.in_max + st.out_max
+    out = []
+    for i, s in enumerate(stages):
+        w = stage_weight_bytes(m, s.tp, s.n_layers, s.n_enc_layers, i == 0, i == len(stages) - 1)
+        kv = kv_bytes(m, s.tp, s.n_layers, rows, max_ctx, st.in_max)
+        if kv_rows_in_flight is not None:  # WAA encode stage: prompts' KV until handed off
+            kv = m.kv_bytes_per_token(s.tp) * s.n_layers * st.in_max * np.asarray(kv_rows_in_flight, float)
+        out.append(w + kv + activation_bytes(m, s.tp, encode_tokens))
+    return out
+
+
+def _fits(prob: Problem, mem: list) -> np.ndarray:
+    ok = True
+    for m in mem:
+        ok = ok & (m <= prob.capacity_bytes)
+    return ok
+
+
+# --- box functions ------------------------------------------------------------------------------
+
+def _rra_phases(prob: Problem, stages, be, bd):
+    """RRA encode-phase and decode-iteration seconds for B_E = be and B_D = bd (one micro-batch per stage)."""
+    p = len(stages)
+    enc, ok_e = _encode_times(prob, stages, be / p)
+    dec, ok_d = _decode_times(prob, stages, bd / p, prob.stats.decode_ctx)
+    if p == 1:
+        return enc[0], dec[0], ok_e & ok_d
+    return sum(enc) + (p - 1) * np.maximum.reduce(enc), p * np.maximum.reduce(dec), ok_e & ok_d
+
+
+def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool = False):
+    """RRA over boxes of (B_E, N_D). Returns (throughput upper, latency lower, may_fit)."""
+    be_lo, be_hi = np.asarray(be_lo, float), np.asarray(be_hi, float)
+    nd_lo, nd_hi = np.asarray(nd_lo), np.asarray(nd_hi)
+    stages = lay.stages
+    ratio = (1 - prob.idle_fraction) / prob.completion[nd_hi]  # B_D / B_E, smallest in the box
+    t_enc, t_dec, ok_e = _rra_phases(prob, stages, be_lo, be_lo * ratio)
+    if np.array_equal(be_lo, be_hi):
+        thr = be_hi / (t_enc + nd_lo * t_dec)
+    else:
+        # Cycle time per encoded query never grows with B_E (per-row cost never grows with batch
+        # size), so the throughput of any B_E in the box is at most that at the box's largest B_E.
+        t_enc_hi, t_dec_hi, _ = _rra_phases(prob, stages, be_hi, be_hi * ratio)
+        thr = be_hi / (t_enc_hi + nd_lo * t_dec_hi)
+    bd = be_lo * ratio
+    phases = np.maximum(1, np.ceil(prob.k_q / nd_hi))
+    lat = phases * t_enc + prob.k_q * t_dec
+    rows = np.ceil(bd) + be_lo  # cache rows: the decode batch plus an incoming encode batch
+    mem = _memory(prob, stages, rows, be_lo / len(stages) * prob.stats.in_max)
+    ok = ok_e & _fits(prob, mem)
+    if detail:
+        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=bd, mem=mem)
+    return thr, lat, ok
+
+
+def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = False):
+    """WAA over boxes of (B_E, B_m). Returns (throughput upper, latency lower, may_fit)."""
+    be_lo, be_hi = np.asarray(be_lo, float), np.asarray(be_hi, float)
+    bm_lo, bm_hi = np.asarray(bm_lo, float), np.asarray(bm_hi, float)
+    enc_st, dec_st = lay.group("encode"), lay.group("decode")
+    st = prob.stats
+    ek = float(np.dot(st.k_lengths, st.k_probs))
+    enc, ok_e = _encode_times(prob, enc_st, be_lo)
+    t_enc_int, t_enc_lat = np.maximum.reduce(enc), sum(enc)
+    hand, ok_h = prob.cost.kv_handoff(be_lo)
+    bd_lo, bd_hi = be_lo * ek, be_hi * ek
+    m_lo = np.maximum(1, np.ceil(bd_lo / bm_hi))  # fewest micro-batches in the box
+    m_hi = np.maximum(1, np.ceil(bd_hi / bm_lo))  # most micro-batches in the box
+    # Sum of stage times is smallest with the most, smallest micro-batches; M * max_s t_s is
+    # smallest with the fewest (per-row cost never grows with batch size).
+    small, ok_1 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_hi, 1e-9), st.decode_ctx)
+    big, ok_2 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_lo, 1e-9), st.decode_ctx)
+    t_dec = np.maximum(sum(small), m_lo * np.maximum.reduce(big))
+    period = np.maximum(np.maximum(t_dec, t_enc_int), hand)
+    thr = be_hi / period
+    if not (np.array_equal(be_lo, be_hi) and np.array_equal(bm_lo, bm_hi)):
+        # Per-query bound: a decode iteration costs at least B_D max_s t_s(B_m)/B_m (no micro-batch
+        # exceeds B_m and per-row cost never grows with batch size), the encode interval and the
+        # hand-off at least their per-query cost at the box's largest B_E.
+        full, _ = _decode_times(prob, dec_st, bm_hi, st.decode_ctx)
+        enc_hi, _ = _encode_times(prob, enc_st, be_hi)
+        hand_hi, _ = prob.cost.kv_handoff(be_hi)
+        per_query = np.maximum(np.maximum(ek * np.maximum.reduce(full) / bm_hi, np.maximum.reduce(enc_hi) / be_hi),
+                               hand_hi / be_hi)
+        with np.errstate(divide="ignore"):
+            thr = np.minimum(thr, 1 / per_query)
+    lat = t_enc_lat + hand + (prob.k_q + 1) * period
+    rows = np.ceil(bd_lo) + be_lo
+    mem = _memory(prob, enc_st, 0, be_lo * st.in_max, kv_rows_in_flight=2 * be_lo) + \
+        _memory(prob, dec_st, rows, np.minimum(bm_lo, bd_lo))
+    ok = ok_e & ok_h & ok_1 & ok_2 & _fits(prob, mem) & (bm_lo <= prob.max_batch(Kernel.ATTN_DECODE))
+    if detail:
+        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc_int, t_dec=t_dec, bd=bd_lo, mem=mem, period=period)
+    return thr, lat, ok
+
+
+def static_points(prob: Problem, lay: Layout, batch, detail: bool = False):
+    """Static batching at batch sizes ``batch`` (exact estimates, no boxes)."""
+    b = np.atleast_1d(np.asarray(batch, float))
+    stages, p, st = lay.stages, len(lay.stages), prob.stats
+    shift = 0 if prob.model.is_encoder_decoder else 1
+    iters = np.array([prob.workload.output_len.expected_max(int(x)) for x in b]) - shift
+    ctx = (0.0 if prob.model.is_encoder_decoder else st.in_mean) + 1 + np.maximum(iters, 0) / 2
+    enc, ok_e = _encode_times(prob, stages, b / p)
+    t_enc = sum(enc) + (p - 1) * np.maximum.reduce(enc) if p > 1 else enc[0]
+    t_dec = np.zeros_like(b)
+    ok_d = np.ones(b.shape, dtype=bool)
+    for i, c in enumerate(ctx):  # context differs per batch size: one lookup each
+        dec, ok = _decode_times(prob, stages, b[i:i + 1] / p, float(c))
+        t_dec[i] = (p * np.maximum.reduce(dec) if p > 1 else dec[0])[0]
+        ok_d[i] = ok[0]
+    thr = b / (t_enc + iters * t_dec)
+    k_max = prob.workload.output_len.max - shift
+    lat = t_enc + k_max * t_dec
+    mem = _memory(prob, stages, b, b / p * st.in_max)
+    ok = ok_e & ok_d & _fits(prob, mem)
+    if detail:
+        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=b, mem=mem)
+    return thr, lat, ok
+
+
+# --- schedules <-> points -----------------------------------------------------------------------
+
+def layout_for(prob: Problem, s: Schedule) -> Layout:
+    if s.num_gpus != prob.cluster.count:
+        raise ExeGPTError(f"schedule uses {s.num_gpus} devices but the cluster has {prob.cluster.count}")
+    if not prob.model.valid_tp(s.tp):
+        raise ExeGPTError(f"tp={s.tp} must divide {prob.model.name}'s {prob.model.n_heads} heads and "
+                          f"{prob.model.n_kv_heads} KV heads")
+    if not prob.profile.supports_tp(s.tp):
+        raise ExeGPTError(f"profile {prob.profile.id} has no tables at tp={s.tp}; it has "
+                          f"tp {prob.profile.tp_degrees()}")
+    if isinstance(s, RRASchedule):
+        lay = rra_layout(prob, s.tp, s.tp_gpus)
+    elif isinstance(s, WAASchedule):
+        lay = waa_layout(prob, s.policy, s.tp, s.tp_gpus, s.encode_gpus)
+    else:
+        lay = static_layout(prob, s.tp)
+    if lay is None:
+        raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} with {s}: "
+                          f"its weights exceed device memory or there are more stages than layers")
+    return lay
+
+
+def estimate(prob: Problem, lay: Layout, s: Schedule) -> Estimate:
+    """The exact estimate of one schedule on its layout."""
+    if isinstance(s, RRASchedule):
+        if s.decode_iters > prob.max_decode_iters:
+            raise ExeGPTError(f"decode_iters={s.decode_iters} exceeds the longest output's "
+                              f"{prob.max_decode_iters} decode iterations")
+        d = rra_box(prob, lay, s.encode_batch, s.encode_batch, s.decode_iters, s.decode_iters, detail=True)
+        latency_len = prob.latency_len
+    elif isinstance(s, WAASchedule):
+        d = waa_box(prob, lay, s.encode_batch, s.encode_batch, s.micro_batch, s.micro_batch, detail=True)
+        latency_len = prob.latency_len
+    else:
+        d = static_points(prob, lay, s.batch, detail=True)
+        latency_len = prob.workload.output_len.max
+    thr = float(np.ravel(d["thr"])[0])
+    return Estimate(
+        throughput_seq_s=thr, throughput_tok_s=thr * prob.workload.output_len.mean(),
+        latency_s=float(np.ravel(d["lat"])[0]), latency_len=int(latency_len),
+        encode_stage_s=float(np.ravel(d["t_enc"])[0]), decode_step_s=float(np.ravel(d["t_dec"])[0]),
+        decode_batch=float(np.ravel(d["bd"])[0]), memory_bytes=tuple(float(np.ravel(m)[0]) for m in d["mem"]),
+        memory_capacity_bytes=prob.capacity_bytes)
+
+
+def fits(prob: Problem, lay: Layout, s: Schedule) -> bool:
+    """Whether the schedule fits memory and stays inside the profiled range."""
+    if isinstance(s, RRASchedule):
+        return bool(np.ravel(rra_box(prob, lay, s.encode_batch, s.encode_batch, s.decode_iters,
+                                     s.decode_iters)[2])[0])
+    if isinstance(s, WAASchedule):
+        return bool(np.ravel(waa_box(prob, lay, s.encode_batch, s.encode_batch, s.micro_batch,
+                                     s.micro_batch)[2])[0])
+    return bool(static_points(prob, lay, s.batch)[2][0])
+
+
+def simulate(schedule: Schedule, workload: Workload, profile: Profile | None = None, *, model="opt-13b",
+             devices="4xA40", bound: LatencyBound | float = math.inf,
+             memory_fraction: float = MEMORY_FRACTION) -> Estimate:
+    """Estimate one schedule. ``profile`` defaults to the built-in profile of ``model`` on ``devices``."""
+    from .optimize import problem  # the API module resolves names, profiles and devices
+
+    prob = problem(workload, bound, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
+    return estimate(prob, layout_for(prob, schedule), schedule)
