@@ -1,0 +1,207 @@
+"""Collective and point-to-point costs, measured with real multi-process ``torch.distributed`` groups.
+
+vidur profiles collectives apart from the layers (``profiling/collectives/``); so do we. Each group size is one
+``torch.multiprocessing.spawn`` of that many processes, rendezvousing through a file store in a temporary folder:
+gloo on CPU, NCCL (plus gloo for host tensors) on GPUs, one GPU per rank. Kernels (all seconds):
+
+- ``allreduce(bytes)`` at ``tp = group size``: an in-place SUM all-reduce of a ``bytes`` message; the slowest
+  rank's median (every rank must finish before the layer goes on).
+- ``send_recv(bytes)`` (tp=1): a pipeline hand-off of ``bytes`` between two ranks; half of a ping-pong round trip.
+- ``kv_handoff(bytes)`` (tp=1): WAA's KV-cache copy encode rank -> host -> decode rank: the sender copies the
+  KV tensors out (device -> host on a GPU; a contiguous copy on a CPU, as ``KVCache.export_rows`` does), sends
+  them over the host channel, and the receiver copies them into its cache; half of a symmetric round trip.
+
+All three grow linearly with the message at large sizes (bandwidth-bound), so their tables extrapolate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from exegpt.errors import ExeGPTError
+from exegpt.profile import Kernel, ProfileTable
+
+from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_region
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveResult:
+    """The tables one call of ``measure_collectives`` produced, and what it could not measure (and why)."""
+
+    tables: tuple[ProfileTable, ...]
+    skipped: dict = field(default_factory=dict)
+    """``"allreduce tp=4": "needs 4 CUDA devices, found 1"``-style notes."""
+    facts: dict = field(default_factory=dict)
+
+
+def measure_collectives(tp_degrees: tuple[int, ...], sizes_bytes: tuple[int, ...], *, device: str = "cpu",
+                        dtype: str = "fp32", quick: bool = False, point_to_point: bool = True,
+                        progress=None) -> CollectiveResult:
+    """All-reduce tables for every degree > 1 in ``tp_degrees``, and (``point_to_point``) send_recv and
+    kv_handoff tables, over the message sizes ``sizes_bytes``.
+
+    Args:
+        tp_degrees: TP degrees of the profile; each degree > 1 is one all-reduce group size.
+        sizes_bytes: message sizes (bytes), strictly increasing.
+        device: 'cpu' (gloo) or 'cuda' (NCCL, one GPU per rank; sizes needing more GPUs than present are
+            skipped with a note, not an error).
+        dtype: element type of the messages (fp32, fp16, bf16).
+        quick: fewer repetitions.
+        progress: optional callable ``progress(n)`` told of every finished group (for a progress bar).
+
+    Returns:
+        ``CollectiveResult``; times are seconds.
+    """
+    device_type = torch.device(device).type
+    groups = sorted({tp for tp in tp_degrees if tp > 1} | ({2} if point_to_point else set()))
+    skipped, tables, facts = {}, [], {}
+    available = torch.cuda.device_count() if device_type == "cuda" else None
+    for world in groups:
+        want_ar = world in tp_degrees
+        want_p2p = point_to_point and world == 2
+        if available is not None and available < world:
+            note = f"needs {world} CUDA devices, found {available}"
+            if want_ar:
+                skipped[f"allreduce tp={world}"] = note
+            if want_p2p:
+                skipped["send_recv"] = skipped["kv_handoff"] = note
+            log.warning("collectives in a group of %d not measured: %s", world, note)
+            if progress:
+                progress(1)
+            continue
+        results = run_group(world, sizes_bytes, device_type=device_type, dtype=dtype, quick=quick,
+                            allreduce=want_ar, point_to_point=want_p2p)
+        facts[f"group{world}_backend"] = results.pop("backend")
+        for name, per_size in results.items():
+            kernel = Kernel(name)
+            tables.append(ProfileTable(kernel=kernel, tp=world if kernel is Kernel.ALLREDUCE else 1,
+                                       xs=tuple(float(b) for b in sizes_bytes),
+                                       ys=(), seconds=tuple(s["median_s"] for s in per_size),
+                                       spread_s=tuple(s["spread_s"] for s in per_size), extrapolate=True))
+        if progress:
+            progress(1)
+    return CollectiveResult(tables=tuple(tables), skipped=skipped, facts=facts)
+
+
+def run_group(world: int, sizes_bytes: tuple[int, ...], *, device_type: str = "cpu", dtype: str = "fp32",
+              quick: bool = False, allreduce: bool = True, point_to_point: bool = False) -> dict:
+    """Spawn ``world`` processes and time the asked-for collectives; returns
+    ``{"allreduce": [stats per size], "send_recv": [...], "kv_handoff": [...], "backend": str}`` with stats as
+    dicts of ``TimingStats`` fields plus ``spread_s`` (seconds)."""
+    if world < 2:
+        raise ExeGPTError(f"a collective group needs at least 2 processes, got {world}")
+    if dtype not in TORCH_DTYPES:
+        raise ExeGPTError(f"dtype {dtype!r} unknown; expected one of {', '.join(TORCH_DTYPES)}")
+    repeat = QUICK_REPEAT if quick else REPEAT
+    with tempfile.TemporaryDirectory(prefix="exegpt-coll-") as tmp:
+        out = Path(tmp) / "result.json"
+        args = (world, str(Path(tmp) / "store"), str(out), device_type, dtype, tuple(sizes_bytes), repeat,
+                allreduce, point_to_point)
+        try:
+            torch.multiprocessing.spawn(_worker, args=args, nprocs=world, join=True)
+        except Exception as e:  # ProcessRaisedException / ProcessExitedException: keep one line.
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ExeGPTError(f"collective measurement in a group of {world} failed: {last}") from None
+        return json.loads(out.read_text())
+
+
+def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype: str,
+            sizes_bytes: tuple[int, ...], repeat: int, allreduce: bool, point_to_point: bool) -> None:
+    """One rank of a spawned group (module level so that ``spawn`` can pickle it)."""
+    # One compute thread per rank: ranks share the machine's cores, and the message copies are memory-bound.
+    torch.set_num_threads(1)
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "cpu:gloo,cuda:nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        tdtype = TORCH_DTYPES[dtype]
+        result: dict = {"backend": backend}
+        if allreduce:
+            result["allreduce"] = [_reduce_max(_time_allreduce(b, tdtype, device, repeat), device)
+                                   for b in sizes_bytes]
+        if point_to_point:
+            # Only ranks 0 and 1 talk; rank 0's clock is the one reported.
+            result["send_recv"] = [_time_ping_pong(rank, b, tdtype, device, repeat, host_copy=False)
+                                   for b in sizes_bytes]
+            result["kv_handoff"] = [_time_ping_pong(rank, b, tdtype, device, repeat, host_copy=True)
+                                    for b in sizes_bytes]
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _elements(nbytes: int, dtype: torch.dtype) -> int:
+    return max(1, int(nbytes) // torch.tensor([], dtype=dtype).element_size())
+
+
+def _stats_dict(s: TimingStats) -> dict:
+    return {"median_s": s.median_s, "p10_s": s.p10_s, "p90_s": s.p90_s, "spread_s": s.spread_s,
+            "repeat": s.repeat}
+
+
+def _time_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int) -> TimingStats:
+    t = torch.ones(_elements(nbytes, dtype), dtype=dtype, device=device)
+    # Ranks enter every repetition together, so that a rank's time is the collective, not its wait for others.
+    return time_region(lambda: dist.all_reduce(t), warmup=WARMUP, repeat=repeat, device=device,
+                       setup=dist.barrier)
+
+
+def _reduce_max(stats: TimingStats, device: torch.device) -> dict:
+    """The slowest rank's numbers (a layer waits for the last rank to finish its all-reduce)."""
+    v = torch.tensor([stats.median_s, stats.p10_s, stats.p90_s], dtype=torch.float64,
+                     device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    med, p10, p90 = v.tolist()
+    return {"median_s": med, "p10_s": p10, "p90_s": p90, "spread_s": p90 - p10, "repeat": stats.repeat}
+
+
+def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int,
+                    host_copy: bool) -> dict:
+    """Half of a round trip 0 -> 1 -> 0 of ``nbytes``. With ``host_copy`` each leg is the KV hand-off path:
+    copy out of the cache (to host on a GPU), send over the host channel, copy into the receiver's cache."""
+    n = _elements(nbytes, dtype)
+    cache = torch.ones(n, dtype=dtype, device=device)      # the KV rows being handed off (sender's cache)
+    peer = 1 - rank if rank < 2 else None
+
+    def leg_send():
+        if host_copy:
+            dist.send(cache.to("cpu", copy=True), peer)     # export (device -> host, or a contiguous copy)
+        else:
+            dist.send(cache, peer)
+
+    def leg_recv():
+        if host_copy:
+            host = torch.empty(n, dtype=dtype)
+            dist.recv(host, peer)
+            cache.copy_(host)                               # import into the receiver's cache
+        else:
+            dist.recv(cache, peer)
+
+    def round_trip():
+        if rank == 0:
+            leg_send()
+            leg_recv()
+        elif rank == 1:
+            leg_recv()
+            leg_send()
+
+    stats = time_region(round_trip, warmup=WARMUP, repeat=repeat, device=device, setup=dist.barrier)
+    d = _stats_dict(stats)
+    return {k: (v / 2 if k != "repeat" else v) for k, v in d.items()}
+

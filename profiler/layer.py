@@ -1,0 +1,304 @@
+"""One rank's shard of one decoder layer, built from the runner's own modules, split into timeable regions.
+
+What is measured is what runs: the layer is ``runner.model.TransformerBlock`` built by ``runner.weights.load_model``
+(one layer, no embedding, no head) and sharded by ``runner.tp.apply_tp`` for rank 0 of a group of ``tp``. Every
+rank of a TP group holds a shard of the same size, so rank 0's time is every rank's. There is no process group
+here: after sharding, the attention and feed-forward modules are told they form a group of one, which makes their
+``all_reduce`` a no-op; the all-reduce is timed separately (``profiler.collectives``), as vidur does.
+
+The layer forward (``TransformerBlock.forward`` -> ``Attention.forward``) splits into two regions whose sum is the
+layer:
+
+- **attention core** (``attn_encode(batch, seq)``, ``attn_decode(batch, context)``): the KV-cache update
+  (``KVCache.write_prompt`` / ``KVCache.append``) and ``scaled_dot_product_attention`` over the cache, exactly the
+  calls ``Attention.forward`` makes. This is the part whose cost depends on the sequence length.
+- **the rest** (``dense_encode(tokens)``, ``dense_decode(tokens)``): the two norms, the fused ``wqkv`` projection,
+  the head reshapes, RoPE, the ``wo`` projection, the feed-forward module and both residual adds. Its cost depends
+  only on the number of tokens.
+
+The per-call setup the model does once for all its layers (building the attention mask and slicing the RoPE
+tables, the ``Step``) is not per layer; it is part of ``step_overhead_s`` (``profiler.sweep``).
+
+Workloads mirror the runner's real batches:
+
+- encode: ``batch`` prompts padded to ``seq`` tokens. With several prompts one is a token shorter, so the runner's
+  ragged path runs (an explicit causal-and-padding mask, as ``Transformer._prefill`` builds it); a single prompt
+  (or ``seq`` 1) takes the ``is_causal`` path, as in the runner.
+- decode: ``batch`` rows whose positions are staggered (row ``i`` at ``context - 1 - i`` clipped at 0), so the
+  longest row attends to ``context`` keys and the runner's masked path runs, as it does in ExeGPT's mixed decode
+  batches; a single row takes the unmasked path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from exegpt.errors import ExeGPTError
+from runner.kv_cache import KVCache
+from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock, apply_rope
+from runner.tp import apply_tp
+from runner.weights import load_model
+
+Region = tuple[Callable[[], object], Callable[[], object] | None]
+"""A timeable region: ``(fn, setup)``; ``setup`` (or None) runs untimed before every call of ``fn``."""
+
+
+@dataclass
+class LayerShard:
+    """One decoder layer of one rank of a TP group of ``tp``, with a KV cache of ``max_rows`` x ``max_len``."""
+
+    model: nn.Module
+    """A one-layer ``runner.model.Transformer`` (no embedding, no head), sharded."""
+    args: ModelArgs
+    """Per-rank args (local head and FFN counts) as ``apply_tp`` left them."""
+    full_args: ModelArgs
+    """The whole model's args."""
+    tp: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def block(self) -> TransformerBlock:
+        return next(iter(self.model.layers.values()))
+
+    @property
+    def cache(self) -> KVCache:
+        return self.model.cache
+
+    @property
+    def rope(self) -> tuple[Tensor, Tensor] | None:
+        return self.model.rope
+
+
+def check_tp(args: ModelArgs, tp: int) -> None:
+    """One-line ``ExeGPTError`` unless ``tp`` shards whole heads and the FFN evenly."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ExeGPTError(f"TP degree {tp!r} must be an integer >= 1")
+    if args.n_heads % tp or args.n_kv_heads % tp or args.ffn_dim % tp:
+        valid = [d for d in range(1, args.n_heads + 1)
+                 if not (args.n_heads % d or args.n_kv_heads % d or args.ffn_dim % d)]
+        raise ExeGPTError(f"TP degree {tp} does not divide the heads of {args.name or args.family} "
+                          f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, ffn_dim={args.ffn_dim}); "
+                          f"valid degrees: {', '.join(map(str, valid))}")
+
+
+def build_layer_shard(spec: str, tp: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      max_rows: int = 1, max_len: int = 1, seed: int = 0) -> LayerShard:
+    """Rank 0's shard of decoder layer 0 of ``spec`` at TP degree ``tp``, on one device, with its KV cache.
+
+    Args:
+        spec: what ``runner.weights.load_model`` accepts (preset name, HF folder, ``"smollm2"``).
+        tp: TP degree; must divide the query and KV head counts and the FFN width.
+        max_rows, max_len: KV-cache geometry (rows, positions) the timed regions need.
+    """
+    model, full_args, _ = load_model(spec, dtype=dtype, device=device, layers=(0, 1), embed=False, head=False,
+                                     seed=seed)
+    if full_args.family not in ("llama", "opt"):
+        raise ExeGPTError(f"the profiler times decoder-only llama/opt layers; family {full_args.family!r} "
+                          f"is not supported yet")
+    check_tp(full_args, tp)
+    apply_tp(model, rank=0, world_size=tp, group=None)
+    # NOTE: a group of one for the forwards (all_reduce becomes a no-op); the shard sizes stay those of `tp`.
+    for block in model.layers.values():
+        block.attention.tp_size = block.feed_forward.tp_size = 1
+    if max_len > full_args.max_seq_len:
+        raise ExeGPTError(f"grid length {max_len} exceeds {full_args.name or spec}'s max_seq_len="
+                          f"{full_args.max_seq_len}")
+    model.setup_cache(max_rows, max_len)
+    return LayerShard(model=model, args=model.args, full_args=full_args, tp=tp, device=torch.device(device),
+                      dtype=dtype)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def _hidden(shard: LayerShard, *shape: int) -> Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(*shape, shard.args.dim, generator=g).to(shard.device, shard.dtype)
+
+
+def _encode_lengths(batch: int, seq: int) -> Tensor:
+    """Prompt lengths ``[batch]``: all ``seq`` except the last one a token shorter (a ragged batch)."""
+    lens = torch.full((batch,), seq, dtype=torch.long)
+    if batch > 1 and seq > 1:
+        lens[-1] = seq - 1
+    return lens
+
+
+def encode_step(shard: LayerShard, batch: int, seq: int) -> Step:
+    """The ``Step`` ``Transformer._prefill`` builds for ``batch`` prompts padded to ``seq`` in rows ``0..batch-1``."""
+    lens = _encode_lengths(batch, seq)
+    uniform = bool((lens == seq).all())
+    mask = None
+    if not uniform:
+        valid = torch.arange(seq)[None, :] < lens[:, None]  # [n, S]
+        mask = (torch.ones(seq, seq, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None].to(shard.device)
+    cos = sin = None
+    if shard.rope is not None:
+        cos, sin = shard.rope[0][:seq], shard.rope[1][:seq]  # [S, D]
+    return Step(rows=slice(0, batch), decode=False, mask=mask, is_causal=uniform, cos=cos, sin=sin)
+
+
+def decode_positions(batch: int, context: int) -> Tensor:
+    """Per-row positions ``[batch]`` of the new token: row ``i`` at ``context - 1 - i`` (clipped at 0)."""
+    return (context - 1 - torch.arange(batch)).clamp(min=0)
+
+
+def decode_step(shard: LayerShard, batch: int, context: int) -> Step:
+    """The ``Step`` ``Transformer.decode`` builds for rows ``0..batch-1`` at ``decode_positions``."""
+    pos = decode_positions(batch, context)
+    kv_len = int(pos.max()) + 1
+    pos_d = pos.to(shard.device)
+    mask = None
+    if int(pos.min()) != kv_len - 1:
+        mask = (torch.arange(kv_len)[None, :] <= pos[:, None])[:, None, None].to(shard.device)  # [n, 1, 1, kv]
+    cos = sin = None
+    if shard.rope is not None:
+        cos, sin = shard.rope[0][pos_d][:, None, None], shard.rope[1][pos_d][:, None, None]  # [n, 1, 1, D]
+    return Step(rows=slice(0, batch), decode=True, pos=pos_d, kv_len=kv_len, mask=mask, cos=cos, sin=sin)
+
+
+def _check_fits(shard: LayerShard, batch: int, length: int) -> None:
+    c = shard.cache
+    if batch > c.max_rows or length > c.max_len:
+        raise ExeGPTError(f"point batch={batch} length={length} does not fit the shard's cache "
+                          f"({c.max_rows} rows x {c.max_len} positions)")
+
+
+# --- the two halves of a layer --------------------------------------------------------------------
+
+
+def _qkv(shard: LayerShard, n: int, S: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Query, key, value ``[n, H, S, D]`` / ``[n, Hkv, S, D]`` of the right local shapes (random)."""
+    a = shard.block.attention
+    g = torch.Generator().manual_seed(99)
+
+    def r(h):
+        return torch.randn(n, h, S, a.head_dim, generator=g).to(shard.device, shard.dtype)
+
+    return r(a.n_heads), r(a.n_kv_heads), r(a.n_kv_heads)
+
+
+def attention_core(shard: LayerShard, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+    """The attention core of ``Attention.forward``: cache update, then SDPA over the cache -> ``[n, H, S, D]``."""
+    a, cache = shard.block.attention, shard.cache
+    if step.decode:
+        k, v = cache.append(0, step.rows, step.pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
+    else:
+        cache.write_prompt(0, step.rows, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
+                                          enable_gqa=a.n_heads != a.n_kv_heads)
+
+
+def layer_rest(shard: LayerShard, x: Tensor, step: Step, attn_out: Tensor) -> Tensor:
+    """Everything of ``TransformerBlock.forward`` except the attention core: ``x`` ``[n, S, dim]`` -> ``[n, S, dim]``.
+
+    ``attn_out`` ``[n, H, S, D]`` stands in for the core's output (its value does not change the work).
+    """
+    block = shard.block
+    a = block.attention
+    n, S, _ = x.shape
+    H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
+    xn = block.attention_norm(x)
+    q, k, v = a.wqkv(xn).split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q = q.view(n, S, H, D).transpose(1, 2)  # [n, H, S, D]
+    k = k.view(n, S, Hkv, D).transpose(1, 2)
+    v = v.view(n, S, Hkv, D).transpose(1, 2)
+    if step.cos is not None:
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+    y = a.wo(attn_out.transpose(1, 2).reshape(n, S, H * D))  # [n, S, dim]
+    h = x + y
+    return h + block.feed_forward(block.ffn_norm(h))
+
+
+# --- timeable regions -----------------------------------------------------------------------------
+
+
+def attn_encode_region(shard: LayerShard, batch: int, seq: int) -> Region:
+    """Attention core of ``batch`` prompts padded to ``seq`` tokens (one layer)."""
+    _check_fits(shard, batch, seq)
+    step = encode_step(shard, batch, seq)
+    q, k, v = _qkv(shard, batch, seq)
+    return (lambda: attention_core(shard, q, k, v, step)), None
+
+
+def attn_decode_region(shard: LayerShard, batch: int, context: int) -> Region:
+    """Attention core of one decode step of ``batch`` rows, the longest attending to ``context`` keys."""
+    _check_fits(shard, batch, context)
+    step = decode_step(shard, batch, context)
+    q, k, v = _qkv(shard, batch, 1)
+    # append() writes the same positions every call: no state to rewind between repetitions.
+    return (lambda: attention_core(shard, q, k, v, step)), None
+
+
+def _dense_shape(shard: LayerShard, tokens: int) -> tuple[int, int]:
+    """``(n, S)`` with ``n * S == tokens`` and ``S`` the largest divisor within the RoPE table (one long prompt
+    when it fits: the dense work depends only on the token count)."""
+    limit = shard.cache.max_len
+    S = max(d for d in range(1, min(tokens, limit) + 1) if tokens % d == 0)
+    return tokens // S, S
+
+
+def dense_encode_region(shard: LayerShard, tokens: int) -> Region:
+    """The rest of a prefill layer for ``tokens`` tokens (``[n, S, dim]`` with ``n * S = tokens``)."""
+    n, S = _dense_shape(shard, tokens)
+    step = encode_step(shard, 1, S)
+    x = _hidden(shard, n, S)
+    attn_out = _qkv(shard, n, S)[0]
+    return (lambda: layer_rest(shard, x, step, attn_out)), None
+
+
+def dense_decode_region(shard: LayerShard, tokens: int) -> Region:
+    """The rest of a decode layer for ``tokens`` rows of one token each (``[tokens, 1, dim]``)."""
+    step = decode_step(shard, tokens, min(shard.cache.max_len, tokens + 1))
+    x = _hidden(shard, tokens, 1)
+    attn_out = _qkv(shard, tokens, 1)[0]
+    return (lambda: layer_rest(shard, x, step, attn_out)), None
+
+
+def layer_encode_region(shard: LayerShard, batch: int, seq: int) -> Region:
+    """The whole ``TransformerBlock.forward`` of a prefill (the reference the two halves must add up to)."""
+    _check_fits(shard, batch, seq)
+    step = encode_step(shard, batch, seq)
+    x = _hidden(shard, batch, seq)
+    return (lambda: shard.block(x, step, shard.cache, 0)), None
+
+
+def layer_decode_region(shard: LayerShard, batch: int, context: int) -> Region:
+    """The whole ``TransformerBlock.forward`` of one decode step."""
+    _check_fits(shard, batch, context)
+    step = decode_step(shard, batch, context)
+    x = _hidden(shard, batch, 1)
+    return (lambda: shard.block(x, step, shard.cache, 0)), None
+
+
+# --- embedding + LM head --------------------------------------------------------------------------
+
+
+def build_head(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               seed: int = 0) -> nn.Module:
+    """The embedding, final norm and LM head of ``spec`` (no layers), whole (tp=1)."""
+    model, _, _ = load_model(spec, dtype=dtype, device=device, layers=(0, 0), embed=True, head=True, seed=seed)
+    return model
+
+
+def lm_head_region(head: nn.Module, tokens: int) -> Region:
+    """Embedding lookup (and learned positions) of ``tokens`` ids, final norm, LM head in float32 and greedy
+    argmax, for ``tokens`` rows: the per-token work outside the layers."""
+    device = next(head.parameters()).device
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, head.args.vocab_size, (tokens,), generator=g).to(device)
+    pos = torch.zeros(tokens, dtype=torch.long, device=device) + OPT_POS_OFFSET
+
+    def fn():
+        h = head.tok_embeddings(ids)  # [T, dim]
+        if head.pos_embeddings is not None:
+            h = h + head.pos_embeddings(pos)
+        return head.output(head.norm(h)).float().argmax(-1)  # [T]
+
+    return fn, None
