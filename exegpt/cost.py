@@ -75,42 +75,47 @@ class CostModel:
     profile: Profile
     model: ModelShape
     stats: WorkloadStats
+    per_unit: bool = False
+    """Use the profile's batching envelope: a lower bound for the search's box bounds, never an estimate."""
+
+    def _get(self, kernel: Kernel, tp: int, x, y=None):
+        return self.profile.lookup(kernel, tp, x, y, per_unit=self.per_unit)
 
     def _ar(self, tp: int, tokens) -> tuple[np.ndarray, np.ndarray]:
         if tp == 1:
             z = np.zeros(np.shape(tokens))
             return z, np.ones(np.shape(tokens), dtype=bool)
-        return self.profile.lookup(Kernel.ALLREDUCE, tp, self.model.activation_bytes(np.asarray(tokens, float)))
+        return self._get(Kernel.ALLREDUCE, tp, self.model.activation_bytes(np.asarray(tokens, float)))
 
     def _send(self, tokens) -> tuple[np.ndarray, np.ndarray]:
         if not self.profile.has(Kernel.SEND_RECV):
             return np.zeros(np.shape(tokens)), np.ones(np.shape(tokens), dtype=bool)
-        return self.profile.lookup(Kernel.SEND_RECV, 1, self.model.activation_bytes(np.asarray(tokens, float)))
+        return self._get(Kernel.SEND_RECV, 1, self.model.activation_bytes(np.asarray(tokens, float)))
 
     def encode_layer(self, tp: int, batch) -> tuple[np.ndarray, np.ndarray]:
         """One prefill (or T5 encoder) layer for ``batch`` prompts drawn from the input distribution."""
         b = np.asarray(batch, dtype=float)
         tokens = b * self.stats.in_mean
-        dense, ok1 = self.profile.lookup(Kernel.DENSE_ENCODE, tp, tokens)
-        attn, ok2 = self.profile.lookup(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
+        dense, ok1 = self._get(Kernel.DENSE_ENCODE, tp, tokens)
+        attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
         ar, ok3 = self._ar(tp, tokens)
         return dense + attn @ self.stats.in_probs + 2 * ar, ok1 & ok2.all(-1) & ok3
 
     def decode_layer(self, tp: int, rows, ctx: float) -> tuple[np.ndarray, np.ndarray]:
         """One decoder layer, one decode step of ``rows`` rows at mean context ``ctx``."""
         r = np.asarray(rows, dtype=float)
-        dense, ok1 = self.profile.lookup(Kernel.DENSE_DECODE, tp, r)
-        attn, ok2 = self.profile.lookup(Kernel.ATTN_DECODE, tp, r, np.full(r.shape, ctx))
+        dense, ok1 = self._get(Kernel.DENSE_DECODE, tp, r)
+        attn, ok2 = self._get(Kernel.ATTN_DECODE, tp, r, np.full(r.shape, ctx))
         ar, ok3 = self._ar(tp, r)
         t, ok = dense + attn, ok1 & ok2 & ok3
         n_ar = 2
         if self.model.is_encoder_decoder:
-            cross, ok4 = self.profile.lookup(Kernel.ATTN_CROSS, tp, r, np.full(r.shape, self.stats.in_mean))
+            cross, ok4 = self._get(Kernel.ATTN_CROSS, tp, r, np.full(r.shape, self.stats.in_mean))
             t, ok, n_ar = t + cross, ok & ok4, 3
         return t + n_ar * ar, ok
 
     def _head(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        return self.profile.lookup(Kernel.LM_HEAD, 1, np.asarray(rows, dtype=float))
+        return self._get(Kernel.LM_HEAD, 1, np.asarray(rows, dtype=float))
 
     def stage_encode(self, tp: int, n_layers: int, n_enc_layers: int, last: bool, batch):
         """Seconds for one stage to encode ``batch`` prompts (see the module docstring)."""
@@ -149,4 +154,4 @@ class CostModel:
             self.model.cross_kv_bytes_per_token() * self.model.n_layers
         if not self.profile.has(Kernel.KV_HANDOFF):
             return np.zeros(b.shape), np.ones(b.shape, dtype=bool)
-        return self.profile.lookup(Kernel.KV_HANDOFF, 1, b * self.stats.in_mean * per_token)
+        return self._get(Kernel.KV_HANDOFF, 1, b * self.stats.in_mean * per_token)

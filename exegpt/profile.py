@@ -20,12 +20,14 @@ send_recv      bytes                   point-to-point hand-off of ``bytes`` betw
 kv_handoff     bytes                   WAA KV-cache copy encode group -> host -> decode group
 =============  ======================  ==============================================================
 
-Lookups interpolate linearly (scipy) over the **batching envelope** of each table: along every
-axis the time is made non-decreasing (running maximum: more work is never faster), and along the
-first axis (batch, tokens or bytes) the time *per unit* is also made non-increasing (running
-minimum of time/size: batching never makes a row slower). Both hold for real kernels up to
-measurement noise; noise otherwise breaks the monotonicity that the search's bounds rely on.
-Piecewise-linear interpolation keeps both properties between grid points. Outside the measured
+Lookups interpolate linearly (scipy) over the **monotone envelope** of each table: the running
+maximum along every axis, so more work is never credited as faster than less work (measurement
+noise otherwise breaks the monotonicity the search relies on; the envelope only ever raises a
+time). The search's box bounds additionally use the **batching envelope** (``per_unit=True``): the
+monotone envelope with the time *per unit* of the first axis (batch, tokens or bytes) made
+non-increasing, a lower bound on the time that holds the property "batching never makes a row
+slower"; it is never used for an estimate. Piecewise-linear interpolation keeps both properties
+between grid points. Outside the measured
 range a lookup raises ``ProfileRangeError`` unless the table says ``extrapolate: true``, in which
 case it extends the last segment linearly. Below the smallest measured size a lookup uses the
 smallest size (a fractional micro-batch of 0.5 rows costs what 1 row costs: an upper bound).
@@ -131,14 +133,15 @@ class ProfileTable:
             return np.asarray(self.xs, dtype=float), np.asarray(self.ys, dtype=float)
         return (np.asarray(self.xs, dtype=float),)
 
-    def envelope(self) -> np.ndarray:
-        """The batching envelope used for lookups (see the module docstring)."""
+    def envelope(self, per_unit: bool = False) -> np.ndarray:
+        """The monotone envelope (or, with ``per_unit``, the batching envelope; module docstring)."""
         s = np.asarray(self.seconds, dtype=float)
         for axis in range(s.ndim):
             s = np.maximum.accumulate(s, axis=axis)
+        if not per_unit:
+            return s
         x = np.asarray(self.xs, dtype=float).reshape((-1,) + (1,) * (s.ndim - 1))
-        per_unit = np.minimum.accumulate(s / x, axis=0)
-        return per_unit * x
+        return np.minimum.accumulate(s / x, axis=0) * x
 
     def to_dict(self) -> dict:
         d = {"kernel": self.kernel.value, "tp": self.tp, "axes": list(AXES[self.kernel]), "xs": list(self.xs),
@@ -187,7 +190,7 @@ class Profile:
             key = (t.kernel, t.tp)
             if key in lookup:
                 raise ExeGPTError(f"profile has two tables for {t.kernel.value} tp={t.tp}")
-            lookup[key] = (t, _interpolator(t))
+            lookup[key] = (t, _interpolator(t, t.envelope()), _interpolator(t, t.envelope(per_unit=True)))
         for k in REQUIRED:
             if (k, 1) not in lookup:
                 raise ExeGPTError(f"profile {self.model}@{self.device} misses the {k.value} table at tp=1")
@@ -217,7 +220,7 @@ class Profile:
         if entry is None:
             raise ExeGPTError(f"profile {self.id} has no {kernel.value} table at tp={tp}; "
                               f"it has tp {self.tp_degrees(kernel)}")
-        table, interp = entry
+        table = entry[0]
         xs = np.asarray(x, dtype=float)
         pts = [xs] if y is None else [xs, np.asarray(y, dtype=float)]
         if len(pts) != len(AXES[kernel]):
@@ -233,11 +236,12 @@ class Profile:
         out, _ = self.lookup(kernel, tp, *pts)
         return float(out) if out.ndim == 0 else out
 
-    def lookup(self, kernel: Kernel, tp: int, x, y=None) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, kernel: Kernel, tp: int, x, y=None, per_unit: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised lookup that never raises on range: (seconds, in_range). Out-of-range points are
         evaluated at the nearest measured coordinate and flagged False; callers must treat them as
         unusable (the search counts them infeasible), never as estimates."""
-        table, interp = self._lookup[(kernel, tp)]
+        table, monotone, batching = self._lookup[(kernel, tp)]
+        interp = batching if per_unit else monotone
         pts = [np.asarray(x, dtype=float)] + ([] if y is None else [np.asarray(y, dtype=float)])
         pts = np.broadcast_arrays(*pts)
         ok = np.ones(pts[0].shape, dtype=bool)
@@ -251,7 +255,7 @@ class Profile:
 
     def max_coord(self, kernel: Kernel, tp: int = 1, axis: int = 0) -> float:
         """The largest measured coordinate (``inf`` when the table extrapolates)."""
-        table, _ = self._lookup[(_kernel(kernel), tp)]
+        table = self._lookup[(_kernel(kernel), tp)][0]
         return float("inf") if table.extrapolate else table.grid()[axis][-1]
 
     # --- JSON ---------------------------------------------------------------------------------
@@ -304,9 +308,8 @@ class Profile:
         return cls.from_json(text)
 
 
-def _interpolator(t: ProfileTable):
-    """A piecewise-linear interpolant of the table's envelope, f(x[, y]) on flat arrays."""
-    env = t.envelope()
+def _interpolator(t: ProfileTable, env: np.ndarray):
+    """A piecewise-linear interpolant of ``env`` on the table's grid, f(x[, y]) on flat arrays."""
     grid = t.grid()
     if len(grid) == 1:
         xs = grid[0]

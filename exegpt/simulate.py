@@ -4,8 +4,9 @@ Every policy is written as a **box function**: given arrays of lower and upper c
 its two search variables, it returns an upper bound on throughput, a lower bound on latency and
 whether any point of the box can fit (memory, profiled range). A single point is the box whose two
 corners coincide, and then the numbers are exact estimates. The bounds are sound because every
-cost is non-decreasing in the batch it is given and per-row cost is non-increasing (the profile's
-batching envelope), so the branch and bound in ``search.py`` returns the exact optimum. Arrays
+cost is non-decreasing in the batch it is given (the profile's monotone envelope) and bounded below
+by a cost whose per-row time never grows with batch size (the batching envelope), so the branch and
+bound in ``search.py`` returns the exact optimum. Arrays
 broadcast, so the exhaustive reference evaluates a whole grid in one call.
 
 RRA (paper §4.1, §6; "our reading" where marked):
@@ -61,6 +62,8 @@ class Problem:
     workload: Workload
     bound: LatencyBound
     cost: CostModel
+    bound_cost: CostModel
+    """The same costs on the profile's batching envelope: used only inside box bounds."""
     capacity_bytes: float
     latency_len: int
     """The output length the bound applies to (its length quantile)."""
@@ -79,6 +82,9 @@ class Problem:
         if workload.max_total_len > model.max_seq_len:
             raise ExeGPTError(f"workload reaches {workload.max_total_len} tokens (prompt + output) but "
                               f"{model.name} supports {model.max_seq_len}")
+        if model.is_encoder_decoder and not profile.has(Kernel.ATTN_CROSS):
+            raise ExeGPTError(f"profile {profile.id} has no attn_cross table, which encoder-decoder "
+                              f"model {model.name} needs")
         stats = WorkloadStats.of(workload, first_token_in_encode=not model.is_encoder_decoder)
         shift = 1 if not model.is_encoder_decoder else 0
         latency_len = workload.output_len.quantile(bound.length_quantile)
@@ -91,7 +97,7 @@ class Problem:
         memory = cluster.device.memory_bytes if profile.device_memory_bytes is None \
             else profile.device_memory_bytes
         return cls(profile, model, cluster, workload, bound, CostModel(profile, model, stats),
-                   memory * memory_fraction, latency_len, latency_len - shift, completion,
+                   CostModel(profile, model, stats, per_unit=True), memory * memory_fraction, latency_len, latency_len - shift, completion,
                    float(p[~live].sum()))
 
     @property
@@ -189,20 +195,22 @@ def waa_layout(prob: Problem, policy: Policy, tp: int, tp_gpus: int, encode_gpus
 
 # --- stage-group times --------------------------------------------------------------------------
 
-def _encode_times(prob: Problem, stages: tuple[Stage, ...], batch):
+def _encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostModel | None = None):
     """Per-stage encode seconds (a list of arrays) and the combined in-range mask."""
+    cost = cost or prob.cost
     times, ok = [], True
     for i, s in enumerate(stages):
-        t, o = prob.cost.stage_encode(s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1, batch)
+        t, o = cost.stage_encode(s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1, batch)
         times.append(t)
         ok = ok & o
     return times, ok
 
 
-def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float):
+def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float, cost: CostModel | None = None):
+    cost = cost or prob.cost
     times, ok = [], True
     for i, s in enumerate(stages):
-        t, o = prob.cost.stage_decode(s.tp, s.n_layers, i == len(stages) - 1, rows, ctx)
+        t, o = cost.stage_decode(s.tp, s.n_layers, i == len(stages) - 1, rows, ctx)
         times.append(t)
         ok = ok & o
     return times, ok
@@ -231,11 +239,11 @@ def _fits(prob: Problem, mem: list) -> np.ndarray:
 
 # --- box functions ------------------------------------------------------------------------------
 
-def _rra_phases(prob: Problem, stages, be, bd):
+def _rra_phases(prob: Problem, stages, be, bd, cost: CostModel | None = None):
     """RRA encode-phase and decode-iteration seconds for B_E = be and B_D = bd (one micro-batch per stage)."""
     p = len(stages)
-    enc, ok_e = _encode_times(prob, stages, be / p)
-    dec, ok_d = _decode_times(prob, stages, bd / p, prob.stats.decode_ctx)
+    enc, ok_e = _encode_times(prob, stages, be / p, cost)
+    dec, ok_d = _decode_times(prob, stages, bd / p, prob.stats.decode_ctx, cost)
     if p == 1:
         return enc[0], dec[0], ok_e & ok_d
     return sum(enc) + (p - 1) * np.maximum.reduce(enc), p * np.maximum.reduce(dec), ok_e & ok_d
@@ -253,7 +261,7 @@ def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool
     else:
         # Cycle time per encoded query never grows with B_E (per-row cost never grows with batch
         # size), so the throughput of any B_E in the box is at most that at the box's largest B_E.
-        t_enc_hi, t_dec_hi, _ = _rra_phases(prob, stages, be_hi, be_hi * ratio)
+        t_enc_hi, t_dec_hi, _ = _rra_phases(prob, stages, be_hi, be_hi * ratio, prob.bound_cost)
         thr = be_hi / (t_enc_hi + nd_lo * t_dec_hi)
     bd = be_lo * ratio
     phases = np.maximum(1, np.ceil(prob.k_q / nd_hi))
@@ -282,7 +290,8 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
     # Sum of stage times is smallest with the most, smallest micro-batches; M * max_s t_s is
     # smallest with the fewest (per-row cost never grows with batch size).
     small, ok_1 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_hi, 1e-9), st.decode_ctx)
-    big, ok_2 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_lo, 1e-9), st.decode_ctx)
+    big, ok_2 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_lo, 1e-9), st.decode_ctx,
+                              None if np.array_equal(m_lo, m_hi) else prob.bound_cost)
     t_dec = np.maximum(sum(small), m_lo * np.maximum.reduce(big))
     period = np.maximum(np.maximum(t_dec, t_enc_int), hand)
     thr = be_hi / period
@@ -290,9 +299,9 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
         # Per-query bound: a decode iteration costs at least B_D max_s t_s(B_m)/B_m (no micro-batch
         # exceeds B_m and per-row cost never grows with batch size), the encode interval and the
         # hand-off at least their per-query cost at the box's largest B_E.
-        full, _ = _decode_times(prob, dec_st, bm_hi, st.decode_ctx)
-        enc_hi, _ = _encode_times(prob, enc_st, be_hi)
-        hand_hi, _ = prob.cost.kv_handoff(be_hi)
+        full, _ = _decode_times(prob, dec_st, bm_hi, st.decode_ctx, prob.bound_cost)
+        enc_hi, _ = _encode_times(prob, enc_st, be_hi, prob.bound_cost)
+        hand_hi, _ = prob.bound_cost.kv_handoff(be_hi)
         per_query = np.maximum(np.maximum(ek * np.maximum.reduce(full) / bm_hi, np.maximum.reduce(enc_hi) / be_hi),
                                hand_hi / be_hi)
         with np.errstate(divide="ignore"):

@@ -31,6 +31,7 @@ def make_profile(model="opt-13b", device="A40", tps=(1, 2, 4), seed=0, noise=0.0
         dense = jitter(scale * (4e-4 / tp + 2e-7 * tok / tp))
         tables += [ProfileTable(Kernel.ATTN_ENCODE, tp, BATCH, SEQ, tuple(map(tuple, enc))),
                    ProfileTable(Kernel.ATTN_DECODE, tp, BATCH, SEQ, tuple(map(tuple, dec))),
+                   ProfileTable(Kernel.ATTN_CROSS, tp, BATCH, SEQ, tuple(map(tuple, dec))),
                    ProfileTable(Kernel.DENSE_ENCODE, tp, TOKENS, (), tuple(dense), extrapolate=True),
                    ProfileTable(Kernel.DENSE_DECODE, tp, TOKENS, (), tuple(dense), extrapolate=True)]
         if tp > 1:
