@@ -151,6 +151,9 @@ class Step:
     is_causal: bool = False
     cos: Tensor | None = None
     sin: Tensor | None = None
+    cross_mask: Tensor | None = None
+    """T5 decoder: boolean mask of the encoder positions ``[n, 1, 1, cross_len]``."""
+    cross_len: int = 0
 
 
 class Attention(nn.Module):
@@ -159,9 +162,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.bias)
+        self.scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1
         self.tp_group, self.tp_size = None, 1  # set by runner.tp.apply_tp
 
-    def forward(self, x: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
+    def forward(self, x: Tensor, step: Step, cache: KVCache | None, layer: int) -> Tensor:
         n, S, _ = x.shape  # [n, S, dim]; decode has S = 1
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -172,10 +176,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         if step.decode:
             k, v = cache.append(layer, step.rows, step.pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
-        else:
+        elif cache is not None:  # (no cache: T5's encoder)
             cache.write_prompt(layer, step.rows, k, v)  # prompts start at position 0: attend to themselves
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
-                                           enable_gqa=H != Hkv)  # [n, H, S, D]
+                                           scale=self.scale, enable_gqa=H != Hkv)  # [n, H, S, D]
         y = self.wo(y.transpose(1, 2).reshape(n, S, H * D))  # [n, S, dim]
         return all_reduce(y, self.tp_group, self.tp_size)
 
