@@ -1,0 +1,203 @@
+"""Plan executors: every schedule reproduces each request's greedy tokens, loses nothing, fails cleanly.
+
+Single-process cases run in-process; multi-process ones (gloo, 2 ranks) are marked slow but run by default.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, StaticSchedule, WAASchedule, Workload
+from runner.dist import RankFailedError
+from runner.generate import greedy_reference
+from runner.report import FAILED, FINISHED
+from runner.requests import make_requests, requests_from_pairs
+from runner.rra import refill_target
+from runner.run import check_stages, executor_for, remap_stages, run_plan
+from runner.weights import load_model
+
+WORKLOAD = Workload.truncated_normal((12, 5, 20), (8, 4, 16))  # cache_len = 20 + 16 = 36
+ONE = (Stage("both", 1, 0, 2),)
+PP2 = (Stage("both", 1, 0, 1), Stage("both", 1, 1, 1))
+
+
+def make_plan(schedule, stages=ONE, decode_batch: float = 6.0, latency_len: int = 8) -> Plan:
+    est = Estimate(throughput_seq_s=10.0, throughput_tok_s=80.0, latency_s=1.0, latency_len=latency_len,
+                   encode_stage_s=0.01, decode_step_s=0.005, decode_batch=decode_batch)
+    return Plan(schedule=schedule, estimate=est, bound=LatencyBound(10.0), profile_id="tiny@cpu", model="tiny",
+                devices=f"{schedule.num_gpus}xCPU", workload=WORKLOAD, stages=stages)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    m, _, _ = load_model("tiny")
+    return m
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return make_requests(WORKLOAD, 14, vocab_size=256, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(model, requests):
+    return {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in requests}
+
+
+def assert_complete(report, requests, reference=None):
+    """Conservation: every request exactly once, finished with its greedy tokens (or failed with a reason)."""
+    ids = [r.id for r in report.requests]
+    assert sorted(ids) == sorted(r.id for r in requests)
+    assert len(set(ids)) == len(ids)
+    assert report.num_finished + report.num_failed == len(requests)
+    for rec in report.requests:
+        if rec.status == FAILED:
+            assert rec.reason
+            continue
+        assert rec.status == FINISHED
+        assert rec.encode_start_s <= rec.first_token_s <= rec.finish_s
+        if reference is not None:
+            assert list(rec.tokens) == reference[rec.id], f"request {rec.id}"
+            assert rec.num_generated == rec.output_len
+
+
+# --- single process ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encode_batch,decode_iters,decode_batch", [(1, 1, 1.0), (4, 3, 6.0), (3, 7, 9.0),
+                                                                    (14, 2, 14.0)])
+def test_rra_tokens_match_reference(requests, reference, encode_batch, decode_iters, decode_batch):
+    plan = make_plan(RRASchedule(encode_batch, decode_iters, 1, 0, 1), decode_batch=decode_batch)
+    rep = run_plan(plan, "tiny", requests=requests, keep_tokens=True)
+    assert_complete(rep, requests, reference)
+    assert rep.num_finished == len(requests)
+    # The refill rule never lets the decode batch grow past round(decode_batch).
+    assert 0 < rep.decode_batch <= refill_target(plan)
+    assert rep.throughput_seq_s > 0 and rep.decode_step_s > 0 and rep.encode_stage_s > 0
+
+
+@pytest.mark.parametrize("batch", [1, 5, 14])
+def test_static_tokens_match_reference(requests, reference, batch):
+    rep = run_plan(make_plan(StaticSchedule(batch, 1, 1)), "tiny", requests=requests, keep_tokens=True)
+    assert_complete(rep, requests, reference)
+    # Finished rows keep occupying the batch: every iteration computes all of its rows.
+    batches = [requests[i:i + batch] for i in range(0, len(requests), batch)]
+    iters = [max(r.output_len for r in b) - 1 for b in batches]
+    rows = sum(len(b) * n for b, n in zip(batches, iters))
+    assert rep.decode_batch == pytest.approx(rows / sum(iters))
+
+
+def test_static_keeps_finished_rows_rra_drops_them(requests):
+    """Static computes every row until the longest request ends; RRA's rows drop out when done."""
+    static = run_plan(make_plan(StaticSchedule(len(requests), 1, 1)), "tiny", requests=requests)
+    rra = run_plan(make_plan(RRASchedule(len(requests), 50, 1, 0, 1), decode_batch=len(requests)), "tiny",
+                   requests=requests)
+    longest = max(r.output_len for r in requests)
+    assert static.decode_batch == len(requests)  # every iteration computes the whole batch
+    assert rra.decode_batch < len(requests)
+    total_rows = sum(r.output_len - 1 for r in requests)
+    assert rra.decode_batch == pytest.approx(total_rows / (longest - 1))
+
+
+def test_latency_is_measured_at_latency_len(requests):
+    rep = run_plan(make_plan(RRASchedule(4, 3, 1, 0, 1), latency_len=6), "tiny", requests=requests)
+    lat = [r.latency_len_token_s - r.encode_start_s for r in rep.requests if r.output_len >= 6]
+    assert lat and rep.latency_s == pytest.approx(max(lat))
+    assert all(r.latency_len_token_s is None for r in rep.requests if r.output_len < 6)
+    assert rep.latency_p50_s <= rep.latency_s
+
+
+def test_over_long_requests_are_rejected_others_complete(model):
+    # cache_len is 36 (the workload's 20 + 16); the model's context is 512.
+    pairs = [(10, 5), (30, 10), (8, 3), (500, 20), (12, 24), (6, 1)]
+    reqs = requests_from_pairs(pairs, vocab_size=256, seed=5)
+    rep = run_plan(make_plan(RRASchedule(2, 2, 1, 0, 1)), "tiny", requests=reqs, keep_tokens=True)
+    by_id = {r.id: r for r in rep.requests}
+    assert by_id[1].status == FAILED and "KV-cache budget of 36" in by_id[1].reason
+    assert by_id[3].status == FAILED and "context of 512" in by_id[3].reason
+    for i in (0, 2, 4, 5):
+        r = reqs[i]
+        assert by_id[i].status == FINISHED
+        assert list(by_id[i].tokens) == greedy_reference(model, list(r.prompt), r.output_len)
+    assert_complete(rep, reqs)
+
+
+def test_stop_at_eos(model, requests, reference):
+    # Pick as EOS a token that some reference output produces before its end.
+    eos = next(t for toks in reference.values() for t in toks[:-1])
+    rep = run_plan(make_plan(RRASchedule(3, 2, 1, 0, 1)), "tiny", requests=requests, keep_tokens=True,
+                   stop_at_eos=True, eos_id=eos)
+    assert_complete(rep, requests)
+    stopped = 0
+    for rec in rep.requests:
+        r = requests[rec.id]
+        want = greedy_reference(model, list(r.prompt), r.output_len, eos_id=eos)
+        assert list(rec.tokens) == want
+        stopped += len(want) < r.output_len
+    assert stopped >= 1
+
+
+def test_executor_dispatch():
+    assert executor_for(Policy.RRA) is executor_for("rra")
+    assert executor_for("waa_c") is executor_for(Policy.WAA_M)
+    with pytest.raises(ValueError, match="unknown policy"):
+        executor_for("fifo")
+
+
+def test_remap_stages_proportional():
+    stages = (Stage("both", 1, 0, 10), Stage("both", 1, 10, 30))
+    out = remap_stages(stages, 4)
+    assert [(s.first_layer, s.n_layers) for s in out] == [(0, 1), (1, 3)]
+    waa = (Stage("encode", 1, 0, 40), Stage("decode", 1, 0, 20), Stage("decode", 1, 20, 20))
+    out = remap_stages(waa, 2)
+    assert [(s.role, s.first_layer, s.n_layers) for s in out] == [("encode", 0, 2), ("decode", 0, 1),
+                                                                  ("decode", 1, 1)]
+    with pytest.raises(ValueError, match="fewer than the 3"):
+        remap_stages((Stage("both", 1, 0, 1),) * 3, 2)
+
+
+def test_plan_stages_must_match_schedule():
+    with pytest.raises(ValueError, match="do not match"):
+        check_stages(make_plan(RRASchedule(2, 2, 1, 0, 2), stages=ONE))
+
+
+def test_plan_for_other_model_is_remapped(requests, reference):
+    """A plan made for a 40-layer model runs on tiny (2 layers) with its split scaled."""
+    plan = make_plan(RRASchedule(4, 3, 1, 0, 1), stages=(Stage("both", 1, 0, 40),))
+    rep = run_plan(plan, "tiny", requests=requests, keep_tokens=True)
+    assert_complete(rep, requests, reference)
+
+
+# --- two processes (gloo) ------------------------------------------------------------------------
+
+TWO_RANK_PLANS = {
+    "rra-pp2": (RRASchedule(4, 3, 1, 0, 2), PP2),
+    "rra-tp2": (RRASchedule(3, 2, 2, 2, 2), (Stage("both", 2, 0, 2),)),
+    "static-pp2": (StaticSchedule(5, 1, 2), PP2),
+    "waa-1+1": (WAASchedule(Policy.WAA_C, 3, 2, 1, 0, 1, 1), (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 2))),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TWO_RANK_PLANS))
+def test_two_ranks_tokens_match_reference(requests, reference, name):
+    schedule, stages = TWO_RANK_PLANS[name]
+    rep = run_plan(make_plan(schedule, stages), "tiny", requests=requests, keep_tokens=True, timeout_s=120)
+    assert rep.num_ranks == 2
+    assert_complete(rep, requests, reference)
+    assert rep.num_finished == len(requests)
+
+
+@pytest.mark.slow
+def test_rank_failure_stops_run_naming_rank(requests):
+    t = time.monotonic()
+    with pytest.raises(RankFailedError, match="rank 1") as e:
+        run_plan(make_plan(RRASchedule(4, 3, 1, 0, 2), PP2), "tiny", requests=requests, fault=(1, 3),
+                 timeout_s=60)
+    assert e.value.rank == 1
+    assert "injected fault" in str(e.value)
+    assert time.monotonic() - t < 60
