@@ -1,0 +1,225 @@
+"""find_schedule's public behaviour: defaults, JSON round trip, frontier, memory, baselines, errors."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from exegpt import (ExeGPTError, InfeasibleBoundError, LatencyBound, Plan, Profile, RRASchedule, SearchSpace,
+                    StaticSchedule, WAASchedule, Workload, evaluate_schedule, exhaustive_schedule, find_schedule,
+                    simulate, static_schedule)
+from exegpt.monotonicity import monotonicity_stats
+from exegpt.optimize import build_spaces, problem
+from exegpt.placement import bottleneck_s, place_layers
+
+from .conftest import make_profile
+
+
+def test_two_argument_call_uses_the_paper_default_and_round_trips():
+    w = Workload.truncated_normal(input=(256, 252, 512), output=(32, 13, 80))
+    plan = find_schedule(w, 5.9)
+    assert plan.model == "opt-13b" and plan.devices == "4xA40"
+    assert plan.estimate.latency_s <= 5.9 and plan.estimate.throughput_seq_s > 0
+    assert plan.search.wall_s > 0 and plan.search.candidates_evaluated > 0
+    assert Plan.from_json(plan.to_json()) == plan
+    assert sum(s.n_layers for s in plan.stages if s.role in ("both", "decode")) == 40
+
+
+def test_plan_file_round_trip(tmp_path):
+    plan = find_schedule(Workload.task("C1"), math.inf, model="llama-2-7b", devices="2xA100")
+    back = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert back == plan and back.bound.bound_s == math.inf
+
+
+@pytest.mark.parametrize("task", ["S", "T", "C1"])
+def test_throughput_never_decreases_as_the_bound_loosens(task):
+    w = Workload.task(task)
+    p = make_profile(noise=0.1, seed=7)
+    kw = dict(profile=p, devices="4xA40", space=SearchSpace(64, 64))
+    inf_plan = find_schedule(w, math.inf, **kw)
+    bounds = np.geomspace(inf_plan.estimate.latency_s / 20, inf_plan.estimate.latency_s * 1.5, 12)
+    last = 0.0
+    for b in bounds:
+        try:
+            thr = find_schedule(w, float(b), **kw).estimate.throughput_seq_s
+        except InfeasibleBoundError:
+            assert last == 0.0  # once feasible, a looser bound stays feasible
+            continue
+        assert thr >= last * (1 - 1e-12)
+        last = thr
+    assert last == pytest.approx(inf_plan.estimate.throughput_seq_s)
+
+
+def test_memory_limit_is_never_violated():
+    # A model that barely fits: every returned plan and every point the search calls feasible must fit.
+    w = Workload.task("C2")
+    for devices in ("2xA40", "4xA40"):
+        for b in (20.0, 60.0, math.inf):
+            try:
+                plan = find_schedule(w, b, model="opt-13b", devices=devices)
+            except InfeasibleBoundError:
+                continue
+            assert plan.estimate.memory_ok
+            assert max(plan.estimate.memory_bytes) <= plan.estimate.memory_capacity_bytes
+
+
+def test_feasible_points_fit_and_infeasible_neighbours_do_not():
+    w = Workload.task("C2")
+    prob = problem(w, math.inf, model="opt-13b", devices="2xA40")
+    from exegpt.simulate import estimate
+    from exegpt.search import grid_values
+    for lay, space in build_spaces(prob, space=SearchSpace(64, 64)):
+        axes, thr, lat, ok = grid_values(space)
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            i, j = rng.integers(0, len(axes[0])), rng.integers(0, len(axes[1]))
+            pt = (int(axes[0][i]), int(axes[1][j]))
+            if lay.policy.value == "rra":
+                s = RRASchedule(pt[0], pt[1], lay.tp, lay.tp_gpus, 2)
+            else:
+                s = WAASchedule(lay.policy, pt[0], pt[1], lay.tp, lay.tp_gpus, lay.encode_gpus, lay.decode_gpus)
+            e = estimate(prob, lay, s)
+            if ok[i, j]:
+                assert e.memory_ok
+            assert e.throughput_seq_s == pytest.approx(thr[i, j]) and e.latency_s == pytest.approx(lat[i, j])
+
+
+def test_exegpt_beats_static_batching_at_the_same_bound():
+    w = Workload.task("S")
+    fastest_static = static_schedule(w, math.inf).estimate.latency_s
+    for b in (fastest_static, 2 * fastest_static):
+        base = static_schedule(w, b)
+        ours = find_schedule(w, b)
+        assert isinstance(base.schedule, StaticSchedule)
+        assert ours.estimate.throughput_seq_s >= base.estimate.throughput_seq_s
+
+
+def test_simulate_matches_the_search_estimate():
+    w = Workload.task("S")
+    plan = find_schedule(w, 11.5)
+    est = simulate(plan.schedule, w, bound=11.5)
+    assert est == plan.estimate
+    assert evaluate_schedule(plan.schedule, w, 11.5).estimate == plan.estimate
+
+
+def test_rra_closed_form_latency():
+    w = Workload.task("S")
+    s = RRASchedule(encode_batch=16, decode_iters=8, tp=1, tp_gpus=0, num_gpus=1)
+    e = simulate(s, w, model="llama-2-7b", devices="1xA100")
+    k = 63 - 1
+    assert e.latency_s == pytest.approx(math.ceil(k / 8) * e.encode_stage_s + k * e.decode_step_s)
+    assert e.throughput_seq_s == pytest.approx(16 / (e.encode_stage_s + 8 * e.decode_step_s))
+
+
+def test_rra_decode_batch_follows_the_completion_model():
+    # Outputs of exactly 10 tokens: k = 9 decode iterations; with N_D = 4 a query spans 3 phases.
+    w = Workload.truncated_normal(input=(32, 0, 32), output=(10, 0, 10))
+    s = RRASchedule(encode_batch=6, decode_iters=4, tp=1, tp_gpus=0, num_gpus=1)
+    e = simulate(s, w, model="llama-2-7b", devices="1xA100")
+    assert e.decode_batch == pytest.approx(6 * 3)
+
+
+def test_monotonicity_statistics_are_reported():
+    prob = problem(Workload.task("S"), math.inf, model="opt-13b", devices="4xA40")
+    rows = {r.variable: r for r in monotonicity_stats(prob, build_spaces(prob, space=SearchSpace(32, 32)))}
+    assert {"RRA B_E", "RRA N_D", "WAA B_E", "WAA B_m"} <= set(rows)
+    for r in rows.values():
+        assert r.steps > 0 and 0 <= r.throughput_monotone <= 1 and 0 <= r.latency_monotone <= 1
+    assert rows["RRA B_E"].throughput_monotone > 0.95
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cp_sat_placement_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_layers, n_stages = int(rng.integers(4, 13)), int(rng.integers(2, 5))
+    layer_s = list(rng.uniform(0.5, 2.0, n_stages))
+    fixed_s = [0.0] * (n_stages - 1) + [float(rng.uniform(0, 2))]
+    layer_b = list(rng.uniform(1, 3, n_stages) * 2 ** 20)
+    fixed_b = list(rng.uniform(0, 2, n_stages) * 2 ** 20)
+    cap = float(rng.uniform(6, 20) * 2 ** 20)
+    got = place_layers(n_layers, layer_s, fixed_s, layer_b, fixed_b, cap)
+    best = None
+    mb = 2 ** 20
+    for counts in itertools.product(range(1, n_layers + 1), repeat=n_stages):
+        if sum(counts) != n_layers:
+            continue
+        if any(c * -(-b // mb) + -(-f // mb) > cap // mb for c, b, f in zip(counts, layer_b, fixed_b)):
+            continue
+        t = bottleneck_s(counts, layer_s, fixed_s)
+        best = t if best is None else min(best, t)
+    if best is None:
+        assert got is None
+    else:
+        assert sum(got) == n_layers
+        assert bottleneck_s(got, layer_s, fixed_s) == pytest.approx(best, rel=1e-3)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+W = Workload.task("S")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: find_schedule(W, 0), "latency bound 0"),
+    (lambda: find_schedule(W, -1.0), "latency bound -1"),
+    (lambda: find_schedule(W, "fast"), "must be seconds"),
+    (lambda: find_schedule(W, 3.1, model="gpt-5"), "unknown model 'gpt-5'"),
+    (lambda: find_schedule(W, 3.1, devices="4xB300"), "unknown device 'B300'"),
+    (lambda: find_schedule(W, 3.1, devices="four A40"), "devices 'four A40' not understood"),
+    (lambda: find_schedule(W, 3.1, devices="2xA40", tp_degrees=[4]), "TP degree 4 exceeds the 2 devices"),
+    (lambda: find_schedule(W, 3.1, tp_degrees=[3]), "TP degree 3 must divide"),
+    (lambda: find_schedule([1, 2], 3.1), "dist must be a Workload"),
+    (lambda: find_schedule(W, 3.1, policies=["fifo"]), "unknown policy: 'fifo'"),
+    (lambda: find_schedule(W, 3.1, model="tiny"), "supports 512"),
+    (lambda: LatencyBound(3.1, length_quantile=1.5), "length quantile 1.5"),
+    (lambda: RRASchedule(0, 1, 1, 0, 4), "encode_batch=0"),
+    (lambda: RRASchedule(4, 1, 8, 8, 4), "tp=8 exceeds the 4 devices"),
+])
+def test_bad_input_is_a_one_line_error(call, match):
+    with pytest.raises(ExeGPTError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_profile_json_errors(tmp_path):
+    good = make_profile().to_dict()
+    bad_schema = dict(good, schema=99)
+    with pytest.raises(ExeGPTError, match="profile schema 99 is not supported; expected 1"):
+        Profile.from_dict(bad_schema)
+    holey = json.loads(json.dumps(good))
+    holey["tables"][0]["seconds"][2] = holey["tables"][0]["seconds"][2][:-1]
+    with pytest.raises(ExeGPTError, match="ragged|hole"):
+        Profile.from_dict(holey)
+    nan = json.loads(json.dumps(good))
+    nan["tables"][3]["seconds"][3] = float("nan")
+    with pytest.raises(ExeGPTError, match="nan"):
+        Profile.from_dict(nan)
+    missing = dict(good, tables=[t for t in good["tables"] if t["kernel"] != "lm_head"])
+    with pytest.raises(ExeGPTError, match="misses the lm_head table"):
+        Profile.from_dict(missing)
+    f = tmp_path / "p.json"
+    f.write_text("{not json")
+    with pytest.raises(ExeGPTError, match="not valid JSON"):
+        Profile.load(f)
+
+
+def test_profile_round_trip_and_range_errors():
+    p = make_profile()
+    q = Profile.from_json(p.to_json())
+    assert q.seconds("attn_decode", 2, 7, 300) == pytest.approx(p.seconds("attn_decode", 2, 7, 300))
+    from exegpt import ProfileRangeError
+    with pytest.raises(ProfileRangeError, match="batch=5000 is outside the profiled range"):
+        p.seconds("attn_decode", 1, 5000, 10)
+    assert p.seconds("dense_decode", 1, 1e6) > p.seconds("dense_decode", 1, 65536)  # stated extrapolation
+
+
+def test_profile_envelopes_are_monotone():
+    p = make_profile(noise=0.3, seed=5)
+    x = np.linspace(1, 1024, 500)
+    for per_unit in (False, True):
+        t, _ = p.lookup(p.tables[1].kernel, 1, x, np.full_like(x, 300.0), per_unit=per_unit)
+        assert np.all(np.diff(t) >= -1e-15)
+    t, _ = p.lookup(p.tables[1].kernel, 1, x, np.full_like(x, 300.0), per_unit=True)
+    assert np.all(np.diff(t / x) <= 1e-15)
