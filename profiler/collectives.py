@@ -1,7 +1,7 @@
 """Collective and point-to-point costs, measured with real multi-process ``torch.distributed`` groups.
 
 vidur profiles collectives apart from the layers (``profiling/collectives/``); so do we. Each group size is one
-``torch.multiprocessing.spawn`` of that many processes, rendezvousing through a file store in a temporary folder:
+launch of that many fresh interpreters (``python -m profiler.collectives RANK CONFIG``), rendezvousing through a file store in a temporary folder:
 gloo on CPU, NCCL (plus gloo for host tensors) on GPUs, one GPU per rank. Kernels (all seconds):
 
 - ``allreduce(bytes)`` at ``tp = group size``: an in-place SUM all-reduce of a ``bytes`` message; the slowest
@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,6 +37,10 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_region
 
 log = logging.getLogger(__name__)
 
+TIMEOUT_S = 600.0
+"""Longest a group may take before its processes are killed."""
+GROUP_TIMEOUT_S = 120.0
+"""torch.distributed timeout of one collective (a peer that died fails the rest this fast)."""
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -106,19 +115,65 @@ def run_group(world: int, sizes_bytes: tuple[int, ...], *, device_type: str = "c
     repeat = QUICK_REPEAT if quick else REPEAT
     with tempfile.TemporaryDirectory(prefix="exegpt-coll-") as tmp:
         out = Path(tmp) / "result.json"
-        args = (world, str(Path(tmp) / "store"), str(out), device_type, dtype, tuple(sizes_bytes), repeat,
-                allreduce, point_to_point)
-        try:
-            torch.multiprocessing.spawn(_worker, args=args, nprocs=world, join=True)
-        except Exception as e:  # ProcessRaisedException / ProcessExitedException: keep one line.
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise ExeGPTError(f"collective measurement in a group of {world} failed: {last}") from None
+        config = {"world": world, "store": str(Path(tmp) / "store"), "out": str(out), "device_type": device_type,
+                  "dtype": dtype, "sizes_bytes": list(sizes_bytes), "repeat": repeat, "allreduce": allreduce,
+                  "point_to_point": point_to_point}
+        _launch(config, Path(tmp))
         return json.loads(out.read_text())
+
+
+def _launch(config: dict, tmp: Path) -> None:
+    """Start ``world`` fresh interpreters running this module's ``main`` (not ``multiprocessing.spawn``, which
+    re-imports the caller's ``__main__`` and so breaks unguarded scripts and notebooks); wait for all of them."""
+    world = config["world"]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # so that children import this checkout
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    procs, logs = [], []
+    for rank in range(world):
+        log_path = tmp / f"rank{rank}.log"
+        logs.append(log_path)
+        with open(log_path, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, "-m", "profiler.collectives", str(rank),
+                                           json.dumps(config)], stdout=f, stderr=subprocess.STDOUT, env=env))
+    failed = None
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        # Poll every rank: one that dies leaves the others blocked in a collective, so do not wait in order.
+        while failed is None and any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                failed = (-1, f"timed out after {TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
+            for rank, p in enumerate(procs):
+                if p.poll() not in (None, 0) and failed is None:
+                    failed = (rank, f"exit code {p.returncode}")
+        if failed is None:
+            failed = next(((r, f"exit code {p.returncode}") for r, p in enumerate(procs) if p.returncode), None)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if failed is not None:
+        rank, rc = failed
+        lines = [ln.strip() for i in range(world) for ln in logs[i].read_text(errors="replace").splitlines()
+                 if ln.strip()] if rank < 0 else \
+            [ln.strip() for ln in logs[rank].read_text(errors="replace").splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit code {rc}"
+        raise ExeGPTError(f"collective measurement in a group of {world} failed (rank {rank}, {rc}): {last}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry of one spawned rank: ``python -m profiler.collectives RANK CONFIG_JSON``."""
+    argv = sys.argv[1:] if argv is None else argv
+    rank, c = int(argv[0]), json.loads(argv[1])
+    _worker(rank, c["world"], c["store"], c["out"], c["device_type"], c["dtype"], tuple(c["sizes_bytes"]),
+            c["repeat"], c["allreduce"], c["point_to_point"])
 
 
 def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype: str,
             sizes_bytes: tuple[int, ...], repeat: int, allreduce: bool, point_to_point: bool) -> None:
-    """One rank of a spawned group (module level so that ``spawn`` can pickle it)."""
+    """One rank of a launched group: join the group, time, and (rank 0) write the results as JSON."""
     # One compute thread per rank: ranks share the machine's cores, and the message copies are memory-bound.
     torch.set_num_threads(1)
     if device_type == "cuda":
@@ -126,7 +181,8 @@ def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype
         device, backend = torch.device("cuda", rank), "cpu:gloo,cuda:nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=GROUP_TIMEOUT_S))
     try:
         tdtype = TORCH_DTYPES[dtype]
         result: dict = {"backend": backend}
@@ -205,3 +261,7 @@ def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.de
     d = _stats_dict(stats)
     return {k: (v / 2 if k != "repeat" else v) for k, v in d.items()}
 
+
+
+if __name__ == "__main__":
+    main()
