@@ -1,0 +1,268 @@
+"""Command line: ``exegpt plan | simulate | sweep`` (also ``python -m exegpt``).
+
+  exegpt plan --task S --bound 3.1 [--model opt-13b --devices 4xA40] [-o plan.json]
+  exegpt plan --trace requests.csv --bound 10 --model llama-2-7b --devices 2xA100
+  exegpt plan --input 256,252,512 --output 32,13,80 --bound 5.9 --profile profile.json
+  exegpt simulate --schedule rra:encode_batch=16,decode_iters=8 --task C1
+  exegpt sweep --task T --bounds 5 10 20 inf
+
+Every bad argument is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from .bound import LatencyBound
+from .errors import ExeGPTError, InfeasibleBoundError
+from .models import MODELS
+from .optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
+                       static_schedule)
+from .plan import Plan
+from .profile import Profile
+from .schedule import Policy, RRASchedule, StaticSchedule, WAASchedule, policy_of
+from .workload import TASKS, TRACES, Workload
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too; keep it short)
+        self.exit(2, f"exegpt: error: {message}\n")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _triple(text: str) -> tuple[float, float, int]:
+    parts = text.split(",")
+    try:
+        mean, std, mx = float(parts[0]), float(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not MEAN,STD,MAX (e.g. 256,252,512)") from None
+    return mean, std, mx
+
+
+def _add_workload(p: argparse.ArgumentParser):
+    g = p.add_argument_group("workload (one of)")
+    g.add_argument("--task", help=f"the paper's task: {', '.join(TASKS)}")
+    g.add_argument("--builtin-trace", choices=list(TRACES), help="a shipped real trace")
+    g.add_argument("--trace", help="a CSV trace: num_prefill_tokens,num_decode_tokens[,arrived_at] or Azure's")
+    g.add_argument("--input", type=_triple, help="input length MEAN,STD,MAX (truncated normal)")
+    g.add_argument("--output", type=_triple, help="output length MEAN,STD,MAX (truncated normal)")
+
+
+def _add_target(p: argparse.ArgumentParser):
+    p.add_argument("--model", default=None, help=f"model name (default opt-13b): {', '.join(MODELS)}")
+    p.add_argument("--devices", default=None, help="COUNTxDEVICE, e.g. 4xA40 (default), 8xH100")
+    p.add_argument("--profile", default=None, help="a profile JSON (default: the built-in GPU profile)")
+    p.add_argument("--quantile", type=_number, default=0.99, help="output-length quantile the bound applies to")
+
+
+def _workload(a) -> Workload:
+    given = [x for x in ("task", "builtin_trace", "trace") if getattr(a, x)] + (["input/output"] if a.input or a.output else [])
+    if len(given) != 1:
+        raise ExeGPTError("give exactly one workload: --task, --builtin-trace, --trace or --input with --output"
+                          + (f" (got {', '.join(given)})" if given else ""))
+    if a.task:
+        return Workload.task(a.task)
+    if a.builtin_trace:
+        return Workload.trace(a.builtin_trace)
+    if a.trace:
+        return Workload.from_trace(a.trace)
+    if not (a.input and a.output):
+        raise ExeGPTError("--input and --output go together (each MEAN,STD,MAX)")
+    return Workload.truncated_normal(a.input, a.output)
+
+
+def _target(a) -> dict:
+    profile = Profile.load(a.profile) if a.profile else None
+    return dict(model=a.model, devices=a.devices, profile=profile)
+
+
+def _bound(value: float, quantile: float) -> LatencyBound:
+    return LatencyBound(value, quantile)
+
+
+def _describe(s) -> str:
+    if isinstance(s, RRASchedule):
+        return f"RRA  B_E={s.encode_batch} N_D={s.decode_iters} TP={s.tp}x{s.tp_gpus}dev"
+    if isinstance(s, WAASchedule):
+        return (f"{s.policy.value.upper().replace('_', '-')} B_E={s.encode_batch} B_m={s.micro_batch} "
+                f"TP={s.tp}x{s.tp_gpus}dev enc/dec={s.encode_gpus}/{s.decode_gpus}")
+    return f"static B={s.batch} TP={s.tp}"
+
+
+def _print_plan(plan: Plan, title: str = "plan"):
+    e = plan.estimate
+    print(f"{title}: {_describe(plan.schedule)}   [{plan.model} on {plan.devices}, profile {plan.profile_id}]")
+    rows = [
+        ("throughput", f"{e.throughput_seq_s:.3f} seq/s   {e.throughput_tok_s:.1f} tok/s"),
+        (f"latency (p{plan.bound.length_quantile * 100:g} length = {e.latency_len} tok)",
+         f"{e.latency_s:.3f} s   (bound {plan.bound.bound_s:g} s)"),
+        ("encode stage / decode step", f"{e.encode_stage_s * 1e3:.2f} ms / {e.decode_step_s * 1e3:.2f} ms"),
+        ("decode batch B_D", f"{e.decode_batch:.1f}"),
+        ("peak memory per device", f"{max(e.memory_bytes) / 2**30:.2f} GiB of {e.memory_capacity_bytes / 2**30:.1f}"),
+        ("stages", "  ".join(f"[{s.role} tp{s.tp} L{s.first_layer}-{s.first_layer + s.n_layers - 1}]"
+                             for s in plan.stages)),
+        ("search", f"{plan.search.method}: {plan.search.candidates_evaluated} candidates of "
+                   f"{plan.search.space_size} in {plan.search.wall_s:.3f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def _space(a) -> SearchSpace:
+    return SearchSpace(a.max_encode_batch, a.max_micro_batch)
+
+
+def cmd_plan(a) -> int:
+    w, target = _workload(a), _target(a)
+    bound = _bound(a.bound, a.quantile)
+    fn = exhaustive_schedule if a.exhaustive else find_schedule
+    kw = dict(target, policies=a.policies, tp_degrees=a.tp, space=_space(a))
+    if not a.exhaustive:
+        kw.update(eps_throughput=a.eps_throughput, eps_latency=a.eps_latency)
+    plan = fn(w, bound, **kw)
+    _print_plan(plan)
+    try:
+        base = static_schedule(w, bound, **target)
+        gain = plan.estimate.throughput_seq_s / base.estimate.throughput_seq_s
+        print(f"  vs static batching     {_describe(base.schedule)}: {base.estimate.throughput_seq_s:.3f} seq/s "
+              f"-> {gain:.2f}x")
+    except InfeasibleBoundError as err:
+        print(f"  vs static batching     infeasible at this bound ({err.smallest_feasible_s:.3g} s needed)")
+    if a.out:
+        plan.save(a.out)
+        print(f"wrote {a.out}")
+    return 0
+
+
+def _parse_schedule(text: str, num_gpus: int):
+    name, _, rest = text.partition(":")
+    policy = policy_of(name.strip().lower())
+    kv = {}
+    for item in filter(None, rest.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ExeGPTError(f"schedule field {item!r} is not NAME=VALUE")
+        try:
+            kv[k.strip()] = int(v)
+        except ValueError:
+            raise ExeGPTError(f"schedule field {k.strip()}={v!r} is not an integer") from None
+    kv.setdefault("tp", 1)
+    kv.setdefault("tp_gpus", 0 if kv["tp"] == 1 else num_gpus)
+    try:
+        if policy is Policy.RRA:
+            return RRASchedule(num_gpus=num_gpus, **kv)
+        if policy is Policy.STATIC:
+            kv.pop("tp_gpus")
+            return StaticSchedule(num_gpus=num_gpus, **kv)
+        kv.setdefault("encode_gpus", num_gpus // 2)
+        kv.setdefault("decode_gpus", num_gpus - kv["encode_gpus"])
+        return WAASchedule(policy=policy, **kv)
+    except TypeError as e:
+        raise ExeGPTError(f"schedule {text!r}: {e}") from None
+
+
+def cmd_simulate(a) -> int:
+    if a.plan:
+        plan = Plan.load(a.plan)
+        w = plan.workload if not any((a.task, a.builtin_trace, a.trace, a.input)) else _workload(a)
+        target = _target(a)
+        target["model"] = target["model"] or plan.model
+        target["devices"] = target["devices"] or plan.devices
+        schedule = plan.schedule
+    else:
+        if not a.schedule:
+            raise ExeGPTError("give --schedule POLICY:FIELD=VALUE,... or --plan plan.json")
+        w, target = _workload(a), _target(a)
+        from .devices import parse_cluster
+        n = parse_cluster(target["devices"] or ("4xA40" if target["profile"] is None
+                                                else f"1x{target['profile'].device}")).count
+        schedule = _parse_schedule(a.schedule, n)
+    plan = evaluate_schedule(schedule, w, _bound(a.bound, a.quantile), **target)
+    _print_plan(plan, "simulated")
+    if not plan.estimate.memory_ok:
+        print("  WARNING: this schedule does not fit in device memory")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    w, target = _workload(a), _target(a)
+    bounds = [_bound(b, a.quantile) for b in a.bounds]
+    plans = frontier(w, bounds, **target, policies=a.policies, space=_space(a))
+    print(f"{'bound s':>9} {'policy / schedule':<58} {'seq/s':>9} {'latency s':>10} {'static seq/s':>13} {'gain':>6}")
+    for b, plan in zip(bounds, plans):
+        try:
+            base = static_schedule(w, b, **target).estimate.throughput_seq_s
+        except InfeasibleBoundError:
+            base = float("nan")
+        if plan is None:
+            print(f"{b.bound_s:>9g} {'infeasible':<58} {'-':>9} {'-':>10} {base:>13.3f} {'-':>6}")
+            continue
+        e = plan.estimate
+        print(f"{b.bound_s:>9g} {_describe(plan.schedule):<58} {e.throughput_seq_s:>9.3f} {e.latency_s:>10.3f} "
+              f"{base:>13.3f} {e.throughput_seq_s / base:>6.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="exegpt", description="Find the highest-throughput LLM execution schedule under a latency bound.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    plan = sub.add_parser("plan", help="search the best schedule and write plan.json")
+    _add_workload(plan)
+    _add_target(plan)
+    plan.add_argument("--bound", type=_number, required=True, help="latency bound in seconds (inf for none)")
+    plan.add_argument("--policies", nargs="+", default=["rra", "waa_c", "waa_m"], help="rra waa_c waa_m")
+    plan.add_argument("--tp", type=int, nargs="+", default=None, help="TP degrees to try (default: all)")
+    plan.add_argument("--eps-throughput", type=_number, default=0.0)
+    plan.add_argument("--eps-latency", type=_number, default=0.0)
+    plan.add_argument("--max-encode-batch", type=int, default=256)
+    plan.add_argument("--max-micro-batch", type=int, default=256)
+    plan.add_argument("--exhaustive", action="store_true", help="evaluate every point instead of branch and bound")
+    plan.add_argument("-o", "--out", default="plan.json", help="plan file to write ('' for none)")
+    plan.set_defaults(fn=cmd_plan)
+
+    sim = sub.add_parser("simulate", help="estimate one schedule")
+    _add_workload(sim)
+    _add_target(sim)
+    sim.add_argument("--schedule", help="e.g. rra:encode_batch=16,decode_iters=8,tp=2,tp_gpus=4 or "
+                                        "waa_c:encode_batch=4,micro_batch=32,encode_gpus=1")
+    sim.add_argument("--plan", help="simulate the schedule of a plan file")
+    sim.add_argument("--bound", type=_number, default=math.inf)
+    sim.set_defaults(fn=cmd_simulate)
+
+    sw = sub.add_parser("sweep", help="best throughput at each bound (the frontier), against static batching")
+    _add_workload(sw)
+    _add_target(sw)
+    sw.add_argument("--bounds", type=_number, nargs="+", required=True)
+    sw.add_argument("--policies", nargs="+", default=["rra", "waa_c", "waa_m"])
+    sw.add_argument("--max-encode-batch", type=int, default=256)
+    sw.add_argument("--max-micro-batch", type=int, default=256)
+    sw.set_defaults(fn=cmd_sweep)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except InfeasibleBoundError as e:
+        print(f"exegpt: infeasible: {e}", file=sys.stderr)
+        return 2
+    except ExeGPTError as e:
+        print(f"exegpt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from exegpt import Plan
+from exegpt.__main__ import main
+
+from .conftest import make_profile
+
+
+def test_plan_writes_a_plan_file_and_prints_a_table(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--task", "S", "--bound", "5.9", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "throughput" in text and "vs static batching" in text
+    plan = Plan.load(out)
+    assert plan.estimate.latency_s <= 5.9
+
+
+def test_plan_from_trace_and_profile_file(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("num_prefill_tokens,num_decode_tokens\n" + "".join(f"{20 + i % 50},{5 + i % 17}\n"
+                                                                         for i in range(200)))
+    prof = make_profile().save(tmp_path / "p.json")
+    assert main(["plan", "--trace", str(trace), "--bound", "inf", "--profile", str(prof), "--devices", "2xA40",
+                 "-o", str(tmp_path / "plan.json")]) == 0
+
+
+def test_sweep_and_simulate(capsys):
+    assert main(["sweep", "--task", "C1", "--bounds", "5", "inf"]) == 0
+    assert main(["simulate", "--task", "C1", "--schedule", "rra:encode_batch=8,decode_iters=4"]) == 0
+    out = capsys.readouterr().out
+    assert "inf" in out and "simulated: RRA" in out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["plan", "--task", "X", "--bound", "3"], "unknown task 'X'"),
+    (["plan", "--task", "S", "--bound", "0"], "latency bound 0.0"),
+    (["plan", "--task", "S", "--bound", "abc"], "'abc' is not a number"),
+    (["plan", "--task", "S", "--bound", "3", "--devices", "2xA40", "--tp", "4"], "TP degree 4 exceeds"),
+    (["plan", "--task", "S", "--bound", "1"], "smallest feasible bound is"),
+    (["plan", "--bound", "3"], "give exactly one workload"),
+    (["plan", "--input", "1,2", "--output", "3,4,5", "--bound", "3"], "is not MEAN,STD,MAX"),
+    (["simulate", "--task", "S", "--schedule", "rra:encode_batch=x"], "is not an integer"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, match):
+    r = subprocess.run([sys.executable, "-m", "exegpt", *args], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert match in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
