@@ -7,6 +7,10 @@ import torch
 
 from runner.weights import load_model
 
+# NOTE: the runner tests run tiny ops on 2 shared cores; OpenMP barriers across 2 threads under load cost ~1000x
+# the op itself (measured: an 8 us attention call took 8 ms), so these tests use one intra-op thread.
+torch.set_num_threads(1)
+
 
 def _make_model(name: str = "tiny", **kw):
     """A preset with seeded random weights: (model, args)."""

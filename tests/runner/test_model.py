@@ -1,0 +1,82 @@
+"""Model construction and the cached prefill/decode path against the uncached forward (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exegpt.errors import ExeGPTError
+from exegpt.models import MODELS
+from runner.generate import greedy_batch, greedy_reference
+from runner.model import ModelArgs, Transformer
+
+
+def test_from_name_uses_exegpt_shapes():
+    for name, shape in MODELS.items():
+        args = ModelArgs.from_name(name)
+        assert (args.family, args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.ffn_dim) == (
+            shape.family, shape.n_layers, shape.dim, shape.n_heads, shape.n_kv_heads, shape.ffn_dim)
+        assert args.head_dim == shape.hd
+    assert ModelArgs.from_name("tiny-opt").bias and not ModelArgs.from_name("tiny-opt").gated_ffn
+    assert ModelArgs.from_name("smollm2-135m").rope_base == 100000.0
+
+
+def test_unknown_preset_is_one_line_error():
+    with pytest.raises(ExeGPTError, match="unknown model preset 'Tiny'") as e:
+        ModelArgs.from_name("Tiny")  # exact match only
+    assert "\n" not in str(e.value)
+
+
+def test_bad_layer_range():
+    with pytest.raises(ExeGPTError, match="layers"):
+        Transformer(ModelArgs.from_name("tiny"), layers=(1, 5))
+
+
+def test_cached_decode_equals_uncached_forward(decoder_model):
+    model, args = decoder_model
+    ids = torch.randint(0, args.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    full = model(ids)  # [3, 10, vocab]
+    model.setup_cache(3, 16)
+    lens = [4, 7, 2]
+    logits = model.prefill(torch.cat([ids[i, :k] for i, k in enumerate(lens)]), lens, [0, 1, 2])
+    for step in range(3):
+        pos = [k + step for k in lens]
+        torch.testing.assert_close(logits, full[torch.arange(3), torch.tensor(pos) - 1], atol=1e-5, rtol=1e-5)
+        logits = model.decode(ids[torch.arange(3), torch.tensor(pos)], [0, 1, 2])
+
+
+def test_prefill_returns_hidden_without_head(make_model):
+    stage, args = make_model("tiny", head=False)
+    stage.setup_cache(2, 8)
+    h = stage.prefill(torch.arange(5), [3, 2], [0, 1])
+    assert h.shape == (5, args.dim) and stage.cache.lengths[:2].tolist() == [3, 2]
+    assert stage.decode(torch.tensor([1, 2]), [0, 1]).shape == (2, args.dim)
+
+
+def test_setup_cache_is_idempotent(make_model):
+    model, _ = make_model("tiny")
+    cache = model.setup_cache(2, 16)
+    assert model.setup_cache(2, 16) is cache and model.setup_cache(3, 16) is not cache
+
+
+def test_decode_past_cache_is_an_error(make_model):
+    model, _ = make_model("tiny")
+    model.setup_cache(1, 3)
+    model.prefill(torch.tensor([1, 2, 3]), [3], [0])
+    with pytest.raises(ExeGPTError, match="max_len"):
+        model.decode(torch.tensor([1]), [0])
+
+
+def test_t5_preset_batched_equals_reference(make_model, make_prompts):
+    model, args = make_model("tiny-t5")
+    prompts = make_prompts(4, args.vocab_size, seed=5)
+    budgets = [5, 2, 7, 4]
+    refs = [greedy_reference(model, p, b) for p, b in zip(prompts, budgets)]
+    model.setup_cache(2, 8, max_src_len=12)  # joins and compaction of self- and cross-attention rows
+    assert greedy_batch(model, prompts, budgets, max_rows=2) == refs
+
+
+def test_eos_stops_reference(make_model):
+    model, _ = make_model("tiny")
+    out = greedy_reference(model, [1, 2, 3], 10)
+    assert greedy_reference(model, [1, 2, 3], 10, eos_id=out[2]) == out[: out.index(out[2]) + 1]
