@@ -161,22 +161,18 @@ def _spawn_entry(rank: int, world_size: int, port: int, fn: Callable, args: tupl
                             timeout=timedelta(seconds=timeout_s))
     try:
         out = fn(rank, world_size, comm_device(), *args)
-        if out is not None:
-            results.put(out)
     except BaseException:
-        # The launcher reports the first failing rank; the traceback goes to its stderr.
+        # Exit at once (no group teardown, which could wait on peers); the launcher names this rank.
         traceback.print_exc()
         raise
-    finally:
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - a peer already gone must not mask the real error
-            pass
+    if out is not None:
+        results.put(out)
+    dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 600.0) -> Any:
-    """Runs ``fn(rank, world_size, device, *args)`` in ``world_size`` spawned processes and returns the one
-    non-None result a rank returned.
+def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 600.0) -> list:
+    """Runs ``fn(rank, world_size, device, *args)`` in ``world_size`` spawned processes and returns the
+    non-None results the ranks returned (in the order they arrived).
 
     Raises:
         RankFailedError: a rank raised or died (the others are terminated), or the run exceeded ``timeout_s``.
@@ -187,17 +183,17 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s:
     pctx = mp.start_processes(_spawn_entry, args=(world_size, port, fn, args, results, timeout_s),
                               nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
-    out = None
+    out = []
     try:
         while True:
-            if not results.empty():
-                out = results.get()
+            while not results.empty():
+                out.append(results.get())
             try:
                 if pctx.join(timeout=0.2):
                     break
             except mp.ProcessRaisedException as e:
-                raise RankFailedError(f"rank {e.error_index} failed: {_last_line(str(e))}", e.error_index) \
-                    from None
+                rank, msg = _first_failure(pctx, e.error_index, str(e))
+                raise RankFailedError(f"rank {rank} failed: {_last_line(msg)}", rank) from None
             except mp.ProcessExitedException as e:
                 raise RankFailedError(f"rank {e.error_index} died (exit code {e.exit_code}"
                                       f"{', ' + e.signal_name if e.signal_name else ''})", e.error_index) from None
@@ -213,11 +209,30 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s:
             p.join(5)
             if p.is_alive():
                 p.kill()
-    while out is None and not results.empty():
-        out = results.get()
-    if out is None:
-        raise RankFailedError("no rank returned a result")
+    while not results.empty():
+        out.append(results.get())
     return out
+
+
+def _first_failure(pctx, rank: int, msg: str) -> tuple[int, str]:
+    """The rank that failed first (its error file is the oldest) and its traceback: when one rank raises, its
+    peers then fail on the closed connection, and the launcher may notice one of those first."""
+    import pickle
+
+    time.sleep(0.2)  # let a root failure that is still being written land
+    best = None
+    for i, path in enumerate(pctx.error_files):
+        try:
+            mtime = os.path.getmtime(path)
+            if os.path.getsize(path) == 0:
+                continue
+            with open(path, "rb") as f:
+                text = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            continue
+        if best is None or mtime < best[0]:
+            best = (mtime, i, str(text))
+    return (best[1], best[2]) if best is not None else (rank, msg)
 
 
 def _last_line(msg: str) -> str:

@@ -112,11 +112,12 @@ class StageRuntime:
             raise RuntimeError(f"injected fault on rank {self.rank} after {self.num_executed} commands")
         self.num_executed += 1
         out = None
-        if cmd.op == PREFILL:
-            x = cmd.ids if self.model.embed else hidden
-            out = self.model.prefill(x, cmd.seq_lens, cmd.rows)
-        elif cmd.op == DECODE:
-            out = self.model.decode(cmd.ids if self.model.embed else hidden, cmd.rows)
+        if cmd.op in COMPUTE:
+            x = (cmd.ids if self.model.embed else hidden).to(self.comm.device)
+            if cmd.op == PREFILL:
+                out = self.model.prefill(x, cmd.seq_lens, cmd.rows)
+            else:
+                out = self.model.decode(x, cmd.rows)
         elif cmd.op == COMPACT:
             self.model.cache.compact(cmd.rows)
         elif cmd.op == IMPORT:

@@ -154,11 +154,49 @@ def run_plan(plan: Plan, model: str = "tiny", requests: tuple[Request, ...] | No
     Raises:
         ExeGPTError: bad plan, model or arguments. RankFailedError: a rank failed, died or timed out.
     """
+    return run_plans([plan], model, requests, num_requests, trace, seed, dtype, stop_at_eos, eos_id, keep_tokens,
+                     timeout_s, progress, fault)[0]
+
+
+def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, ...] | None = None,
+              num_requests: int = 64, trace: Workload | None = None, seed: int = 0, dtype: str = "fp32",
+              stop_at_eos: bool = False, eos_id: int | None = None, keep_tokens: bool = False,
+              timeout_s: float = 600.0, progress: bool = False, fault: tuple[int, int] | None = None
+              ) -> list[RunReport | None]:
+    """``run_plan`` for several plans, one after the other; plans needing the same number of ranks share one
+    set of processes (process start-up dominates short runs). Arguments as in ``run_plan``."""
+    ctxs = [_context(p, model, requests, num_requests, trace, seed, dtype, stop_at_eos, eos_id, keep_tokens,
+                     progress, fault) for p in plans]
+    worlds = [p.schedule.num_gpus for p in plans]
+    out: list[RunReport | None] = [None] * len(plans)
+    if torchrun_env():
+        rank, size, device = init_from_env(timeout_s)
+        if any(w != size for w in worlds):
+            raise ExeGPTError(f"torchrun started {size} ranks; the plans need {sorted(set(worlds))}")
+        for i, report in _rank_main(rank, size, device, ctxs, list(range(len(ctxs)))):
+            out[i] = report
+        return out
+    for world in dict.fromkeys(worlds):
+        idx = [i for i, w in enumerate(worlds) if w == world]
+        if world == 1:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            results = [_rank_main(0, 1, device, [ctxs[i] for i in idx], idx)]
+        else:
+            results = launch(_rank_main, world, ([ctxs[i] for i in idx], idx), timeout_s)
+        for pairs in results:
+            for i, report in pairs:
+                out[i] = report
+    return out
+
+
+def _context(plan: Plan, model: str, requests, num_requests: int, trace, seed: int, dtype: str,
+             stop_at_eos: bool, eos_id, keep_tokens: bool, progress: bool, fault) -> RunContext:
+    """Validates a plan against the model and builds the RunContext every rank executes."""
     if dtype not in DTYPES:
         raise ExeGPTError(f"dtype {dtype!r} unknown; expected one of {', '.join(DTYPES)}")
     if not isinstance(plan.schedule, (RRASchedule, WAASchedule, StaticSchedule)):
         raise ExeGPTError(f"cannot execute schedule {plan.schedule!r}")
-    executor = executor_for(plan.schedule.policy)
+    executor_for(plan.schedule.policy)
     args = model_args(model)
     if args.family == "t5":
         raise ExeGPTError("the plan executors run decoder-only models (llama, opt); T5 is not supported")
@@ -170,20 +208,22 @@ def run_plan(plan: Plan, model: str = "tiny", requests: tuple[Request, ...] | No
                               f"n_kv_heads={args.n_kv_heads}")
     if requests is None:
         requests = make_requests(trace if trace is not None else plan.workload, num_requests, args.vocab_size, seed)
-    ctx = RunContext(plan=plan, layout=layout(plan.stages), model=model, dtype=dtype, requests=tuple(requests),
-                     max_seq_len=args.max_seq_len, cache_len=cache_len_of(plan, args.max_seq_len),
-                     stop_at_eos=stop_at_eos, eos_id=eos_id, keep_tokens=keep_tokens, seed=seed, fault=fault,
-                     progress=progress)
-    world = plan.schedule.num_gpus
-    if torchrun_env():
-        rank, size, device = init_from_env(timeout_s)
-        if size != world:
-            raise ExeGPTError(f"torchrun started {size} ranks; the plan needs {world}")
-        return executor(ctx, rank, size, device)
-    if world == 1:
-        return executor(ctx, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    return launch(_rank_main, world, (ctx,), timeout_s)
+    return RunContext(plan=plan, layout=layout(plan.stages), model=model, dtype=dtype, requests=tuple(requests),
+                      max_seq_len=args.max_seq_len, cache_len=cache_len_of(plan, args.max_seq_len),
+                      stop_at_eos=stop_at_eos, eos_id=eos_id, keep_tokens=keep_tokens, seed=seed, fault=fault,
+                      progress=progress)
 
 
-def _rank_main(rank: int, world_size: int, device: torch.device, ctx: RunContext) -> RunReport | None:
-    return executor_for(ctx.plan.schedule.policy)(ctx, rank, world_size, device)
+def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]
+               ) -> list[tuple[int, RunReport]]:
+    """Runs each plan's executor on this rank in turn; returns the (index, report) pairs this rank holds."""
+    import torch.distributed as dist
+
+    out = []
+    for i, ctx in zip(idx, ctxs):
+        report = executor_for(ctx.plan.schedule.policy)(ctx, rank, world_size, device)
+        if report is not None:
+            out.append((i, report))
+        if dist.is_initialized():
+            dist.barrier()  # the next plan starts with every message of this one delivered
+    return out

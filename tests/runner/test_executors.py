@@ -16,7 +16,7 @@ from runner.generate import greedy_reference
 from runner.report import FAILED, FINISHED
 from runner.requests import make_requests, requests_from_pairs
 from runner.rra import refill_target
-from runner.run import check_stages, executor_for, remap_stages, run_plan
+from runner.run import check_stages, executor_for, remap_stages, run_plan, run_plans
 from runner.weights import load_model
 
 WORKLOAD = Workload.truncated_normal((12, 5, 20), (8, 4, 16))  # cache_len = 20 + 16 = 36
@@ -183,13 +183,16 @@ TWO_RANK_PLANS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(TWO_RANK_PLANS))
-def test_two_ranks_tokens_match_reference(requests, reference, name):
-    schedule, stages = TWO_RANK_PLANS[name]
-    rep = run_plan(make_plan(schedule, stages), "tiny", requests=requests, keep_tokens=True, timeout_s=120)
-    assert rep.num_ranks == 2
-    assert_complete(rep, requests, reference)
-    assert rep.num_finished == len(requests)
+def test_two_ranks_tokens_match_reference(requests, reference):
+    """RRA pipelined over 2 stages, RRA with TP 2, static over 2 stages, WAA 1+1: one set of 2 processes."""
+    names = list(TWO_RANK_PLANS)
+    plans = [make_plan(*TWO_RANK_PLANS[n]) for n in names]
+    reports = run_plans(plans, "tiny", requests=requests, keep_tokens=True, timeout_s=180)
+    for name, rep in zip(names, reports):
+        assert rep is not None, name
+        assert rep.num_ranks == 2 and rep.policy == plans[names.index(name)].schedule.policy.value
+        assert_complete(rep, requests, reference)
+        assert rep.num_finished == len(requests), name
 
 
 @pytest.mark.slow

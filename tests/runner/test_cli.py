@@ -1,0 +1,86 @@
+"""The exegpt-run CLI: runs a plan file, writes a report, and rejects bad arguments with one line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exegpt import Estimate, LatencyBound, Plan, RRASchedule, Stage, Workload
+from runner.__main__ import main
+from runner.report import FAILED, RunReport
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def plan_file(tmp_path) -> Path:
+    plan = Plan(schedule=RRASchedule(3, 2, 1, 0, 1),
+                estimate=Estimate(5.0, 40.0, 0.5, 6, 0.01, 0.004, 5.0), bound=LatencyBound(2.0),
+                profile_id="tiny@cpu", model="tiny", devices="1xCPU",
+                workload=Workload.truncated_normal((10, 3, 16), (6, 2, 10)), stages=(Stage("both", 1, 0, 2),))
+    return plan.save(tmp_path / "plan.json")
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0] and err[0].startswith("exegpt-run: error:")
+    return err[0]
+
+
+def test_run_writes_report_and_prints_table(plan_file, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["--plan", str(plan_file), "--model", "tiny", "--requests", "9", "--report", str(out),
+                 "--seed", "2", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted" in text and "measured" in text and "9 finished" in text
+    rep = RunReport.load(out)
+    assert rep.num_finished == 9 and rep.policy == "rra" and rep.estimate.latency_len == 6
+    assert len(rep.requests) == 9
+
+
+def test_trace_with_over_long_requests(plan_file, tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("num_prefill_tokens,num_decode_tokens\n8,4\n40,4\n5,3\n")
+    out = tmp_path / "r.json"
+    assert main(["--plan", str(plan_file), "--requests", "12", "--trace", str(trace), "--report", str(out),
+                 "--no-progress"]) == 0
+    rep = RunReport.load(out)
+    failed = [r for r in rep.requests if r.status == FAILED]
+    assert failed and all(r.input_len == 40 and "budget" in r.reason for r in failed)
+    assert rep.num_finished + len(failed) == 12
+    assert "failed:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([], "--plan"),
+    (["--plan", "/nonexistent/plan.json"], "cannot read plan"),
+    (["--plan", "PLAN", "--model", "no-such-model"], "unknown model"),
+    (["--plan", "PLAN", "--dtype", "fp8"], "fp8"),
+    (["--plan", "PLAN", "--requests", "0"], "--requests"),
+    (["--plan", "PLAN", "--requests", "many"], "many"),
+    (["--plan", "PLAN", "--trace", "nope.csv"], "trace"),
+    (["--plan", "PLAN", "--report", "/nonexistent/dir/r.json"], "does not exist"),
+])
+def test_bad_arguments_exit_2_with_one_line(plan_file, capsys, argv, needle):
+    argv = [str(plan_file) if a == "PLAN" else a for a in argv]
+    assert main(argv) == 2
+    assert needle in _one_error_line(capsys)
+
+
+def test_bad_plan_json(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["--plan", str(bad)]) == 2
+    assert "not valid JSON" in _one_error_line(capsys)
+
+
+def test_module_entry_point_bad_args():
+    proc = subprocess.run([sys.executable, "-m", "runner", "--plan", "/nonexistent.json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read plan" in lines[0]
