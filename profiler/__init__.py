@@ -6,10 +6,23 @@ collectives, and writes an ``exegpt.Profile`` (seconds per layer on one rank of 
     profile.save("tiny-cpu.json")
 
 CLI: ``python -m profiler --model tiny --quick --tp 1 2 -o tiny-cpu.json``.
+
+Names are imported lazily, so ``python -m profiler`` can reject bad arguments before torch loads.
 """
 
-from .grid import Grid, make_grid
-from .sweep import profile_model
-from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_region
+from __future__ import annotations
 
-__all__ = ["Grid", "QUICK_REPEAT", "REPEAT", "TimingStats", "WARMUP", "make_grid", "profile_model", "time_region"]
+import importlib
+
+_EXPORTS = {
+    "profile_model": "sweep", "Grid": "grid", "make_grid": "grid", "time_region": "timer", "TimingStats": "timer",
+    "WARMUP": "timer", "REPEAT": "timer", "QUICK_REPEAT": "timer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'profiler' has no attribute {name!r}")

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default cuda when available")
     p.add_argument("--max-seq", type=int, default=None,
                    help="cap the attention axes below the model's max_seq_len (faster on CPUs)")
+    p.add_argument("--max-batch", type=int, default=None, help="cap the batch axis (default 128 quick, 256 full)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="cap the token axis of the dense tables (default 4096 quick, 16384 full)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while timing (default: torch's); 1 is steadier on a shared CPU")
     p.add_argument("--no-collectives", action="store_true",
                    help="skip allreduce / send_recv / kv_handoff (no processes are spawned)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import profile_model  # torch import after the cheap checks
 
         profile = profile_model(args.model, tp_degrees=tuple(args.tp), quick=args.quick, dtype=args.dtype,
-                                device=args.device, max_seq=args.max_seq, collectives=not args.no_collectives,
-                                progress=not args.no_progress)
+                                device=args.device, max_seq=args.max_seq, max_batch=args.max_batch,
+                                max_tokens=args.max_tokens, collectives=not args.no_collectives,
+                                progress=not args.no_progress, threads=args.threads)
         profile.save(out)
     except ExeGPTError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -70,9 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    d = profile.tables
     print(f"wrote {out} ({profile.id}, {profile.dtype}, tp {', '.join(map(str, profile.tp_degrees()))}, "
-          f"{len(d)} tables, step overhead {profile.step_overhead_s * 1e3:.3f} ms)")
+          f"{len(profile.tables)} tables, step overhead {profile.step_overhead_s * 1e3:.3f} ms)")
     return 0
 
 

@@ -1,0 +1,60 @@
+"""Collectives in a real 2-process gloo group, and the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+
+from exegpt.profile import Kernel, Profile
+from profiler.__main__ import main
+from profiler.collectives import measure_collectives
+
+
+def test_gloo_collectives_with_two_processes():
+    res = measure_collectives((1, 2), (64, 1 << 16), device="cpu", dtype="fp32", quick=True)
+    kinds = {(t.kernel, t.tp) for t in res.tables}
+    assert kinds == {(Kernel.ALLREDUCE, 2), (Kernel.SEND_RECV, 1), (Kernel.KV_HANDOFF, 1)}
+    for t in res.tables:
+        assert t.extrapolate and t.xs == (64.0, 65536.0)
+        assert all(0 < s < 1.0 for s in t.seconds)
+    assert res.facts == {"group2_backend": "gloo"} and not res.skipped
+
+
+CHEAP = ["--quick", "--max-seq", "16", "--max-batch", "2", "--max-tokens", "8", "--no-collectives",
+         "--no-progress", "--threads", "1"]
+
+
+def test_cli_writes_a_profile(tmp_path, capsys):
+    out = tmp_path / "tiny.json"
+    assert main(["--model", "tiny", "--tp", "1", "2", "-o", str(out)] + CHEAP) == 0
+    p = Profile.load(out)
+    assert p.model == "tiny" and p.tp_degrees() == (1, 2)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "nope"], "unknown model"),
+    (["--model", "tiny", "--tp", "3"], "TP degree 3 does not divide"),
+    (["--model", "tiny", "--max-seq", "0"], "max_seq 0"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, match):
+    assert main(CHEAP + args + ["-o", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_unwritable_output(tmp_path, capsys):
+    assert main(["--model", "tiny", "-o", str(tmp_path / "missing" / "p.json")] + CHEAP) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--model", "tiny", "-o", str(tmp_path)] + CHEAP) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_cli_process_exits_2_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "profiler", "--model", "nope", "-o", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "unknown model" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "profiler", "--model", "tiny", "--tp", "x", "-o", "p.json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0

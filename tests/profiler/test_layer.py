@@ -1,0 +1,72 @@
+"""Per-rank layer shards: sizes, and rest + attention == one layer forward."""
+
+import pytest
+import torch
+
+from exegpt.errors import ExeGPTError
+from profiler import layer as L
+from profiler.timer import time_interleaved
+
+
+@pytest.fixture
+def one_thread():
+    # Timing comparisons on a shared 2-core machine: one thread keeps the scheduler out of the numbers.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_tp_shard_has_local_sizes():
+    full = L.build_layer_shard("tiny", 1, max_rows=2, max_len=8)
+    half = L.build_layer_shard("tiny", 2, max_rows=2, max_len=8)
+    a1, a2 = full.block.attention, half.block.attention
+    assert (a2.n_heads, a2.n_kv_heads) == (a1.n_heads // 2, a1.n_kv_heads // 2)
+    assert a2.wqkv.weight.shape[0] * 2 == a1.wqkv.weight.shape[0]
+    assert a2.wo.weight.shape[1] * 2 == a1.wo.weight.shape[1]
+    assert half.block.feed_forward.w1.weight.shape[0] * 2 == full.block.feed_forward.w1.weight.shape[0]
+    assert half.args.n_heads == 2 and half.full_args.n_heads == 4
+    assert half.block.attention.tp_size == 1  # no process group: the all-reduce is timed apart
+    assert half.cache.k.shape[2] == 1  # local KV heads in the cache
+
+
+def test_tp_that_splits_heads_is_one_line():
+    with pytest.raises(ExeGPTError, match="TP degree 3 does not divide"):
+        L.build_layer_shard("tiny", 3)
+
+
+def test_rest_matches_the_block_numerically():
+    """layer_rest + attention_core compute exactly TransformerBlock.forward (same calls, same order)."""
+    shard = L.build_layer_shard("tiny", 1, max_rows=3, max_len=16)
+    block, a = shard.block, shard.block.attention
+    x = torch.randn(3, 1, 64)
+    step = L.decode_step(shard, 3, 12)
+    with torch.inference_mode():
+        ref = block(x, step, shard.cache, 0)
+        xn = block.attention_norm(x)
+        H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
+        q, k, v = a.wqkv(xn).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = (t.view(3, 1, -1, D).transpose(1, 2) for t in (q, k, v))
+        q, k = L.apply_rope(q, step.cos, step.sin), L.apply_rope(k, step.cos, step.sin)
+        y = L.attention_core(shard, q, k, v, step)
+        out = L.layer_rest(shard, x, step, y)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("phase,batch,length", [("encode", 4, 128), ("encode", 16, 64), ("decode", 32, 512),
+                                                ("decode", 64, 256)])
+def test_rest_plus_attention_is_a_layer_forward(one_thread, phase, batch, length):
+    shard = L.build_layer_shard("tiny", 1, max_rows=64, max_len=512)
+    if phase == "encode":
+        attn, rest, full = (L.attn_encode_region(shard, batch, length), L.dense_encode_region(shard, batch * length),
+                            L.layer_encode_region(shard, batch, length))
+    else:
+        attn, rest, full = (L.attn_decode_region(shard, batch, length), L.dense_decode_region(shard, batch),
+                            L.layer_decode_region(shard, batch, length))
+    ratios = []
+    for _ in range(3):  # a shared machine: keep the best of a few interleaved rounds
+        a, r, f = time_interleaved([attn[0], rest[0], full[0]], warmup=2, repeat=15)
+        ratios.append((a.min_s + r.min_s) / f.min_s)
+        if abs(ratios[-1] - 1) <= 0.15:
+            break
+    assert min(ratios, key=lambda x: abs(x - 1)) == pytest.approx(1.0, abs=0.15), ratios

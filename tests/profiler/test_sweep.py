@@ -1,0 +1,112 @@
+"""A quick sweep of 'tiny' -> an exegpt.Profile the solver accepts; bad input is one line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from exegpt.errors import ExeGPTError
+from exegpt.models import get_model
+from exegpt.profile import AXES, REQUIRED, Kernel, Profile
+from profiler import profile_model
+from profiler.grid import Grid
+
+SMALL_GRID = Grid(batches=(1, 2, 4, 8), seqs=(1, 4, 16, 64), contexts=(1, 8, 64, 512), tokens=(1, 4, 16, 64, 256),
+                  bytes=(16, 4096))
+
+
+@pytest.fixture(scope="module")
+def tiny_profile() -> Profile:
+    return profile_model("tiny", tp_degrees=(1, 2), quick=True, grid=SMALL_GRID, collectives=False,
+                         progress=False, threads=1)
+
+
+def test_profile_round_trips_and_has_every_kernel(tiny_profile):
+    p = Profile.from_json(tiny_profile.to_json())
+    assert p.model == "tiny" and p.device == "cpu" and p.dtype == "fp32" and p.source == "measured"
+    assert p.device_memory_bytes > 0
+    for k in REQUIRED:
+        assert p.has(k, 1)
+    assert p.supports_tp(1) and p.tp_degrees() == (1, 2)
+    prov = p.provenance
+    for key in ("torch_version", "torch_threads", "date", "grid", "device", "dtype", "spec", "split"):
+        assert key in prov
+    assert prov["torch_threads"] == 1 and prov["grid"]["batches"] == [1, 2, 4, 8]
+    assert 0 <= p.step_overhead_s < 0.1
+
+
+def test_lookups_are_positive(tiny_profile):
+    p = tiny_profile
+    for tp in (1, 2):
+        assert p.seconds(Kernel.ATTN_ENCODE, tp, 3, 40) > 0
+        assert p.seconds(Kernel.ATTN_DECODE, tp, 5, 300) > 0
+        assert p.seconds(Kernel.DENSE_ENCODE, tp, 100) > 0
+        assert p.seconds(Kernel.DENSE_DECODE, tp, 5000) > 0  # extrapolates: linear in tokens
+        assert p.seconds(Kernel.ATTN_DECODE, tp, 64, 512) > 0  # extrapolates in batch
+    assert p.seconds(Kernel.LM_HEAD, 1, 6) > 0
+    enc = p.seconds(Kernel.ATTN_ENCODE, 1, np.array([1, 8]), np.array([64, 64]))
+    assert enc[1] >= enc[0]
+
+
+def test_tables_have_spreads_and_axes(tiny_profile):
+    for t in tiny_profile.tables:
+        assert t.spread_s is not None
+        d = t.to_dict()
+        assert d["axes"] == list(AXES[t.kernel])
+        assert np.all(np.asarray(t.seconds) > 0)
+    enc = next(t for t in tiny_profile.tables if t.kernel is Kernel.ATTN_ENCODE and t.tp == 1)
+    assert not enc.extrapolate  # the grid's seq axis stops below max_seq_len: no quadratic guesswork
+
+
+def test_cpu_budget_scales_large_attention_points():
+    shape = get_model("tiny")
+    grid = Grid(batches=(1, 2, 4), seqs=(shape.max_seq_len,), contexts=(1,), tokens=(1,), bytes=(16,))
+    from profiler import sweep
+
+    old = sweep.CPU_ATTN_FLOPS_BUDGET[True]
+    sweep.CPU_ATTN_FLOPS_BUDGET[True] = 1.0  # every point beyond batch 1 is scaled, not run
+    try:
+        p = profile_model("tiny", quick=True, grid=grid, collectives=False, progress=False, threads=1)
+    finally:
+        sweep.CPU_ATTN_FLOPS_BUDGET[True] = old
+    enc = next(t for t in p.tables if t.kernel is Kernel.ATTN_ENCODE)
+    col = [row[0] for row in enc.seconds]
+    assert col[1] == pytest.approx(2 * col[0]) and col[2] == pytest.approx(4 * col[0])
+    assert enc.extrapolate  # the seq axis reaches max_seq_len: only the batch axis can be exceeded
+    assert p.provenance["tp1_scaled_points"]["attn_encode"] == 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(model_spec="no-such-model"), "unknown model"),
+    (dict(model_spec="tiny", tp_degrees=(3,)), "TP degree 3 does not divide"),
+    (dict(model_spec="tiny", tp_degrees=(0,)), "must be an integer >= 1"),
+    (dict(model_spec="tiny", tp_degrees=()), "no TP degree"),
+    (dict(model_spec="tiny", dtype="fp8"), "dtype 'fp8' unknown"),
+    (dict(model_spec="tiny", max_seq=0), "max_seq 0 must be"),
+    (dict(model_spec="tiny", max_batch=-3), "max_batch -3 must be"),
+    (dict(model_spec="tiny", device="tpu"), "device"),
+    (dict(model_spec="tiny", grid=Grid(batches=(1,), seqs=(1, 4096), contexts=(1,), tokens=(1,), bytes=(16,))),
+     "exceeds the model's max_seq_len"),
+])
+def test_bad_input_is_one_line(kwargs, match):
+    with pytest.raises(ExeGPTError, match=match) as e:
+        profile_model(progress=False, collectives=False, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_grid_is_one_line():
+    with pytest.raises(ExeGPTError, match="sizes must be integers >= 1") as e:
+        Grid(batches=(1, 2), seqs=(0, 4), contexts=(1,), tokens=(1,), bytes=(16,))
+    assert "\n" not in str(e.value)
+
+
+def test_committed_tiny_profile_loads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json"
+    if not path.exists():
+        pytest.skip("tests/data/tiny-cpu.json not generated yet")
+    p = Profile.load(path)
+    assert p.model == "tiny" and p.supports_tp(1) and p.supports_tp(2)
+    assert p.has(Kernel.SEND_RECV) and p.has(Kernel.KV_HANDOFF)
+    assert json.loads(path.read_text())["provenance"]["quick"] is True
