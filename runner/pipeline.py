@@ -12,7 +12,6 @@ flight: sends are asynchronous and the driver collects tokens first-in first-out
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from dataclasses import dataclass
 
@@ -21,8 +20,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .dist import HEADER, TAG_CMD, TAG_TOKENS, Comm, StageRanks
-
-log = logging.getLogger(__name__)
 
 PREFILL, DECODE, COMPACT, IMPORT, END, STOP = 1, 2, 3, 4, 5, 6
 COMPUTE = (PREFILL, DECODE)
@@ -168,16 +165,18 @@ class StageRuntime:
 class Pipeline:
     """The driver's handle on its pipeline: submit commands, collect tokens in submission order."""
 
-    def __init__(self, runtime: StageRuntime, last_leader: int):
+    def __init__(self, runtime: StageRuntime, last_leader: int, returns_tokens: bool = True):
         self.rt = runtime
         self.last_leader = last_leader
+        self.returns_tokens = returns_tokens
+        """False for WAA's encode pipeline, whose tokens go to the decode driver."""
         self._inflight: deque[int] = deque()  # rows of each compute command not yet collected
 
     def submit(self, cmd: Command) -> None:
         for peer in self.rt.stage.ranks[1:]:
             send_command(self.rt.comm, cmd, None, peer)
         self.rt.process(cmd, None)
-        if cmd.op in COMPUTE:
+        if cmd.op in COMPUTE and self.returns_tokens:
             self._inflight.append(cmd.rows.numel())
 
     def collect(self) -> Tensor:
@@ -217,11 +216,6 @@ def split_even(items: list, parts: int) -> list[list]:
 def split_by(items: list, size: int) -> list[list]:
     """``items`` in order, cut into chunks of ``size`` (the last may be smaller)."""
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def barrier_all() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # --- building a rank's part of a run -----------------------------------------------------------------

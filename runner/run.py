@@ -178,6 +178,8 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
         return out
     for world in dict.fromkeys(worlds):
         idx = [i for i, w in enumerate(worlds) if w == world]
+        log.info("running %d plan(s) on %d rank(s): %s", len(idx), world,
+                 ", ".join(plans[i].schedule.policy.value for i in idx))
         if world == 1:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             results = [_rank_main(0, 1, device, [ctxs[i] for i in idx], idx)]

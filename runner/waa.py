@@ -4,8 +4,9 @@ The encode driver (rank 0) prefills batches of B_E queries through the encode st
 every encode rank sends the KV of its layers and heads to the decode ranks that hold them (through
 ``torch.distributed``; on gloo this goes through host memory, as in the paper), and the last encode stage
 sends the batch's first tokens to the decode driver. The decode driver merges at most one encoded batch per
-decode iteration, when its cache has the rows free (backpressure otherwise: the encoder waits for a credit,
-at most ``DEPTH`` batches ahead), then runs one decode iteration of the whole batch in micro-batches of
+decode iteration, when one has arrived and its cache has the rows free (backpressure otherwise: the encoder
+waits for a credit, at most ``DEPTH`` batches ahead; the decoder waits for a batch only when it has no rows
+left to decode), then runs one decode iteration of the whole batch in micro-batches of
 B_m rows, pipelined over the decode stages. Finished rows are compacted out every iteration.
 
 Rules shared with the simulator: one encode batch per decode iteration when rows are free; the prefill's
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 
 import torch
 
@@ -135,7 +135,7 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
         if rank != enc_driver:
             rt.serve()
             return None
-        drive_encode(Pipeline(rt, enc[-1].leader), ctx, sched.encode_batch, dec_driver, t0)
+        drive_encode(Pipeline(rt, enc[-1].leader, returns_tokens=False), ctx, sched.encode_batch, dec_driver, t0)
         return None
     rows = cache_rows(plan)
     rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=dec_driver, cls=DecodeStage,
