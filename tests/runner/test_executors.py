@@ -179,20 +179,26 @@ TWO_RANK_PLANS = {
     "rra-tp2": (RRASchedule(3, 2, 2, 2, 2), (Stage("both", 2, 0, 2),)),
     "static-pp2": (StaticSchedule(5, 1, 2), PP2),
     "waa-1+1": (WAASchedule(Policy.WAA_C, 3, 2, 1, 0, 1, 1), (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 2))),
+    # 1 + 4 decode rows: every second encoded batch must wait for free rows (backpressure); B_m = 1.
+    "waa-tight": (WAASchedule(Policy.WAA_M, 4, 1, 1, 0, 1, 1), (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 2)),
+                  1.0),
 }
 
 
 @pytest.mark.slow
 def test_two_ranks_tokens_match_reference(requests, reference):
-    """RRA pipelined over 2 stages, RRA with TP 2, static over 2 stages, WAA 1+1: one set of 2 processes."""
+    """RRA pipelined over 2 stages, RRA with TP 2, static over 2 stages, WAA 1+1 (roomy and tight): one set of
+    2 processes."""
     names = list(TWO_RANK_PLANS)
-    plans = [make_plan(*TWO_RANK_PLANS[n]) for n in names]
+    plans = [make_plan(*TWO_RANK_PLANS[n][:2], decode_batch=(TWO_RANK_PLANS[n][2:] or (6.0,))[0]) for n in names]
     reports = run_plans(plans, "tiny", requests=requests, keep_tokens=True, timeout_s=180)
     for name, rep in zip(names, reports):
         assert rep is not None, name
         assert rep.num_ranks == 2 and rep.policy == plans[names.index(name)].schedule.policy.value
         assert_complete(rep, requests, reference)
         assert rep.num_finished == len(requests), name
+        if name == "waa-tight":
+            assert rep.decode_batch <= 5  # never more rows than the cache holds
 
 
 @pytest.mark.slow
