@@ -137,23 +137,3 @@ def make_grid(shape: ModelShape, quick: bool = False, max_batch: int | None = No
 def tp_degrees_for(shape: ModelShape, limit: int = 8) -> tuple[int, ...]:
     """Every TP degree up to ``limit`` that divides both head counts (whole heads per rank)."""
     return tuple(tp for tp in range(1, limit + 1) if shape.valid_tp(tp))
-
-
-def check_tp_degrees(shape: ModelShape, tp_degrees) -> tuple[int, ...]:
-    """Validated, sorted, de-duplicated TP degrees; one-line ``ExeGPTError`` for a degree that splits heads."""
-    try:
-        degrees = tuple(tp_degrees)
-    except TypeError:
-        degrees = (tp_degrees,)
-    if not degrees:
-        raise ExeGPTError("no TP degree given; expected e.g. (1,) or (1, 2)")
-    out = set()
-    for tp in degrees:
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ExeGPTError(f"TP degree {tp!r} must be an integer >= 1")
-        if not shape.valid_tp(tp):
-            raise ExeGPTError(f"TP degree {tp} does not divide the heads of {shape.name} "
-                              f"(n_heads={shape.n_heads}, n_kv_heads={shape.n_kv_heads}); "
-                              f"valid degrees: {', '.join(map(str, tp_degrees_for(shape)))}")
-        out.add(tp)
-    return tuple(sorted(out))

@@ -98,7 +98,10 @@ def resolve_target(model_spec: str | ModelShape, tp_degrees=(1,), quick: bool = 
         raise ExeGPTError(f"model {model_spec!r} must be a preset name, an HF checkpoint folder or 'smollm2'")
     spec = model_spec.lower() if model_spec.lower() in MODELS else model_spec
     dev = resolve_device(device)
-    # Weights on the meta device: the args without the cost of materialising a layer.
+    if spec in MODELS and MODELS[spec].is_encoder_decoder:
+        raise ExeGPTError(f"the profiler times decoder-only llama/opt models; {spec!r} is an encoder-decoder (T5) "
+                          f"model, not supported yet")
+    # No layers, no embedding, no head: just the args (and the one-line error of an unknown model).
     _, args, _ = load_model(spec, layers=(0, 0), embed=False, head=False)
     if args.family not in ("llama", "opt"):
         raise ExeGPTError(f"the profiler times decoder-only llama/opt models; {spec!r} is family {args.family!r}")

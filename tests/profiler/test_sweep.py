@@ -78,6 +78,7 @@ def test_cpu_budget_scales_large_attention_points():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(model_spec="no-such-model"), "unknown model"),
+    (dict(model_spec="tiny-t5"), "encoder-decoder"),
     (dict(model_spec="tiny", tp_degrees=(3,)), "TP degree 3 does not divide"),
     (dict(model_spec="tiny", tp_degrees=(0,)), "must be an integer >= 1"),
     (dict(model_spec="tiny", tp_degrees=()), "no TP degree"),
