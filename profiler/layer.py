@@ -10,8 +10,8 @@ The layer forward (``TransformerBlock.forward`` -> ``Attention.forward``) splits
 layer:
 
 - **attention core** (``attn_encode(batch, seq)``, ``attn_decode(batch, context)``): the KV-cache update
-  (``KVCache.write_prompt`` / ``KVCache.append``) and ``scaled_dot_product_attention`` over the cache, exactly the
-  calls ``Attention.forward`` makes. This is the part whose cost depends on the sequence length.
+  (``KVCache.write_prompt`` / ``KVCache.append``) and ``runner.model.attend`` (SDPA, or grouped matmuls for
+  half-precision CPU decode) over the cache, exactly the calls ``Attention.forward`` makes. This is the part whose cost depends on the sequence length.
 - **the rest** (``dense_encode(tokens)``, ``dense_decode(tokens)``): the two norms, the fused ``wqkv`` projection,
   the head reshapes, RoPE, the ``wo`` projection, the feed-forward module and both residual adds. Its cost depends
   only on the number of tokens.
@@ -35,12 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
 from runner.kv_cache import KVCache
-from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock, apply_rope
+from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock, apply_rope, attend
 from runner.tp import apply_tp
 from runner.weights import load_model
 
@@ -191,8 +190,7 @@ def attention_core(shard: LayerShard, q: Tensor, k: Tensor, v: Tensor, step: Ste
         k, v = cache.append(0, step.rows, step.pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
     else:
         cache.write_prompt(0, step.rows, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
-                                          enable_gqa=a.n_heads != a.n_kv_heads)
+    return attend(q, k, v, step.mask, step.is_causal, a.scale)
 
 
 def layer_rest(shard: LayerShard, x: Tensor, step: Step, attn_out: Tensor) -> Tensor:

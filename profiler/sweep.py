@@ -416,7 +416,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int) -
         "grid": g.to_dict(), "seed": seed,
         "statistic": "median over repeats; noisy points, and points slower than a point with more work, re-timed "
                      "(lower median kept); spread_s = p90 - p10",
-        "split": "attn_* = KV-cache update + scaled_dot_product_attention of runner.model.Attention; "
+        "split": "attn_* = KV-cache update + runner.model.attend of runner.model.Attention; "
                  "dense_* = norms, wqkv, RoPE, wo, feed-forward and residuals of runner.model.TransformerBlock; "
                  "lm_head = embedding + final norm + LM head + argmax for `rows` rows; tp>1 = rank 0's shard "
                  "from runner.tp.apply_tp without its all-reduce (see allreduce)",
