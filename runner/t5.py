@@ -103,7 +103,7 @@ class T5(nn.Module):
         if self.args.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    embed = head = True
+    embed = head = True  # whole model: the pipeline code asks every stage these
 
     def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
         p = self.tok_embeddings.weight

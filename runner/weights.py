@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS
 from runner.model import ModelArgs, Transformer
+from runner.t5 import T5
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,8 +32,6 @@ def _build(args: ModelArgs, layers: tuple[int, int] | None, embed: bool, head: b
     """The module on the meta device (no memory); weights are assigned afterwards."""
     with torch.device("meta"):
         if args.family == "t5":
-            from runner.t5 import T5
-
             if layers is not None or not (embed and head):
                 raise ExeGPTError("T5 models load whole: layers/embed/head splits are decoder-only")
             return T5(args)
@@ -131,13 +130,14 @@ def hf_args(cfg: dict) -> ModelArgs:
                          rope_base=_rope_base(cfg), tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                          name=cfg.get("_name_or_path", ""))
     if mt == "opt":
-        unsupported = dict(do_layer_norm_before=True, enable_bias=True, layer_norm_elementwise_affine=True,
+        supported = dict(do_layer_norm_before=True, enable_bias=True, layer_norm_elementwise_affine=True,
                            _remove_final_layer_norm=False, activation_function="relu")
-        for key, want in unsupported.items():
+        for key, want in supported.items():
             if cfg.get(key, want) != want:
                 raise ExeGPTError(f"OPT checkpoints with {key}={cfg[key]!r} are unsupported (expected {want!r})")
         if cfg.get("word_embed_proj_dim", cfg["hidden_size"]) != cfg["hidden_size"]:
-            raise ExeGPTError("OPT checkpoints with word_embed_proj_dim != hidden_size (project_in/out) are unsupported")
+            raise ExeGPTError("OPT checkpoints with word_embed_proj_dim != hidden_size (project_in/out) "
+                              "are unsupported")
         n_heads = cfg["num_attention_heads"]
         return ModelArgs(family="opt", n_layers=cfg["num_hidden_layers"], dim=cfg["hidden_size"], n_heads=n_heads,
                          n_kv_heads=n_heads, head_dim=cfg["hidden_size"] // n_heads, ffn_dim=cfg["ffn_dim"],
