@@ -80,3 +80,14 @@ def test_eos_stops_reference(make_model):
     model, _ = make_model("tiny")
     out = greedy_reference(model, [1, 2, 3], 10)
     assert greedy_reference(model, [1, 2, 3], 10, eos_id=out[2]) == out[: out.index(out[2]) + 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_greedy_equals_cpu(make_model, make_prompts):
+    cpu, args = make_model("tiny")
+    gpu, _ = make_model("tiny", device="cuda")
+    prompts = make_prompts(3, args.vocab_size, seed=6)
+    refs = [greedy_reference(cpu, p, 6) for p in prompts]
+    gpu.setup_cache(2, 32)
+    assert greedy_batch(gpu, prompts, 6, max_rows=2) == refs
