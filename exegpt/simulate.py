@@ -198,9 +198,13 @@ def waa_layout(prob: Problem, policy: Policy, tp: int, tp_gpus: int, encode_gpus
 def _encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostModel | None = None):
     """Per-stage encode seconds (a list of arrays) and the combined in-range mask."""
     cost = cost or prob.cost
+    memo = {}  # stages repeat (48 devices are a handful of distinct stages): compute each kind once
     times, ok = [], True
     for i, s in enumerate(stages):
-        t, o = cost.stage_encode(s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1, batch)
+        key = (s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1)
+        if key not in memo:
+            memo[key] = cost.stage_encode(*key, batch)
+        t, o = memo[key]
         times.append(t)
         ok = ok & o
     return times, ok
@@ -208,9 +212,13 @@ def _encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostMod
 
 def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float, cost: CostModel | None = None):
     cost = cost or prob.cost
+    memo = {}
     times, ok = [], True
     for i, s in enumerate(stages):
-        t, o = cost.stage_decode(s.tp, s.n_layers, i == len(stages) - 1, rows, ctx)
+        key = (s.tp, s.n_layers, i == len(stages) - 1)
+        if key not in memo:
+            memo[key] = cost.stage_decode(*key, rows, ctx)
+        t, o = memo[key]
         times.append(t)
         ok = ok & o
     return times, ok
@@ -220,13 +228,18 @@ def _memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, kv_ro
     """Peak bytes per stage device (a list of arrays)."""
     m, st = prob.model, prob.stats
     max_ctx = st.out_max if m.is_encoder_decoder else st.in_max + st.out_max
-    out = []
+    out, memo = [], {}
     for i, s in enumerate(stages):
+        key = (s.tp, s.n_layers, s.n_enc_layers, i == 0, i == len(stages) - 1)
+        if key in memo:
+            out.append(memo[key])
+            continue
         w = stage_weight_bytes(m, s.tp, s.n_layers, s.n_enc_layers, i == 0, i == len(stages) - 1)
         kv = kv_bytes(m, s.tp, s.n_layers, rows, max_ctx, st.in_max)
         if kv_rows_in_flight is not None:  # WAA encode stage: prompts' KV until handed off
             kv = m.kv_bytes_per_token(s.tp) * s.n_layers * st.in_max * np.asarray(kv_rows_in_flight, float)
-        out.append(w + kv + activation_bytes(m, s.tp, encode_tokens))
+        memo[key] = w + kv + activation_bytes(m, s.tp, encode_tokens)
+        out.append(memo[key])
     return out
 
 
