@@ -43,6 +43,18 @@ class WorkloadStats:
     k_probs: np.ndarray
     decode_ctx: float
     """Mean context (tokens attended) of a row of a steady decode batch with early termination."""
+    emax_n: np.ndarray
+    """Batch sizes at which the expected maxima below are tabulated (interpolated in between)."""
+    emax_in: np.ndarray
+    """E[longest prompt among n]: the padded length of a prefill batch of n prompts."""
+    emax_ctx: np.ndarray
+    """E[longest context among n rows of a steady decode batch]: what a padded decode step attends."""
+
+    def max_input(self, n) -> np.ndarray:
+        return np.interp(np.maximum(np.asarray(n, float), 1.0), self.emax_n, self.emax_in)
+
+    def max_ctx(self, n) -> np.ndarray:
+        return np.interp(np.maximum(np.asarray(n, float), 1.0), self.emax_n, self.emax_ctx)
 
     @classmethod
     def of(cls, w: Workload, first_token_in_encode: bool = True) -> WorkloadStats:
@@ -66,8 +78,29 @@ class WorkloadStats:
         # T5 decoder self-attention sees only generated tokens (the prompt is cross-attended).
         base = w.input_len.mean() if first_token_in_encode else 0.0
         ctx = base + 1 + ((ek2 / ek - 1) / 2 if ek > 0 else 0.0)
+        # The same row context as a distribution: j has P(j) = P(k > j) / E[k]; ctx = S_in + 1 + j.
+        kmax = int(k.max()) if live.any() else 0
+        pj = np.zeros(max(kmax, 1))
+        if ek > 0:
+            tail = 1 - np.cumsum(np.bincount(k[live], weights=kp[live], minlength=kmax + 1))  # P(k > j)
+            pj = tail[:kmax] / ek
+            pj = pj / pj.sum()
+        p_in = np.zeros(w.input_len.max + 1)
+        p_in[w.input_len.lengths_array] = w.input_len.probs_array
+        if not first_token_in_encode:
+            p_in = np.array([1.0])  # T5: self-attention over generated tokens only
+        p_ctx = np.convolve(p_in, pj)  # index = S_in + j; ctx = index + 1
+        n = np.unique(np.round(np.geomspace(1, 8192, 160)))
         return cls(lens, probs / probs.sum(), w.input_len.mean(), w.input_len.max, w.output_len.max, k, kp,
-                   float(ctx))
+                   float(ctx), n, _expected_max(np.arange(len(p_in), dtype=float), p_in, n),
+                   _expected_max(np.arange(len(p_ctx), dtype=float) + 1, p_ctx, n))
+
+
+def _expected_max(values: np.ndarray, probs: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """E[max of n iid draws] of a discrete distribution, for each (real) n."""
+    cdf = np.clip(np.cumsum(probs), 0, 1)
+    prev = np.concatenate([[0.0], cdf[:-1]])
+    return (values[None, :] * (cdf[None, :] ** n[:, None] - prev[None, :] ** n[:, None])).sum(axis=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,7 +109,13 @@ class CostModel:
     model: ModelShape
     stats: WorkloadStats
     per_unit: bool = False
-    """Use the profile's batching envelope: a lower bound for the search's box bounds, never an estimate."""
+    """Use the profile's batching envelope and unpadded batches: a lower bound for the search's box
+    bounds, never an estimate."""
+
+    @property
+    def padded(self) -> bool:
+        """The backend pads a prefill batch to its longest prompt and a decode step to its longest context."""
+        return self.profile.padded_batches and not self.per_unit
 
     def _get(self, kernel: Kernel, tp: int, x, y=None):
         return self.profile.lookup(kernel, tp, x, y, per_unit=self.per_unit)
@@ -95,22 +134,32 @@ class CostModel:
     def encode_layer(self, tp: int, batch) -> tuple[np.ndarray, np.ndarray]:
         """One prefill (or T5 encoder) layer for ``batch`` prompts drawn from the input distribution."""
         b = np.asarray(batch, dtype=float)
-        tokens = b * self.stats.in_mean
+        if self.padded:  # every prompt padded to the batch's longest
+            s = self.stats.max_input(b)
+            tokens = b * s
+            attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b, s)
+        else:  # E_S[attn_encode(B, S)]: the expected attention of prompts of random lengths
+            tokens = b * self.stats.in_mean
+            attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
+            attn, ok2 = attn @ self.stats.in_probs, ok2.all(-1)
         dense, ok1 = self._get(Kernel.DENSE_ENCODE, tp, tokens)
-        attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
         ar, ok3 = self._ar(tp, tokens)
-        return dense + attn @ self.stats.in_probs + 2 * ar, ok1 & ok2.all(-1) & ok3
+        return dense + attn + 2 * ar, ok1 & ok2 & ok3
 
-    def decode_layer(self, tp: int, rows, ctx: float) -> tuple[np.ndarray, np.ndarray]:
-        """One decoder layer, one decode step of ``rows`` rows at mean context ``ctx``."""
+    def decode_layer(self, tp: int, rows, ctx: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder layer, one decode step of ``rows`` rows attending ``ctx`` tokens (default: the
+        steady decode batch's mean context, or its longest when the backend pads)."""
         r = np.asarray(rows, dtype=float)
+        if ctx is None:
+            ctx = self.stats.max_ctx(r) if self.padded else self.stats.decode_ctx
         dense, ok1 = self._get(Kernel.DENSE_DECODE, tp, r)
-        attn, ok2 = self._get(Kernel.ATTN_DECODE, tp, r, np.full(r.shape, ctx))
+        attn, ok2 = self._get(Kernel.ATTN_DECODE, tp, r, np.broadcast_to(ctx, r.shape))
         ar, ok3 = self._ar(tp, r)
         t, ok = dense + attn, ok1 & ok2 & ok3
         n_ar = 2
         if self.model.is_encoder_decoder:
-            cross, ok4 = self._get(Kernel.ATTN_CROSS, tp, r, np.full(r.shape, self.stats.in_mean))
+            prompt = self.stats.max_input(r) if self.padded else np.full(r.shape, self.stats.in_mean)
+            cross, ok4 = self._get(Kernel.ATTN_CROSS, tp, r, prompt)
             t, ok, n_ar = t + cross, ok & ok4, 3
         return t + n_ar * ar, ok
 
@@ -136,7 +185,7 @@ class CostModel:
         s, ok2 = self._send(b * self.stats.in_mean)
         return t + s, ok & ok2
 
-    def stage_decode(self, tp: int, n_layers: int, last: bool, rows, ctx: float):
+    def stage_decode(self, tp: int, n_layers: int, last: bool, rows, ctx: float | None = None):
         """Seconds for one stage to run one decode step of ``rows`` rows."""
         r = np.asarray(rows, dtype=float)
         t, ok = self.decode_layer(tp, r, ctx)

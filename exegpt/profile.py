@@ -174,6 +174,9 @@ class Profile:
     """Fixed per-iteration cost of the engine (scheduling, launches, Python) outside the kernels."""
     source: str = "measured"
     """'measured' (the profiler), 'gpu-data' (shipped measurements + roofline attention) or 'roofline'."""
+    padded_batches: bool = False
+    """The profiled backend pads a prefill batch to its longest prompt and attends a decode step over
+    its longest context (the built-in runner does; varlen kernels such as vLLM's do not)."""
     device_memory_bytes: float | None = None
     """Memory of one device, for devices that are not in ``exegpt.devices.DEVICES`` (e.g. a CPU)."""
     provenance: dict = field(default_factory=dict)
@@ -263,6 +266,7 @@ class Profile:
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "model": self.model, "device": self.device, "dtype": self.dtype,
                 "source": self.source, "step_overhead_s": self.step_overhead_s,
+                "padded_batches": self.padded_batches,
                 "device_memory_bytes": self.device_memory_bytes, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
 
@@ -276,6 +280,7 @@ class Profile:
             return cls(model=d["model"], device=d["device"], dtype=d.get("dtype", "fp16"),
                        tables=tuple(ProfileTable.from_dict(t) for t in d["tables"]),
                        step_overhead_s=float(d.get("step_overhead_s", 0.0)), source=d.get("source", "measured"),
+                       padded_batches=bool(d.get("padded_batches", False)),
                        device_memory_bytes=d.get("device_memory_bytes"), provenance=d.get("provenance", {}))
         except KeyError as e:
             raise ExeGPTError(f"profile misses field {e}") from None

@@ -136,7 +136,7 @@ def _place(prob: Problem, degrees: tuple[int, ...], role: str, n_layers: int, en
     if role == "encode":
         per = {t: float(cost.encode_layer(t, 1.0)[0]) for t in tps}
     else:
-        per = {t: float(cost.decode_layer(t, _REF_ROWS, prob.stats.decode_ctx)[0]) for t in tps}
+        per = {t: float(cost.decode_layer(t, _REF_ROWS)[0]) for t in tps}
     head = float(prob.profile.seconds(Kernel.LM_HEAD, 1, _REF_ROWS))
     last = len(degrees) - 1
     fixed_s = [head if (s == last and not encoder) else 0.0 for s in range(len(degrees))]
@@ -210,7 +210,8 @@ def _encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostMod
     return times, ok
 
 
-def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float, cost: CostModel | None = None):
+def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float | None = None,
+                  cost: CostModel | None = None):
     cost = cost or prob.cost
     memo = {}
     times, ok = [], True
@@ -256,7 +257,7 @@ def _rra_phases(prob: Problem, stages, be, bd, cost: CostModel | None = None):
     """RRA encode-phase and decode-iteration seconds for B_E = be and B_D = bd (one micro-batch per stage)."""
     p = len(stages)
     enc, ok_e = _encode_times(prob, stages, be / p, cost)
-    dec, ok_d = _decode_times(prob, stages, bd / p, prob.stats.decode_ctx, cost)
+    dec, ok_d = _decode_times(prob, stages, bd / p, None, cost)
     if p == 1:
         return enc[0], dec[0], ok_e & ok_d
     return sum(enc) + (p - 1) * np.maximum.reduce(enc), p * np.maximum.reduce(dec), ok_e & ok_d
@@ -302,8 +303,8 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
     m_hi = np.maximum(1, np.ceil(bd_hi / bm_lo))  # most micro-batches in the box
     # Sum of stage times is smallest with the most, smallest micro-batches; M * max_s t_s is
     # smallest with the fewest (per-row cost never grows with batch size).
-    small, ok_1 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_hi, 1e-9), st.decode_ctx)
-    big, ok_2 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_lo, 1e-9), st.decode_ctx,
+    small, ok_1 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_hi, 1e-9))
+    big, ok_2 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_lo, 1e-9), None,
                               None if np.array_equal(m_lo, m_hi) else prob.bound_cost)
     t_dec = np.maximum(sum(small), m_lo * np.maximum.reduce(big))
     period = np.maximum(np.maximum(t_dec, t_enc_int), hand)
@@ -312,7 +313,7 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
         # Per-query bound: a decode iteration costs at least B_D max_s t_s(B_m)/B_m (no micro-batch
         # exceeds B_m and per-row cost never grows with batch size), the encode interval and the
         # hand-off at least their per-query cost at the box's largest B_E.
-        full, _ = _decode_times(prob, dec_st, bm_hi, st.decode_ctx, prob.bound_cost)
+        full, _ = _decode_times(prob, dec_st, bm_hi, None, prob.bound_cost)
         enc_hi, _ = _encode_times(prob, enc_st, be_hi, prob.bound_cost)
         hand_hi, _ = prob.bound_cost.kv_handoff(be_hi)
         per_query = np.maximum(np.maximum(ek * np.maximum.reduce(full) / bm_hi, np.maximum.reduce(enc_hi) / be_hi),
@@ -335,7 +336,10 @@ def static_points(prob: Problem, lay: Layout, batch, detail: bool = False):
     stages, p, st = lay.stages, len(lay.stages), prob.stats
     shift = 0 if prob.model.is_encoder_decoder else 1
     iters = np.array([prob.workload.output_len.expected_max(int(x)) for x in b]) - shift
-    ctx = (0.0 if prob.model.is_encoder_decoder else st.in_mean) + 1 + np.maximum(iters, 0) / 2
+    # Every row stays to the end: the context grows from the prompt by one token per iteration (from the
+    # batch's longest prompt when the backend pads).
+    prompt = st.max_input(b) if prob.cost.padded else np.full(b.shape, st.in_mean)
+    ctx = (0.0 if prob.model.is_encoder_decoder else prompt) + 1 + np.maximum(iters, 0) / 2
     enc, ok_e = _encode_times(prob, stages, b / p)
     t_enc = sum(enc) + (p - 1) * np.maximum.reduce(enc) if p > 1 else enc[0]
     t_dec = np.zeros_like(b)

@@ -433,6 +433,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int) -
     memory = dev_info.available_bytes if dev_info.kind == "cpu" else None
     return Profile(model=t.name, device=dev_info.name, tables=tuple(tables), dtype=t.dtype,
                    step_overhead_s=float(overhead["step_overhead_s"]), source="measured",
+                   padded_batches=True,  # the runner pads prefill to the longest prompt, decode to the longest row
                    device_memory_bytes=memory, provenance=provenance)
 
 

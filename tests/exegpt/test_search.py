@@ -27,7 +27,8 @@ def _case(seed: int):
                                       output=(rng.uniform(4, 60), rng.uniform(1, 40), int(rng.integers(8, 120))),
                                       name=f"random{seed}")
     if seed % 2 == 0:
-        profile = make_profile(model, device, tps=[t for t in tps if t <= n], seed=seed, noise=0.15)
+        profile = make_profile(model, device, tps=[t for t in tps if t <= n], seed=seed, noise=0.15,
+                               padded=seed % 4 == 0)
     else:
         profile = builtin_profile(model, device)
     return model, f"{n}x{device}", w, profile
