@@ -1,0 +1,201 @@
+"""The closed loop: profile the runner on this machine, plan with exegpt, run the plan, compare.
+
+``exegpt-demo`` (``python -m profiler.loop``) is the project's main job on built-in defaults:
+
+1. plans the paper's OPT-13B on 4xA40 for its five tasks from the shipped GPU measurements;
+2. profiles the ``tiny`` preset on this machine (cached under ``~/.cache/exegpt``), finds the best
+   schedule for a built-in workload under a latency bound, runs it on the built-in backend together with
+   the best static-batching baseline at the same bound, and prints predicted vs measured and the gain.
+
+Runs are timed with one intra-op thread per rank, as the profile is, so that the two compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exegpt import (InfeasibleBoundError, LatencyBound, Plan, Profile, Workload, find_schedule, static_schedule)
+from exegpt.errors import ExeGPTError
+from runner.report import RunReport
+from runner.run import run_plans
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(os.environ.get("EXEGPT_CACHE", Path.home() / ".cache" / "exegpt"))
+THREADS = 1
+"""Intra-op threads of every profiled and executed rank (a parallel region on a shared CPU mostly times
+the scheduler; one thread per rank keeps profile and run comparable)."""
+
+# A CPU-sized workload shaped like the paper's summarization task S (Table 3), lengths / 4 for the input.
+CPU_TASK = Workload.truncated_normal(input=(64, 63, 128), output=(32, 13, 80), name="S/4")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Predicted (plan.estimate) vs measured (report) for one plan."""
+
+    name: str
+    plan: Plan
+    report: RunReport
+
+    @property
+    def throughput_error(self) -> float:
+        """|predicted - measured| / measured sequences per second."""
+        return abs(self.plan.estimate.throughput_seq_s - self.report.throughput_seq_s) / self.report.throughput_seq_s
+
+    @property
+    def latency_error(self) -> float:
+        """|predicted - measured| / measured latency of the bound-length output."""
+        return abs(self.plan.estimate.latency_s - self.report.latency_s) / self.report.latency_s
+
+    @property
+    def bound_kept(self) -> bool:
+        return self.report.latency_s <= self.plan.bound.bound_s
+
+
+def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, refresh: bool = False,
+                   progress: bool = True) -> Profile:
+    """The profile of ``model`` on this machine: loaded from the cache when the same model, TP degrees,
+    grid, torch version, CPU and thread count were profiled before, else measured and cached."""
+    from .device import describe_device
+    from .sweep import profile_model
+
+    dev = describe_device(None)
+    key = json.dumps([model, list(tp_degrees), quick, torch.__version__, dev.model, THREADS, platform.node()])
+    path = CACHE_DIR / f"profile-{model}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+    if path.is_file() and not refresh:
+        try:
+            return Profile.load(path)
+        except ExeGPTError:
+            log.warning("ignoring unreadable cached profile %s", path)
+    prof = profile_model(model, tp_degrees=tuple(tp_degrees), quick=quick, progress=progress, threads=THREADS)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.save(path)
+    except (OSError, ExeGPTError) as e:
+        log.warning("could not cache the profile at %s: %s", path, e)
+    return prof
+
+
+def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", num_requests: int = 600,
+                    seed: int = 0, trace: Workload | None = None, progress: bool = False) -> list[Comparison]:
+    """Executes each plan on ``model`` (same requests for all) and pairs its estimate with what it measured."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)  # single-rank runs execute in this process
+    try:
+        reports = run_plans([p for _, p in named_plans], model, num_requests=num_requests, seed=seed, trace=trace,
+                            progress=progress)
+    finally:
+        torch.set_num_threads(before)
+    return [Comparison(name, plan, rep) for (name, plan), rep in zip(named_plans, reports)]
+
+
+def demo_bound(w: Workload, profile: Profile, devices: str) -> float:
+    """A bound both ExeGPT and static batching can meet: twice the fastest static latency."""
+    try:
+        static_schedule(w, 1e-9, profile=profile, devices=devices)
+    except InfeasibleBoundError as e:
+        return 2 * e.smallest_feasible_s
+    raise AssertionError("unreachable: no schedule generates in 1 ns")
+
+
+def _row(c: Comparison) -> str:
+    e, r = c.plan.estimate, c.report
+    return (f"  {c.name:<10} {_describe(c.plan.schedule):<34} {e.throughput_seq_s:>9.1f} {r.throughput_seq_s:>9.1f} "
+            f"{100 * c.throughput_error:>6.1f}% {e.latency_s:>8.3f} {r.latency_s:>8.3f} {100 * c.latency_error:>6.1f}% "
+            f"{'yes' if c.bound_kept else 'NO':>5}")
+
+
+def table_header() -> str:
+    return (f"  {'plan':<10} {'schedule':<34} {'pred seq/s':>9} {'meas':>9} {'err':>7} {'pred lat':>8} "
+            f"{'meas':>8} {'err':>7} {'kept':>5}")
+
+
+def _describe(s) -> str:
+    name = s.policy.value.upper().replace("_", "-")
+    if name == "RRA":
+        return f"RRA B_E={s.encode_batch} N_D={s.decode_iters} TP{s.tp}x{s.tp_gpus}"
+    if name == "STATIC":
+        return f"static B={s.batch} TP{s.tp}"
+    return f"{name} B_E={s.encode_batch} B_m={s.micro_batch} {s.encode_gpus}+{s.decode_gpus}"
+
+
+def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, out=sys.stdout) -> list[Comparison]:
+    """The main job on built-in defaults (see the module docstring). Returns the closed-loop comparisons."""
+    t_start = time.perf_counter()
+    print("ExeGPT demo", file=out)
+    print("\n1. Plan: the paper's OPT-13B on 4xA40 (shipped A40 measurements), bound 5.9 s on the p99-length "
+          "output", file=out)
+    print(f"  {'task':<5} {'best schedule':<48} {'seq/s':>8} {'latency':>8} {'static':>8} {'gain':>6} {'search':>8}",
+          file=out)
+    for task in ("S", "T", "G", "C1", "C2"):
+        w = Workload.task(task)
+        try:
+            plan = find_schedule(w, 5.9)
+        except InfeasibleBoundError as e:
+            print(f"  {task:<5} infeasible: the smallest feasible bound is {e.smallest_feasible_s:.2f} s", file=out)
+            continue
+        try:
+            base = static_schedule(w, 5.9).estimate.throughput_seq_s
+            gain = f"{plan.estimate.throughput_seq_s / base:>5.2f}x"
+        except InfeasibleBoundError:
+            base, gain = math.nan, "  n/a"
+        s = plan.schedule
+        desc = _describe(s) + (f" TP{s.tp}x{s.tp_gpus}" if s.policy.value.startswith("waa") else "")
+        print(f"  {task:<5} {desc:<48} {plan.estimate.throughput_seq_s:>8.2f} {plan.estimate.latency_s:>8.2f} "
+              f"{base:>8.2f} {gain:>6} {plan.search.wall_s:>7.2f}s", file=out)
+
+    print(f"\n2. Closed loop on this machine: profile '{model}' -> plan -> run -> compare", file=out)
+    t = time.perf_counter()
+    prof = cached_profile(model)
+    print(f"  profile: {prof.id}, {len(prof.tables)} tables, TP {prof.tp_degrees()} "
+          f"({time.perf_counter() - t:.1f} s, cached in {CACHE_DIR})", file=out)
+    w = CPU_TASK
+    bound = demo_bound(w, prof, devices)
+    plan = find_schedule(w, bound, profile=prof, devices=devices)
+    base = static_schedule(w, bound, profile=prof, devices=devices)
+    print(f"  workload {w.name}: input {w.input_len}, output {w.output_len}", file=out)
+    print(f"  bound {bound:.3f} s on the p99-length output ({plan.estimate.latency_len} tokens); "
+          f"static batching's bound applies to its longest output ({base.estimate.latency_len} tokens)", file=out)
+    cmp = run_and_compare([("exegpt", plan), ("static", base)], model, num_requests=num_requests)
+    print(table_header(), file=out)
+    for c in cmp:
+        print(_row(c), file=out)
+    ours, theirs = cmp
+    print(f"  measured gain over static batching at the same bound: "
+          f"{ours.report.throughput_seq_s / theirs.report.throughput_seq_s:.2f}x "
+          f"(predicted {ours.plan.estimate.throughput_seq_s / theirs.plan.estimate.throughput_seq_s:.2f}x)",
+          file=out)
+    print(f"\ndone in {time.perf_counter() - t_start:.0f} s", file=out)
+    return cmp
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="exegpt-demo", description="Plan the paper's setting, then profile -> "
+                                 "plan -> run -> compare on this machine.")
+    ap.add_argument("--model", default="tiny", help="preset for the closed loop (default tiny)")
+    ap.add_argument("--devices", default="1xcpu", help="ranks of the closed loop, e.g. 1xcpu or 2xcpu")
+    ap.add_argument("--requests", type=int, default=600)
+    a = ap.parse_args(argv)
+    try:
+        demo(a.model, a.devices, a.requests)
+    except ExeGPTError as e:
+        print(f"exegpt-demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
