@@ -39,8 +39,14 @@ def init_dist(rank: int, world_size: int, init_method: str, backend: str | None 
                             timeout=timedelta(seconds=timeout_s))
 
 
-def all_reduce(x: Tensor, group: dist.ProcessGroup | None = None, world_size: int = 1) -> Tensor:
-    """Sums ``x`` over the TP group in place and returns it; a no-op when ``world_size`` is 1."""
+def all_reduce(x: Tensor, group: dist.ProcessGroup | None = None, world_size: int | None = None) -> Tensor:
+    """Sums ``x`` over the TP group in place and returns it; a no-op when the group has one rank.
+
+    ``world_size`` None: the size of ``group`` (1 without an initialized process group). The model passes its
+    modules' ``tp_size`` explicitly, so a shard built for timing can set it to 1.
+    """
+    if world_size is None:
+        world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     if world_size > 1:
         dist.all_reduce(x, group=group)
     return x
