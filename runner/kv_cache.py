@@ -26,6 +26,22 @@ def row_range(rows: Tensor) -> slice | None:
     return slice(r0, r0 + n) if torch.equal(rows, torch.arange(r0, r0 + n)) else None
 
 
+def fill_holes(keep: list[int]) -> list[int]:
+    """A compaction order for surviving rows ``keep`` (ascending): rows already in ``0..m-1`` stay where they
+    are, and the survivors beyond ``m`` move into the holes, so ``compact`` copies as few rows as possible."""
+    m = len(keep)
+    tail = [r for r in keep if r >= m]
+    survivors = set(keep)
+    order, t = [], 0
+    for pos in range(m):
+        if pos in survivors:
+            order.append(pos)
+        else:
+            order.append(tail[t])
+            t += 1
+    return order
+
+
 class KVCache:
     """Per-row KV cache of the decoder layers one module holds.
 
@@ -105,22 +121,27 @@ class KVCache:
             self.cross_lengths[rows] = 0
 
     def compact(self, keep: Tensor | list[int]) -> None:
-        """Moves rows ``keep`` (in order) to rows ``0..len(keep)-1`` and zeroes the lengths of the rest."""
+        """Moves rows ``keep`` (in order) to rows ``0..len(keep)-1`` and zeroes the lengths of the rest.
+
+        Only rows that change place are copied, so an order from ``fill_holes`` (survivors stay, the last
+        rows move into the holes) costs the KV of the rows that moved, not of the whole batch.
+        """
         keep = as_rows(keep)
         m = keep.numel()
         lengths = self.lengths[keep].clone()
-        if m and int(lengths.max()) > 0:
-            L, idx = int(lengths.max()), keep.to(self.device)
-            self.k[:, :m, :, :L] = self.k[:, idx, :, :L]  # the right side is a gathered copy: no aliasing
-            self.v[:, :m, :, :L] = self.v[:, idx, :, :L]
+        moved = torch.nonzero(keep != torch.arange(m)).flatten()  # destinations whose row changes
+        if moved.numel() and int(lengths[moved].max()) > 0:
+            L, dst, src = int(lengths[moved].max()), moved.to(self.device), keep[moved].to(self.device)
+            self.k[:, dst, :, :L] = self.k[:, src, :, :L]  # the right side is a gathered copy: no aliasing
+            self.v[:, dst, :, :L] = self.v[:, src, :, :L]
         self.lengths.zero_()
         self.lengths[:m] = lengths
         if self.cross_len:
             cross = self.cross_lengths[keep].clone()
-            if m and int(cross.max()) > 0:
-                L, idx = int(cross.max()), keep.to(self.device)
-                self.cross_k[:, :m, :, :L] = self.cross_k[:, idx, :, :L]
-                self.cross_v[:, :m, :, :L] = self.cross_v[:, idx, :, :L]
+            if moved.numel() and int(cross[moved].max()) > 0:
+                L, dst, src = int(cross[moved].max()), moved.to(self.device), keep[moved].to(self.device)
+                self.cross_k[:, dst, :, :L] = self.cross_k[:, src, :, :L]
+                self.cross_v[:, dst, :, :L] = self.cross_v[:, src, :, :L]
             self.cross_lengths.zero_()
             self.cross_lengths[:m] = cross
 

@@ -18,6 +18,7 @@ from collections import deque
 
 import torch
 
+from .kv_cache import fill_holes
 from .pipeline import COMPACT, Command, Pipeline, RunContext, _i64, driver_clock, encode, eos_of, \
     make_runtime, make_tp_groups, progress_bar, run_decode, split_even, start_clock
 from .report import RunReport, build_report
@@ -66,7 +67,7 @@ def drive_rra(pipe: Pipeline, tracker: RequestTracker, plan, num_stages: int, ro
     dec: list[tuple[float, int]] = []
     while queue or alive:
         # Encode phase: compact out finished rows, then refill toward the target decode batch.
-        keep = [i for i, rid in enumerate(alive) if not tracker.done(rid)]
+        keep = fill_holes([i for i, rid in enumerate(alive) if not tracker.done(rid)])
         if len(keep) < len(alive):
             pipe.submit(Command(COMPACT, _i64(keep)))
             alive = [alive[i] for i in keep]

@@ -25,6 +25,7 @@ import time
 import torch
 
 from .dist import TAG_CREDIT, TAG_KV, TAG_META, StageRanks
+from .kv_cache import fill_holes
 from .pipeline import COMPACT, END, IMPORT, PREFILL, Command, Pipeline, RunContext, StageRuntime, _i64, \
     driver_clock, eos_of, make_runtime, make_tp_groups, progress_bar, run_decode, split_by, start_clock
 from .report import RunReport, build_report
@@ -188,7 +189,7 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
     held: torch.Tensor | None = None  # a received batch waiting for free rows
     encoder_done = False
     while True:
-        keep = [i for i, rid in enumerate(alive) if not tracker.done(rid)]
+        keep = fill_holes([i for i, rid in enumerate(alive) if not tracker.done(rid)])
         if len(keep) < len(alive):
             pipe.submit(Command(COMPACT, _i64(keep)))
             alive = [alive[i] for i in keep]

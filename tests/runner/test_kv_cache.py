@@ -86,3 +86,21 @@ def test_export_import_rows_round_trip(make_model, make_prompts):
         for o, t in zip(outs, tok.tolist()):
             o.append(t)
     assert outs == [refs[1], refs[0]]
+
+
+def test_fill_holes_moves_only_tail_rows_and_compact_copies_only_them():
+    import torch
+
+    from runner.kv_cache import KVCache, fill_holes
+
+    order = fill_holes([0, 2, 3, 5, 6])  # m = 5: rows 0, 2, 3 stay; 5 and 6 fill holes 1 and 4
+    assert order == [0, 5, 2, 3, 6]
+    cache = KVCache(1, 8, 4, 1, 2)
+    for r in range(8):
+        cache.k[0, r] = r
+        cache.lengths[r] = 3
+    before = cache.k.clone()
+    cache.compact(order)
+    assert [int(cache.k[0, i, 0, 0, 0]) for i in range(5)] == order
+    assert torch.equal(cache.k[0, [0, 2, 3]], before[0, [0, 2, 3]])
+    assert cache.lengths.tolist() == [3] * 5 + [0] * 3

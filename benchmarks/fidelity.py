@@ -1,0 +1,86 @@
+"""Simulator fidelity on this machine: profile -> simulate -> execute -> predicted vs measured.
+
+One row per plan (RRA and WAA, several B_E / N_D / TP, three workloads including a real trace scaled to
+CPU-sized lengths, plus the plans find_schedule picks under a bound), then the mean and worst relative
+errors and one summary line:
+
+  fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
+
+  python benchmarks/fidelity.py [--model tiny] [--requests 800] [--refresh-profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Workload, evaluate_schedule,
+                    find_schedule, smallest_feasible_bound)
+from profiler.loop import CPU_TASK, cached_profile, run_and_compare, table_header, _row
+
+WORKLOADS = {
+    "S/4": CPU_TASK,
+    "C1/4": Workload.truncated_normal(input=(64, 29, 128), output=(64, 30, 160), name="C1/4"),
+    # The Azure conversation trace, prompts x0.02 and outputs x0.2: CPU-sized, same shape and correlation.
+    "conv": Workload.trace("azure_conv").scaled(0.02, 0.2, name="azure_conv scaled"),
+}
+
+
+def cases(prof):
+    """(name, plan) pairs: hand-picked schedules and the ones find_schedule picks."""
+    out = []
+
+    def add(name, wname, schedule, devices):
+        w = WORKLOADS[wname]
+        out.append((name, evaluate_schedule(schedule, w, math.inf, profile=prof, devices=devices)))
+
+    add("rra-a", "S/4", RRASchedule(4, 4, 1, 0, 1), "1xcpu")
+    add("rra-b", "S/4", RRASchedule(8, 8, 1, 0, 1), "1xcpu")
+    add("rra-c", "S/4", RRASchedule(16, 2, 1, 0, 1), "1xcpu")
+    add("rra-d", "C1/4", RRASchedule(4, 16, 1, 0, 1), "1xcpu")
+    add("rra-e", "C1/4", RRASchedule(8, 4, 1, 0, 1), "1xcpu")
+    add("rra-f", "conv", RRASchedule(8, 8, 1, 0, 1), "1xcpu")
+    add("rra-pp2", "S/4", RRASchedule(8, 4, 1, 0, 2), "2xcpu")
+    add("rra-tp2", "S/4", RRASchedule(8, 4, 2, 2, 2), "2xcpu")
+    add("waa-a", "S/4", WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), "2xcpu")
+    add("waa-b", "C1/4", WAASchedule(Policy.WAA_C, 2, 32, 1, 0, 1, 1), "2xcpu")
+    add("waa-c", "conv", WAASchedule(Policy.WAA_M, 4, 64, 1, 0, 1, 1), "2xcpu")
+    for wname in WORKLOADS:
+        for devices in ("1xcpu", "2xcpu"):
+            w = WORKLOADS[wname]
+            bound = 2 * smallest_feasible_bound(w, profile=prof, devices=devices)
+            try:
+                out.append((f"best-{wname}-{devices[0]}", find_schedule(w, bound, profile=prof, devices=devices)))
+            except InfeasibleBoundError:
+                continue
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--requests", type=int, default=800)
+    ap.add_argument("--refresh-profile", action="store_true")
+    a = ap.parse_args()
+    prof = cached_profile(a.model, refresh=a.refresh_profile)
+    named = cases(prof)
+    rows = []
+    for wname, w in WORKLOADS.items():  # the same requests for every plan of a workload
+        group = [(n, p) for n, p in named if p.workload == w]
+        rows += run_and_compare(group, a.model, num_requests=a.requests,
+                                trace=w if w.pairs is not None else None)
+    print(f"profile {prof.id}: {prof.provenance.get('date', '?')}, torch {prof.provenance.get('torch', '?')}")
+    print(table_header())
+    for c in rows:
+        print(_row(c))
+    thr = [c.throughput_error for c in rows]
+    lat = [c.latency_error for c in rows if math.isfinite(c.latency_error)]
+    bounded = [c for c in rows if c.name.startswith("best")]
+    print(f"fidelity: throughput error mean {100 * statistics.mean(thr):.1f}% worst {100 * max(thr):.1f}%; "
+          f"latency error mean {100 * statistics.mean(lat):.1f}% worst {100 * max(lat):.1f}%; "
+          f"bounds kept {sum(c.bound_kept for c in bounded)}/{len(bounded)}")
+
+
+if __name__ == "__main__":
+    main()
