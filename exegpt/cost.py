@@ -8,11 +8,12 @@ Composition of one pipeline stage (tp devices, ``n`` decoder layers, ``n_enc`` e
 
 * encode of ``B`` prompts: ``n_enc`` encoder layers (T5) or ``n`` prefill layers, each
   dense_encode(B * E[S_in]) + E_S[attn_encode(B, S)] + 2 all-reduces of the activations (tp > 1);
-  for decoder-only models the last stage adds lm_head(B) (the prefill emits the first token); a
-  stage that is not the last sends its activations onward; every stage pays the step overhead.
+  for decoder-only models the last stage adds lm_head(B) and the engine's per-row overhead (the
+  prefill emits the first token); a stage that is not the last sends its activations onward; every
+  stage pays the engine's step overhead.
 * decode step of ``n`` rows at mean context ``ctx``: per layer dense_decode(n) + attn_decode(n, ctx)
-  (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) on the last stage;
-  activations sent onward; the step overhead once.
+  (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) and the per-row overhead
+  on the last stage; activations sent onward; the step overhead once.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class CostModel:
         t = t + self.profile.step_overhead_s
         if last:
             h, ok2 = self._head(b)
-            return t + h, ok & ok2
+            return t + h + self.profile.row_overhead_s * b, ok & ok2
         s, ok2 = self._send(b * self.stats.in_mean)
         return t + s, ok & ok2
 
@@ -192,7 +193,7 @@ class CostModel:
         t = n_layers * t + self.profile.step_overhead_s
         if last:
             h, ok2 = self._head(r)
-            return t + h, ok & ok2
+            return t + h + self.profile.row_overhead_s * r, ok & ok2
         s, ok2 = self._send(r)
         return t + s, ok & ok2
 

@@ -46,7 +46,10 @@ class Estimate:
     decode_step_s: float
     """Time of one decode iteration of the whole decode batch."""
     decode_batch: float
-    """B_D: expected rows in the decode batch."""
+    """B_D: expected rows of a decode iteration."""
+    refill_batch: float = 0.0
+    """RRA: rows the decode batch is refilled to at each encode phase (B_E E[ceil(k/N_D)]); the
+    runner's refill target. Equal to ``decode_batch`` for the other policies."""
     memory_bytes: tuple[float, ...] = ()
     """Peak bytes per pipeline stage device (weights + KV cache + activations)."""
     memory_capacity_bytes: float = math.inf

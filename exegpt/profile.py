@@ -174,6 +174,8 @@ class Profile:
     """Fixed per-iteration cost of the engine (scheduling, launches, Python) outside the kernels."""
     source: str = "measured"
     """'measured' (the profiler), 'gpu-data' (shipped measurements + roofline attention) or 'roofline'."""
+    row_overhead_s: float = 0.0
+    """Engine cost per row of a forward pass on the last stage (sampling, token bookkeeping)."""
     padded_batches: bool = False
     """The profiled backend pads a prefill batch to its longest prompt and attends a decode step over
     its longest context (the built-in runner does; varlen kernels such as vLLM's do not)."""
@@ -186,8 +188,9 @@ class Profile:
     def __post_init__(self):
         if not self.tables:
             raise ExeGPTError(f"profile {self.model}@{self.device} has no tables")
-        if not (np.isfinite(self.step_overhead_s) and self.step_overhead_s >= 0):
-            raise ExeGPTError(f"step_overhead_s={self.step_overhead_s!r} must be >= 0")
+        for f in ("step_overhead_s", "row_overhead_s"):
+            if not (np.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
+                raise ExeGPTError(f"{f}={getattr(self, f)!r} must be a number >= 0")
         lookup = {}
         for t in self.tables:
             key = (t.kernel, t.tp)
@@ -266,7 +269,7 @@ class Profile:
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "model": self.model, "device": self.device, "dtype": self.dtype,
                 "source": self.source, "step_overhead_s": self.step_overhead_s,
-                "padded_batches": self.padded_batches,
+                "row_overhead_s": self.row_overhead_s, "padded_batches": self.padded_batches,
                 "device_memory_bytes": self.device_memory_bytes, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
 
@@ -280,6 +283,7 @@ class Profile:
             return cls(model=d["model"], device=d["device"], dtype=d.get("dtype", "fp16"),
                        tables=tuple(ProfileTable.from_dict(t) for t in d["tables"]),
                        step_overhead_s=float(d.get("step_overhead_s", 0.0)), source=d.get("source", "measured"),
+                       row_overhead_s=float(d.get("row_overhead_s", 0.0)),
                        padded_batches=bool(d.get("padded_batches", False)),
                        device_memory_bytes=d.get("device_memory_bytes"), provenance=d.get("provenance", {}))
         except KeyError as e:

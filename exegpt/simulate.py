@@ -15,7 +15,13 @@ RRA (paper §4.1, §6; "our reading" where marked):
   * encode phase: T_E = sum_s t_s(B_E/P) + (P-1) max_s t_s(B_E/P) (pipeline fill and drain);
   * decode iteration: T_D = P * max_s t_s(B_D/P) (every stage runs each of P micro-batches);
   * completions per phase: a query with k decode iterations finishes in exactly one of its
-    ceil(k/N_D) phases, so sum_U P_D(U) = E[1/ceil(k/N_D)] and B_D = B_E (1 - P(k=0)) / sum_U P_D(U);
+    ceil(k/N_D) phases (P_D(U|S)), and B_E = B_D sum_U P_D(U). The paper sums P_D(U|S) over the
+    arrival distribution P_D(S); the decode batch, however, holds each query for ceil(k/N_D) phases,
+    so its mix is length-biased, P_batch(S) ~ P_D(S) ceil(k/N_D) (our reading; measured: the
+    unweighted sum over-predicts completions by ~20 % on the CPU runner). With that mix
+    sum_U P_D(U) = 1 / E[ceil(k/N_D)]: the batch refilled at a phase start is B_E E[ceil(k/N_D)]
+    (Little's law), and the mean rows of a decode iteration are B_E E[k] / N_D (each query is
+    computed for k iterations);
   * throughput = B_E / (T_E + N_D T_D); latency(L) = max(1, ceil(k_L/N_D)) T_E + k_L T_D.
 WAA (paper §4.2, §6):
   * encode group (E devices) and decode group (D devices) run concurrently; one encode batch enters
@@ -69,10 +75,10 @@ class Problem:
     """The output length the bound applies to (its length quantile)."""
     k_q: int
     """Decode iterations of a ``latency_len`` output."""
-    completion: np.ndarray
-    """completion[n] = sum_U P_D(U) for N_D = n (index 0 unused)."""
-    idle_fraction: float
-    """P(k = 0): queries finished by their prefill alone."""
+    phases: np.ndarray
+    """phases[n] = E[ceil(k / n)]: decode phases a query spends in the batch at N_D = n (index 0 unused)."""
+    mean_iters: float
+    """E[k]: decode iterations per query."""
 
     @classmethod
     def build(cls, workload: Workload, bound: LatencyBound, profile: Profile, model: ModelShape,
@@ -91,14 +97,13 @@ class Problem:
         k, p = stats.k_lengths, stats.k_probs
         live = k > 0
         n = np.arange(1, max(int(k.max()), 1) + 1)
-        completion = np.zeros(len(n) + 1)
-        if live.any():
-            completion[1:] = (p[live][None, :] / np.ceil(k[live][None, :] / n[:, None])).sum(axis=1)
+        phases = np.zeros(len(n) + 1)
+        phases[1:] = (p[None, :] * np.ceil(k[None, :] / n[:, None])).sum(axis=1)
         memory = cluster.device.memory_bytes if profile.device_memory_bytes is None \
             else profile.device_memory_bytes
         return cls(profile, model, cluster, workload, bound, CostModel(profile, model, stats),
-                   CostModel(profile, model, stats, per_unit=True), memory * memory_fraction, latency_len, latency_len - shift, completion,
-                   float(p[~live].sum()))
+                   CostModel(profile, model, stats, per_unit=True), memory * memory_fraction, latency_len, latency_len - shift, phases,
+                   float(np.dot(k, p)))
 
     @property
     def stats(self) -> WorkloadStats:
@@ -106,7 +111,7 @@ class Problem:
 
     @property
     def max_decode_iters(self) -> int:
-        return len(self.completion) - 1
+        return len(self.phases) - 1
 
     def max_batch(self, kernel: Kernel) -> float:
         return self.profile.max_coord(kernel, 1, 0)
@@ -268,7 +273,7 @@ def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool
     be_lo, be_hi = np.asarray(be_lo, float), np.asarray(be_hi, float)
     nd_lo, nd_hi = np.asarray(nd_lo), np.asarray(nd_hi)
     stages = lay.stages
-    ratio = (1 - prob.idle_fraction) / prob.completion[nd_hi]  # B_D / B_E, smallest in the box
+    ratio = prob.mean_iters / nd_hi  # mean decode rows / B_E, smallest in the box
     t_enc, t_dec, ok_e = _rra_phases(prob, stages, be_lo, be_lo * ratio)
     if np.array_equal(be_lo, be_hi):
         thr = be_hi / (t_enc + nd_lo * t_dec)
@@ -280,11 +285,12 @@ def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool
     bd = be_lo * ratio
     phases = np.maximum(1, np.ceil(prob.k_q / nd_hi))
     lat = phases * t_enc + prob.k_q * t_dec
-    rows = np.ceil(bd) + be_lo  # cache rows: the decode batch plus an incoming encode batch
+    refill = be_lo * prob.phases[nd_hi]  # the batch at a phase start
+    rows = np.ceil(refill) + be_lo  # cache rows: the refilled batch plus an incoming encode batch
     mem = _memory(prob, stages, rows, be_lo / len(stages) * prob.stats.in_max)
     ok = ok_e & _fits(prob, mem)
     if detail:
-        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=bd, mem=mem)
+        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=bd, mem=mem, refill=refill)
     return thr, lat, ok
 
 
@@ -400,7 +406,8 @@ def estimate(prob: Problem, lay: Layout, s: Schedule) -> Estimate:
         throughput_seq_s=thr, throughput_tok_s=thr * prob.workload.output_len.mean(),
         latency_s=float(np.ravel(d["lat"])[0]), latency_len=int(latency_len),
         encode_stage_s=float(np.ravel(d["t_enc"])[0]), decode_step_s=float(np.ravel(d["t_dec"])[0]),
-        decode_batch=float(np.ravel(d["bd"])[0]), memory_bytes=tuple(float(np.ravel(m)[0]) for m in d["mem"]),
+        decode_batch=float(np.ravel(d["bd"])[0]), refill_batch=float(np.ravel(d.get("refill", d["bd"]))[0]),
+        memory_bytes=tuple(float(np.ravel(m)[0]) for m in d["mem"]),
         memory_capacity_bytes=prob.capacity_bytes)
 
 

@@ -322,7 +322,7 @@ def profile_model(model_spec: str | ModelShape, tp_degrees=(1,), quick: bool = F
                   device: str | torch.device | None = None, *, grid: Grid | None = None, max_seq: int | None = None,
                   max_batch: int | None = None, max_tokens: int | None = None,
                   collectives: bool = True, progress: bool = True, seed: int = 0,
-                  threads: int | None = None) -> Profile:
+                  threads: int | None = None, engine: bool = True) -> Profile:
     """Measure a Profile of ``model_spec`` on ``device``.
 
     Args:
@@ -338,6 +338,7 @@ def profile_model(model_spec: str | ModelShape, tp_degrees=(1,), quick: bool = F
         collectives: also measure allreduce / send_recv / kv_handoff in spawned process groups.
         progress: show a tqdm bar with an ETA on stderr.
         seed: seed of the random weights.
+        engine: also measure the runner executor's own overhead per step and per row (``profiler.engine``).
         threads: torch intra-op threads while timing (restored afterwards); default: leave torch's setting.
             On a CPU shared with other jobs, 1 thread avoids timing the scheduler (a parallel region waits for
             its slowest thread); the runner must then run with the same setting for the times to apply.
@@ -356,12 +357,12 @@ def profile_model(model_spec: str | ModelShape, tp_degrees=(1,), quick: bool = F
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(t, quick, collectives, progress, seed)
+        return _run(t, quick, collectives, progress, seed, engine)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int) -> Profile:
+def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, engine: bool = True) -> Profile:
     """Phases 2-5 of ``profile_model`` for resolved inputs."""
     repeat = QUICK_REPEAT if quick else REPEAT
     g = t.grid
@@ -431,10 +432,15 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int) -
                                                        "head_dim", "ffn_dim", "vocab_size", "max_seq_len")},
     } | notes
     memory = dev_info.available_bytes if dev_info.kind == "cpu" else None
-    return Profile(model=t.name, device=dev_info.name, tables=tuple(tables), dtype=t.dtype,
+    prof = Profile(model=t.name, device=dev_info.name, tables=tuple(tables), dtype=t.dtype,
                    step_overhead_s=float(overhead["step_overhead_s"]), source="measured",
                    padded_batches=True,  # the runner pads prefill to the longest prompt, decode to the longest row
                    device_memory_bytes=memory, provenance=provenance)
+    if engine and not t.args.family == "t5":
+        # Phase 6: the executor's own overhead around the kernels, measured by running it (profiler.engine).
+        from .engine import calibrate_engine
+        prof = calibrate_engine(prof, t.spec, t.dtype, seed)
+    return prof
 
 
 class _NoBar:

@@ -145,6 +145,28 @@ class KVCache:
             self.cross_lengths.zero_()
             self.cross_lengths[:m] = cross
 
+    def move(self, src: Tensor | list[int], dst: Tensor | list[int]) -> None:
+        """Copies rows ``src`` to rows ``dst`` (distinct, no overlap between the two) and marks ``src`` empty:
+        filling the holes finished rows leave, so a decode batch stays a contiguous range of rows."""
+        src, dst = as_rows(src), as_rows(dst)
+        if not src.numel():
+            return
+        lengths = self.lengths[src].clone()
+        if int(lengths.max()) > 0:
+            L, s, d = int(lengths.max()), src.to(self.device), dst.to(self.device)
+            self.k[:, d, :, :L] = self.k[:, s, :, :L]
+            self.v[:, d, :, :L] = self.v[:, s, :, :L]
+        self.lengths[src] = 0
+        self.lengths[dst] = lengths
+        if self.cross_len:
+            cross = self.cross_lengths[src].clone()
+            if int(cross.max()) > 0:
+                L, s, d = int(cross.max()), src.to(self.device), dst.to(self.device)
+                self.cross_k[:, d, :, :L] = self.cross_k[:, s, :, :L]
+                self.cross_v[:, d, :, :L] = self.cross_v[:, s, :, :L]
+            self.cross_lengths[src] = 0
+            self.cross_lengths[dst] = cross
+
     def export_rows(self, rows: Tensor | list[int]) -> dict[str, Tensor]:
         """Contiguous K/V of ``rows``, trimmed to the longest of them, plus their lengths (WAA's KV hand-off)."""
         rows = as_rows(rows)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .dist import HEADER, TAG_CMD, TAG_TOKENS, Comm, StageRanks
 
-PREFILL, DECODE, COMPACT, IMPORT, END, STOP = 1, 2, 3, 4, 5, 6
+PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE = 1, 2, 3, 4, 5, 6, 7
 COMPUTE = (PREFILL, DECODE)
 
 
@@ -31,7 +31,8 @@ class Command:
 
     op: int
     rows: Tensor
-    """Cache rows ``[n]`` (CPU int64); for COMPACT the rows to keep, in order."""
+    """Cache rows ``[n]`` (CPU int64); for COMPACT the rows to keep, in order; for MOVE the source rows
+    followed by as many destination rows."""
     seq_lens: Tensor | None = None
     """PREFILL / IMPORT: prompt lengths ``[n]``."""
     ids: Tensor | None = None
@@ -117,6 +118,9 @@ class StageRuntime:
                 out = self.model.decode(x, cmd.rows)
         elif cmd.op == COMPACT:
             self.model.cache.compact(cmd.rows)
+        elif cmd.op == MOVE:
+            half = cmd.rows.numel() // 2
+            self.model.cache.move(cmd.rows[:half], cmd.rows[half:])
         elif cmd.op == IMPORT:
             self.on_import(cmd)
         elif cmd.op == END:
@@ -391,8 +395,24 @@ def run_decode(pipe: Pipeline, tracker, mbs: list[list[int]], row_req: list[int]
             keep.append(r)
         mbs[j], iters[j] = keep, u + 1
         if keep and iters[j] < max_iters and (drop_finished or pending()):
+            if drop_finished and len(keep) < len(rows) and rows == list(range(rows[0], rows[0] + len(rows))):
+                mbs[j] = keep = _refill_holes(pipe, rows, keep, row_req)
             submit(j)
     return steps
+
+
+def _refill_holes(pipe: Pipeline, rows: list[int], keep: list[int], row_req: list[int]) -> list[int]:
+    """Keeps a micro-batch a contiguous range of cache rows after some of its rows finished: survivors past the
+    new end move into the holes (one row of KV copied per finished request, instead of gathering the whole
+    batch's KV at every step that follows). ``row_req`` swaps along, so finished requests sit in the tail."""
+    start, m = rows[0], len(keep)
+    holes = [r for r in range(start, start + m) if r not in set(keep)]
+    tail = [r for r in keep if r >= start + m]
+    if tail:
+        pipe.submit(Command(MOVE, _i64(tail + holes)))
+        for s, d in zip(tail, holes):
+            row_req[s], row_req[d] = row_req[d], row_req[s]
+    return list(range(start, start + m))
 
 
 def driver_clock(t0_ns: int):

@@ -3,7 +3,7 @@
 Rules shared with ``exegpt``'s simulator (keep them in step):
 - the decode batch is split into one micro-batch per pipeline stage (fixed rule, paper §11.1);
 - at each encode phase, ``n = min(queue, target - alive, free rows)`` queries are admitted, where
-  ``target = round(estimate.decode_batch)`` and the cache holds ``ceil(decode_batch) + encode_batch`` rows;
+  ``target = round(estimate.refill_batch)`` and the cache holds ``ceil(refill_batch) + encode_batch`` rows;
   the encode batch is split into one micro-batch per stage, pipelined;
 - the prefill's token is the first output token; finished rows leave the decode batch at once (early
   termination) and are compacted out of the KV cache at the next encode phase;
@@ -25,14 +25,19 @@ from .report import RunReport, build_report
 from .requests import RequestTracker
 
 
+def _refill(plan) -> float:
+    """The estimate's refill batch (plans of older versions have only the mean decode batch)."""
+    return plan.estimate.refill_batch or plan.estimate.decode_batch
+
+
 def cache_rows(plan) -> int:
-    """KV-cache rows of an RRA run: ``ceil(decode_batch) + encode_batch``."""
-    return max(1, math.ceil(plan.estimate.decode_batch)) + plan.schedule.encode_batch
+    """KV-cache rows of an RRA run: ``ceil(refill_batch) + encode_batch``."""
+    return max(1, math.ceil(_refill(plan))) + plan.schedule.encode_batch
 
 
 def refill_target(plan) -> int:
-    """The decode batch RRA refills to: ``round(decode_batch)``, at least 1."""
-    return max(1, round(plan.estimate.decode_batch))
+    """The decode batch RRA refills to at each encode phase: ``round(refill_batch)``, at least 1."""
+    return max(1, round(_refill(plan)))
 
 
 def run_rra(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:

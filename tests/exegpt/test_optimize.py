@@ -114,11 +114,22 @@ def test_rra_closed_form_latency():
 
 
 def test_rra_decode_batch_follows_the_completion_model():
-    # Outputs of exactly 10 tokens: k = 9 decode iterations; with N_D = 4 a query spans 3 phases.
+    # Outputs of exactly 10 tokens: k = 9 decode iterations; with N_D = 4 a query spans 3 phases, so the
+    # batch refilled at a phase start holds 3 generations of 6 queries, and an iteration computes 6 * 9 / 4 rows.
     w = Workload.truncated_normal(input=(32, 0, 32), output=(10, 0, 10))
     s = RRASchedule(encode_batch=6, decode_iters=4, tp=1, tp_gpus=0, num_gpus=1)
     e = simulate(s, w, model="llama-2-7b", devices="1xA100")
-    assert e.decode_batch == pytest.approx(6 * 3)
+    assert e.refill_batch == pytest.approx(6 * 3)
+    assert e.decode_batch == pytest.approx(6 * 9 / 4)
+
+
+def test_rra_refill_batch_is_littles_law_on_mixed_lengths():
+    # Outputs of 3 or 9 tokens (k = 2 or 8), N_D = 4: phases per query 1 or 2, E = 1.5 -> refill 1.5 B_E.
+    from exegpt import Distribution
+    w = Workload(Distribution((16,), (1.0,)), Distribution((3, 9), (0.5, 0.5)))
+    e = simulate(RRASchedule(8, 4, 1, 0, 1), w, model="llama-2-7b", devices="1xA100")
+    assert e.refill_batch == pytest.approx(8 * 1.5)
+    assert e.decode_batch == pytest.approx(8 * 5 / 4)
 
 
 def test_monotonicity_statistics_are_reported():
