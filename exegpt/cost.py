@@ -8,11 +8,11 @@ Composition of one pipeline stage (tp devices, ``n`` decoder layers, ``n_enc`` e
 
 * encode of ``B`` prompts: ``n_enc`` encoder layers (T5) or ``n`` prefill layers, each
   dense_encode(B * E[S_in]) + E_S[attn_encode(B, S)] + 2 all-reduces of the activations (tp > 1);
-  for decoder-only models the last stage adds lm_head(B) and the engine's per-row overhead (the
-  prefill emits the first token); a stage that is not the last sends its activations onward; every
-  stage pays the engine's step overhead.
+  for decoder-only models the last stage adds lm_head(B) and the executor's own work engine_encode(B)
+  (the prefill emits the first token); a stage that is not the last sends its activations onward;
+  every stage pays the model's per-call step overhead.
 * decode step of ``n`` rows at mean context ``ctx``: per layer dense_decode(n) + attn_decode(n, ctx)
-  (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) and the per-row overhead
+  (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) and engine_decode(n)
   on the last stage; activations sent onward; the step overhead once.
 """
 
@@ -164,6 +164,12 @@ class CostModel:
             t, ok, n_ar = t + cross, ok & ok4, 3
         return t + n_ar * ar, ok
 
+    def _engine(self, kernel: Kernel, rows) -> tuple[np.ndarray, np.ndarray]:
+        """The executor's own work around a forward pass (driver side), when the profile measured it."""
+        if not self.profile.has(kernel):
+            return np.zeros(np.shape(rows)), np.ones(np.shape(rows), dtype=bool)
+        return self._get(kernel, 1, rows)
+
     def _head(self, rows) -> tuple[np.ndarray, np.ndarray]:
         return self._get(Kernel.LM_HEAD, 1, np.asarray(rows, dtype=float))
 
@@ -182,7 +188,8 @@ class CostModel:
         t = t + self.profile.step_overhead_s
         if last:
             h, ok2 = self._head(b)
-            return t + h + self.profile.row_overhead_s * b, ok & ok2
+            e, ok3 = self._engine(Kernel.ENGINE_ENCODE, b)
+            return t + h + e, ok & ok2 & ok3
         s, ok2 = self._send(b * self.stats.in_mean)
         return t + s, ok & ok2
 
@@ -193,7 +200,8 @@ class CostModel:
         t = n_layers * t + self.profile.step_overhead_s
         if last:
             h, ok2 = self._head(r)
-            return t + h + self.profile.row_overhead_s * r, ok & ok2
+            e, ok3 = self._engine(Kernel.ENGINE_DECODE, r)
+            return t + h + e, ok & ok2 & ok3
         s, ok2 = self._send(r)
         return t + s, ok & ok2
 

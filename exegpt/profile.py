@@ -18,6 +18,8 @@ lm_head        tokens                  embedding + final norm + LM head + sampli
 allreduce      bytes                   all-reduce of ``bytes`` in a group of ``tp`` ranks
 send_recv      bytes                   point-to-point hand-off of ``bytes`` between pipeline stages
 kv_handoff     bytes                   WAA KV-cache copy encode group -> host -> decode group
+engine_encode  rows                    the executor's own work around a prefill of ``rows`` prompts
+engine_decode  rows                    the executor's own work around a decode step of ``rows`` rows
 =============  ======================  ==============================================================
 
 Lookups interpolate linearly (scipy) over the **monotone envelope** of each table: the running
@@ -59,6 +61,8 @@ class Kernel(str, Enum):
     ALLREDUCE = "allreduce"
     SEND_RECV = "send_recv"
     KV_HANDOFF = "kv_handoff"
+    ENGINE_ENCODE = "engine_encode"
+    ENGINE_DECODE = "engine_decode"
 
 
 AXES: dict[Kernel, tuple[str, ...]] = {
@@ -71,6 +75,8 @@ AXES: dict[Kernel, tuple[str, ...]] = {
     Kernel.ALLREDUCE: ("bytes",),
     Kernel.SEND_RECV: ("bytes",),
     Kernel.KV_HANDOFF: ("bytes",),
+    Kernel.ENGINE_ENCODE: ("rows",),
+    Kernel.ENGINE_DECODE: ("rows",),
 }
 
 # Kernels every usable profile must have at tp=1 (attn_cross only for encoder-decoder models).
@@ -174,8 +180,6 @@ class Profile:
     """Fixed per-iteration cost of the engine (scheduling, launches, Python) outside the kernels."""
     source: str = "measured"
     """'measured' (the profiler), 'gpu-data' (shipped measurements + roofline attention) or 'roofline'."""
-    row_overhead_s: float = 0.0
-    """Engine cost per row of a forward pass on the last stage (sampling, token bookkeeping)."""
     padded_batches: bool = False
     """The profiled backend pads a prefill batch to its longest prompt and attends a decode step over
     its longest context (the built-in runner does; varlen kernels such as vLLM's do not)."""
@@ -188,7 +192,7 @@ class Profile:
     def __post_init__(self):
         if not self.tables:
             raise ExeGPTError(f"profile {self.model}@{self.device} has no tables")
-        for f in ("step_overhead_s", "row_overhead_s"):
+        for f in ("step_overhead_s",):
             if not (np.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
                 raise ExeGPTError(f"{f}={getattr(self, f)!r} must be a number >= 0")
         lookup = {}
@@ -269,7 +273,7 @@ class Profile:
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "model": self.model, "device": self.device, "dtype": self.dtype,
                 "source": self.source, "step_overhead_s": self.step_overhead_s,
-                "row_overhead_s": self.row_overhead_s, "padded_batches": self.padded_batches,
+                "padded_batches": self.padded_batches,
                 "device_memory_bytes": self.device_memory_bytes, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
 
@@ -283,7 +287,6 @@ class Profile:
             return cls(model=d["model"], device=d["device"], dtype=d.get("dtype", "fp16"),
                        tables=tuple(ProfileTable.from_dict(t) for t in d["tables"]),
                        step_overhead_s=float(d.get("step_overhead_s", 0.0)), source=d.get("source", "measured"),
-                       row_overhead_s=float(d.get("row_overhead_s", 0.0)),
                        padded_batches=bool(d.get("padded_batches", False)),
                        device_memory_bytes=d.get("device_memory_bytes"), provenance=d.get("provenance", {}))
         except KeyError as e:
