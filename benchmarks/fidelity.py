@@ -1,7 +1,8 @@
 """Simulator fidelity on this machine: profile -> simulate -> execute -> predicted vs measured.
 
 One row per plan (RRA and WAA, several B_E / N_D / TP, three workloads including a real trace scaled to
-CPU-sized lengths, plus the plans find_schedule picks under a bound), then the mean and worst relative
+CPU-sized lengths, plus the plans find_schedule picks under a bound with the closed loop's latency margin),
+then the mean and worst relative
 errors and one summary line:
 
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
@@ -17,7 +18,7 @@ import statistics
 
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
-from profiler.loop import CPU_TASK, cached_profile, run_and_compare, table_header, _row
+from profiler.loop import CPU_TASK, LATENCY_MARGIN, cached_profile, run_and_compare, table_header, _row
 
 WORKLOADS = {
     "S/4": CPU_TASK,
@@ -51,7 +52,8 @@ def cases(prof):
             w = WORKLOADS[wname]
             bound = 2 * smallest_feasible_bound(w, profile=prof, devices=devices)
             try:
-                out.append((f"best-{wname}-{devices[0]}", find_schedule(w, bound, profile=prof, devices=devices)))
+                out.append((f"best-{wname}-{devices[0]}", find_schedule(w, bound, profile=prof, devices=devices,
+                                                                       latency_margin=LATENCY_MARGIN)))
             except InfeasibleBoundError:
                 continue
     return out
@@ -74,6 +76,13 @@ def main():
     print(table_header())
     for c in rows:
         print(_row(c))
+    for label, group in (("one rank", [c for c in rows if c.plan.schedule.num_gpus == 1]),
+                         ("two ranks", [c for c in rows if c.plan.schedule.num_gpus > 1])):
+        if group:
+            t = [c.throughput_error for c in group]
+            lt = [c.latency_error for c in group if math.isfinite(c.latency_error)]
+            print(f"  {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst {100 * max(t):.1f}%; "
+                  f"latency error mean {100 * statistics.mean(lt):.1f}% worst {100 * max(lt):.1f}%")
     thr = [c.throughput_error for c in rows]
     lat = [c.latency_error for c in rows if math.isfinite(c.latency_error)]
     bounded = [c for c in rows if c.name.startswith("best")]

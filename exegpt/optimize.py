@@ -182,27 +182,30 @@ def _plan(prob: Problem, lay: Layout, s: Schedule, stats: SearchStats) -> Plan:
                 search=stats)
 
 
-def _infeasible(prob: Problem, spaces: list[Space]) -> InfeasibleBoundError:
+def _infeasible(prob: Problem, spaces: list[Space], margin: float = 0.0) -> InfeasibleBoundError:
     fastest = branch_and_bound(spaces, math.inf, minimize_latency=True)
     q = prob.bound.length_quantile
     if fastest.space is None:
         return InfeasibleBoundError(
             f"no schedule of {prob.model.name} on {prob.cluster.label} fits in device memory (or in the "
             f"profiled range) for this workload", math.inf)
-    smallest = fastest.latency
+    smallest = fastest.latency / (1 - margin)
     return InfeasibleBoundError(
         f"latency bound {prob.bound.bound_s:g} s is infeasible for the p{q * 100:g}-length output "
         f"({prob.latency_len} tokens) of {prob.model.name} on {prob.cluster.label}; the smallest feasible "
-        f"bound is {smallest:.4g} s", smallest)
+        f"bound is {smallest:.4g} s" + (f" (with a {margin:.0%} latency margin)" if margin else ""), smallest)
 
 
 def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees, eps_throughput, eps_latency,
-           space, memory_fraction) -> Plan:
+           space, memory_fraction, latency_margin: float = 0.0) -> Plan:
     t0 = time.perf_counter()
+    if not 0 <= latency_margin < 1:
+        raise ExeGPTError(f"latency_margin {latency_margin!r} must be in [0, 1)")
     prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
     layouts = build_spaces(prob, policies, tp_degrees, space)
     spaces = [sp for _, sp in layouts]
-    bound_s = prob.bound.bound_s
+    # Plan against a tighter bound when the caller keeps a margin for the simulator's error.
+    bound_s = prob.bound.bound_s * (1 - latency_margin)
     if method == "exhaustive":
         res: SearchResult = exhaustive(spaces, bound_s)
     else:
@@ -211,7 +214,7 @@ def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees
                               f"eps_latency={eps_latency}")
         res = branch_and_bound(spaces, bound_s, eps_throughput, eps_latency)
     if res.space is None:
-        raise _infeasible(prob, spaces)
+        raise _infeasible(prob, spaces, latency_margin)
     lay = layouts[res.space][0]
     stats = SearchStats(method, res.candidates_evaluated, time.perf_counter() - t0,
                         sum(sp.size for sp in spaces), res.boxes_pruned)
@@ -220,7 +223,8 @@ def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees
 
 def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
                   policies=DEFAULT_POLICIES, tp_degrees=None, eps_throughput: float = 0.0, eps_latency: float = 0.0,
-                  space: SearchSpace = SearchSpace(), memory_fraction: float = MEMORY_FRACTION) -> Plan:
+                  space: SearchSpace = SearchSpace(), memory_fraction: float = MEMORY_FRACTION,
+                  latency_margin: float = 0.0) -> Plan:
     """The highest-throughput schedule whose bound-length output meets ``slo`` seconds.
 
     ``dist``: a Workload. ``slo``: seconds (or a LatencyBound with another length quantile).
@@ -228,10 +232,12 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     ``profile``: a Profile (default: the built-in GPU profile of model on the device type).
     ``policies``: any of "rra", "waa_c", "waa_m". ``tp_degrees``: TP degrees to try (default: all the
     profile supports). ``eps_*``: the paper's search tolerances (0 = the exact optimum).
+    ``latency_margin``: plan against ``slo * (1 - margin)``, keeping room for the simulator's error when the
+    plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
     Raises InfeasibleBoundError naming the smallest feasible bound when nothing meets ``slo``.
     """
     return _solve("branch_and_bound", dist, slo, model, devices, profile, policies, tp_degrees,
-                  eps_throughput, eps_latency, space, memory_fraction)
+                  eps_throughput, eps_latency, space, memory_fraction, latency_margin)
 
 
 def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,

@@ -38,6 +38,11 @@ THREADS = 1
 """Intra-op threads of every profiled and executed rank (a parallel region on a shared CPU mostly times
 the scheduler; one thread per rank keeps profile and run comparable)."""
 
+LATENCY_MARGIN = 0.3
+"""Plans of the closed loop keep this margin below their bound (``find_schedule(latency_margin=...)``):
+benchmarks/fidelity.py measured the simulator's single-rank latency error on this CPU at up to 32 % low, so
+a plan at 70 % of its bound keeps the bound when run."""
+
 # A CPU-sized workload shaped like the paper's summarization task S (Table 3), lengths / 4 for the input.
 CPU_TASK = Workload.truncated_normal(input=(64, 63, 128), output=(32, 13, 80), name="S/4")
 
@@ -164,10 +169,11 @@ def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, o
           f"({time.perf_counter() - t:.1f} s, cached in {CACHE_DIR})", file=out)
     w = CPU_TASK
     bound = demo_bound(w, prof, devices)
-    plan = find_schedule(w, bound, profile=prof, devices=devices)
+    plan = find_schedule(w, bound, profile=prof, devices=devices, latency_margin=LATENCY_MARGIN)
     base = static_schedule(w, bound, profile=prof, devices=devices)
     print(f"  workload {w.name}: input {w.input_len}, output {w.output_len}", file=out)
-    print(f"  bound {bound:.3f} s on the p99-length output ({plan.estimate.latency_len} tokens); "
+    print(f"  bound {bound:.3f} s on the p99-length output ({plan.estimate.latency_len} tokens), planned with a "
+          f"{LATENCY_MARGIN:.0%} margin; "
           f"static batching's bound applies to its longest output ({base.estimate.latency_len} tokens)", file=out)
     cmp = run_and_compare([("exegpt", plan), ("static", base)], model, num_requests=num_requests)
     print(table_header(), file=out)

@@ -234,3 +234,15 @@ def test_profile_envelopes_are_monotone():
         assert np.all(np.diff(t) >= -1e-15)
     t, _ = p.lookup(p.tables[1].kernel, 1, x, np.full_like(x, 300.0), per_unit=True)
     assert np.all(np.diff(t / x) <= 1e-15)
+
+
+def test_latency_margin_plans_below_the_bound_and_keeps_it_recorded():
+    w = Workload.task("S")
+    p = make_profile(noise=0.1, seed=2)
+    kw = dict(profile=p, devices="4xA40", space=SearchSpace(64, 64))
+    free = find_schedule(w, math.inf, **kw).estimate.latency_s
+    plan = find_schedule(w, free, latency_margin=0.25, **kw)
+    assert plan.bound.bound_s == free and plan.estimate.latency_s <= 0.75 * free
+    assert plan.estimate.throughput_seq_s <= find_schedule(w, free, **kw).estimate.throughput_seq_s
+    with pytest.raises(ExeGPTError, match="latency_margin 1.0"):
+        find_schedule(w, free, latency_margin=1.0, **kw)

@@ -1,0 +1,39 @@
+"""A reduced closed loop, end to end: profile the tiny model on this CPU, plan under a bound, run the plan,
+and check the run keeps what the plan promised."""
+
+import math
+
+import pytest
+
+from exegpt import Kernel, Workload, find_schedule, smallest_feasible_bound
+from profiler import profile_model
+from profiler.grid import Grid
+from profiler.loop import LATENCY_MARGIN, THREADS, run_and_compare
+
+GRID = Grid(batches=(1, 2, 4, 8, 16, 32, 64), seqs=(1, 8, 32, 64, 128), contexts=(1, 8, 32, 64, 128, 256),
+            tokens=(1, 4, 16, 64, 256, 1024, 4096), bytes=(16, 4096))
+W = Workload.truncated_normal(input=(32, 12, 64), output=(24, 8, 48), name="loop")
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return profile_model("tiny", tp_degrees=(1,), quick=True, grid=GRID, collectives=False, progress=False,
+                         threads=THREADS)
+
+
+def test_profile_measures_the_engine(profile):
+    assert profile.has(Kernel.ENGINE_DECODE) and profile.has(Kernel.ENGINE_ENCODE)
+    assert [p["rows"] for p in profile.provenance["engine"]["points"]] == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_reduced_loop_keeps_the_bound_the_plan_promised(profile):
+    # Twice the fastest schedule's latency leaves the search a real choice of batch sizes.
+    bound = 2 * smallest_feasible_bound(W, profile=profile, devices="1xcpu")
+    plan = find_schedule(W, bound, profile=profile, devices="1xcpu", latency_margin=LATENCY_MARGIN)
+    assert plan.estimate.latency_s <= bound * (1 - LATENCY_MARGIN)
+    [c] = run_and_compare([("best", plan)], "tiny", num_requests=300)
+    r = c.report
+    assert r.num_finished == 300 and r.num_failed == 0
+    assert math.isfinite(r.latency_s) and r.latency_s <= bound
+    # The estimate is a usable prediction, not an order of magnitude off.
+    assert c.throughput_error < 0.5
