@@ -55,8 +55,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only OPT-13B and T5-11B")
     ap.add_argument("--no-exhaustive", action="store_true")
+    ap.add_argument("--exhaustive-max-gpus", type=int, default=1 << 30,
+                    help="skip the exhaustive reference on larger clusters (it takes minutes per case there)")
+    ap.add_argument("--models", nargs="+", help="only these models")
     args = ap.parse_args()
     clusters = CLUSTERS[:2] if args.quick else CLUSTERS
+    if args.models:
+        clusters = [c for c in clusters if c[0] in args.models]
     header = (f"{'model':<10} {'devices':<8} {'task':<4} {'bound s':>8} {'best schedule':<42} {'seq/s':>8} "
               f"{'static':>8} {'gain':>6} {'search s':>9} {'cands':>6} {'exh s':>7} {'exh cands':>10} {'opt':>4}")
     print(header)
@@ -83,7 +88,7 @@ def main():
                 if math.isfinite(gain):
                     gains.append(gain)
                 exh_wall, exh_cands, ok = float("nan"), 0, "-"
-                if not args.no_exhaustive:
+                if not args.no_exhaustive and int(devices.split("x")[0]) <= args.exhaustive_max_gpus:
                     t0 = time.perf_counter()
                     ref = exhaustive_schedule(w, bound, model=model, devices=devices)
                     exh_wall, exh_cands = time.perf_counter() - t0, ref.search.candidates_evaluated

@@ -50,9 +50,12 @@ def test_lookups_are_positive(tiny_profile):
 
 def test_tables_have_spreads_and_axes(tiny_profile):
     for t in tiny_profile.tables:
-        assert t.spread_s is not None
         d = t.to_dict()
         assert d["axes"] == list(AXES[t.kernel])
+        if t.kernel in (Kernel.ENGINE_ENCODE, Kernel.ENGINE_DECODE):
+            assert np.all(np.asarray(t.seconds) >= 0)  # residuals of whole runs: no repeat spread, may be 0
+            continue
+        assert t.spread_s is not None
         assert np.all(np.asarray(t.seconds) > 0)
     enc = next(t for t in tiny_profile.tables if t.kernel is Kernel.ATTN_ENCODE and t.tp == 1)
     assert not enc.extrapolate  # the grid's seq axis stops below max_seq_len: no quadratic guesswork
