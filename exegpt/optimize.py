@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bound import LatencyBound, as_bound
-from .devices import Cluster, DeviceSpec, parse_cluster
+from .bound import as_bound
+from .devices import DeviceSpec, parse_cluster
 from .errors import ExeGPTError, InfeasibleBoundError
 from .memory import MEMORY_FRACTION, stage_weight_bytes
-from .models import ModelShape, get_model
+from .models import get_model
 from .plan import Plan, SearchStats
 from .profile import Kernel, Profile
 from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule, policy_of

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .bound import LatencyBound
 from .errors import ExeGPTError
+from .jsonfile import JSONFile
 from .schedule import Schedule, schedule_from_dict, schedule_to_dict
 from .workload import Workload
 
@@ -74,7 +73,7 @@ class SearchStats:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(JSONFile):
     """A schedule with its estimate, the bound it was chosen for, and where it came from.
     ``Plan.from_json(plan.to_json()) == plan``; the runner executes ``schedule`` on ``stages``."""
 
@@ -90,6 +89,7 @@ class Plan:
     stages: tuple[Stage, ...]
     """Layer placement: RRA/static stages in pipeline order; WAA encode stages, then decode stages."""
     search: SearchStats = field(default_factory=lambda: SearchStats("given", 1, 0.0))
+    _what = "plan"
 
     def to_dict(self) -> dict:
         est = asdict(self.estimate)
@@ -116,29 +116,3 @@ class Plan:
                        stages=tuple(Stage(**s) for s in d["stages"]), search=SearchStats(**d["search"]))
         except (KeyError, TypeError) as e:
             raise ExeGPTError(f"plan JSON is missing or has a wrong field: {e}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Plan:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ExeGPTError(f"plan is not valid JSON: {e.msg} at line {e.lineno}") from None
-        return cls.from_dict(d)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        try:
-            path.write_text(self.to_json())
-        except OSError as e:
-            raise ExeGPTError(f"cannot write plan to {str(path)!r}: {e.strerror}") from None
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Plan:
-        try:
-            return cls.from_json(Path(path).read_text())
-        except OSError as e:
-            raise ExeGPTError(f"cannot read plan {str(path)!r}: {e.strerror}") from None

@@ -38,15 +38,14 @@ smallest size (a fractional micro-batch of 0.5 rows costs what 1 row costs: an u
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
 import numpy as np
 from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
 from .errors import ExeGPTError, ProfileRangeError
+from .jsonfile import JSONFile
 
 SCHEMA = 1
 
@@ -169,8 +168,10 @@ class ProfileTable:
 
 
 @dataclass(frozen=True, eq=False)
-class Profile:
+class Profile(JSONFile):
     """Kernel times of one model on one device type. Load with ``Profile.load(path)``."""
+
+    _what = "profile"
 
     model: str
     device: str
@@ -291,33 +292,6 @@ class Profile:
                        device_memory_bytes=d.get("device_memory_bytes"), provenance=d.get("provenance", {}))
         except KeyError as e:
             raise ExeGPTError(f"profile misses field {e}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Profile:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ExeGPTError(f"profile is not valid JSON: {e.msg} at line {e.lineno}") from None
-        return cls.from_dict(d)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        try:
-            path.write_text(self.to_json())
-        except OSError as e:
-            raise ExeGPTError(f"cannot write profile to {str(path)!r}: {e.strerror}") from None
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Profile:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ExeGPTError(f"cannot read profile {str(path)!r}: {e.strerror}") from None
-        return cls.from_json(text)
 
 
 def _interpolator(t: ProfileTable, env: np.ndarray):

@@ -52,7 +52,7 @@ from .models import ModelShape
 from .placement import place_layers
 from .plan import Estimate, Stage
 from .profile import Kernel, Profile
-from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule, stage_degrees
+from .schedule import Policy, RRASchedule, Schedule, WAASchedule, stage_degrees
 from .workload import Workload
 
 _REF_ROWS = 8.0  # rows at which per-layer times are compared to balance the layer placement
@@ -95,7 +95,6 @@ class Problem:
         shift = 1 if not model.is_encoder_decoder else 0
         latency_len = workload.output_len.quantile(bound.length_quantile)
         k, p = stats.k_lengths, stats.k_probs
-        live = k > 0
         n = np.arange(1, max(int(k.max()), 1) + 1)
         phases = np.zeros(len(n) + 1)
         phases[1:] = (p[None, :] * np.ceil(k[None, :] / n[:, None])).sum(axis=1)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from exegpt import (InfeasibleBoundError, LatencyBound, Plan, Profile, Workload, find_schedule, static_schedule)
+from exegpt import InfeasibleBoundError, Plan, Profile, Workload, find_schedule, static_schedule
 from exegpt.errors import ExeGPTError
 from runner.report import RunReport
 from runner.run import run_plans

@@ -5,14 +5,13 @@ All times are seconds from the start of the run (the first encode), measured on 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 
 from exegpt.errors import ExeGPTError
+from exegpt.jsonfile import JSONFile
 from exegpt.plan import Estimate
 
 REPORT_SCHEMA = 1
@@ -55,7 +54,7 @@ class RequestRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class RunReport:
+class RunReport(JSONFile):
     """Measured performance of one run; ``throughput_seq_s`` ... ``decode_batch`` compare field by field
     with the plan's ``Estimate``."""
 
@@ -86,6 +85,7 @@ class RunReport:
     estimate: Estimate | None = None
     """The plan's prediction, for comparison."""
     requests: tuple[RequestRecord, ...] = field(default=(), repr=False)
+    _what = "report"
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("requests", "estimate")}
@@ -115,31 +115,6 @@ class RunReport:
             return cls(**d, estimate=est, requests=reqs)
         except (KeyError, TypeError) as e:
             raise ExeGPTError(f"report JSON is missing or has a wrong field: {e}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> RunReport:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise ExeGPTError(f"report is not valid JSON: {e.msg} at line {e.lineno}") from None
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        try:
-            path.write_text(self.to_json())
-        except OSError as e:
-            raise ExeGPTError(f"cannot write report to {str(path)!r}: {e.strerror}") from None
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> RunReport:
-        try:
-            return cls.from_json(Path(path).read_text())
-        except OSError as e:
-            raise ExeGPTError(f"cannot read report {str(path)!r}: {e.strerror}") from None
 
     def table(self) -> str:
         """A readable summary: measured values, and the plan's predictions beside them when known."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from exegpt import (ExeGPTError, InfeasibleBoundError, LatencyBound, Plan, Profile, RRASchedule, SearchSpace,
-                    StaticSchedule, WAASchedule, Workload, evaluate_schedule, exhaustive_schedule, find_schedule,
+                    StaticSchedule, WAASchedule, Workload, evaluate_schedule, find_schedule,
                     simulate, static_schedule)
 from exegpt.monotonicity import monotonicity_stats
 from exegpt.optimize import build_spaces, problem

@@ -43,7 +43,7 @@ def test_search_equals_exhaustive(seed):
     rng = np.random.default_rng(1000 + seed)
     kw = dict(model=model, devices=devices, profile=profile, space=SPACE)
     try:
-        ref = exhaustive_schedule(w, math.inf, **kw)
+        exhaustive_schedule(w, math.inf, **kw)
     except InfeasibleBoundError:
         pytest.skip("the model does not fit this cluster at all")  # rare: e.g. gpt3-39b on too few devices
     # A bound between the fastest feasible latency and the unconstrained optimum's latency.
