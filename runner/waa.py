@@ -3,11 +3,11 @@
 The encode driver (rank 0) prefills batches of B_E queries through the encode stages. After each prefill
 every encode rank sends the KV of its layers and heads to the decode ranks that hold them (through
 ``torch.distributed``; on gloo this goes through host memory, as in the paper), and the last encode stage
-sends the batch's first tokens to the decode driver. The decode driver merges at most one encoded batch per
-decode iteration, when one has arrived and its cache has the rows free (backpressure otherwise: the encoder
-waits for a credit, at most ``DEPTH`` batches ahead; the decoder waits for a batch only when it has no rows
-left to decode), then runs one decode iteration of the whole batch in micro-batches of
-B_m rows, pipelined over the decode stages. Finished rows are compacted out every iteration.
+sends the batch's first tokens to the decode driver. The decode driver merges one encoded batch per decode
+iteration whenever its cache has the rows free, waiting for it if the encoder is behind (backpressure the
+other way: the encoder waits for a credit, at most ``DEPTH`` batches ahead), then runs one decode iteration
+of the whole batch in micro-batches of B_m rows, pipelined over the decode stages. Finished rows are
+compacted out every iteration.
 
 Rules shared with the simulator: one encode batch per decode iteration when rows are free; the prefill's
 token is the first output token (S tokens take S - 1 decode iterations); decode micro-batches of B_m rows;
@@ -193,8 +193,11 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
         if len(keep) < len(alive):
             pipe.submit(Command(COMPACT, _i64(keep)))
             alive = [alive[i] for i in keep]
-        if held is None and not encoder_done and (not alive or pending[0].is_completed()):
-            pending[0].wait()  # blocks only when the decode batch is empty
+        # One encoded batch joins per decode iteration (the simulator's period = max(encode, decode)): wait for
+        # the next one whenever it has room. (gloo's irecv does not progress under is_completed() polling, so
+        # a poll would merge only when the batch ran empty.)
+        if held is None and not encoder_done and len(alive) + sched.encode_batch <= rows:
+            pending[0].wait()
             held = pending[1].cpu()
             if int(held[0]) < 0:
                 encoder_done, held = True, None
