@@ -6,7 +6,8 @@ gloo on CPU, NCCL (plus gloo for host tensors) on GPUs, one GPU per rank. Kernel
 
 - ``allreduce(bytes)`` at ``tp = group size``: an in-place SUM all-reduce of a ``bytes`` message; the slowest
   rank's median (every rank must finish before the layer goes on).
-- ``send_recv(bytes)`` (tp=1): a pipeline hand-off of ``bytes`` between two ranks; half of a ping-pong round trip.
+- ``send_recv(bytes)`` (tp=1): a pipeline hand-off of ``bytes`` between two ranks, sent as the runner sends it
+  (``runner.pipeline.send_command``: a command and its hidden states); half of a ping-pong round trip.
 - ``kv_handoff(bytes)`` (tp=1): WAA's KV-cache copy encode rank -> host -> decode rank: the sender copies the
   KV tensors out (device -> host on a GPU; a contiguous copy on a CPU, as ``KVCache.export_rows`` does), sends
   them over the host channel, and the receiver copies them into its cache; half of a symmetric round trip.
@@ -268,11 +269,22 @@ def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.de
     cache = torch.ones(n, dtype=dtype, device=device)      # the KV rows being handed off (sender's cache)
     peer = 1 - rank if rank < 2 else None
 
+    # A pipeline hand-off is what the runner sends between stages: a DECODE command (header, rows) and the
+    # hidden states, through runner.pipeline's send_command / recv_command (three messages per hop).
+    from runner.dist import Comm
+    from runner.pipeline import DECODE, Command, _i64, recv_command, send_command
+
+    comm, width = Comm(device), 64
+    rows = max(1, n // width)
+    hidden = torch.ones(rows, width, dtype=dtype, device=device)
+    cmd = Command(DECODE, _i64(range(rows)))
+
     def leg_send():
         if host_copy:
             dist.send(cache.to("cpu", copy=True), peer)     # export (device -> host, or a contiguous copy)
         else:
-            dist.send(cache, peer)
+            send_command(comm, cmd, hidden, peer)
+            comm.flush()
 
     def leg_recv():
         if host_copy:
@@ -280,7 +292,7 @@ def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.de
             dist.recv(host, peer)
             cache.copy_(host)                               # import into the receiver's cache
         else:
-            dist.recv(cache, peer)
+            recv_command(comm, peer, width, dtype)
 
     def round_trip():
         if rank == 0:
