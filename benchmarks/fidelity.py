@@ -88,7 +88,7 @@ def main():
     bounded = [c for c in rows if c.name.startswith("best")]
     print(f"fidelity: throughput error mean {100 * statistics.mean(thr):.1f}% worst {100 * max(thr):.1f}%; "
           f"latency error mean {100 * statistics.mean(lat):.1f}% worst {100 * max(lat):.1f}%; "
-          f"bounds kept {sum(c.bound_kept for c in bounded)}/{len(bounded)}")
+          f"bounds kept {sum(c.bound_kept is True for c in bounded)}/{len(bounded)}")
 
 
 if __name__ == "__main__":

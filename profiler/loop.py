@@ -66,7 +66,10 @@ class Comparison:
         return abs(self.plan.estimate.latency_s - self.report.latency_s) / self.report.latency_s
 
     @property
-    def bound_kept(self) -> bool:
+    def bound_kept(self) -> bool | None:
+        """Whether the measured latency kept the bound; None when no request was long enough to measure it."""
+        if math.isnan(self.report.latency_s):
+            return None
         return self.report.latency_s <= self.plan.bound.bound_s
 
 
@@ -120,7 +123,7 @@ def _row(c: Comparison) -> str:
     e, r = c.plan.estimate, c.report
     return (f"  {c.name:<10} {_describe(c.plan.schedule):<34} {e.throughput_seq_s:>9.1f} {r.throughput_seq_s:>9.1f} "
             f"{100 * c.throughput_error:>6.1f}% {e.latency_s:>8.3f} {r.latency_s:>8.3f} {100 * c.latency_error:>6.1f}% "
-            f"{'yes' if c.bound_kept else 'NO':>5}")
+            f"{ {True: 'yes', False: 'NO', None: 'n/a'}[c.bound_kept]:>5}")
 
 
 def table_header() -> str:
