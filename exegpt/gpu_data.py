@@ -56,7 +56,7 @@ _KIND_OF = {"sample": "act"}  # sampling reads the logits like an activation doe
 
 @lru_cache(maxsize=None)
 def load_gpu(gpu: str) -> dict:
-    """The derived measurements of one GPU ('a100', 'h100', 'a40'); see tools/derive_gpu_data.py."""
+    """The derived measurements of one GPU ('a100', 'h100', 'a40'); see exegpt/data/derive_gpu_data.py."""
     with gzip.open(DATA_DIR / f"{gpu}.json.gz", "rt") as f:
         return json.load(f)
 
@@ -69,7 +69,7 @@ def load_network() -> dict:
 
 @lru_cache(maxsize=None)
 def fit_validation() -> dict:
-    """Held-out errors of the calibrated model, written by ``tools/derive_gpu_data.py``."""
+    """Held-out errors of the calibrated model, written by ``exegpt/data/derive_gpu_data.py``."""
     path = DATA_DIR / "fit_validation.json"
     return json.loads(path.read_text()) if path.exists() else {}
 

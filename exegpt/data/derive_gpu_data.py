@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/derive_gpu_data.py [--src /work/shared/data/gpu-profiles] [--out exegpt/data/gpu]
+    python exegpt/data/derive_gpu_data.py [--src /work/shared/data/gpu-profiles] [--out exegpt/data/gpu]
 
 Writes one ``<gpu>.json.gz`` per GPU (a100, h100, a40) and ``network.json.gz``. All times in
 **seconds** (the CSVs are in milliseconds), rounded to 0.1 us. Then writes ``fit_validation.json``:
@@ -119,10 +119,11 @@ def _write(obj: dict, path: Path) -> int:
 
 
 def main(argv=None) -> None:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parent  # exegpt/data
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--src", type=Path, default=Path("/work/shared/data/gpu-profiles"))
-    p.add_argument("--out", type=Path, default=here / "exegpt" / "data" / "gpu")
+    p.add_argument("--src", type=Path, default=here.parents[2] / "shared" / "data" / "gpu-profiles",
+                   help="the Vidur gpu-profiles folder (default: ../shared/data/gpu-profiles beside the repository)")
+    p.add_argument("--out", type=Path, default=here / "gpu")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     total = 0
