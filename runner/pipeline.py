@@ -415,6 +415,33 @@ def _refill_holes(pipe: Pipeline, rows: list[int], keep: list[int], row_req: lis
     return list(range(start, start + m))
 
 
+def run_main_pipeline(ctx: RunContext, rank: int, world_size: int, device: torch.device, rows: int, name: str,
+                      drive):
+    """The rank function of a policy with one pipeline over every rank (RRA, static): builds this rank's stage
+    with ``rows`` cache rows; workers serve commands, the driver (rank 0) runs ``drive(pipe, tracker, clock)``
+    -> (encode seconds, (seconds, rows) per decode iteration) and returns the report."""
+    from .report import build_report
+    from .requests import RequestTracker
+
+    plan = ctx.plan
+    groups = make_tp_groups(ctx.layout)
+    main = ctx.stages_of("main")
+    rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=main[0].leader)
+    t0 = start_clock(device)
+    if rank != main[0].leader:
+        rt.serve()
+        return None
+    pipe = Pipeline(rt, main[-1].leader)
+    tracker = RequestTracker(ctx.requests, plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
+                             ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
+    bar = progress_bar(ctx, tracker)
+    enc, dec = drive(pipe, tracker, driver_clock(t0))
+    pipe.stop()
+    if bar is not None:
+        bar.close()
+    return build_report(name, tracker.records(), plan.estimate.latency_len, enc, dec, world_size, plan.estimate)
+
+
 def driver_clock(t0_ns: int):
     """Seconds since the run's start."""
     import time

@@ -19,9 +19,8 @@ from collections import deque
 import torch
 
 from .kv_cache import fill_holes
-from .pipeline import COMPACT, Command, Pipeline, RunContext, _i64, driver_clock, encode, eos_of, \
-    make_runtime, make_tp_groups, progress_bar, run_decode, split_even, start_clock
-from .report import RunReport, build_report
+from .pipeline import COMPACT, Command, Pipeline, RunContext, _i64, encode, run_decode, run_main_pipeline, split_even
+from .report import RunReport
 from .requests import RequestTracker
 
 
@@ -42,24 +41,10 @@ def refill_target(plan) -> int:
 
 def run_rra(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
     """This rank's part of an RRA run; the driver (rank 0) returns the report."""
-    plan = ctx.plan
-    groups = make_tp_groups(ctx.layout)
-    main = ctx.stages_of("main")
-    rows = cache_rows(plan)
-    rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=main[0].leader)
-    t0 = start_clock(device)
-    if rank != main[0].leader:
-        rt.serve()
-        return None
-    pipe = Pipeline(rt, main[-1].leader)
-    tracker = RequestTracker(ctx.requests, plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
-                             ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
-    bar = progress_bar(ctx, tracker)
-    enc, dec = drive_rra(pipe, tracker, plan, len(main), rows, driver_clock(t0))
-    pipe.stop()
-    if bar is not None:
-        bar.close()
-    return build_report("rra", tracker.records(), plan.estimate.latency_len, enc, dec, world_size, plan.estimate)
+    plan, rows = ctx.plan, cache_rows(ctx.plan)
+    stages = len(ctx.stages_of("main"))
+    return run_main_pipeline(ctx, rank, world_size, device, rows, "rra",
+                             lambda pipe, tracker, clock: drive_rra(pipe, tracker, plan, stages, rows, clock))
 
 
 def drive_rra(pipe: Pipeline, tracker: RequestTracker, plan, num_stages: int, rows: int, clock

@@ -12,33 +12,17 @@ from collections import deque
 
 import torch
 
-from .pipeline import Pipeline, RunContext, driver_clock, encode, eos_of, make_runtime, make_tp_groups, \
-    progress_bar, run_decode, split_even, start_clock
-from .report import RunReport, build_report
+from .pipeline import Pipeline, RunContext, encode, run_decode, run_main_pipeline, split_even
+from .report import RunReport
 from .requests import RequestTracker
 
 
 def run_static(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
     """This rank's part of a static-batching run; the driver (rank 0) returns the report."""
-    plan = ctx.plan
-    groups = make_tp_groups(ctx.layout)
-    main = ctx.stages_of("main")
-    rows = plan.schedule.batch
-    rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=main[0].leader)
-    t0 = start_clock(device)
-    if rank != main[0].leader:
-        rt.serve()
-        return None
-    pipe = Pipeline(rt, main[-1].leader)
-    tracker = RequestTracker(ctx.requests, plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
-                             ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
-    bar = progress_bar(ctx, tracker)
-    enc, dec = drive_static(pipe, tracker, rows, len(main), ctx.cache_len, driver_clock(t0))
-    pipe.stop()
-    if bar is not None:
-        bar.close()
-    return build_report("static", tracker.records(), plan.estimate.latency_len, enc, dec, world_size,
-                        plan.estimate)
+    rows, stages = ctx.plan.schedule.batch, len(ctx.stages_of("main"))
+    return run_main_pipeline(ctx, rank, world_size, device, rows, "static",
+                             lambda pipe, tracker, clock: drive_static(pipe, tracker, rows, stages, ctx.cache_len,
+                                                                       clock))
 
 
 def drive_static(pipe: Pipeline, tracker: RequestTracker, batch_size: int, num_stages: int, max_len: int, clock
