@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--exhaustive-max-gpus", type=int, default=1 << 30,
                     help="skip the exhaustive reference on larger clusters (it takes minutes per case there)")
     ap.add_argument("--models", nargs="+", help="only these models")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="only these tasks")
     args = ap.parse_args()
     clusters = CLUSTERS[:2] if args.quick else CLUSTERS
     if args.models:
@@ -68,7 +69,7 @@ def main():
     print("-" * len(header))
     walls, gains, matches, total = [], [], 0, 0
     for model, devices in clusters:
-        for task in TASKS:
+        for task in args.tasks:
             w = Workload.task(task)
             for bound in static_bounds(w, model, devices):
                 total += 1
