@@ -12,7 +12,9 @@ from profiler.loop import LATENCY_MARGIN, THREADS, run_and_compare
 
 GRID = Grid(batches=(1, 2, 4, 8, 16, 32, 64), seqs=(1, 8, 32, 64, 128), contexts=(1, 8, 32, 64, 128, 256),
             tokens=(1, 4, 16, 64, 256, 1024, 4096), bytes=(16, 4096))
-W = Workload.truncated_normal(input=(32, 12, 64), output=(24, 8, 48), name="loop")
+# Outputs long enough (p99 ~ 90 tokens) that the bound-length latency spans ~0.1-0.3 s: a single scheduler hiccup
+# of this shared 2-core machine (~20 ms) must not decide the test.
+W = Workload.truncated_normal(input=(32, 12, 64), output=(48, 16, 96), name="loop")
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,8 @@ def test_profile_measures_the_engine(profile):
 
 
 def test_reduced_loop_keeps_the_bound_the_plan_promised(profile):
-    # Twice the fastest schedule's latency leaves the search a real choice of batch sizes.
-    bound = 2 * smallest_feasible_bound(W, profile=profile, devices="1xcpu")
+    # Three times the fastest schedule's latency leaves the search a real choice of batch sizes.
+    bound = 3 * smallest_feasible_bound(W, profile=profile, devices="1xcpu")
     plan = find_schedule(W, bound, profile=profile, devices="1xcpu", latency_margin=LATENCY_MARGIN)
     assert plan.estimate.latency_s <= bound * (1 - LATENCY_MARGIN)
     [c] = run_and_compare([("best", plan)], "tiny", num_requests=300)
