@@ -120,6 +120,24 @@ class KVCache:
         if self.cross_len:
             self.cross_lengths[rows] = 0
 
+    def _copy_rows(self, src: Tensor, dst: Tensor) -> None:
+        """Copies the KV (and T5's cross K/V) of rows ``src`` to rows ``dst``, up to the longest of them. The
+        right side is a gathered copy, so the two row sets may overlap."""
+        if not src.numel():
+            return
+        s, d = src.to(self.device), dst.to(self.device)
+        caches = [(self.lengths, self.k, self.v)]
+        if self.cross_len:
+            caches.append((self.cross_lengths, self.cross_k, self.cross_v))
+        for lengths, k, v in caches:
+            L = int(lengths[src].max())
+            if L > 0:
+                k[:, d, :, :L] = k[:, s, :, :L]
+                v[:, d, :, :L] = v[:, s, :, :L]
+
+    def _length_tensors(self) -> list[Tensor]:
+        return [self.lengths] + ([self.cross_lengths] if self.cross_len else [])
+
     def compact(self, keep: Tensor | list[int]) -> None:
         """Moves rows ``keep`` (in order) to rows ``0..len(keep)-1`` and zeroes the lengths of the rest.
 
@@ -128,44 +146,22 @@ class KVCache:
         """
         keep = as_rows(keep)
         m = keep.numel()
-        lengths = self.lengths[keep].clone()
         moved = torch.nonzero(keep != torch.arange(m)).flatten()  # destinations whose row changes
-        if moved.numel() and int(lengths[moved].max()) > 0:
-            L, dst, src = int(lengths[moved].max()), moved.to(self.device), keep[moved].to(self.device)
-            self.k[:, dst, :, :L] = self.k[:, src, :, :L]  # the right side is a gathered copy: no aliasing
-            self.v[:, dst, :, :L] = self.v[:, src, :, :L]
-        self.lengths.zero_()
-        self.lengths[:m] = lengths
-        if self.cross_len:
-            cross = self.cross_lengths[keep].clone()
-            if moved.numel() and int(cross[moved].max()) > 0:
-                L, dst, src = int(cross[moved].max()), moved.to(self.device), keep[moved].to(self.device)
-                self.cross_k[:, dst, :, :L] = self.cross_k[:, src, :, :L]
-                self.cross_v[:, dst, :, :L] = self.cross_v[:, src, :, :L]
-            self.cross_lengths.zero_()
-            self.cross_lengths[:m] = cross
+        self._copy_rows(keep[moved], moved)
+        for lengths in self._length_tensors():
+            kept = lengths[keep].clone()
+            lengths.zero_()
+            lengths[:m] = kept
 
     def move(self, src: Tensor | list[int], dst: Tensor | list[int]) -> None:
         """Copies rows ``src`` to rows ``dst`` (distinct, no overlap between the two) and marks ``src`` empty:
         filling the holes finished rows leave, so a decode batch stays a contiguous range of rows."""
         src, dst = as_rows(src), as_rows(dst)
-        if not src.numel():
-            return
-        lengths = self.lengths[src].clone()
-        if int(lengths.max()) > 0:
-            L, s, d = int(lengths.max()), src.to(self.device), dst.to(self.device)
-            self.k[:, d, :, :L] = self.k[:, s, :, :L]
-            self.v[:, d, :, :L] = self.v[:, s, :, :L]
-        self.lengths[src] = 0
-        self.lengths[dst] = lengths
-        if self.cross_len:
-            cross = self.cross_lengths[src].clone()
-            if int(cross.max()) > 0:
-                L, s, d = int(cross.max()), src.to(self.device), dst.to(self.device)
-                self.cross_k[:, d, :, :L] = self.cross_k[:, s, :, :L]
-                self.cross_v[:, d, :, :L] = self.cross_v[:, s, :, :L]
-            self.cross_lengths[src] = 0
-            self.cross_lengths[dst] = cross
+        self._copy_rows(src, dst)
+        for lengths in self._length_tensors():
+            moved = lengths[src].clone()
+            lengths[src] = 0
+            lengths[dst] = moved
 
     def export_rows(self, rows: Tensor | list[int]) -> dict[str, Tensor]:
         """Contiguous K/V of ``rows``, trimmed to the longest of them, plus their lengths (WAA's KV hand-off)."""
