@@ -410,17 +410,6 @@ def estimate(prob: Problem, lay: Layout, s: Schedule) -> Estimate:
         memory_capacity_bytes=prob.capacity_bytes)
 
 
-def fits(prob: Problem, lay: Layout, s: Schedule) -> bool:
-    """Whether the schedule fits memory and stays inside the profiled range."""
-    if isinstance(s, RRASchedule):
-        return bool(np.ravel(rra_box(prob, lay, s.encode_batch, s.encode_batch, s.decode_iters,
-                                     s.decode_iters)[2])[0])
-    if isinstance(s, WAASchedule):
-        return bool(np.ravel(waa_box(prob, lay, s.encode_batch, s.encode_batch, s.micro_batch,
-                                     s.micro_batch)[2])[0])
-    return bool(static_points(prob, lay, s.batch)[2][0])
-
-
 def simulate(schedule: Schedule, workload: Workload, profile: Profile | None = None, *, model="opt-13b",
              devices="4xA40", bound: LatencyBound | float = math.inf,
              memory_fraction: float = MEMORY_FRACTION) -> Estimate:
