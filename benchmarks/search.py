@@ -20,7 +20,9 @@ import time
 import numpy as np
 
 from exegpt import InfeasibleBoundError, Workload, exhaustive_schedule, find_schedule, static_schedule
-from exegpt.optimize import problem, static_layout
+from exegpt.errors import ExeGPTError
+from exegpt.optimize import problem, static_baseline_layout
+from exegpt.schedule import describe
 from exegpt.simulate import static_points
 from exegpt.workload import TASKS
 
@@ -31,24 +33,15 @@ CLUSTERS = [("t5-11b", "8xA40"), ("opt-13b", "4xA40"), ("gpt3-39b", "16xA40"), (
 def static_bounds(w: Workload, model: str, devices: str) -> list[float]:
     """The paper's bounds: percentiles 10/30/70 of static-batching latencies at batch 1, 5, 9, ..."""
     prob = problem(w, math.inf, model=model, devices=devices)
-    n = prob.cluster.count
-    from exegpt.optimize import _tp_degrees
-    tps = [t for t in _tp_degrees(prob, None) if t <= prob.cluster.device.node_size and n % t == 0]
-    lay = static_layout(prob, max(tps))
-    if lay is None:
+    try:
+        lay = static_baseline_layout(prob)
+    except ExeGPTError:
         return []
     thr, lat, ok = static_points(prob, lay, np.arange(1, 257, 4))
     lat = lat[ok]
     if lat.size == 0:
         return []
     return [float(np.percentile(lat, q)) for q in (10, 30, 70)] + [math.inf]
-
-
-def describe(s) -> str:
-    name = s.policy.value.upper().replace("_", "-")
-    if name == "RRA":
-        return f"RRA B_E={s.encode_batch} N_D={s.decode_iters} TP{s.tp}x{s.tp_gpus}"
-    return f"{name} B_E={s.encode_batch} B_m={s.micro_batch} TP{s.tp}x{s.tp_gpus} {s.encode_gpus}/{s.decode_gpus}"
 
 
 def main():

@@ -22,7 +22,7 @@ from .optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find
                        static_schedule)
 from .plan import Plan
 from .profile import Profile
-from .schedule import Policy, RRASchedule, StaticSchedule, WAASchedule, policy_of
+from .schedule import Policy, RRASchedule, StaticSchedule, WAASchedule, describe, policy_of
 from .workload import TASKS, TRACES, Workload
 
 
@@ -90,18 +90,9 @@ def _bound(value: float, quantile: float) -> LatencyBound:
     return LatencyBound(value, quantile)
 
 
-def _describe(s) -> str:
-    if isinstance(s, RRASchedule):
-        return f"RRA  B_E={s.encode_batch} N_D={s.decode_iters} TP={s.tp}x{s.tp_gpus}dev"
-    if isinstance(s, WAASchedule):
-        return (f"{s.policy.value.upper().replace('_', '-')} B_E={s.encode_batch} B_m={s.micro_batch} "
-                f"TP={s.tp}x{s.tp_gpus}dev enc/dec={s.encode_gpus}/{s.decode_gpus}")
-    return f"static B={s.batch} TP={s.tp}"
-
-
 def _print_plan(plan: Plan, title: str = "plan"):
     e = plan.estimate
-    print(f"{title}: {_describe(plan.schedule)}   [{plan.model} on {plan.devices}, profile {plan.profile_id}]")
+    print(f"{title}: {describe(plan.schedule)}   [{plan.model} on {plan.devices}, profile {plan.profile_id}]")
     rows = [
         ("throughput", f"{e.throughput_seq_s:.3f} seq/s   {e.throughput_tok_s:.1f} tok/s"),
         (f"latency (p{plan.bound.length_quantile * 100:g} length = {e.latency_len} tok)",
@@ -135,7 +126,7 @@ def cmd_plan(a) -> int:
     try:
         base = static_schedule(w, bound, **target)
         gain = plan.estimate.throughput_seq_s / base.estimate.throughput_seq_s
-        print(f"  vs static batching     {_describe(base.schedule)}: {base.estimate.throughput_seq_s:.3f} seq/s "
+        print(f"  vs static batching     {describe(base.schedule)}: {base.estimate.throughput_seq_s:.3f} seq/s "
               f"-> {gain:.2f}x")
     except InfeasibleBoundError as err:
         print(f"  vs static batching     infeasible at this bound ({err.smallest_feasible_s:.3g} s needed)")
@@ -209,7 +200,7 @@ def cmd_sweep(a) -> int:
             print(f"{b.bound_s:>9g} {'infeasible':<58} {'-':>9} {'-':>10} {base:>13.3f} {'-':>6}")
             continue
         e = plan.estimate
-        print(f"{b.bound_s:>9g} {_describe(plan.schedule):<58} {e.throughput_seq_s:>9.3f} {e.latency_s:>10.3f} "
+        print(f"{b.bound_s:>9g} {describe(plan.schedule):<58} {e.throughput_seq_s:>9.3f} {e.latency_s:>10.3f} "
               f"{base:>13.3f} {e.throughput_seq_s / base:>6.2f}")
     return 0
 

@@ -248,12 +248,9 @@ def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profil
                   memory_fraction)
 
 
-def static_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
-                    max_batch: int = 256, memory_fraction: float = MEMORY_FRACTION) -> Plan:
-    """The FasterTransformer-style baseline: the best static batch with TP inside a node and pipeline
-    stages across nodes; its bound applies to the longest output (paper §7.1)."""
-    t0 = time.perf_counter()
-    prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
+def static_baseline_layout(prob: Problem) -> Layout:
+    """FasterTransformer's layout in the paper's evaluation: the largest TP degree inside a node, pipeline
+    stages across nodes."""
     n, node = prob.cluster.count, prob.cluster.device.node_size
     tps = [t for t in _tp_degrees(prob, None) if t <= node and n % t == 0]
     if not tps:
@@ -261,6 +258,17 @@ def static_schedule(dist: Workload, slo, *, model=None, devices=None, profile: P
     lay = static_layout(prob, max(tps))
     if lay is None:
         raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} with static batching")
+    return lay
+
+
+def static_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
+                    max_batch: int = 256, memory_fraction: float = MEMORY_FRACTION) -> Plan:
+    """The FasterTransformer-style baseline: the best static batch with TP inside a node and pipeline
+    stages across nodes; its bound applies to the longest output (paper §7.1)."""
+    t0 = time.perf_counter()
+    prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
+    lay = static_baseline_layout(prob)
+    n = prob.cluster.count
     batches = np.arange(1, max_batch + 1)
     thr, lat, ok = static_points(prob, lay, batches)
     feasible = ok & (lat <= prob.bound.bound_s)

@@ -150,6 +150,17 @@ class StaticSchedule:
 Schedule = RRASchedule | WAASchedule | StaticSchedule
 
 
+def describe(s: Schedule) -> str:
+    """One line for tables: ``RRA B_E=8 N_D=4 TP2x4``, ``WAA-C B_E=2 B_m=16 TP1x0 1+1``, ``static B=16 TP4``
+    (``TP{degree}x{devices using it}``; WAA ends with its encode+decode device split)."""
+    if isinstance(s, RRASchedule):
+        return f"RRA B_E={s.encode_batch} N_D={s.decode_iters} TP{s.tp}x{s.tp_gpus}"
+    if isinstance(s, WAASchedule):
+        return (f"{s.policy.value.upper().replace('_', '-')} B_E={s.encode_batch} B_m={s.micro_batch} "
+                f"TP{s.tp}x{s.tp_gpus} {s.encode_gpus}+{s.decode_gpus}")
+    return f"static B={s.batch} TP{s.tp}"
+
+
 def schedule_to_dict(s: Schedule) -> dict:
     d = {f: getattr(s, f) for f in s.__dataclass_fields__}
     d["policy"] = s.policy.value

@@ -28,6 +28,7 @@ import torch
 
 from exegpt import InfeasibleBoundError, Plan, Profile, Workload, find_schedule, static_schedule
 from exegpt.errors import ExeGPTError
+from exegpt.schedule import describe
 from runner.report import RunReport
 from runner.run import run_plans
 
@@ -121,7 +122,7 @@ def demo_bound(w: Workload, profile: Profile, devices: str) -> float:
 
 def _row(c: Comparison) -> str:
     e, r = c.plan.estimate, c.report
-    return (f"  {c.name:<10} {_describe(c.plan.schedule):<34} {e.throughput_seq_s:>9.1f} {r.throughput_seq_s:>9.1f} "
+    return (f"  {c.name:<10} {describe(c.plan.schedule):<34} {e.throughput_seq_s:>9.1f} {r.throughput_seq_s:>9.1f} "
             f"{100 * c.throughput_error:>6.1f}% {e.latency_s:>8.3f} {r.latency_s:>8.3f} {100 * c.latency_error:>6.1f}% "
             f"{ {True: 'yes', False: 'NO', None: 'n/a'}[c.bound_kept]:>5}")
 
@@ -129,15 +130,6 @@ def _row(c: Comparison) -> str:
 def table_header() -> str:
     return (f"  {'plan':<10} {'schedule':<34} {'pred seq/s':>9} {'meas':>9} {'err':>7} {'pred lat':>8} "
             f"{'meas':>8} {'err':>7} {'kept':>5}")
-
-
-def _describe(s) -> str:
-    name = s.policy.value.upper().replace("_", "-")
-    if name == "RRA":
-        return f"RRA B_E={s.encode_batch} N_D={s.decode_iters} TP{s.tp}x{s.tp_gpus}"
-    if name == "STATIC":
-        return f"static B={s.batch} TP{s.tp}"
-    return f"{name} B_E={s.encode_batch} B_m={s.micro_batch} {s.encode_gpus}+{s.decode_gpus}"
 
 
 def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, out=sys.stdout) -> list[Comparison]:
@@ -161,7 +153,7 @@ def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, o
         except InfeasibleBoundError:
             base, gain = math.nan, "  n/a"
         s = plan.schedule
-        desc = _describe(s) + (f" TP{s.tp}x{s.tp_gpus}" if s.policy.value.startswith("waa") else "")
+        desc = describe(s)
         print(f"  {task:<5} {desc:<48} {plan.estimate.throughput_seq_s:>8.2f} {plan.estimate.latency_s:>8.2f} "
               f"{base:>8.2f} {gain:>6} {plan.search.wall_s:>7.2f}s", file=out)
 

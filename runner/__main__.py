@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from exegpt.errors import ExeGPTError
+from exegpt.schedule import describe
 
 PROGRESS_MIN_REQUESTS = 100
 """Runs of at least this many requests show a progress bar (unless --no-progress)."""
@@ -89,17 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if report is None:  # a torchrun rank that does not hold the report
         return 0
-    print(f"plan {args.plan}: {plan.schedule.policy.value} {_describe(plan.schedule)} on {args.model} "
+    print(f"plan {args.plan}: {describe(plan.schedule)} on {args.model} "
           f"({plan.profile_id} estimate)")
     print(report.table())
     if args.report:
         report.save(args.report)
         print(f"report written to {args.report}")
     return 0
-
-
-def _describe(s) -> str:
-    return " ".join(f"{k}={getattr(s, k)}" for k in s.__dataclass_fields__ if k != "policy")
 
 
 if __name__ == "__main__":
