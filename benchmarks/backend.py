@@ -14,15 +14,11 @@ import os
 import statistics
 import time
 
-# NOTE: with spinning OpenMP workers, 2 threads on 2 cores shared with other jobs stall at every barrier (measured:
-# an attention call of 19 us took 6 ms). Passive waiting keeps both sides of the comparison usable; set before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-from runner.generate import greedy_reference  # noqa: E402
-from runner.model import ModelArgs, weight_bytes  # noqa: E402
-from runner.weights import load_model  # noqa: E402
+from runner.generate import greedy_reference
+from runner.model import ModelArgs, weight_bytes
+from runner.weights import load_model
 
 PROMPT_LEN = 16
 BATCHES = (1, 8, 32)
@@ -136,7 +132,7 @@ def main() -> None:
     t0 = time.perf_counter()
     bw = copy_bandwidth()
     rows = bench("smollm2", torch.bfloat16, a.steps, bw) + bench("small", torch.float32, a.steps, bw)
-    print(f"torch {torch.__version__}, {a.threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), copy bandwidth {bw / 1e9:.1f} GB/s, "
+    print(f"torch {torch.__version__}, {a.threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), copy bandwidth {bw / 1e9:.1f} GB/s, "
           f"prompt {PROMPT_LEN} tokens, {a.steps} decode steps")
     head = ("model", "dtype", "batch", "ours tok/s", "HF tok/s", "speedup", "step ms", "bound ms", "of bound",
             "same tokens")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
 from runner.kv_cache import KVCache, as_rows, row_range
-from runner.model import Attention, FeedForward, ModelArgs, RMSNorm, Step, TransformerBlock
+from runner.model import Attention, FeedForward, Linear, ModelArgs, RMSNorm, Step, TransformerBlock
 
 
 def relative_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
@@ -41,9 +41,9 @@ class CrossAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.head_dim = args.n_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wkv = nn.Linear(args.dim, 2 * args.n_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wkv = Linear(args.dim, 2 * args.n_heads * args.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def project_kv(self, enc: Tensor) -> tuple[Tensor, Tensor]:
         """Encoder output ``[n, S_src, dim]`` → K, V ``[n, H, S_src, D]``."""
@@ -93,7 +93,7 @@ class T5(nn.Module):
         self.layers = nn.ModuleDict({str(i): T5DecoderBlock(args) for i in range(args.n_layers)})
         self.decoder_bias = nn.Embedding(args.rel_buckets, args.n_heads)
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.tie_weights()
         self.decoder_start_id = 0  # T5's pad token starts every decoder sequence
         self.cache: KVCache | None = None

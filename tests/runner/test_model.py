@@ -91,3 +91,37 @@ def test_cuda_greedy_equals_cpu(make_model, make_prompts):
     refs = [greedy_reference(cpu, p, 6) for p in prompts]
     gpu.setup_cache(2, 32)
     assert greedy_batch(gpu, prompts, 6, max_rows=2) == refs
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="needs oneDNN bf16")
+def test_prepacked_bf16_linear_equals_plain_and_follows_weight_changes():
+    import torch.nn.functional as F
+
+    from runner.model import FeedForward, Linear
+    from runner.tp import apply_tp
+
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # same bits as the plain weight
+        lin.weight.mul_(2)  # in place: the packed copy must be rebuilt
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        lin.weight = torch.nn.Parameter(torch.randn(96, 64, dtype=torch.bfloat16), requires_grad=False)
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    ffn = FeedForward(ModelArgs.from_name("tiny")).to(torch.bfloat16)
+    h = torch.randn(2, 1, ffn.w1.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = ffn(h)  # w1 and w3 as one prepacked GEMM
+        plain = ffn.w2(ffn.act(F.linear(h, ffn.w1.weight)) * F.linear(h, ffn.w3.weight))
+    assert torch.equal(fused, plain)
+    model = Transformer(ModelArgs.from_name("tiny")).to(torch.bfloat16)
+    ids = torch.randint(0, model.args.vocab_size, (1, 5))
+    full = model(ids)  # packs every weight
+    apply_tp(model, rank=1, world_size=2)  # replaces them with shards: packs must follow
+    block = next(iter(model.layers.values()))
+    xb = torch.randn(1, 1, model.args.dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(block.attention.wqkv(xb), F.linear(xb, block.attention.wqkv.weight))
+    assert full.shape == (1, 5, model.args.vocab_size)
