@@ -194,8 +194,11 @@ class Step:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False,
-           scale: float | None = None) -> Tensor:
+           scale: float | None = None, gqa: bool | None = None) -> Tensor:
     """Attention of ``q`` ``[n, H, S, D]`` over ``k``, ``v`` ``[n, Hkv, L, D]`` (grouped heads); ``[n, H, S, D]``.
+
+    ``gqa``: whether ``H != Hkv``, from the shapes when None (pass it from module constants under
+    ``torch.compile(dynamic=True)``, where the shapes are symbolic).
 
     ``mask``: boolean (True = attend) or additive float, broadcastable to ``[n, H, S, L]``.
     """
@@ -212,7 +215,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
         p = s.softmax(-1).to(q.dtype).view(n, Hkv, H // Hkv, -1)  # [n, Hkv, G, L]
         return torch.matmul(p, v).view(n, H, 1, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=H != Hkv)
+                                          enable_gqa=H != Hkv if gqa is None else gqa)
 
 
 class Attention(nn.Module):
@@ -237,7 +240,7 @@ class Attention(nn.Module):
             k, v = cache.append(layer, step.rows, step.pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
         elif cache is not None:  # (no cache: T5's encoder)
             cache.write_prompt(layer, step.rows, k, v)  # prompts start at position 0: attend to themselves
-        y = attend(q, k, v, step.mask, step.is_causal, self.scale)  # [n, H, S, D]
+        y = attend(q, k, v, step.mask, step.is_causal, self.scale, gqa=H != Hkv)  # [n, H, S, D]
         y = self.wo(y.transpose(1, 2).reshape(n, S, H * D))  # [n, S, dim]
         return all_reduce(y, self.tp_group, self.tp_size)
 
