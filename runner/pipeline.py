@@ -419,7 +419,7 @@ def run_main_pipeline(ctx: RunContext, rank: int, world_size: int, device: torch
                       drive):
     """The rank function of a policy with one pipeline over every rank (RRA, static): builds this rank's stage
     with ``rows`` cache rows; workers serve commands, the driver (rank 0) runs ``drive(pipe, tracker, clock)``
-    -> (encode seconds, (seconds, rows) per decode iteration) and returns the report."""
+    -> (encode seconds, (seconds, rows) per decode iteration, steady window or None) and returns the report."""
     from .report import build_report
     from .requests import RequestTracker
 
@@ -435,11 +435,12 @@ def run_main_pipeline(ctx: RunContext, rank: int, world_size: int, device: torch
     tracker = RequestTracker(ctx.requests, plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
     bar = progress_bar(ctx, tracker)
-    enc, dec = drive(pipe, tracker, driver_clock(t0))
+    enc, dec, steady = drive(pipe, tracker, driver_clock(t0))
     pipe.stop()
     if bar is not None:
         bar.close()
-    return build_report(name, tracker.records(), plan.estimate.latency_len, enc, dec, world_size, plan.estimate)
+    return build_report(name, tracker.records(), plan.estimate.latency_len, enc, dec, world_size, plan.estimate,
+                        steady)
 
 
 def driver_clock(t0_ns: int):

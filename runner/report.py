@@ -18,7 +18,48 @@ REPORT_SCHEMA = 1
 FINISHED = "finished"
 FAILED = "failed"
 STEADY_LO, STEADY_HI = 0.10, 0.90
-"""The steady window for throughput: between the 10 % and 90 % completion times."""
+"""Without an executor's steady window, throughput is taken between the 10 % and 90 % completion times."""
+MIN_STEADY_FINISHES = 20
+"""An executor's steady window is used only when at least this many requests finished inside it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SteadyWindow:
+    """The part of a run in the steady state the plan describes: the decode batch has reached its planned size
+    and the queue still feeds it (no start-up ramp, no final drain). Marked by the executor that knows both."""
+
+    start_s: float
+    end_s: float
+    encodes: slice
+    """The encode phases (or batches) inside the window, as a slice of the run's list of them."""
+    decode_iters: slice
+    """The decode iterations inside the window."""
+
+
+class SteadyMarker:
+    """Helps a driver mark its ``SteadyWindow``: ``begin`` once the batch is full, ``end`` once the queue
+    starves; the first call of each counts."""
+
+    def __init__(self, encodes: list, decode_iters: list):
+        self._enc, self._dec = encodes, decode_iters
+        self._start: tuple[float, int, int] | None = None
+        self._end: tuple[float, int, int] | None = None
+
+    def begin(self, t: float) -> None:
+        if self._start is None:
+            self._start = (t, len(self._enc), len(self._dec))
+
+    def end(self, t: float) -> None:
+        if self._start is not None and self._end is None:
+            self._end = (t, len(self._enc), len(self._dec))
+
+    def window(self, t_last: float) -> SteadyWindow | None:
+        """The window (ending at ``t_last`` if the queue never starved), or None if the batch never filled."""
+        if self._start is None:
+            return None
+        t0, e0, d0 = self._start
+        t1, e1, d1 = self._end or (t_last, len(self._enc), len(self._dec))
+        return SteadyWindow(t0, t1, slice(e0, e1), slice(d0, d1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +120,10 @@ class RunReport(JSONFile):
     """From the first encode to the last token."""
     overall_seq_s: float = 0.0
     """Finished requests / makespan."""
+    steady_start_s: float = math.nan
+    steady_end_s: float = math.nan
+    """The steady window the throughput, encode and decode figures were taken over (NaN: the 10 %..90 %
+    completion window for throughput and the whole run for the rest)."""
     num_finished: int = 0
     num_failed: int = 0
     num_ranks: int = 1
@@ -141,12 +186,16 @@ class RunReport(JSONFile):
 
 def build_report(policy: str, records: list[RequestRecord], latency_len: int, encode_times_s: list[float],
                  decode_iters: list[tuple[float, int]], num_ranks: int = 1,
-                 estimate: Estimate | None = None) -> RunReport:
+                 estimate: Estimate | None = None, steady: SteadyWindow | None = None) -> RunReport:
     """Aggregate per-request records and phase timings into a RunReport.
 
     Args:
         encode_times_s: one entry per encode phase (or WAA encode batch).
         decode_iters: (seconds, rows) per decode iteration of the whole decode batch.
+        steady: the executor's steady window. When at least ``MIN_STEADY_FINISHES`` requests finished in it,
+            throughput is their count over its length and the encode and decode figures are its phases'
+            (the plan estimates the steady state); otherwise the 10 %..90 % completion window and the whole run.
+            Latency is always over every request.
     """
     records = sorted(records, key=lambda r: r.id)
     done = [r for r in records if r.status == FINISHED]
@@ -158,6 +207,13 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
     seq_s = _steady_rate(finish)
     if math.isnan(seq_s):
         seq_s = overall
+    window = (math.nan, math.nan)
+    if steady is not None and steady.end_s > steady.start_s:
+        inside = int(((finish >= steady.start_s) & (finish <= steady.end_s)).sum())
+        if inside >= MIN_STEADY_FINISHES and encode_times_s[steady.encodes] and decode_iters[steady.decode_iters]:
+            seq_s = inside / (steady.end_s - steady.start_s)
+            encode_times_s, decode_iters = encode_times_s[steady.encodes], decode_iters[steady.decode_iters]
+            window = (steady.start_s, steady.end_s)
     lat = np.array([r.latency_len_token_s - r.encode_start_s for r in done
                     if r.latency_len_token_s is not None and r.encode_start_s is not None], dtype=float)
     rows = sum(n for _, n in decode_iters)
@@ -168,7 +224,7 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
         decode_step_s=float(np.mean([t for t, _ in decode_iters])) if decode_iters else math.nan,
         decode_batch=rows / len(decode_iters) if decode_iters else 0.0,
         latency_p50_s=float(np.median(lat)) if lat.size else math.nan, makespan_s=makespan,
-        overall_seq_s=overall, num_finished=len(done), num_failed=len(records) - len(done), num_ranks=num_ranks,
+        overall_seq_s=overall, steady_start_s=window[0], steady_end_s=window[1], num_finished=len(done), num_failed=len(records) - len(done), num_ranks=num_ranks,
         estimate=estimate, requests=tuple(records))
 
 

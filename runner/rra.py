@@ -2,9 +2,11 @@
 
 Rules shared with ``exegpt``'s simulator (keep them in step):
 - the decode batch is split into one micro-batch per pipeline stage (fixed rule, paper §11.1);
-- at each encode phase, ``n = min(queue, target - alive, free rows)`` queries are admitted, where
-  ``target = round(estimate.refill_batch)`` and the cache holds ``ceil(refill_batch) + encode_batch`` rows;
-  the encode batch is split into one micro-batch per stage, pipelined;
+- at each encode phase, ``n = min(queue, B_E, target - alive, free rows)`` queries are admitted, where
+  ``target = round(estimate.refill_batch)`` and the cache holds ``ceil(refill_batch) + encode_batch`` rows:
+  as many as finished, never more than the schedule's encode batch (the plan's activation memory and encode
+  time are for B_E prompts; the decode batch ramps up by B_E per phase at the start); the encode batch is
+  split into one micro-batch per stage, pipelined;
 - the prefill's token is the first output token; finished rows leave the decode batch at once (early
   termination) and are compacted out of the KV cache at the next encode phase;
 - the phases alternate: every micro-batch finishes its N_D iterations (or runs out of rows) before the
@@ -20,7 +22,7 @@ import torch
 
 from .kv_cache import fill_holes
 from .pipeline import COMPACT, Command, Pipeline, RunContext, _i64, encode, run_decode, run_main_pipeline, split_even
-from .report import RunReport
+from .report import RunReport, SteadyMarker, SteadyWindow
 from .requests import RequestTracker
 
 
@@ -48,20 +50,28 @@ def run_rra(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
 
 
 def drive_rra(pipe: Pipeline, tracker: RequestTracker, plan, num_stages: int, rows: int, clock
-              ) -> tuple[list[float], list[tuple[float, int]]]:
-    """The RRA loop on the driver. Returns (encode phase seconds, (seconds, rows) per decode iteration)."""
+              ) -> tuple[list[float], list[tuple[float, int]], SteadyWindow | None]:
+    """The RRA loop on the driver. Returns (encode phase seconds, (seconds, rows) per decode iteration, the
+    steady window: from the first phase whose refill reached the target until the queue could not fill one)."""
     queue = deque(r.id for r in tracker.runnable)
     alive: list[int] = []  # request of each cache row; row i holds alive[i]
     target = refill_target(plan)
     enc_s: list[float] = []
     dec: list[tuple[float, int]] = []
+    steady = SteadyMarker(enc_s, dec)
     while queue or alive:
         # Encode phase: compact out finished rows, then refill toward the target decode batch.
+        t_phase = clock()
         keep = fill_holes([i for i, rid in enumerate(alive) if not tracker.done(rid)])
         if len(keep) < len(alive):
             pipe.submit(Command(COMPACT, _i64(keep)))
             alive = [alive[i] for i in keep]
-        n = min(len(queue), target - len(alive), rows - len(alive))
+        wanted = min(plan.schedule.encode_batch, target - len(alive), rows - len(alive))
+        if len(queue) < wanted:
+            steady.end(t_phase)
+        elif len(alive) + wanted >= target:
+            steady.begin(t_phase)
+        n = min(len(queue), wanted)
         if n > 0:
             batch = [queue.popleft() for _ in range(n)]
             t = clock()
@@ -77,4 +87,4 @@ def drive_rra(pipe: Pipeline, tracker: RequestTracker, plan, num_stages: int, ro
                            plan.schedule.decode_iters)
         dt = (clock() - t) / len(steps)
         dec += [(dt, s) for s in steps]
-    return enc_s, dec
+    return enc_s, dec, steady.window(clock())

@@ -26,8 +26,9 @@ def run_static(ctx: RunContext, rank: int, world_size: int, device: torch.device
 
 
 def drive_static(pipe: Pipeline, tracker: RequestTracker, batch_size: int, num_stages: int, max_len: int, clock
-                 ) -> tuple[list[float], list[tuple[float, int]]]:
-    """The static-batching loop on the driver. Returns (encode seconds, (seconds, rows) per decode iteration)."""
+                 ) -> tuple[list[float], list[tuple[float, int]], None]:
+    """The static-batching loop on the driver. Returns (encode seconds, (seconds, rows) per decode iteration,
+    no steady window: every batch runs alone, start to end)."""
     queue = deque(r.id for r in tracker.runnable)
     enc_s: list[float] = []
     dec: list[tuple[float, int]] = []
@@ -46,4 +47,4 @@ def drive_static(pipe: Pipeline, tracker: RequestTracker, batch_size: int, num_s
                            longest - 1, drop_finished=False, row_pos=pos, max_len=max_len)
         dt = (clock() - t) / len(steps)
         dec += [(dt, s) for s in steps]
-    return enc_s, dec
+    return enc_s, dec, None

@@ -28,7 +28,7 @@ from .dist import TAG_CREDIT, TAG_KV, TAG_META, StageRanks
 from .kv_cache import fill_holes
 from .pipeline import COMPACT, END, IMPORT, PREFILL, Command, Pipeline, RunContext, StageRuntime, _i64, \
     driver_clock, eos_of, make_runtime, make_tp_groups, progress_bar, run_decode, split_by, start_clock
-from .report import RunReport, build_report
+from .report import RunReport, SteadyMarker, SteadyWindow, build_report
 from .requests import RequestTracker
 
 DEPTH = 2
@@ -147,12 +147,12 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
     tracker = RequestTracker(ctx.requests, plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
     bar = progress_bar(ctx, tracker)
-    enc_s, dec_it = drive_decode(Pipeline(rt, dec[-1].leader), tracker, sched, rows, enc[-1].leader, enc_driver,
-                                 driver_clock(t0))
+    enc_s, dec_it, steady = drive_decode(Pipeline(rt, dec[-1].leader), tracker, sched, rows, enc[-1].leader,
+                                         enc_driver, driver_clock(t0), plan.estimate.decode_batch)
     if bar is not None:
         bar.close()
     return build_report(sched.policy.value, tracker.records(), plan.estimate.latency_len, enc_s, dec_it,
-                        world_size, plan.estimate)
+                        world_size, plan.estimate, steady)
 
 
 def drive_encode(pipe: Pipeline, ctx: RunContext, encode_batch: int, dec_driver: int, t0_ns: int) -> None:
@@ -178,8 +178,10 @@ def drive_encode(pipe: Pipeline, ctx: RunContext, encode_batch: int, dec_driver:
 
 
 def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_last: int, enc_driver: int,
-                 clock) -> tuple[list[float], list[tuple[float, int]]]:
-    """The decode driver. Returns (encode seconds per batch, (seconds, rows) per decode iteration)."""
+                 clock, planned_batch: float = math.inf
+                 ) -> tuple[list[float], list[tuple[float, int]], SteadyWindow | None]:
+    """The decode driver. Returns (encode seconds per batch, (seconds, rows) per decode iteration, the steady
+    window: from the first iteration whose batch reached ``planned_batch`` rows until the encoder finished)."""
     comm = pipe.rt.comm
     size = 4 + 3 * sched.encode_batch
     alive: list[int] = []  # request of each cache row
@@ -188,6 +190,7 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
     pending = comm.irecv((size,), torch.long, enc_last, TAG_META)
     held: torch.Tensor | None = None  # a received batch waiting for free rows
     encoder_done = False
+    steady = SteadyMarker(enc_s, dec)
     while True:
         keep = fill_holes([i for i, rid in enumerate(alive) if not tracker.done(rid)])
         if len(keep) < len(alive):
@@ -201,6 +204,7 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
             held = pending[1].cpu()
             if int(held[0]) < 0:
                 encoder_done, held = True, None
+                steady.end(clock())
         if held is not None and len(alive) + int(held[0]) <= rows:
             _merge(pipe, tracker, held, alive, enc_s)
             comm.send([_i64([int(held[1])])], enc_driver, TAG_CREDIT)
@@ -212,10 +216,12 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
                 break
             continue
         t = clock()
+        if len(active) >= planned_batch:
+            steady.begin(t)
         steps = run_decode(pipe, tracker, split_by(active, sched.micro_batch), alive, clock, 1)
         dec.append((clock() - t, steps[0]))
     pipe.stop()
-    return enc_s, dec
+    return enc_s, dec, steady.window(clock())
 
 
 def _merge(pipe: Pipeline, tracker: RequestTracker, meta: torch.Tensor, alive: list[int], enc_s: list[float]
