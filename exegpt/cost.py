@@ -8,12 +8,12 @@ Composition of one pipeline stage (tp devices, ``n`` decoder layers, ``n_enc`` e
 
 * encode of ``B`` prompts: ``n_enc`` encoder layers (T5) or ``n`` prefill layers, each
   dense_encode(B * E[S_in]) + E_S[attn_encode(B, S)] + 2 all-reduces of the activations (tp > 1);
-  for decoder-only models the last stage adds lm_head(B) and the executor's own work engine_encode(B)
-  (the prefill emits the first token); a stage that is not the last sends its activations onward;
+  for decoder-only models the last stage adds lm_head(B) and the executor's own work
+  engine_encode(B, E[S_in]) (the prefill emits the first token); a stage that is not the last sends its activations onward;
   every stage pays the model's per-call step overhead.
 * decode step of ``n`` rows at mean context ``ctx``: per layer dense_decode(n) + attn_decode(n, ctx)
-  (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) and engine_decode(n)
-  on the last stage; activations sent onward; the step overhead once.
+  (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) and
+  engine_decode(n, mean context) on the last stage; activations sent onward; the step overhead once.
 """
 
 from __future__ import annotations
@@ -164,11 +164,12 @@ class CostModel:
             t, ok, n_ar = t + cross, ok & ok4, 3
         return t + n_ar * ar, ok
 
-    def _engine(self, kernel: Kernel, rows) -> tuple[np.ndarray, np.ndarray]:
-        """The executor's own work around a forward pass (driver side), when the profile measured it."""
+    def _engine(self, kernel: Kernel, rows, length: float) -> tuple[np.ndarray, np.ndarray]:
+        """The executor's own work around a forward pass (driver side) and what isolated kernels miss, when the
+        profile measured it: at ``rows`` rows of mean prompt (encode) or context (decode) ``length``."""
         if not self.profile.has(kernel):
             return np.zeros(np.shape(rows)), np.ones(np.shape(rows), dtype=bool)
-        return self._get(kernel, 1, rows)
+        return self._get(kernel, 1, rows, np.broadcast_to(length, np.shape(rows)))
 
     def _head(self, rows) -> tuple[np.ndarray, np.ndarray]:
         return self._get(Kernel.LM_HEAD, 1, np.asarray(rows, dtype=float))
@@ -188,7 +189,7 @@ class CostModel:
         t = t + self.profile.step_overhead_s
         if last:
             h, ok2 = self._head(b)
-            e, ok3 = self._engine(Kernel.ENGINE_ENCODE, b)
+            e, ok3 = self._engine(Kernel.ENGINE_ENCODE, b, self.stats.in_mean)
             return t + h + e, ok & ok2 & ok3
         s, ok2 = self._send(b * self.stats.in_mean)
         return t + s, ok & ok2
@@ -200,7 +201,7 @@ class CostModel:
         t = n_layers * t + self.profile.step_overhead_s
         if last:
             h, ok2 = self._head(r)
-            e, ok3 = self._engine(Kernel.ENGINE_DECODE, r)
+            e, ok3 = self._engine(Kernel.ENGINE_DECODE, r, self.stats.decode_ctx)
             return t + h + e, ok & ok2 & ok3
         s, ok2 = self._send(r)
         return t + s, ok & ok2

@@ -74,8 +74,8 @@ AXES: dict[Kernel, tuple[str, ...]] = {
     Kernel.ALLREDUCE: ("bytes",),
     Kernel.SEND_RECV: ("bytes",),
     Kernel.KV_HANDOFF: ("bytes",),
-    Kernel.ENGINE_ENCODE: ("rows",),
-    Kernel.ENGINE_DECODE: ("rows",),
+    Kernel.ENGINE_ENCODE: ("rows", "prompt"),
+    Kernel.ENGINE_DECODE: ("rows", "context"),
 }
 
 # Kernels every usable profile must have at tp=1 (attn_cross only for encoder-decoder models).

@@ -1,15 +1,22 @@
 """The executor's own work around the kernels, measured by running it: the ``engine_*`` tables.
 
-The kernel tables time the layers, the LM head and the model's per-call setup (``step_overhead_s``). The
-runner's executor also packs prompts, builds commands, moves tokens to the host, books every row's token
-in Python and compacts the cache; those costs are real and grow with the rows of a step. Here the RRA
-executor is run, in this process, on requests of mixed prompt lengths and one output length at a few batch
-sizes R (each phase encodes R prompts, then decodes them together to the end), and
+The kernel tables time one layer's attention and the rest of the layer in isolation, the LM head and the
+model's per-call setup (``step_overhead_s``). A real step differs: the runner's executor packs prompts, builds
+commands, moves tokens to the host, books every row's token in Python and compacts the cache, and on a CPU the
+layers of a full model evict each other's KV cache and weights from the CPU caches that an isolated kernel keeps
+warm (measured on the ``tiny`` preset: a decode attention call takes 1.0 ms inside the model at 124 rows and
+context 165, 0.73 ms timed alone). Both grow with the rows of a step and with their context. Here the RRA
+executor is run, in this process, on requests of mixed prompt lengths around a few mean lengths and mixed
+output lengths, at a few encode batches R (each phase encodes R prompts, then decodes them to the end; rows
+finish one by one as in a real batch, so the executor's row moves and bookkeeping are in), and
 
-    engine_encode(R) = measured encode phase  - kernel prediction of a prefill of R prompts
-    engine_decode(R) = measured decode iteration - kernel prediction of a decode step of R rows
+    engine_encode(R, mean prompt)   = measured encode phase     - kernel prediction of a prefill of R prompts
+    engine_decode(n, mean context)  = measured decode iteration - kernel prediction of a decode step of n rows
 
-(clipped at 0) become two tables of the Profile, with the raw points in its provenance.
+where n = R E[k] / N_D is the mean rows of a decode iteration (the simulator's own mean decode batch). Each
+residual is fitted over all points to a + b n + c n L (``_fit``) and tabulated; the raw points stay in the
+profile's provenance.
+(clipped at 0) become two 2-D tables of the Profile, with the raw points in its provenance.
 """
 
 from __future__ import annotations
@@ -17,42 +24,93 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
+from scipy.optimize import nnls
+
 from exegpt import Kernel, Profile, ProfileTable, RRASchedule, Workload, evaluate_schedule
+from exegpt.cost import WorkloadStats
+from exegpt.models import MODELS
 
 log = logging.getLogger(__name__)
 
-ROWS = (1, 2, 4, 8, 16, 32, 64)
-"""Batch sizes of the calibration runs."""
-PROMPT, OUTPUT, PHASES = (32, 12, 64), 40, 4
-"""Prompt length (mean, std, max): mixed, so steps take the runner's masked path as real batches do; a fixed
-output length, so a phase's rows finish together; phases run per batch size."""
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Encode batches of the calibration runs."""
+GRID_ROWS = (1, 4, 16, 64, 256, 1024)
+"""Rows at which the fitted residuals are tabulated (linear in rows, so exact between and beyond them)."""
+PROMPTS = (16, 64, 160)
+"""Mean prompt lengths of the calibration runs (each mixed: std mean / 3, up to twice the mean); lengths that
+do not fit the model's context with the output are skipped."""
+OUTPUT = (40, 20, 80)
+"""Output lengths (mean, std, max): rows finish at different iterations, as in real batches."""
+PHASES = 4
+"""Phases per point."""
 
 
-def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, rows=ROWS) -> Profile:
-    """``profile`` with ``engine_encode`` and ``engine_decode`` tables measured through the runner's executor."""
+def _fit(samples: list[tuple[float, float, float, float]]) -> tuple[float, float, float]:
+    """Non-negative least squares of residual seconds ~ a + b n + c n L over (n, L, residual, measured) samples,
+    each weighted by 1 / measured seconds (relative error: the largest batches do not drown the others).
+
+    A per-step cost, a per-row cost and a per-row-per-token cost (the KV a row streams through the CPU caches):
+    fitted over every point, so one noisy run does not make a bump and batches beyond the calibration
+    extrapolate along the fitted line.
+    """
+    n, L, y, t = (np.array(c, dtype=float) for c in zip(*samples))
+    w = 1 / np.maximum(t, 1e-9)
+    coef, _ = nnls(np.stack([np.ones_like(n), n, n * L], axis=1) * w[:, None], y * w)
+    return tuple(float(c) for c in coef)
+
+
+def _tabulate(fit: tuple[float, float, float], xs, ys) -> tuple[tuple[float, ...], ...]:
+    a, b, c = fit
+    return tuple(tuple(a + b * x + c * x * y for y in ys) for x in xs)
+
+
+def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, rows=ROWS,
+                     prompts=PROMPTS, max_seq_len: int | None = None) -> Profile:
+    """``profile`` with ``engine_encode`` and ``engine_decode`` tables measured through the runner's executor.
+
+    ``max_seq_len``: the model's context (default: the preset's, else unbounded), to skip prompt levels that do
+    not fit.
+    """
     from runner.run import run_plan
 
-    w = Workload.truncated_normal(input=PROMPT, output=(OUTPUT, 0, OUTPUT), name="calibration")
     kernels = dataclasses.replace(profile, tables=tuple(t for t in profile.tables if t.kernel not in
                                                         (Kernel.ENGINE_ENCODE, Kernel.ENGINE_DECODE)))
     devices = f"1x{profile.device}"
-    limit = kernels.max_coord(Kernel.ATTN_DECODE, 1, 0)
-    rows = [r for r in rows if r <= limit]
-    points = []
-    for r in rows:
-        # N_D = OUTPUT - 1: each phase encodes r prompts and decodes them to the end together.
-        plan = evaluate_schedule(RRASchedule(r, OUTPUT - 1, 1, 0, 1), w, profile=kernels, devices=devices)
-        rep = run_plan(plan, spec, num_requests=r * PHASES, seed=seed, dtype=dtype)
-        points.append({"rows": r, "mean_rows": rep.decode_batch, "decode_meas_s": rep.decode_step_s,
-                       "decode_kernels_s": plan.estimate.decode_step_s, "encode_meas_s": rep.encode_stage_s,
-                       "encode_kernels_s": plan.estimate.encode_stage_s})
-    enc = tuple(max(0.0, p["encode_meas_s"] - p["encode_kernels_s"]) for p in points)
-    dec = tuple(max(0.0, p["decode_meas_s"] - p["decode_kernels_s"]) for p in points)
-    xs = tuple(float(r) for r in rows)
-    tables = kernels.tables + (ProfileTable(Kernel.ENGINE_ENCODE, 1, xs, (), enc, extrapolate=True),
-                               ProfileTable(Kernel.ENGINE_DECODE, 1, xs, (), dec, extrapolate=True))
-    facts = {"method": "runner RRA executor in one process; mixed prompts, one output length; residual = "
-                       "measured phase time - kernel prediction, clipped at 0",
-             "prompt": list(PROMPT), "output": OUTPUT, "phases": PHASES, "points": points}
-    log.info("engine overhead: encode %s s, decode %s s at rows %s", enc, dec, rows)
+    if max_seq_len is None:
+        max_seq_len = MODELS[spec].max_seq_len if spec in MODELS else 1 << 30
+    rows = [r for r in rows if r <= kernels.max_coord(Kernel.ATTN_DECODE, 1, 0)]
+    levels = [m for m in prompts if 2 * m + OUTPUT[2] <= max_seq_len
+              and 2 * m <= kernels.max_coord(Kernel.ATTN_ENCODE, 1, 1)] or [min(prompts)]
+    points, prompt_axis, ctx_axis = [], [], []
+    for m in levels:
+        w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
+        stats = WorkloadStats.of(w)
+        for r in rows:
+            # N_D = the longest output's iterations: each phase encodes r prompts and decodes them to the end.
+            plan = evaluate_schedule(RRASchedule(r, w.output_len.max - 1, 1, 0, 1), w, profile=kernels,
+                                     devices=devices)
+            rep = run_plan(plan, spec, num_requests=r * PHASES, seed=seed, dtype=dtype)
+            points.append({"rows": r, "prompt_mean": stats.in_mean, "decode_rows": plan.estimate.decode_batch,
+                           "decode_ctx": stats.decode_ctx, "measured_rows": rep.decode_batch,
+                           "decode_meas_s": rep.decode_step_s, "decode_kernels_s": plan.estimate.decode_step_s,
+                           "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": plan.estimate.encode_stage_s})
+        prompt_axis.append(stats.in_mean)
+        ctx_axis.append(stats.decode_ctx)  # the rows' mean context, as the cost model asks
+    enc_fit = _fit([(p["rows"], p["prompt_mean"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
+                    for p in points])
+    dec_fit = _fit([(p["decode_rows"], p["decode_ctx"], p["decode_meas_s"] - p["decode_kernels_s"],
+                     p["decode_meas_s"]) for p in points])
+    xs = tuple(float(x) for x in GRID_ROWS)
+    tables = kernels.tables + (
+        ProfileTable(Kernel.ENGINE_ENCODE, 1, xs, tuple(prompt_axis), _tabulate(enc_fit, xs, prompt_axis),
+                     extrapolate=True),
+        ProfileTable(Kernel.ENGINE_DECODE, 1, xs, tuple(ctx_axis), _tabulate(dec_fit, xs, ctx_axis),
+                     extrapolate=True))
+    facts = {"method": "runner RRA executor in one process; mixed prompts around each mean, mixed outputs; "
+                       "residual = measured phase time - kernel prediction, fitted by non-negative least squares "
+                       "of relative error to a + b n + c n L (n rows, L mean prompt or context)",
+             "prompt_means": list(levels), "output": list(OUTPUT), "phases": PHASES,
+             "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}
+    log.info("engine overhead fits (a, b, c): encode %s, decode %s", enc_fit, dec_fit)
     return dataclasses.replace(profile, tables=tables, provenance=profile.provenance | {"engine": facts})

@@ -439,7 +439,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
     if engine and not t.args.family == "t5":
         # Phase 6: the executor's own overhead around the kernels, measured by running it (profiler.engine).
         from .engine import calibrate_engine
-        prof = calibrate_engine(prof, t.spec, t.dtype, seed)
+        prof = calibrate_engine(prof, t.spec, t.dtype, seed, max_seq_len=t.args.max_seq_len)
     return prof
 
 

@@ -74,9 +74,8 @@ def drive_rra(pipe: Pipeline, tracker: RequestTracker, plan, num_stages: int, ro
         n = min(len(queue), wanted)
         if n > 0:
             batch = [queue.popleft() for _ in range(n)]
-            t = clock()
             encode(pipe, tracker, batch, len(alive), num_stages, clock)
-            enc_s.append(clock() - t)
+            enc_s.append(clock() - t_phase)  # the phase: compaction, then the encode batch
             alive += batch
         # Decode phase: N_D iterations, one micro-batch per stage, finished rows dropped at once.
         active = [i for i, rid in enumerate(alive) if not tracker.done(rid)]

@@ -25,7 +25,17 @@ def profile():
 
 def test_profile_measures_the_engine(profile):
     assert profile.has(Kernel.ENGINE_DECODE) and profile.has(Kernel.ENGINE_ENCODE)
-    assert [p["rows"] for p in profile.provenance["engine"]["points"]] == [1, 2, 4, 8, 16, 32, 64]
+    engine = profile.provenance["engine"]
+    # Every encode batch at every prompt level whose prompts (up to twice the mean) the grid's seq axis covers.
+    assert engine["prompt_means"] == [16, 64]
+    assert [(p["rows"], round(p["prompt_mean"])) for p in engine["points"]] == \
+        [(r, round(m)) for m in (16.5, 64.5) for r in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
+    assert all(c >= 0 for c in engine["encode_fit_s"] + engine["decode_fit_s"])
+    # The tables are the fits: a + b n + c n L at every grid point.
+    a, b, c = engine["decode_fit_s"]
+    t = next(t for t in profile.tables if t.kernel == Kernel.ENGINE_DECODE)
+    n, L = 100.0, sum(t.ys) / 2  # inside the grid: bilinear interpolation of a bilinear function is exact
+    assert profile.seconds(Kernel.ENGINE_DECODE, 1, n, L) == pytest.approx(a + b * n + c * n * L)
 
 
 def test_reduced_loop_keeps_the_bound_the_plan_promised(profile):
