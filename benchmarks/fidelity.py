@@ -3,11 +3,11 @@
 One row per plan (RRA and WAA, several B_E / N_D / TP, three workloads including a real trace scaled to
 CPU-sized lengths, plus the plans find_schedule picks under a bound with the closed loop's latency margin),
 then the mean and worst relative
-errors and one summary line:
+errors, the run-to-run spread of the same plan on this machine, and one summary line:
 
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
 
-  python benchmarks/fidelity.py [--model tiny] [--requests 800] [--refresh-profile]
+  python -m benchmarks.fidelity [--model tiny] [--requests 800] [--rounds 3] [--cached-profile]
 """
 
 from __future__ import annotations
@@ -63,19 +63,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--requests", type=int, default=800)
-    ap.add_argument("--refresh-profile", action="store_true")
+    ap.add_argument("--cached-profile", action="store_true",
+                    help="reuse the cached profile (default: measure it now, under the same machine load as the runs)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="runs per plan, interleaved; the run with the median throughput is reported")
     a = ap.parse_args()
-    prof = cached_profile(a.model, refresh=a.refresh_profile)
+    prof = cached_profile(a.model, refresh=not a.cached_profile)
     named = cases(prof)
-    rows = []
-    for wname, w in WORKLOADS.items():  # the same requests for every plan of a workload
-        group = [(n, p) for n, p in named if p.workload == w]
-        rows += run_and_compare(group, a.model, num_requests=a.requests,
-                                trace=w if w.pairs is not None else None)
+    rounds = []
+    for _ in range(a.rounds):  # a shared VM's speed drifts by tens of percent within minutes: interleave rounds
+        rows = []
+        for wname, w in WORKLOADS.items():  # the same requests for every plan of a workload
+            group = [(n, p) for n, p in named if p.workload == w]
+            rows += run_and_compare(group, a.model, num_requests=a.requests,
+                                    trace=w if w.pairs is not None else None)
+        rounds.append(rows)
+    rows, spreads = [], []
+    for runs in zip(*rounds):
+        thr = sorted(c.report.throughput_seq_s for c in runs)
+        rows.append(sorted(runs, key=lambda c: c.report.throughput_seq_s)[len(runs) // 2])
+        spreads.append((thr[-1] - thr[0]) / thr[len(thr) // 2])
     print(f"profile {prof.id}: {prof.provenance.get('date', '?')}, torch {prof.provenance.get('torch', '?')}")
-    print(table_header())
-    for c in rows:
-        print(_row(c))
+    print(table_header() + "  spread")
+    for c, spread in zip(rows, spreads):
+        print(_row(c) + f"  {100 * spread:5.1f}%")
     for label, group in (("one rank", [c for c in rows if c.plan.schedule.num_gpus == 1]),
                          ("two ranks", [c for c in rows if c.plan.schedule.num_gpus > 1])):
         if group:
@@ -83,6 +94,8 @@ def main():
             lt = [c.latency_error for c in group if math.isfinite(c.latency_error)]
             print(f"  {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst {100 * max(t):.1f}%; "
                   f"latency error mean {100 * statistics.mean(lt):.1f}% worst {100 * max(lt):.1f}%")
+    print(f"  run-to-run throughput spread of the same plan ((max - min) / median over {a.rounds} rounds): "
+          f"mean {100 * statistics.mean(spreads):.1f}% worst {100 * max(spreads):.1f}%")
     thr = [c.throughput_error for c in rows]
     lat = [c.latency_error for c in rows if math.isfinite(c.latency_error)]
     bounded = [c for c in rows if c.name.startswith("best")]

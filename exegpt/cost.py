@@ -9,11 +9,11 @@ Composition of one pipeline stage (tp devices, ``n`` decoder layers, ``n_enc`` e
 * encode of ``B`` prompts: ``n_enc`` encoder layers (T5) or ``n`` prefill layers, each
   dense_encode(B * E[S_in]) + E_S[attn_encode(B, S)] + 2 all-reduces of the activations (tp > 1);
   for decoder-only models the last stage adds lm_head(B) and the executor's own work
-  engine_encode(B, E[S_in]) (the prefill emits the first token); a stage that is not the last sends its activations onward;
+  engine_encode(B, prompt length) (the prefill emits the first token); a stage that is not the last sends its activations onward;
   every stage pays the model's per-call step overhead.
 * decode step of ``n`` rows at mean context ``ctx``: per layer dense_decode(n) + attn_decode(n, ctx)
   (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) and
-  engine_decode(n, mean context) on the last stage; activations sent onward; the step overhead once.
+  engine_decode(n, context) on the last stage; activations sent onward; the step overhead once.
 """
 
 from __future__ import annotations
@@ -164,9 +164,10 @@ class CostModel:
             t, ok, n_ar = t + cross, ok & ok4, 3
         return t + n_ar * ar, ok
 
-    def _engine(self, kernel: Kernel, rows, length: float) -> tuple[np.ndarray, np.ndarray]:
+    def _engine(self, kernel: Kernel, rows, length) -> tuple[np.ndarray, np.ndarray]:
         """The executor's own work around a forward pass (driver side) and what isolated kernels miss, when the
-        profile measured it: at ``rows`` rows of mean prompt (encode) or context (decode) ``length``."""
+        profile measured it: at ``rows`` rows of prompt (encode) or context (decode) ``length``, the length the
+        kernels are looked up at (the batch's longest when the backend pads)."""
         if not self.profile.has(kernel):
             return np.zeros(np.shape(rows)), np.ones(np.shape(rows), dtype=bool)
         return self._get(kernel, 1, rows, np.broadcast_to(length, np.shape(rows)))
@@ -189,7 +190,8 @@ class CostModel:
         t = t + self.profile.step_overhead_s
         if last:
             h, ok2 = self._head(b)
-            e, ok3 = self._engine(Kernel.ENGINE_ENCODE, b, self.stats.in_mean)
+            e, ok3 = self._engine(Kernel.ENGINE_ENCODE, b, self.stats.max_input(b) if self.padded else
+                                  self.stats.in_mean)
             return t + h + e, ok & ok2 & ok3
         s, ok2 = self._send(b * self.stats.in_mean)
         return t + s, ok & ok2
@@ -201,10 +203,18 @@ class CostModel:
         t = n_layers * t + self.profile.step_overhead_s
         if last:
             h, ok2 = self._head(r)
-            e, ok3 = self._engine(Kernel.ENGINE_DECODE, r, self.stats.decode_ctx)
+            if ctx is None:
+                ctx = self.stats.max_ctx(r) if self.padded else self.stats.decode_ctx
+            e, ok3 = self._engine(Kernel.ENGINE_DECODE, r, ctx)
             return t + h + e, ok & ok2 & ok3
         s, ok2 = self._send(r)
         return t + s, ok & ok2
+
+    def token_return(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """The last stage's greedy tokens (one int64 per row) back to the pipeline's driver: one hop."""
+        if not self.profile.has(Kernel.SEND_RECV):
+            return np.zeros(np.shape(rows)), np.ones(np.shape(rows), dtype=bool)
+        return self._get(Kernel.SEND_RECV, 1, 8.0 * np.maximum(np.asarray(rows, dtype=float), 1.0))
 
     def kv_handoff(self, batch) -> tuple[np.ndarray, np.ndarray]:
         """WAA: seconds to move the KV cache of ``batch`` encoded prompts to the decode group."""

@@ -12,8 +12,11 @@ broadcast, so the exhaustive reference evaluates a whole grid in one call.
 RRA (paper §4.1, §6; "our reading" where marked):
   * all N devices form P pipeline stages (partial TP: ``tp_gpus / tp`` TP stages, then single
     devices); each phase is split into one micro-batch per stage (method doc §11.1);
-  * encode phase: T_E = sum_s t_s(B_E/P) + (P-1) max_s t_s(B_E/P) (pipeline fill and drain);
-  * decode iteration: T_D = P * max_s t_s(B_D/P) (every stage runs each of P micro-batches);
+  * encode phase: T_E = sum_s t_s(B_E/P) + (P-1) max_s t_s(B_E/P) + token hop (fill, drain, first tokens
+    back to the driver);
+  * decode iteration: T_D = max(P * max_s t_s(B_D/P), sum_s t_s(B_D/P) + token hop) (every stage runs
+    each of P micro-batches, and a micro-batch's next iteration waits for its tokens to come back to the
+    driver: with P micro-batches in flight the round trip is on the critical path);
   * completions per phase: a query with k decode iterations finishes in exactly one of its
     ceil(k/N_D) phases (P_D(U|S)), and B_E = B_D sum_U P_D(U). The paper sums P_D(U|S) over the
     arrival distribution P_D(S); the decode batch, however, holds each query for ceil(k/N_D) phases,
@@ -29,7 +32,8 @@ WAA (paper §4.2, §6):
   * encode interval = slowest encode stage; encode latency = sum of encode stages;
     KV hand-off of each batch through host memory (profiled ``kv_handoff``);
   * decode iteration with M = ceil(B_D/B_m) micro-batches of B_D/M rows over the decode stages:
-    T_D = max(sum_s t_s, M max_s t_s); period T = max(T_D, encode interval, hand-off);
+    T_D = max(sum_s t_s (+ the token hop back to the decode driver with several stages), M max_s t_s);
+    period T = max(T_D, encode interval, hand-off);
   * throughput = B_E / T; latency(L) = encode latency + hand-off + (k_L + 1) T (one period waiting
     to merge into the decode batch, the paper's "buffer time").
 Static (FasterTransformer, the paper's baseline): a batch of B runs E[max k] decode iterations with
@@ -264,7 +268,11 @@ def _rra_phases(prob: Problem, stages, be, bd, cost: CostModel | None = None):
     dec, ok_d = _decode_times(prob, stages, bd / p, None, cost)
     if p == 1:
         return enc[0], dec[0], ok_e & ok_d
-    return sum(enc) + (p - 1) * np.maximum.reduce(enc), p * np.maximum.reduce(dec), ok_e & ok_d
+    # A micro-batch's next iteration needs its tokens back at the driver: with P micro-batches over P stages the
+    # pipeline has no slack, so one round trip (every stage, then the token hop) bounds the iteration too.
+    ret, ok_r = (cost or prob.cost).token_return(bd / p)
+    t_dec = np.maximum(p * np.maximum.reduce(dec), sum(dec) + ret)
+    return sum(enc) + (p - 1) * np.maximum.reduce(enc) + ret, t_dec, ok_e & ok_d & ok_r
 
 
 def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool = False):
@@ -311,7 +319,11 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
     small, ok_1 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_hi, 1e-9))
     big, ok_2 = _decode_times(prob, dec_st, np.maximum(bd_lo / m_lo, 1e-9), None,
                               None if np.array_equal(m_lo, m_hi) else prob.bound_cost)
-    t_dec = np.maximum(sum(small), m_lo * np.maximum.reduce(big))
+    chain = sum(small)
+    if len(dec_st) > 1:  # a micro-batch's tokens come back to the decode driver before its next iteration
+        ret, ok_r = prob.cost.token_return(np.maximum(bd_lo / m_hi, 1e-9))
+        chain, ok_1 = chain + ret, ok_1 & ok_r
+    t_dec = np.maximum(chain, m_lo * np.maximum.reduce(big))
     period = np.maximum(np.maximum(t_dec, t_enc_int), hand)
     thr = be_hi / period
     if not (np.array_equal(be_lo, be_hi) and np.array_equal(bm_lo, bm_hi)):

@@ -10,13 +10,14 @@ executor is run, in this process, on requests of mixed prompt lengths around a f
 output lengths, at a few encode batches R (each phase encodes R prompts, then decodes them to the end; rows
 finish one by one as in a real batch, so the executor's row moves and bookkeeping are in), and
 
-    engine_encode(R, mean prompt)   = measured encode phase     - kernel prediction of a prefill of R prompts
-    engine_decode(n, mean context)  = measured decode iteration - kernel prediction of a decode step of n rows
+    engine_encode(R, prompt)   = measured encode phase     - kernel prediction of a prefill of R prompts
+    engine_decode(n, context)  = measured decode iteration - kernel prediction of a decode step of n rows
 
-where n = R E[k] / N_D is the mean rows of a decode iteration (the simulator's own mean decode batch). Each
+where n = R E[k] / N_D is the mean rows of a decode iteration (the simulator's own mean decode batch) and the
+lengths are those the cost model looks the kernels up at (the batch's longest prompt or context when the
+runner pads, as it does: what a padded step streams through the caches grows with it). Each
 residual is fitted over all points to a + b n + c n L (``_fit``) and tabulated; the raw points stay in the
 profile's provenance.
-(clipped at 0) become two 2-D tables of the Profile, with the raw points in its provenance.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Encode batches of the calibration runs."""
 GRID_ROWS = (1, 4, 16, 64, 256, 1024)
-"""Rows at which the fitted residuals are tabulated (linear in rows, so exact between and beyond them)."""
+GRID_LENGTHS = (1, 16, 64, 256, 1024, 4096)
+"""Rows and lengths at which the fitted residuals are tabulated (bilinear, so exact between and beyond them)."""
 PROMPTS = (16, 64, 160)
 """Mean prompt lengths of the calibration runs (each mixed: std mean / 3, up to twice the mean); lengths that
 do not fit the model's context with the output are skipped."""
@@ -82,7 +84,7 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
     rows = [r for r in rows if r <= kernels.max_coord(Kernel.ATTN_DECODE, 1, 0)]
     levels = [m for m in prompts if 2 * m + OUTPUT[2] <= max_seq_len
               and 2 * m <= kernels.max_coord(Kernel.ATTN_ENCODE, 1, 1)] or [min(prompts)]
-    points, prompt_axis, ctx_axis = [], [], []
+    points = []
     for m in levels:
         w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
         stats = WorkloadStats.of(w)
@@ -91,22 +93,22 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
             plan = evaluate_schedule(RRASchedule(r, w.output_len.max - 1, 1, 0, 1), w, profile=kernels,
                                      devices=devices)
             rep = run_plan(plan, spec, num_requests=r * PHASES, seed=seed, dtype=dtype)
-            points.append({"rows": r, "prompt_mean": stats.in_mean, "decode_rows": plan.estimate.decode_batch,
-                           "decode_ctx": stats.decode_ctx, "measured_rows": rep.decode_batch,
+            n = plan.estimate.decode_batch
+            # The lengths the cost model asks the tables at: padded (the batch's longest) when the runner pads.
+            prompt = float(stats.max_input(r)) if kernels.padded_batches else stats.in_mean
+            ctx = float(stats.max_ctx(n)) if kernels.padded_batches else stats.decode_ctx
+            points.append({"rows": r, "prompt": prompt, "decode_rows": n, "context": ctx,
+                           "measured_rows": rep.decode_batch,
                            "decode_meas_s": rep.decode_step_s, "decode_kernels_s": plan.estimate.decode_step_s,
                            "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": plan.estimate.encode_stage_s})
-        prompt_axis.append(stats.in_mean)
-        ctx_axis.append(stats.decode_ctx)  # the rows' mean context, as the cost model asks
-    enc_fit = _fit([(p["rows"], p["prompt_mean"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
+    enc_fit = _fit([(p["rows"], p["prompt"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
                     for p in points])
-    dec_fit = _fit([(p["decode_rows"], p["decode_ctx"], p["decode_meas_s"] - p["decode_kernels_s"],
+    dec_fit = _fit([(p["decode_rows"], p["context"], p["decode_meas_s"] - p["decode_kernels_s"],
                      p["decode_meas_s"]) for p in points])
-    xs = tuple(float(x) for x in GRID_ROWS)
+    xs, ys = tuple(float(x) for x in GRID_ROWS), tuple(float(y) for y in GRID_LENGTHS)
     tables = kernels.tables + (
-        ProfileTable(Kernel.ENGINE_ENCODE, 1, xs, tuple(prompt_axis), _tabulate(enc_fit, xs, prompt_axis),
-                     extrapolate=True),
-        ProfileTable(Kernel.ENGINE_DECODE, 1, xs, tuple(ctx_axis), _tabulate(dec_fit, xs, ctx_axis),
-                     extrapolate=True))
+        ProfileTable(Kernel.ENGINE_ENCODE, 1, xs, ys, _tabulate(enc_fit, xs, ys), extrapolate=True),
+        ProfileTable(Kernel.ENGINE_DECODE, 1, xs, ys, _tabulate(dec_fit, xs, ys), extrapolate=True))
     facts = {"method": "runner RRA executor in one process; mixed prompts around each mean, mixed outputs; "
                        "residual = measured phase time - kernel prediction, fitted by non-negative least squares "
                        "of relative error to a + b n + c n L (n rows, L mean prompt or context)",
