@@ -139,7 +139,7 @@ def encode_step(shard: LayerShard, batch: int, seq: int) -> Step:
         mask = (torch.ones(seq, seq, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None].to(shard.device)
     cos = sin = None
     if shard.rope is not None:
-        cos, sin = shard.rope[0][:seq], shard.rope[1][:seq]  # [S, D]
+        cos, sin = shard.rope[0][:seq, None], shard.rope[1][:seq, None]  # [S, 1, D]
     return Step(rows=slice(0, batch), decode=False, mask=mask, is_causal=uniform, cos=cos, sin=sin)
 
 
@@ -153,13 +153,16 @@ def decode_step(shard: LayerShard, batch: int, context: int) -> Step:
     pos = decode_positions(batch, context)
     kv_len = int(pos.max()) + 1
     pos_d = pos.to(shard.device)
+    uniform = int(pos.min()) == kv_len - 1
     mask = None
-    if int(pos.min()) != kv_len - 1:
+    if not uniform:
         mask = (torch.arange(kv_len)[None, :] <= pos[:, None])[:, None, None].to(shard.device)  # [n, 1, 1, kv]
     cos = sin = None
     if shard.rope is not None:
-        cos, sin = shard.rope[0][pos_d][:, None, None], shard.rope[1][pos_d][:, None, None]  # [n, 1, 1, D]
-    return Step(rows=slice(0, batch), decode=True, pos=pos_d, kv_len=kv_len, mask=mask, cos=cos, sin=sin)
+        at = slice(kv_len - 1, kv_len) if uniform else pos_d
+        cos, sin = shard.rope[0][at][:, None, None], shard.rope[1][at][:, None, None]  # [n or 1, 1, 1, D]
+    return Step(rows=slice(0, batch), decode=True, pos=pos_d, pos_uniform=kv_len - 1 if uniform else None,
+                kv_len=kv_len, mask=mask, cos=cos, sin=sin)
 
 
 def _check_fits(shard: LayerShard, batch: int, length: int) -> None:
@@ -184,13 +187,9 @@ def _qkv(shard: LayerShard, n: int, S: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def attention_core(shard: LayerShard, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
-    """The attention core of ``Attention.forward``: cache update, then SDPA over the cache -> ``[n, H, S, D]``."""
-    a, cache = shard.block.attention, shard.cache
-    if step.decode:
-        k, v = cache.append(0, step.rows, step.pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
-    else:
-        cache.write_prompt(0, step.rows, k, v)
-    return attend(q, k, v, step.mask, step.is_causal, a.scale)
+    """The attention core of ``Attention.forward`` (``Attention.core``): cache update, then attention over the cache
+    -> ``[n, H, S, D]``."""
+    return shard.block.attention.core(q, k, v, step, shard.cache, 0)
 
 
 def layer_rest(shard: LayerShard, x: Tensor, step: Step, attn_out: Tensor) -> Tensor:
@@ -199,18 +198,8 @@ def layer_rest(shard: LayerShard, x: Tensor, step: Step, attn_out: Tensor) -> Te
     ``attn_out`` ``[n, H, S, D]`` stands in for the core's output (its value does not change the work).
     """
     block = shard.block
-    a = block.attention
-    n, S, _ = x.shape
-    H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
-    xn = block.attention_norm(x)
-    q, k, v = a.wqkv(xn).split([H * D, Hkv * D, Hkv * D], dim=-1)
-    q = q.view(n, S, H, D).transpose(1, 2)  # [n, H, S, D]
-    k = k.view(n, S, Hkv, D).transpose(1, 2)
-    v = v.view(n, S, Hkv, D).transpose(1, 2)
-    if step.cos is not None:
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-    y = a.wo(attn_out.transpose(1, 2).reshape(n, S, H * D))  # [n, S, dim]
-    h = x + y
+    block.attention.project(block.attention_norm(x), step)  # q, k, v (the core's inputs; discarded here)
+    h = x + block.attention.out(attn_out)
     return h + block.feed_forward(block.ffn_norm(h))
 
 

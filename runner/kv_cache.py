@@ -89,21 +89,25 @@ class KVCache:
         self.k[layer, rows, :, :S] = k
         self.v[layer, rows, :, :S] = v
 
-    def append(self, layer: int, rows: Tensor | slice, pos: Tensor, k: Tensor, v: Tensor, kv_len: int
+    def append(self, layer: int, rows: Tensor | slice, pos: Tensor | int, k: Tensor, v: Tensor, kv_len: int
                ) -> tuple[Tensor, Tensor]:
-        """Writes one step ``k``, ``v``: ``[n, H, 1, D]`` at per-row positions ``pos`` ``[n]`` (device).
+        """Writes one step ``k``, ``v``: ``[n, H, 1, D]`` at per-row positions ``pos`` (``[n]`` on the device, or
+        one int that every row shares).
 
         Returns the keys and values ``[n, H, kv_len, D]`` of those rows (a view when ``rows`` is a slice).
         """
-        if isinstance(rows, slice):  # consecutive rows: write into and attend over a view, no copy
+        if isinstance(pos, int):  # one position for all rows: a strided copy, no scatter
+            self.k[layer, rows, :, pos] = k[:, :, 0]
+            self.v[layer, rows, :, pos] = v[:, :, 0]
+        elif isinstance(rows, slice):  # consecutive rows: write into a view, no copy
             kc, vc = self.k[layer, rows], self.v[layer, rows]  # [n, H, max_len, D]
             idx = torch.arange(k.shape[0], device=k.device)
-            kc[idx, :, pos] = k[:, :, 0]  # [n, H, D]
-            vc[idx, :, pos] = v[:, :, 0]
-            return kc[:, :, :kv_len], vc[:, :, :kv_len]
-        self.k[layer, rows, :, pos] = k[:, :, 0]  # [n, H, D]
-        self.v[layer, rows, :, pos] = v[:, :, 0]
-        return self.k[layer, rows, :, :kv_len], self.v[layer, rows, :, :kv_len]  # gathered [n, H, kv_len, D]
+            kc[idx, :, pos] = k[:, :, 0].to(self.dtype)  # [n, H, D]
+            vc[idx, :, pos] = v[:, :, 0].to(self.dtype)
+        else:
+            self.k[layer, rows, :, pos] = k[:, :, 0].to(self.dtype)  # [n, H, D]
+            self.v[layer, rows, :, pos] = v[:, :, 0].to(self.dtype)
+        return self.k[layer, rows, :, :kv_len], self.v[layer, rows, :, :kv_len]  # views, or gathered (index rows)
 
     def write_cross(self, layer: int, rows: Tensor | slice, k: Tensor, v: Tensor) -> None:
         """Stores cross-attention K/V ``[n, H, S_src, D]`` of an encoder batch."""

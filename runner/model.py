@@ -149,8 +149,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalize in fp32, scale in the model dtype (as HF Llama / T5 do).
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        # Normalize in fp32, scale in the model dtype (as HF Llama / T5 do). NOTE: torch's rms_norm of a half
+        # input computes in fp32 and rounds once, the same bits as ``rms_norm(x.float()).to(x.dtype)``, in one op.
+        return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
+
+
+def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype for a model of ``dtype`` on ``device``: the model's, except fp32 for a half-precision
+    model on CPU.
+
+    NOTE: torch's CPU attention kernels are 3-10x slower in bf16 than in fp32 (torch 2.13, AVX-512 BF16; batch 32
+    over 512 keys: 1.43 ms vs 0.64 ms per layer). K and V are rounded to the model dtype by their projection, so
+    the fp32 cache holds the same values; attention then runs in fp32 and its output is rounded back.
+    """
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def make_norm(args: ModelArgs) -> nn.Module:
@@ -159,17 +171,21 @@ def make_norm(args: ModelArgs) -> nn.Module:
 
 def rope_tables(head_dim: int, max_len: int, base: float, dtype: torch.dtype, device: torch.device
                 ) -> tuple[Tensor, Tensor]:
-    """cos, sin ``[max_len, head_dim]`` in HF's rotate_half layout (each frequency twice: halves, not pairs)."""
+    """cos and signed sin ``[max_len, head_dim]`` in HF's rotate_half layout (each frequency twice: halves, not
+    pairs). The sin table carries rotate_half's sign (``-sin`` on the first half), so ``apply_rope`` is one roll."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [D/2]
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [S, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
-    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+    sign = torch.cat([-torch.ones(head_dim // 2), torch.ones(head_dim // 2)])  # [D]
+    return emb.cos().to(device, dtype), (emb.sin() * sign).to(device, dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x``: ``[n, H, S, D]``; ``cos``, ``sin`` broadcast to it (``[S, D]`` or ``[n, 1, 1, D]``)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """RoPE of ``x`` ``[..., D]`` with ``cos`` and signed ``sin`` (``rope_tables``) broadcast to it.
+
+    ``rotate_half(x) * sin`` of HF is ``cat(-x2, x1) * sin`` = ``roll(x, D/2) * signed_sin``: the same bits.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +197,16 @@ class Step:
     decode: bool
     pos: Tensor | None = None
     """Decode: per-row positions ``[n]`` (device)."""
+    pos_uniform: int | None = None
+    """Decode: the position every row is at, when they all share one (the cache write is then a plain copy)."""
     kv_len: int = 0
     """Decode: keys to attend to, ``max(pos) + 1``."""
     mask: Tensor | None = None
     """Boolean attention mask (True = attend) ``[n, 1, S, kv]``; None with ``is_causal`` or when all keys count."""
     is_causal: bool = False
     cos: Tensor | None = None
+    """RoPE cos and signed sin, broadcastable to ``[n, S, heads, D]`` (prefill ``[S, 1, D]``, decode
+    ``[n, 1, 1, D]``)."""
     sin: Tensor | None = None
     cross_mask: Tensor | None = None
     """T5 decoder: boolean mask of the encoder positions ``[n, 1, 1, cross_len]``."""
@@ -227,22 +247,37 @@ class Attention(nn.Module):
         self.scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1
         self.tp_group, self.tp_size = None, 1  # set by runner.tp.apply_tp
 
-    def forward(self, x: Tensor, step: Step, cache: KVCache | None, layer: int) -> Tensor:
-        n, S, _ = x.shape  # [n, S, dim]; decode has S = 1
+    def project(self, x: Tensor, step: Step) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` ``[n, S, dim]`` -> q ``[n, H, S, D]``, k, v ``[n, Hkv, S, D]`` (RoPE applied), views of one GEMM."""
+        n, S, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(n, S, H, D).transpose(1, 2)  # [n, H, S, D]
-        k = k.view(n, S, Hkv, D).transpose(1, 2)  # [n, Hkv, S, D]
-        v = v.view(n, S, Hkv, D).transpose(1, 2)
+        qkv = self.wqkv(x)  # [n, S, (H + 2 Hkv) D]
+        qk = qkv[..., :(H + Hkv) * D].view(n, S, H + Hkv, D)  # q and k heads side by side
         if step.cos is not None:
-            q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+            qk = apply_rope(qk, step.cos, step.sin)  # one rotation for q and k together
+        v = qkv[..., (H + Hkv) * D:].view(n, S, Hkv, D)
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # [n, heads, S, D]
+
+    def core(self, q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, layer: int) -> Tensor:
+        """The KV-cache update and the attention over the cache: ``[n, H, S, D]`` in q's dtype."""
         if step.decode:
-            k, v = cache.append(layer, step.rows, step.pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
+            pos = step.pos if step.pos_uniform is None else step.pos_uniform
+            k, v = cache.append(layer, step.rows, pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
         elif cache is not None:  # (no cache: T5's encoder)
             cache.write_prompt(layer, step.rows, k, v)  # prompts start at position 0: attend to themselves
-        y = attend(q, k, v, step.mask, step.is_causal, self.scale, gqa=H != Hkv)  # [n, H, S, D]
-        y = self.wo(y.transpose(1, 2).reshape(n, S, H * D))  # [n, S, dim]
-        return all_reduce(y, self.tp_group, self.tp_size)
+        gqa = self.n_heads != self.n_kv_heads
+        if k.dtype != q.dtype:  # a wider cache (``cache_dtype``): attend in its precision
+            return attend(q.to(k.dtype), k, v, step.mask, step.is_causal, self.scale, gqa=gqa).to(q.dtype)
+        return attend(q, k, v, step.mask, step.is_causal, self.scale, gqa=gqa)
+
+    def out(self, y: Tensor) -> Tensor:
+        """Attention output ``[n, H, S, D]`` -> ``wo`` -> all-reduce -> ``[n, S, dim]``."""
+        n, H, S, D = y.shape
+        return all_reduce(self.wo(y.transpose(1, 2).reshape(n, S, H * D)), self.tp_group, self.tp_size)
+
+    def forward(self, x: Tensor, step: Step, cache: KVCache | None, layer: int) -> Tensor:
+        q, k, v = self.project(x, step)
+        return self.out(self.core(q, k, v, step, cache, layer))
 
 
 class FeedForward(nn.Module):
@@ -333,7 +368,8 @@ class Transformer(nn.Module):
         if max_len > self.args.max_seq_len:
             raise ExeGPTError(f"max_len={max_len} exceeds the model's max_seq_len={self.args.max_seq_len}")
         dtype, device = self._dtype_device()
-        geometry = (len(self.layers), max_rows, max_len, self.args.n_kv_heads, self.args.head_dim, dtype, device)
+        geometry = (len(self.layers), max_rows, max_len, self.args.n_kv_heads, self.args.head_dim,
+                    cache_dtype(dtype, device), device)
         if self.cache is None or not self.cache.matches(*geometry):
             self.cache = KVCache(*geometry)
         if self.args.family == "llama" and (self.rope is None or self.rope[0].shape[0] < max_len
@@ -395,7 +431,7 @@ class Transformer(nn.Module):
             mask = (torch.ones(S, S, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None].to(device)
         cos = sin = None
         if self.rope is not None:
-            cos, sin = self.rope[0][:S], self.rope[1][:S]  # [S, D]
+            cos, sin = self.rope[0][:S, None], self.rope[1][:S, None]  # [S, 1, D]
         r = row_range(rows)
         step = Step(rows=r if r is not None else rows.to(device), decode=False, mask=mask, is_causal=uniform,
                     cos=cos, sin=sin)
@@ -427,15 +463,17 @@ class Transformer(nn.Module):
                 h = h + self.pos_embeddings(pos_d + OPT_POS_OFFSET)[:, None]
         else:
             h = x[:, None]  # [n, 1, dim]
+        uniform = int(pos.min()) == kv_len - 1
         mask = None
-        if int(pos.min()) != kv_len - 1:  # rows at different positions: each sees only its own prefix
+        if not uniform:  # rows at different positions: each sees only its own prefix
             mask = (torch.arange(kv_len)[None, :] <= pos[:, None])[:, None, None].to(device)  # [n, 1, 1, kv]
         cos = sin = None
         if self.rope is not None:
-            cos, sin = self.rope[0][pos_d][:, None, None], self.rope[1][pos_d][:, None, None]  # [n, 1, 1, D]
+            at = slice(kv_len - 1, kv_len) if uniform else pos_d
+            cos, sin = self.rope[0][at][:, None, None], self.rope[1][at][:, None, None]  # [n or 1, 1, 1, D]
         r = row_range(rows)
-        step = Step(rows=r if r is not None else rows.to(device), decode=True, pos=pos_d, kv_len=kv_len,
-                    mask=mask, cos=cos, sin=sin)
+        step = Step(rows=r if r is not None else rows.to(device), decode=True, pos=pos_d,
+                    pos_uniform=kv_len - 1 if uniform else None, kv_len=kv_len, mask=mask, cos=cos, sin=sin)
         h = self._run_layers(h, step)[:, 0]  # [n, dim]
         cache.lengths[rows] += 1
         return self._logits(h) if self.head else h
