@@ -83,7 +83,7 @@ def main():
         thr = sorted(c.report.throughput_seq_s for c in runs)
         rows.append(sorted(runs, key=lambda c: c.report.throughput_seq_s)[len(runs) // 2])
         spreads.append((thr[-1] - thr[0]) / thr[len(thr) // 2])
-    print(f"profile {prof.id}: {prof.provenance.get('date', '?')}, torch {prof.provenance.get('torch', '?')}")
+    print(f"profile {prof.id}: {prof.provenance.get('date', '?')}, torch {prof.provenance.get('torch_version', '?')}")
     print(table_header() + "  spread")
     for c, spread in zip(rows, spreads):
         print(_row(c) + f"  {100 * spread:5.1f}%")

@@ -7,7 +7,9 @@ gloo on CPU, NCCL (plus gloo for host tensors) on GPUs, one GPU per rank. Kernel
 - ``allreduce(bytes)`` at ``tp = group size``: an in-place SUM all-reduce of a ``bytes`` message; the slowest
   rank's median (every rank must finish before the layer goes on).
 - ``send_recv(bytes)`` (tp=1): a pipeline hand-off of ``bytes`` between two ranks, sent as the runner sends it
-  (``runner.pipeline.send_command``: a command and its hidden states); half of a ping-pong round trip.
+  (``runner.pipeline.send_command``: a command and its hidden states). On a CPU, the mean one-way time with the
+  sender computing on after the send, as a pipeline stage does (``_time_loaded_hop``); on GPUs half of a
+  ping-pong round trip.
 - ``kv_handoff(bytes)`` (tp=1): WAA's KV-cache copy encode rank -> host -> decode rank: the sender copies the
   KV tensors out (device -> host on a GPU; a contiguous copy on a CPU, as ``KVCache.export_rows`` does), sends
   them over the host channel, and the receiver copies them into its cache; half of a symmetric round trip.
@@ -97,7 +99,7 @@ def measure_collectives(tp_degrees: tuple[int, ...], sizes_bytes: tuple[int, ...
             kernel = Kernel(name)
             tables.append(ProfileTable(kernel=kernel, tp=world if kernel is Kernel.ALLREDUCE else 1,
                                        xs=tuple(float(b) for b in sizes_bytes),
-                                       ys=(), seconds=tuple(s["median_s"] for s in per_size),
+                                       ys=(), seconds=tuple(s["seconds_s"] for s in per_size),
                                        spread_s=tuple(s["spread_s"] for s in per_size), extrapolate=True))
         if progress:
             progress(1)
@@ -198,9 +200,13 @@ def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype
         if point_to_point:
             # Only ranks 0 and 1 talk; rank 0's clock is the one reported (and shared, so all ranks agree).
             for name, host_copy in (("send_recv", False), ("kv_handoff", True)):
-                result[name] = _sweep_sizes(
-                    lambda b: _from_rank0(_time_ping_pong(rank, b, tdtype, device, repeat, host_copy), device),
-                    sizes_bytes, device)
+                if name == "send_recv" and device.type == "cpu":
+                    time_one = lambda b: _from_rank(  # noqa: E731
+                        _time_loaded_hop(rank, b, tdtype, device, repeat), device, 1)
+                else:
+                    time_one = lambda b: _from_rank(  # noqa: E731
+                        _time_ping_pong(rank, b, tdtype, device, repeat, host_copy), device)
+                result[name] = _sweep_sizes(time_one, sizes_bytes, device)
         if rank == 0:
             Path(out).write_text(json.dumps(result))
         dist.barrier()
@@ -227,22 +233,24 @@ def _sweep_sizes(time_one, sizes_bytes: tuple[int, ...], device: torch.device, p
     return res
 
 
-def _from_rank0(stats: dict, device: torch.device) -> dict:
-    """Rank 0's numbers on every rank."""
-    v = torch.tensor([stats["median_s"], stats["p10_s"], stats["p90_s"]], dtype=torch.float64,
-                     device=device if device.type == "cuda" else "cpu")
-    dist.broadcast(v, src=0)
-    med, p10, p90 = v.tolist()
-    return {"median_s": med, "p10_s": p10, "p90_s": p90, "spread_s": p90 - p10, "repeat": stats["repeat"]}
+def _from_rank(stats: dict | None, device: torch.device, src: int = 0) -> dict:
+    """Rank ``src``'s numbers on every rank (what the other ranks pass, None included, is overwritten)."""
+    keys = ("median_s", "p10_s", "p90_s", "seconds_s", "repeat")
+    v = torch.tensor([float(stats[k]) for k in keys] if stats is not None else [0.0] * len(keys),
+                     dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(v, src=src)
+    d = dict(zip(keys, v.tolist()))
+    return d | {"spread_s": d["p90_s"] - d["p10_s"], "repeat": int(d["repeat"])}
 
 
 def _elements(nbytes: int, dtype: torch.dtype) -> int:
     return max(1, int(nbytes) // torch.tensor([], dtype=dtype).element_size())
 
 
-def _stats_dict(s: TimingStats) -> dict:
+def _stats_dict(s: TimingStats, seconds_s: float | None = None) -> dict:
+    """``s`` as a dict; ``seconds_s`` (default: the median) is the statistic the profile table keeps."""
     return {"median_s": s.median_s, "p10_s": s.p10_s, "p90_s": s.p90_s, "spread_s": s.spread_s,
-            "repeat": s.repeat}
+            "seconds_s": s.median_s if seconds_s is None else seconds_s, "repeat": s.repeat}
 
 
 def _time_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int) -> TimingStats:
@@ -258,7 +266,54 @@ def _reduce_max(stats: TimingStats, device: torch.device) -> dict:
                      device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(v, op=dist.ReduceOp.MAX)
     med, p10, p90 = v.tolist()
-    return {"median_s": med, "p10_s": p10, "p90_s": p90, "spread_s": p90 - p10, "repeat": stats.repeat}
+    return {"median_s": med, "p10_s": p10, "p90_s": p90, "spread_s": p90 - p10, "seconds_s": med,
+            "repeat": stats.repeat}
+
+
+LOADED_BUSY_S = 1e-3
+"""How long the sending stage computes after each timed hand-off (``_time_loaded_hop``)."""
+
+
+def _busy(seconds: float) -> None:
+    """Occupies this rank's core for ``seconds`` (a stage computing its next micro-batch)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _time_loaded_hop(rank: int, nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int
+                     ) -> dict | None:
+    """One-way time of a pipeline hand-off as the runner makes it on a CPU: rank 0 sends a DECODE command with
+    ``nbytes`` of hidden states (``send_command``) and computes on at once; rank 1 notes when it has received it.
+    Returns rank 1's statistics (None on the other ranks); the table keeps the **mean**.
+
+    NOTE: on a shared CPU host gloo writes all but the first message of a burst from its own background thread,
+    which must wait for a core while both stages compute: on the 2-core development VM most hops take ~0.1 ms
+    and about one in twenty takes 4-15 ms (scheduler ticks). An idle ping-pong sees only the fast hops; the
+    pipeline's throughput pays the mean, so that is what the profile keeps. Both ranks share CLOCK_MONOTONIC
+    (one host), so the send time travels in the command's ``time_ns``.
+    """
+    from runner.dist import Comm
+    from runner.pipeline import DECODE, Command, _i64, recv_command, send_command
+
+    comm, width = Comm(device), 64
+    rows = max(1, _elements(nbytes, dtype) // width)
+    hidden = torch.ones(rows, width, dtype=dtype, device=device)
+    samples = []
+    for i in range(WARMUP + 4 * repeat):  # more hops than other kernels: the mean is set by a rare tail
+        dist.barrier()
+        if rank == 0:
+            send_command(comm, Command(DECODE, _i64(range(rows)), time_ns=time.perf_counter_ns()), hidden, 1)
+            _busy(LOADED_BUSY_S)
+            comm.flush()
+        elif rank == 1:
+            cmd, _ = recv_command(comm, 0, width, dtype)
+            if i >= WARMUP:
+                samples.append((time.perf_counter_ns() - cmd.time_ns) / 1e9)
+    if rank != 1:
+        return None
+    s = TimingStats.from_samples(samples)
+    return _stats_dict(s, seconds_s=s.mean_s)
 
 
 def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int,
@@ -270,7 +325,7 @@ def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.de
     peer = 1 - rank if rank < 2 else None
 
     # A pipeline hand-off is what the runner sends between stages: a DECODE command (header, rows) and the
-    # hidden states, through runner.pipeline's send_command / recv_command (three messages per hop).
+    # hidden states, through runner.pipeline's send_command / recv_command (two messages per hop).
     from runner.dist import Comm
     from runner.pipeline import DECODE, Command, _i64, recv_command, send_command
 
