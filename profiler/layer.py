@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
 from runner.kv_cache import KVCache
-from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock, apply_rope, attend
+from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock
 from runner.tp import apply_tp
 from runner.weights import load_model
 
