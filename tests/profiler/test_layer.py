@@ -43,11 +43,7 @@ def test_rest_matches_the_block_numerically():
     step = L.decode_step(shard, 3, 12)
     with torch.inference_mode():
         ref = block(x, step, shard.cache, 0)
-        xn = block.attention_norm(x)
-        H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
-        q, k, v = a.wqkv(xn).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = (t.view(3, 1, -1, D).transpose(1, 2) for t in (q, k, v))
-        q, k = L.apply_rope(q, step.cos, step.sin), L.apply_rope(k, step.cos, step.sin)
+        q, k, v = a.project(block.attention_norm(x), step)
         y = L.attention_core(shard, q, k, v, step)
         out = L.layer_rest(shard, x, step, y)
     torch.testing.assert_close(out, ref)
