@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
 from runner.kv_cache import KVCache
-from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock
+from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock, prefill_step
+from runner.model import decode_step as model_decode_step
 from runner.tp import apply_tp
 from runner.weights import load_model
 
@@ -131,16 +132,7 @@ def _encode_lengths(batch: int, seq: int) -> Tensor:
 
 def encode_step(shard: LayerShard, batch: int, seq: int) -> Step:
     """The ``Step`` ``Transformer._prefill`` builds for ``batch`` prompts padded to ``seq`` in rows ``0..batch-1``."""
-    lens = _encode_lengths(batch, seq)
-    uniform = bool((lens == seq).all())
-    mask = None
-    if not uniform:
-        valid = torch.arange(seq)[None, :] < lens[:, None]  # [n, S]
-        mask = (torch.ones(seq, seq, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None].to(shard.device)
-    cos = sin = None
-    if shard.rope is not None:
-        cos, sin = shard.rope[0][:seq, None], shard.rope[1][:seq, None]  # [S, 1, D]
-    return Step(rows=slice(0, batch), decode=False, mask=mask, is_causal=uniform, cos=cos, sin=sin)
+    return prefill_step(_encode_lengths(batch, seq), torch.arange(batch), shard.rope, shard.device)
 
 
 def decode_positions(batch: int, context: int) -> Tensor:
@@ -150,19 +142,7 @@ def decode_positions(batch: int, context: int) -> Tensor:
 
 def decode_step(shard: LayerShard, batch: int, context: int) -> Step:
     """The ``Step`` ``Transformer.decode`` builds for rows ``0..batch-1`` at ``decode_positions``."""
-    pos = decode_positions(batch, context)
-    kv_len = int(pos.max()) + 1
-    pos_d = pos.to(shard.device)
-    uniform = int(pos.min()) == kv_len - 1
-    mask = None
-    if not uniform:
-        mask = (torch.arange(kv_len)[None, :] <= pos[:, None])[:, None, None].to(shard.device)  # [n, 1, 1, kv]
-    cos = sin = None
-    if shard.rope is not None:
-        at = slice(kv_len - 1, kv_len) if uniform else pos_d
-        cos, sin = shard.rope[0][at][:, None, None], shard.rope[1][at][:, None, None]  # [n or 1, 1, 1, D]
-    return Step(rows=slice(0, batch), decode=True, pos=pos_d, pos_uniform=kv_len - 1 if uniform else None,
-                kv_len=kv_len, mask=mask, cos=cos, sin=sin)
+    return model_decode_step(decode_positions(batch, context), slice(0, batch), shard.rope, shard.device)
 
 
 def _check_fits(shard: LayerShard, batch: int, length: int) -> None:

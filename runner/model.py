@@ -213,6 +213,45 @@ class Step:
     cross_len: int = 0
 
 
+def prefill_step(seq_lens: Tensor, rows: Tensor, rope: tuple[Tensor, Tensor] | None, device: torch.device
+                 ) -> Step:
+    """The ``Step`` of prompts of ``seq_lens`` (CPU ``[n]``) padded to the longest, into cache ``rows`` (CPU
+    ``[n]``): ``is_causal`` when all are as long, else an explicit causal-and-padding mask."""
+    S = int(seq_lens.max())
+    uniform = bool((seq_lens == S).all())
+    mask = None
+    if not uniform:  # causal within each prompt, padding keys masked out
+        valid = torch.arange(S)[None, :] < seq_lens[:, None]  # [n, S]
+        mask = (torch.ones(S, S, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None].to(device)
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope[0][:S, None], rope[1][:S, None]  # [S, 1, D]
+    r = row_range(rows)
+    return Step(rows=r if r is not None else rows.to(device), decode=False, mask=mask, is_causal=uniform,
+                cos=cos, sin=sin)
+
+
+def decode_step(pos: Tensor, rows: Tensor | slice, rope: tuple[Tensor, Tensor] | None, device: torch.device,
+                pos_d: Tensor | None = None) -> Step:
+    """The ``Step`` of one decode token per row at positions ``pos`` (CPU ``[n]``; ``pos_d`` the same on the
+    device, if the caller has it) in cache ``rows`` (CPU ``[n]`` or a slice)."""
+    kv_len = int(pos.max()) + 1
+    uniform = int(pos.min()) == kv_len - 1
+    pos_d = pos.to(device) if pos_d is None else pos_d
+    mask = None
+    if not uniform:  # rows at different positions: each sees only its own prefix
+        mask = (torch.arange(kv_len)[None, :] <= pos[:, None])[:, None, None].to(device)  # [n, 1, 1, kv]
+    cos = sin = None
+    if rope is not None:
+        at = slice(kv_len - 1, kv_len) if uniform else pos_d
+        cos, sin = rope[0][at][:, None, None], rope[1][at][:, None, None]  # [n or 1, 1, 1, D]
+    if not isinstance(rows, slice):
+        r = row_range(rows)
+        rows = r if r is not None else rows.to(device)
+    return Step(rows=rows, decode=True, pos=pos_d, pos_uniform=kv_len - 1 if uniform else None, kv_len=kv_len,
+                mask=mask, cos=cos, sin=sin)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False,
            scale: float | None = None, gqa: bool | None = None) -> Tensor:
     """Attention of ``q`` ``[n, H, S, D]`` over ``k``, ``v`` ``[n, Hkv, L, D]`` (grouped heads); ``[n, H, S, D]``.
@@ -426,16 +465,7 @@ class Transformer(nn.Module):
                 h = h + self.pos_embeddings(torch.arange(S, device=device) + OPT_POS_OFFSET)
         else:
             h = x.view(n, S, -1) if uniform else x.new_zeros(n, S, x.shape[-1]).index_put_((valid_d,), x)
-        mask = None
-        if not uniform:  # causal within each prompt, padding keys masked out
-            mask = (torch.ones(S, S, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None].to(device)
-        cos = sin = None
-        if self.rope is not None:
-            cos, sin = self.rope[0][:S, None], self.rope[1][:S, None]  # [S, 1, D]
-        r = row_range(rows)
-        step = Step(rows=r if r is not None else rows.to(device), decode=False, mask=mask, is_causal=uniform,
-                    cos=cos, sin=sin)
-        h = self._run_layers(h, step)  # [n, S, dim]
+        h = self._run_layers(h, prefill_step(seq_lens, rows, self.rope, device))  # [n, S, dim]
         cache.lengths[rows] = seq_lens
         return h, valid_d
 
@@ -463,18 +493,7 @@ class Transformer(nn.Module):
                 h = h + self.pos_embeddings(pos_d + OPT_POS_OFFSET)[:, None]
         else:
             h = x[:, None]  # [n, 1, dim]
-        uniform = int(pos.min()) == kv_len - 1
-        mask = None
-        if not uniform:  # rows at different positions: each sees only its own prefix
-            mask = (torch.arange(kv_len)[None, :] <= pos[:, None])[:, None, None].to(device)  # [n, 1, 1, kv]
-        cos = sin = None
-        if self.rope is not None:
-            at = slice(kv_len - 1, kv_len) if uniform else pos_d
-            cos, sin = self.rope[0][at][:, None, None], self.rope[1][at][:, None, None]  # [n or 1, 1, 1, D]
-        r = row_range(rows)
-        step = Step(rows=r if r is not None else rows.to(device), decode=True, pos=pos_d,
-                    pos_uniform=kv_len - 1 if uniform else None, kv_len=kv_len, mask=mask, cos=cos, sin=sin)
-        h = self._run_layers(h, step)[:, 0]  # [n, dim]
+        h = self._run_layers(h, decode_step(pos, rows, self.rope, device, pos_d))[:, 0]  # [n, dim]
         cache.lengths[rows] += 1
         return self._logits(h) if self.head else h
 

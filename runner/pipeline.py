@@ -72,7 +72,7 @@ def recv_command(comm: Comm, src: int, dim: int, dtype: torch.dtype) -> tuple[Co
     op, n, T, has_seq, has_req, batch, time_ns, hidden_rows = h
     num_meta = n + n * has_seq + n * has_req + T
     meta_bytes = 8 * num_meta
-    hidden_bytes = hidden_rows * dim * torch.empty((), dtype=dtype).element_size()
+    hidden_bytes = hidden_rows * dim * dtype.itemsize
     payload = comm.recv((meta_bytes + hidden_bytes,), torch.uint8, src, TAG_CMD)
     meta = payload[:meta_bytes].view(torch.long).cpu()
     parts, off = [], 0
