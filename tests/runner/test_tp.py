@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 from exegpt.errors import ExeGPTError
 from runner.generate import greedy_batch, greedy_reference
+from runner.dist import exit_rank
 from runner.tp import apply_tp, free_port, init_dist
 from runner.weights import load_model
 
@@ -37,6 +38,7 @@ def _tp_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def test_tp2_equals_tp1(tmp_path):
