@@ -33,8 +33,7 @@ WAA (paper §4.2, §6):
     KV hand-off of each batch through host memory (profiled ``kv_handoff``);
   * decode iteration with M = ceil(B_D/B_m) micro-batches of B_D/M rows over the decode stages:
     T_D = max(sum_s t_s (+ the token hop back to the decode driver with several stages), M max_s t_s);
-    period T = max(T_D + hand-off, encode interval): the decode driver receives each batch's KV
-    before it decodes on (the built-in runner's merge blocks it; one merge per period);
+    period T = max(T_D, encode interval, hand-off);
   * throughput = B_E / T; latency(L) = encode latency + hand-off + (k_L + 1) T (one period waiting
     to merge into the decode batch, the paper's "buffer time").
 Static (FasterTransformer, the paper's baseline): a batch of B runs E[max k] decode iterations with
@@ -325,8 +324,7 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
         ret, ok_r = prob.cost.token_return(np.maximum(bd_lo / m_hi, 1e-9))
         chain, ok_1 = chain + ret, ok_1 & ok_r
     t_dec = np.maximum(chain, m_lo * np.maximum.reduce(big))
-    # The decode driver imports one batch's KV per period before decoding on: the hand-off is on its path.
-    period = np.maximum(t_dec + hand, t_enc_int)
+    period = np.maximum(np.maximum(t_dec, t_enc_int), hand)
     thr = be_hi / period
     if not (np.array_equal(be_lo, be_hi) and np.array_equal(bm_lo, bm_hi)):
         # Per-query bound: a decode iteration costs at least B_D max_s t_s(B_m)/B_m (no micro-batch
