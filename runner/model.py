@@ -120,13 +120,18 @@ def prepacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Tensor
     and gives the same bits. The packed copy lives on ``owner`` and is rebuilt whenever a weight is replaced
     (``apply_tp``) or written in place (its version changes). It costs one extra copy of the weights in memory.
     """
-    key = tuple((lin.weight, lin.weight._version) for lin in linears)
     packed = owner.__dict__.get("_prepacked")
-    if packed is None or len(packed[0]) != len(key) or any(
-            ref() is not w or version != v for (ref, version), (w, v) in zip(packed[0], key)):
-        weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
+    if packed is not None:  # the per-call check is on the decode path: plain attribute reads only
+        for (ref, version), lin in zip(packed[0], linears):
+            w = lin._parameters["weight"]
+            if ref() is not w or w._version != version:
+                packed = None
+                break
+    if packed is None or len(packed[0]) != len(linears):
+        weights = [lin._parameters["weight"] for lin in linears]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-        packed = (tuple((weakref.ref(w), v) for w, v in key),
+        packed = (tuple((weakref.ref(w), w._version) for w in weights),
                   torch.ops.mkldnn._reorder_linear_weight(weight.detach()), None if bias is None else bias.detach())
         owner.__dict__["_prepacked"] = packed
     return torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "")
