@@ -23,9 +23,10 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 
 from .dist import TAG_CREDIT, TAG_KV, TAG_META, StageRanks
-from .kv_cache import fill_holes
+from .kv_cache import fill_holes, row_range
 from .pipeline import COMPACT, END, IMPORT, PREFILL, Command, Pipeline, RunContext, StageRuntime, _i64, \
     driver_clock, eos_of, make_runtime, make_tp_groups, progress_bar, run_decode, split_by, start_clock
 from .report import RunReport, SteadyMarker, SteadyWindow, build_report
@@ -62,7 +63,10 @@ class EncodeStage(StageRuntime):
         self.n_kv_heads = self.model.args.n_kv_heads * len(self.stage.ranks)
 
     def after_prefill(self, cmd: Command) -> None:
-        ex = self.model.cache.export_rows(cmd.rows)  # k, v: [layers, n, heads, L, D]
+        cache = self.model.cache
+        rows = row_range(cmd.rows)
+        rows = cmd.rows.to(cache.device) if rows is None else rows
+        L = int(cmd.seq_lens.max())
         a = self.stage.layers[0]
         h_base = (self.rank - self.stage.leader) * (self.n_kv_heads // len(self.stage.ranks))
         for dst in self.decode_stages:
@@ -71,8 +75,8 @@ class EncodeStage(StageRuntime):
                 if sl is None:
                     continue
                 (l0, l1), (h0, h1) = sl
-                kv = torch.stack([ex["k"][l0 - a:l1 - a, :, h0 - h_base:h1 - h_base],
-                                  ex["v"][l0 - a:l1 - a, :, h0 - h_base:h1 - h_base]])  # [2, l, n, h, L, D]
+                at = (slice(l0 - a, l1 - a), rows, slice(h0 - h_base, h1 - h_base), slice(0, L))
+                kv = torch.stack([cache.k[at], cache.v[at]])  # [2, l, n, h, L, D]: one copy out of the cache
                 self.comm.send([kv], r, TAG_KV)
 
     def emit(self, cmd: Command, tokens: torch.Tensor) -> None:
@@ -91,31 +95,58 @@ class EncodeStage(StageRuntime):
 
 
 class DecodeStage(StageRuntime):
-    """A decode rank: on IMPORT, receives the KV of an encoded batch from the encode ranks into its rows."""
+    """A decode rank: receives the KV of the encoded batches from the encode ranks and imports it on IMPORT.
 
-    def __init__(self, *a, encode_stages: list[StageRanks], **kw):
+    The receive of the next batch's KV is posted as soon as the previous batch is imported, into a buffer of the
+    largest batch (``encode_batch`` rows of ``prompt_len`` positions; gloo and NCCL accept a shorter message), so
+    the hand-off lands while this rank decodes and IMPORT only copies it into the cache rows. This is the overlap
+    the simulator assumes (the KV hand-off is off the decode path).
+    """
+
+    def __init__(self, *a, encode_stages: list[StageRanks], batches: int, encode_batch: int, prompt_len: int, **kw):
         super().__init__(*a, **kw)
-        self.encode_stages = encode_stages
-        self.n_kv_heads = self.model.args.n_kv_heads * len(self.stage.ranks)
+        cache = self.model.cache
+        self.n_kv_heads = cache.n_kv_heads * len(self.stage.ranks)
+        self.sources = [(r, sl) for src in encode_stages for r in src.ranks
+                        if (sl := _kv_slice(src, r, self.stage, self.rank, self.n_kv_heads)) is not None]
+        self.buffers = [torch.empty(2 * (l1 - l0) * encode_batch * (h1 - h0) * prompt_len * cache.head_dim,
+                                    dtype=cache.dtype, device=cache.device) for _, ((l0, l1), (h0, h1)) in self.sources]
+        self.batches_left = batches
+        self.posted: list = []
+        self._post_next()
+
+    def _post_next(self) -> None:
+        """Posts the receives of the next encoded batch's KV, if one is still to come."""
+        self.posted = []
+        if self.batches_left > 0:
+            self.batches_left -= 1
+            self.posted = [dist.irecv(buf, r, tag=TAG_KV) for (r, _), buf in zip(self.sources, self.buffers)]
 
     def on_import(self, cmd: Command) -> None:
+        if not self.posted:
+            raise RuntimeError(f"rank {self.rank}: IMPORT of batch {cmd.batch} but every encoded batch was imported")
         cache = self.model.cache
-        n, L = cmd.rows.numel(), int(cmd.seq_lens.max())
+        n, L, D = cmd.rows.numel(), int(cmd.seq_lens.max()), cache.head_dim
+        rows = row_range(cmd.rows)
+        rows = cmd.rows.to(cache.device) if rows is None else rows
         a = self.stage.layers[0]
         h_base = (self.rank - self.stage.leader) * cache.n_kv_heads
-        shape = (cache.n_layers, n, cache.n_kv_heads, L, cache.head_dim)
-        k = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
-        v = torch.zeros_like(k)
-        for src in self.encode_stages:
-            for r in src.ranks:
-                sl = _kv_slice(src, r, self.stage, self.rank, self.n_kv_heads)
-                if sl is None:
-                    continue
-                (l0, l1), (h0, h1) = sl
-                kv = self.comm.recv((2, l1 - l0, n, h1 - h0, L, cache.head_dim), cache.dtype, r, TAG_KV)
-                k[l0 - a:l1 - a, :, h0 - h_base:h1 - h_base] = kv[0]
-                v[l0 - a:l1 - a, :, h0 - h_base:h1 - h_base] = kv[1]
-        cache.import_rows(cmd.rows, {"k": k, "v": v, "lengths": cmd.seq_lens})
+        for work, ((_, ((l0, l1), (h0, h1))), buf) in zip(self.posted, zip(self.sources, self.buffers)):
+            work.wait()
+            kv = buf[:2 * (l1 - l0) * n * (h1 - h0) * L * D].view(2, l1 - l0, n, h1 - h0, L, D)
+            at = (slice(l0 - a, l1 - a), rows, slice(h0 - h_base, h1 - h_base), slice(0, L))
+            cache.k[at], cache.v[at] = kv[0], kv[1]
+        cache.lengths[cmd.rows] = cmd.seq_lens
+        self._post_next()
+
+
+def encode_batches(ctx: RunContext, encode_batch: int) -> list[list[int]]:
+    """The request ids of each encoded batch, in order: the runnable requests in batches of ``encode_batch``.
+    The encode driver submits them; the decode ranks size and count their KV receives by them."""
+    tracker = RequestTracker(ctx.requests, ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
+                             ctx.stop_at_eos, 0 if ctx.stop_at_eos else None)
+    queue = [r.id for r in tracker.runnable]
+    return [queue[i:i + encode_batch] for i in range(0, len(queue), encode_batch)]
 
 
 def cache_rows(plan) -> int:
@@ -139,8 +170,12 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
         drive_encode(Pipeline(rt, enc[-1].leader, returns_tokens=False), ctx, sched.encode_batch, dec_driver, t0)
         return None
     rows = cache_rows(plan)
+    batches = encode_batches(ctx, sched.encode_batch)
+    encoded = {i for b in batches for i in b}
+    prompt_len = max((len(r.prompt) for r in ctx.requests if r.id in encoded), default=1)
     rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=dec_driver, cls=DecodeStage,
-                      encode_stages=enc)
+                      encode_stages=enc, batches=len(batches), encode_batch=sched.encode_batch,
+                      prompt_len=prompt_len)
     if rank != dec_driver:
         rt.serve()
         return None
@@ -157,16 +192,13 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
 
 def drive_encode(pipe: Pipeline, ctx: RunContext, encode_batch: int, dec_driver: int, t0_ns: int) -> None:
     """The encode driver: batches of B_E through the encode pipeline, at most DEPTH ahead of the merges."""
-    tracker = RequestTracker(ctx.requests, ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
-                             ctx.stop_at_eos, 0 if ctx.stop_at_eos else None)
-    queue = [r.id for r in tracker.runnable]
+    prompts_of = {r.id: r.prompt for r in ctx.requests}
     comm, sent, credits = pipe.rt.comm, 0, 0
-    for k, i in enumerate(range(0, len(queue), encode_batch)):
+    for k, ids in enumerate(encode_batches(ctx, encode_batch)):
         if k - credits >= DEPTH:  # backpressure: wait until the decoder merged a batch
             comm.recv((1,), torch.long, dec_driver, TAG_CREDIT)
             credits += 1
-        ids = queue[i:i + encode_batch]
-        prompts = [tracker.requests[r].prompt for r in ids]
+        prompts = [prompts_of[r] for r in ids]
         pipe.submit(Command(PREFILL, _i64(range(len(ids))), seq_lens=_i64([len(p) for p in prompts]),
                             ids=_i64([t for p in prompts for t in p]), req=_i64(ids), batch=k,
                             time_ns=time.perf_counter_ns() - t0_ns))
