@@ -1,7 +1,9 @@
 """Device memory: weights + KV cache + activation workspace per stage device.
 
 The KV cache is preallocated per row at the longest context a query can reach (longest prompt +
-longest output), as the runner's static cache is, so a schedule that fits here fits at run time.
+longest output), as the runner's static cache is, so a schedule that fits here fits at run time; it is counted
+at the backend's cache precision (``ModelShape.kv_dtype``, from ``Profile.kv_dtype``: the runner keeps fp32 KV
+for half-precision models on a CPU).
 Decoder-only WAA holds two copies of the weights: one on the encode group, one on the decode group.
 A schedule whose peak exceeds ``memory_fraction`` of device memory is infeasible, never clamped.
 """

@@ -36,6 +36,9 @@ class ModelShape:
     tied_embeddings: bool = False
     dtype: str = "fp16"
     """Serving precision: fp16, bf16 or fp32."""
+    kv_dtype: str = ""
+    """Precision of the KV cache when the backend keeps it wider than ``dtype`` (the built-in runner keeps fp32
+    KV for half-precision models on a CPU); empty: ``dtype``. ``Problem`` takes it from the profile."""
 
     def __post_init__(self):
         if self.family not in ("llama", "opt", "t5"):
@@ -49,6 +52,8 @@ class ModelShape:
             raise ExeGPTError(f"n_heads={self.n_heads} must divide dim={self.dim} (or give head_dim)")
         if self.dtype not in DTYPE_BYTES:
             raise ExeGPTError(f"dtype {self.dtype!r} unknown; expected one of {', '.join(DTYPE_BYTES)}")
+        if self.kv_dtype and self.kv_dtype not in DTYPE_BYTES:
+            raise ExeGPTError(f"kv_dtype {self.kv_dtype!r} unknown; expected one of {', '.join(DTYPE_BYTES)}")
 
     # --- derived sizes ------------------------------------------------------------------------
 
@@ -63,6 +68,10 @@ class ModelShape:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.kv_dtype or self.dtype]
 
     @property
     def gated_mlp(self) -> bool:
@@ -105,11 +114,11 @@ class ModelShape:
 
     def kv_bytes_per_token(self, tp: int = 1) -> float:
         """KV-cache bytes one token adds to one decoder layer, on one rank of a TP group of ``tp``."""
-        return 2 * self.n_kv_heads * self.hd * self.dtype_bytes / tp
+        return 2 * self.n_kv_heads * self.hd * self.kv_dtype_bytes / tp
 
     def cross_kv_bytes_per_token(self, tp: int = 1) -> float:
         """T5: cross-attention K/V bytes one *input* token adds to one decoder layer (0 for decoder-only)."""
-        return 2 * self.n_heads * self.hd * self.dtype_bytes / tp if self.is_encoder_decoder else 0.0
+        return 2 * self.n_heads * self.hd * self.kv_dtype_bytes / tp if self.is_encoder_decoder else 0.0
 
     def activation_bytes(self, tokens: float) -> float:
         """Bytes of the hidden states of ``tokens`` tokens (a pipeline or all-reduce message)."""

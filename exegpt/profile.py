@@ -46,6 +46,7 @@ from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
 from .errors import ExeGPTError, ProfileRangeError
 from .jsonfile import JSONFile
+from .models import DTYPE_BYTES
 
 SCHEMA = 1
 
@@ -186,6 +187,9 @@ class Profile(JSONFile):
     its longest context (the built-in runner does; varlen kernels such as vLLM's do not)."""
     device_memory_bytes: float | None = None
     """Memory of one device, for devices that are not in ``exegpt.devices.DEVICES`` (e.g. a CPU)."""
+    kv_dtype: str | None = None
+    """Precision of the profiled backend's KV cache when it differs from the model's (the built-in runner keeps
+    fp32 KV for half-precision models on a CPU): KV memory and hand-off bytes are counted in it."""
     provenance: dict = field(default_factory=dict)
     """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
     _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -196,6 +200,8 @@ class Profile(JSONFile):
         for f in ("step_overhead_s",):
             if not (np.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
                 raise ExeGPTError(f"{f}={getattr(self, f)!r} must be a number >= 0")
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPE_BYTES:
+            raise ExeGPTError(f"kv_dtype {self.kv_dtype!r} unknown; expected one of {', '.join(DTYPE_BYTES)} or null")
         lookup = {}
         for t in self.tables:
             key = (t.kernel, t.tp)
@@ -275,7 +281,8 @@ class Profile(JSONFile):
         return {"schema": SCHEMA, "model": self.model, "device": self.device, "dtype": self.dtype,
                 "source": self.source, "step_overhead_s": self.step_overhead_s,
                 "padded_batches": self.padded_batches,
-                "device_memory_bytes": self.device_memory_bytes, "provenance": self.provenance,
+                "device_memory_bytes": self.device_memory_bytes, "kv_dtype": self.kv_dtype,
+                "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
 
     @classmethod
@@ -289,7 +296,8 @@ class Profile(JSONFile):
                        tables=tuple(ProfileTable.from_dict(t) for t in d["tables"]),
                        step_overhead_s=float(d.get("step_overhead_s", 0.0)), source=d.get("source", "measured"),
                        padded_batches=bool(d.get("padded_batches", False)),
-                       device_memory_bytes=d.get("device_memory_bytes"), provenance=d.get("provenance", {}))
+                       device_memory_bytes=d.get("device_memory_bytes"), kv_dtype=d.get("kv_dtype"),
+                       provenance=d.get("provenance", {}))
         except KeyError as e:
             raise ExeGPTError(f"profile misses field {e}") from None
 

@@ -42,6 +42,7 @@ no early termination; its bound applies to the longest output (paper §7.1).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -89,6 +90,8 @@ class Problem:
               cluster: Cluster, memory_fraction: float = MEMORY_FRACTION) -> Problem:
         if not 0 < memory_fraction <= 1:
             raise ExeGPTError(f"memory_fraction {memory_fraction!r} must be in (0, 1]")
+        if profile.kv_dtype is not None and profile.kv_dtype != (model.kv_dtype or model.dtype):
+            model = dataclasses.replace(model, kv_dtype=profile.kv_dtype)  # the backend's cache, as profiled
         if workload.max_total_len > model.max_seq_len:
             raise ExeGPTError(f"workload reaches {workload.max_total_len} tokens (prompt + output) but "
                               f"{model.name} supports {model.max_seq_len}")

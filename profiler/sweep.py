@@ -121,6 +121,14 @@ def resolve_target(model_spec: str | ModelShape, tp_degrees=(1,), quick: bool = 
                   tp_degrees=degrees, grid=grid, quick=quick)
 
 
+def _kv_dtype(t: Target) -> str | None:
+    """The runner's KV-cache dtype for this target when it is not the model's (fp32 for half precision on CPU)."""
+    from runner.model import cache_dtype
+
+    kv = cache_dtype(t.torch_dtype, t.device)
+    return None if kv == t.torch_dtype else next(k for k, v in TORCH_DTYPES.items() if v == kv)
+
+
 def _resolve_dtype(spec: str, dtype: str | None, dev: torch.device) -> str:
     if dtype is None:
         # CPUs run fp32 (the CPU presets' precision; bf16 matmuls on CPU are emulated on many parts);
@@ -435,7 +443,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
     prof = Profile(model=t.name, device=dev_info.name, tables=tuple(tables), dtype=t.dtype,
                    step_overhead_s=float(overhead["step_overhead_s"]), source="measured",
                    padded_batches=True,  # the runner pads prefill to the longest prompt, decode to the longest row
-                   device_memory_bytes=memory, provenance=provenance)
+                   device_memory_bytes=memory, kv_dtype=_kv_dtype(t), provenance=provenance)
     if engine and not t.args.family == "t5":
         # Phase 6: the executor's own overhead around the kernels, measured by running it (profiler.engine).
         from .engine import calibrate_engine

@@ -246,3 +246,30 @@ def test_latency_margin_plans_below_the_bound_and_keeps_it_recorded():
     assert plan.estimate.throughput_seq_s <= find_schedule(w, free, **kw).estimate.throughput_seq_s
     with pytest.raises(ExeGPTError, match="latency_margin 1.0"):
         find_schedule(w, free, latency_margin=1.0, **kw)
+
+
+def test_profiled_kv_dtype_counts_the_cache_at_the_backends_precision():
+    """A backend that keeps KV wider than the weights (the runner's fp32 cache for half precision on a CPU):
+    the plan's memory grows by exactly the KV bytes once more, and the profile round-trips the field."""
+    import dataclasses
+
+    from exegpt.memory import kv_bytes
+    from exegpt.models import MODELS
+    from exegpt.profile import Profile
+
+    from .conftest import make_profile
+
+    w = Workload.task("S")
+    prof = make_profile()
+    wide = dataclasses.replace(prof, kv_dtype="fp32")
+    assert Profile.from_json(wide.to_json()).kv_dtype == "fp32"
+    sched = RRASchedule(8, 4, 1, 0, 1)
+    base = evaluate_schedule(sched, w, math.inf, profile=prof, devices="1xA40").estimate
+    kv32 = evaluate_schedule(sched, w, math.inf, profile=wide, devices="1xA40").estimate
+    m = MODELS["opt-13b"]
+    assert m.dtype == "fp16"
+    rows = math.ceil(base.refill_batch) + sched.encode_batch
+    kv16 = kv_bytes(m, 1, m.n_layers, rows, w.input_len.max + w.output_len.max, w.input_len.max)
+    assert kv32.memory_bytes[0] - base.memory_bytes[0] == pytest.approx(float(kv16))
+    with pytest.raises(ExeGPTError, match="kv_dtype 'int3' unknown"):
+        dataclasses.replace(prof, kv_dtype="int3")
