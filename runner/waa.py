@@ -57,9 +57,11 @@ class EncodeStage(StageRuntime):
     """An encode rank: after each prefill, hands the KV to the decode ranks; the last stage sends the batch's
     metadata and first tokens to the decode driver."""
 
-    def __init__(self, *a, decode_stages: list[StageRanks], encode_batch: int, t0_ns: int = 0, **kw):
+    def __init__(self, *a, decode_stages: list[StageRanks], encode_batch: int, prompt_len: int, t0_ns: int = 0,
+                 **kw):
         super().__init__(*a, **kw)
         self.decode_stages, self.encode_batch, self.t0_ns = decode_stages, encode_batch, t0_ns
+        self.prompt_len = prompt_len
         self.n_kv_heads = self.model.args.n_kv_heads * len(self.stage.ranks)
 
     def after_prefill(self, cmd: Command) -> None:
@@ -76,8 +78,8 @@ class EncodeStage(StageRuntime):
                     continue
                 (l0, l1), (h0, h1) = sl
                 at = (slice(l0 - a, l1 - a), rows, slice(h0 - h_base, h1 - h_base), slice(0, L))
-                kv = torch.stack([cache.k[at], cache.v[at]])  # [2, l, n, h, L, D]: one copy out of the cache
-                self.comm.send([kv], r, TAG_KV)
+                pad = (self.encode_batch, self.prompt_len) if _padded(cache.device) else None
+                self.comm.send([pack_kv(cache.k[at], cache.v[at], pad)], r, TAG_KV)
 
     def emit(self, cmd: Command, tokens: torch.Tensor) -> None:
         n = cmd.rows.numel()
@@ -98,9 +100,11 @@ class DecodeStage(StageRuntime):
     """A decode rank: receives the KV of the encoded batches from the encode ranks and imports it on IMPORT.
 
     The receive of the next batch's KV is posted as soon as the previous batch is imported, into a buffer of the
-    largest batch (``encode_batch`` rows of ``prompt_len`` positions; gloo and NCCL accept a shorter message), so
-    the hand-off lands while this rank decodes and IMPORT only copies it into the cache rows. This is the overlap
-    the simulator assumes (the KV hand-off is off the decode path).
+    largest batch (``encode_batch`` rows of ``prompt_len`` positions), so the hand-off lands while this rank
+    decodes and IMPORT only copies it into the cache rows. This is the overlap the simulator assumes (the KV
+    hand-off is off the decode path). gloo takes a shorter message into the buffer, so CPU ranks send exactly the
+    batch's KV; NCCL needs equal counts, so on GPUs the encode ranks send the full, zero-padded buffer
+    (``_padded``).
     """
 
     def __init__(self, *a, encode_stages: list[StageRanks], batches: int, encode_batch: int, prompt_len: int, **kw):
@@ -111,6 +115,7 @@ class DecodeStage(StageRuntime):
                         if (sl := _kv_slice(src, r, self.stage, self.rank, self.n_kv_heads)) is not None]
         self.buffers = [torch.empty(2 * (l1 - l0) * encode_batch * (h1 - h0) * prompt_len * cache.head_dim,
                                     dtype=cache.dtype, device=cache.device) for _, ((l0, l1), (h0, h1)) in self.sources]
+        self.encode_batch, self.prompt_len = encode_batch, prompt_len
         self.batches_left = batches
         self.posted: list = []
         self._post_next()
@@ -131,13 +136,41 @@ class DecodeStage(StageRuntime):
         rows = cmd.rows.to(cache.device) if rows is None else rows
         a = self.stage.layers[0]
         h_base = (self.rank - self.stage.leader) * cache.n_kv_heads
+        pad = (self.encode_batch, self.prompt_len) if _padded(cache.device) else None
         for work, ((_, ((l0, l1), (h0, h1))), buf) in zip(self.posted, zip(self.sources, self.buffers)):
             work.wait()
-            kv = buf[:2 * (l1 - l0) * n * (h1 - h0) * L * D].view(2, l1 - l0, n, h1 - h0, L, D)
+            kv = unpack_kv(buf, (l1 - l0, n, h1 - h0, L, D), pad)
             at = (slice(l0 - a, l1 - a), rows, slice(h0 - h_base, h1 - h_base), slice(0, L))
             cache.k[at], cache.v[at] = kv[0], kv[1]
         cache.lengths[cmd.rows] = cmd.seq_lens
         self._post_next()
+
+
+def _padded(device: torch.device) -> bool:
+    """Whether KV hand-offs travel as the receiver's full buffer: NCCL's receive count must equal the send's;
+    gloo (CPU) takes a shorter message."""
+    return device.type != "cpu"
+
+
+def pack_kv(k: torch.Tensor, v: torch.Tensor, pad: tuple[int, int] | None) -> torch.Tensor:
+    """The hand-off message of ``k``, ``v`` ``[l, n, h, L, D]``: ``[2, l, n, h, L, D]`` (one copy out of the
+    cache), or zero-padded to the receiver's buffer ``[2, l, B, h, P, D]`` when ``pad`` = (B, P)."""
+    if pad is None:
+        return torch.stack([k, v])
+    l, n, h, L, D = k.shape
+    out = k.new_zeros(2, l, pad[0], h, pad[1], D)
+    out[0, :, :n, :, :L], out[1, :, :n, :, :L] = k, v
+    return out
+
+
+def unpack_kv(buf: torch.Tensor, shape: tuple[int, int, int, int, int], pad: tuple[int, int] | None
+              ) -> torch.Tensor:
+    """The ``[2, l, n, h, L, D]`` KV of ``shape`` = (l, n, h, L, D) in a receive buffer that ``pack_kv(..., pad)``
+    filled (a view)."""
+    l, n, h, L, D = shape
+    if pad is None:  # the message fills the front of the buffer
+        return buf[:2 * l * n * h * L * D].view(2, l, n, h, L, D)
+    return buf.view(2, l, pad[0], h, pad[1], D)[:, :, :n, :, :L]
 
 
 def encode_batches(ctx: RunContext, encode_batch: int) -> list[list[int]]:
@@ -161,18 +194,19 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
     enc, dec = ctx.stages_of("encode"), ctx.stages_of("decode")
     enc_driver, dec_driver = enc[0].leader, dec[0].leader
     t0 = start_clock(device)
-    if ctx.stage_of(rank).pipeline == "encode":
-        rt = make_runtime(ctx, rank, device, groups, sched.encode_batch, ctx.cache_len, driver=dec_driver,
-                          cls=EncodeStage, decode_stages=dec, encode_batch=sched.encode_batch, t0_ns=t0)
-        if rank != enc_driver:
-            rt.serve()
-            return None
-        drive_encode(Pipeline(rt, enc[-1].leader, returns_tokens=False), ctx, sched.encode_batch, dec_driver, t0)
-        return None
-    rows = cache_rows(plan)
     batches = encode_batches(ctx, sched.encode_batch)
     encoded = {i for b in batches for i in b}
     prompt_len = max((len(r.prompt) for r in ctx.requests if r.id in encoded), default=1)
+    if ctx.stage_of(rank).pipeline == "encode":
+        rt = make_runtime(ctx, rank, device, groups, sched.encode_batch, ctx.cache_len, driver=dec_driver,
+                          cls=EncodeStage, decode_stages=dec, encode_batch=sched.encode_batch,
+                          prompt_len=prompt_len, t0_ns=t0)
+        if rank != enc_driver:
+            rt.serve()
+            return None
+        drive_encode(Pipeline(rt, enc[-1].leader, returns_tokens=False), ctx, batches, dec_driver, t0)
+        return None
+    rows = cache_rows(plan)
     rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=dec_driver, cls=DecodeStage,
                       encode_stages=enc, batches=len(batches), encode_batch=sched.encode_batch,
                       prompt_len=prompt_len)
@@ -190,11 +224,12 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
                         world_size, plan.estimate, steady)
 
 
-def drive_encode(pipe: Pipeline, ctx: RunContext, encode_batch: int, dec_driver: int, t0_ns: int) -> None:
-    """The encode driver: batches of B_E through the encode pipeline, at most DEPTH ahead of the merges."""
+def drive_encode(pipe: Pipeline, ctx: RunContext, batches: list[list[int]], dec_driver: int, t0_ns: int) -> None:
+    """The encode driver: ``batches`` (``encode_batches``) through the encode pipeline, at most DEPTH ahead of the
+    merges."""
     prompts_of = {r.id: r.prompt for r in ctx.requests}
     comm, sent, credits = pipe.rt.comm, 0, 0
-    for k, ids in enumerate(encode_batches(ctx, encode_batch)):
+    for k, ids in enumerate(batches):
         if k - credits >= DEPTH:  # backpressure: wait until the decoder merged a batch
             comm.recv((1,), torch.long, dec_driver, TAG_CREDIT)
             credits += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from runner.generate import decode_step, greedy_batch, greedy_reference, prefill
@@ -104,3 +105,23 @@ def test_fill_holes_moves_only_tail_rows_and_compact_copies_only_them():
     assert [int(cache.k[0, i, 0, 0, 0]) for i in range(5)] == order
     assert torch.equal(cache.k[0, [0, 2, 3]], before[0, [0, 2, 3]])
     assert cache.lengths.tolist() == [3] * 5 + [0] * 3
+
+
+@pytest.mark.parametrize("pad", [None, (4, 9)])
+def test_kv_handoff_message_round_trips_in_a_larger_receive_buffer(pad):
+    """WAA's hand-off: a batch of n <= B_E rows and L <= prompt_len positions comes back exactly from the
+    receive buffer of the largest batch, whether sent exactly (gloo: the message fills the buffer's front) or
+    zero-padded to the buffer (NCCL: equal counts)."""
+    from runner.waa import pack_kv, unpack_kv
+
+    g = torch.Generator().manual_seed(0)
+    l, n, h, L, D, B, P = 2, 3, 2, 7, 4, 4, 9
+    k, v = torch.randn(l, n, h, L, D, generator=g), torch.randn(l, n, h, L, D, generator=g)
+    msg = pack_kv(k, v, pad)
+    buf = torch.full((2 * l * B * h * P * D,), float("nan"))
+    assert msg.numel() <= buf.numel()
+    buf[:msg.numel()] = msg.reshape(-1)
+    got = unpack_kv(buf, (l, n, h, L, D), pad)
+    assert torch.equal(got, torch.stack([k, v]))
+    if pad is not None:
+        assert msg.numel() == buf.numel()
