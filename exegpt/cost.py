@@ -175,9 +175,23 @@ class CostModel:
     def _head(self, rows) -> tuple[np.ndarray, np.ndarray]:
         return self._get(Kernel.LM_HEAD, 1, np.asarray(rows, dtype=float))
 
-    def stage_encode(self, tp: int, n_layers: int, n_enc_layers: int, last: bool, batch):
-        """Seconds for one stage to encode ``batch`` prompts (see the module docstring)."""
+    def tp_command(self, rows, tokens) -> tuple[np.ndarray, np.ndarray]:
+        """The driver's command to the other ranks of its own TP stage (the pipeline's first): one hop of the
+        int64 row indices, lengths and request ids (3 per row) and token ids (``tokens``) that those ranks need
+        before they can start, and so before the stage's first all-reduce completes."""
+        r = np.asarray(rows, dtype=float)
+        if not self.profile.has(Kernel.SEND_RECV):
+            return np.zeros(r.shape), np.ones(r.shape, dtype=bool)
+        return self._get(Kernel.SEND_RECV, 1, 8.0 * (3 * np.maximum(r, 1.0) + np.asarray(tokens, dtype=float)))
+
+    def stage_encode(self, tp: int, n_layers: int, n_enc_layers: int, last: bool, batch, first: bool = False):
+        """Seconds for one stage to encode ``batch`` prompts (see the module docstring). ``first``: the pipeline's
+        first stage, whose TP ranks get each command from the driver (``tp_command``)."""
         b = np.asarray(batch, dtype=float)
+        if first and tp > 1:
+            c, okc = self.tp_command(b, b * (self.stats.max_input(b) if self.padded else self.stats.in_mean))
+            t, ok = self.stage_encode(tp, n_layers, n_enc_layers, last, b)
+            return t + c, ok & okc
         if self.model.is_encoder_decoder:
             # T5: the encoder only (decoding starts from the start token); its output moves on to
             # the next stage or to the decoder stages.
@@ -196,9 +210,14 @@ class CostModel:
         s, ok2 = self._send(b * self.stats.in_mean)
         return t + s, ok & ok2
 
-    def stage_decode(self, tp: int, n_layers: int, last: bool, rows, ctx: float | None = None):
-        """Seconds for one stage to run one decode step of ``rows`` rows."""
+    def stage_decode(self, tp: int, n_layers: int, last: bool, rows, ctx: float | None = None,
+                     first: bool = False):
+        """Seconds for one stage to run one decode step of ``rows`` rows (``first``: see ``stage_encode``)."""
         r = np.asarray(rows, dtype=float)
+        if first and tp > 1:
+            c, okc = self.tp_command(r, r)
+            t, ok = self.stage_decode(tp, n_layers, last, r, ctx)
+            return t + c, ok & okc
         t, ok = self.decode_layer(tp, r, ctx)
         t = n_layers * t + self.profile.step_overhead_s
         if last:

@@ -9,6 +9,10 @@ by a cost whose per-row time never grows with batch size (the batching envelope)
 bound in ``search.py`` returns the exact optimum. Arrays
 broadcast, so the exhaustive reference evaluates a whole grid in one call.
 
+Every stage time t_s is its layers (each with its TP all-reduces), the hop of its output to the next stage,
+and, for a pipeline's first stage with TP > 1, the hop of each command from the driver to the stage's other
+ranks, which cannot start before it arrives (``CostModel.tp_command``; measured as one loaded hop on a CPU).
+
 RRA (paper §4.1, §6; "our reading" where marked):
   * all N devices form P pipeline stages (partial TP: ``tp_gpus / tp`` TP stages, then single
     devices); each phase is split into one micro-batch per stage (method doc §11.1);
@@ -212,9 +216,9 @@ def _encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostMod
     memo = {}  # stages repeat (48 devices are a handful of distinct stages): compute each kind once
     times, ok = [], True
     for i, s in enumerate(stages):
-        key = (s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1)
+        key = (s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1, i == 0)
         if key not in memo:
-            memo[key] = cost.stage_encode(*key, batch)
+            memo[key] = cost.stage_encode(*key[:4], batch, first=key[4])
         t, o = memo[key]
         times.append(t)
         ok = ok & o
@@ -227,9 +231,9 @@ def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float | N
     memo = {}
     times, ok = [], True
     for i, s in enumerate(stages):
-        key = (s.tp, s.n_layers, i == len(stages) - 1)
+        key = (s.tp, s.n_layers, i == len(stages) - 1, i == 0)
         if key not in memo:
-            memo[key] = cost.stage_decode(*key, rows, ctx)
+            memo[key] = cost.stage_decode(*key[:3], rows, ctx, first=key[3])
         t, o = memo[key]
         times.append(t)
         ok = ok & o
