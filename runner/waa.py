@@ -107,7 +107,8 @@ class DecodeStage(StageRuntime):
     (``_padded``).
     """
 
-    def __init__(self, *a, encode_stages: list[StageRanks], batches: int, encode_batch: int, prompt_len: int, **kw):
+    def __init__(self, *a, encode_stages: list[StageRanks], batches: int, encode_batch: int, prompt_len: int,
+                 **kw):
         super().__init__(*a, **kw)
         cache = self.model.cache
         self.n_kv_heads = cache.n_kv_heads * len(self.stage.ranks)
@@ -118,9 +119,17 @@ class DecodeStage(StageRuntime):
         self.encode_batch, self.prompt_len = encode_batch, prompt_len
         self.batches_left = batches
         self.posted: list = []
-        self._post_next()
+        if not self.gets_meta:
+            self.post_next()
 
-    def _post_next(self) -> None:
+    @property
+    def gets_meta(self) -> bool:
+        """The decode driver receives each batch's metadata too, and posts the KV receive right after the
+        metadata's (``drive_decode``): NCCL ignores tags, so receives from one peer must be posted in the order
+        it sends (metadata, then KV). The other decode ranks post their own after each import."""
+        return self.rank == self.driver
+
+    def post_next(self) -> None:
         """Posts the receives of the next encoded batch's KV, if one is still to come."""
         self.posted = []
         if self.batches_left > 0:
@@ -143,7 +152,9 @@ class DecodeStage(StageRuntime):
             at = (slice(l0 - a, l1 - a), rows, slice(h0 - h_base, h1 - h_base), slice(0, L))
             cache.k[at], cache.v[at] = kv[0], kv[1]
         cache.lengths[cmd.rows] = cmd.seq_lens
-        self._post_next()
+        self.posted = []
+        if not self.gets_meta:
+            self.post_next()
 
 
 def _padded(device: torch.device) -> bool:
@@ -255,6 +266,7 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
     enc_s: list[float] = []
     dec: list[tuple[float, int]] = []
     pending = comm.irecv((size,), torch.long, enc_last, TAG_META)
+    pipe.rt.post_next()  # this batch's KV, after its metadata (``DecodeStage.gets_meta``)
     held: torch.Tensor | None = None  # a received batch waiting for free rows
     encoder_done = False
     steady = SteadyMarker(enc_s, dec)
@@ -277,6 +289,7 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
             comm.send([_i64([int(held[1])])], enc_driver, TAG_CREDIT)
             held = None
             pending = comm.irecv((size,), torch.long, enc_last, TAG_META)
+            pipe.rt.post_next()
         active = [i for i, rid in enumerate(alive) if not tracker.done(rid)]
         if not active:
             if encoder_done and held is None:
