@@ -114,3 +114,13 @@ def test_committed_tiny_profile_loads():
     assert p.model == "tiny" and p.supports_tp(1) and p.supports_tp(2)
     assert p.has(Kernel.SEND_RECV) and p.has(Kernel.KV_HANDOFF)
     assert json.loads(path.read_text())["provenance"]["quick"] is True
+
+
+def test_profile_records_the_runners_kv_cache_dtype(tiny_profile):
+    """fp32 on a CPU keeps the model's dtype (no field); bf16 on a CPU runs on the runner's fp32 cache, which the
+    solver must count (``Profile.kv_dtype``)."""
+    from profiler.sweep import _kv_dtype, resolve_target
+
+    assert tiny_profile.kv_dtype is None
+    assert _kv_dtype(resolve_target("tiny", dtype="fp32", device="cpu")) is None
+    assert _kv_dtype(resolve_target("tiny", dtype="bf16", device="cpu")) == "fp32"
