@@ -54,6 +54,13 @@ class WorkloadStats:
     def max_input(self, n) -> np.ndarray:
         return np.interp(np.maximum(np.asarray(n, float), 1.0), self.emax_n, self.emax_in)
 
+    def max_input_pmf(self, n) -> np.ndarray:
+        """P(longest of n prompts = ``in_lengths[i]``) ``[..., bins]``: F_i^n - F_{i-1}^n (n need not be whole)."""
+        cdf = np.minimum(np.cumsum(self.in_probs), 1.0)
+        n = np.maximum(np.asarray(n, float), 1.0)[..., None]
+        upto = cdf ** n
+        return np.diff(upto, axis=-1, prepend=0.0)
+
     def max_ctx(self, n) -> np.ndarray:
         return np.interp(np.maximum(np.asarray(n, float), 1.0), self.emax_n, self.emax_ctx)
 
@@ -135,10 +142,15 @@ class CostModel:
     def encode_layer(self, tp: int, batch) -> tuple[np.ndarray, np.ndarray]:
         """One prefill (or T5 encoder) layer for ``batch`` prompts drawn from the input distribution."""
         b = np.asarray(batch, dtype=float)
-        if self.padded:  # every prompt padded to the batch's longest
-            s = self.stats.max_input(b)
-            tokens = b * s
-            attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b, s)
+        if self.padded:
+            # Every prompt padded to the batch's longest: the expectation over the longest's distribution
+            # (time grows faster than linearly with the padded length, so t(E[longest]) is too small).
+            bb, s = np.broadcast_arrays(b[..., None], self.stats.in_lengths)  # [..., bins]
+            attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, bb, s)
+            dense, ok1 = self._get(Kernel.DENSE_ENCODE, tp, bb * s)
+            ar, ok3 = self._ar(tp, bb * s)
+            t = (dense + attn + 2 * ar) * self.stats.max_input_pmf(b)
+            return t.sum(-1), (ok1 & ok2 & ok3).all(-1)
         else:  # E_S[attn_encode(B, S)]: the expected attention of prompts of random lengths
             tokens = b * self.stats.in_mean
             attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
