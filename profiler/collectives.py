@@ -344,7 +344,8 @@ def _time_loaded_hop(rank: int, nbytes: int, dtype: torch.dtype, device: torch.d
 
     - pipeline hand-off (``kv`` False): a DECODE command with ``nbytes`` of hidden states (``send_command``);
     - WAA's KV hand-off (``kv`` True): the batch's metadata, then ``nbytes`` of KV copied out of the encode
-      rank's cache; the decode rank receives both and copies the KV into its cache (``runner.waa``).
+      rank's cache into a receive the decode rank posted beforehand; it takes the metadata, waits for the KV
+      and copies it into its cache (``runner.waa``).
 
     NOTE: on a shared CPU host gloo writes all but the first message of a burst from its own background thread,
     which must wait for a core while both ranks compute: on the 2-core development VM most hops take ~0.1 ms
@@ -367,23 +368,28 @@ def _time_loaded_hop(rank: int, nbytes: int, dtype: torch.dtype, device: torch.d
         else:
             send_command(comm, Command(DECODE, _i64(range(rows)), time_ns=time.perf_counter_ns()), hidden, 1)
 
-    def recv() -> int:
+    landing = torch.empty(n, dtype=dtype, device=device)
+
+    def recv(posted) -> int:
         """The send time (ns) of what arrived."""
         if kv:
             sent = int(comm.recv((1,), torch.long, 0, TAG_META)[0])
-            cache.copy_(comm.recv((n,), dtype, 0, TAG_KV))  # import into the cache
+            posted.wait()
+            cache.copy_(landing)  # import into the cache
             return sent
         return recv_command(comm, 0, width, dtype)[0].time_ns
 
     samples = []
     for i in range(WARMUP + max(LOADED_HOPS, 10 * repeat)):  # the mean is set by a rare tail: many hops
+        # WAA's decode ranks post the KV receive before the batch is sent (runner.waa.DecodeStage)
+        posted = dist.irecv(landing, 0, tag=TAG_KV) if kv and rank == 1 else None
         dist.barrier()
         if rank == 0:
             send()
             _busy(LOADED_BUSY_S)
             comm.flush()
         elif rank == 1:
-            sent = recv()
+            sent = recv(posted)
             if i >= WARMUP:
                 samples.append((time.perf_counter_ns() - sent) / 1e9)
     if rank != 1:
