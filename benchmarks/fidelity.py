@@ -2,7 +2,7 @@
 
 One row per plan (RRA and WAA, several B_E / N_D / TP, three workloads including a real trace scaled to
 CPU-sized lengths, plus the plans find_schedule picks under a bound with the closed loop's latency margin),
-then the mean and worst relative
+each round predicted from a profile measured just before it, then the mean and worst relative
 errors, the run-to-run spread of the same plan on this machine, and one summary line:
 
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
@@ -64,14 +64,21 @@ def main():
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--cached-profile", action="store_true",
-                    help="reuse the cached profile (default: measure it now, under the same machine load as the runs)")
+                    help="reuse the cached profile (default: measure it before each round, under the machine load "
+                         "of the runs that follow)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs per plan, interleaved; the run with the median throughput is reported")
     a = ap.parse_args()
     prof = cached_profile(a.model, refresh=not a.cached_profile)
     named = cases(prof)
     rounds = []
-    for _ in range(a.rounds):  # a shared VM's speed drifts by tens of percent within minutes: interleave rounds
+    for r in range(a.rounds):  # a shared VM's speed drifts by tens of percent within minutes: interleave rounds
+        if r > 0 and not a.cached_profile:
+            # Each round predicts from a profile taken just before it (profile -> simulate -> run, as a user
+            # does): the same schedules, re-estimated; the plans were chosen on the first profile.
+            prof = cached_profile(a.model, refresh=True)
+            named = [(n, evaluate_schedule(p.schedule, p.workload, p.bound, profile=prof, devices=p.devices))
+                     for n, p in named]
         rows = []
         for wname, w in WORKLOADS.items():  # the same requests for every plan of a workload
             group = [(n, p) for n, p in named if p.workload == w]
@@ -83,7 +90,8 @@ def main():
         thr = sorted(c.report.throughput_seq_s for c in runs)
         rows.append(sorted(runs, key=lambda c: c.report.throughput_seq_s)[len(runs) // 2])
         spreads.append((thr[-1] - thr[0]) / thr[len(thr) // 2])
-    print(f"profile {prof.id}: {prof.provenance.get('date', '?')}, torch {prof.provenance.get('torch_version', '?')}")
+    print(f"profile {prof.id}: {prof.provenance.get('date', '?')}, torch {prof.provenance.get('torch_version', '?')}"
+          f"{'' if a.cached_profile else ', measured afresh before each round'}")
     print(table_header() + "  spread")
     for c, spread in zip(rows, spreads):
         print(_row(c) + f"  {100 * spread:5.1f}%")
