@@ -1,0 +1,55 @@
+"""The cost model's terms, checked against the profile lookups they are made of."""
+
+import math
+
+import numpy as np
+import pytest
+
+from exegpt import Kernel, Workload
+from exegpt.cost import CostModel, WorkloadStats
+from exegpt.models import MODELS
+
+from .conftest import make_profile
+
+
+def test_first_tp_stage_pays_the_drivers_command_hop():
+    """A pipeline's first stage with TP > 1 waits for the driver's command (its int64 meta: 3 per row plus the
+    token ids) before its other ranks can start; a TP-1 stage and later stages do not."""
+    prof = make_profile()
+    stats = WorkloadStats.of(Workload.task("S"))
+    cost = CostModel(prof, MODELS["opt-13b"], stats)
+    rows = np.array([4.0, 32.0])
+    hop, _ = prof.lookup(Kernel.SEND_RECV, 1, 8.0 * (3 * rows + rows))
+    for tp in (1, 2):
+        plain, _ = cost.stage_decode(tp, 10, True, rows)
+        first, _ = cost.stage_decode(tp, 10, True, rows, first=True)
+        np.testing.assert_allclose(first - plain, hop if tp > 1 else 0.0)
+    b = np.array([2.0, 8.0])
+    tokens = b * stats.in_mean
+    hop, _ = prof.lookup(Kernel.SEND_RECV, 1, 8.0 * (3 * b + tokens))
+    plain, _ = cost.stage_encode(2, 10, 0, False, b)
+    first, _ = cost.stage_encode(2, 10, 0, False, b, first=True)
+    np.testing.assert_allclose(first - plain, hop)
+
+
+def test_padded_prefill_is_the_expectation_over_the_longest_prompt():
+    """Padded to the batch's longest prompt, a prefill layer costs E[t(B, S_max)] with P(S_max = s) =
+    F(s)^B - F(s-)^B: more than t at E[S_max] when t is convex in the length."""
+    prof = make_profile(padded=True)
+    w = Workload.truncated_normal(input=(64, 40, 256), output=(32, 8, 64), name="w")
+    stats = WorkloadStats.of(w)
+    cost = CostModel(prof, MODELS["opt-13b"], stats)
+    for b in (1.0, 3.0, 16.0):
+        p = stats.max_input_pmf(b)
+        assert p.sum() == pytest.approx(1.0)
+        # over the compressed support (bin means), so within ~1 % of the exact E[longest]
+        assert float(p @ stats.in_lengths) == pytest.approx(float(stats.max_input(b)), rel=0.02)
+        s = stats.in_lengths
+        attn, _ = prof.lookup(Kernel.ATTN_ENCODE, 1, np.full_like(s, b), s)
+        dense, _ = prof.lookup(Kernel.DENSE_ENCODE, 1, b * s)
+        want = float((attn + dense) @ p)
+        got, ok = cost.encode_layer(1, b)
+        assert bool(ok) and float(got) == pytest.approx(want)
+        at_mean = sum(float(prof.lookup(k, 1, *xy)[0]) for k, xy in (
+            (Kernel.ATTN_ENCODE, (b, stats.max_input(b))), (Kernel.DENSE_ENCODE, (b * stats.max_input(b),))))
+        assert float(got) > at_mean or math.isclose(float(got), at_mean, rel_tol=1e-9)
