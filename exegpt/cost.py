@@ -55,11 +55,8 @@ class WorkloadStats:
         return np.interp(np.maximum(np.asarray(n, float), 1.0), self.emax_n, self.emax_in)
 
     def max_input_pmf(self, n) -> np.ndarray:
-        """P(longest of n prompts = ``in_lengths[i]``) ``[..., bins]``: F_i^n - F_{i-1}^n (n need not be whole)."""
-        cdf = np.minimum(np.cumsum(self.in_probs), 1.0)
-        n = np.maximum(np.asarray(n, float), 1.0)[..., None]
-        upto = cdf ** n
-        return np.diff(upto, axis=-1, prepend=0.0)
+        """P(longest of n prompts = ``in_lengths[i]``) ``[..., bins]`` (n need not be whole)."""
+        return _max_pmf(self.in_probs, np.maximum(np.asarray(n, float), 1.0))
 
     def max_ctx(self, n) -> np.ndarray:
         return np.interp(np.maximum(np.asarray(n, float), 1.0), self.emax_n, self.emax_ctx)
@@ -104,11 +101,18 @@ class WorkloadStats:
                    _expected_max(np.arange(len(p_ctx), dtype=float) + 1, p_ctx, n))
 
 
-def _expected_max(values: np.ndarray, probs: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """E[max of n iid draws] of a discrete distribution, for each (real) n."""
+def _max_pmf(probs: np.ndarray, n) -> np.ndarray:
+    """P(max of n iid draws = value i) ``[..., len(probs)]`` of a discrete distribution, F_i^n - F_{i-1}^n, for each
+    (real) n ``[...]``."""
     cdf = np.clip(np.cumsum(probs), 0, 1)
     prev = np.concatenate([[0.0], cdf[:-1]])
-    return (values[None, :] * (cdf[None, :] ** n[:, None] - prev[None, :] ** n[:, None])).sum(axis=1)
+    n = np.asarray(n, float)[..., None]
+    return cdf ** n - prev ** n
+
+
+def _expected_max(values: np.ndarray, probs: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """E[max of n iid draws] of a discrete distribution, for each (real) n."""
+    return (values * _max_pmf(probs, n)).sum(axis=-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,10 +138,15 @@ class CostModel:
             return z, np.ones(np.shape(tokens), dtype=bool)
         return self._get(Kernel.ALLREDUCE, tp, self.model.activation_bytes(np.asarray(tokens, float)))
 
-    def _send(self, tokens) -> tuple[np.ndarray, np.ndarray]:
+    def _hop(self, nbytes) -> tuple[np.ndarray, np.ndarray]:
+        """One point-to-point hop of ``nbytes`` (free when the profile has no ``send_recv``: one device)."""
+        nbytes = np.asarray(nbytes, dtype=float)
         if not self.profile.has(Kernel.SEND_RECV):
-            return np.zeros(np.shape(tokens)), np.ones(np.shape(tokens), dtype=bool)
-        return self._get(Kernel.SEND_RECV, 1, self.model.activation_bytes(np.asarray(tokens, float)))
+            return np.zeros(nbytes.shape), np.ones(nbytes.shape, dtype=bool)
+        return self._get(Kernel.SEND_RECV, 1, nbytes)
+
+    def _send(self, tokens) -> tuple[np.ndarray, np.ndarray]:
+        return self._hop(self.model.activation_bytes(np.asarray(tokens, float)))
 
     def encode_layer(self, tp: int, batch) -> tuple[np.ndarray, np.ndarray]:
         """One prefill (or T5 encoder) layer for ``batch`` prompts drawn from the input distribution."""
@@ -191,10 +200,7 @@ class CostModel:
         """The driver's command to the other ranks of its own TP stage (the pipeline's first): one hop of the
         int64 row indices, lengths and request ids (3 per row) and token ids (``tokens``) that those ranks need
         before they can start, and so before the stage's first all-reduce completes."""
-        r = np.asarray(rows, dtype=float)
-        if not self.profile.has(Kernel.SEND_RECV):
-            return np.zeros(r.shape), np.ones(r.shape, dtype=bool)
-        return self._get(Kernel.SEND_RECV, 1, 8.0 * (3 * np.maximum(r, 1.0) + np.asarray(tokens, dtype=float)))
+        return self._hop(8.0 * (3 * np.maximum(np.asarray(rows, dtype=float), 1.0) + np.asarray(tokens, dtype=float)))
 
     def stage_encode(self, tp: int, n_layers: int, n_enc_layers: int, last: bool, batch, first: bool = False):
         """Seconds for one stage to encode ``batch`` prompts (see the module docstring). ``first``: the pipeline's
@@ -243,9 +249,7 @@ class CostModel:
 
     def token_return(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """The last stage's greedy tokens (one int64 per row) back to the pipeline's driver: one hop."""
-        if not self.profile.has(Kernel.SEND_RECV):
-            return np.zeros(np.shape(rows)), np.ones(np.shape(rows), dtype=bool)
-        return self._get(Kernel.SEND_RECV, 1, 8.0 * np.maximum(np.asarray(rows, dtype=float), 1.0))
+        return self._hop(8.0 * np.maximum(np.asarray(rows, dtype=float), 1.0))
 
     def kv_handoff(self, batch) -> tuple[np.ndarray, np.ndarray]:
         """WAA: seconds to move the KV cache of ``batch`` encoded prompts to the decode group."""
