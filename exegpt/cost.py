@@ -207,7 +207,7 @@ class CostModel:
         first stage, whose TP ranks get each command from the driver (``tp_command``)."""
         b = np.asarray(batch, dtype=float)
         if first and tp > 1:
-            c, okc = self.tp_command(b, b * (self.stats.max_input(b) if self.padded else self.stats.in_mean))
+            c, okc = self.tp_command(b, b * self.stats.in_mean)  # the prompts' own tokens, packed (not padded)
             t, ok = self.stage_encode(tp, n_layers, n_enc_layers, last, b)
             return t + c, ok & okc
         if self.model.is_encoder_decoder:

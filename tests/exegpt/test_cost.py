@@ -53,3 +53,15 @@ def test_padded_prefill_is_the_expectation_over_the_longest_prompt():
         at_mean = sum(float(prof.lookup(k, 1, *xy)[0]) for k, xy in (
             (Kernel.ATTN_ENCODE, (b, stats.max_input(b))), (Kernel.DENSE_ENCODE, (b * stats.max_input(b),))))
         assert float(got) > at_mean or math.isclose(float(got), at_mean, rel_tol=1e-9)
+
+
+def test_tp_command_carries_the_packed_prompt_tokens_when_the_backend_pads():
+    """The runner pads a prefill batch on the ranks, but its command carries each prompt's own token ids."""
+    prof = make_profile(padded=True)
+    stats = WorkloadStats.of(Workload.truncated_normal(input=(64, 40, 256), output=(32, 8, 64), name="w"))
+    cost = CostModel(prof, MODELS["opt-13b"], stats)
+    b = np.array([2.0, 8.0])
+    hop, _ = prof.lookup(Kernel.SEND_RECV, 1, 8.0 * (3 * b + b * stats.in_mean))
+    plain, _ = cost.stage_encode(2, 10, 0, False, b)
+    first, _ = cost.stage_encode(2, 10, 0, False, b, first=True)
+    np.testing.assert_allclose(first - plain, hop)
