@@ -200,7 +200,8 @@ def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype
         if allreduce:
             if device.type == "cpu":
                 result["allreduce"] = _pool_tail(_sweep_sizes(
-                    lambda b: _time_loaded_allreduce(b, tdtype, device, repeat), sizes_bytes, device))
+                    lambda b: _reduce_max(_time_loaded_allreduce(b, tdtype, device, repeat), device, mean=True),
+                    sizes_bytes, device))
             else:
                 result["allreduce"] = _sweep_sizes(
                     lambda b: _reduce_max(_time_allreduce(b, tdtype, device, repeat), device), sizes_bytes, device)
@@ -280,10 +281,10 @@ def _time_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repea
                        setup=dist.barrier)
 
 
-def _time_loaded_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int) -> dict:
+def _time_loaded_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int) -> TimingStats:
     """An all-reduce as a TP layer on a shared CPU makes it: every rank computes ``TP_BUSY_S``, then all-reduces,
-    with no barrier between repetitions. Returns the slowest rank's statistics (the same on every rank); the
-    table keeps the **mean**.
+    with no barrier between repetitions. This rank's statistics; the table keeps the slowest rank's **mean**
+    (``_reduce_max(..., mean=True)``).
 
     NOTE: on the 2-core development VM two TP ranks' all-reduces inside a decode run took 0.6-0.9 ms median and
     1.6-1.8 ms mean (p90 ~4 ms) against ~0.3 ms back to back between barriers: gloo runs each collective on
@@ -300,21 +301,17 @@ def _time_loaded_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device
         dist.all_reduce(t)
         if i >= WARMUP:
             samples.append(time.perf_counter() - t0)
-    s = TimingStats.from_samples(samples)
-    v = torch.tensor([s.median_s, s.p10_s, s.p90_s, s.mean_s], dtype=torch.float64)
-    dist.all_reduce(v, op=dist.ReduceOp.MAX)
-    med, p10, p90, mean = v.tolist()
-    return {"median_s": med, "p10_s": p10, "p90_s": p90, "spread_s": p90 - p10, "seconds_s": mean,
-            "repeat": s.repeat}
+    return TimingStats.from_samples(samples)
 
 
-def _reduce_max(stats: TimingStats, device: torch.device) -> dict:
-    """The slowest rank's numbers (a layer waits for the last rank to finish its all-reduce)."""
-    v = torch.tensor([stats.median_s, stats.p10_s, stats.p90_s], dtype=torch.float64,
+def _reduce_max(stats: TimingStats, device: torch.device, mean: bool = False) -> dict:
+    """The slowest rank's numbers (a layer waits for the last rank to finish its all-reduce); the table keeps
+    the median, or the mean with ``mean``."""
+    v = torch.tensor([stats.median_s, stats.p10_s, stats.p90_s, stats.mean_s], dtype=torch.float64,
                      device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(v, op=dist.ReduceOp.MAX)
-    med, p10, p90 = v.tolist()
-    return {"median_s": med, "p10_s": p10, "p90_s": p90, "spread_s": p90 - p10, "seconds_s": med,
+    med, p10, p90, avg = v.tolist()
+    return {"median_s": med, "p10_s": p10, "p90_s": p90, "spread_s": p90 - p10, "seconds_s": avg if mean else med,
             "repeat": stats.repeat}
 
 
