@@ -26,6 +26,13 @@ def row_range(rows: Tensor) -> slice | None:
     return slice(r0, r0 + n) if torch.equal(rows, torch.arange(r0, r0 + n)) else None
 
 
+def row_index(rows: Tensor, device: torch.device | str) -> Tensor | slice:
+    """Cache rows ``rows`` (CPU ``[n]``) as an index: a slice when they are consecutive (views, no copies), else
+    the indices on ``device``."""
+    r = row_range(rows)
+    return r if r is not None else rows.to(device)
+
+
 def fill_holes(keep: list[int]) -> list[int]:
     """A compaction order for surviving rows ``keep`` (ascending): rows already in ``0..m-1`` stay where they
     are, and the survivors beyond ``m`` move into the holes, so ``compact`` copies as few rows as possible."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS, ModelShape
-from runner.kv_cache import KVCache, as_rows, row_range
+from runner.kv_cache import KVCache, as_rows, row_index
 from runner.tp import all_reduce
 
 OPT_POS_OFFSET = 2
@@ -231,9 +231,7 @@ def prefill_step(seq_lens: Tensor, rows: Tensor, rope: tuple[Tensor, Tensor] | N
     cos = sin = None
     if rope is not None:
         cos, sin = rope[0][:S, None], rope[1][:S, None]  # [S, 1, D]
-    r = row_range(rows)
-    return Step(rows=r if r is not None else rows.to(device), decode=False, mask=mask, is_causal=uniform,
-                cos=cos, sin=sin)
+    return Step(rows=row_index(rows, device), decode=False, mask=mask, is_causal=uniform, cos=cos, sin=sin)
 
 
 def decode_step(pos: Tensor, rows: Tensor | slice, rope: tuple[Tensor, Tensor] | None, device: torch.device,
@@ -250,11 +248,8 @@ def decode_step(pos: Tensor, rows: Tensor | slice, rope: tuple[Tensor, Tensor] |
     if rope is not None:
         at = slice(kv_len - 1, kv_len) if uniform else pos_d
         cos, sin = rope[0][at][:, None, None], rope[1][at][:, None, None]  # [n or 1, 1, 1, D]
-    if not isinstance(rows, slice):
-        r = row_range(rows)
-        rows = r if r is not None else rows.to(device)
-    return Step(rows=rows, decode=True, pos=pos_d, pos_uniform=kv_len - 1 if uniform else None, kv_len=kv_len,
-                mask=mask, cos=cos, sin=sin)
+    return Step(rows=rows if isinstance(rows, slice) else row_index(rows, device), decode=True, pos=pos_d,
+                pos_uniform=kv_len - 1 if uniform else None, kv_len=kv_len, mask=mask, cos=cos, sin=sin)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
-from runner.kv_cache import KVCache, as_rows, row_range
+from runner.kv_cache import KVCache, as_rows, row_index
 from runner.model import Attention, FeedForward, Linear, ModelArgs, RMSNorm, Step, TransformerBlock
 
 
@@ -139,10 +139,6 @@ class T5(nn.Module):
         valid_d = valid.to(x.device)
         return x.new_zeros(n, S).index_put_((valid_d,), x), valid, valid_d
 
-    def _rows(self, rows: Tensor, device: torch.device) -> Tensor | slice:
-        r = row_range(rows)
-        return r if r is not None else rows.to(device)
-
     def _cross(self, rows: Tensor, device: torch.device) -> tuple[Tensor | None, int]:
         src = self.cache.cross_lengths[rows]  # [n]
         L = int(src.max())
@@ -170,7 +166,7 @@ class T5(nn.Module):
         for i, layer in enumerate(self.encoder_layers.values()):
             h = layer(h, step, None, i)
         h = self.encoder_norm(h)
-        r = self._rows(rows, device)
+        r = row_index(rows, device)
         for i, layer in enumerate(self.layers.values()):
             cache.write_cross(i, r, *layer.cross_attention.project_kv(h))
         cache.cross_lengths[rows] = seq_lens
@@ -201,7 +197,7 @@ class T5(nn.Module):
         allowed = torch.ones(S, S, dtype=torch.bool).tril()[None] & valid[:, None, :]  # [n, S, S]
         mask = bias.masked_fill(~allowed[:, None].to(device), float("-inf"))  # [n, H, S, S]
         cross_mask, cross_len = self._cross(rows, device)
-        step = Step(rows=self._rows(rows, device), decode=False, mask=mask, cross_mask=cross_mask,
+        step = Step(rows=row_index(rows, device), decode=False, mask=mask, cross_mask=cross_mask,
                     cross_len=cross_len)
         h = self._run_decoder(self.tok_embeddings(ids), step)  # [n, S, dim]
         cache.lengths[rows] = seq_lens
@@ -222,7 +218,7 @@ class T5(nn.Module):
         bias = self._bias(self.decoder_bias, (keys[None, :] - pos_d[:, None])[:, None], bidirectional=False)
         mask = bias.masked_fill((keys[None, :] > pos_d[:, None])[:, None, None], float("-inf"))  # [n, H, 1, kv]
         cross_mask, cross_len = self._cross(rows, device)
-        step = Step(rows=self._rows(rows, device), decode=True, pos=pos_d, kv_len=kv_len, mask=mask,
+        step = Step(rows=row_index(rows, device), decode=True, pos=pos_d, kv_len=kv_len, mask=mask,
                     cross_mask=cross_mask, cross_len=cross_len)
         h = self._run_decoder(self.tok_embeddings(x)[:, None], step)[:, 0]  # [n, dim]
         cache.lengths[rows] += 1

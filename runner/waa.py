@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 from .dist import TAG_CREDIT, TAG_KV, TAG_META, StageRanks
-from .kv_cache import fill_holes, row_range
+from .kv_cache import fill_holes, row_index
 from .pipeline import COMPACT, END, IMPORT, PREFILL, Command, Pipeline, RunContext, StageRuntime, _i64, \
     driver_clock, eos_of, make_runtime, make_tp_groups, progress_bar, run_decode, split_by, start_clock
 from .report import RunReport, SteadyMarker, SteadyWindow, build_report
-from .requests import RequestTracker
+from .requests import Request, RequestTracker
 
 DEPTH = 2
 """Encoded batches the encoder may run ahead of the decoder's merges."""
@@ -61,13 +61,12 @@ class EncodeStage(StageRuntime):
                  **kw):
         super().__init__(*a, **kw)
         self.decode_stages, self.encode_batch, self.t0_ns = decode_stages, encode_batch, t0_ns
-        self.prompt_len = prompt_len
+        self.pad = _handoff_pad(self.model.cache.device, encode_batch, prompt_len)
         self.n_kv_heads = self.model.args.n_kv_heads * len(self.stage.ranks)
 
     def after_prefill(self, cmd: Command) -> None:
         cache = self.model.cache
-        rows = row_range(cmd.rows)
-        rows = cmd.rows.to(cache.device) if rows is None else rows
+        rows = row_index(cmd.rows, cache.device)
         L = int(cmd.seq_lens.max())
         a = self.stage.layers[0]
         h_base = (self.rank - self.stage.leader) * (self.n_kv_heads // len(self.stage.ranks))
@@ -78,8 +77,7 @@ class EncodeStage(StageRuntime):
                     continue
                 (l0, l1), (h0, h1) = sl
                 at = (slice(l0 - a, l1 - a), rows, slice(h0 - h_base, h1 - h_base), slice(0, L))
-                pad = (self.encode_batch, self.prompt_len) if _padded(cache.device) else None
-                self.comm.send([pack_kv(cache.k[at], cache.v[at], pad)], r, TAG_KV)
+                self.comm.send([pack_kv(cache.k[at], cache.v[at], self.pad)], r, TAG_KV)
 
     def emit(self, cmd: Command, tokens: torch.Tensor) -> None:
         n = cmd.rows.numel()
@@ -104,7 +102,7 @@ class DecodeStage(StageRuntime):
     decodes and IMPORT only copies it into the cache rows. This is the overlap the simulator assumes (the KV
     hand-off is off the decode path). gloo takes a shorter message into the buffer, so CPU ranks send exactly the
     batch's KV; NCCL needs equal counts, so on GPUs the encode ranks send the full, zero-padded buffer
-    (``_padded``).
+    (``_handoff_pad``).
     """
 
     def __init__(self, *a, encode_stages: list[StageRanks], batches: int, encode_batch: int, prompt_len: int,
@@ -116,7 +114,7 @@ class DecodeStage(StageRuntime):
                         if (sl := _kv_slice(src, r, self.stage, self.rank, self.n_kv_heads)) is not None]
         self.buffers = [torch.empty(2 * (l1 - l0) * encode_batch * (h1 - h0) * prompt_len * cache.head_dim,
                                     dtype=cache.dtype, device=cache.device) for _, ((l0, l1), (h0, h1)) in self.sources]
-        self.encode_batch, self.prompt_len = encode_batch, prompt_len
+        self.pad = _handoff_pad(cache.device, encode_batch, prompt_len)
         self.batches_left = batches
         self.posted: list = []
         if not self.gets_meta:
@@ -141,14 +139,12 @@ class DecodeStage(StageRuntime):
             raise RuntimeError(f"rank {self.rank}: IMPORT of batch {cmd.batch} but every encoded batch was imported")
         cache = self.model.cache
         n, L, D = cmd.rows.numel(), int(cmd.seq_lens.max()), cache.head_dim
-        rows = row_range(cmd.rows)
-        rows = cmd.rows.to(cache.device) if rows is None else rows
+        rows = row_index(cmd.rows, cache.device)
         a = self.stage.layers[0]
         h_base = (self.rank - self.stage.leader) * cache.n_kv_heads
-        pad = (self.encode_batch, self.prompt_len) if _padded(cache.device) else None
         for work, ((_, ((l0, l1), (h0, h1))), buf) in zip(self.posted, zip(self.sources, self.buffers)):
             work.wait()
-            kv = unpack_kv(buf, (l1 - l0, n, h1 - h0, L, D), pad)
+            kv = unpack_kv(buf, (l1 - l0, n, h1 - h0, L, D), self.pad)
             at = (slice(l0 - a, l1 - a), rows, slice(h0 - h_base, h1 - h_base), slice(0, L))
             cache.k[at], cache.v[at] = kv[0], kv[1]
         cache.lengths[cmd.rows] = cmd.seq_lens
@@ -157,10 +153,10 @@ class DecodeStage(StageRuntime):
             self.post_next()
 
 
-def _padded(device: torch.device) -> bool:
-    """Whether KV hand-offs travel as the receiver's full buffer: NCCL's receive count must equal the send's;
-    gloo (CPU) takes a shorter message."""
-    return device.type != "cpu"
+def _handoff_pad(device: torch.device, encode_batch: int, prompt_len: int) -> tuple[int, int] | None:
+    """The (rows, positions) KV hand-offs are padded to: the receiver's full buffer where NCCL's receive count
+    must equal the send's; None on CPU, where gloo takes a shorter message."""
+    return None if device.type == "cpu" else (encode_batch, prompt_len)
 
 
 def pack_kv(k: torch.Tensor, v: torch.Tensor, pad: tuple[int, int] | None) -> torch.Tensor:
@@ -184,12 +180,12 @@ def unpack_kv(buf: torch.Tensor, shape: tuple[int, int, int, int, int], pad: tup
     return buf.view(2, l, pad[0], h, pad[1], D)[:, :, :n, :, :L]
 
 
-def encode_batches(ctx: RunContext, encode_batch: int) -> list[list[int]]:
-    """The request ids of each encoded batch, in order: the runnable requests in batches of ``encode_batch``.
-    The encode driver submits them; the decode ranks size and count their KV receives by them."""
+def encode_batches(ctx: RunContext, encode_batch: int) -> list[list[Request]]:
+    """The encoded batches, in order: the runnable requests in batches of ``encode_batch``. The encode driver
+    submits them; the decode ranks size and count their KV receives by them."""
     tracker = RequestTracker(ctx.requests, ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos, 0 if ctx.stop_at_eos else None)
-    queue = [r.id for r in tracker.runnable]
+    queue = tracker.runnable
     return [queue[i:i + encode_batch] for i in range(0, len(queue), encode_batch)]
 
 
@@ -206,8 +202,7 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
     enc_driver, dec_driver = enc[0].leader, dec[0].leader
     t0 = start_clock(device)
     batches = encode_batches(ctx, sched.encode_batch)
-    encoded = {i for b in batches for i in b}
-    prompt_len = max((len(r.prompt) for r in ctx.requests if r.id in encoded), default=1)
+    prompt_len = max((len(r.prompt) for b in batches for r in b), default=1)
     if ctx.stage_of(rank).pipeline == "encode":
         rt = make_runtime(ctx, rank, device, groups, sched.encode_batch, ctx.cache_len, driver=dec_driver,
                           cls=EncodeStage, decode_stages=dec, encode_batch=sched.encode_batch,
@@ -215,7 +210,7 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
         if rank != enc_driver:
             rt.serve()
             return None
-        drive_encode(Pipeline(rt, enc[-1].leader, returns_tokens=False), ctx, batches, dec_driver, t0)
+        drive_encode(Pipeline(rt, enc[-1].leader, returns_tokens=False), batches, dec_driver, t0)
         return None
     rows = cache_rows(plan)
     rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=dec_driver, cls=DecodeStage,
@@ -235,18 +230,16 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
                         world_size, plan.estimate, steady)
 
 
-def drive_encode(pipe: Pipeline, ctx: RunContext, batches: list[list[int]], dec_driver: int, t0_ns: int) -> None:
+def drive_encode(pipe: Pipeline, batches: list[list[Request]], dec_driver: int, t0_ns: int) -> None:
     """The encode driver: ``batches`` (``encode_batches``) through the encode pipeline, at most DEPTH ahead of the
     merges."""
-    prompts_of = {r.id: r.prompt for r in ctx.requests}
     comm, sent, credits = pipe.rt.comm, 0, 0
-    for k, ids in enumerate(batches):
+    for k, batch in enumerate(batches):
         if k - credits >= DEPTH:  # backpressure: wait until the decoder merged a batch
             comm.recv((1,), torch.long, dec_driver, TAG_CREDIT)
             credits += 1
-        prompts = [prompts_of[r] for r in ids]
-        pipe.submit(Command(PREFILL, _i64(range(len(ids))), seq_lens=_i64([len(p) for p in prompts]),
-                            ids=_i64([t for p in prompts for t in p]), req=_i64(ids), batch=k,
+        pipe.submit(Command(PREFILL, _i64(range(len(batch))), seq_lens=_i64([len(r.prompt) for r in batch]),
+                            ids=_i64([t for r in batch for t in r.prompt]), req=_i64([r.id for r in batch]), batch=k,
                             time_ns=time.perf_counter_ns() - t0_ns))
         sent += 1
     pipe.submit(Command(END, _i64([])))
