@@ -122,16 +122,12 @@ def demo_bound(w: Workload, profile: Profile, devices: str) -> float:
 
 def _row(c: Comparison) -> str:
     e, r = c.plan.estimate, c.report
-    row = (f"  {c.name:<10} {describe(c.plan.schedule):<34} {e.throughput_seq_s:>9.1f} {r.throughput_seq_s:>9.1f} "
-           f"{100 * c.throughput_error:>6.1f}% {e.latency_s:>8.3f} ")
-    if math.isnan(r.latency_s):  # no request of the sample generated latency_len tokens
-        row += f"{'-':>8} {'-':>7} "
-    else:
-        row += f"{r.latency_s:>8.3f} {100 * c.latency_error:>6.1f}% "
-    row += f"{ {True: 'yes', False: 'NO', None: 'n/a'}[c.bound_kept]:>5}"
-    if math.isnan(r.latency_s):
-        row += f"  (no request reached {r.latency_len} tokens)"
-    return row
+    unseen = math.isnan(r.latency_s)  # no request of the sample generated latency_len tokens
+    lat = f"{'-':>8} {'-':>7}" if unseen else f"{r.latency_s:>8.3f} {100 * c.latency_error:>6.1f}%"
+    return (f"  {c.name:<10} {describe(c.plan.schedule):<34} {e.throughput_seq_s:>9.1f} {r.throughput_seq_s:>9.1f} "
+            f"{100 * c.throughput_error:>6.1f}% {e.latency_s:>8.3f} {lat} "
+            f"{ {True: 'yes', False: 'NO', None: 'n/a'}[c.bound_kept]:>5}"
+            + (f"  (no request reached {r.latency_len} tokens)" if unseen else ""))
 
 
 def table_header() -> str:
