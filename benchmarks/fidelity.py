@@ -59,6 +59,21 @@ def cases(prof):
     return out
 
 
+def _attribution(c) -> str:
+    """One row of measured / predicted per cost term of ``c`` (a Comparison)."""
+    e, r, s = c.plan.estimate, c.report, c.plan.schedule
+
+    def ratio(m, p):
+        return f"{m / p:.2f}x" if p > 0 and math.isfinite(m) and m > 0 else "-"
+
+    outside = "-"
+    if isinstance(s, WAASchedule) and r.throughput_seq_s > 0:
+        period = s.encode_batch / r.throughput_seq_s
+        outside = f"{period / max(r.encode_stage_s, r.decode_step_s):.2f}x"
+    return (f"{c.name:<12} {ratio(r.encode_stage_s, e.encode_stage_s):>7} {ratio(r.decode_step_s, e.decode_step_s):>11} "
+            f"{ratio(r.decode_batch, e.decode_batch):>12} {outside:>8}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
@@ -102,6 +117,12 @@ def main():
             lt = [c.latency_error for c in group if math.isfinite(c.latency_error)]
             print(f"  {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst {100 * max(t):.1f}%; "
                   f"latency error mean {100 * statistics.mean(lt):.1f}% worst {100 * max(lt):.1f}%")
+    print("  where the time went (measured / predicted; for WAA, 'outside' is the measured time per merged batch,\n"
+          "  B_E / throughput, over the longer of its measured encode stage and decode iteration: > 1 is time in\n"
+          "  neither, i.e. the decode driver's compaction, merge and waits)")
+    print(f"  {'plan':<12} {'encode':>7} {'decode step':>11} {'decode batch':>12} {'outside':>8}")
+    for c in rows:
+        print("  " + _attribution(c))
     print(f"  run-to-run throughput spread of the same plan ((max - min) / median over {a.rounds} rounds): "
           f"mean {100 * statistics.mean(spreads):.1f}% worst {100 * max(spreads):.1f}%")
     thr = [c.throughput_error for c in rows]

@@ -1,0 +1,32 @@
+"""benchmarks/fidelity.py's attribution row: measured / predicted per cost term, and WAA's time outside both."""
+
+from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule
+from benchmarks.fidelity import _attribution
+from profiler.loop import Comparison
+from runner.report import RunReport
+from tests.exegpt.conftest import make_profile
+
+W = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 80), name="t")
+
+
+def _report(plan, thr, enc, step, batch):
+    return RunReport(policy=plan.schedule.policy.value, throughput_seq_s=thr, throughput_tok_s=thr * 32,
+                     latency_s=0.5, latency_len=plan.estimate.latency_len, encode_stage_s=enc, decode_step_s=step,
+                     decode_batch=batch)
+
+
+def test_waa_row_gives_each_term_and_the_time_outside_both():
+    plan = evaluate_schedule(WAASchedule(Policy.WAA_C, 4, 32, 1, 0, 1, 1), W, profile=make_profile(), devices="2xA40")
+    e = plan.estimate
+    # Measured: encode 1.5x, step 2x, batch 0.5x; 4 queries per 5 decode steps' time -> outside = 5 step / 1 step.
+    rep = _report(plan, 4 / (5 * 2 * e.decode_step_s), 1.5 * e.encode_stage_s, 2 * e.decode_step_s,
+                  0.5 * e.decode_batch)
+    cols = _attribution(Comparison("w", plan, rep)).split()
+    longer = max(1.5 * e.encode_stage_s, 2 * e.decode_step_s)
+    assert cols == ["w", "1.50x", "2.00x", "0.50x", f"{4 / rep.throughput_seq_s / longer:.2f}x"]
+
+
+def test_rra_row_has_no_outside_and_a_missing_measurement_is_a_dash():
+    plan = evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), W, profile=make_profile(), devices="1xA40")
+    rep = _report(plan, 100.0, float("nan"), 3 * plan.estimate.decode_step_s, plan.estimate.decode_batch)
+    assert _attribution(Comparison("r", plan, rep)).split() == ["r", "-", "3.00x", "1.00x", "-"]
