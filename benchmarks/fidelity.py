@@ -3,7 +3,8 @@
 One row per plan (RRA and WAA, several B_E / N_D / TP, three workloads including a real trace scaled to
 CPU-sized lengths, plus the plans find_schedule picks under a bound with the closed loop's latency margin),
 each round predicted from a profile measured just before it, then the mean and worst relative
-errors, the run-to-run spread of the same plan on this machine, and one summary line:
+errors, a where-the-time-went table (measured / predicted per cost term; for WAA the time outside all of them),
+the run-to-run spread of the same plan on this machine, and one summary line:
 
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
 
