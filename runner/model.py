@@ -103,22 +103,39 @@ class ModelArgs:
 
 # --- building blocks ------------------------------------------------------------------------------
 
-_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_ONEDNN = torch.backends.mkldnn.is_available()
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_HALF = (torch.bfloat16, torch.float16)
 
 
-def _prepacked(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x @ weight.T`` runs on a oneDNN-prepacked weight: CPU, bf16, inference."""
-    return (_ONEDNN_BF16 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and not torch.is_grad_enabled())
+def _packed_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype ``x @ weight.T`` runs in on a oneDNN-prepacked weight (CPU, inference), or None for ``F.linear``.
+
+    NOTE (torch 2.13, 2 cores): on a weight reordered once into oneDNN's blocked layout an fp32 GEMM is faster
+    than ``F.linear``: 1.3x at one row and 2.0-2.3x at 8-16 rows over SmolLM2's 121 weights (AVX2 EPYC). A bf16
+    GEMV streams 1.5x faster than ``F.linear`` where the CPU has bf16 instructions (AVX-512 BF16, AMX). Where it
+    has none, torch's bf16 GEMM is emulated and its time grows with the rows (SmolLM2's weights: 25 ms at one
+    row, 161 ms at 8, against 70 ms for the packed fp32 GEMM; batch 32: 89 % of a 648 ms step). There a single
+    row still streams the half weights (half the bytes of fp32), and two or more are multiplied in fp32: the
+    products of half values are exact in fp32 and accumulated in fp32, as a native half GEMM does, and the output
+    is rounded to the model's dtype.
+    """
+    if not _ONEDNN or x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_grad_enabled():
+        return None
+    if x.dtype == torch.float32:
+        return torch.float32
+    if x.dtype == torch.bfloat16 and _ONEDNN_BF16:
+        return torch.bfloat16
+    return torch.float32 if x.dtype in _HALF and x.numel() > x.shape[-1] else None
 
 
-def prepacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Tensor) -> Tensor:
-    """``x`` through ``linears`` side by side (their outputs concatenated) on one oneDNN-prepacked weight.
+def prepacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` through ``linears`` side by side (their outputs concatenated) on one oneDNN-prepacked weight of
+    ``dtype`` (``_packed_dtype``); the output is in ``x``'s dtype.
 
-    NOTE: a bf16 GEMV on a weight reordered once into oneDNN's blocked layout streams 1.5x faster than
-    ``F.linear`` on the plain weight at batch 1 on 2 AVX-512-BF16 cores (torch 2.13; ``benchmarks/backend.py``)
-    and gives the same bits. The packed copy lives on ``owner`` and is rebuilt whenever a weight is replaced
-    (``apply_tp``) or written in place (its version changes). It costs one extra copy of the weights in memory.
+    NOTE: the packed copy lives on ``owner`` and is rebuilt whenever a weight is replaced (``apply_tp``) or
+    written in place (its version changes). It costs one extra copy of the weights in memory (two for half
+    weights packed in fp32).
     """
     packed = owner.__dict__.get("_prepacked")
     if packed is not None:  # the per-call check is on the decode path: plain attribute reads only
@@ -127,22 +144,25 @@ def prepacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Tensor
             if ref() is not w or w._version != version:
                 packed = None
                 break
-    if packed is None or len(packed[0]) != len(linears):
+    if packed is None or len(packed[0]) != len(linears) or packed[1].dtype != dtype:
         weights = [lin._parameters["weight"] for lin in linears]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears]).detach().to(dtype)
         packed = (tuple((weakref.ref(w), w._version) for w in weights),
-                  torch.ops.mkldnn._reorder_linear_weight(weight.detach()), None if bias is None else bias.detach())
+                  torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)), bias)
         owner.__dict__["_prepacked"] = packed
-    return torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "")
+    if x.dtype == dtype:
+        return torch.ops.mkldnn._linear_pointwise(x, packed[1], packed[2], "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed[1], packed[2], "none", [], "").to(x.dtype)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` that multiplies by a prepacked weight where that is faster (``prepacked_linear``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _prepacked(x, self.weight):
-            return prepacked_linear(self, (self,), x)
+        dtype = _packed_dtype(x, self.weight)
+        if dtype is not None:
+            return prepacked_linear(self, (self,), x, dtype)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -329,8 +349,9 @@ class FeedForward(nn.Module):
         self.tp_group, self.tp_size = None, 1
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.w3 is not None and _prepacked(x, self.w1.weight):  # w1 and w3 as one GEMM
-            h1, h3 = prepacked_linear(self, (self.w1, self.w3), x).chunk(2, dim=-1)  # [..., ffn_dim] each
+        dtype = _packed_dtype(x, self.w1.weight) if self.w3 is not None else None
+        if dtype is not None:  # w1 and w3 as one GEMM
+            h1, h3 = prepacked_linear(self, (self.w1, self.w3), x, dtype).chunk(2, dim=-1)  # [..., ffn_dim] each
             h = self.act(h1) * h3
         else:
             h = self.act(self.w1(x))  # [..., ffn_dim]

@@ -125,3 +125,55 @@ def test_prepacked_bf16_linear_equals_plain_and_follows_weight_changes():
     with torch.no_grad():
         assert torch.equal(block.attention.wqkv(xb), F.linear(xb, block.attention.wqkv.weight))
     assert full.shape == (1, 5, model.args.vocab_size)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+@needs_onednn
+def test_packed_dtype_by_input():
+    from runner.model import _ONEDNN_BF16, _packed_dtype
+
+    w32, w16 = torch.zeros(8, 4), torch.zeros(8, 4, dtype=torch.bfloat16)
+    one, many = torch.zeros(1, 1, 4), torch.zeros(3, 1, 4)
+    with torch.no_grad():
+        assert _packed_dtype(many, w32) == _packed_dtype(one, w32) == torch.float32
+        # Half weights: packed in bf16 where the CPU multiplies bf16 natively, else in fp32 from two rows on; a
+        # single row streams the half weights through F.linear (half the bytes).
+        assert _packed_dtype(many.bfloat16(), w16) == (torch.bfloat16 if _ONEDNN_BF16 else torch.float32)
+        assert _packed_dtype(one.bfloat16(), w16) == (torch.bfloat16 if _ONEDNN_BF16 else None)
+        assert _packed_dtype(many.half(), w16.half()) == torch.float32
+        assert _packed_dtype(many, w16) is None  # mixed dtypes: F.linear says what it thinks of them
+    assert _packed_dtype(many, w32) is None  # autograd on: plain F.linear
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_packed_linear_is_one_rounding_of_the_exact_product_and_follows_weight_changes(dtype):
+    """The packed GEMM (fp32, or bf16 where native) equals the exact product rounded once to the model dtype, up to
+    fp32 accumulation order, and its packed copy follows in-place writes and replaced weights (``apply_tp``)."""
+    from runner.model import FeedForward, Linear
+
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True).to(dtype)
+    x = torch.randn(5, 64, dtype=dtype)
+
+    def check(out, x, w, b=None):
+        """Within one rounding to ``dtype`` (a relative half-ulp, doubled) plus fp32 accumulation error."""
+        exact = x.double() @ w.double().T + (0 if b is None else b.double())
+        magnitude = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+        half_ulp = {torch.float32: 2 ** -24, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+        tol = 2 * half_ulp * exact.abs() + 64 * 2 ** -24 * magnitude
+        assert out.dtype == dtype and ((out.double() - exact).abs() <= tol).all()
+
+    with torch.no_grad():
+        check(lin(x), x, lin.weight, lin.bias)
+        lin.weight.mul_(2)  # in place: the packed copy must be rebuilt
+        check(lin(x), x, lin.weight, lin.bias)
+        lin.weight = torch.nn.Parameter(-lin.weight.detach(), requires_grad=False)
+        check(lin(x), x, lin.weight, lin.bias)
+        ffn = FeedForward(ModelArgs.from_name("tiny")).to(dtype)
+        h = torch.randn(3, 1, ffn.w1.in_features, dtype=dtype)
+        h1, h3 = ffn.w1(h), ffn.w3(h)  # separately
+        fused = ffn.w2(ffn.act(h1) * h3)
+        assert torch.allclose(ffn(h).float(), fused.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0.05)
