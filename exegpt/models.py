@@ -39,6 +39,9 @@ class ModelShape:
     kv_dtype: str = ""
     """Precision of the KV cache when the backend keeps it wider than ``dtype`` (the built-in runner keeps fp32
     KV for half-precision models on a CPU); empty: ``dtype``. ``Problem`` takes it from the profile."""
+    packed_dtype: str = ""
+    """Precision of an extra, prepacked copy of every Linear weight the backend keeps (the built-in runner on a
+    CPU); empty: none. ``Problem`` takes it from the profile; weight bytes count it."""
 
     def __post_init__(self):
         if self.family not in ("llama", "opt", "t5"):
@@ -52,8 +55,9 @@ class ModelShape:
             raise ExeGPTError(f"n_heads={self.n_heads} must divide dim={self.dim} (or give head_dim)")
         if self.dtype not in DTYPE_BYTES:
             raise ExeGPTError(f"dtype {self.dtype!r} unknown; expected one of {', '.join(DTYPE_BYTES)}")
-        if self.kv_dtype and self.kv_dtype not in DTYPE_BYTES:
-            raise ExeGPTError(f"kv_dtype {self.kv_dtype!r} unknown; expected one of {', '.join(DTYPE_BYTES)}")
+        for f in ("kv_dtype", "packed_dtype"):
+            if getattr(self, f) and getattr(self, f) not in DTYPE_BYTES:
+                raise ExeGPTError(f"{f} {getattr(self, f)!r} unknown; expected one of {', '.join(DTYPE_BYTES)}")
 
     # --- derived sizes ------------------------------------------------------------------------
 
@@ -102,12 +106,17 @@ class ModelShape:
         return (self.n_layers * self.layer_params() + self.n_encoder_layers * self.encoder_layer_params()
                 + self.embedding_params())
 
+    @property
+    def weight_bytes_per_param(self) -> int:
+        """Bytes a Linear weight's parameter takes in memory: its own, plus its prepacked copy's if any."""
+        return self.dtype_bytes + (DTYPE_BYTES[self.packed_dtype] if self.packed_dtype else 0)
+
     def layer_bytes(self, tp: int = 1) -> float:
-        """Weight bytes of one decoder layer on one rank of a TP group of ``tp``."""
-        return self.layer_params() * self.dtype_bytes / tp
+        """Weight bytes of one decoder layer on one rank of a TP group of ``tp`` (prepacked copy included)."""
+        return self.layer_params() * self.weight_bytes_per_param / tp
 
     def encoder_layer_bytes(self, tp: int = 1) -> float:
-        return self.encoder_layer_params() * self.dtype_bytes / tp
+        return self.encoder_layer_params() * self.weight_bytes_per_param / tp
 
     def embedding_bytes(self) -> float:
         return self.embedding_params() * self.dtype_bytes

@@ -190,6 +190,10 @@ class Profile(JSONFile):
     kv_dtype: str | None = None
     """Precision of the profiled backend's KV cache when it differs from the model's (the built-in runner keeps
     fp32 KV for half-precision models on a CPU): KV memory and hand-off bytes are counted in it."""
+    packed_weight_dtype: str | None = None
+    """Precision of the extra, prepacked copy of every Linear weight the profiled backend keeps (the built-in runner
+    on a CPU: oneDNN's blocked layout, fp32 where the CPU has no bf16 instructions); None: no copy. Weight memory
+    counts it."""
     provenance: dict = field(default_factory=dict)
     """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
     _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -200,8 +204,9 @@ class Profile(JSONFile):
         for f in ("step_overhead_s",):
             if not (np.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
                 raise ExeGPTError(f"{f}={getattr(self, f)!r} must be a number >= 0")
-        if self.kv_dtype is not None and self.kv_dtype not in DTYPE_BYTES:
-            raise ExeGPTError(f"kv_dtype {self.kv_dtype!r} unknown; expected one of {', '.join(DTYPE_BYTES)} or null")
+        for f in ("kv_dtype", "packed_weight_dtype"):
+            if getattr(self, f) is not None and getattr(self, f) not in DTYPE_BYTES:
+                raise ExeGPTError(f"{f} {getattr(self, f)!r} unknown; expected one of {', '.join(DTYPE_BYTES)} or null")
         lookup = {}
         for t in self.tables:
             key = (t.kernel, t.tp)
@@ -282,7 +287,7 @@ class Profile(JSONFile):
                 "source": self.source, "step_overhead_s": self.step_overhead_s,
                 "padded_batches": self.padded_batches,
                 "device_memory_bytes": self.device_memory_bytes, "kv_dtype": self.kv_dtype,
-                "provenance": self.provenance,
+                "packed_weight_dtype": self.packed_weight_dtype, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
 
     @classmethod
@@ -297,7 +302,7 @@ class Profile(JSONFile):
                        step_overhead_s=float(d.get("step_overhead_s", 0.0)), source=d.get("source", "measured"),
                        padded_batches=bool(d.get("padded_batches", False)),
                        device_memory_bytes=d.get("device_memory_bytes"), kv_dtype=d.get("kv_dtype"),
-                       provenance=d.get("provenance", {}))
+                       packed_weight_dtype=d.get("packed_weight_dtype"), provenance=d.get("provenance", {}))
         except KeyError as e:
             raise ExeGPTError(f"profile misses field {e}") from None
 

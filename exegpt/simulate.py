@@ -28,8 +28,11 @@ RRA (paper §4.1, §6; "our reading" where marked):
     unweighted sum over-predicts completions by ~20 % on the CPU runner). With that mix
     sum_U P_D(U) = 1 / E[ceil(k/N_D)]: the batch refilled at a phase start is B_E E[ceil(k/N_D)]
     (Little's law), and the mean rows of a decode iteration are B_E E[k] / N_D (each query is
-    computed for k iterations);
-  * throughput = B_E / (T_E + N_D T_D); latency(L) = max(1, ceil(k_L/N_D)) T_E + k_L T_D.
+    computed for k iterations) when every phase runs N_D iterations;
+  * a phase ends early when its whole batch has finished (the runner starts the next encode phase then): it runs
+    I = E[min(N_D, longest remaining)] <= N_D iterations (``exegpt.phases``; our reading of the runner, the
+    paper counts N_D), of B_E E[k] / I rows on average;
+  * throughput = B_E / (T_E + I T_D); latency(L) = max(1, ceil(k_L/N_D)) T_E + k_L T_D.
 WAA (paper §4.2, §6):
   * encode group (E devices) and decode group (D devices) run concurrently; one encode batch enters
     per decode iteration; B_D = B_E E[k] (Little's law; the paper's B_E * S_D);
@@ -58,6 +61,7 @@ from .devices import Cluster
 from .errors import ExeGPTError
 from .memory import MEMORY_FRACTION, activation_bytes, kv_bytes, stage_weight_bytes
 from .models import ModelShape
+from .phases import PhaseLengths
 from .placement import place_layers
 from .plan import Estimate, Stage
 from .profile import Kernel, Profile
@@ -88,6 +92,8 @@ class Problem:
     """phases[n] = E[ceil(k / n)]: decode phases a query spends in the batch at N_D = n (index 0 unused)."""
     mean_iters: float
     """E[k]: decode iterations per query."""
+    phase_iters: PhaseLengths
+    """phase_iters(B_E, N_D): decode iterations an RRA phase runs on average (at most N_D; ``exegpt.phases``)."""
 
     @classmethod
     def build(cls, workload: Workload, bound: LatencyBound, profile: Profile, model: ModelShape,
@@ -96,6 +102,8 @@ class Problem:
             raise ExeGPTError(f"memory_fraction {memory_fraction!r} must be in (0, 1]")
         if profile.kv_dtype is not None and profile.kv_dtype != (model.kv_dtype or model.dtype):
             model = dataclasses.replace(model, kv_dtype=profile.kv_dtype)  # the backend's cache, as profiled
+        if (profile.packed_weight_dtype or "") != model.packed_dtype:
+            model = dataclasses.replace(model, packed_dtype=profile.packed_weight_dtype or "")  # and its weights
         if workload.max_total_len > model.max_seq_len:
             raise ExeGPTError(f"workload reaches {workload.max_total_len} tokens (prompt + output) but "
                               f"{model.name} supports {model.max_seq_len}")
@@ -113,7 +121,7 @@ class Problem:
             else profile.device_memory_bytes
         return cls(profile, model, cluster, workload, bound, CostModel(profile, model, stats),
                    CostModel(profile, model, stats, per_unit=True), memory * memory_fraction, latency_len, latency_len - shift, phases,
-                   float(np.dot(k, p)))
+                   float(np.dot(k, p)), PhaseLengths(k, p, phases))
 
     @property
     def stats(self) -> WorkloadStats:
@@ -287,15 +295,17 @@ def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool
     be_lo, be_hi = np.asarray(be_lo, float), np.asarray(be_hi, float)
     nd_lo, nd_hi = np.asarray(nd_lo), np.asarray(nd_hi)
     stages = lay.stages
-    ratio = prob.mean_iters / nd_hi  # mean decode rows / B_E, smallest in the box
+    # A phase runs I <= N_D iterations (it ends when its batch is empty), I non-decreasing in B_E and N_D.
+    it_lo, it_hi = prob.phase_iters(be_lo, nd_lo), prob.phase_iters(be_hi, nd_hi)
+    ratio = prob.mean_iters / it_hi  # mean decode rows / B_E, smallest in the box
     t_enc, t_dec, ok_e = _rra_phases(prob, stages, be_lo, be_lo * ratio)
     if np.array_equal(be_lo, be_hi):
-        thr = be_hi / (t_enc + nd_lo * t_dec)
+        thr = be_hi / (t_enc + it_lo * t_dec)
     else:
         # Cycle time per encoded query never grows with B_E (per-row cost never grows with batch
         # size), so the throughput of any B_E in the box is at most that at the box's largest B_E.
         t_enc_hi, t_dec_hi, _ = _rra_phases(prob, stages, be_hi, be_hi * ratio, prob.bound_cost)
-        thr = be_hi / (t_enc_hi + nd_lo * t_dec_hi)
+        thr = be_hi / (t_enc_hi + it_lo * t_dec_hi)
     bd = be_lo * ratio
     phases = np.maximum(1, np.ceil(prob.k_q / nd_hi))
     lat = phases * t_enc + prob.k_q * t_dec

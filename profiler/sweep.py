@@ -129,6 +129,14 @@ def _kv_dtype(t: Target) -> str | None:
     return None if kv == t.torch_dtype else next(k for k, v in TORCH_DTYPES.items() if v == kv)
 
 
+def _packed_weight_dtype(t: Target) -> str | None:
+    """The dtype of the runner's prepacked copy of the Linear weights for this target (None: it keeps none)."""
+    from runner.model import packed_weight_dtype
+
+    packed = packed_weight_dtype(t.torch_dtype, t.device)
+    return None if packed is None else next(k for k, v in TORCH_DTYPES.items() if v == packed)
+
+
 def _resolve_dtype(spec: str, dtype: str | None, dev: torch.device) -> str:
     if dtype is None:
         # CPUs run fp32 (the CPU presets' precision; bf16 matmuls on CPU are emulated on many parts);
@@ -443,7 +451,8 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
     prof = Profile(model=t.name, device=dev_info.name, tables=tuple(tables), dtype=t.dtype,
                    step_overhead_s=float(overhead["step_overhead_s"]), source="measured",
                    padded_batches=True,  # the runner pads prefill to the longest prompt, decode to the longest row
-                   device_memory_bytes=memory, kv_dtype=_kv_dtype(t), provenance=provenance)
+                   device_memory_bytes=memory, kv_dtype=_kv_dtype(t),
+                   packed_weight_dtype=_packed_weight_dtype(t), provenance=provenance)
     if engine and not t.args.family == "t5":
         # Phase 6: the executor's own overhead around the kernels, measured by running it (profiler.engine).
         from .engine import calibrate_engine

@@ -120,13 +120,23 @@ def _packed_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     products of half values are exact in fp32 and accumulated in fp32, as a native half GEMM does, and the output
     is rounded to the model's dtype.
     """
-    if not _ONEDNN or x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_grad_enabled():
+    if weight.dtype != x.dtype or torch.is_grad_enabled():
         return None
-    if x.dtype == torch.float32:
+    packed = packed_weight_dtype(x.dtype, x.device)
+    if packed == torch.float32 and x.dtype in _HALF and x.numel() == x.shape[-1]:
+        return None  # one row of half weights without half instructions: stream the half weights
+    return packed
+
+
+def packed_weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The dtype of the oneDNN-prepacked copy of the Linear weights a model of ``dtype`` keeps on ``device`` (one
+    extra copy of every Linear weight, built on first use), or None where it keeps none (GPUs). ``_packed_dtype``
+    says when each copy is used; the profiler records this so that plans count its memory."""
+    if not _ONEDNN or device.type != "cpu":
+        return None
+    if dtype == torch.float32 or (dtype in _HALF and not (dtype == torch.bfloat16 and _ONEDNN_BF16)):
         return torch.float32
-    if x.dtype == torch.bfloat16 and _ONEDNN_BF16:
-        return torch.bfloat16
-    return torch.float32 if x.dtype in _HALF and x.numel() > x.shape[-1] else None
+    return dtype if dtype == torch.bfloat16 else None
 
 
 def prepacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Tensor, dtype: torch.dtype) -> Tensor:

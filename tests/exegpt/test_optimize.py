@@ -273,3 +273,31 @@ def test_profiled_kv_dtype_counts_the_cache_at_the_backends_precision():
     assert kv32.memory_bytes[0] - base.memory_bytes[0] == pytest.approx(float(kv16))
     with pytest.raises(ExeGPTError, match="kv_dtype 'int3' unknown"):
         dataclasses.replace(prof, kv_dtype="int3")
+
+
+def test_profiled_packed_weights_count_once_more_in_weight_memory():
+    """A backend that keeps a prepacked copy of every Linear weight (the runner on a CPU): each device's memory grows
+    by exactly its Linear weights at the copy's precision (layers and, on the last stage, the LM head); the profile
+    round-trips the field and an unknown precision is one clear error."""
+    import dataclasses
+
+    from exegpt.models import MODELS
+    from exegpt.profile import Profile
+
+    from .conftest import make_profile
+
+    w = Workload.task("S")
+    prof = make_profile()
+    packed = dataclasses.replace(prof, packed_weight_dtype="fp32")
+    assert Profile.from_json(packed.to_json()).packed_weight_dtype == "fp32"
+    assert Profile.from_json(prof.to_json()).packed_weight_dtype is None
+    sched = RRASchedule(8, 4, 1, 0, 2)  # two stages: embedding on the first, LM head on the last
+    base = evaluate_schedule(sched, w, math.inf, profile=prof, devices="2xA40")
+    more = evaluate_schedule(sched, w, math.inf, profile=packed, devices="2xA40")
+    m = MODELS["opt-13b"]
+    assert not m.tied_embeddings and [s.n_layers for s in base.stages] == [s.n_layers for s in more.stages]
+    for i, s in enumerate(base.stages):
+        extra = s.n_layers * m.layer_params() * 4 + (m.vocab_size * m.dim * 4 if i == len(base.stages) - 1 else 0)
+        assert more.estimate.memory_bytes[i] - base.estimate.memory_bytes[i] == pytest.approx(extra)
+    with pytest.raises(ExeGPTError, match="packed_weight_dtype 'int3' unknown"):
+        dataclasses.replace(prof, packed_weight_dtype="int3")

@@ -124,3 +124,16 @@ def test_profile_records_the_runners_kv_cache_dtype(tiny_profile):
     assert tiny_profile.kv_dtype is None
     assert _kv_dtype(resolve_target("tiny", dtype="fp32", device="cpu")) is None
     assert _kv_dtype(resolve_target("tiny", dtype="bf16", device="cpu")) == "fp32"
+
+
+def test_profile_records_the_runners_packed_weight_copy(tiny_profile):
+    """On a CPU the runner keeps a oneDNN-prepacked copy of the Linear weights: fp32 for fp32 models, and for bf16
+    models bf16 where the CPU multiplies bf16 natively, else fp32. The profile says which, for weight memory."""
+    from profiler.sweep import _packed_weight_dtype, resolve_target
+    from runner.model import _ONEDNN, _ONEDNN_BF16
+
+    if not _ONEDNN:
+        pytest.skip("no oneDNN: the runner keeps no packed copy")
+    assert tiny_profile.packed_weight_dtype == "fp32"
+    assert _packed_weight_dtype(resolve_target("tiny", dtype="bf16", device="cpu")) == (
+        "bf16" if _ONEDNN_BF16 else "fp32")
