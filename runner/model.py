@@ -108,30 +108,43 @@ _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 _HALF = (torch.bfloat16, torch.float16)
 
 
+_PACK_MIN_PARAMS = 2 ** 18
+"""fp32 weights smaller than this stay on ``F.linear``: oneDNN's call costs 30-60 us before it computes."""
+
+
 def _packed_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """The dtype ``x @ weight.T`` runs in on a oneDNN-prepacked weight (CPU, inference), or None for ``F.linear``.
 
-    NOTE (torch 2.13, 2 cores): on a weight reordered once into oneDNN's blocked layout an fp32 GEMM is faster
-    than ``F.linear``: 1.3x at one row and 2.0-2.3x at 8-16 rows over SmolLM2's 121 weights (AVX2 EPYC). A bf16
-    GEMV streams 1.5x faster than ``F.linear`` where the CPU has bf16 instructions (AVX-512 BF16, AMX). Where it
-    has none, torch's bf16 GEMM is emulated and its time grows with the rows (SmolLM2's weights: 25 ms at one
-    row, 161 ms at 8, against 70 ms for the packed fp32 GEMM; batch 32: 89 % of a 648 ms step). There a single
-    row still streams the half weights (half the bytes of fp32), and two or more are multiplied in fp32: the
-    products of half values are exact in fp32 and accumulated in fp32, as a native half GEMM does, and the output
-    is rounded to the model's dtype.
+    NOTE (torch 2.13, AVX2 EPYC, 1-2 threads): a call on a weight reordered
+    once into oneDNN's blocked layout costs 30-60 us before it computes, where ``F.linear`` costs 3-6 us.
+    - fp32: packed from 8 rows on for weights of at least ``_PACK_MIN_PARAMS`` (2048x256 at 8 rows: 137 vs 206
+      us; SmolLM2's 3072x576 at 32 rows: 1.4 vs 4.1 ms); smaller ones and single rows stay on ``F.linear``
+      (a 128x64 weight: 61 vs 6 us at one row).
+    - bf16 where the CPU has bf16 instructions (AVX-512 BF16, AMX): packed bf16 always (a GEMV streams 1.5x
+      faster than ``F.linear``).
+    - half precision where it has none: torch emulates the GEMM, whose time grows with the rows (SmolLM2's 121
+      weights: 25 ms at one row, 161 ms at 8, against 70 ms packed in fp32; batch 32: 89 % of a 648 ms step).
+      One row still streams the half weights (half the bytes); two or more are multiplied in fp32 on a packed
+      fp32 copy: the products of half values are exact in fp32 and accumulated in fp32, as a native half GEMM
+      does, and the output is rounded to the model's dtype.
     """
     if weight.dtype != x.dtype or torch.is_grad_enabled():
         return None
     packed = packed_weight_dtype(x.dtype, x.device)
-    if packed == torch.float32 and x.dtype in _HALF and x.numel() == x.shape[-1]:
-        return None  # one row of half weights without half instructions: stream the half weights
-    return packed
+    if packed is None or packed == x.dtype == torch.bfloat16:
+        return packed
+    rows = x.numel() // x.shape[-1]
+    if x.dtype == torch.float32:
+        return packed if rows >= 8 and weight.numel() >= _PACK_MIN_PARAMS else None
+    return packed if rows >= 2 else None  # half weights without half instructions
 
 
 def packed_weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
-    """The dtype of the oneDNN-prepacked copy of the Linear weights a model of ``dtype`` keeps on ``device`` (one
-    extra copy of every Linear weight, built on first use), or None where it keeps none (GPUs). ``_packed_dtype``
-    says when each copy is used; the profiler records this so that plans count its memory."""
+    """The dtype of the oneDNN-prepacked copy of the Linear weights a model of ``dtype`` keeps on ``device`` (an
+    extra copy of each Linear weight, built on its first packed call), or None where it keeps none (GPUs).
+    ``_packed_dtype`` says when each copy is used; the profiler records this so that plans count its memory (for
+    every Linear weight: fp32 weights below ``_PACK_MIN_PARAMS`` never get one, so small models are
+    over-counted, on the safe side)."""
     if not _ONEDNN or device.type != "cpu":
         return None
     if dtype == torch.float32 or (dtype in _HALF and not (dtype == torch.bfloat16 and _ONEDNN_BF16)):

@@ -132,19 +132,22 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 @needs_onednn
 def test_packed_dtype_by_input():
-    from runner.model import _ONEDNN_BF16, _packed_dtype
+    from runner.model import _ONEDNN_BF16, _PACK_MIN_PARAMS, _packed_dtype
 
-    w32, w16 = torch.zeros(8, 4), torch.zeros(8, 4, dtype=torch.bfloat16)
-    one, many = torch.zeros(1, 1, 4), torch.zeros(3, 1, 4)
+    big, small = torch.zeros(_PACK_MIN_PARAMS // 4, 4), torch.zeros(8, 4)
+    one, two, eight = torch.zeros(1, 1, 4), torch.zeros(2, 1, 4), torch.zeros(8, 1, 4)
     with torch.no_grad():
-        assert _packed_dtype(many, w32) == _packed_dtype(one, w32) == torch.float32
+        # fp32: packed from 8 rows on, for weights of at least _PACK_MIN_PARAMS (oneDNN's call overhead).
+        assert _packed_dtype(eight, big) == torch.float32
+        assert _packed_dtype(two, big) is None and _packed_dtype(eight, small) is None
         # Half weights: packed in bf16 where the CPU multiplies bf16 natively, else in fp32 from two rows on; a
         # single row streams the half weights through F.linear (half the bytes).
-        assert _packed_dtype(many.bfloat16(), w16) == (torch.bfloat16 if _ONEDNN_BF16 else torch.float32)
+        w16 = small.bfloat16()
+        assert _packed_dtype(two.bfloat16(), w16) == (torch.bfloat16 if _ONEDNN_BF16 else torch.float32)
         assert _packed_dtype(one.bfloat16(), w16) == (torch.bfloat16 if _ONEDNN_BF16 else None)
-        assert _packed_dtype(many.half(), w16.half()) == torch.float32
-        assert _packed_dtype(many, w16) is None  # mixed dtypes: F.linear says what it thinks of them
-    assert _packed_dtype(many, w32) is None  # autograd on: plain F.linear
+        assert _packed_dtype(two.half(), w16.half()) == torch.float32
+        assert _packed_dtype(eight, big.bfloat16()) is None  # mixed dtypes: F.linear says what it thinks of them
+    assert _packed_dtype(eight, big) is None  # autograd on: plain F.linear
 
 
 @needs_onednn
@@ -155,8 +158,8 @@ def test_packed_linear_is_one_rounding_of_the_exact_product_and_follows_weight_c
     from runner.model import FeedForward, Linear
 
     torch.manual_seed(0)
-    lin = Linear(64, 96, bias=True).to(dtype)
-    x = torch.randn(5, 64, dtype=dtype)
+    lin = Linear(512, 512, bias=True).to(dtype)  # big enough to be packed in fp32 too (``_PACK_MIN_PARAMS``)
+    x = torch.randn(8, 512, dtype=dtype)
 
     def check(out, x, w, b=None):
         """Within one rounding to ``dtype`` (a relative half-ulp, doubled) plus fp32 accumulation error."""
@@ -168,12 +171,13 @@ def test_packed_linear_is_one_rounding_of_the_exact_product_and_follows_weight_c
 
     with torch.no_grad():
         check(lin(x), x, lin.weight, lin.bias)
+        assert "_prepacked" in lin.__dict__  # the packed path ran
         lin.weight.mul_(2)  # in place: the packed copy must be rebuilt
         check(lin(x), x, lin.weight, lin.bias)
         lin.weight = torch.nn.Parameter(-lin.weight.detach(), requires_grad=False)
         check(lin(x), x, lin.weight, lin.bias)
         ffn = FeedForward(ModelArgs.from_name("tiny")).to(dtype)
-        h = torch.randn(3, 1, ffn.w1.in_features, dtype=dtype)
+        h = torch.randn(8, 1, ffn.w1.in_features, dtype=dtype)
         h1, h3 = ffn.w1(h), ffn.w3(h)  # separately
         fused = ffn.w2(ffn.act(h1) * h3)
         assert torch.allclose(ffn(h).float(), fused.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0.05)
