@@ -28,8 +28,7 @@ def stage_weight_bytes(model: ModelShape, tp: int, n_layers: int, n_enc_layers: 
     if first:
         w += emb + pos
     if last:
-        w += (0 if first and model.tied_embeddings else emb) + model.vocab_size * model.dim * (
-            model.weight_bytes_per_param - model.dtype_bytes)
+        w += (0 if first and model.tied_embeddings else emb) + model.vocab_size * model.dim * model.packed_dtype_bytes
     return w
 
 

@@ -107,9 +107,14 @@ class ModelShape:
                 + self.embedding_params())
 
     @property
+    def packed_dtype_bytes(self) -> int:
+        """Bytes of a Linear weight's parameter in the backend's prepacked copy (0: no copy)."""
+        return DTYPE_BYTES[self.packed_dtype] if self.packed_dtype else 0
+
+    @property
     def weight_bytes_per_param(self) -> int:
         """Bytes a Linear weight's parameter takes in memory: its own, plus its prepacked copy's if any."""
-        return self.dtype_bytes + (DTYPE_BYTES[self.packed_dtype] if self.packed_dtype else 0)
+        return self.dtype_bytes + self.packed_dtype_bytes
 
     def layer_bytes(self, tp: int = 1) -> float:
         """Weight bytes of one decoder layer on one rank of a TP group of ``tp`` (prepacked copy included)."""

@@ -30,35 +30,50 @@ SEGMENTS = 32
 """Groups of consecutive r the sum over r is taken in, per N_D."""
 
 
+def phases_per_query(k: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``phases[d]`` = E[ceil(k / d)] for d = 1..max k (index 0 unused): the RRA phases a query of ``k`` decode
+    iterations (probabilities ``p``) spends in the decode batch at N_D = d."""
+    d = np.arange(1, max(int(k.max()), 1) + 1)
+    phases = np.zeros(len(d) + 1)
+    phases[1:] = (p[None, :] * np.ceil(k[None, :] / d[:, None])).sum(axis=1)
+    return phases
+
+
 class PhaseLengths:
-    """Expected decode iterations per RRA phase, for every N_D up to the longest output's iterations."""
+    """Expected decode iterations per RRA phase, for every N_D up to the longest output's iterations. Built on
+    first use (WAA and static searches never need it)."""
 
     def __init__(self, k: np.ndarray, p: np.ndarray, phases: np.ndarray):
-        """``k``, ``p``: decode iterations per query and their probabilities; ``phases[d]`` = E[ceil(k/d)]."""
-        self.phases = phases
-        K = len(phases) - 1
-        self.F = np.zeros((K + 1, SEGMENTS))  # F at each group's last r (0 where unused)
-        self.W = np.zeros((K + 1, SEGMENTS))  # integer r's each group stands for
-        live = k >= 1  # a query of 0 decode iterations never joins a decode batch
-        k, p = k[live].astype(np.int64), p[live]
+        """``k``, ``p``: decode iterations per query and their probabilities; ``phases`` = ``phases_per_query``."""
+        self.k, self.p, self.phases = k, p, phases
+        self._table = np.zeros((1, len(phases)))
+
+    def _tails(self) -> tuple[np.ndarray, np.ndarray]:
+        """F at each group's last r and the integer r's each group stands for, ``[K + 1, SEGMENTS]`` each (0 where
+        unused)."""
+        K = len(self.phases) - 1
+        F_end, W = np.zeros((K + 1, SEGMENTS)), np.zeros((K + 1, SEGMENTS))
+        live = self.k >= 1  # a query of 0 decode iterations never joins a decode batch
+        k, p = self.k[live].astype(np.int64), self.p[live]
         for d in range(2, K + 1):
-            if phases[d] <= 0:
+            if self.phases[d] <= 0:
                 continue
             rem = k - (np.ceil(k / d).astype(np.int64) - 1) * d  # in [1, d]
-            F = np.cumsum(np.bincount(rem, weights=p, minlength=d + 1)[:d]) / phases[d]  # F[r], r < d
+            F = np.cumsum(np.bincount(rem, weights=p, minlength=d + 1)[:d]) / self.phases[d]  # F[r], r < d
             ends = np.unique(np.linspace(0, d - 1, SEGMENTS + 1).round().astype(np.int64))[1:]  # last r of groups
-            self.F[d, :len(ends)] = F[ends]
-            self.W[d, :len(ends)] = np.diff(np.concatenate([[0], ends]))
-        self._table = np.zeros((1, K + 1))
+            F_end[d, :len(ends)] = F[ends]
+            W[d, :len(ends)] = np.diff(np.concatenate([[0], ends]))
+        return F_end, W
 
     def table(self, max_batch: int) -> np.ndarray:
         """``[max_batch + 1, K + 1]``: L at (B_E, N_D) (row 0 and column 0 unused), non-decreasing in N_D."""
         if self._table.shape[0] <= max_batch:
-            d = np.arange(self.F.shape[0], dtype=float)
+            F, W = self._tails()
+            d = np.arange(len(self.phases), dtype=float)
             L = np.empty((max_batch + 1, len(d)))
             for b0 in range(0, max_batch + 1, 16):  # [16, K, SEGMENTS] at a time
                 n = np.arange(b0, min(b0 + 16, max_batch + 1))[:, None] * self.phases[None, :]  # rows at a phase start
-                tail = (self.W[None] * self.F[None] ** n[..., None]).sum(axis=-1)
+                tail = (W[None] * F[None] ** n[..., None]).sum(axis=-1)
                 L[b0:b0 + len(n)] = np.where(n > 0, d[None, :] - tail, d[None, :])
             self._table = np.maximum.accumulate(L, axis=1)
         return self._table

@@ -61,7 +61,7 @@ from .devices import Cluster
 from .errors import ExeGPTError
 from .memory import MEMORY_FRACTION, activation_bytes, kv_bytes, stage_weight_bytes
 from .models import ModelShape
-from .phases import PhaseLengths
+from .phases import PhaseLengths, phases_per_query
 from .placement import place_layers
 from .plan import Estimate, Stage
 from .profile import Kernel, Profile
@@ -114,9 +114,7 @@ class Problem:
         shift = 1 if not model.is_encoder_decoder else 0
         latency_len = workload.output_len.quantile(bound.length_quantile)
         k, p = stats.k_lengths, stats.k_probs
-        n = np.arange(1, max(int(k.max()), 1) + 1)
-        phases = np.zeros(len(n) + 1)
-        phases[1:] = (p[None, :] * np.ceil(k[None, :] / n[:, None])).sum(axis=1)
+        phases = phases_per_query(k, p)
         memory = cluster.device.memory_bytes if profile.device_memory_bytes is None \
             else profile.device_memory_bytes
         return cls(profile, model, cluster, workload, bound, CostModel(profile, model, stats),

@@ -126,7 +126,7 @@ def _kv_dtype(t: Target) -> str | None:
     from runner.model import cache_dtype
 
     kv = cache_dtype(t.torch_dtype, t.device)
-    return None if kv == t.torch_dtype else next(k for k, v in TORCH_DTYPES.items() if v == kv)
+    return None if kv == t.torch_dtype else _dtype_name(kv)
 
 
 def _packed_weight_dtype(t: Target) -> str | None:
@@ -134,7 +134,12 @@ def _packed_weight_dtype(t: Target) -> str | None:
     from runner.model import packed_weight_dtype
 
     packed = packed_weight_dtype(t.torch_dtype, t.device)
-    return None if packed is None else next(k for k, v in TORCH_DTYPES.items() if v == packed)
+    return None if packed is None else _dtype_name(packed)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The profile's name of a torch dtype ('fp32', 'bf16', 'fp16')."""
+    return next(k for k, v in TORCH_DTYPES.items() if v == dtype)
 
 
 def _resolve_dtype(spec: str, dtype: str | None, dev: torch.device) -> str:

@@ -107,7 +107,6 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 _HALF = (torch.bfloat16, torch.float16)
 
-
 _PACK_MIN_PARAMS = 2 ** 18
 """fp32 weights smaller than this stay on ``F.linear``: oneDNN's call costs 30-60 us before it computes."""
 
@@ -115,8 +114,8 @@ _PACK_MIN_PARAMS = 2 ** 18
 def _packed_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """The dtype ``x @ weight.T`` runs in on a oneDNN-prepacked weight (CPU, inference), or None for ``F.linear``.
 
-    NOTE (torch 2.13, AVX2 EPYC, 1-2 threads): a call on a weight reordered
-    once into oneDNN's blocked layout costs 30-60 us before it computes, where ``F.linear`` costs 3-6 us.
+    NOTE (torch 2.13, AVX2 EPYC, 1-2 threads): a call on a weight reordered once into oneDNN's blocked layout
+    costs 30-60 us before it computes, where ``F.linear`` costs 3-6 us.
     - fp32: packed from 8 rows on for weights of at least ``_PACK_MIN_PARAMS`` (2048x256 at 8 rows: 137 vs 206
       us; SmolLM2's 3072x576 at 32 rows: 1.4 vs 4.1 ms); smaller ones and single rows stay on ``F.linear``
       (a 128x64 weight: 61 vs 6 us at one row).
@@ -147,9 +146,9 @@ def packed_weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype
     over-counted, on the safe side)."""
     if not _ONEDNN or device.type != "cpu":
         return None
-    if dtype == torch.float32 or (dtype in _HALF and not (dtype == torch.bfloat16 and _ONEDNN_BF16)):
-        return torch.float32
-    return dtype if dtype == torch.bfloat16 else None
+    if dtype == torch.bfloat16 and _ONEDNN_BF16:
+        return torch.bfloat16
+    return torch.float32 if dtype == torch.float32 or dtype in _HALF else None
 
 
 def prepacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Tensor, dtype: torch.dtype) -> Tensor:

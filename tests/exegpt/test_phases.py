@@ -11,18 +11,14 @@ import pytest
 from exegpt import RRASchedule, Workload, evaluate_schedule
 from exegpt.cost import WorkloadStats
 from exegpt.distribution import Distribution
-from exegpt.phases import SEGMENTS, PhaseLengths
+from exegpt.phases import SEGMENTS, PhaseLengths, phases_per_query
 
 from .conftest import make_profile
 
 
 def _lengths(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     st = WorkloadStats.of(w)
-    k, p = st.k_lengths, st.k_probs
-    d = np.arange(1, int(k.max()) + 1)
-    phases = np.zeros(len(d) + 1)
-    phases[1:] = (p[None, :] * np.ceil(k[None, :] / d[:, None])).sum(axis=1)
-    return k, p, phases
+    return st.k_lengths, st.k_probs, phases_per_query(st.k_lengths, st.k_probs)
 
 
 def _replay(k: np.ndarray, p: np.ndarray, phases: np.ndarray, be: int, nd: int, n_queries: int = 60000,
