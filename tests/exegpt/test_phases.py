@@ -24,7 +24,8 @@ def _lengths(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _replay(k: np.ndarray, p: np.ndarray, phases: np.ndarray, be: int, nd: int, n_queries: int = 60000,
             seed: int = 0) -> float:
     """Mean iterations per phase of the runner's RRA rule (``runner/rra.py``), lengths only: refill toward
-    round(B_E E[ceil(k/N_D)]) with at most B_E new queries, run until N_D iterations or an empty batch."""
+    round(B_E E[ceil(k/N_D)]) with as many new queries as finished (B_E while ramping up), run until N_D
+    iterations or an empty batch."""
     rng = np.random.default_rng(seed)
     queue = list(rng.choice(k, size=n_queries, p=p).astype(int))
     target = max(1, round(be * phases[nd]))
@@ -32,8 +33,9 @@ def _replay(k: np.ndarray, p: np.ndarray, phases: np.ndarray, be: int, nd: int, 
     alive: list[int] = []
     lengths = []
     while len(queue) > be:
+        finished = len(alive) - sum(r > 0 for r in alive)
         alive = [r for r in alive if r > 0]
-        n = min(be, target - len(alive), rows - len(alive))
+        n = min(max(be, finished), target - len(alive), rows - len(alive))
         alive += [queue.pop() for _ in range(max(n, 0))]
         alive = [r for r in alive if r > 0]
         if not alive:

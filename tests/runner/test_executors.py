@@ -14,7 +14,7 @@ from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, Sta
 from runner.dist import RankFailedError
 from runner.generate import greedy_reference
 from runner.report import FAILED, FINISHED
-from runner.requests import make_requests, requests_from_pairs
+from runner.requests import Request, make_requests, requests_from_pairs
 from runner.rra import refill_target
 from runner.run import check_stages, executor_for, remap_stages, run_plan, run_plans
 from runner.weights import load_model
@@ -78,6 +78,20 @@ def test_rra_tokens_match_reference(requests, reference, encode_batch, decode_it
     # The refill rule never lets the decode batch grow past round(decode_batch).
     assert 0 < rep.decode_batch <= refill_target(plan)
     assert rep.throughput_seq_s > 0 and rep.decode_step_s > 0 and rep.encode_stage_s > 0
+
+
+def test_rra_refills_as_many_as_finished(model):
+    """B_E = 2, N_D = 1, refill target 6: six queries admitted over three phases all finish in the same phase;
+    the next phase admits all six of the waiting ones (in three chunks of B_E), not B_E."""
+    lens = [5, 5, 4, 4, 3, 3] + [2] * 6  # phase a admits queries ending a + len - 2: all of the first six in phase 5
+    reqs = [Request(i, (1 + i, 2, 3), n) for i, n in enumerate(lens)]
+    plan = make_plan(RRASchedule(2, 1, 1, 0, 1), decode_batch=6.0)
+    rep = run_plan(plan, "tiny", requests=reqs, keep_tokens=True)
+    assert_complete(rep, reqs, {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in reqs})
+    late = [rec for rec in rep.requests if rec.id >= 6]
+    assert max(r.first_token_s for r in late) < min(r.finish_s for r in late)
+    first = [rec for rec in rep.requests if rec.id < 6]
+    assert max(r.finish_s for r in first) < min(r.encode_start_s for r in late)
 
 
 @pytest.mark.parametrize("batch", [1, 5, 14])
