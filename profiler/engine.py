@@ -2,27 +2,33 @@
 
 The kernel tables time one layer's attention and the rest of the layer in isolation, the LM head and the
 model's per-call setup (``step_overhead_s``). A real step differs: the runner's executor packs prompts, builds
-commands, moves tokens to the host, books every row's token in Python and compacts the cache, and on a CPU the
-layers of a full model evict each other's KV cache and weights from the CPU caches that an isolated kernel keeps
-warm (measured on the ``tiny`` preset: a decode attention call takes 1.0 ms inside the model at 124 rows and
-context 165, 0.73 ms timed alone). Both grow with the rows of a step and with their context. Here the RRA
-executor is run, in this process, on requests of mixed prompt lengths around a few mean lengths and mixed
-output lengths, at a few encode batches R (each phase encodes R prompts, then decodes them to the end; rows
-finish one by one as in a real batch, so the executor's row moves and bookkeeping are in), and
+commands, moves tokens to the host, books every row's token in Python, compacts the cache and moves rows into
+the holes finished ones leave, and on a CPU the layers of a full model evict each other's KV cache and weights
+from the CPU caches that an isolated kernel keeps warm (measured on the ``tiny`` preset: a decode attention call
+takes 1.0 ms inside the model at 124 rows and context 165, 0.73 ms timed alone). Both grow with the rows of a
+step and with their context.
 
-    engine_encode(R, prompt)   = measured encode phase     - kernel prediction of a prefill of R prompts
-    engine_decode(n, context)  = measured decode iteration - kernel prediction of a decode step of n rows
+Here the RRA executor is run, in this process, in the **steady state the simulator predicts**: for a few
+(B_E, N_D) schedules (``SCHEDULES``, steady decode batches of about 1 to 630 rows) on requests of mixed prompt
+lengths around a few means and mixed output lengths, each run long enough for its decode batch to reach the
+refill target and turn over (about three refill batches of requests), its steady window measured, and
 
-where n = R E[k] / N_D is the mean rows of a decode iteration (the simulator's own mean decode batch) and the
-lengths are those the cost model looks the kernels up at (the batch's longest prompt or context when the
-runner pads, as it does: what a padded step streams through the caches grows with it). Each
-residual is fitted over all points to a + b n + c n L (``_fit``) and tabulated; the raw points stay in the
-profile's provenance.
+    engine_encode(B_E, prompt) = measured encode phase     - kernel prediction of the plan's encode phase
+    engine_decode(n, context)  = measured decode iteration - kernel prediction of the plan's decode step
+
+where n is the plan's mean decode batch and the lengths are those the cost model looks the kernels up at (the
+batch's expected longest prompt or context when the runner pads, as it does). Each residual is fitted over all
+points to a + b n + c n L (``_fit``) and tabulated; the raw points stay in the profile's provenance.
+
+(Earlier versions encoded R prompts per phase and decoded them to the end. Such a batch is not the steady mix
+the kernel prediction assumes, and its residuals were 1.5-3x the steady ones at 130 rows: plans with 130-250
+rows ran at 0.68-0.82x their predicted decode step.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 
 import numpy as np
@@ -34,8 +40,9 @@ from exegpt.models import MODELS
 
 log = logging.getLogger(__name__)
 
-ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-"""Encode batches of the calibration runs."""
+SCHEDULES = ((1, 0), (2, 16), (4, 8), (4, 2), (8, 2), (16, 2), (32, 2))
+"""(B_E, N_D) of the calibration runs (N_D 0: the longest output's iterations, one query decoded to its end per
+phase); with ``OUTPUT`` their steady decode batches are about 1, 5, 20, 80, 160, 320 and 630 rows."""
 GRID_ROWS = (1, 4, 16, 64, 256, 1024)
 GRID_LENGTHS = (1, 16, 64, 256, 1024, 4096)
 """Rows and lengths at which the fitted residuals are tabulated (bilinear, so exact between and beyond them)."""
@@ -44,8 +51,9 @@ PROMPTS = (16, 64, 160)
 do not fit the model's context with the output are skipped."""
 OUTPUT = (40, 20, 80)
 """Output lengths (mean, std, max): rows finish at different iterations, as in real batches."""
-PHASES = 4
-"""Phases per point."""
+TURNOVERS = 3
+"""Requests per point, in refill batches: one to fill the decode batch, then steady turnover (at least 8 B_E and
+24 requests, so that the steady window holds the report's minimum of finished requests)."""
 
 
 def _fit(samples: list[tuple[float, float, float, float]]) -> tuple[float, float, float]:
@@ -67,7 +75,7 @@ def _tabulate(fit: tuple[float, float, float], xs, ys) -> tuple[tuple[float, ...
     return tuple(tuple(a + b * x + c * x * y for y in ys) for x in xs)
 
 
-def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, rows=ROWS,
+def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, schedules=SCHEDULES,
                      prompts=PROMPTS, max_seq_len: int | None = None) -> Profile:
     """``profile`` with ``engine_encode`` and ``engine_decode`` tables measured through the runner's executor.
 
@@ -81,27 +89,29 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
     devices = f"1x{profile.device}"
     if max_seq_len is None:
         max_seq_len = MODELS[spec].max_seq_len if spec in MODELS else 1 << 30
-    rows = [r for r in rows if r <= kernels.max_coord(Kernel.ATTN_DECODE, 1, 0)]
     levels = [m for m in prompts if 2 * m + OUTPUT[2] <= max_seq_len
               and 2 * m <= kernels.max_coord(Kernel.ATTN_ENCODE, 1, 1)] or [min(prompts)]
     points = []
     for m in levels:
         w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
         stats = WorkloadStats.of(w)
-        for r in rows:
-            # N_D = the longest output's iterations: each phase encodes r prompts and decodes them to the end.
-            plan = evaluate_schedule(RRASchedule(r, w.output_len.max - 1, 1, 0, 1), w, profile=kernels,
+        for be, nd in schedules:
+            plan = evaluate_schedule(RRASchedule(be, nd or w.output_len.max - 1, 1, 0, 1), w, profile=kernels,
                                      devices=devices)
-            rep = run_plan(plan, spec, num_requests=r * PHASES, seed=seed, dtype=dtype)
-            n = plan.estimate.decode_batch
+            e = plan.estimate
+            if not (math.isfinite(e.decode_step_s) and math.isfinite(e.encode_stage_s)):
+                continue
+            n_req = max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24)
+            rep = run_plan(plan, spec, num_requests=n_req, seed=seed, dtype=dtype)
+            n = e.decode_batch
             # The lengths the cost model asks the tables at: padded (the batch's longest) when the runner pads.
-            prompt = float(stats.max_input(r)) if kernels.padded_batches else stats.in_mean
+            prompt = float(stats.max_input(be)) if kernels.padded_batches else stats.in_mean
             ctx = float(stats.max_ctx(n)) if kernels.padded_batches else stats.decode_ctx
-            points.append({"rows": r, "prompt": prompt, "decode_rows": n, "context": ctx,
-                           "measured_rows": rep.decode_batch,
-                           "decode_meas_s": rep.decode_step_s, "decode_kernels_s": plan.estimate.decode_step_s,
-                           "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": plan.estimate.encode_stage_s})
-    enc_fit = _fit([(p["rows"], p["prompt"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
+            points.append({"encode_batch": be, "decode_iters": plan.schedule.decode_iters, "requests": n_req,
+                           "prompt": prompt, "decode_rows": n, "context": ctx, "measured_rows": rep.decode_batch,
+                           "decode_meas_s": rep.decode_step_s, "decode_kernels_s": e.decode_step_s,
+                           "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": e.encode_stage_s})
+    enc_fit = _fit([(p["encode_batch"], p["prompt"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
                     for p in points])
     dec_fit = _fit([(p["decode_rows"], p["context"], p["decode_meas_s"] - p["decode_kernels_s"],
                      p["decode_meas_s"]) for p in points])
@@ -109,10 +119,11 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
     tables = kernels.tables + (
         ProfileTable(Kernel.ENGINE_ENCODE, 1, xs, ys, _tabulate(enc_fit, xs, ys), extrapolate=True),
         ProfileTable(Kernel.ENGINE_DECODE, 1, xs, ys, _tabulate(dec_fit, xs, ys), extrapolate=True))
-    facts = {"method": "runner RRA executor in one process; mixed prompts around each mean, mixed outputs; "
-                       "residual = measured phase time - kernel prediction, fitted by non-negative least squares "
-                       "of relative error to a + b n + c n L (n rows, L mean prompt or context)",
-             "prompt_means": list(levels), "output": list(OUTPUT), "phases": PHASES,
+    facts = {"method": "runner RRA executor in one process, steady window of runs of several (B_E, N_D); mixed "
+                       "prompts around each mean, mixed outputs; residual = measured phase time - kernel "
+                       "prediction of the plan, fitted by non-negative least squares of relative error to "
+                       "a + b n + c n L (n rows, L the padded prompt or context)",
+             "prompt_means": list(levels), "output": list(OUTPUT), "turnovers": TURNOVERS,
              "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}
     log.info("engine overhead fits (a, b, c): encode %s, decode %s", enc_fit, dec_fit)
     return dataclasses.replace(profile, tables=tables, provenance=profile.provenance | {"engine": facts})

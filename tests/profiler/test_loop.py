@@ -30,9 +30,13 @@ def profile():
 def test_profile_measures_the_engine(profile):
     assert profile.has(Kernel.ENGINE_DECODE) and profile.has(Kernel.ENGINE_ENCODE)
     engine = profile.provenance["engine"]
-    # Every encode batch at every prompt level whose prompts (up to twice the mean) the grid's seq axis covers.
+    # Every schedule at every prompt level whose prompts (up to twice the mean) the grid's seq axis covers.
     assert engine["prompt_means"] == [16, 64]
-    assert [p["rows"] for p in engine["points"]] == [1, 2, 4, 8, 16, 32, 64, 128, 256] * 2
+    assert [(p["encode_batch"], p["decode_iters"]) for p in engine["points"]] == \
+        [(1, 79), (2, 16), (4, 8), (4, 2), (8, 2), (16, 2), (32, 2)] * 2
+    # Each point is the steady state its plan predicts: the measured decode batch is the plan's.
+    for p in engine["points"]:
+        assert p["measured_rows"] == pytest.approx(p["decode_rows"], rel=0.1)
     assert all(c >= 0 for c in engine["encode_fit_s"] + engine["decode_fit_s"])
     # The tables are the fits: a + b n + c n L at every grid point.
     a, b, c = engine["decode_fit_s"]
