@@ -40,7 +40,9 @@ WAA (paper §4.2, §6):
     KV hand-off of each batch through host memory (profiled ``kv_handoff``);
   * decode iteration with M = ceil(B_D/B_m) micro-batches of B_D/M rows over the decode stages:
     T_D = max(sum_s t_s (+ the token hop back to the decode driver with several stages), M max_s t_s);
-    period T = max(T_D, encode interval, hand-off);
+    period T = max(T_D, encode interval, hand-off), or max(T_D + hand-off, encode interval) when the profile
+    says the hand-off runs on the ranks' own compute (``Profile.handoff_on_compute``: a CPU, where the decode
+    driver receives and imports each batch between its decode iterations);
   * throughput = B_E / T; latency(L) = encode latency + hand-off + (k_L + 1) T (one period waiting
     to merge into the decode batch, the paper's "buffer time").
 Static (FasterTransformer, the paper's baseline): a batch of B runs E[max k] decode iterations with
@@ -339,7 +341,8 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
         ret, ok_r = prob.cost.token_return(np.maximum(bd_lo / m_hi, 1e-9))
         chain, ok_1 = chain + ret, ok_1 & ok_r
     t_dec = np.maximum(chain, m_lo * np.maximum.reduce(big))
-    period = np.maximum(np.maximum(t_dec, t_enc_int), hand)
+    on_compute = prob.profile.handoff_on_compute
+    period = np.maximum(np.maximum(t_dec + hand if on_compute else t_dec, t_enc_int), hand)
     thr = be_hi / period
     if not (np.array_equal(be_lo, be_hi) and np.array_equal(bm_lo, bm_hi)):
         # Per-query bound: a decode iteration costs at least B_D max_s t_s(B_m)/B_m (no micro-batch
@@ -348,8 +351,8 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
         full, _ = _decode_times(prob, dec_st, bm_hi, None, prob.bound_cost)
         enc_hi, _ = _encode_times(prob, enc_st, be_hi, prob.bound_cost)
         hand_hi, _ = prob.bound_cost.kv_handoff(be_hi)
-        per_query = np.maximum(np.maximum(ek * np.maximum.reduce(full) / bm_hi, np.maximum.reduce(enc_hi) / be_hi),
-                               hand_hi / be_hi)
+        dec_pq = ek * np.maximum.reduce(full) / bm_hi + (hand_hi / be_hi if on_compute else 0.0)
+        per_query = np.maximum(np.maximum(dec_pq, np.maximum.reduce(enc_hi) / be_hi), hand_hi / be_hi)
         with np.errstate(divide="ignore"):
             thr = np.minimum(thr, 1 / per_query)
     lat = t_enc_lat + hand + (prob.k_q + 1) * period

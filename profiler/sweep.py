@@ -456,6 +456,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
     prof = Profile(model=t.name, device=dev_info.name, tables=tuple(tables), dtype=t.dtype,
                    step_overhead_s=float(overhead["step_overhead_s"]), source="measured",
                    padded_batches=True,  # the runner pads prefill to the longest prompt, decode to the longest row
+                   handoff_on_compute=dev_info.kind == "cpu",  # gloo copies on the cores (Profile's doc)
                    device_memory_bytes=memory, kv_dtype=_kv_dtype(t),
                    packed_weight_dtype=_packed_weight_dtype(t), provenance=provenance)
     if engine and not t.args.family == "t5":

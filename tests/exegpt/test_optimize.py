@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from exegpt import (ExeGPTError, InfeasibleBoundError, LatencyBound, Plan, Profile, RRASchedule, SearchSpace,
+from exegpt import (ExeGPTError, InfeasibleBoundError, LatencyBound, Plan, Policy, Profile, RRASchedule, SearchSpace,
                     StaticSchedule, WAASchedule, Workload, evaluate_schedule, find_schedule,
                     simulate, static_schedule)
 from exegpt.monotonicity import monotonicity_stats
@@ -301,3 +301,19 @@ def test_profiled_packed_weights_count_once_more_in_weight_memory():
         assert more.estimate.memory_bytes[i] - base.estimate.memory_bytes[i] == pytest.approx(extra)
     with pytest.raises(ExeGPTError, match="packed_weight_dtype 'int3' unknown"):
         dataclasses.replace(prof, packed_weight_dtype="int3")
+
+
+def test_waa_hand_off_on_compute_adds_to_the_decode_groups_period():
+    """A CPU profile (``handoff_on_compute``): the decode driver receives and imports each batch between its
+    decode iterations, so a decode-bound WAA period is T_D + hand-off instead of max(T_D, hand-off)."""
+    w = Workload.truncated_normal(input=(32, 8, 64), output=(200, 40, 300))  # long outputs: decode-bound
+    s = WAASchedule(Policy.WAA_C, 1, 256, 1, 0, 1, 1)
+    off, on = (make_profile("opt-13b", "A100", handoff_on_compute=f) for f in (False, True))
+    e_off = evaluate_schedule(s, w, profile=off, devices="2xA100").estimate
+    e_on = evaluate_schedule(s, w, profile=on, devices="2xA100").estimate
+    assert e_on.decode_step_s == e_off.decode_step_s > e_off.encode_stage_s  # decode-bound, same step
+    hand = float(problem(w, math.inf, profile=on, devices="2xA100").cost.kv_handoff(1.0)[0])
+    assert hand > 0
+    assert 1 / e_off.throughput_seq_s == pytest.approx(e_off.decode_step_s)
+    assert 1 / e_on.throughput_seq_s == pytest.approx(e_on.decode_step_s + hand)
+    assert Profile.from_json(on.to_json()).handoff_on_compute

@@ -28,7 +28,7 @@ def _case(seed: int):
                                       name=f"random{seed}")
     if seed % 2 == 0:
         profile = make_profile(model, device, tps=[t for t in tps if t <= n], seed=seed, noise=0.15,
-                               padded=seed % 4 == 0)
+                               padded=seed % 4 == 0, handoff_on_compute=seed % 8 == 2)
     else:
         profile = builtin_profile(model, device)
     return model, f"{n}x{device}", w, profile
