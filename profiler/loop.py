@@ -77,12 +77,14 @@ class Comparison:
 def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, refresh: bool = False,
                    progress: bool = True) -> Profile:
     """The profile of ``model`` on this machine: loaded from the cache when the same model, TP degrees,
-    grid, torch version, CPU and thread count were profiled before, else measured and cached."""
+    grid, torch version, CPU, thread count and profiler method (``METHOD_VERSION``) were profiled before, else
+    measured and cached."""
     from .device import describe_device
-    from .sweep import profile_model
+    from .sweep import METHOD_VERSION, profile_model
 
     dev = describe_device(None)
-    key = json.dumps([model, list(tp_degrees), quick, torch.__version__, dev.model, THREADS, platform.node()])
+    key = json.dumps([model, list(tp_degrees), quick, torch.__version__, dev.model, THREADS, platform.node(),
+                      METHOD_VERSION])
     path = CACHE_DIR / f"profile-{model}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
     if path.is_file() and not refresh:
         try:

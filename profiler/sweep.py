@@ -52,6 +52,10 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
+METHOD_VERSION = 2
+"""Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
+``handoff_on_compute``, 2026-12-02), so cached profiles of an older method are measured again."""
+
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond it the point is
 scaled linearly in batch from the largest measured batch."""
@@ -430,7 +434,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
     # Phase 5: the Profile.
     finished = _dt.datetime.now(_dt.timezone.utc)
     provenance = {
-        "tool": "profiler", "spec": t.spec, "date": started.date().isoformat(),
+        "tool": "profiler", "method_version": METHOD_VERSION, "spec": t.spec, "date": started.date().isoformat(),
         "started_utc": started.isoformat(timespec="seconds"), "wall_s": round((finished - started).total_seconds(), 1),
         "torch_version": torch.__version__, "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(), "device": dev_info.to_dict(),
