@@ -114,8 +114,8 @@ def waa_split_options(prob: Problem, policy: Policy, encode_batch: np.ndarray) -
     enc_layers = m.n_encoder_layers if m.is_encoder_decoder else m.n_layers
     if policy is Policy.WAA_C:
         # Estimated encode and decode times of one period on one device (nearest profiled point).
-        c_e = cost.stage_encode(1, m.n_layers, m.n_encoder_layers, True, b)[0]
-        c_d = cost.stage_decode(1, m.n_layers, True, np.maximum(b * ek, 1))[0]
+        c_e = cost.stage_encode(1, m.n_layers, m.n_encoder_layers, True, b, first=True)[0]
+        c_d = cost.stage_decode(1, m.n_layers, True, np.maximum(b * ek, 1), first=True)[0]
     else:
         max_ctx = st.out_max if m.is_encoder_decoder else st.in_max + st.out_max
         w_e = stage_weight_bytes(m, 1, 0 if m.is_encoder_decoder else m.n_layers, m.n_encoder_layers, True, True)

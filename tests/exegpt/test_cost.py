@@ -32,6 +32,29 @@ def test_first_tp_stage_pays_the_drivers_command_hop():
     np.testing.assert_allclose(first - plain, hop)
 
 
+def test_engine_work_is_on_the_drivers_stage():
+    """The executor's own work (engine_*: commands, token bookkeeping, row moves) runs on the driver, which leads
+    a pipeline's first stage: a first stage pays it, a last stage that is not also the first does not."""
+    from pathlib import Path
+
+    from exegpt import Profile
+    prof = Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
+    assert prof.has(Kernel.ENGINE_DECODE) and prof.has(Kernel.ENGINE_ENCODE)
+    stats = WorkloadStats.of(Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64)))
+    cost = CostModel(prof, MODELS["tiny"], stats)
+    rows, b = np.array([4.0, 32.0]), np.array([2.0, 8.0])
+    eng_d, _ = prof.lookup(Kernel.ENGINE_DECODE, 1, rows, stats.max_ctx(rows))
+    eng_e, _ = prof.lookup(Kernel.ENGINE_ENCODE, 1, b, stats.max_input(b))
+    assert (eng_d > 0).all() and (eng_e > 0).all()
+    for last in (False, True):
+        plain, _ = cost.stage_decode(1, 1, last, rows)
+        first, _ = cost.stage_decode(1, 1, last, rows, first=True)
+        np.testing.assert_allclose(first - plain, eng_d)
+        plain, _ = cost.stage_encode(1, 1, 0, last, b)
+        first, _ = cost.stage_encode(1, 1, 0, last, b, first=True)
+        np.testing.assert_allclose(first - plain, eng_e)
+
+
 def test_padded_prefill_is_the_expectation_over_the_longest_prompt():
     """Padded to the batch's longest prompt, a prefill layer costs E[t(B, S_max)] with P(S_max = s) =
     F(s)^B - F(s-)^B: more than t at E[S_max] when t is convex in the length."""
