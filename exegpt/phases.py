@@ -83,3 +83,52 @@ class PhaseLengths:
         be = np.asarray(be).astype(np.int64)
         nd = np.asarray(nd).astype(np.int64)
         return self.table(int(be.max()))[be, nd]
+
+
+class QueryRows:
+    """The rows a query of ``k_q`` decode iterations decodes beside, per N_D: a long query lives through the first
+    iterations of its phases, when the batch is fullest (it shrinks as rows finish), so its iterations are
+    heavier than the phase's mean (measured on the CPU runner: the bound-length output's latency 1.1-1.5x a
+    prediction at the mean step, for N_D = 62-133).
+
+    At N_D = d a row of the refill batch (n = B_E E[ceil(k/d)] rows, the length-biased mix) still runs at
+    iteration j < d of a phase with probability S(j) = 1 - F(j) (``PhaseLengths``' F, exact here). The query runs
+    iterations 0..d-1 in each of its ceil(k_q/d) - 1 full phases and 0..rem-1 in its last, so it decodes beside
+    1 + (n - 1) m(d) rows on average, m(d) = [(ceil(k_q/d) - 1) A(d) + A(rem)] / k_q with A(t) = sum_{j<t} S(j).
+
+    ``rows(be, nd)`` is that mean; ``lower(be, nd_lo, nd_hi)`` = max(1, B_E g) with g the least E[ceil(k/d)] m(d)
+    over d in [nd_lo, nd_hi] (a sparse table of range minima), a lower bound of ``rows`` over the box, since
+    1 + (n - 1) m = B_E g(d) + 1 - m >= B_E g(d)."""
+
+    def __init__(self, k: np.ndarray, p: np.ndarray, phases: np.ndarray, k_q: int):
+        K = len(phases) - 1
+        self.m = np.zeros(K + 1)
+        live = k >= 1
+        kk, pp = k[live].astype(np.int64), p[live]
+        if k_q >= 1:
+            for d in range(1, K + 1):
+                if phases[d] <= 0:
+                    continue
+                rem = kk - (np.ceil(kk / d).astype(np.int64) - 1) * d  # a row's iterations in its last phase
+                F = np.cumsum(np.bincount(rem, weights=pp, minlength=d + 1)[:d]) / phases[d]  # F[r], r < d
+                A = np.concatenate([[0.0], np.cumsum(1 - F)])  # A[t] = sum_{j<t} S(j), t = 0..d
+                full = -(-k_q // d) - 1
+                self.m[d] = (full * A[d] + A[k_q - full * d]) / k_q
+        self.phases = phases
+        g = phases * self.m
+        self._min = [g]  # sparse table: _min[i][d] = min g over [d, d + 2^i)
+        while 2 ** len(self._min) <= K + 1:
+            h, prev = 2 ** (len(self._min) - 1), self._min[-1]
+            self._min.append(np.minimum(prev, np.concatenate([prev[h:], np.full(h, np.inf)])))
+        self._min = np.stack(self._min)
+
+    def rows(self, be, nd) -> np.ndarray:
+        nd = np.asarray(nd).astype(np.int64)
+        n = np.asarray(be, float) * self.phases[nd]
+        return np.maximum(1.0, 1 + (n - 1) * self.m[nd])
+
+    def lower(self, be, nd_lo, nd_hi) -> np.ndarray:
+        lo, hi = np.asarray(nd_lo).astype(np.int64), np.asarray(nd_hi).astype(np.int64)
+        lvl = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
+        g = np.minimum(self._min[lvl, lo], self._min[lvl, hi - (1 << lvl) + 1])
+        return np.maximum(1.0, np.asarray(be, float) * g)

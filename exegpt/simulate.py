@@ -32,7 +32,9 @@ RRA (paper §4.1, §6; "our reading" where marked):
   * a phase ends early when its whole batch has finished (the runner starts the next encode phase then): it runs
     I = E[min(N_D, longest remaining)] <= N_D iterations (``exegpt.phases``; our reading of the runner, the
     paper counts N_D), of B_E E[k] / I rows on average;
-  * throughput = B_E / (T_E + I T_D); latency(L) = max(1, ceil(k_L/N_D)) T_E + k_L T_D.
+  * throughput = B_E / (T_E + I T_D); latency(L) = max(1, ceil(k_L/N_D)) T_E + k_L T_D(R_L), where R_L are the
+    rows the query decodes beside: a long query lives through the first iterations of its phases, when the
+    batch is fullest (``exegpt.phases.QueryRows``; our reading of the runner).
 WAA (paper §4.2, §6):
   * encode group (E devices) and decode group (D devices) run concurrently; one encode batch enters
     per decode iteration; B_D = B_E E[k] (Little's law; the paper's B_E * S_D);
@@ -52,6 +54,7 @@ no early termination; its bound applies to the longest output (paper §7.1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -63,7 +66,7 @@ from .devices import Cluster
 from .errors import ExeGPTError
 from .memory import MEMORY_FRACTION, activation_bytes, kv_bytes, stage_weight_bytes
 from .models import ModelShape
-from .phases import PhaseLengths, phases_per_query
+from .phases import PhaseLengths, QueryRows, phases_per_query
 from .placement import place_layers
 from .plan import Estimate, Stage
 from .profile import Kernel, Profile
@@ -126,6 +129,11 @@ class Problem:
     @property
     def stats(self) -> WorkloadStats:
         return self.cost.stats
+
+    @functools.cached_property
+    def query_rows(self) -> QueryRows:
+        """The rows the bound-length query decodes beside in RRA, per N_D (``exegpt.phases``; built on first use)."""
+        return QueryRows(self.stats.k_lengths, self.stats.k_probs, self.phases, self.k_q)
 
     @property
     def max_decode_iters(self) -> int:
@@ -308,13 +316,18 @@ def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool
         thr = be_hi / (t_enc_hi + it_lo * t_dec_hi)
     bd = be_lo * ratio
     phases = np.maximum(1, np.ceil(prob.k_q / nd_hi))
-    lat = phases * t_enc + prob.k_q * t_dec
+    # The bound-length query's iterations run beside more rows than the phase's mean (``QueryRows``).
+    point = np.array_equal(be_lo, be_hi) and np.array_equal(nd_lo, nd_hi)
+    rows_q = prob.query_rows.rows(be_lo, nd_lo) if point else prob.query_rows.lower(be_lo, nd_lo, nd_hi)
+    _, t_dec_q, ok_q = _rra_phases(prob, stages, be_lo, rows_q)
+    lat = phases * t_enc + prob.k_q * t_dec_q
     refill = be_lo * prob.phases[nd_hi]  # the batch at a phase start
     rows = np.ceil(refill) + be_lo  # cache rows: the refilled batch plus an incoming encode batch
     mem = _memory(prob, stages, rows, be_lo / len(stages) * prob.stats.in_max)
-    ok = ok_e & _fits(prob, mem)
+    ok = ok_e & ok_q & _fits(prob, mem)
     if detail:
-        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=bd, mem=mem, refill=refill)
+        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=bd, mem=mem, refill=refill,
+                    rows_q=rows_q, t_dec_q=t_dec_q)
     return thr, lat, ok
 
 

@@ -109,7 +109,14 @@ def test_rra_closed_form_latency():
     s = RRASchedule(encode_batch=16, decode_iters=8, tp=1, tp_gpus=0, num_gpus=1)
     e = simulate(s, w, model="llama-2-7b", devices="1xA100")
     k = 63 - 1
-    assert e.latency_s == pytest.approx(math.ceil(k / 8) * e.encode_stage_s + k * e.decode_step_s)
+    # The bound-length query's k iterations each run beside R_L rows (exegpt.phases.QueryRows), more than the
+    # mean decode batch: they are the first iterations of their phases.
+    from exegpt.simulate import layout_for, rra_box
+    prob = problem(w, math.inf, model="llama-2-7b", devices="1xA100")
+    d = rra_box(prob, layout_for(prob, s), 16, 16, 8, 8, detail=True)
+    assert float(d["rows_q"][0] if np.ndim(d["rows_q"]) else d["rows_q"]) > e.decode_batch
+    assert float(np.ravel(d["t_dec_q"])[0]) > e.decode_step_s
+    assert e.latency_s == pytest.approx(math.ceil(k / 8) * e.encode_stage_s + k * float(np.ravel(d["t_dec_q"])[0]))
     assert e.throughput_seq_s == pytest.approx(16 / (e.encode_stage_s + 8 * e.decode_step_s))
 
 

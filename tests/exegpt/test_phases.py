@@ -11,7 +11,7 @@ import pytest
 from exegpt import RRASchedule, Workload, evaluate_schedule
 from exegpt.cost import WorkloadStats
 from exegpt.distribution import Distribution
-from exegpt.phases import SEGMENTS, PhaseLengths, phases_per_query
+from exegpt.phases import SEGMENTS, PhaseLengths, QueryRows, phases_per_query
 
 from .conftest import make_profile
 
@@ -89,3 +89,48 @@ def test_rra_estimate_counts_the_iterations_a_phase_runs():
     assert L < 70
     assert e.decode_batch == pytest.approx(16 * float(np.dot(k, p)) / L)
     assert e.throughput_seq_s == pytest.approx(16 / (e.encode_stage_s + L * e.decode_step_s))
+
+
+def _replay_query_rows(k: np.ndarray, p: np.ndarray, phases: np.ndarray, be: int, nd: int, k_q: int,
+                       n_queries: int = 40000, seed: int = 1) -> float:
+    """Mean rows beside which the queries of exactly ``k_q`` decode iterations ran theirs, under the runner's RRA
+    rule (refill as many as finished, run until N_D iterations or an empty batch), lengths only."""
+    rng = np.random.default_rng(seed)
+    queue = list(rng.choice(k, size=n_queries, p=p).astype(int))
+    target = max(1, round(be * phases[nd]))
+    alive = np.zeros(0, dtype=int)
+    mine = np.zeros(0, dtype=bool)  # a query of k_q iterations, admitted past the ramp-up
+    seen, admitted = [], 0
+    while len(queue) > target:
+        done = alive <= 0
+        finished = int(done.sum())
+        alive, mine = alive[~done], mine[~done]
+        n = min(max(be, finished), target - len(alive))
+        new = np.array([queue.pop() for _ in range(max(n, 0))], dtype=int)
+        admitted += len(new)
+        alive = np.concatenate([alive, new])
+        mine = np.concatenate([mine, (new == k_q) & (admitted > 4 * target)])
+        if not len(alive) or alive.max() <= 0:
+            continue
+        ran = min(nd, int(alive.max()))
+        for j in range(ran):
+            runs = alive > j
+            seen += [int(runs.sum())] * int((runs & mine).sum())
+        alive = alive - ran
+    return float(np.mean(seen))
+
+
+@pytest.mark.parametrize("be,nd", [(4, 16), (8, 62), (16, 40)])
+def test_query_rows_match_a_replay_of_the_runners_rule(be, nd):
+    """The bound-length query decodes beside more rows than the phase's mean; the model is within 5 % of a
+    replay, and its box bound never exceeds it."""
+    w = Workload.truncated_normal(input=(64, 63, 128), output=(32, 13, 80), name="S/4")
+    k, p, phases = _lengths(w)
+    k_q = w.output_len.quantile(0.9) - 1
+    q = QueryRows(k, p, phases, k_q)
+    model = float(q.rows(be, nd))
+    mean_rows = be * float(np.dot(k, p)) / float(PhaseLengths(k, p, phases)(be, nd))
+    assert model > mean_rows
+    assert model == pytest.approx(_replay_query_rows(k, p, phases, be, nd, k_q), rel=0.05)
+    for lo, hi in [(nd, nd), (1, nd), (nd // 2, nd + 5)]:
+        assert q.lower(be, lo, hi) <= min(q.rows(be, d) for d in range(lo, hi + 1)) + 1e-12
