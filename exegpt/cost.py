@@ -207,7 +207,8 @@ class CostModel:
 
     def stage_encode(self, tp: int, n_layers: int, n_enc_layers: int, last: bool, batch, first: bool = False):
         """Seconds for one stage to encode ``batch`` prompts (see the module docstring). ``first``: the pipeline's
-        first stage, whose TP ranks get each command from the driver (``tp_command``)."""
+        first stage, which the driver leads: it pays the executor's own work (``engine_encode``), and with TP its
+        other ranks get each command from the driver (``tp_command``)."""
         b = np.asarray(batch, dtype=float)
         if first:
             # The driver leads the first stage: its own work (engine_encode) and, with TP, each command's hop
