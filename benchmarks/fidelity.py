@@ -128,8 +128,7 @@ def main():
           f"mean {100 * statistics.mean(spreads):.1f}% worst {100 * max(spreads):.1f}%")
     # The measured latency is the worst among the requests that reached latency_len tokens (what a bound must
     # hold), the prediction that length's expected latency: their median shows how much of the gap is spread.
-    med = [abs(c.plan.estimate.latency_s - c.report.latency_p50_s) / c.report.latency_p50_s for c in rows
-           if math.isfinite(c.report.latency_p50_s) and c.report.latency_p50_s > 0]
+    med = [c.latency_p50_error for c in rows if math.isfinite(c.latency_p50_error)]
     if med:
         print(f"  latency against the median (not the worst) of the same requests: error mean "
               f"{100 * statistics.mean(med):.1f}% worst {100 * max(med):.1f}%")

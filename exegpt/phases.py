@@ -39,6 +39,19 @@ def phases_per_query(k: np.ndarray, p: np.ndarray) -> np.ndarray:
     return phases
 
 
+def _live(k: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The queries that decode at all (a query of 0 decode iterations never joins a decode batch)."""
+    live = k >= 1
+    return k[live].astype(np.int64), p[live]
+
+
+def _row_cdf(k: np.ndarray, p: np.ndarray, phases: np.ndarray, d: int) -> np.ndarray:
+    """F[r] = P(R <= r) for r = 0..d-1 at N_D = d: a row of the length-biased mix runs R iterations in a phase, N_D
+    or, in its query's last phase, the remainder (``k``, ``p`` from ``_live``)."""
+    rem = k - (np.ceil(k / d).astype(np.int64) - 1) * d  # in [1, d]
+    return np.cumsum(np.bincount(rem, weights=p, minlength=d + 1)[:d]) / phases[d]
+
+
 class PhaseLengths:
     """Expected decode iterations per RRA phase, for every N_D up to the longest output's iterations. Built on
     first use (WAA and static searches never need it)."""
@@ -53,13 +66,11 @@ class PhaseLengths:
         unused)."""
         K = len(self.phases) - 1
         F_end, W = np.zeros((K + 1, SEGMENTS)), np.zeros((K + 1, SEGMENTS))
-        live = self.k >= 1  # a query of 0 decode iterations never joins a decode batch
-        k, p = self.k[live].astype(np.int64), self.p[live]
+        k, p = _live(self.k, self.p)
         for d in range(2, K + 1):
             if self.phases[d] <= 0:
                 continue
-            rem = k - (np.ceil(k / d).astype(np.int64) - 1) * d  # in [1, d]
-            F = np.cumsum(np.bincount(rem, weights=p, minlength=d + 1)[:d]) / self.phases[d]  # F[r], r < d
+            F = _row_cdf(k, p, self.phases, d)
             ends = np.unique(np.linspace(0, d - 1, SEGMENTS + 1).round().astype(np.int64))[1:]  # last r of groups
             F_end[d, :len(ends)] = F[ends]
             W[d, :len(ends)] = np.diff(np.concatenate([[0], ends]))
@@ -103,15 +114,12 @@ class QueryRows:
     def __init__(self, k: np.ndarray, p: np.ndarray, phases: np.ndarray, k_q: int):
         K = len(phases) - 1
         self.m = np.zeros(K + 1)
-        live = k >= 1
-        kk, pp = k[live].astype(np.int64), p[live]
+        k, p = _live(k, p)
         if k_q >= 1:
             for d in range(1, K + 1):
                 if phases[d] <= 0:
                     continue
-                rem = kk - (np.ceil(kk / d).astype(np.int64) - 1) * d  # a row's iterations in its last phase
-                F = np.cumsum(np.bincount(rem, weights=pp, minlength=d + 1)[:d]) / phases[d]  # F[r], r < d
-                A = np.concatenate([[0.0], np.cumsum(1 - F)])  # A[t] = sum_{j<t} S(j), t = 0..d
+                A = np.concatenate([[0.0], np.cumsum(1 - _row_cdf(k, p, phases, d))])  # A[t] = sum_{j<t} S(j)
                 full = -(-k_q // d) - 1
                 self.m[d] = (full * A[d] + A[k_q - full * d]) / k_q
         self.phases = phases

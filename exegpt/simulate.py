@@ -284,18 +284,27 @@ def _fits(prob: Problem, mem: list) -> np.ndarray:
 
 # --- box functions ------------------------------------------------------------------------------
 
+def _rra_decode(prob: Problem, stages, bd, cost: CostModel | None = None):
+    """RRA decode-iteration seconds for B_D = bd (one micro-batch per stage), its in-range mask and the token hop
+    back to the driver (0 with one stage)."""
+    p = len(stages)
+    dec, ok_d = _decode_times(prob, stages, bd / p, None, cost)
+    if p == 1:
+        return dec[0], ok_d, 0.0
+    # A micro-batch's next iteration needs its tokens back at the driver: with P micro-batches over P stages the
+    # pipeline has no slack, so one round trip (every stage, then the token hop) bounds the iteration too.
+    ret, ok_r = (cost or prob.cost).token_return(bd / p)
+    return np.maximum(p * np.maximum.reduce(dec), sum(dec) + ret), ok_d & ok_r, ret
+
+
 def _rra_phases(prob: Problem, stages, be, bd, cost: CostModel | None = None):
     """RRA encode-phase and decode-iteration seconds for B_E = be and B_D = bd (one micro-batch per stage)."""
     p = len(stages)
     enc, ok_e = _encode_times(prob, stages, be / p, cost)
-    dec, ok_d = _decode_times(prob, stages, bd / p, None, cost)
+    t_dec, ok_d, ret = _rra_decode(prob, stages, bd, cost)
     if p == 1:
-        return enc[0], dec[0], ok_e & ok_d
-    # A micro-batch's next iteration needs its tokens back at the driver: with P micro-batches over P stages the
-    # pipeline has no slack, so one round trip (every stage, then the token hop) bounds the iteration too.
-    ret, ok_r = (cost or prob.cost).token_return(bd / p)
-    t_dec = np.maximum(p * np.maximum.reduce(dec), sum(dec) + ret)
-    return sum(enc) + (p - 1) * np.maximum.reduce(enc) + ret, t_dec, ok_e & ok_d & ok_r
+        return enc[0], t_dec, ok_e & ok_d
+    return sum(enc) + (p - 1) * np.maximum.reduce(enc) + ret, t_dec, ok_e & ok_d
 
 
 def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool = False):
@@ -319,7 +328,7 @@ def rra_box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool
     # The bound-length query's iterations run beside more rows than the phase's mean (``QueryRows``).
     point = np.array_equal(be_lo, be_hi) and np.array_equal(nd_lo, nd_hi)
     rows_q = prob.query_rows.rows(be_lo, nd_lo) if point else prob.query_rows.lower(be_lo, nd_lo, nd_hi)
-    _, t_dec_q, ok_q = _rra_phases(prob, stages, be_lo, rows_q)
+    t_dec_q, ok_q, _ = _rra_decode(prob, stages, rows_q)
     lat = phases * t_enc + prob.k_q * t_dec_q
     refill = be_lo * prob.phases[nd_hi]  # the batch at a phase start
     rows = np.ceil(refill) + be_lo  # cache rows: the refilled batch plus an incoming encode batch

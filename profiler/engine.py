@@ -28,8 +28,8 @@ rows ran at 0.68-0.82x their predicted decode step.)
 from __future__ import annotations
 
 import dataclasses
-import math
 import logging
+import math
 
 import numpy as np
 from scipy.optimize import nnls

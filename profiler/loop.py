@@ -67,6 +67,12 @@ class Comparison:
         return abs(self.plan.estimate.latency_s - self.report.latency_s) / self.report.latency_s
 
     @property
+    def latency_p50_error(self) -> float:
+        """|predicted - measured| / measured against the median, not the worst, of the same requests' latencies
+        (NaN when none reached ``latency_len`` tokens)."""
+        return abs(self.plan.estimate.latency_s - self.report.latency_p50_s) / self.report.latency_p50_s
+
+    @property
     def bound_kept(self) -> bool | None:
         """Whether the measured latency kept the bound; None when no request was long enough to measure it."""
         if math.isnan(self.report.latency_s):
