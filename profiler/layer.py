@@ -175,12 +175,17 @@ def attention_core(shard: LayerShard, q: Tensor, k: Tensor, v: Tensor, step: Ste
 def layer_rest(shard: LayerShard, x: Tensor, step: Step, attn_out: Tensor) -> Tensor:
     """Everything of ``TransformerBlock.forward`` except the attention core: ``x`` ``[n, S, dim]`` -> ``[n, S, dim]``.
 
-    ``attn_out`` ``[n, H, S, D]`` stands in for the core's output (its value does not change the work).
+    ``attn_out`` ``[n, H, S, D]`` stands in for the core's output (its value does not change the work); ``[n, 1, H D]``
+    where the decode core is fused (``Attention.fused_decode``: RoPE belongs to the core there).
     """
     block = shard.block
-    block.attention.project(block.attention_norm(x), step)  # q, k, v (the core's inputs; discarded here)
-    h = x + block.attention.out(attn_out)
-    return h + block.feed_forward(block.ffn_norm(h))
+    a, xn = block.attention, block.attention_norm(x)
+    if a.fused_decode(xn, step, shard.cache):
+        a.wqkv(xn)  # the fused core's input (discarded here)
+    else:
+        a.project(xn, step)  # q, k, v (the core's inputs; discarded here)
+    h = a.out(attn_out, residual=x)
+    return block.feed_forward(block.ffn_norm(h), residual=h)
 
 
 # --- timeable regions -----------------------------------------------------------------------------
@@ -198,8 +203,13 @@ def attn_decode_region(shard: LayerShard, batch: int, context: int) -> Region:
     """Attention core of one decode step of ``batch`` rows, the longest attending to ``context`` keys."""
     _check_fits(shard, batch, context)
     step = decode_step(shard, batch, context)
+    a = shard.block.attention
+    x = _hidden(shard, batch, 1)
+    # The cache writes go to the same positions every call: no state to rewind between repetitions.
+    if a.fused_decode(x, step, shard.cache):  # RoPE + cache write + attention in one kernel call
+        qkv = a.wqkv(x)
+        return (lambda: a.decode_core(qkv, step, shard.cache, 0)), None
     q, k, v = _qkv(shard, batch, 1)
-    # append() writes the same positions every call: no state to rewind between repetitions.
     return (lambda: attention_core(shard, q, k, v, step)), None
 
 
@@ -224,7 +234,9 @@ def dense_decode_region(shard: LayerShard, tokens: int) -> Region:
     """The rest of a decode layer for ``tokens`` rows of one token each (``[tokens, 1, dim]``)."""
     step = decode_step(shard, tokens, min(shard.cache.max_len, tokens + 1))
     x = _hidden(shard, tokens, 1)
-    attn_out = _qkv(shard, tokens, 1)[0]
+    attn_out = _qkv(shard, tokens, 1)[0]  # [n, H, 1, D]
+    if shard.block.attention.fused_decode(x, step, shard.cache):  # the fused core's output layout
+        attn_out = attn_out.transpose(1, 2).reshape(tokens, 1, -1)
     return (lambda: layer_rest(shard, x, step, attn_out)), None
 
 

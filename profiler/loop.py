@@ -29,6 +29,7 @@ import torch
 from exegpt import InfeasibleBoundError, Plan, Profile, Workload, find_schedule, static_schedule
 from exegpt.errors import ExeGPTError
 from exegpt.schedule import describe
+from runner import cpu_kernels
 from runner.report import RunReport
 from runner.run import run_plans
 
@@ -90,7 +91,7 @@ def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, r
 
     dev = describe_device(None)
     key = json.dumps([model, list(tp_degrees), quick, torch.__version__, dev.model, THREADS, platform.node(),
-                      METHOD_VERSION])
+                      METHOD_VERSION, cpu_kernels.load() is not None])
     path = CACHE_DIR / f"profile-{model}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
     if path.is_file() and not refresh:
         try:

@@ -42,6 +42,7 @@ from exegpt.models import MODELS, ModelShape
 from exegpt.profile import Kernel, Profile, ProfileTable
 from runner.generate import decode_step as runner_decode_step
 from runner.model import ModelArgs
+from runner import cpu_kernels
 from runner.weights import load_model
 
 from . import layer as L
@@ -52,9 +53,10 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 2
+METHOD_VERSION = 3
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
-``handoff_on_compute``, 2026-12-02), so cached profiles of an older method are measured again."""
+``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``), so cached profiles
+of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond it the point is
@@ -438,12 +440,15 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
         "started_utc": started.isoformat(timespec="seconds"), "wall_s": round((finished - started).total_seconds(), 1),
         "torch_version": torch.__version__, "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(), "device": dev_info.to_dict(),
+        "cpu_kernels": t.device.type == "cpu" and cpu_kernels.load() is not None,
         "dtype": t.dtype, "tp_degrees": list(t.tp_degrees), "quick": quick, "warmup": WARMUP, "repeat": repeat,
         "grid": g.to_dict(), "seed": seed,
         "statistic": "median over repeats; noisy points, and points slower than a point with more work, re-timed "
                      "(lower median kept); spread_s = p90 - p10",
-        "split": "attn_* = KV-cache update + runner.model.attend of runner.model.Attention; "
-                 "dense_* = norms, wqkv, RoPE, wo, feed-forward and residuals of runner.model.TransformerBlock; "
+        "split": "attn_* = KV-cache update + runner.model.attend of runner.model.Attention (attn_decode on the CPU "
+                 "decode kernels: RoPE + cache write + attention, runner.model.Attention.decode_core); "
+                 "dense_* = norms, wqkv, RoPE (not where the decode core is fused), wo, feed-forward and residuals "
+                 "of runner.model.TransformerBlock; "
                  "lm_head = embedding + final norm + LM head + argmax for `rows` rows; tp>1 = rank 0's shard "
                  "from runner.tp.apply_tp without its all-reduce (see allreduce)",
         "workload": "attn_encode: prompts padded to seq, one a token shorter when batch > 1 (the runner's "

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS, ModelShape
+from runner import cpu_kernels
 from runner.kv_cache import KVCache, as_rows, row_index
 from runner.tp import all_reduce
 
@@ -179,13 +180,20 @@ def prepacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Tensor
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that multiplies by a prepacked weight where that is faster (``prepacked_linear``)."""
+    """``nn.Linear`` that runs few rows on the CPU decode kernels (``runner.cpu_kernels``) and multiplies by a
+    prepacked weight where that is faster (``prepacked_linear``). ``residual``, when given, is added to the output
+    (``residual + linear(x)``, fused into the kernel)."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if cpu_kernels.usable(x, self.weight, *_bias(self)):
+            return cpu_kernels.linear(x, self.weight, self.bias, residual)
         dtype = _packed_dtype(x, self.weight)
-        if dtype is not None:
-            return prepacked_linear(self, (self,), x, dtype)
-        return F.linear(x, self.weight, self.bias)
+        y = prepacked_linear(self, (self,), x, dtype) if dtype is not None else F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y
+
+
+def _bias(*linears: nn.Linear) -> tuple[Tensor, ...]:
+    return tuple(lin.bias for lin in linears if lin.bias is not None)
 
 
 
@@ -198,6 +206,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Normalize in fp32, scale in the model dtype (as HF Llama / T5 do). NOTE: torch's rms_norm of a half
         # input computes in fp32 and rounds once, the same bits as ``rms_norm(x.float()).to(x.dtype)``, in one op.
+        if cpu_kernels.usable(x, self.weight, any_rows=True):  # the same rounding, one call instead of ~8 ops
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
 
 
@@ -351,26 +361,63 @@ class Attention(nn.Module):
             return attend(q.to(k.dtype), k, v, step.mask, step.is_causal, self.scale, gqa=gqa).to(q.dtype)
         return attend(q, k, v, step.mask, step.is_causal, self.scale, gqa=gqa)
 
-    def out(self, y: Tensor) -> Tensor:
-        """Attention output ``[n, H, S, D]`` -> ``wo`` -> all-reduce -> ``[n, S, dim]``."""
-        n, H, S, D = y.shape
-        return all_reduce(self.wo(y.transpose(1, 2).reshape(n, S, H * D)), self.tp_group, self.tp_size)
+    def out(self, y: Tensor, residual: Tensor | None = None) -> Tensor:
+        """Attention output ``[n, H, S, D]`` (or ``[n, S, H D]``) -> ``wo`` -> all-reduce (-> + ``residual``) ->
+        ``[n, S, dim]``."""
+        if y.dim() == 4:
+            n, H, S, D = y.shape
+            y = y.transpose(1, 2).reshape(n, S, H * D)
+        return _reduce_linear(self.wo, y, self.tp_group, self.tp_size, residual)
 
-    def forward(self, x: Tensor, step: Step, cache: KVCache | None, layer: int) -> Tensor:
+    def fused_decode(self, x: Tensor, step: Step, cache: KVCache | None) -> bool:
+        """Whether this decode step runs on the CPU decode kernels: RoPE, cache write and attention in one call
+        (``runner.cpu_kernels.attn_decode``). Needs a CPU fp32 cache and no mask beyond each row's prefix."""
+        return (step.decode and cache is not None and cache.dtype == torch.float32 and cache.device.type == "cpu"
+                and (step.mask is None or step.mask.dtype == torch.bool) and step.pos is not None
+                and cpu_kernels.usable(x, any_rows=True))
+
+    def decode_core(self, qkv: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
+        """The fused decode core: ``wqkv``'s output ``[n, 1, (H + 2 Hkv) D]`` -> attention output ``[n, 1, H D]``
+        (RoPE, cache write at each row's position, attention over its prefix)."""
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        return cpu_kernels.attn_decode(qkv, step.cos, step.sin, step.pos, step.rows, cache.k[layer], cache.v[layer],
+                                       self.n_heads, self.n_kv_heads, scale)
+
+    def forward(self, x: Tensor, step: Step, cache: KVCache | None, layer: int, residual: Tensor | None = None
+                ) -> Tensor:
+        if self.fused_decode(x, step, cache):
+            return self.out(self.decode_core(self.wqkv(x), step, cache, layer), residual)
         q, k, v = self.project(x, step)
-        return self.out(self.core(q, k, v, step, cache, layer))
+        return self.out(self.core(q, k, v, step, cache, layer), residual)
+
+
+def _reduce_linear(linear: Linear, x: Tensor, group, tp_size: int, residual: Tensor | None) -> Tensor:
+    """``residual + all_reduce(linear(x))``; the residual goes into the Linear call when there is nothing to
+    reduce (one rank)."""
+    if tp_size == 1:
+        return linear(x, residual)
+    y = all_reduce(linear(x), group, tp_size)
+    return y if residual is None else residual + y
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.act_name = args.ffn_act
         self.act = ACTIVATIONS[args.ffn_act]
         self.w1 = Linear(args.dim, args.ffn_dim, bias=args.bias)
         self.w3 = Linear(args.dim, args.ffn_dim, bias=args.bias) if args.gated_ffn else None
         self.w2 = Linear(args.ffn_dim, args.dim, bias=args.bias)
         self.tp_group, self.tp_size = None, 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``[..., dim]`` -> ``[..., dim]`` (all-reduced over the TP group), plus ``residual`` when given."""
+        return _reduce_linear(self.w2, self.hidden(x), self.tp_group, self.tp_size, residual)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The activations ``[..., ffn_dim]`` that ``w2`` reads."""
+        if self.w3 is not None and cpu_kernels.usable(x, self.w1.weight, self.w3.weight, *_bias(self.w1, self.w3)):
+            return cpu_kernels.gated(x, self.w1.weight, self.w3.weight, self.act_name, self.w1.bias, self.w3.bias)
         dtype = _packed_dtype(x, self.w1.weight) if self.w3 is not None else None
         if dtype is not None:  # w1 and w3 as one GEMM
             h1, h3 = prepacked_linear(self, (self.w1, self.w3), x, dtype).chunk(2, dim=-1)  # [..., ffn_dim] each
@@ -379,7 +426,7 @@ class FeedForward(nn.Module):
             h = self.act(self.w1(x))  # [..., ffn_dim]
             if self.w3 is not None:
                 h = h * self.w3(x)
-        return all_reduce(self.w2(h), self.tp_group, self.tp_size)
+        return h
 
 
 class TransformerBlock(nn.Module):
@@ -390,8 +437,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), step, cache, layer)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention(self.attention_norm(x), step, cache, layer, residual=x)  # x + attention(norm(x))
+        return self.feed_forward(self.ffn_norm(h), residual=h)
 
 
 # --- the model ------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_packed_linear_is_one_rounding_of_the_exact_product_and_follows_weight_c
 
     torch.manual_seed(0)
     lin = Linear(512, 512, bias=True).to(dtype)  # big enough to be packed in fp32 too (``_PACK_MIN_PARAMS``)
-    x = torch.randn(8, 512, dtype=dtype)
+    x = torch.randn(32, 512, dtype=dtype)  # more rows than the CPU decode kernels take (``cpu_kernels.MAX_ROWS``)
 
     def check(out, x, w, b=None):
         """Within one rounding to ``dtype`` (a relative half-ulp, doubled) plus fp32 accumulation error."""
@@ -177,7 +177,7 @@ def test_packed_linear_is_one_rounding_of_the_exact_product_and_follows_weight_c
         lin.weight = torch.nn.Parameter(-lin.weight.detach(), requires_grad=False)
         check(lin(x), x, lin.weight, lin.bias)
         ffn = FeedForward(ModelArgs.from_name("tiny")).to(dtype)
-        h = torch.randn(8, 1, ffn.w1.in_features, dtype=dtype)
+        h = torch.randn(32, 1, ffn.w1.in_features, dtype=dtype)
         h1, h3 = ffn.w1(h), ffn.w3(h)  # separately
         fused = ffn.w2(ffn.act(h1) * h3)
         assert torch.allclose(ffn(h).float(), fused.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0.05)

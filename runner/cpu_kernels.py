@@ -1,0 +1,192 @@
+"""Fused CPU decode kernels (``runner/csrc/cpu_kernels.c``), built once with the system C compiler and called
+through ctypes.
+
+At decode a Linear layer multiplies a few rows by a weight it streams from memory once. On CPUs without bf16
+instructions torch 2.13 emulates the bf16 GEMM (~10 GB/s, slower with every row), and every eager op costs
+microseconds of dispatch. The kernels stream each weight row once, convert bf16 in registers, and fuse the gated
+feed-forward and RMSNorm. The model's modules call them for ``rows <= max_rows(dtype)`` and use torch otherwise.
+
+The shared library is compiled on first use with ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp`` into
+``$EXEGPT_CACHE/kernels`` (default ``~/.cache/exegpt/kernels``), named by a hash of the source, the flags and the
+compiler, so concurrent ranks and later runs reuse one build. Without a compiler, or with ``EXEGPT_CPU_KERNELS=0``,
+everything runs on torch ops (one warning says why). OpenMP threads come from the libgomp torch already loaded, so
+``torch.set_num_threads`` governs both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
+ABI_VERSION = 2
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+ACTS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+
+_NATIVE_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+MAX_ROWS = {torch.float32: 8, torch.bfloat16: 1 if _NATIVE_BF16 else 12}
+"""Most rows one kernel call takes, per dtype; beyond, torch's GEMMs (oneDNN on a packed weight) are faster.
+NOTE (torch 2.13, 2 AVX2 cores, SmolLM2's weights): see ``python -m benchmarks.kernels``. Where the CPU has bf16
+instructions oneDNN multiplies bf16 natively; the kernels then take single rows only (not measured there)."""
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EXEGPT_CACHE", Path.home() / ".cache" / "exegpt")) / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _build(cc: str) -> Path:
+    """Compiles the source into the cache (atomically: concurrent ranks may race) and returns the library path."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, version)).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, str(SOURCE), "-o", tmp, *FLAGS], capture_output=True, text=True)
+        if res.returncode:
+            raise OSError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, built on first call; None where it cannot be (warned once) or is switched off."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("EXEGPT_CPU_KERNELS", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        warnings.warn("runner: no C compiler found ($CC, cc, gcc); CPU decode runs on torch ops only", stacklevel=2)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except OSError as e:
+        warnings.warn(f"runner: CPU kernels unavailable ({e}); CPU decode runs on torch ops only", stacklevel=2)
+        return None
+    if lib.xg_abi_version() != ABI_VERSION:
+        warnings.warn("runner: stale CPU kernel build; CPU decode runs on torch ops only", stacklevel=2)
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.xg_linear.argtypes = [p, p, p, p, p, i, i, i, i]
+    lib.xg_gated.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
+    lib.xg_rmsnorm.argtypes = [p, p, p, i, i, i, ctypes.c_float]
+    i64 = ctypes.c_int64
+    lib.xg_attn_decode.argtypes = [p, p, p, i64, p, p, i64, p, p, i64, p, i, i, i, i, i, ctypes.c_float]
+    for f in (lib.xg_linear, lib.xg_gated, lib.xg_rmsnorm, lib.xg_attn_decode):
+        f.restype = i
+    _lib = lib
+    return lib
+
+
+def usable(x: Tensor, *weights: Tensor, any_rows: bool = False) -> bool:
+    """Whether the kernels take ``x`` ``[..., K]`` with ``weights``: CPU, no autograd, a supported dtype shared by
+    all, at most ``MAX_ROWS`` rows (unless ``any_rows``: row-wise kernels), and the library built."""
+    dt = x.dtype
+    if x.device.type != "cpu" or dt not in MAX_ROWS:
+        return False
+    if not any_rows and x.numel() // max(x.shape[-1], 1) > MAX_ROWS[dt]:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return False
+    return all(w.dtype == dt and w.is_contiguous() for w in weights) and load() is not None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, name: str) -> None:
+    if rc:
+        raise MemoryError(f"runner CPU kernel {name} could not allocate its input buffer")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """``residual + F.linear(x, weight, bias)`` (each rounded to x's dtype as eager ops round), ``[..., N]``.
+
+    NOTE: this sits on the decode path (~7 calls a layer); it costs ~10 us of Python and ctypes around the kernel,
+    so it avoids every avoidable tensor op."""
+    N, K = weight.shape
+    x = x.contiguous()
+    y = x.new_empty(x.shape[:-1] + (N,))
+    if residual is not None:
+        residual = residual.contiguous()
+    _check(_lib.xg_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                          None if residual is None else residual.data_ptr(), y.data_ptr(), DTYPES[x.dtype],
+                          x.numel() // K, K, N), "linear")
+    return y
+
+
+def gated(x: Tensor, w1: Tensor, w3: Tensor, act: str, b1: Tensor | None = None, b3: Tensor | None = None
+          ) -> Tensor:
+    """``act(F.linear(x, w1, b1)) * F.linear(x, w3, b3)``, ``[..., N]``."""
+    N, K = w1.shape
+    x = x.contiguous()
+    M = x.numel() // K
+    y = x.new_empty(x.shape[:-1] + (N,))
+    _check(_lib.xg_gated(x.data_ptr(), w1.data_ptr(), _ptr(b1), w3.data_ptr(), _ptr(b3), y.data_ptr(),
+                         DTYPES[x.dtype], ACTS[act], M, K, N), "gated")
+    return y
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * F.rms_norm(x, eps)`` normalised in fp32, rounded as the eager module rounds."""
+    K = x.shape[-1]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _lib.xg_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), DTYPES[x.dtype], x.numel() // K, K, eps)
+    return y
+
+
+def attn_decode(qkv: Tensor, cos: Tensor | None, sin: Tensor | None, pos: Tensor, rows: Tensor | slice,
+                k_cache: Tensor, v_cache: Tensor, n_heads: int, n_kv_heads: int, scale: float) -> Tensor:
+    """One decode step of attention: RoPE, the KV-cache write at ``pos``, grouped-head attention over keys
+    ``0..pos`` of each row.
+
+    Args:
+        qkv: ``[n, 1, (H + 2 Hkv) D]``, the fused projection's output (model dtype).
+        cos, sin: ``[1 or n, 1, 1, D]`` RoPE rows of the positions (signed sin), or None (no RoPE).
+        pos: ``[n]`` int64 positions; rows: the cache rows, a slice or ``[n]`` int64.
+        k_cache, v_cache: this layer's fp32 cache ``[max_rows, Hkv, max_len, D]``, contiguous.
+    Returns:
+        ``[n, 1, H D]`` in the model dtype.
+    """
+    n = qkv.shape[0]
+    D = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+    qkv = qkv.contiguous()
+    out = torch.empty(n, 1, n_heads * D, dtype=qkv.dtype)
+    row0, rows_t = (rows.start or 0, None) if isinstance(rows, slice) else (0, rows.to(torch.int64).contiguous())
+    pos = pos.to(torch.int64).contiguous()
+    cs_stride = 0 if cos is None or cos.shape[0] == 1 else D
+    if cos is not None:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    _check(_lib.xg_attn_decode(qkv.data_ptr(), _ptr(cos), _ptr(sin), cs_stride, pos.data_ptr(),
+                               _ptr(rows_t), row0, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2],
+                               out.data_ptr(), DTYPES[qkv.dtype], n, n_heads, n_kv_heads, D, scale), "attn_decode")
+    return out

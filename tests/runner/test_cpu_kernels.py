@@ -1,0 +1,142 @@
+"""The CPU decode kernels (``runner.cpu_kernels``): the eager model's numbers, the same bits alone or batched,
+the fused decode attention equal to the eager core, and a clean fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runner import cpu_kernels
+from runner.generate import greedy_batch, greedy_reference
+from runner.kv_cache import KVCache
+from runner.model import Attention, ModelArgs, decode_step, rope_tables
+from runner.weights import load_model
+
+pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler for the CPU kernels")
+
+HALF_ULP = {torch.float32: 2 ** -24, torch.bfloat16: 2 ** -8}
+
+
+def within_rounding(out: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor) -> bool:
+    """``out`` is ``exact`` rounded once to its dtype, up to fp32 accumulation error."""
+    tol = 2 * HALF_ULP[out.dtype] * exact.abs() + 64 * 2 ** -24 * magnitude
+    return bool(((out.double() - exact).abs() <= tol).all())
+
+
+@pytest.fixture
+def kernels_off(monkeypatch):
+    """A function that routes every call of the model to torch's ops."""
+    def off():
+        monkeypatch.setattr(cpu_kernels, "MAX_ROWS", {d: 0 for d in cpu_kernels.MAX_ROWS})
+        monkeypatch.setattr(cpu_kernels, "usable", lambda *a, **k: False)
+    return off
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_linear_is_one_rounding_of_the_exact_product_plus_bias_and_residual(dtype, rows):
+    torch.manual_seed(rows)
+    K, N = 77, 45  # not multiples of the vector width: every tail path runs
+    x, w = torch.randn(rows, K).to(dtype), (torch.randn(N, K) / 8).to(dtype)
+    b, r = torch.randn(N).to(dtype), torch.randn(rows, N).to(dtype)
+    exact = x.double() @ w.double().T + b.double()
+    magnitude = x.double().abs() @ w.double().abs().T + b.double().abs()
+    y = cpu_kernels.linear(x, w, b)
+    assert y.dtype == dtype and y.shape == (rows, N) and within_rounding(y, exact, magnitude)
+    # The residual is added to the rounded output and rounded again, as ``r + linear(x)`` is.
+    assert torch.equal(cpu_kernels.linear(x, w, b, residual=r), r + y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_give_a_row_the_same_bits_alone_or_batched(dtype):
+    torch.manual_seed(0)
+    K, N = 96, 40
+    x = torch.randn(7, K).to(dtype)
+    w1, w3 = (torch.randn(N, K) / 8).to(dtype), (torch.randn(N, K) / 8).to(dtype)
+    together = cpu_kernels.linear(x, w1)
+    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w1) for i in range(7)])
+    assert torch.equal(together, alone)
+    g = cpu_kernels.gated(x, w1, w3, "silu")
+    assert torch.equal(g, torch.cat([cpu_kernels.gated(x[i:i + 1], w1, w3, "silu") for i in range(7)]))
+
+
+@pytest.mark.parametrize("act", ["silu", "relu", "gelu", "gelu_tanh"])
+def test_gated_feed_forward_and_rms_norm_follow_the_eager_ops(act):
+    from runner.model import ACTIVATIONS
+
+    torch.manual_seed(1)
+    x, w1, w3 = torch.randn(5, 64), torch.randn(48, 64) / 8, torch.randn(48, 64) / 8
+    eager = ACTIVATIONS[act](F.linear(x, w1)) * F.linear(x, w3)
+    assert torch.allclose(cpu_kernels.gated(x, w1, w3, act), eager, rtol=1e-5, atol=1e-6)
+    nw = torch.randn(64)
+    assert torch.allclose(cpu_kernels.rms_norm(x, nw, 1e-5), nw * F.rms_norm(x, (64,), eps=1e-5), rtol=1e-5,
+                          atol=1e-6)
+    xb, nwb = x.bfloat16(), nw.bfloat16()  # bf16: normalised in fp32, rounded, scaled, rounded: the eager bits
+    assert torch.equal(cpu_kernels.rms_norm(xb, nwb, 1e-5), nwb * F.rms_norm(xb, (64,), eps=1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ["slice", "index"])
+def test_fused_decode_attention_equals_the_eager_core(dtype, rows, monkeypatch):
+    """RoPE, the cache write at each row's own position, grouped-head attention over its prefix: the fused kernel
+    against the eager core (``project`` + ``core``), same inputs, same cache, same projections."""
+    args = ModelArgs.from_name("smollm2-135m")
+    torch.manual_seed(0)
+    attn = Attention(args).to(dtype)
+    rope = rope_tables(args.head_dim, 64, args.rope_base, dtype, torch.device("cpu"))
+    pos = torch.tensor([10, 4, 7])
+    cache_rows = torch.tensor([1, 2, 3]) if rows == "slice" else torch.tensor([3, 0, 2])
+    x = torch.randn(3, 1, args.dim).to(dtype)
+
+    def run():
+        torch.manual_seed(1)
+        cache = KVCache(1, 4, 64, args.n_kv_heads, args.head_dim, torch.float32)
+        cache.k.normal_()
+        cache.v.normal_()
+        step = decode_step(pos, cache_rows, rope, torch.device("cpu"))
+        with torch.no_grad():
+            return attn.fused_decode(x, step, cache), attn(x, step, cache, 0), cache
+
+    fused, out, cache = run()
+    monkeypatch.setattr(Attention, "fused_decode", lambda *a: False)
+    eager, ref, ref_cache = run()
+    assert fused and not eager
+    if dtype == torch.bfloat16:  # every rounding matches the eager layer's
+        assert torch.equal(out, ref) and torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v)
+    else:
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(cache.k, ref_cache.k, rtol=1e-6, atol=1e-6) and torch.equal(cache.v, ref_cache.v)
+
+
+def test_greedy_tokens_with_kernels_equal_torch_ops_alone_and_batched(kernels_off):
+    model, args, _ = load_model("small", dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, args.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
+    model.setup_cache(3, 40)
+    with_kernels = [greedy_reference(model, p, 12) for p in prompts]
+    assert greedy_batch(model, prompts, 12, 3) == with_kernels  # joins, compaction, rows at mixed positions
+    kernels_off()
+    assert [greedy_reference(model, p, 12) for p in prompts] == with_kernels
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_torch(monkeypatch, tmp_path):
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setenv("EXEGPT_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="CPU kernels unavailable"):
+        assert cpu_kernels.load() is None
+    assert cpu_kernels.load() is None  # tried once, not again
+    x = torch.randn(2, 8)
+    assert not cpu_kernels.usable(x, torch.randn(4, 8))
+    assert not list(tmp_path.glob("kernels/*.so"))  # no half-written library left behind
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setenv("EXEGPT_CPU_KERNELS", "0")
+    assert cpu_kernels.load() is None
