@@ -65,7 +65,8 @@ def _build(cc: str) -> Path:
     try:
         res = subprocess.run([cc, str(SOURCE), "-o", tmp, *FLAGS], capture_output=True, text=True)
         if res.returncode:
-            raise OSError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+            err = next((line for line in res.stderr.splitlines() if "error" in line), f"exit {res.returncode}")
+            raise OSError(f"{cc} failed to build {SOURCE.name}: {err.strip()}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -118,6 +119,14 @@ def usable(x: Tensor, *weights: Tensor, any_rows: bool = False) -> bool:
     return all(w.dtype == dt and w.is_contiguous() for w in weights) and load() is not None
 
 
+def _require() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("runner CPU kernels are unavailable here (see the warning, or EXEGPT_CPU_KERNELS=0); "
+                           "check cpu_kernels.usable() before calling them")
+    return lib
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -137,9 +146,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     y = x.new_empty(x.shape[:-1] + (N,))
     if residual is not None:
         residual = residual.contiguous()
-    _check(_lib.xg_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                          None if residual is None else residual.data_ptr(), y.data_ptr(), DTYPES[x.dtype],
-                          x.numel() // K, K, N), "linear")
+    lib = _lib or _require()
+    _check(lib.xg_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         None if residual is None else residual.data_ptr(), y.data_ptr(), DTYPES[x.dtype],
+                         x.numel() // K, K, N), "linear")
     return y
 
 
@@ -150,8 +160,9 @@ def gated(x: Tensor, w1: Tensor, w3: Tensor, act: str, b1: Tensor | None = None,
     x = x.contiguous()
     M = x.numel() // K
     y = x.new_empty(x.shape[:-1] + (N,))
-    _check(_lib.xg_gated(x.data_ptr(), w1.data_ptr(), _ptr(b1), w3.data_ptr(), _ptr(b3), y.data_ptr(),
-                         DTYPES[x.dtype], ACTS[act], M, K, N), "gated")
+    lib = _lib or _require()
+    _check(lib.xg_gated(x.data_ptr(), w1.data_ptr(), _ptr(b1), w3.data_ptr(), _ptr(b3), y.data_ptr(),
+                        DTYPES[x.dtype], ACTS[act], M, K, N), "gated")
     return y
 
 
@@ -160,7 +171,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     K = x.shape[-1]
     x = x.contiguous()
     y = torch.empty_like(x)
-    _lib.xg_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), DTYPES[x.dtype], x.numel() // K, K, eps)
+    lib = _lib or _require()
+    lib.xg_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), DTYPES[x.dtype], x.numel() // K, K, eps)
     return y
 
 
@@ -186,7 +198,8 @@ def attn_decode(qkv: Tensor, cos: Tensor | None, sin: Tensor | None, pos: Tensor
     cs_stride = 0 if cos is None or cos.shape[0] == 1 else D
     if cos is not None:
         cos, sin = cos.contiguous(), sin.contiguous()
-    _check(_lib.xg_attn_decode(qkv.data_ptr(), _ptr(cos), _ptr(sin), cs_stride, pos.data_ptr(),
-                               _ptr(rows_t), row0, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2],
-                               out.data_ptr(), DTYPES[qkv.dtype], n, n_heads, n_kv_heads, D, scale), "attn_decode")
+    lib = _lib or _require()
+    _check(lib.xg_attn_decode(qkv.data_ptr(), _ptr(cos), _ptr(sin), cs_stride, pos.data_ptr(), _ptr(rows_t), row0,
+                              k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], out.data_ptr(),
+                              DTYPES[qkv.dtype], n, n_heads, n_kv_heads, D, scale), "attn_decode")
     return out

@@ -88,15 +88,7 @@ static inline void dot4(const float* const* x, int mb, const void* w, int dt, in
             a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k), load8(w, k, dt), a[0]);
             b[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k + 8), load8(w, k + 8, dt), b[0]);
         }
-    } else if (mb == 2) {
-        for (; k + 16 <= K; k += 16) {
-            __m256 w0 = load8(w, k, dt), w1 = load8(w, k + 8, dt);
-            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k), w0, a[0]);
-            b[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k + 8), w1, b[0]);
-            a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x[1] + k), w0, a[1]);
-            b[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x[1] + k + 8), w1, b[1]);
-        }
-    } else {
+    } else { /* 2-4 rows (x repeats a row to fill four: memory-bound at these sizes anyway) */
         for (; k + 16 <= K; k += 16) {
             __m256 w0 = load8(w, k, dt), w1 = load8(w, k + 8, dt);
             a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k), w0, a[0]);
