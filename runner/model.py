@@ -437,8 +437,31 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
+        if self.fused_decode(x, step, cache):
+            return self.decode_fused(x, step, cache, layer)
         h = self.attention(self.attention_norm(x), step, cache, layer, residual=x)  # x + attention(norm(x))
         return self.feed_forward(self.ffn_norm(h), residual=h)
+
+    def fused_decode(self, x: Tensor, step: Step, cache: KVCache | None) -> bool:
+        """Whether this decode step runs as one kernel call (``cpu_kernels.decode_layer``): the attention core is
+        fused (``Attention.fused_decode``), one rank, RMSNorms and a gated feed-forward, and every Linear takes
+        ``x``'s rows (``cpu_kernels.MAX_ROWS``)."""
+        a, f = self.attention, self.feed_forward
+        return (a.tp_size == 1 and f.tp_size == 1 and f.w3 is not None and isinstance(self.attention_norm, RMSNorm)
+                and isinstance(self.ffn_norm, RMSNorm) and self.attention_norm.eps == self.ffn_norm.eps
+                and a.fused_decode(x, step, cache)
+                and cpu_kernels.usable(x, a.wqkv.weight, a.wo.weight, f.w1.weight, f.w3.weight, f.w2.weight,
+                                       self.attention_norm.weight, self.ffn_norm.weight,
+                                       *_bias(a.wqkv, a.wo, f.w1, f.w3, f.w2)))
+
+    def decode_fused(self, x: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
+        """``forward`` of a decode step in one kernel call: the same kernels in the same order, so the same bits."""
+        a, f = self.attention, self.feed_forward
+        return cpu_kernels.decode_layer(
+            x, self.attention_norm.weight, a.wqkv.weight, a.wqkv.bias, step.cos, step.sin, step.pos, step.rows,
+            cache.k[layer], cache.v[layer], a.wo.weight, a.wo.bias, self.ffn_norm.weight, f.w1.weight, f.w1.bias,
+            f.w3.weight, f.w3.bias, f.w2.weight, f.w2.bias, f.act_name, a.n_heads, a.n_kv_heads,
+            self.attention_norm.eps, a.scale if a.scale is not None else a.head_dim ** -0.5)
 
 
 # --- the model ------------------------------------------------------------------------------------

@@ -140,3 +140,31 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     monkeypatch.setenv("EXEGPT_CPU_KERNELS", "0")
     assert cpu_kernels.load() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_decode_layer_gives_the_bits_of_its_kernels_called_one_by_one(dtype, monkeypatch):
+    from runner.model import TransformerBlock
+
+    args = ModelArgs.from_name("smollm2-135m")
+    torch.manual_seed(0)
+    block = TransformerBlock(args).to(dtype)
+    for p in block.parameters():  # norms away from 1, so a swapped weight would show
+        p.data += 0.01 * torch.randn_like(p)
+    rope = rope_tables(args.head_dim, 64, args.rope_base, dtype, torch.device("cpu"))
+    x = torch.randn(3, 1, args.dim).to(dtype)
+
+    def run():
+        cache = KVCache(1, 4, 64, args.n_kv_heads, args.head_dim, torch.float32)
+        torch.manual_seed(1)
+        cache.k.normal_()
+        cache.v.normal_()
+        step = decode_step(torch.tensor([9, 3, 6]), torch.tensor([3, 0, 2]), rope, torch.device("cpu"))
+        with torch.no_grad():
+            return block.fused_decode(x, step, cache), block(x, step, cache, 0), cache
+
+    fused, out, cache = run()
+    monkeypatch.setattr(TransformerBlock, "fused_decode", lambda *a: False)
+    _, ref, ref_cache = run()
+    assert fused
+    assert torch.equal(out, ref) and torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v)
