@@ -179,6 +179,8 @@ def layer_rest(shard: LayerShard, x: Tensor, step: Step, attn_out: Tensor) -> Te
     where the decode core is fused (``Attention.fused_decode``: RoPE belongs to the core there).
     """
     block = shard.block
+    if block.fused_decode(x, step, shard.cache):  # the whole layer is one kernel call: time it without its core
+        return block.decode_fused(x, step, shard.cache, 0, attention=False)
     a, xn = block.attention, block.attention_norm(x)
     if a.fused_decode(xn, step, shard.cache):
         a.wqkv(xn)  # the fused core's input (discarded here)

@@ -53,10 +53,10 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 3
+METHOD_VERSION = 4
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
-``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``), so cached profiles
-of an older method are measured again."""
+``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
+decode layer timed as one call), so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond it the point is
@@ -448,6 +448,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
         "split": "attn_* = KV-cache update + runner.model.attend of runner.model.Attention (attn_decode on the CPU "
                  "decode kernels: RoPE + cache write + attention, runner.model.Attention.decode_core); "
                  "dense_* = norms, wqkv, RoPE (not where the decode core is fused), wo, feed-forward and residuals "
+                 "(one call of runner.cpu_kernels.decode_layer without its core where the whole layer is fused) "
                  "of runner.model.TransformerBlock; "
                  "lm_head = embedding + final norm + LM head + argmax for `rows` rows; tp>1 = rank 0's shard "
                  "from runner.tp.apply_tp without its all-reduce (see allreduce)",

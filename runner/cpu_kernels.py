@@ -29,7 +29,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
-ABI_VERSION = 3
+ABI_VERSION = 4
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 ACTS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 
@@ -101,7 +101,7 @@ def load() -> ctypes.CDLL | None:
     i64 = ctypes.c_int64
     lib.xg_attn_decode.argtypes = [p, p, p, i64, p, p, i64, p, p, i64, p, i, i, i, i, i, ctypes.c_float]
     lib.xg_decode_layer.argtypes = [p, p, p, p, p, p, p, i64, p, p, i64, p, p, i64, p, p, p, p, p, p, p, p, p,
-                                    i, i, i, i, i, i, i, i, ctypes.c_float, ctypes.c_float]
+                                    i, i, i, i, i, i, i, i, ctypes.c_float, ctypes.c_float, i]
     for f in (lib.xg_linear, lib.xg_gated, lib.xg_rmsnorm, lib.xg_attn_decode, lib.xg_decode_layer):
         f.restype = i
     _lib = lib
@@ -218,10 +218,12 @@ def decode_layer(x: Tensor, norm1: Tensor, wqkv: Tensor, bqkv: Tensor | None, co
                  sin: Tensor | None, pos: Tensor, rows: Tensor | slice, k_cache: Tensor, v_cache: Tensor,
                  wo: Tensor, bo: Tensor | None, norm2: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor,
                  b3: Tensor | None, w2: Tensor, b2: Tensor | None, act: str, n_heads: int, n_kv_heads: int,
-                 eps: float, scale: float) -> Tensor:
+                 eps: float, scale: float, attention: bool = True) -> Tensor:
     """A Llama layer's decode step on one rank, ``x`` ``[n, 1, dim]`` -> ``[n, 1, dim]``: the same kernel calls
     the layer's modules make one by one (RMSNorm, wqkv, ``attn_decode``, wo + residual, RMSNorm, ``gated``,
-    w2 + residual), in one call, so the same bits with ~6 fewer round trips through Python."""
+    w2 + residual), in one call, so the same bits with ~6 fewer round trips through Python.
+    ``attention=False`` leaves the attention core out (zeros in its place, the cache untouched): the rest of the
+    layer, which the profiler times apart from the core."""
     n, dim, ffn = x.shape[0], x.shape[-1], w1.shape[0]
     D = wqkv.shape[0] // (n_heads + 2 * n_kv_heads)
     x = x.contiguous()
@@ -229,7 +231,7 @@ def decode_layer(x: Tensor, norm1: Tensor, wqkv: Tensor, bqkv: Tensor | None, co
     lib = _lib or _require()
     args, _alive = _decode_args(cos, sin, pos, rows, k_cache, v_cache, D)
     _check(lib.xg_decode_layer(x.data_ptr(), out.data_ptr(), norm1.data_ptr(), wqkv.data_ptr(), _ptr(bqkv),
-                               *args, wo.data_ptr(), _ptr(bo), norm2.data_ptr(), w1.data_ptr(), _ptr(b1), w3.data_ptr(), _ptr(b3),
-                               w2.data_ptr(), _ptr(b2), DTYPES[x.dtype], ACTS[act], n, dim, n_heads, n_kv_heads,
-                               D, ffn, eps, scale), "decode_layer")
+                               *args, wo.data_ptr(), _ptr(bo), norm2.data_ptr(), w1.data_ptr(), _ptr(b1),
+                               w3.data_ptr(), _ptr(b3), w2.data_ptr(), _ptr(b2), DTYPES[x.dtype], ACTS[act], n, dim, n_heads, n_kv_heads,
+                               D, ffn, eps, scale, int(attention)), "decode_layer")
     return out

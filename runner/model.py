@@ -454,14 +454,15 @@ class TransformerBlock(nn.Module):
                                        self.attention_norm.weight, self.ffn_norm.weight,
                                        *_bias(a.wqkv, a.wo, f.w1, f.w3, f.w2)))
 
-    def decode_fused(self, x: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
-        """``forward`` of a decode step in one kernel call: the same kernels in the same order, so the same bits."""
+    def decode_fused(self, x: Tensor, step: Step, cache: KVCache, layer: int, attention: bool = True) -> Tensor:
+        """``forward`` of a decode step in one kernel call: the same kernels in the same order, so the same bits
+        (``attention=False``: all but the attention core, see ``cpu_kernels.decode_layer``)."""
         a, f = self.attention, self.feed_forward
         return cpu_kernels.decode_layer(
             x, self.attention_norm.weight, a.wqkv.weight, a.wqkv.bias, step.cos, step.sin, step.pos, step.rows,
             cache.k[layer], cache.v[layer], a.wo.weight, a.wo.bias, self.ffn_norm.weight, f.w1.weight, f.w1.bias,
             f.w3.weight, f.w3.bias, f.w2.weight, f.w2.bias, f.act_name, a.n_heads, a.n_kv_heads,
-            self.attention_norm.eps, a.scale if a.scale is not None else a.head_dim ** -0.5)
+            self.attention_norm.eps, a.scale if a.scale is not None else a.head_dim ** -0.5, attention)
 
 
 # --- the model ------------------------------------------------------------------------------------

@@ -292,13 +292,15 @@ int xg_attn_decode(const void* qkv, const void* cos, const void* sin, int64_t cs
 
 /* A whole Llama decoder layer's decode step for n rows (one rank: nothing to all-reduce), out = x +
  * attention(norm1(x)), then out += ffn(norm2(out)): the calls the layer makes one by one (xg_rmsnorm,
- * xg_linear, xg_attn_decode, xg_gated), in one call, so the same bits. Biases may be NULL. x and out [n, dim]. */
+ * xg_linear, xg_attn_decode, xg_gated), in one call, so the same bits. Biases may be NULL. x and out [n, dim].
+ * attend = 0 leaves the attention core out (its output reads as zeros; nothing written to the cache): the rest of
+ * the layer, as the profiler times it. */
 int xg_decode_layer(const void* x, void* out, const void* norm1, const void* wqkv, const void* bqkv,
                     const void* cos, const void* sin, int64_t cs_stride, const int64_t* pos, const int64_t* rows,
                     int64_t row0, float* kc, float* vc, int64_t max_len, const void* wo, const void* bo,
                     const void* norm2, const void* w1, const void* b1, const void* w3, const void* b3,
                     const void* w2, const void* b2, int dt, int act, int n, int dim, int H, int Hkv, int D,
-                    int ffn, float eps, float scale) {
+                    int ffn, float eps, float scale, int attend) {
     const int64_t width = (int64_t)(H + 2 * Hkv) * D, esize = dt == XG_BF16 ? 2 : 4;
     char* buf = (char*)malloc((size_t)(n * (2 * (int64_t)dim + width + (int64_t)H * D + ffn) * esize));
     if (!buf) return 1;
@@ -309,7 +311,10 @@ int xg_decode_layer(const void* x, void* out, const void* norm1, const void* wqk
     char* g = h + n * (int64_t)dim * esize;
     int rc = xg_rmsnorm(x, norm1, normed, dt, n, dim, eps);
     rc |= xg_linear(normed, wqkv, bqkv, NULL, qkv, dt, n, dim, (int)width);
-    rc |= xg_attn_decode(qkv, cos, sin, cs_stride, pos, rows, row0, kc, vc, max_len, att, dt, n, H, Hkv, D, scale);
+    if (attend)
+        rc |= xg_attn_decode(qkv, cos, sin, cs_stride, pos, rows, row0, kc, vc, max_len, att, dt, n, H, Hkv, D, scale);
+    else
+        memset(att, 0, (size_t)(n * (int64_t)H * D * esize));
     rc |= xg_linear(att, wo, bo, x, h, dt, n, H * D, dim);
     rc |= xg_rmsnorm(h, norm2, normed, dt, n, dim, eps);
     rc |= xg_gated(normed, w1, b1, w3, b3, g, dt, act, n, dim, ffn);
@@ -319,4 +324,4 @@ int xg_decode_layer(const void* x, void* out, const void* norm1, const void* wqk
 }
 
 /* So the loader can check it has the build it expects. */
-int xg_abi_version(void) { return 3; }
+int xg_abi_version(void) { return 4; }

@@ -35,12 +35,25 @@ def test_tp_that_splits_heads_is_one_line():
         L.build_layer_shard("tiny", 3)
 
 
-def test_rest_matches_the_block_numerically():
-    """layer_rest + attention_core compute exactly TransformerBlock.forward (same calls, same order)."""
+def test_rest_matches_the_block_numerically(monkeypatch):
+    """layer_rest + attention_core compute exactly TransformerBlock.forward (same calls, same order) on torch's
+    ops; where the whole decode layer is one kernel call, layer_rest is that call without its attention core."""
+    from runner import cpu_kernels
+    from runner.model import Attention, TransformerBlock
+
     shard = L.build_layer_shard("tiny", 1, max_rows=3, max_len=16)
     block, a = shard.block, shard.block.attention
     x = torch.randn(3, 1, 64)
     step = L.decode_step(shard, 3, 12)
+    if cpu_kernels.load() is not None:
+        with torch.inference_mode():
+            assert block.fused_decode(x, step, shard.cache)
+            zeros = torch.zeros(3, 1, a.n_heads * a.head_dim)
+            out = L.layer_rest(shard, x, step, zeros)
+            h = a.out(zeros, residual=x)  # the modules' own kernel calls, one by one
+            torch.testing.assert_close(out, block.feed_forward(block.ffn_norm(h), residual=h), rtol=0, atol=0)
+    monkeypatch.setattr(TransformerBlock, "fused_decode", lambda *args: False)
+    monkeypatch.setattr(Attention, "fused_decode", lambda *args: False)
     with torch.inference_mode():
         ref = block(x, step, shard.cache, 0)
         q, k, v = a.project(block.attention_norm(x), step)
@@ -50,7 +63,7 @@ def test_rest_matches_the_block_numerically():
 
 
 @pytest.mark.parametrize("phase,batch,length", [("encode", 4, 128), ("encode", 16, 64), ("decode", 32, 512),
-                                                ("decode", 64, 256)])
+                                                ("decode", 64, 256), ("decode", 4, 256)])
 def test_rest_plus_attention_is_a_layer_forward(one_thread, phase, batch, length):
     shard = L.build_layer_shard("tiny", 1, max_rows=64, max_len=512)
     if phase == "encode":
