@@ -35,7 +35,7 @@ ACTS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 
 _NATIVE_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-MAX_ROWS = {torch.float32: 8, torch.bfloat16: 1 if _NATIVE_BF16 else 12}
+MAX_ROWS = {torch.float32: 12, torch.bfloat16: 1 if _NATIVE_BF16 else 16}
 """Most rows one kernel call takes, per dtype; beyond, torch's GEMMs (oneDNN on a packed weight) are faster.
 NOTE (torch 2.13, 2 AVX2 cores, SmolLM2's weights): see ``python -m benchmarks.kernels``. Where the CPU has bf16
 instructions oneDNN multiplies bf16 natively; the kernels then take single rows only (not measured there)."""

@@ -80,34 +80,40 @@ static inline float hsum8(__m256 v) {
 }
 
 static inline void dot4(const float* const* x, int mb, const void* w, int dt, int K, float* s) {
-    __m256 a[4], b[4];
-    for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();
+    /* Named accumulators, so they stay in registers (arrays indexed by the runtime mb would be spilled). */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
     int k = 0;
     if (mb == 1) {
         for (; k + 16 <= K; k += 16) {
-            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k), load8(w, k, dt), a[0]);
-            b[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k + 8), load8(w, k + 8, dt), b[0]);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), load8(w, k, dt), a0);
+            b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 8), load8(w, k + 8, dt), b0);
         }
-    } else { /* 2-4 rows (x repeats a row to fill four: memory-bound at these sizes anyway) */
+    } else { /* 2-4 rows (x repeats a row to fill four) */
         for (; k + 16 <= K; k += 16) {
             __m256 w0 = load8(w, k, dt), w1 = load8(w, k + 8, dt);
-            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k), w0, a[0]);
-            b[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k + 8), w1, b[0]);
-            a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x[1] + k), w0, a[1]);
-            b[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x[1] + k + 8), w1, b[1]);
-            a[2] = _mm256_fmadd_ps(_mm256_loadu_ps(x[2] + k), w0, a[2]);
-            b[2] = _mm256_fmadd_ps(_mm256_loadu_ps(x[2] + k + 8), w1, b[2]);
-            a[3] = _mm256_fmadd_ps(_mm256_loadu_ps(x[3] + k), w0, a[3]);
-            b[3] = _mm256_fmadd_ps(_mm256_loadu_ps(x[3] + k + 8), w1, b[3]);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), w0, a0);
+            b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 8), w1, b0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), w0, a1);
+            b1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k + 8), w1, b1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), w0, a2);
+            b2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k + 8), w1, b2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), w0, a3);
+            b3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k + 8), w1, b3);
         }
     }
     if (k + 8 <= K) {
         __m256 w0 = load8(w, k, dt);
-        for (int r = 0; r < mb; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + k), w0, a[r]);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), w0, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), w0, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), w0, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), w0, a3);
         k += 8;
     }
+    const __m256 acc[4] = {_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                           _mm256_add_ps(a3, b3)};
     for (int r = 0; r < mb; r++) {
-        float t = hsum8(_mm256_add_ps(a[r], b[r]));
+        float t = hsum8(acc[r]);
         for (int kk = k; kk < K; kk++) t += x[r][kk] * load_at(w, kk, dt);
         s[r] = t;
     }
