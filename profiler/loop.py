@@ -91,7 +91,7 @@ def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, r
 
     dev = describe_device(None)
     key = json.dumps([model, list(tp_degrees), quick, torch.__version__, dev.model, THREADS, platform.node(),
-                      METHOD_VERSION, cpu_kernels.load() is not None])
+                      METHOD_VERSION, cpu_kernels.config()])
     path = CACHE_DIR / f"profile-{model}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
     if path.is_file() and not refresh:
         try:

@@ -440,7 +440,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
         "started_utc": started.isoformat(timespec="seconds"), "wall_s": round((finished - started).total_seconds(), 1),
         "torch_version": torch.__version__, "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(), "device": dev_info.to_dict(),
-        "cpu_kernels": t.device.type == "cpu" and cpu_kernels.load() is not None,
+        "cpu_kernels": cpu_kernels.config() if t.device.type == "cpu" else None,
         "dtype": t.dtype, "tp_degrees": list(t.tp_degrees), "quick": quick, "warmup": WARMUP, "repeat": repeat,
         "grid": g.to_dict(), "seed": seed,
         "statistic": "median over repeats; noisy points, and points slower than a point with more work, re-timed "

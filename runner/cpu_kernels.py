@@ -108,6 +108,13 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+def config() -> dict | None:
+    """What decides which calls run on the kernels (for profile provenance and cache keys), None when off."""
+    if load() is None:
+        return None
+    return {"abi": ABI_VERSION, "max_rows": {str(d).removeprefix("torch."): n for d, n in MAX_ROWS.items()}}
+
+
 def usable(x: Tensor, *weights: Tensor, any_rows: bool = False) -> bool:
     """Whether the kernels take ``x`` ``[..., K]`` with ``weights``: CPU, no autograd, a supported dtype shared by
     all, at most ``MAX_ROWS`` rows (unless ``any_rows``: row-wise kernels), and the library built."""
