@@ -2,7 +2,7 @@
 
 For SmolLM2-135M's Linear weights (one layer's qkv, wo, gated w1/w3 and w2, times 30, plus the LM head): the
 time of one pass through all of them with the kernels and with torch (``F.linear``, or oneDNN on a packed weight
-where ``runner.model`` uses it), at 1..32 rows. The crossover sets ``cpu_kernels.MAX_ROWS``.
+where ``runner.linear`` uses it), at 1..32 rows. The crossover sets ``cpu_kernels.MAX_ROWS``.
 
     python -m benchmarks.kernels [--threads 2]    (from the repository root)
 """
@@ -15,7 +15,8 @@ import time
 import torch
 
 from runner import cpu_kernels
-from runner.model import FeedForward, Linear, ModelArgs
+from runner.linear import Linear
+from runner.model import FeedForward, ModelArgs
 
 ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
 REPEAT = 5

@@ -40,9 +40,9 @@ import torch
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS, ModelShape
 from exegpt.profile import Kernel, Profile, ProfileTable
+from runner import cpu_kernels
 from runner.generate import decode_step as runner_decode_step
 from runner.model import ModelArgs
-from runner import cpu_kernels
 from runner.weights import load_model
 
 from . import layer as L
@@ -137,7 +137,7 @@ def _kv_dtype(t: Target) -> str | None:
 
 def _packed_weight_dtype(t: Target) -> str | None:
     """The dtype of the runner's prepacked copy of the Linear weights for this target (None: it keeps none)."""
-    from runner.model import packed_weight_dtype
+    from runner.linear import packed_weight_dtype
 
     packed = packed_weight_dtype(t.torch_dtype, t.device)
     return None if packed is None else _dtype_name(packed)

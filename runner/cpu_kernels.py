@@ -148,16 +148,15 @@ def _check(rc: int, name: str) -> None:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """``residual + F.linear(x, weight, bias)`` (each rounded to x's dtype as eager ops round), ``[..., N]``.
 
-    NOTE: this sits on the decode path (~7 calls a layer); it costs ~10 us of Python and ctypes around the kernel,
-    so it avoids every avoidable tensor op."""
+    NOTE: this sits on the decode path; it costs ~10 us of Python and ctypes around the kernel, so it avoids every
+    avoidable tensor op."""
     N, K = weight.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[:-1] + (N,))
     if residual is not None:
         residual = residual.contiguous()
     lib = _lib or _require()
-    _check(lib.xg_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                         None if residual is None else residual.data_ptr(), y.data_ptr(), DTYPES[x.dtype],
+    _check(lib.xg_linear(x.data_ptr(), weight.data_ptr(), _ptr(bias), _ptr(residual), y.data_ptr(), DTYPES[x.dtype],
                          x.numel() // K, K, N), "linear")
     return y
 
@@ -239,6 +238,6 @@ def decode_layer(x: Tensor, norm1: Tensor, wqkv: Tensor, bqkv: Tensor | None, co
     args, _alive = _decode_args(cos, sin, pos, rows, k_cache, v_cache, D)
     _check(lib.xg_decode_layer(x.data_ptr(), out.data_ptr(), norm1.data_ptr(), wqkv.data_ptr(), _ptr(bqkv),
                                *args, wo.data_ptr(), _ptr(bo), norm2.data_ptr(), w1.data_ptr(), _ptr(b1),
-                               w3.data_ptr(), _ptr(b3), w2.data_ptr(), _ptr(b2), DTYPES[x.dtype], ACTS[act], n, dim, n_heads, n_kv_heads,
-                               D, ffn, eps, scale, int(attention)), "decode_layer")
+                               w3.data_ptr(), _ptr(b3), w2.data_ptr(), _ptr(b2), DTYPES[x.dtype], ACTS[act], n, dim,
+                               n_heads, n_kv_heads, D, ffn, eps, scale, int(attention)), "decode_layer")
     return out

@@ -130,7 +130,7 @@ def test_profile_records_the_runners_packed_weight_copy(tiny_profile):
     """On a CPU the runner keeps a oneDNN-prepacked copy of the Linear weights: fp32 for fp32 models, and for bf16
     models bf16 where the CPU multiplies bf16 natively, else fp32. The profile says which, for weight memory."""
     from profiler.sweep import _packed_weight_dtype, resolve_target
-    from runner.model import _ONEDNN, _ONEDNN_BF16
+    from runner.linear import _ONEDNN, _ONEDNN_BF16
 
     if not _ONEDNN:
         pytest.skip("no oneDNN: the runner keeps no packed copy")

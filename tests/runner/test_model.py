@@ -98,7 +98,8 @@ def test_cuda_greedy_equals_cpu(make_model, make_prompts):
 def test_prepacked_bf16_linear_equals_plain_and_follows_weight_changes():
     import torch.nn.functional as F
 
-    from runner.model import FeedForward, Linear
+    from runner.linear import Linear
+    from runner.model import FeedForward
     from runner.tp import apply_tp
 
     torch.manual_seed(0)
@@ -132,7 +133,7 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 @needs_onednn
 def test_packed_dtype_by_input():
-    from runner.model import _ONEDNN_BF16, _PACK_MIN_PARAMS, _packed_dtype
+    from runner.linear import _ONEDNN_BF16, _PACK_MIN_PARAMS, _packed_dtype
 
     big, small = torch.zeros(_PACK_MIN_PARAMS // 4, 4), torch.zeros(8, 4)
     one, two, eight = torch.zeros(1, 1, 4), torch.zeros(2, 1, 4), torch.zeros(8, 1, 4)
@@ -155,7 +156,8 @@ def test_packed_dtype_by_input():
 def test_packed_linear_is_one_rounding_of_the_exact_product_and_follows_weight_changes(dtype):
     """The packed GEMM (fp32, or bf16 where native) equals the exact product rounded once to the model dtype, up to
     fp32 accumulation order, and its packed copy follows in-place writes and replaced weights (``apply_tp``)."""
-    from runner.model import FeedForward, Linear
+    from runner.linear import Linear
+    from runner.model import FeedForward
 
     torch.manual_seed(0)
     lin = Linear(512, 512, bias=True).to(dtype)  # big enough to be packed in fp32 too (``_PACK_MIN_PARAMS``)
