@@ -1,10 +1,10 @@
 """The CPU decode kernels (``runner.cpu_kernels``) against torch's own path, per dtype and row count.
 
-For SmolLM2-135M's Linear weights (one layer's qkv, wo, gated w1/w3 and w2, times 30, plus the LM head): the
-time of one pass through all of them with the kernels and with torch (``F.linear``, or oneDNN on a packed weight
-where ``runner.linear`` uses it), at 1..32 rows. The crossover sets ``cpu_kernels.MAX_ROWS``.
+For a model's Linear weights (default SmolLM2-135M: one layer's qkv, wo, gated w1/w3 and w2, times 30, plus the
+LM head): the time of one pass through all of them with the kernels and with torch (``F.linear``, or oneDNN on a
+packed weight where ``runner.linear`` uses it), at 1..64 rows. The crossover sets ``cpu_kernels.MAX_ROWS``.
 
-    python -m benchmarks.kernels [--threads 2]    (from the repository root)
+    python -m benchmarks.kernels [--model smollm2-135m] [--threads 2]    (from the repository root)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from runner import cpu_kernels
 from runner.linear import Linear
 from runner.model import FeedForward, ModelArgs
 
-ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
+ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 REPEAT = 5
 
 
@@ -52,12 +52,13 @@ def one_pass(layers, head: Linear, x: torch.Tensor, kernels: bool) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default="smollm2-135m", help="a preset name (default: %(default)s)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if cpu_kernels.load() is None:
         raise SystemExit("CPU kernels unavailable (see the warning above)")
-    args = ModelArgs.from_name("smollm2-135m")
-    print(f"torch {torch.__version__}, {a.threads} threads; SmolLM2-135M Linear weights ({args.n_layers} layers + "
+    args = ModelArgs.from_name(a.model)
+    print(f"torch {torch.__version__}, {a.threads} threads; {a.model} Linear weights ({args.n_layers} layers + "
           f"head); ms per pass, best of {REPEAT}")
     print("| dtype | rows | kernels ms | torch ms | torch / kernels |")
     print("|---|---|---|---|---|")

@@ -29,16 +29,19 @@ from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
-ABI_VERSION = 4
+ABI_VERSION = 5
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 ACTS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 
 _NATIVE_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-MAX_ROWS = {torch.float32: 12, torch.bfloat16: 1 if _NATIVE_BF16 else 16}
-"""Most rows one kernel call takes, per dtype; beyond, torch's GEMMs (oneDNN on a packed weight) are faster.
-NOTE (torch 2.13, 2 AVX2 cores, SmolLM2's weights): see ``python -m benchmarks.kernels``. Where the CPU has bf16
-instructions oneDNN multiplies bf16 natively; the kernels then take single rows only (not measured there)."""
+MAX_ROWS = {torch.float32: 32, torch.bfloat16: 1 if _NATIVE_BF16 else 32}
+"""Most rows one kernel call takes, per dtype; beyond, torch's GEMMs (oneDNN on a packed weight).
+NOTE (torch 2.13, 2 AVX2 cores; ``python -m benchmarks.kernels [--model small]``): with register tiles of up to
+4x3 rows the kernels match oneDNN's fp32 GEMM up to 64 rows on SmolLM2's and ``small``'s weights (0.9-1.1x from 24
+to 64 rows) and beat it below; 32 rows keeps whole decode layers of a 32-row batch in one fused call. Where the
+CPU has bf16 instructions oneDNN multiplies bf16 natively; the kernels then take single rows only (not measured
+there)."""
 
 _lib: ctypes.CDLL | None = None
 _tried = False

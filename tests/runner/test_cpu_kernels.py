@@ -33,7 +33,7 @@ def kernels_off(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 13, 32])  # one weight stream up to 8 rows, register tiles beyond
 def test_linear_is_one_rounding_of_the_exact_product_plus_bias_and_residual(dtype, rows):
     torch.manual_seed(rows)
     K, N = 77, 45  # not multiples of the vector width: every tail path runs
@@ -49,15 +49,18 @@ def test_linear_is_one_rounding_of_the_exact_product_plus_bias_and_residual(dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_give_a_row_the_same_bits_alone_or_batched(dtype):
+    """Alone (one weight stream), in a batch of 5 (streamed) and of 30 (register tiles of every shape, partial
+    weight blocks): the same bits for every row."""
     torch.manual_seed(0)
-    K, N = 96, 40
-    x = torch.randn(7, K).to(dtype)
+    K, N = 109, 40  # chunks of 16, a last chunk of 8 and a scalar tail; weight blocks of 12, 12, 12 and 4 rows
+    x = torch.randn(30, K).to(dtype)
     w1, w3 = (torch.randn(N, K) / 8).to(dtype), (torch.randn(N, K) / 8).to(dtype)
     together = cpu_kernels.linear(x, w1)
-    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w1) for i in range(7)])
-    assert torch.equal(together, alone)
+    assert torch.equal(together, torch.cat([cpu_kernels.linear(x[i:i + 1], w1) for i in range(30)]))
+    assert torch.equal(together, torch.cat([cpu_kernels.linear(x[i:i + 5], w1) for i in range(0, 30, 5)]))
     g = cpu_kernels.gated(x, w1, w3, "silu")
-    assert torch.equal(g, torch.cat([cpu_kernels.gated(x[i:i + 1], w1, w3, "silu") for i in range(7)]))
+    assert torch.equal(g, torch.cat([cpu_kernels.gated(x[i:i + 1], w1, w3, "silu") for i in range(30)]))
+    assert torch.equal(g, torch.cat([cpu_kernels.gated(x[i:i + 5], w1, w3, "silu") for i in range(0, 30, 5)]))
 
 
 @pytest.mark.parametrize("act", ["silu", "relu", "gelu", "gelu_tanh"])

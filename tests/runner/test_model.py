@@ -161,7 +161,9 @@ def test_packed_linear_is_one_rounding_of_the_exact_product_and_follows_weight_c
 
     torch.manual_seed(0)
     lin = Linear(512, 512, bias=True).to(dtype)  # big enough to be packed in fp32 too (``_PACK_MIN_PARAMS``)
-    x = torch.randn(32, 512, dtype=dtype)  # more rows than the CPU decode kernels take (``cpu_kernels.MAX_ROWS``)
+    from runner import cpu_kernels
+
+    x = torch.randn(max(cpu_kernels.MAX_ROWS.values()) + 8, 512, dtype=dtype)  # more rows than the kernels take
 
     def check(out, x, w, b=None):
         """Within one rounding to ``dtype`` (a relative half-ulp, doubled) plus fp32 accumulation error."""
