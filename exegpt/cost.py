@@ -64,6 +64,16 @@ class WorkloadStats:
     def max_ctx(self, n) -> np.ndarray:
         return np.interp(np.maximum(np.asarray(n, float), 1.0), self.emax_n, self.emax_ctx)
 
+    def prompt_len(self, n, padded: bool) -> np.ndarray:
+        """The prompt length a prefill batch of ``n`` prompts is looked up at: its expected longest when the
+        backend pads, else the mean."""
+        return self.max_input(n) if padded else np.full(np.shape(n), self.in_mean)
+
+    def context_len(self, n, padded: bool) -> np.ndarray:
+        """The context a steady decode step of ``n`` rows is looked up at: its expected longest when the backend
+        attends every row over it, else the mean (each row over its own prefix)."""
+        return self.max_ctx(n) if padded else np.full(np.shape(n), self.decode_ctx)
+
     @classmethod
     def of(cls, w: Workload, first_token_in_encode: bool = True) -> WorkloadStats:
         """``first_token_in_encode``: decoder-only prefill emits the first output token, so a query of
@@ -129,8 +139,13 @@ class CostModel:
 
     @property
     def padded(self) -> bool:
-        """The backend pads a prefill batch to its longest prompt and a decode step to its longest context."""
+        """The backend pads a prefill batch to its longest prompt."""
         return self.profile.padded_batches and not self.per_unit
+
+    @property
+    def padded_decode(self) -> bool:
+        """The backend attends every row of a decode step over the step's longest context."""
+        return self.profile.padded_decode and not self.per_unit
 
     def _get(self, kernel: Kernel, tp: int, x, y=None):
         return self.profile.lookup(kernel, tp, x, y, per_unit=self.per_unit)
@@ -173,17 +188,17 @@ class CostModel:
 
     def decode_layer(self, tp: int, rows, ctx: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One decoder layer, one decode step of ``rows`` rows attending ``ctx`` tokens (default: the
-        steady decode batch's mean context, or its longest when the backend pads)."""
+        steady decode batch's mean context, or its longest when the backend pads decode steps)."""
         r = np.asarray(rows, dtype=float)
         if ctx is None:
-            ctx = self.stats.max_ctx(r) if self.padded else self.stats.decode_ctx
+            ctx = self.stats.context_len(r, self.padded_decode)
         dense, ok1 = self._get(Kernel.DENSE_DECODE, tp, r)
         attn, ok2 = self._get(Kernel.ATTN_DECODE, tp, r, np.broadcast_to(ctx, r.shape))
         ar, ok3 = self._ar(tp, r)
         t, ok = dense + attn, ok1 & ok2 & ok3
         n_ar = 2
         if self.model.is_encoder_decoder:
-            prompt = self.stats.max_input(r) if self.padded else np.full(r.shape, self.stats.in_mean)
+            prompt = self.stats.prompt_len(r, self.padded)  # the encoder output, as padded by the prefill
             cross, ok4 = self._get(Kernel.ATTN_CROSS, tp, r, prompt)
             t, ok, n_ar = t + cross, ok & ok4, 3
         return t + n_ar * ar, ok
@@ -215,8 +230,7 @@ class CostModel:
             # to the stage's other ranks, before they can start.
             t, ok = self.stage_encode(tp, n_layers, n_enc_layers, last, b)
             if not self.model.is_encoder_decoder:
-                e, ok3 = self._engine(Kernel.ENGINE_ENCODE, b, self.stats.max_input(b) if self.padded else
-                                      self.stats.in_mean)
+                e, ok3 = self._engine(Kernel.ENGINE_ENCODE, b, self.stats.prompt_len(b, self.padded))
                 t, ok = t + e, ok & ok3
             if tp > 1:
                 c, okc = self.tp_command(b, b * self.stats.in_mean)  # the prompts' own tokens, packed
@@ -247,7 +261,7 @@ class CostModel:
             # row moves) and, with TP, each command's hop to the stage's other ranks.
             t, ok = self.stage_decode(tp, n_layers, last, r, ctx)
             e, ok3 = self._engine(Kernel.ENGINE_DECODE, r, ctx if ctx is not None else
-                                  self.stats.max_ctx(r) if self.padded else self.stats.decode_ctx)
+                                  self.stats.context_len(r, self.padded_decode))
             t, ok = t + e, ok & ok3
             if tp > 1:
                 c, okc = self.tp_command(r, r)

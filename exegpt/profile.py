@@ -183,8 +183,12 @@ class Profile(JSONFile):
     source: str = "measured"
     """'measured' (the profiler), 'gpu-data' (shipped measurements + roofline attention) or 'roofline'."""
     padded_batches: bool = False
-    """The profiled backend pads a prefill batch to its longest prompt and attends a decode step over
-    its longest context (the built-in runner does; varlen kernels such as vLLM's do not)."""
+    """The profiled backend pads a prefill batch to its longest prompt (the built-in runner does; varlen kernels
+    such as vLLM's do not)."""
+    padded_decode: bool = False
+    """The profiled backend attends every row of a decode step over the step's longest context (the built-in
+    runner's masked torch path, on GPUs and for T5). False: each row attends only its own prefix (the built-in
+    runner's CPU decode kernels, vLLM's paged attention), so a step costs as its rows' mean context."""
     device_memory_bytes: float | None = None
     """Memory of one device, for devices that are not in ``exegpt.devices.DEVICES`` (e.g. a CPU)."""
     kv_dtype: str | None = None
@@ -290,7 +294,8 @@ class Profile(JSONFile):
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "model": self.model, "device": self.device, "dtype": self.dtype,
                 "source": self.source, "step_overhead_s": self.step_overhead_s,
-                "padded_batches": self.padded_batches, "handoff_on_compute": self.handoff_on_compute,
+                "padded_batches": self.padded_batches, "padded_decode": self.padded_decode,
+                "handoff_on_compute": self.handoff_on_compute,
                 "device_memory_bytes": self.device_memory_bytes, "kv_dtype": self.kv_dtype,
                 "packed_weight_dtype": self.packed_weight_dtype, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
@@ -306,6 +311,8 @@ class Profile(JSONFile):
                        tables=tuple(ProfileTable.from_dict(t) for t in d["tables"]),
                        step_overhead_s=float(d.get("step_overhead_s", 0.0)), source=d.get("source", "measured"),
                        padded_batches=bool(d.get("padded_batches", False)),
+                       # files older than the field: both phases padded alike
+                       padded_decode=bool(d.get("padded_decode", d.get("padded_batches", False))),
                        handoff_on_compute=bool(d.get("handoff_on_compute", False)),
                        device_memory_bytes=d.get("device_memory_bytes"), kv_dtype=d.get("kv_dtype"),
                        packed_weight_dtype=d.get("packed_weight_dtype"), provenance=d.get("provenance", {}))

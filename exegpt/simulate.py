@@ -394,8 +394,8 @@ def static_points(prob: Problem, lay: Layout, batch, detail: bool = False):
     shift = 0 if prob.model.is_encoder_decoder else 1
     iters = np.array([prob.workload.output_len.expected_max(int(x)) for x in b]) - shift
     # Every row stays to the end: the context grows from the prompt by one token per iteration (from the
-    # batch's longest prompt when the backend pads).
-    prompt = st.max_input(b) if prob.cost.padded else np.full(b.shape, st.in_mean)
+    # batch's longest prompt when the backend attends every row over the longest).
+    prompt = st.prompt_len(b, prob.cost.padded_decode)
     ctx = (0.0 if prob.model.is_encoder_decoder else prompt) + 1 + np.maximum(iters, 0) / 2
     enc, ok_e = _encode_times(prob, stages, b / p)
     t_enc = sum(enc) + (p - 1) * np.maximum.reduce(enc) if p > 1 else enc[0]

@@ -104,9 +104,9 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
             n_req = max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24)
             rep = run_plan(plan, spec, num_requests=n_req, seed=seed, dtype=dtype)
             n = e.decode_batch
-            # The lengths the cost model asks the tables at: padded (the batch's longest) when the runner pads.
-            prompt = float(stats.max_input(be)) if kernels.padded_batches else stats.in_mean
-            ctx = float(stats.max_ctx(n)) if kernels.padded_batches else stats.decode_ctx
+            # The lengths the cost model asks the tables at (the batch's longest where the runner pads).
+            prompt = float(stats.prompt_len(be, kernels.padded_batches))
+            ctx = float(stats.context_len(n, kernels.padded_decode))
             points.append({"encode_batch": be, "decode_iters": plan.schedule.decode_iters, "requests": n_req,
                            "prompt": prompt, "decode_rows": n, "context": ctx, "measured_rows": rep.decode_batch,
                            "decode_meas_s": rep.decode_step_s, "decode_kernels_s": e.decode_step_s,

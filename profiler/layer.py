@@ -26,7 +26,9 @@ Workloads mirror the runner's real batches:
   (or ``seq`` 1) takes the ``is_causal`` path, as in the runner.
 - decode: ``batch`` rows whose positions are staggered (row ``i`` at ``context - 1 - i`` clipped at 0), so the
   longest row attends to ``context`` keys and the runner's masked path runs, as it does in ExeGPT's mixed decode
-  batches; a single row takes the unmasked path.
+  batches; a single row takes the unmasked path. Where the decode core is fused (``own_prefix_decode``: each row
+  attends its own prefix, whatever the others' lengths) every row sits at ``context``, so the point costs ``batch``
+  rows of ``context`` keys, what the cost model asks it for at a batch's mean context.
 """
 
 from __future__ import annotations
@@ -141,8 +143,19 @@ def decode_positions(batch: int, context: int) -> Tensor:
 
 
 def decode_step(shard: LayerShard, batch: int, context: int) -> Step:
-    """The ``Step`` ``Transformer.decode`` builds for rows ``0..batch-1`` at ``decode_positions``."""
-    return model_decode_step(decode_positions(batch, context), slice(0, batch), shard.rope, shard.device)
+    """The ``Step`` ``Transformer.decode`` builds for rows ``0..batch-1`` at ``decode_positions``, or all at
+    ``context - 1`` where each row attends its own prefix only (``own_prefix_decode``)."""
+    pos = torch.full((batch,), context - 1) if own_prefix_decode(shard) else decode_positions(batch, context)
+    return model_decode_step(pos, slice(0, batch), shard.rope, shard.device)
+
+
+def own_prefix_decode(shard: LayerShard) -> bool:
+    """Whether the shard's decode attention attends each row over its own prefix only (the fused CPU core,
+    ``Attention.fused_decode``), so that a step costs as its rows' contexts add up; else (torch's masked path)
+    every row is attended over the step's longest context (``Profile.padded_decode``)."""
+    # two rows at different positions: the mixed batches of real steps
+    step = model_decode_step(decode_positions(2, 2), slice(0, 2), shard.rope, shard.device)
+    return shard.block.attention.fused_decode(_hidden(shard, 2, 1), step, shard.cache)
 
 
 def _check_fits(shard: LayerShard, batch: int, length: int) -> None:
@@ -202,13 +215,15 @@ def attn_encode_region(shard: LayerShard, batch: int, seq: int) -> Region:
 
 
 def attn_decode_region(shard: LayerShard, batch: int, context: int) -> Region:
-    """Attention core of one decode step of ``batch`` rows, the longest attending to ``context`` keys."""
+    """Attention core of one decode step of ``batch`` rows, the longest attending to ``context`` keys; where the
+    core is fused (each row attends its own prefix only, ``own_prefix_decode``), every row attends ``context``
+    keys: the table then reads as rows x context, looked up at a batch's mean context."""
     _check_fits(shard, batch, context)
-    step = decode_step(shard, batch, context)
     a = shard.block.attention
     x = _hidden(shard, batch, 1)
     # The cache writes go to the same positions every call: no state to rewind between repetitions.
-    if a.fused_decode(x, step, shard.cache):  # RoPE + cache write + attention in one kernel call
+    step = decode_step(shard, batch, context)
+    if own_prefix_decode(shard):  # RoPE + cache write + attention in one kernel call
         qkv = a.wqkv(x)
         return (lambda: a.decode_core(qkv, step, shard.cache, 0)), None
     q, k, v = _qkv(shard, batch, 1)

@@ -53,10 +53,11 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 4
+METHOD_VERSION = 5
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
 ``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
-decode layer timed as one call), so cached profiles of an older method are measured again."""
+decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``),
+so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond it the point is
@@ -408,6 +409,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
             bar.set_postfix_str(f"tp={tp} layer")
             shard = L.build_layer_shard(t.spec, tp, dtype=t.torch_dtype, device=t.device, max_rows=g.max_rows,
                                         max_len=g.max_len, seed=seed)
+            padded_decode = not L.own_prefix_decode(shard)
             enc, n_enc = _sweep_attention(shard, Kernel.ATTN_ENCODE, g.batches, g.seqs, budget, repeat, bar.update)
             dec, n_dec = _sweep_attention(shard, Kernel.ATTN_DECODE, g.batches, g.contexts, budget, repeat,
                                           bar.update)
@@ -454,7 +456,9 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
                  "from runner.tp.apply_tp without its all-reduce (see allreduce)",
         "workload": "attn_encode: prompts padded to seq, one a token shorter when batch > 1 (the runner's "
                     "masked ragged path); attn_decode: rows at staggered positions, the longest at context "
-                    "(the runner's masked mixed-batch path); batch 1 runs unmasked in both",
+                    "(the runner's masked mixed-batch path), or every row at context where the decode core "
+                    "is fused (each row attends its own prefix: padded_decode false); batch 1 runs unmasked "
+                    "in both",
         "extrapolate": "linear beyond the grid for dense_*, lm_head, allreduce, send_recv, kv_handoff, "
                        "attn_decode, and attn_encode when its seq axis reaches max_seq_len",
         "attn_flops_budget": budget, "step_overhead": overhead,
@@ -465,7 +469,8 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
     memory = dev_info.available_bytes if dev_info.kind == "cpu" else None
     prof = Profile(model=t.name, device=dev_info.name, tables=tuple(tables), dtype=t.dtype,
                    step_overhead_s=float(overhead["step_overhead_s"]), source="measured",
-                   padded_batches=True,  # the runner pads prefill to the longest prompt, decode to the longest row
+                   padded_batches=True,  # the runner pads prefill to the longest prompt
+                   padded_decode=padded_decode,  # and attends decode rows over the longest, unless fused
                    handoff_on_compute=dev_info.kind == "cpu",  # gloo copies on the cores (Profile's doc)
                    device_memory_bytes=memory, kv_dtype=_kv_dtype(t),
                    packed_weight_dtype=_packed_weight_dtype(t), provenance=provenance)

@@ -331,7 +331,7 @@ int xg_attn_decode(const void* qkv, const void* cos, const void* sin, int64_t cs
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic) /* rows of different lengths: uneven tasks */
         for (int64_t t = 0; t < (int64_t)n * Hkv; t++) {
             if (!buf) continue;
             const int r = (int)(t / Hkv), g = (int)(t % Hkv);

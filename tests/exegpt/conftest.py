@@ -15,7 +15,7 @@ BYTES = (1e3, 1e5, 1e7, 1e9)
 
 
 def make_profile(model="opt-13b", device="A40", tps=(1, 2, 4), seed=0, noise=0.0, step_overhead_s=2e-4,
-                 padded=False, handoff_on_compute=False):
+                 padded=False, handoff_on_compute=False, padded_decode=None):
     """A GPU-like synthetic profile for ``model``: per-layer seconds on one rank at degree tp."""
     rng = np.random.default_rng(seed)
     scale = 1.0 + 0.3 * rng.random()
@@ -45,7 +45,9 @@ def make_profile(model="opt-13b", device="A40", tps=(1, 2, 4), seed=0, noise=0.0
     tables.append(ProfileTable(Kernel.KV_HANDOFF, 1, BYTES, (), tuple(5e-5 + np.asarray(BYTES) / 10e9),
                                extrapolate=True))
     return Profile(model=model, device=device, tables=tuple(tables), step_overhead_s=step_overhead_s,
-                   source="synthetic", padded_batches=padded, handoff_on_compute=handoff_on_compute)
+                   source="synthetic", padded_batches=padded,
+                   padded_decode=padded if padded_decode is None else padded_decode,
+                   handoff_on_compute=handoff_on_compute)
 
 
 @pytest.fixture

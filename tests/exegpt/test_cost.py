@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from exegpt import Kernel, Workload
+from exegpt import Kernel, Profile, Workload
 from exegpt.cost import CostModel, WorkloadStats
 from exegpt.models import MODELS
 
@@ -76,6 +76,27 @@ def test_padded_prefill_is_the_expectation_over_the_longest_prompt():
         at_mean = sum(float(prof.lookup(k, 1, *xy)[0]) for k, xy in (
             (Kernel.ATTN_ENCODE, (b, stats.max_input(b))), (Kernel.DENSE_ENCODE, (b * stats.max_input(b),))))
         assert float(got) > at_mean or math.isclose(float(got), at_mean, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("padded_decode", [False, True])
+def test_decode_attention_is_looked_up_at_the_mean_context_unless_every_row_attends_the_longest(padded_decode):
+    """A backend whose rows attend their own prefix (the CPU decode kernels, paged attention) costs a decode step
+    at the batch's mean context; one that attends every row over the longest (torch's masked path) at the
+    expected longest. Prefill padding is a separate switch."""
+    prof = make_profile(padded=True, padded_decode=padded_decode)
+    stats = WorkloadStats.of(Workload.truncated_normal(input=(64, 40, 256), output=(128, 60, 400), name="w"))
+    cost = CostModel(prof, MODELS["opt-13b"], stats)
+    rows = np.array([1.0, 8.0, 64.0])
+    ctx = stats.max_ctx(rows) if padded_decode else np.full(rows.shape, stats.decode_ctx)
+    assert (stats.max_ctx(rows[1:]) > stats.decode_ctx * 1.5).all()  # the two readings differ here
+    attn, _ = prof.lookup(Kernel.ATTN_DECODE, 1, rows, ctx)
+    dense, _ = prof.lookup(Kernel.DENSE_DECODE, 1, rows)
+    got, ok = cost.decode_layer(1, rows)
+    assert ok.all()
+    np.testing.assert_allclose(got, attn + dense)
+    assert Profile.from_json(prof.to_json()).padded_decode is padded_decode
+    old = {k: v for k, v in prof.to_dict().items() if k != "padded_decode"}  # a file from before the field
+    assert Profile.from_dict(old).padded_decode is True  # read as padded_batches
 
 
 def test_tp_command_carries_the_packed_prompt_tokens_when_the_backend_pads():

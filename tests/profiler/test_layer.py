@@ -17,6 +17,21 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
+def test_decode_points_attend_own_prefixes_where_the_core_is_fused(monkeypatch):
+    """With the CPU decode kernels each row attends its own prefix: the profile's decode points put every row at
+    the context (``padded_decode`` false); on torch's masked path rows are staggered below the longest."""
+    from runner import cpu_kernels
+
+    shard = L.build_layer_shard("tiny", 1, max_rows=8, max_len=64)
+    if cpu_kernels.load() is None:
+        pytest.skip("CPU kernels unavailable here")
+    assert L.own_prefix_decode(shard)
+    assert L.decode_step(shard, 4, 32).pos.tolist() == [31] * 4
+    monkeypatch.setattr(cpu_kernels, "usable", lambda *a, **k: False)
+    assert not L.own_prefix_decode(shard)
+    assert L.decode_step(shard, 4, 32).pos.tolist() == [31, 30, 29, 28]
+
+
 def test_tp_shard_has_local_sizes():
     full = L.build_layer_shard("tiny", 1, max_rows=2, max_len=8)
     half = L.build_layer_shard("tiny", 2, max_rows=2, max_len=8)

@@ -33,6 +33,10 @@ def test_profile_round_trips_and_has_every_kernel(tiny_profile):
         assert key in prov
     assert prov["torch_threads"] == 1 and prov["grid"]["batches"] == [1, 2, 4, 8]
     assert 0 <= p.step_overhead_s < 0.1
+    from runner import cpu_kernels
+
+    # the runner pads prefill; its decode rows attend their own prefix on the CPU kernels
+    assert p.padded_batches and p.padded_decode is (cpu_kernels.load() is None)
 
 
 def test_lookups_are_positive(tiny_profile):
