@@ -257,6 +257,32 @@ static inline float activate(float v, int act) {
     }
 }
 
+/* Rows per pass of xg_gated over a weight block: the gate's outputs for all of them, then the up projection's,
+ * so each weight block stays in L1 while the rows pass (interleaving the two halved the speed at 32 rows). */
+#define XG_GATED_ROWS 32
+
+/* One block of xg_gated: weight rows n0 .. n0 + nb of w1 and w3 for every input row; dt a literal. */
+static inline __attribute__((always_inline)) void gated_block(const float* xf, const void* w1, const void* b1,
+                                                              const void* w3, const void* b3, void* y,
+                                                              const int dt, int act, int M, int K, int N,
+                                                              int64_t n0, int nb) {
+    for (int64_t m0 = 0; m0 < M; m0 += XG_GATED_ROWS) {
+        const int64_t m1 = M - m0 < XG_GATED_ROWS ? M : m0 + XG_GATED_ROWS;
+        float g[XG_GATED_ROWS * XG_NB], u[XG_GATED_ROWS * XG_NB];
+        for (int64_t m = m0; m < m1; m += 4)
+            block_dots(xf, m, m1 - m < 4 ? (int)(m1 - m) : 4, w1, dt, K, n0, nb, M, g + (m - m0) * XG_NB);
+        for (int64_t m = m0; m < m1; m += 4)
+            block_dots(xf, m, m1 - m < 4 ? (int)(m1 - m) : 4, w3, dt, K, n0, nb, M, u + (m - m0) * XG_NB);
+        for (int64_t m = m0; m < m1; m++)
+            for (int j = 0; j < nb; j++) {
+                const int64_t n = n0 + j, i = (m - m0) * XG_NB + j;
+                const float gv = round_to(b1 ? g[i] + load_at(b1, n, dt) : g[i], dt);
+                const float uv = round_to(b3 ? u[i] + load_at(b3, n, dt) : u[i], dt);
+                store_at(y, m * (int64_t)N + n, round_to(activate(gv, act), dt) * uv, dt);
+            }
+    }
+}
+
 /* y[M, N] = act(x @ w1^T + b1) * (x @ w3^T + b3), each Linear output, the activation and the product rounded to
  * the dtype (the gated feed-forward's first half). b1 and b3 may be NULL. */
 int xg_gated(const void* x, const void* w1, const void* b1, const void* w3, const void* b3, void* y, int dt,
@@ -269,19 +295,8 @@ int xg_gated(const void* x, const void* w1, const void* b1, const void* w3, cons
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = b * XG_NB;
         const int nb = N - n0 < XG_NB ? (int)(N - n0) : XG_NB;
-        for (int64_t m = 0; m < M; m += 4) {
-            const int mb = M - m < 4 ? (int)(M - m) : 4;
-            float g[4 * XG_NB], u[4 * XG_NB];
-            block_dots(xf, m, mb, w1, dt, K, n0, nb, M, g);
-            block_dots(xf, m, mb, w3, dt, K, n0, nb, M, u);
-            for (int i = 0; i < mb; i++)
-                for (int j = 0; j < nb; j++) {
-                    const int64_t n = n0 + j;
-                    const float gv = round_to(b1 ? g[i * XG_NB + j] + load_at(b1, n, dt) : g[i * XG_NB + j], dt);
-                    const float uv = round_to(b3 ? u[i * XG_NB + j] + load_at(b3, n, dt) : u[i * XG_NB + j], dt);
-                    store_at(y, (m + i) * (int64_t)N + n, round_to(activate(gv, act), dt) * uv, dt);
-                }
-        }
+        if (dt == XG_BF16) gated_block(xf, w1, b1, w3, b3, y, XG_BF16, act, M, K, N, n0, nb);
+        else gated_block(xf, w1, b1, w3, b3, y, XG_F32, act, M, K, N, n0, nb);
     }
     if (xf != x && xf != buf) free(xf);
     return 0;
