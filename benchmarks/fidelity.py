@@ -4,7 +4,9 @@ One row per plan (RRA and WAA, several B_E / N_D / TP, three workloads including
 CPU-sized lengths, plus the plans find_schedule picks under a bound with the closed loop's latency margin),
 each round predicted from a profile measured just before it, then the mean and worst relative
 errors, a where-the-time-went table (measured / predicted per cost term; for WAA the time outside all of them),
-the run-to-run spread of the same plan on this machine, and one summary line:
+the run-to-run spread of the same plan on this machine, the machine's drift (``speed_probe`` just before each run
+over the same probe just after the profile) and the errors with the prediction scaled by it, and one summary
+line (unscaled):
 
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
 
@@ -14,12 +16,14 @@ the run-to-run spread of the same plan on this machine, and one summary line:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
-from profiler.loop import CPU_TASK, LATENCY_MARGIN, cached_profile, run_and_compare, table_header, _row
+from profiler.loop import CPU_TASK, LATENCY_MARGIN, cached_profile, run_and_compare, speed_probe, table_header, \
+    _row
 
 WORKLOADS = {
     "S/4": CPU_TASK,
@@ -86,6 +90,7 @@ def main():
                     help="runs per plan, interleaved; the run with the median throughput is reported")
     a = ap.parse_args()
     prof = cached_profile(a.model, refresh=not a.cached_profile)
+    probe0 = speed_probe(a.model)
     named = cases(prof)
     rounds = []
     for r in range(a.rounds):  # a shared VM's speed drifts by tens of percent within minutes: interleave rounds
@@ -93,13 +98,16 @@ def main():
             # Each round predicts from a profile taken just before it (profile -> simulate -> run, as a user
             # does): the same schedules, re-estimated; the plans were chosen on the first profile.
             prof = cached_profile(a.model, refresh=True)
+            probe0 = speed_probe(a.model)
             named = [(n, evaluate_schedule(p.schedule, p.workload, p.bound, profile=prof, devices=p.devices))
                      for n, p in named]
         rows = []
-        for wname, w in WORKLOADS.items():  # the same requests for every plan of a workload
-            group = [(n, p) for n, p in named if p.workload == w]
-            rows += run_and_compare(group, a.model, num_requests=a.requests,
-                                    trace=w if w.pairs is not None else None)
+        for name, plan in named:  # the same requests for every plan of a workload (same seed and trace)
+            w = plan.workload
+            drift = speed_probe(a.model) / probe0
+            c = run_and_compare([(name, plan)], a.model, num_requests=a.requests,
+                                trace=w if w.pairs is not None else None)[0]
+            rows.append(dataclasses.replace(c, drift=drift))
         rounds.append(rows)
     rows, spreads = [], []
     for runs in zip(*rounds):
@@ -108,9 +116,9 @@ def main():
         spreads.append((thr[-1] - thr[0]) / thr[len(thr) // 2])
     print(f"profile {prof.id}: {prof.provenance.get('date', '?')}, torch {prof.provenance.get('torch_version', '?')}"
           f"{'' if a.cached_profile else ', measured afresh before each round'}")
-    print(table_header() + "  spread")
+    print(table_header() + "  spread  drift  err/drift")
     for c, spread in zip(rows, spreads):
-        print(_row(c) + f"  {100 * spread:5.1f}%")
+        print(_row(c) + f"  {100 * spread:5.1f}%  {c.drift:5.2f}  {100 * c.drift_throughput_error:8.1f}%")
     for label, group in (("one rank", [c for c in rows if c.plan.schedule.num_gpus == 1]),
                          ("two ranks", [c for c in rows if c.plan.schedule.num_gpus > 1])):
         if group:
@@ -132,6 +140,13 @@ def main():
     if med:
         print(f"  latency against the median (not the worst) of the same requests: error mean "
               f"{100 * statistics.mean(med):.1f}% worst {100 * max(med):.1f}%")
+    drifts = [c.drift for c in rows]
+    d_thr = [c.drift_throughput_error for c in rows]
+    d_lat = [c.drift_latency_error for c in rows if math.isfinite(c.drift_latency_error)]
+    print(f"  machine drift between profile and run (probe seconds before the run / after the profile): "
+          f"{min(drifts):.2f}-{max(drifts):.2f}; errors with the prediction scaled by it: throughput mean "
+          f"{100 * statistics.mean(d_thr):.1f}% worst {100 * max(d_thr):.1f}%, latency mean "
+          f"{100 * statistics.mean(d_lat):.1f}% worst {100 * max(d_lat):.1f}%")
     thr = [c.throughput_error for c in rows]
     lat = [c.latency_error for c in rows if math.isfinite(c.latency_error)]
     bounded = [c for c in rows if c.name.startswith("best")]

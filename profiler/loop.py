@@ -56,11 +56,26 @@ class Comparison:
     name: str
     plan: Plan
     report: RunReport
+    drift: float = 1.0
+    """The machine's speed when the plan ran against when it was profiled: ``speed_probe`` seconds just before
+    the run over the same probe just after profiling (1.2: everything 20 % slower). 1 when not probed."""
 
     @property
     def throughput_error(self) -> float:
         """|predicted - measured| / measured sequences per second."""
         return abs(self.plan.estimate.throughput_seq_s - self.report.throughput_seq_s) / self.report.throughput_seq_s
+
+    @property
+    def drift_throughput_error(self) -> float:
+        """``throughput_error`` with the prediction's seconds scaled by ``drift``: the model's error apart from
+        the machine's change of speed between profile and run (every cost taken to scale alike)."""
+        pred = self.plan.estimate.throughput_seq_s / self.drift
+        return abs(pred - self.report.throughput_seq_s) / self.report.throughput_seq_s
+
+    @property
+    def drift_latency_error(self) -> float:
+        """``latency_error`` with the predicted latency scaled by ``drift``."""
+        return abs(self.plan.estimate.latency_s * self.drift - self.report.latency_s) / self.report.latency_s
 
     @property
     def latency_error(self) -> float:
@@ -105,6 +120,24 @@ def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, r
     except (OSError, ExeGPTError) as e:
         log.warning("could not cache the profile at %s: %s", path, e)
     return prof
+
+
+def speed_probe(model: str = "tiny", repeat: int = 60) -> float:
+    """Seconds of a fixed piece of the runner's decode work on one thread (layer 0 of ``model``: the rest of a
+    layer at 8, 32 and 128 rows, its attention at 32 rows of context 64; medians, interleaved), to tell the
+    machine's speed now from its speed when a profile was taken. About half a second."""
+    from .layer import attn_decode_region, build_layer_shard, dense_decode_region
+    from .timer import time_interleaved
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        shard = build_layer_shard(model, 1, max_rows=128, max_len=160)
+        regions = [dense_decode_region(shard, 8)[0], dense_decode_region(shard, 32)[0],
+                   dense_decode_region(shard, 128)[0], attn_decode_region(shard, 32, 64)[0]]
+        return sum(s.median_s for s in time_interleaved(regions, warmup=20, repeat=repeat))
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", num_requests: int = 600,

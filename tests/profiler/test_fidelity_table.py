@@ -9,9 +9,9 @@ from tests.exegpt.conftest import make_profile
 W = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 80), name="t")
 
 
-def _report(plan, thr, enc, step, batch):
+def _report(plan, thr, enc, step, batch, latency_s=0.5):
     return RunReport(policy=plan.schedule.policy.value, throughput_seq_s=thr, throughput_tok_s=thr * 32,
-                     latency_s=0.5, latency_len=plan.estimate.latency_len, encode_stage_s=enc, decode_step_s=step,
+                     latency_s=latency_s, latency_len=plan.estimate.latency_len, encode_stage_s=enc, decode_step_s=step,
                      decode_batch=batch)
 
 
@@ -30,3 +30,17 @@ def test_rra_row_has_no_outside_and_a_missing_measurement_is_a_dash():
     plan = evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), W, profile=make_profile(), devices="1xA40")
     rep = _report(plan, 100.0, float("nan"), 3 * plan.estimate.decode_step_s, plan.estimate.decode_batch)
     assert _attribution(Comparison("r", plan, rep)).split() == ["r", "-", "3.00x", "1.00x", "-"]
+
+
+def test_drift_scales_the_prediction_and_one_means_unscaled():
+    """A machine 25 % slower at run time than at profile time (drift 1.25): the predicted seconds scaled by it
+    match a run that is exactly that much slower, while the unscaled error shows the whole gap."""
+    plan = evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), W, profile=make_profile(), devices="1xA40")
+    e = plan.estimate
+    rep = _report(plan, e.throughput_seq_s / 1.25, e.encode_stage_s, e.decode_step_s, e.decode_batch,
+                  latency_s=e.latency_s * 1.25)
+    c = Comparison("r", plan, rep, drift=1.25)
+    assert abs(c.drift_throughput_error) < 1e-12 and abs(c.throughput_error - 0.25) < 1e-12
+    assert abs(c.drift_latency_error) < 1e-12 and abs(c.latency_error - 0.2) < 1e-12
+    plain = Comparison("r", plan, rep)
+    assert plain.drift == 1.0 and plain.drift_throughput_error == plain.throughput_error
