@@ -256,8 +256,16 @@ def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float | N
     return times, ok
 
 
-def _memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, kv_rows_in_flight=None):
-    """Peak bytes per stage device (a list of arrays)."""
+HANDOFF_DEPTH = 2
+"""WAA: encoded batches in flight between the groups. The encoder runs at most this many batches ahead of the
+decoder's merges (it keeps their KV until sent), and the decode ranks keep as many hand-off receives posted, each
+into its own buffer, so that a batch's messages flow while the decoder computes (the built-in runner)."""
+
+
+def _memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, kv_rows_in_flight=None,
+            recv_rows=0.0):
+    """Peak bytes per stage device (a list of arrays). ``kv_rows_in_flight``: a WAA encode stage's prompts held
+    until handed off, instead of a cache; ``recv_rows``: a WAA decode stage's hand-off receive buffers (prompts)."""
     m, st = prob.model, prob.stats
     max_ctx = st.out_max if m.is_encoder_decoder else st.in_max + st.out_max
     out, memo = [], {}
@@ -270,6 +278,7 @@ def _memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, kv_ro
         kv = kv_bytes(m, s.tp, s.n_layers, rows, max_ctx, st.in_max)
         if kv_rows_in_flight is not None:  # WAA encode stage: prompts' KV until handed off
             kv = m.kv_bytes_per_token(s.tp) * s.n_layers * st.in_max * np.asarray(kv_rows_in_flight, float)
+        kv = kv + m.kv_bytes_per_token(s.tp) * s.n_layers * st.in_max * np.asarray(recv_rows, float)
         memo[key] = w + kv + activation_bytes(m, s.tp, encode_tokens)
         out.append(memo[key])
     return out
@@ -379,8 +388,8 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
             thr = np.minimum(thr, 1 / per_query)
     lat = t_enc_lat + hand + (prob.k_q + 1) * period
     rows = np.ceil(bd_lo) + be_lo
-    mem = _memory(prob, enc_st, 0, be_lo * st.in_max, kv_rows_in_flight=2 * be_lo) + \
-        _memory(prob, dec_st, rows, np.minimum(bm_lo, bd_lo))
+    mem = _memory(prob, enc_st, 0, be_lo * st.in_max, kv_rows_in_flight=HANDOFF_DEPTH * be_lo) + \
+        _memory(prob, dec_st, rows, np.minimum(bm_lo, bd_lo), recv_rows=HANDOFF_DEPTH * be_lo)
     ok = ok_e & ok_h & ok_1 & ok_2 & _fits(prob, mem) & (bm_lo <= prob.max_batch(Kernel.ATTN_DECODE))
     if detail:
         return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc_int, t_dec=t_dec, bd=bd_lo, mem=mem, period=period)

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 import torch
 import torch.distributed as dist
+
+from exegpt.simulate import HANDOFF_DEPTH
 
 from .dist import TAG_CREDIT, TAG_KV, TAG_META, StageRanks
 from .kv_cache import fill_holes, row_index
@@ -32,8 +35,12 @@ from .pipeline import COMPACT, END, IMPORT, PREFILL, Command, Pipeline, RunConte
 from .report import RunReport, SteadyMarker, SteadyWindow, build_report
 from .requests import Request, RequestTracker
 
-DEPTH = 2
-"""Encoded batches the encoder may run ahead of the decoder's merges."""
+DEPTH = HANDOFF_DEPTH
+"""Encoded batches the encoder may run ahead of the decoder's merges, and hand-off receives (metadata and KV)
+the decode ranks keep posted. gloo moves a message only once its receive is posted, and then only when both
+processes' communication threads get a core; with the receive of batch k + 1 posted only after batch k merged, a
+CPU decode driver waited 0.9 ms a merge for metadata the encoder had sent long before, and the encoder 1.4 ms a
+batch for credits (instrumented, WAA-C B_E = 1, two ranks on two cores)."""
 
 
 def _kv_slice(src: StageRanks, src_rank: int, dst: StageRanks, dst_rank: int, n_kv_heads: int
@@ -97,9 +104,9 @@ class EncodeStage(StageRuntime):
 class DecodeStage(StageRuntime):
     """A decode rank: receives the KV of the encoded batches from the encode ranks and imports it on IMPORT.
 
-    The receive of the next batch's KV is posted as soon as the previous batch is imported, into a buffer of the
-    largest batch (``encode_batch`` rows of ``prompt_len`` positions), so the hand-off lands while this rank
-    decodes and IMPORT only copies it into the cache rows. This is the overlap the simulator assumes (the KV
+    The receives of the next ``DEPTH`` batches' KV stay posted, each into its own buffer of the largest batch
+    (``encode_batch`` rows of ``prompt_len`` positions), so the hand-off lands while this rank decodes and IMPORT
+    only copies it into the cache rows. This is the overlap the simulator assumes (the KV
     hand-off is off the decode path). gloo takes a shorter message into the buffer, so CPU ranks send exactly the
     batch's KV; NCCL needs equal counts, so on GPUs the encode ranks send the full, zero-padded buffer
     (``_handoff_pad``).
@@ -112,43 +119,46 @@ class DecodeStage(StageRuntime):
         self.n_kv_heads = cache.n_kv_heads * len(self.stage.ranks)
         self.sources = [(r, sl) for src in encode_stages for r in src.ranks
                         if (sl := _kv_slice(src, r, self.stage, self.rank, self.n_kv_heads)) is not None]
-        self.buffers = [torch.empty(2 * (l1 - l0) * encode_batch * (h1 - h0) * prompt_len * cache.head_dim,
-                                    dtype=cache.dtype, device=cache.device) for _, ((l0, l1), (h0, h1)) in self.sources]
+        self.free = deque([torch.empty(2 * (l1 - l0) * encode_batch * (h1 - h0) * prompt_len * cache.head_dim,
+                                       dtype=cache.dtype, device=cache.device)
+                           for _, ((l0, l1), (h0, h1)) in self.sources] for _ in range(DEPTH))
         self.pad = _handoff_pad(cache.device, encode_batch, prompt_len)
         self.batches_left = batches
-        self.posted: list = []
+        self.posted: deque = deque()  # (works, buffers) of the batches posted, oldest first
         if not self.gets_meta:
-            self.post_next()
+            for _ in range(DEPTH):
+                self.post_next()
 
     @property
     def gets_meta(self) -> bool:
         """The decode driver receives each batch's metadata too, and posts the KV receive right after the
         metadata's (``drive_decode``): NCCL ignores tags, so receives from one peer must be posted in the order
-        it sends (metadata, then KV). The other decode ranks post their own after each import."""
+        it sends (metadata, then KV). The other decode ranks post their own, ``DEPTH`` ahead of their imports."""
         return self.rank == self.driver
 
     def post_next(self) -> None:
-        """Posts the receives of the next encoded batch's KV, if one is still to come."""
-        self.posted = []
+        """Posts the receives of the next encoded batch's KV into a free buffer set, if a batch is still to come."""
         if self.batches_left > 0:
             self.batches_left -= 1
-            self.posted = [dist.irecv(buf, r, tag=TAG_KV) for (r, _), buf in zip(self.sources, self.buffers)]
+            bufs = self.free.popleft()
+            self.posted.append(([dist.irecv(buf, r, tag=TAG_KV) for (r, _), buf in zip(self.sources, bufs)], bufs))
 
     def on_import(self, cmd: Command) -> None:
         if not self.posted:
             raise RuntimeError(f"rank {self.rank}: IMPORT of batch {cmd.batch} but every encoded batch was imported")
+        works, bufs = self.posted.popleft()
         cache = self.model.cache
         n, L, D = cmd.rows.numel(), int(cmd.seq_lens.max()), cache.head_dim
         rows = row_index(cmd.rows, cache.device)
         a = self.stage.layers[0]
         h_base = (self.rank - self.stage.leader) * cache.n_kv_heads
-        for work, ((_, ((l0, l1), (h0, h1))), buf) in zip(self.posted, zip(self.sources, self.buffers)):
+        for work, ((_, ((l0, l1), (h0, h1))), buf) in zip(works, zip(self.sources, bufs)):
             work.wait()
             kv = unpack_kv(buf, (l1 - l0, n, h1 - h0, L, D), self.pad)
             at = (slice(l0 - a, l1 - a), rows, slice(h0 - h_base, h1 - h_base), slice(0, L))
             cache.k[at], cache.v[at] = kv[0], kv[1]
         cache.lengths[cmd.rows] = cmd.seq_lens
-        self.posted = []
+        self.free.append(bufs)
         if not self.gets_meta:
             self.post_next()
 
@@ -223,7 +233,7 @@ def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -
                              ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
     bar = progress_bar(ctx, tracker)
     enc_s, dec_it, steady = drive_decode(Pipeline(rt, dec[-1].leader), tracker, sched, rows, enc[-1].leader,
-                                         enc_driver, driver_clock(t0), plan.estimate.decode_batch)
+                                         enc_driver, driver_clock(t0), plan.estimate.decode_batch, len(batches))
     if bar is not None:
         bar.close()
     return build_report(sched.policy.value, tracker.records(), plan.estimate.latency_len, enc_s, dec_it,
@@ -249,17 +259,29 @@ def drive_encode(pipe: Pipeline, batches: list[list[Request]], dec_driver: int, 
 
 
 def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_last: int, enc_driver: int,
-                 clock, planned_batch: float = math.inf
+                 clock, planned_batch: float = math.inf, batches: int | None = None
                  ) -> tuple[list[float], list[tuple[float, int]], SteadyWindow | None]:
     """The decode driver. Returns (encode seconds per batch, (seconds, rows) per decode iteration, the steady
-    window: from the first iteration whose batch reached ``planned_batch`` rows until the encoder finished)."""
+    window: from the first iteration whose batch reached ``planned_batch`` rows until the encoder finished).
+    ``batches``: how many the encoder sends (``encode_batches``); their metadata and the encoder's end message
+    are received ``DEPTH`` ahead (None: one ahead)."""
     comm = pipe.rt.comm
     size = 4 + 3 * sched.encode_batch
+    metas: deque = deque()  # posted metadata receives, oldest first
+    to_post = math.inf if batches is None else batches + 1  # the batches' metadata and the end message
+
+    def post_meta() -> None:  # this batch's metadata, then its KV (``DecodeStage.gets_meta``)
+        nonlocal to_post
+        if to_post > 0:
+            to_post -= 1
+            metas.append(comm.irecv((size,), torch.long, enc_last, TAG_META))
+            pipe.rt.post_next()
+
     alive: list[int] = []  # request of each cache row
     enc_s: list[float] = []
     dec: list[tuple[float, int]] = []
-    pending = comm.irecv((size,), torch.long, enc_last, TAG_META)
-    pipe.rt.post_next()  # this batch's KV, after its metadata (``DecodeStage.gets_meta``)
+    for _ in range(DEPTH if batches is not None else 1):
+        post_meta()
     held: torch.Tensor | None = None  # a received batch waiting for free rows
     encoder_done = False
     steady = SteadyMarker(enc_s, dec)
@@ -272,8 +294,9 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
         # the next one whenever it has room. (gloo's irecv does not progress under is_completed() polling, so
         # a poll would merge only when the batch ran empty.)
         if held is None and not encoder_done and len(alive) + sched.encode_batch <= rows:
-            pending[0].wait()
-            held = pending[1].cpu()
+            work, buf = metas.popleft()
+            work.wait()
+            held = buf.cpu()
             if int(held[0]) < 0:
                 encoder_done, held = True, None
                 steady.end(clock())
@@ -281,8 +304,7 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
             _merge(pipe, tracker, held, alive, enc_s)
             comm.send([_i64([int(held[1])])], enc_driver, TAG_CREDIT)
             held = None
-            pending = comm.irecv((size,), torch.long, enc_last, TAG_META)
-            pipe.rt.post_next()
+            post_meta()
         active = [i for i, rid in enumerate(alive) if not tracker.done(rid)]
         if not active:
             if encoder_done and held is None:
