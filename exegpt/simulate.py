@@ -276,9 +276,10 @@ def _memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, kv_ro
             continue
         w = stage_weight_bytes(m, s.tp, s.n_layers, s.n_enc_layers, i == 0, i == len(stages) - 1)
         kv = kv_bytes(m, s.tp, s.n_layers, rows, max_ctx, st.in_max)
+        prompt_kv = m.kv_bytes_per_token(s.tp) * s.n_layers * st.in_max  # one prompt's KV, at its longest
         if kv_rows_in_flight is not None:  # WAA encode stage: prompts' KV until handed off
-            kv = m.kv_bytes_per_token(s.tp) * s.n_layers * st.in_max * np.asarray(kv_rows_in_flight, float)
-        kv = kv + m.kv_bytes_per_token(s.tp) * s.n_layers * st.in_max * np.asarray(recv_rows, float)
+            kv = prompt_kv * np.asarray(kv_rows_in_flight, float)
+        kv = kv + prompt_kv * np.asarray(recv_rows, float)
         memo[key] = w + kv + activation_bytes(m, s.tp, encode_tokens)
         out.append(memo[key])
     return out

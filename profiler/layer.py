@@ -223,7 +223,7 @@ def attn_decode_region(shard: LayerShard, batch: int, context: int) -> Region:
     x = _hidden(shard, batch, 1)
     # The cache writes go to the same positions every call: no state to rewind between repetitions.
     step = decode_step(shard, batch, context)
-    if own_prefix_decode(shard):  # RoPE + cache write + attention in one kernel call
+    if a.fused_decode(x, step, shard.cache):  # RoPE + cache write + attention in one kernel call
         qkv = a.wqkv(x)
         return (lambda: a.decode_core(qkv, step, shard.cache, 0)), None
     q, k, v = _qkv(shard, batch, 1)

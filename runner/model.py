@@ -287,9 +287,13 @@ class Attention(nn.Module):
     def decode_core(self, qkv: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
         """The fused decode core: ``wqkv``'s output ``[n, 1, (H + 2 Hkv) D]`` -> attention output ``[n, 1, H D]``
         (RoPE, cache write at each row's position, attention over its prefix)."""
-        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
         return cpu_kernels.attn_decode(qkv, step.cos, step.sin, step.pos, step.rows, cache.k[layer], cache.v[layer],
-                                       self.n_heads, self.n_kv_heads, scale)
+                                       self.n_heads, self.n_kv_heads, self.softmax_scale)
+
+    @property
+    def softmax_scale(self) -> float:
+        """The scale of the attention scores: the model's own (T5: 1) or ``head_dim ** -0.5``."""
+        return self.scale if self.scale is not None else self.head_dim ** -0.5
 
     def forward(self, x: Tensor, step: Step, cache: KVCache | None, layer: int, residual: Tensor | None = None
                 ) -> Tensor:
@@ -370,7 +374,7 @@ class TransformerBlock(nn.Module):
             x, self.attention_norm.weight, a.wqkv.weight, a.wqkv.bias, step.cos, step.sin, step.pos, step.rows,
             cache.k[layer], cache.v[layer], a.wo.weight, a.wo.bias, self.ffn_norm.weight, f.w1.weight, f.w1.bias,
             f.w3.weight, f.w3.bias, f.w2.weight, f.w2.bias, f.act_name, a.n_heads, a.n_kv_heads,
-            self.attention_norm.eps, a.scale if a.scale is not None else a.head_dim ** -0.5, attention)
+            self.attention_norm.eps, a.softmax_scale, attention)
 
 
 # --- the model ------------------------------------------------------------------------------------

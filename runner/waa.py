@@ -259,16 +259,16 @@ def drive_encode(pipe: Pipeline, batches: list[list[Request]], dec_driver: int, 
 
 
 def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_last: int, enc_driver: int,
-                 clock, planned_batch: float = math.inf, batches: int | None = None
+                 clock, planned_batch: float, batches: int
                  ) -> tuple[list[float], list[tuple[float, int]], SteadyWindow | None]:
     """The decode driver. Returns (encode seconds per batch, (seconds, rows) per decode iteration, the steady
     window: from the first iteration whose batch reached ``planned_batch`` rows until the encoder finished).
     ``batches``: how many the encoder sends (``encode_batches``); their metadata and the encoder's end message
-    are received ``DEPTH`` ahead (None: one ahead)."""
+    are received ``DEPTH`` ahead."""
     comm = pipe.rt.comm
     size = 4 + 3 * sched.encode_batch
     metas: deque = deque()  # posted metadata receives, oldest first
-    to_post = math.inf if batches is None else batches + 1  # the batches' metadata and the end message
+    to_post = batches + 1  # the batches' metadata and the end message
 
     def post_meta() -> None:  # this batch's metadata, then its KV (``DecodeStage.gets_meta``)
         nonlocal to_post
@@ -280,7 +280,7 @@ def drive_decode(pipe: Pipeline, tracker: RequestTracker, sched, rows: int, enc_
     alive: list[int] = []  # request of each cache row
     enc_s: list[float] = []
     dec: list[tuple[float, int]] = []
-    for _ in range(DEPTH if batches is not None else 1):
+    for _ in range(DEPTH):
         post_meta()
     held: torch.Tensor | None = None  # a received batch waiting for free rows
     encoder_done = False

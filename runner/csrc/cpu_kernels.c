@@ -66,7 +66,8 @@ static float* as_f32(const void* x, int64_t n, int dt, float* buf) {
  * k = 0, 16, 32, ... and one over those at k = 8, 24, ..., a last chunk of 8 into the first, the two added, a fixed
  * horizontal sum (reduce8), then the scalar tail. So the bits of an output depend on K only, never on how many
  * rows share the call, and one row still has two independent chains of FMAs. MR and NR are literal constants at
- * each call, so the loops unroll onto registers (MR * NR <= 6: 12 accumulators of AVX2's 16 registers). */
+ * each call, so the loops unroll onto registers: tiles of up to 4 outputs keep both chains (8 accumulators) and
+ * read the data once; larger ones (up to 12 outputs, 12 of AVX2's 16 registers) run the chains in two passes. */
 #ifdef XG_AVX2
 static inline __m256 load8(const void* w, int64_t k, int dt) {
     if (dt == XG_BF16) {
