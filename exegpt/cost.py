@@ -17,6 +17,10 @@ Composition of one pipeline stage (tp devices, ``n`` decoder layers, ``n_enc`` e
   engine_decode(n, context) on the first (the driver leads it: commands, every row's token booked, row moves;
   measured on the CPU with two pipeline stages, the driver spent ~1 ms a 32-row micro-batch outside its
   layers); activations sent onward; the step overhead once.
+
+Every computed term (layers, LM head, the executor's own work, the step overhead) is multiplied by
+``slowdown``: the profile's measured slowdown of a rank of a multi-rank group (``Profile.rank_slowdown``, applied
+by ``exegpt.simulate``; 1 for one rank and on GPUs); messages are profiled under load as they are.
 """
 
 from __future__ import annotations
@@ -136,6 +140,15 @@ class CostModel:
     per_unit: bool = False
     """Use the profile's batching envelope and unpadded batches: a lower bound for the search's box
     bounds, never an estimate."""
+    slowdown: float = 1.0
+    """Factor on every computed term (``Profile.slowdown``, for stages of a multi-rank group)."""
+
+    COMPUTED = frozenset({Kernel.ATTN_ENCODE, Kernel.ATTN_DECODE, Kernel.ATTN_CROSS, Kernel.DENSE_ENCODE,
+                          Kernel.DENSE_DECODE, Kernel.LM_HEAD, Kernel.ENGINE_ENCODE, Kernel.ENGINE_DECODE})
+
+    @property
+    def step_overhead_s(self) -> float:
+        return self.profile.step_overhead_s * self.slowdown
 
     @property
     def padded(self) -> bool:
@@ -148,7 +161,8 @@ class CostModel:
         return self.profile.padded_decode and not self.per_unit
 
     def _get(self, kernel: Kernel, tp: int, x, y=None):
-        return self.profile.lookup(kernel, tp, x, y, per_unit=self.per_unit)
+        t, ok = self.profile.lookup(kernel, tp, x, y, per_unit=self.per_unit)
+        return (t * self.slowdown if self.slowdown != 1.0 and kernel in self.COMPUTED else t), ok
 
     def _ar(self, tp: int, tokens) -> tuple[np.ndarray, np.ndarray]:
         if tp == 1:
@@ -241,11 +255,11 @@ class CostModel:
             # the next stage or to the decoder stages.
             t, ok = self.encode_layer(tp, b)
             s, ok2 = self._send(b * self.stats.in_mean)
-            return n_enc_layers * t + s + self.profile.step_overhead_s, ok & ok2
+            return n_enc_layers * t + s + self.step_overhead_s, ok & ok2
         else:
             t, ok = self.encode_layer(tp, b)
             t = n_layers * t
-        t = t + self.profile.step_overhead_s
+        t = t + self.step_overhead_s
         if last:
             h, ok2 = self._head(b)
             return t + h, ok & ok2
@@ -268,7 +282,7 @@ class CostModel:
                 t, ok = t + c, ok & okc
             return t, ok
         t, ok = self.decode_layer(tp, r, ctx)
-        t = n_layers * t + self.profile.step_overhead_s
+        t = n_layers * t + self.step_overhead_s
         if last:
             h, ok2 = self._head(r)
             return t + h, ok & ok2

@@ -203,6 +203,11 @@ class Profile(JSONFile):
     """Precision of the extra, prepacked copy of every Linear weight the profiled backend keeps (the built-in runner
     on a CPU: oneDNN's blocked layout, fp32 where the CPU has no bf16 instructions); None: no copy. Weight memory
     counts it."""
+    rank_slowdown: tuple[tuple[int, float], ...] = ()
+    """``(ranks, factor)`` pairs: how much slower one rank computes while that many ranks of a run compute at once
+    on the profiled host, against one rank alone (the kernel tables' condition): shared cores, caches and memory
+    bandwidth, and a virtual machine's share of its host. Measured on a CPU (``profiler.collectives``); empty,
+    i.e. 1, on GPUs, where every rank has its own device. Messages are profiled under load already."""
     provenance: dict = field(default_factory=dict)
     """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
     _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -216,6 +221,9 @@ class Profile(JSONFile):
         for f in ("kv_dtype", "packed_weight_dtype"):
             if getattr(self, f) is not None and getattr(self, f) not in DTYPE_BYTES:
                 raise ExeGPTError(f"{f} {getattr(self, f)!r} unknown; expected one of {', '.join(DTYPE_BYTES)} or null")
+        for ranks, factor in self.rank_slowdown:
+            if not (isinstance(ranks, int) and ranks >= 2 and np.isfinite(factor) and factor > 0):
+                raise ExeGPTError(f"rank_slowdown entry {(ranks, factor)!r} must be (ranks >= 2, factor > 0)")
         lookup = {}
         for t in self.tables:
             key = (t.kernel, t.tp)
@@ -230,6 +238,12 @@ class Profile(JSONFile):
     @property
     def id(self) -> str:
         return f"{self.model}@{self.device}"
+
+    def slowdown(self, ranks: int) -> float:
+        """``rank_slowdown`` at ``ranks`` ranks computing at once: the entry of the most ranks measured up to
+        ``ranks`` (1 for one rank, or none measured)."""
+        below = [(r, f) for r, f in self.rank_slowdown if r <= ranks]
+        return max(below)[1] if below else 1.0
 
     def tp_degrees(self, kernel: Kernel = Kernel.DENSE_DECODE) -> tuple[int, ...]:
         return tuple(sorted(tp for (k, tp) in self._lookup if k == kernel))
@@ -297,7 +311,8 @@ class Profile(JSONFile):
                 "padded_batches": self.padded_batches, "padded_decode": self.padded_decode,
                 "handoff_on_compute": self.handoff_on_compute,
                 "device_memory_bytes": self.device_memory_bytes, "kv_dtype": self.kv_dtype,
-                "packed_weight_dtype": self.packed_weight_dtype, "provenance": self.provenance,
+                "packed_weight_dtype": self.packed_weight_dtype,
+                "rank_slowdown": {str(r): f for r, f in self.rank_slowdown}, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
 
     @classmethod
@@ -315,9 +330,20 @@ class Profile(JSONFile):
                        padded_decode=bool(d.get("padded_decode", d.get("padded_batches", False))),
                        handoff_on_compute=bool(d.get("handoff_on_compute", False)),
                        device_memory_bytes=d.get("device_memory_bytes"), kv_dtype=d.get("kv_dtype"),
-                       packed_weight_dtype=d.get("packed_weight_dtype"), provenance=d.get("provenance", {}))
+                       packed_weight_dtype=d.get("packed_weight_dtype"),
+                       rank_slowdown=_slowdown_pairs(d.get("rank_slowdown", {})), provenance=d.get("provenance", {}))
         except KeyError as e:
             raise ExeGPTError(f"profile misses field {e}") from None
+
+
+def _slowdown_pairs(d) -> tuple[tuple[int, float], ...]:
+    """``{"2": 1.3}`` -> ``((2, 1.3),)``, sorted."""
+    if not isinstance(d, dict):
+        raise ExeGPTError(f"rank_slowdown must be an object of ranks -> factor, got {d!r}")
+    try:
+        return tuple(sorted((int(r), float(f)) for r, f in d.items()))
+    except (TypeError, ValueError):
+        raise ExeGPTError(f"rank_slowdown {d!r} must map a rank count to a number") from None
 
 
 def _interpolator(t: ProfileTable, env: np.ndarray):

@@ -18,6 +18,12 @@ gloo on CPU, NCCL (plus gloo for host tensors) on GPUs, one GPU per rank. Kernel
   half of a symmetric round trip.
 
 All three grow linearly with the message at large sizes (bandwidth-bound), so their tables extrapolate.
+
+On a CPU each group also measures the **rank slowdown** (``Profile.rank_slowdown``): how much slower a rank
+computes a fixed piece of the model's decode work (``profiler.layer.probe_regions``) as a rank of a multi-rank run
+does, every rank at once and in bursts between blocking waits, than as the kernel tables are timed, alone and
+back to back (``_time_slowdown``). A run's ranks share the host's cores, caches and memory bandwidth (and a
+virtual machine's share of its host), and a core that idled in a wait computes its next burst slower.
 """
 
 from __future__ import annotations
@@ -58,11 +64,13 @@ class CollectiveResult:
     skipped: dict = field(default_factory=dict)
     """``"allreduce tp=4": "needs 4 CUDA devices, found 1"``-style notes."""
     facts: dict = field(default_factory=dict)
+    rank_slowdown: dict = field(default_factory=dict)
+    """Group size -> slowdown factor (CPU groups measured with a ``probe_model``)."""
 
 
 def measure_collectives(tp_degrees: tuple[int, ...], sizes_bytes: tuple[int, ...], *, device: str = "cpu",
                         dtype: str = "fp32", quick: bool = False, point_to_point: bool = True,
-                        progress=None) -> CollectiveResult:
+                        progress=None, probe_model: str | None = None) -> CollectiveResult:
     """All-reduce tables for every degree > 1 in ``tp_degrees``, and (``point_to_point``) send_recv and
     kv_handoff tables, over the message sizes ``sizes_bytes``.
 
@@ -74,13 +82,15 @@ def measure_collectives(tp_degrees: tuple[int, ...], sizes_bytes: tuple[int, ...
         dtype: element type of the messages (fp32, fp16, bf16).
         quick: fewer repetitions.
         progress: optional callable ``progress(n)`` told of every finished group (for a progress bar).
+        probe_model: on a CPU, the model (preset, folder or smollm2) whose decode work measures each group's rank
+            slowdown; None: not measured.
 
     Returns:
         ``CollectiveResult``; times are seconds.
     """
     device_type = torch.device(device).type
     groups = sorted({tp for tp in tp_degrees if tp > 1} | ({2} if point_to_point else set()))
-    skipped, tables, facts = {}, [], {}
+    skipped, tables, facts, slowdown = {}, [], {}, {}
     available = torch.cuda.device_count() if device_type == "cuda" else None
     for world in groups:
         want_ar = world in tp_degrees
@@ -96,8 +106,11 @@ def measure_collectives(tp_degrees: tuple[int, ...], sizes_bytes: tuple[int, ...
                 progress(1)
             continue
         results = run_group(world, sizes_bytes, device_type=device_type, dtype=dtype, quick=quick,
-                            allreduce=want_ar, point_to_point=want_p2p)
+                            allreduce=want_ar, point_to_point=want_p2p,
+                            probe_model=probe_model if device_type == "cpu" else None)
         facts[f"group{world}_backend"] = results.pop("backend")
+        if "rank_slowdown" in results:
+            slowdown[world] = results.pop("rank_slowdown")
         for name, per_size in results.items():
             kernel = Kernel(name)
             tables.append(ProfileTable(kernel=kernel, tp=world if kernel is Kernel.ALLREDUCE else 1,
@@ -106,14 +119,16 @@ def measure_collectives(tp_degrees: tuple[int, ...], sizes_bytes: tuple[int, ...
                                        spread_s=tuple(s["spread_s"] for s in per_size), extrapolate=True))
         if progress:
             progress(1)
-    return CollectiveResult(tables=tuple(tables), skipped=skipped, facts=facts)
+    return CollectiveResult(tables=tuple(tables), skipped=skipped, facts=facts, rank_slowdown=slowdown)
 
 
 def run_group(world: int, sizes_bytes: tuple[int, ...], *, device_type: str = "cpu", dtype: str = "fp32",
-              quick: bool = False, allreduce: bool = True, point_to_point: bool = False) -> dict:
+              quick: bool = False, allreduce: bool = True, point_to_point: bool = False,
+              probe_model: str | None = None) -> dict:
     """Spawn ``world`` processes and time the asked-for collectives; returns
     ``{"allreduce": [stats per size], "send_recv": [...], "kv_handoff": [...], "backend": str}`` with stats as
-    dicts of ``TimingStats`` fields plus ``spread_s`` (seconds)."""
+    dicts of ``TimingStats`` fields plus ``spread_s`` (seconds), and ``"rank_slowdown": {"factor": f, ...}``
+    with a ``probe_model``."""
     if world < 2:
         raise ExeGPTError(f"a collective group needs at least 2 processes, got {world}")
     if dtype not in TORCH_DTYPES:
@@ -123,7 +138,7 @@ def run_group(world: int, sizes_bytes: tuple[int, ...], *, device_type: str = "c
         out = Path(tmp) / "result.json"
         config = {"world": world, "store": str(Path(tmp) / "store"), "out": str(out), "device_type": device_type,
                   "dtype": dtype, "sizes_bytes": list(sizes_bytes), "repeat": repeat, "allreduce": allreduce,
-                  "point_to_point": point_to_point}
+                  "point_to_point": point_to_point, "probe_model": probe_model}
         _launch(config, Path(tmp))
         return json.loads(out.read_text())
 
@@ -174,11 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     rank, c = int(argv[0]), json.loads(argv[1])
     _worker(rank, c["world"], c["store"], c["out"], c["device_type"], c["dtype"], tuple(c["sizes_bytes"]),
-            c["repeat"], c["allreduce"], c["point_to_point"])
+            c["repeat"], c["allreduce"], c["point_to_point"], c.get("probe_model"))
 
 
 def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype: str,
-            sizes_bytes: tuple[int, ...], repeat: int, allreduce: bool, point_to_point: bool) -> None:
+            sizes_bytes: tuple[int, ...], repeat: int, allreduce: bool, point_to_point: bool,
+            probe_model: str | None = None) -> None:
     """One rank of a launched group: join the group, time, and (rank 0) write the results as JSON."""
     # One compute thread per rank: ranks share the machine's cores, and the message copies are memory-bound.
     torch.set_num_threads(1)
@@ -217,6 +233,8 @@ def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype
                 result[name] = _sweep_sizes(time_one, sizes_bytes, device)
                 if device.type == "cpu":
                     result[name] = _pool_tail(result[name])
+        if probe_model is not None and device.type == "cpu":
+            result["rank_slowdown"] = _time_slowdown(rank, world, probe_model, tdtype, repeat)
         if rank == 0:
             Path(out).write_text(json.dumps(result))
         dist.barrier()
@@ -326,6 +344,64 @@ LOADED_HOPS = 200
 """Timed hand-offs per size in ``_time_loaded_hop`` (at least; 10 x the kernels' repeat count)."""
 
 
+SLOWDOWN_ROUNDS = 5
+"""Rounds of (every rank at once, then each rank alone) in ``_time_slowdown``."""
+SLOWDOWN_WAIT_S = 1e-3
+"""The idle wait before every timed call of the together condition: a rank of a multi-rank run computes in bursts
+between blocking waits for its messages."""
+
+
+def _time_slowdown(rank: int, world: int, model: str, dtype: torch.dtype, repeat: int) -> dict:
+    """The group's rank slowdown: per rank, the median over ``SLOWDOWN_ROUNDS`` of its probe time (the summed
+    medians of ``probe_regions``) as a rank of a multi-rank run computes, over the median of its probe as the kernel
+    tables are timed; the factor is the mean over ranks (pipeline stages and TP shards all run at once).
+
+    - together: every rank at once, each call after a ``SLOWDOWN_WAIT_S`` sleep (a burst after a blocking wait);
+    - alone: one rank, the others waiting in a barrier, calls back to back.
+
+    NOTE (2-core KVM development VM): both matter and both vary by the hour. A stage's decode layer computed
+    after a 1 ms sleep took 0.73-1.0 ms against 0.61-0.65 back to back, and with the other core busy too
+    1.0-1.1 ms in some hours and 0.63 in others; two pipeline stages of ``tiny`` computed each micro-batch in
+    1.29 / 1.35 ms (median, traced) against 0.63 / 0.71 ms alone. Rounds interleave the two conditions, so that
+    both see the same background load."""
+    import statistics
+
+    from .layer import probe_regions
+    from .timer import time_interleaved
+
+    fns = [fn for fn, _ in probe_regions(model, dtype)]
+    n = max(10, repeat // 2)
+
+    def alone() -> float:
+        return sum(s.median_s for s in time_interleaved(fns, warmup=3, repeat=n))
+
+    def in_bursts() -> float:
+        samples = [[] for _ in fns]
+        with torch.inference_mode():
+            for _ in range(n):
+                for i, fn in enumerate(fns):
+                    time.sleep(SLOWDOWN_WAIT_S)
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[i].append(time.perf_counter() - t0)
+        return sum(statistics.median(s) for s in samples)
+
+    alone()  # warm: caches, the kernels' first calls
+    together, solo = [], []
+    for _ in range(SLOWDOWN_ROUNDS):
+        dist.barrier()
+        together.append(in_bursts())
+        for r in range(world):
+            dist.barrier()
+            if r == rank:
+                solo.append(alone())
+    ratio = torch.tensor([statistics.median(together) / statistics.median(solo)], dtype=torch.float64)
+    ratios = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(ratios, ratio)
+    per_rank = [float(x) for x in ratios]
+    return {"factor": statistics.mean(per_rank), "per_rank": per_rank, "model": model}
+
+
 def _busy(seconds: float) -> None:
     """Occupies this rank's core for ``seconds`` (a stage computing its next micro-batch)."""
     end = time.perf_counter() + seconds
@@ -351,19 +427,23 @@ def _time_loaded_hop(rank: int, nbytes: int, dtype: torch.dtype, device: torch.d
     (one host), so the send time travels with the message.
     """
     from runner.dist import TAG_KV, TAG_META, Comm
-    from runner.pipeline import DECODE, Command, _i64, recv_command, send_command
+    from runner.pipeline import DECODE, STOP, Command, CommandInbox, _i64, inline_bytes, send_command
 
     comm, width, n = Comm(device), 64, _elements(nbytes, dtype)
     rows = max(1, n // width)
     hidden = torch.ones(rows, width, dtype=dtype, device=device)
     cache = torch.ones(n, dtype=dtype, device=device)
+    inline = inline_bytes(width, dtype)
+    # A pipeline stage keeps its next command's receive posted (runner.pipeline.CommandInbox)
+    inbox = CommandInbox(comm, 0, width, dtype) if rank == 1 and not kv else None
 
     def send() -> None:
         if kv:
             comm.send([_i64([time.perf_counter_ns()])], 1, TAG_META)
             comm.send([cache.clone()], 1, TAG_KV)  # export: a copy out of the cache
         else:
-            send_command(comm, Command(DECODE, _i64(range(rows)), time_ns=time.perf_counter_ns()), hidden, 1)
+            send_command(comm, Command(DECODE, _i64(range(rows)), time_ns=time.perf_counter_ns()), hidden, 1,
+                         inline)
 
     landing = torch.empty(n, dtype=dtype, device=device)
 
@@ -374,7 +454,7 @@ def _time_loaded_hop(rank: int, nbytes: int, dtype: torch.dtype, device: torch.d
             posted.wait()
             cache.copy_(landing)  # import into the cache
             return sent
-        return recv_command(comm, 0, width, dtype)[0].time_ns
+        return inbox.next()[0].time_ns
 
     samples = []
     for i in range(WARMUP + max(LOADED_HOPS, 10 * repeat)):  # the mean is set by a rare tail: many hops
@@ -389,6 +469,12 @@ def _time_loaded_hop(rank: int, nbytes: int, dtype: torch.dtype, device: torch.d
             sent = recv(posted)
             if i >= WARMUP:
                 samples.append((time.perf_counter_ns() - sent) / 1e9)
+    if not kv:  # ends the inbox without a receive left posted
+        if rank == 0:
+            send_command(comm, Command(STOP, _i64([])), None, 1, inline)
+            comm.flush()
+        elif rank == 1:
+            inbox.next()
     if rank != 1:
         return None
     s = TimingStats.from_samples(samples)
@@ -404,20 +490,22 @@ def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.de
     peer = 1 - rank if rank < 2 else None
 
     # A pipeline hand-off is what the runner sends between stages: a DECODE command (header, rows) and the
-    # hidden states, through runner.pipeline's send_command / recv_command (two messages per hop).
+    # hidden states, through runner.pipeline's send_command into the receiver's CommandInbox.
     from runner.dist import Comm
-    from runner.pipeline import DECODE, Command, _i64, recv_command, send_command
+    from runner.pipeline import DECODE, STOP, Command, CommandInbox, _i64, inline_bytes, send_command
 
     comm, width = Comm(device), 64
     rows = max(1, n // width)
     hidden = torch.ones(rows, width, dtype=dtype, device=device)
     cmd = Command(DECODE, _i64(range(rows)))
+    inline = inline_bytes(width, dtype)
+    inbox = CommandInbox(comm, peer, width, dtype) if peer is not None and not host_copy else None
 
     def leg_send():
         if host_copy:
             dist.send(cache.to("cpu", copy=True), peer)     # export (device -> host, or a contiguous copy)
         else:
-            send_command(comm, cmd, hidden, peer)
+            send_command(comm, cmd, hidden, peer, inline)
             comm.flush()
 
     def leg_recv():
@@ -426,7 +514,7 @@ def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.de
             dist.recv(host, peer)
             cache.copy_(host)                               # import into the receiver's cache
         else:
-            recv_command(comm, peer, width, dtype)
+            inbox.next()
 
     def round_trip():
         if rank == 0:
@@ -437,6 +525,10 @@ def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.de
             leg_send()
 
     stats = time_region(round_trip, warmup=WARMUP, repeat=repeat, device=device, setup=dist.barrier)
+    if inbox is not None:  # end both inboxes without a receive left posted
+        send_command(comm, Command(STOP, _i64([])), None, peer, inline)
+        inbox.next()
+        comm.flush()
     d = _stats_dict(stats)
     return {k: (v / 2 if k != "repeat" else v) for k, v in d.items()}
 

@@ -273,6 +273,15 @@ def layer_decode_region(shard: LayerShard, batch: int, context: int) -> Region:
     return (lambda: shard.block(x, step, shard.cache, 0)), None
 
 
+def probe_regions(spec: str, dtype: torch.dtype = torch.float32) -> list[Region]:
+    """A fixed piece of the runner's decode work on layer 0 of ``spec``: the rest of a layer at 8, 32 and 128 rows
+    and its attention at 32 rows of context 64 (the machine-speed probe of ``profiler.loop.speed_probe`` and of
+    ``profiler.collectives``' rank slowdown)."""
+    shard = build_layer_shard(spec, 1, dtype=dtype, max_rows=128, max_len=160)
+    return [dense_decode_region(shard, 8), dense_decode_region(shard, 32), dense_decode_region(shard, 128),
+            attn_decode_region(shard, 32, 64)]
+
+
 # --- embedding + LM head --------------------------------------------------------------------------
 
 

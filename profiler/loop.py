@@ -123,18 +123,16 @@ def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, r
 
 
 def speed_probe(model: str = "tiny", repeat: int = 60) -> float:
-    """Seconds of a fixed piece of the runner's decode work on one thread (layer 0 of ``model``: the rest of a
-    layer at 8, 32 and 128 rows, its attention at 32 rows of context 64; medians, interleaved), to tell the
-    machine's speed now from its speed when a profile was taken. About half a second."""
-    from .layer import attn_decode_region, build_layer_shard, dense_decode_region
+    """Seconds of a fixed piece of the runner's decode work on one thread (``profiler.layer.probe_regions``:
+    medians, interleaved), to tell the machine's speed now from its speed when a profile was taken. About a tenth
+    of a second on ``tiny``."""
+    from .layer import probe_regions
     from .timer import time_interleaved
 
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        shard = build_layer_shard(model, 1, max_rows=128, max_len=160)
-        regions = [dense_decode_region(shard, 8)[0], dense_decode_region(shard, 32)[0],
-                   dense_decode_region(shard, 128)[0], attn_decode_region(shard, 32, 64)[0]]
+        regions = [r for r, _ in probe_regions(model)]
         return sum(s.median_s for s in time_interleaved(regions, warmup=20, repeat=repeat))
     finally:
         torch.set_num_threads(before)

@@ -33,7 +33,7 @@ from .tp import free_port
 log = logging.getLogger(__name__)
 
 # Message channels (gloo matches by tag; NCCL ignores tags, so every pair also keeps one fixed order).
-TAG_CMD, TAG_TOKENS, TAG_META, TAG_KV, TAG_CREDIT = 1, 2, 3, 4, 5
+TAG_CMD, TAG_TOKENS, TAG_META, TAG_KV, TAG_CREDIT, TAG_BULK = 1, 2, 3, 4, 5, 6
 HEADER = 8
 """int64 words of a command header."""
 
@@ -98,6 +98,8 @@ class Comm:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.equal_counts = device.type == "cuda"
+        """NCCL: a receive takes exactly the count sent (gloo takes a shorter message into a larger buffer)."""
         self._pending: list[tuple[Any, tuple[Tensor, ...]]] = []
         self._limit = 64
 

@@ -109,3 +109,57 @@ def test_tp_command_carries_the_packed_prompt_tokens_when_the_backend_pads():
     plain, _ = cost.stage_encode(2, 10, 0, False, b)
     first, _ = cost.stage_encode(2, 10, 0, False, b, first=True)
     np.testing.assert_allclose(first - plain, hop)
+
+
+def test_rank_slowdown_scales_what_a_rank_computes_not_its_messages():
+    """CostModel.slowdown multiplies layers, head, step overhead and engine work; the hop and the all-reduces stay
+    as profiled (measured under load)."""
+    prof = make_profile()
+    stats = WorkloadStats.of(Workload.task("S"))
+    rows = np.array([4.0, 32.0])
+    plain = CostModel(prof, MODELS["opt-13b"], stats)
+    slow = CostModel(prof, MODELS["opt-13b"], stats, slowdown=1.5)
+    hop, _ = plain._send(rows)
+    assert (hop > 0).all()
+    t1, _ = plain.stage_decode(1, 10, False, rows)  # layers + step overhead + the hop onward
+    t2, _ = slow.stage_decode(1, 10, False, rows)
+    np.testing.assert_allclose(t2, 1.5 * (t1 - hop) + hop)
+    h1, _ = plain.stage_decode(1, 10, True, rows)  # with the LM head, no hop
+    h2, _ = slow.stage_decode(1, 10, True, rows)
+    np.testing.assert_allclose(h2, 1.5 * h1)
+    ar, _ = plain._ar(2, rows)
+    a1, _ = plain.stage_decode(2, 10, True, rows)
+    a2, _ = slow.stage_decode(2, 10, True, rows)
+    np.testing.assert_allclose(a2, 1.5 * (a1 - 20 * ar) + 20 * ar)  # 2 all-reduces a layer
+
+
+def test_rank_slowdown_round_trips_and_applies_to_groups_of_several_ranks():
+    """Profile.rank_slowdown: JSON round trip, the entry of the most ranks up to the asked count, bad entries
+    refused; the simulator applies it to a group of stages spanning several ranks (an RRA pipeline) and not to a
+    one-rank WAA group or a one-device plan."""
+    import dataclasses
+    from pathlib import Path
+
+    from exegpt import Policy, RRASchedule, WAASchedule, evaluate_schedule
+    from exegpt.errors import ExeGPTError
+
+    base = Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
+    prof = dataclasses.replace(base, rank_slowdown=((2, 2.0),))
+    assert Profile.from_json(prof.to_json()).rank_slowdown == ((2, 2.0),)
+    assert (prof.slowdown(1), prof.slowdown(2), prof.slowdown(4)) == (1.0, 2.0, 2.0)
+    assert base.slowdown(2) == 1.0
+    with pytest.raises(ExeGPTError, match="rank_slowdown entry"):
+        dataclasses.replace(base, rank_slowdown=((1, 2.0),))
+    with pytest.raises(ExeGPTError, match="rank_slowdown"):
+        Profile.from_dict(prof.to_dict() | {"rank_slowdown": {"two": 2.0}})
+    w = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64))
+
+    def est(profile, schedule, devices):
+        return evaluate_schedule(schedule, w, math.inf, profile=profile, devices=devices).estimate
+
+    pp2 = RRASchedule(8, 4, 1, 0, 2)
+    assert est(prof, pp2, "2xcpu").decode_step_s > 1.5 * est(base, pp2, "2xcpu").decode_step_s
+    waa = WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1)
+    assert est(prof, waa, "2xcpu") == est(base, waa, "2xcpu")
+    one = RRASchedule(4, 4, 1, 0, 1)
+    assert est(prof, one, "1xcpu") == est(base, one, "1xcpu")

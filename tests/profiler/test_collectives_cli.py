@@ -11,13 +11,16 @@ from profiler.collectives import measure_collectives
 
 
 def test_gloo_collectives_with_two_processes():
-    res = measure_collectives((1, 2), (64, 1 << 16), device="cpu", dtype="fp32", quick=True)
+    res = measure_collectives((1, 2), (64, 1 << 16), device="cpu", dtype="fp32", quick=True, probe_model="tiny")
     kinds = {(t.kernel, t.tp) for t in res.tables}
     assert kinds == {(Kernel.ALLREDUCE, 2), (Kernel.SEND_RECV, 1), (Kernel.KV_HANDOFF, 1)}
     for t in res.tables:
         assert t.extrapolate and t.xs == (64.0, 65536.0)
         assert all(0 < s < 1.0 for s in t.seconds)
     assert res.facts == {"group2_backend": "gloo"} and not res.skipped
+    slow = res.rank_slowdown[2]  # each rank's probe at once and in bursts, over alone and back to back
+    assert slow["model"] == "tiny" and len(slow["per_rank"]) == 2
+    assert all(0.2 < f < 10 for f in slow["per_rank"]) and slow["factor"] == pytest.approx(sum(slow["per_rank"]) / 2)
 
 
 CHEAP = ["--quick", "--max-seq", "16", "--max-batch", "2", "--max-tokens", "8", "--no-collectives",

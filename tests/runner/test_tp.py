@@ -79,3 +79,57 @@ def test_tp_degree_must_divide_heads():
     with pytest.raises(ExeGPTError, match="must divide") as e:
         apply_tp(model, 0, 3)
     assert "\n" not in str(e.value)
+
+
+def _command_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
+    """Rank 0 sends commands of every size class to rank 1, which receives them through a CommandInbox."""
+    from runner.dist import Comm
+    from runner.pipeline import DECODE, INLINE_ROWS, PREFILL, STOP, Command, CommandInbox, _i64, inline_bytes, \
+        send_command
+
+    torch.set_num_threads(1)
+    init_dist(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo")
+    try:
+        comm, dim, dtype = Comm(torch.device("cpu")), 8, torch.float32
+        g = torch.Generator().manual_seed(0)
+        big = INLINE_ROWS + 5  # hidden beyond the first message: its rest follows on TAG_BULK
+        sent = [(Command(DECODE, _i64([4, 2, 9]), batch=3, time_ns=123), torch.randn(3, dim, generator=g)),
+                (Command(PREFILL, _i64([0, 1]), seq_lens=_i64([big - 2, 2]), req=_i64([7, 8]), batch=1),
+                 torch.randn(big, dim, generator=g)),
+                (Command(PREFILL, _i64([5]), seq_lens=_i64([3]), ids=_i64([11, 12, 13]), req=_i64([9])), None),
+                (Command(STOP, _i64([])), None)]
+        if rank == 0:
+            for cmd, hidden in sent:
+                send_command(comm, cmd, hidden, 1, inline_bytes(dim, dtype))
+            comm.flush()
+        else:
+            inbox = CommandInbox(comm, 0, dim, dtype)
+            got = [inbox.next() for _ in sent]
+
+            def plain(cmd, hidden):  # views of one byte buffer as several dtypes do not pickle: clone
+                fields = {f: getattr(cmd, f) for f in ("op", "batch", "time_ns", "rows", "seq_lens", "ids", "req")}
+                return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fields.items()} | \
+                    {"hidden": None if hidden is None else hidden.clone()}
+
+            torch.save({"sent": [plain(*c) for c in sent], "got": [plain(*c) for c in got],
+                        "posted_after_stop": inbox._posted is not None}, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    exit_rank()
+
+
+def test_commands_arrive_whole_in_one_or_two_messages(tmp_path):
+    """send_command / CommandInbox: a decode command within the first message, a prefill whose hidden states
+    overflow it, one with token ids and no hidden states, STOP; every field arrives equal, and nothing stays posted
+    after STOP."""
+    out_path = str(tmp_path / "cmd.pt")
+    mp.spawn(_command_worker, args=(2, free_port(), out_path), nprocs=2, join=True)
+    res = torch.load(out_path)
+    assert not res["posted_after_stop"]
+    assert len(res["got"]) == 4
+    for want, got in zip(res["sent"], res["got"]):
+        for f, a in want.items():
+            b = got[f]
+            assert (a is None) == (b is None), f
+            assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), f
