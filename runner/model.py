@@ -176,6 +176,9 @@ class Step:
     cross_mask: Tensor | None = None
     """T5 decoder: boolean mask of the encoder positions ``[n, 1, 1, cross_len]``."""
     cross_len: int = 0
+    kernel_args: tuple | None = None
+    """CPU decode: ``cpu_kernels.step_args`` of this step (arguments, the tensors they point to), taken once for
+    every fused layer."""
 
 
 def prefill_step(seq_lens: Tensor, rows: Tensor, rope: tuple[Tensor, Tensor] | None, device: torch.device
@@ -208,8 +211,10 @@ def decode_step(pos: Tensor, rows: Tensor | slice, rope: tuple[Tensor, Tensor] |
     if rope is not None:
         at = slice(kv_len - 1, kv_len) if uniform else pos_d
         cos, sin = rope[0][at][:, None, None], rope[1][at][:, None, None]  # [n or 1, 1, 1, D]
-    return Step(rows=rows if isinstance(rows, slice) else row_index(rows, device), decode=True, pos=pos_d,
-                pos_uniform=kv_len - 1 if uniform else None, kv_len=kv_len, mask=mask, cos=cos, sin=sin)
+    rows = rows if isinstance(rows, slice) else row_index(rows, device)
+    kernel_args = cpu_kernels.step_args(cos, sin, pos_d, rows) if device.type == "cpu" else None
+    return Step(rows=rows, decode=True, pos=pos_d, pos_uniform=kv_len - 1 if uniform else None, kv_len=kv_len,
+                mask=mask, cos=cos, sin=sin, kernel_args=kernel_args)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False,
@@ -288,7 +293,8 @@ class Attention(nn.Module):
         """The fused decode core: ``wqkv``'s output ``[n, 1, (H + 2 Hkv) D]`` -> attention output ``[n, 1, H D]``
         (RoPE, cache write at each row's position, attention over its prefix)."""
         return cpu_kernels.attn_decode(qkv, step.cos, step.sin, step.pos, step.rows, cache.k[layer], cache.v[layer],
-                                       self.n_heads, self.n_kv_heads, self.softmax_scale)
+                                       self.n_heads, self.n_kv_heads, self.softmax_scale,
+                                       step.kernel_args[0] if step.kernel_args is not None else None)
 
     @property
     def softmax_scale(self) -> float:
@@ -354,27 +360,42 @@ class TransformerBlock(nn.Module):
         h = self.attention(self.attention_norm(x), step, cache, layer, residual=x)  # x + attention(norm(x))
         return self.feed_forward(self.ffn_norm(h), residual=h)
 
+    def _kernel_pack(self) -> cpu_kernels.LayerPack | None:
+        """This layer's weights packed for ``cpu_kernels.decode_layer_packed``, or None when the layer cannot run as
+        one call (TP, LayerNorm, no gate, weights the kernels do not take). Gathered on first use and again when
+        the weights moved or the TP degree changed (keyed by wqkv's storage, dtype and the TP degrees)."""
+        a, f = self.attention, self.feed_forward
+        w = a.wqkv.weight
+        key = (w.data_ptr(), w.dtype, w.device, a.tp_size, f.tp_size)
+        cached = self.__dict__.get("_pack")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pack = None
+        if (a.tp_size == 1 and f.tp_size == 1 and f.w3 is not None and isinstance(self.attention_norm, RMSNorm)
+                and isinstance(self.ffn_norm, RMSNorm) and self.attention_norm.eps == self.ffn_norm.eps
+                and cpu_kernels.usable(w, a.wo.weight, f.w1.weight, f.w3.weight, f.w2.weight,
+                                       self.attention_norm.weight, self.ffn_norm.weight,
+                                       *_bias(a.wqkv, a.wo, f.w1, f.w3, f.w2), any_rows=True)):
+            pack = cpu_kernels.pack_layer(
+                self.attention_norm.weight, w, a.wqkv.bias, a.wo.weight, a.wo.bias, self.ffn_norm.weight,
+                f.w1.weight, f.w1.bias, f.w3.weight, f.w3.bias, f.w2.weight, f.w2.bias, f.act_name, a.n_heads,
+                a.n_kv_heads, self.attention_norm.eps, a.softmax_scale)
+        self.__dict__["_pack"] = (key, pack)
+        return pack
+
     def fused_decode(self, x: Tensor, step: Step, cache: KVCache | None) -> bool:
         """Whether this decode step runs as one kernel call (``cpu_kernels.decode_layer``): the attention core is
         fused (``Attention.fused_decode``), one rank, RMSNorms and a gated feed-forward, and every Linear takes
         ``x``'s rows (``cpu_kernels.MAX_ROWS``)."""
-        a, f = self.attention, self.feed_forward
-        return (a.tp_size == 1 and f.tp_size == 1 and f.w3 is not None and isinstance(self.attention_norm, RMSNorm)
-                and isinstance(self.ffn_norm, RMSNorm) and self.attention_norm.eps == self.ffn_norm.eps
-                and a.fused_decode(x, step, cache)
-                and cpu_kernels.usable(x, a.wqkv.weight, a.wo.weight, f.w1.weight, f.w3.weight, f.w2.weight,
-                                       self.attention_norm.weight, self.ffn_norm.weight,
-                                       *_bias(a.wqkv, a.wo, f.w1, f.w3, f.w2)))
+        pack = self._kernel_pack()
+        return (pack is not None and self.attention.fused_decode(x, step, cache)
+                and cpu_kernels.usable(x, pack.alive[1]))
 
     def decode_fused(self, x: Tensor, step: Step, cache: KVCache, layer: int, attention: bool = True) -> Tensor:
         """``forward`` of a decode step in one kernel call: the same kernels in the same order, so the same bits
         (``attention=False``: all but the attention core, see ``cpu_kernels.decode_layer``)."""
-        a, f = self.attention, self.feed_forward
-        return cpu_kernels.decode_layer(
-            x, self.attention_norm.weight, a.wqkv.weight, a.wqkv.bias, step.cos, step.sin, step.pos, step.rows,
-            cache.k[layer], cache.v[layer], a.wo.weight, a.wo.bias, self.ffn_norm.weight, f.w1.weight, f.w1.bias,
-            f.w3.weight, f.w3.bias, f.w2.weight, f.w2.bias, f.act_name, a.n_heads, a.n_kv_heads,
-            self.attention_norm.eps, a.softmax_scale, attention)
+        sargs = step.kernel_args or cpu_kernels.step_args(step.cos, step.sin, step.pos, step.rows)
+        return cpu_kernels.decode_layer_packed(x, self._kernel_pack(), sargs[0], cache.k, cache.v, layer, attention)
 
 
 # --- the model ------------------------------------------------------------------------------------
