@@ -5,8 +5,9 @@ CPU-sized lengths, plus the plans find_schedule picks under a bound with the clo
 each round predicted from a profile measured just before it, then the mean and worst relative
 errors, a where-the-time-went table (measured / predicted per cost term; for WAA the time outside all of them),
 the run-to-run spread of the same plan on this machine, the machine's drift (``speed_probe`` just before each run
-over the same probe just after the profile) and the errors with the prediction scaled by it, and one summary
-line (unscaled):
+over the same probe just after the profile; for a plan of several ranks times the rank slowdown measured just
+before it over the profile's, ``Profile.rank_slowdown``) and the errors with the prediction scaled by it, and one
+summary line (unscaled):
 
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
 
@@ -22,6 +23,7 @@ import statistics
 
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
+from profiler.collectives import run_group
 from profiler.loop import CPU_TASK, LATENCY_MARGIN, cached_profile, run_and_compare, speed_probe, table_header, \
     _row
 
@@ -64,6 +66,19 @@ def cases(prof):
     return out
 
 
+def rank_drift(prof, model: str, plan) -> float:
+    """For a plan with a group of stages spanning several ranks (where the simulator applies the profile's rank
+    slowdown), the rank slowdown measured now (a group of fresh processes, ~6 s) over the profile's; else 1."""
+    ranks = plan.schedule.num_gpus
+    groups = {}
+    for st in plan.stages:
+        groups[st.role] = groups.get(st.role, 0) + st.tp
+    if ranks < 2 or max(groups.values()) < 2 or prof.slowdown(ranks) == 1.0:
+        return 1.0
+    now = run_group(ranks, (64,), allreduce=False, point_to_point=False, quick=True, probe_model=model)
+    return now["rank_slowdown"]["factor"] / prof.slowdown(ranks)
+
+
 def _attribution(c) -> str:
     """One row of measured / predicted per cost term of ``c`` (a Comparison)."""
     e, r, s = c.plan.estimate, c.report, c.plan.schedule
@@ -104,7 +119,7 @@ def main():
         rows = []
         for name, plan in named:  # the same requests for every plan of a workload (same seed and trace)
             w = plan.workload
-            drift = speed_probe(a.model) / probe0
+            drift = speed_probe(a.model) / probe0 * rank_drift(prof, a.model, plan)
             c = run_and_compare([(name, plan)], a.model, num_requests=a.requests,
                                 trace=w if w.pairs is not None else None)[0]
             rows.append(dataclasses.replace(c, drift=drift))

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
+from runner import cpu_kernels
 from runner.kv_cache import KVCache
 from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock, prefill_step
 from runner.model import decode_step as model_decode_step
@@ -223,6 +224,10 @@ def attn_decode_region(shard: LayerShard, batch: int, context: int) -> Region:
     x = _hidden(shard, batch, 1)
     # The cache writes go to the same positions every call: no state to rewind between repetitions.
     step = decode_step(shard, batch, context)
+    if shard.block.fused_decode(x, step, shard.cache):
+        # Inside the whole layer's one call (whose Python cost dense_decode holds): the core's C call alone
+        return cpu_kernels.attn_decode_call(a.wqkv(x), shard.cache.k[0], shard.cache.v[0], a.n_heads, a.n_kv_heads,
+                                            a.softmax_scale, step.kernel_args), None
     if a.fused_decode(x, step, shard.cache):  # RoPE + cache write + attention in one kernel call
         qkv = a.wqkv(x)
         return (lambda: a.decode_core(qkv, step, shard.cache, 0)), None

@@ -320,6 +320,93 @@ int xg_rmsnorm(const void* x, const void* w, void* y, int dt, int M, int K, floa
     return 0;
 }
 
+#ifdef XG_AVX2
+/* e^x for x <= 0 (a softmax's shifted scores), 8 lanes: n = round(x log2 e), r = x - n ln 2 (in two parts), a
+ * degree-6 polynomial (Cephes' expf coefficients), times 2^n through the exponent bits; within 2 ulp of expf.
+ * Inputs below -87 give e^-87 (~1e-38) instead of smaller numbers: nothing a sum of terms >= 1 can notice. */
+static inline __m256 exp8_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* One query head of a decode step over keys 0 .. L-1 of one cache row and KV head (D = 8 C; C a literal at each
+ * call, so the chunks stay in registers): scores q . k_j
+ * (each a sum over D/8 chunks, then reduce8 eight keys at a time), softmax in fp32, the weighted sum of the values;
+ * acc [D] gets the unnormalised sum, the return value is the softmax's denominator. sc holds L + 8 floats. */
+static inline __attribute__((always_inline)) float attend_head8(const int C, const float* q, const float* kd,
+                                                                const float* vd, int64_t L, float scale, float* sc,
+                                                                float* acc) {
+    const int D = 8 * C;
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < L; j0 += 8) {
+        __m256 a[8];
+        const int nk = L - j0 < 8 ? (int)(L - j0) : 8;
+        for (int t = 0; t < 8; t++) {
+            const float* kj = kd + (j0 + (t < nk ? t : 0)) * D; /* a partial set repeats key j0 (discarded) */
+            __m256 s = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj));
+            for (int c = 1; c < C; c++) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(kj + 8 * c), s);
+            a[t] = s;
+        }
+        __m256 s8 = _mm256_mul_ps(reduce8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
+        if (nk < 8) { /* unused slots (copies of key j0) must not count in the softmax: -inf */
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nk), lane));
+            s8 = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s8, keep);
+        }
+        _mm256_storeu_ps(sc + j0, s8);
+        vmax = _mm256_max_ps(vmax, s8);
+    }
+    float mx[8];
+    _mm256_storeu_ps(mx, vmax);
+    float m = mx[0];
+    for (int t = 1; t < 8; t++) m = mx[t] > m ? mx[t] : m;
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vz = _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < L; j0 += 8) {
+        /* A partial set's unused slots hold -inf, whose e^-87 (~1e-38) cannot change a sum that holds e^0 = 1 */
+        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + j0), vm));
+        _mm256_storeu_ps(sc + j0, e);
+        vz = _mm256_add_ps(vz, e);
+    }
+    float zs[8];
+    _mm256_storeu_ps(zs, vz);
+    const float z = ((zs[0] + zs[4]) + (zs[2] + zs[6])) + ((zs[1] + zs[5]) + (zs[3] + zs[7]));
+    __m256 o[16]; /* C <= 16 */
+    for (int c = 0; c < C; c++) o[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; j++) {
+        const __m256 w = _mm256_set1_ps(sc[j]);
+        const float* vj = vd + j * D;
+        for (int c = 0; c < C; c++) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * c), o[c]);
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(acc + 8 * c, o[c]);
+    return z;
+}
+
+/* attend_head8 for head sizes 8, 16, 32, 64 and 128 (the caller checks D). */
+static float attend_head(const float* q, const float* kd, const float* vd, int64_t L, int D, float scale, float* sc,
+                         float* acc) {
+    switch (D) {
+        case 8: return attend_head8(1, q, kd, vd, L, scale, sc, acc);
+        case 16: return attend_head8(2, q, kd, vd, L, scale, sc, acc);
+        case 32: return attend_head8(4, q, kd, vd, L, scale, sc, acc);
+        case 64: return attend_head8(8, q, kd, vd, L, scale, sc, acc);
+        default: return attend_head8(16, q, kd, vd, L, scale, sc, acc);
+    }
+}
+#endif
+
 /* One decode step of attention for n rows, each at its own position: RoPE on the new query and key (when cos is
  * given), the key and value written into the fp32 KV cache, then each query head attends to its KV head's keys
  * 0..pos (grouped heads: query head h reads KV head h / (H / Hkv)).
@@ -342,7 +429,7 @@ int xg_attn_decode(const void* qkv, const void* cos, const void* sin, int64_t cs
     int failed = 0;
 #pragma omp parallel if ((int64_t)n * H * longest * D >= (1 << 15))
     {
-        float* buf = (float*)malloc(sizeof(float) * (size_t)(longest + 3 * D));
+        float* buf = (float*)malloc(sizeof(float) * (size_t)(longest + 8 + 3 * D));
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
@@ -352,8 +439,8 @@ int xg_attn_decode(const void* qkv, const void* cos, const void* sin, int64_t cs
             if (!buf) continue;
             const int r = (int)(t / Hkv), g = (int)(t % Hkv);
             const int64_t p = pos[r], L = p + 1, row = rows ? rows[r] : row0 + r;
-            float* sc = buf;
-            float* x = buf + longest;  /* one head, as loaded */
+            float* sc = buf;               /* longest + 8 scores: the vector path writes whole sets of 8 */
+            float* x = buf + longest + 8;  /* one head, as loaded */
             float* xr = x + D;         /* the head after RoPE */
             float* acc = xr + D;
             const int64_t base = (int64_t)r * width;
@@ -375,6 +462,13 @@ int xg_attn_decode(const void* qkv, const void* cos, const void* sin, int64_t cs
             for (int d = 0; d < D; d++) vd[p * D + d] = load_at(qkv, base + (int64_t)(H + Hkv + g) * D + d, dt);
             for (int q = g * G; q < (g + 1) * G; q++) {
                 XG_ROPE((int64_t)q * D)
+#ifdef XG_AVX2
+                if (D == 8 || D == 16 || D == 32 || D == 64 || D == 128) {
+                    const float z = attend_head(xr, kd, vd, L, D, scale, sc, acc);
+                    for (int d = 0; d < D; d++) store_at(out, (int64_t)r * H * D + (int64_t)q * D + d, acc[d] / z, dt);
+                    continue;
+                }
+#endif
                 float m = -INFINITY;
                 for (int64_t j = 0; j < L; j++) {
                     const float* kj = kd + j * D;
@@ -439,4 +533,4 @@ int xg_decode_layer(const void* x, void* out, const void* norm1, const void* wqk
 }
 
 /* So the loader can check it has the build it expects. */
-int xg_abi_version(void) { return 5; }
+int xg_abi_version(void) { return 6; }

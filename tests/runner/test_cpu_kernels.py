@@ -111,6 +111,34 @@ def test_fused_decode_attention_equals_the_eager_core(dtype, rows, monkeypatch):
         assert torch.allclose(cache.k, ref_cache.k, rtol=1e-6, atol=1e-6) and torch.equal(cache.v, ref_cache.v)
 
 
+@pytest.mark.parametrize("head_dim", [8, 16, 24, 32, 128])  # 24: the scalar loop; the others: 8-lane chunks
+def test_fused_decode_attention_over_long_prefixes_equals_the_eager_core(head_dim, monkeypatch):
+    """Every head size the vectorised core takes (and one it leaves to the scalar loop), prefixes of 1 to 77 keys:
+    whole and partial sets of 8 keys, grouped heads, against the eager core in fp32."""
+    args = ModelArgs(family="llama", n_layers=1, dim=4 * head_dim, n_heads=4, n_kv_heads=2, head_dim=head_dim,
+                     ffn_dim=8, vocab_size=8, max_seq_len=128)
+    torch.manual_seed(head_dim)
+    attn = Attention(args)
+    rope = rope_tables(head_dim, 128, args.rope_base, torch.float32, torch.device("cpu"))
+    pos = torch.tensor([76, 0, 7, 8, 15, 16, 40])
+    x = torch.randn(len(pos), 1, args.dim)
+
+    def run():
+        torch.manual_seed(1)
+        cache = KVCache(1, len(pos), 128, args.n_kv_heads, head_dim, torch.float32)
+        cache.k.normal_()
+        cache.v.normal_()
+        step = decode_step(pos, torch.arange(len(pos)), rope, torch.device("cpu"))
+        with torch.no_grad():
+            return attn.fused_decode(x, step, cache), attn(x, step, cache, 0)
+
+    fused, out = run()
+    monkeypatch.setattr(Attention, "fused_decode", lambda *a: False)
+    eager, ref = run()
+    assert fused and not eager
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
 def test_greedy_tokens_with_kernels_equal_torch_ops_alone_and_batched(kernels_off):
     model, args, _ = load_model("small", dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
