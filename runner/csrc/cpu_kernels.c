@@ -90,6 +90,28 @@ static inline __m256 reduce8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, _
     return _mm256_add_ps(_mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
                          _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
 }
+
+/* e^x, 8 lanes: n = round(x log2 e), r = x - n ln 2 (in two parts), a degree-6 polynomial (Cephes' expf
+ * coefficients), times 2^n through the exponent bits; within 2 ulp of expf on [-87, 88]. Inputs are clamped to that
+ * range: below, e^-87 (~1e-38) instead of smaller numbers, which neither a softmax's sum (it holds e^0 = 1) nor
+ * silu (x / (1 + e^-x) -> x e^x, |x| e^-87 < 1e-36) can tell from them; above, e^88 (~1.7e38), after which silu's
+ * x / (1 + e^-x) is -0 as with infinity. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
 #endif
 
 static inline __attribute__((always_inline)) void tile(const int MR, const int NR, const float* const* x,
@@ -274,6 +296,23 @@ static inline __attribute__((always_inline)) void gated_block(const float* xf, c
             block_dots(xf, m, m1 - m < 4 ? (int)(m1 - m) : 4, w1, dt, K, n0, nb, M, g + (m - m0) * XG_NB);
         for (int64_t m = m0; m < m1; m += 4)
             block_dots(xf, m, m1 - m < 4 ? (int)(m1 - m) : 4, w3, dt, K, n0, nb, M, u + (m - m0) * XG_NB);
+#ifdef XG_AVX2
+        if (dt == XG_F32 && act == XG_SILU && !b1 && !b3) { /* silu(g) * u on 8 lanes; fp32 rounds nothing else */
+            /* every element through exp8 (the last set masked), whatever the row count: the same bits batched */
+            const int64_t count = (m1 - m0) * XG_NB;
+            for (int64_t i = 0; i < count; i += 8) {
+                const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(count - i)),
+                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                const __m256 gv = _mm256_maskload_ps(g + i, mask);
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+                _mm256_maskstore_ps(g + i, mask, _mm256_mul_ps(s, _mm256_maskload_ps(u + i, mask)));
+            }
+            for (int64_t m = m0; m < m1; m++)
+                memcpy((float*)y + m * (int64_t)N + n0, g + (m - m0) * XG_NB, sizeof(float) * (size_t)nb);
+            continue;
+        }
+#endif
         for (int64_t m = m0; m < m1; m++)
             for (int j = 0; j < nb; j++) {
                 const int64_t n = n0 + j, i = (m - m0) * XG_NB + j;
@@ -321,26 +360,6 @@ int xg_rmsnorm(const void* x, const void* w, void* y, int dt, int M, int K, floa
 }
 
 #ifdef XG_AVX2
-/* e^x for x <= 0 (a softmax's shifted scores), 8 lanes: n = round(x log2 e), r = x - n ln 2 (in two parts), a
- * degree-6 polynomial (Cephes' expf coefficients), times 2^n through the exponent bits; within 2 ulp of expf.
- * Inputs below -87 give e^-87 (~1e-38) instead of smaller numbers: nothing a sum of terms >= 1 can notice. */
-static inline __m256 exp8_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 /* One query head of a decode step over keys 0 .. L-1 of one cache row and KV head (D = 8 C; C a literal at each
  * call, so the chunks stay in registers): scores q . k_j
  * (each a sum over D/8 chunks, then reduce8 eight keys at a time), softmax in fp32, the weighted sum of the values;
@@ -376,7 +395,7 @@ static inline __attribute__((always_inline)) float attend_head8(const int C, con
     __m256 vz = _mm256_setzero_ps();
     for (int64_t j0 = 0; j0 < L; j0 += 8) {
         /* A partial set's unused slots hold -inf, whose e^-87 (~1e-38) cannot change a sum that holds e^0 = 1 */
-        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + j0), vm));
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j0), vm));
         _mm256_storeu_ps(sc + j0, e);
         vz = _mm256_add_ps(vz, e);
     }
