@@ -100,6 +100,10 @@ class Comm:
         self.device = device
         self.equal_counts = device.type == "cuda"
         """NCCL: a receive takes exactly the count sent (gloo takes a shorter message into a larger buffer)."""
+        self.prepost = device.type != "cuda"
+        """Post receives before they are needed (gloo: a message moves only into a posted receive). Not on NCCL,
+        where the messages of a pair of ranks share one stream: a posted receive would hold back every later send
+        to the same peer until it completes, and the GPU moves a message without a posted receive anyway."""
         self._pending: list[tuple[Any, tuple[Tensor, ...]]] = []
         self._limit = 64
 

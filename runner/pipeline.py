@@ -94,14 +94,14 @@ class CommandInbox:
     def __init__(self, comm: Comm, src: int, dim: int, dtype: torch.dtype):
         self.comm, self.src, self.dim, self.dtype = comm, src, dim, dtype
         self.inline = inline_bytes(dim, dtype)
-        self._posted = self._post()
+        self._posted = self._post() if comm.prepost else None  # NCCL: posted when needed (``Comm.prepost``)
 
     def _post(self):
         return self.comm.irecv((self.inline,), torch.uint8, self.src, TAG_CMD)
 
     def next(self) -> tuple[Command, Tensor | None]:
         """The next command and its hidden states (None without). After STOP nothing more is posted."""
-        work, buf = self._posted
+        work, buf = self._posted or self._post()
         work.wait()
         h = buf[:8 * HEADER].view(torch.long).tolist()
         op, n, T, has_seq, has_req, batch, time_ns, hidden_rows = h
@@ -109,7 +109,7 @@ class CommandInbox:
         total = 8 * HEADER + meta_bytes + hidden_rows * self.dim * self.dtype.itemsize
         if total > self.inline:  # received before the next post: NCCL matches a pair's messages in order
             buf = torch.cat([buf, self.comm.recv((total - self.inline,), torch.uint8, self.src, TAG_BULK)])
-        self._posted = self._post() if op != STOP else None
+        self._posted = self._post() if op != STOP and self.comm.prepost else None
         meta = buf[8 * HEADER:8 * HEADER + meta_bytes].view(torch.long).cpu()
         parts, off = [], 0
         for size in (n, n * has_seq, n * has_req, T):
@@ -224,16 +224,19 @@ class Pipeline:
         self.returns_tokens = returns_tokens
         """False for WAA's encode pipeline, whose tokens go to the decode driver."""
         self._inflight: deque = deque()
-        """Per compute command not yet collected: its posted token receive (work, buffer), or None when the
-        driver's own stage emits the tokens."""
+        """Per compute command not yet collected: its posted token receive (work, buffer), its row count where
+        receives are posted when needed, or None when the driver's own stage emits the tokens."""
 
     def submit(self, cmd: Command) -> None:
         if cmd.op in COMPUTE and self.returns_tokens:
             # The tokens' receive is posted before the command leaves (gloo moves a message only into a posted
-            # receive; see send_command).
-            remote = self.last_leader != self.rt.rank
-            self._inflight.append(self.rt.comm.irecv((cmd.rows.numel(),), torch.long, self.last_leader, TAG_TOKENS)
-                                  if remote else None)
+            # receive; see send_command); on NCCL when collected (``Comm.prepost``).
+            n, comm = cmd.rows.numel(), self.rt.comm
+            if self.last_leader == self.rt.rank:
+                self._inflight.append(None)
+            else:
+                self._inflight.append(comm.irecv((n,), torch.long, self.last_leader, TAG_TOKENS) if comm.prepost
+                                      else n)
         for peer in self.rt.stage.ranks[1:]:
             send_command(self.rt.comm, cmd, None, peer, self.rt.inline)
         self.rt.process(cmd, None)
@@ -243,6 +246,8 @@ class Pipeline:
         posted = self._inflight.popleft()
         if posted is None:
             return self.rt.local_tokens.popleft()
+        if isinstance(posted, int):
+            return self.rt.comm.recv((posted,), torch.long, self.last_leader, TAG_TOKENS).cpu()
         work, buf = posted
         work.wait()
         return buf.cpu()

@@ -81,8 +81,9 @@ def test_tp_degree_must_divide_heads():
     assert "\n" not in str(e.value)
 
 
-def _command_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
-    """Rank 0 sends commands of every size class to rank 1, which receives them through a CommandInbox."""
+def _command_worker(rank: int, world_size: int, port: int, out_path: str, prepost: bool) -> None:
+    """Rank 0 sends commands of every size class to rank 1, which receives them through a CommandInbox (its
+    receives posted ahead as on gloo, or when needed as on NCCL)."""
     from runner.dist import Comm
     from runner.pipeline import DECODE, INLINE_ROWS, PREFILL, STOP, Command, CommandInbox, _i64, inline_bytes, \
         send_command
@@ -91,6 +92,7 @@ def _command_worker(rank: int, world_size: int, port: int, out_path: str) -> Non
     init_dist(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo")
     try:
         comm, dim, dtype = Comm(torch.device("cpu")), 8, torch.float32
+        comm.prepost = prepost
         g = torch.Generator().manual_seed(0)
         big = INLINE_ROWS + 5  # hidden beyond the first message: its rest follows on TAG_BULK
         sent = [(Command(DECODE, _i64([4, 2, 9]), batch=3, time_ns=123), torch.randn(3, dim, generator=g)),
@@ -119,12 +121,13 @@ def _command_worker(rank: int, world_size: int, port: int, out_path: str) -> Non
     exit_rank()
 
 
-def test_commands_arrive_whole_in_one_or_two_messages(tmp_path):
+@pytest.mark.parametrize("prepost", [True, False])
+def test_commands_arrive_whole_in_one_or_two_messages(tmp_path, prepost):
     """send_command / CommandInbox: a decode command within the first message, a prefill whose hidden states
     overflow it, one with token ids and no hidden states, STOP; every field arrives equal, and nothing stays posted
     after STOP."""
     out_path = str(tmp_path / "cmd.pt")
-    mp.spawn(_command_worker, args=(2, free_port(), out_path), nprocs=2, join=True)
+    mp.spawn(_command_worker, args=(2, free_port(), out_path, prepost), nprocs=2, join=True)
     res = torch.load(out_path)
     assert not res["posted_after_stop"]
     assert len(res["got"]) == 4
