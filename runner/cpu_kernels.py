@@ -114,10 +114,12 @@ def load() -> ctypes.CDLL | None:
 
 
 def config() -> dict | None:
-    """What decides which calls run on the kernels (for profile provenance and cache keys), None when off."""
+    """What decides which calls run on the kernels and how fast (for profile provenance and cache keys: a change
+    of the kernels' source re-measures cached profiles), None when off."""
     if load() is None:
         return None
-    return {"abi": ABI_VERSION, "max_rows": {str(d).removeprefix("torch."): n for d, n in MAX_ROWS.items()}}
+    return {"abi": ABI_VERSION, "max_rows": {str(d).removeprefix("torch."): n for d, n in MAX_ROWS.items()},
+            "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}
 
 
 def usable(x: Tensor, *weights: Tensor, any_rows: bool = False) -> bool:
