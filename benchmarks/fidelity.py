@@ -23,6 +23,7 @@ import statistics
 
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
+from exegpt.simulate import spans_ranks
 from profiler.collectives import run_group
 from profiler.loop import CPU_TASK, LATENCY_MARGIN, cached_profile, run_and_compare, speed_probe, table_header, \
     _row
@@ -70,10 +71,8 @@ def rank_drift(prof, model: str, plan) -> float:
     """For a plan with a group of stages spanning several ranks (where the simulator applies the profile's rank
     slowdown), the rank slowdown measured now (a group of fresh processes, ~6 s) over the profile's; else 1."""
     ranks = plan.schedule.num_gpus
-    groups = {}
-    for st in plan.stages:
-        groups[st.role] = groups.get(st.role, 0) + st.tp
-    if ranks < 2 or max(groups.values()) < 2 or prof.slowdown(ranks) == 1.0:
+    groups = {role: tuple(st for st in plan.stages if st.role == role) for role in {st.role for st in plan.stages}}
+    if ranks < 2 or not any(spans_ranks(g) for g in groups.values()) or prof.slowdown(ranks) == 1.0:
         return 1.0
     now = run_group(ranks, (64,), allreduce=False, point_to_point=False, quick=True, probe_model=model)
     return now["rank_slowdown"]["factor"] / prof.slowdown(ranks)

@@ -231,13 +231,18 @@ def waa_layout(prob: Problem, policy: Policy, tp: int, tp_gpus: int, encode_gpus
 
 # --- stage-group times --------------------------------------------------------------------------
 
+def spans_ranks(stages: tuple[Stage, ...]) -> bool:
+    """Whether a group of stages (a pipeline, a TP group) spans several ranks: every rank then computes in bursts
+    between waits for the others' messages while the others compute too, and its computed terms take the profile's
+    rank slowdown. A one-rank WAA group computes back to back, as the kernel tables were timed (measured on the
+    CPU: a 1+1 WAA-C plan within 3 % of its prediction without the factor, 25 % slower than predicted with it)."""
+    return sum(s.tp for s in stages) >= 2
+
+
 def _group_cost(prob: Problem, stages: tuple[Stage, ...], cost: CostModel | None) -> CostModel:
-    """The cost model of one group of stages: with ``prob.slowdown`` when the group spans several ranks, whose
-    every rank computes in bursts between waits for the others' messages while the others compute too (a pipeline,
-    a TP group). A one-rank WAA group computes back to back, as the kernel tables were timed (measured on the CPU:
-    a 1+1 WAA-C plan within 3 % of its prediction without the factor, 25 % slower than predicted with it)."""
+    """The cost model of one group of stages: with ``prob.slowdown`` where it ``spans_ranks``."""
     cost = cost or prob.cost
-    if prob.slowdown == 1.0 or sum(s.tp for s in stages) < 2:
+    if prob.slowdown == 1.0 or not spans_ranks(stages):
         return cost
     return dataclasses.replace(cost, slowdown=prob.slowdown)
 

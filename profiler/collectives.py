@@ -376,15 +376,7 @@ def _time_slowdown(rank: int, world: int, model: str, dtype: torch.dtype, repeat
         return sum(s.median_s for s in time_interleaved(fns, warmup=3, repeat=n))
 
     def in_bursts() -> float:
-        samples = [[] for _ in fns]
-        with torch.inference_mode():
-            for _ in range(n):
-                for i, fn in enumerate(fns):
-                    time.sleep(SLOWDOWN_WAIT_S)
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[i].append(time.perf_counter() - t0)
-        return sum(statistics.median(s) for s in samples)
+        return sum(s.median_s for s in time_interleaved(fns, warmup=0, repeat=n, idle_s=SLOWDOWN_WAIT_S))
 
     alone()  # warm: caches, the kernels' first calls
     together, solo = [], []

@@ -114,10 +114,10 @@ def timer_facts() -> dict:
 
 
 def time_interleaved(fns: list[Callable[[], object]], *, warmup: int = WARMUP, repeat: int = REPEAT,
-                     device: torch.device | str | None = None) -> list[TimingStats]:
+                     device: torch.device | str | None = None, idle_s: float = 0.0) -> list[TimingStats]:
     """Time several regions round-robin (one call of each per round), so that all of them see the same
     background load; for comparisons between regions on a shared machine. CPU clock; on CUDA each call is
-    synchronized."""
+    synchronized. ``idle_s``: a sleep before every timed call (a burst after a blocking wait)."""
     cuda = _is_cuda(device)
     samples: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
@@ -126,6 +126,8 @@ def time_interleaved(fns: list[Callable[[], object]], *, warmup: int = WARMUP, r
                 fn()
         for _ in range(repeat):
             for i, fn in enumerate(fns):
+                if idle_s:
+                    time.sleep(idle_s)
                 if cuda:
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()

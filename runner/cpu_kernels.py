@@ -206,17 +206,26 @@ def attn_decode(qkv: Tensor, cos: Tensor | None, sin: Tensor | None, pos: Tensor
     Returns:
         ``[n, 1, H D]`` in the model dtype.
     """
-    n = qkv.shape[0]
-    D = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
-    qkv = qkv.contiguous()
-    out = torch.empty(n, 1, n_heads * D, dtype=qkv.dtype)
     lib = _lib or _require()
     _alive = None
     if sargs is None:
         sargs, _alive = step_args(cos, sin, pos, rows)
-    _check(lib.xg_attn_decode(qkv.data_ptr(), *sargs, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2],
-                              out.data_ptr(), DTYPES[qkv.dtype], n, n_heads, n_kv_heads, D, scale), "attn_decode")
+    args, out, _qkv = _attn_args(qkv, sargs, k_cache, v_cache, n_heads, n_kv_heads, scale)
+    _check(lib.xg_attn_decode(*args), "attn_decode")
     return out
+
+
+def _attn_args(qkv: Tensor, sargs: tuple, k_cache: Tensor, v_cache: Tensor, n_heads: int, n_kv_heads: int,
+               scale: float) -> tuple[tuple, Tensor, Tensor]:
+    """``xg_attn_decode``'s arguments, the output they write and the contiguous ``qkv`` they read (the caller holds
+    both until the call returns)."""
+    n = qkv.shape[0]
+    D = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+    qkv = qkv.contiguous()
+    out = torch.empty(n, 1, n_heads * D, dtype=qkv.dtype)
+    args = (qkv.data_ptr(), *sargs, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], out.data_ptr(),
+            DTYPES[qkv.dtype], n, n_heads, n_kv_heads, D, scale)
+    return args, out, qkv
 
 
 def attn_decode_call(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int, n_kv_heads: int, scale: float,
@@ -225,14 +234,8 @@ def attn_decode_call(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int
     one call, without a separate call's Python cost (~10 us; the profiler times the core this way where the whole
     layer is fused, since the layer's call is timed with the rest of the layer). ``step_arguments``: the whole
     ``step_args`` pair (the call holds the tensors its pointers point into)."""
-    sargs = step_arguments[0]
-    n = qkv.shape[0]
-    D = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
-    qkv = qkv.contiguous()
-    out = torch.empty(n, 1, n_heads * D, dtype=qkv.dtype)
     lib = _lib or _require()
-    args = (qkv.data_ptr(), *sargs, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], out.data_ptr(),
-            DTYPES[qkv.dtype], n, n_heads, n_kv_heads, D, scale)
+    args, out, qkv = _attn_args(qkv, step_arguments[0], k_cache, v_cache, n_heads, n_kv_heads, scale)
     fn, alive = lib.xg_attn_decode, (qkv, out, k_cache, v_cache, step_arguments)
 
     def call() -> int:

@@ -212,7 +212,8 @@ def decode_step(pos: Tensor, rows: Tensor | slice, rope: tuple[Tensor, Tensor] |
         at = slice(kv_len - 1, kv_len) if uniform else pos_d
         cos, sin = rope[0][at][:, None, None], rope[1][at][:, None, None]  # [n or 1, 1, 1, D]
     rows = rows if isinstance(rows, slice) else row_index(rows, device)
-    kernel_args = cpu_kernels.step_args(cos, sin, pos_d, rows) if device.type == "cpu" else None
+    kernel_args = cpu_kernels.step_args(cos, sin, pos_d, rows) if device.type == "cpu" and cpu_kernels.load() \
+        else None
     return Step(rows=rows, decode=True, pos=pos_d, pos_uniform=kv_len - 1 if uniform else None, kv_len=kv_len,
                 mask=mask, cos=cos, sin=sin, kernel_args=kernel_args)
 

@@ -91,6 +91,11 @@ static inline __m256 reduce8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, _
                          _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
 }
 
+/* All-ones in lanes 0 .. n-1 (n may exceed 8): the valid lanes of a set of 8 that ends past the data. */
+static inline __m256i lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 /* e^x, 8 lanes: n = round(x log2 e), r = x - n ln 2 (in two parts), a degree-6 polynomial (Cephes' expf
  * coefficients), times 2^n through the exponent bits; within 2 ulp of expf on [-87, 88]. Inputs are clamped to that
  * range: below, e^-87 (~1e-38) instead of smaller numbers, which neither a softmax's sum (it holds e^0 = 1) nor
@@ -301,8 +306,7 @@ static inline __attribute__((always_inline)) void gated_block(const float* xf, c
             /* every element through exp8 (the last set masked), whatever the row count: the same bits batched */
             const int64_t count = (m1 - m0) * XG_NB;
             for (int64_t i = 0; i < count; i += 8) {
-                const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(count - i)),
-                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                const __m256i mask = lanes_below((int)(count - i));
                 const __m256 gv = _mm256_maskload_ps(g + i, mask);
                 const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
                 const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
@@ -380,9 +384,7 @@ static inline __attribute__((always_inline)) float attend_head8(const int C, con
         }
         __m256 s8 = _mm256_mul_ps(reduce8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
         if (nk < 8) { /* unused slots (copies of key j0) must not count in the softmax: -inf */
-            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nk), lane));
-            s8 = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s8, keep);
+            s8 = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s8, _mm256_castsi256_ps(lanes_below(nk)));
         }
         _mm256_storeu_ps(sc + j0, s8);
         vmax = _mm256_max_ps(vmax, s8);
