@@ -18,7 +18,7 @@ import sys
 from .bound import LatencyBound
 from .errors import ExeGPTError, InfeasibleBoundError
 from .models import MODELS
-from .optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
+from .optimize import (SearchSpace, offered_cluster, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
                        static_schedule)
 from .plan import Plan
 from .profile import Profile
@@ -118,11 +118,15 @@ def cmd_plan(a) -> int:
     w, target = _workload(a), _target(a)
     bound = _bound(a.bound, a.quantile)
     fn = exhaustive_schedule if a.exhaustive else find_schedule
-    kw = dict(target, policies=a.policies, tp_degrees=a.tp, space=_space(a))
+    kw = dict(target, policies=a.policies, tp_degrees=a.tp, space=_space(a), device_counts=a.device_counts)
     if not a.exhaustive:
         kw.update(eps_throughput=a.eps_throughput, eps_latency=a.eps_latency)
     plan = fn(w, bound, **kw)
     _print_plan(plan)
+    given = offered_cluster(a.devices, target["profile"])
+    if plan.schedule.num_gpus < given.count:
+        print(f"  uses {plan.schedule.num_gpus} of the {given.count} devices: more would be slower under this bound "
+              f"(--device-counts {given.count} forces all)")
     try:
         base = static_schedule(w, bound, **target)
         gain = plan.estimate.throughput_seq_s / base.estimate.throughput_seq_s
@@ -215,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--bound", type=_number, required=True, help="latency bound in seconds (inf for none)")
     plan.add_argument("--policies", nargs="+", default=["rra", "waa_c", "waa_m"], help="rra waa_c waa_m")
     plan.add_argument("--tp", type=int, nargs="+", default=None, help="TP degrees to try (default: all)")
+    plan.add_argument("--device-counts", type=int, nargs="+", default=None,
+                      help="how many of the devices a schedule may use (default: any count; e.g. 4 uses all of 4xA40)")
     plan.add_argument("--eps-throughput", type=_number, default=0.0)
     plan.add_argument("--eps-latency", type=_number, default=0.0)
     plan.add_argument("--max-encode-batch", type=int, default=256)

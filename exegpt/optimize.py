@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bound import as_bound
-from .devices import DeviceSpec, parse_cluster
+from .devices import Cluster, DeviceSpec, parse_cluster
 from .errors import ExeGPTError, InfeasibleBoundError
 from .memory import MEMORY_FRACTION, stage_weight_bytes
 from .models import get_model
@@ -52,6 +52,17 @@ class SearchSpace:
 
 # --- the problem ----------------------------------------------------------------------------
 
+def offered_cluster(devices=None, profile: Profile | None = None) -> Cluster:
+    """The devices a plan may use: ``devices`` ("COUNTxNAME"), by default the paper's 4xA40, or one of the
+    profile's device when a profile is given; a profiled device (e.g. ``cpu``) is known by its profile."""
+    known = {}
+    if profile is not None and profile.device_memory_bytes is not None:
+        known[profile.device] = DeviceSpec(profile.device, profile.device_memory_bytes, 1.0, 1.0, 1.0, 1.0)
+    if devices is None:
+        devices = DEFAULT_DEVICES if profile is None else f"1x{profile.device}"
+    return parse_cluster(devices, known)
+
+
 def problem(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
             memory_fraction: float = MEMORY_FRACTION) -> Problem:
     """Resolve names into a Problem. Defaults: the paper's OPT-13B on 4xA40 with the built-in
@@ -63,12 +74,7 @@ def problem(dist: Workload, slo, *, model=None, devices=None, profile: Profile |
     if profile is not None and not isinstance(profile, Profile):
         raise ExeGPTError(f"profile must be an exegpt.Profile (Profile.load(path)), got {type(profile).__name__}")
     shape = get_model(model if model is not None else (profile.model if profile else DEFAULT_MODEL))
-    known = {}
-    if profile is not None and profile.device_memory_bytes is not None:
-        known[profile.device] = DeviceSpec(profile.device, profile.device_memory_bytes, 1.0, 1.0, 1.0, 1.0)
-    if devices is None:
-        devices = DEFAULT_DEVICES if profile is None else f"1x{profile.device}"
-    cluster = parse_cluster(devices, known)
+    cluster = offered_cluster(devices, profile)
     if profile is None:
         from .gpu_data import builtin_profile
         profile = builtin_profile(shape, cluster.device.name)
@@ -196,14 +202,54 @@ def _infeasible(prob: Problem, spaces: list[Space], margin: float = 0.0) -> Infe
         f"bound is {smallest:.4g} s" + (f" (with a {margin:.0%} latency margin)" if margin else ""), smallest)
 
 
+def _device_counts(prob: Problem, device_counts) -> list[int]:
+    """The device counts to plan for: every count from 1 to the cluster's (None), or those given."""
+    n = prob.cluster.count
+    if device_counts is None:
+        return list(range(1, n + 1))
+    counts = list(device_counts) if not isinstance(device_counts, (int, str)) else [device_counts]
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 1 <= c <= n:
+            raise ExeGPTError(f"device count {c!r} must be an integer in [1, {n}] (the devices of "
+                              f"{prob.cluster.label})")
+    if not counts:
+        raise ExeGPTError(f"device_counts is empty; expected counts in [1, {n}] or None (all of them)")
+    return sorted(set(int(c) for c in counts))
+
+
+def all_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
+               device_counts=None) -> list[tuple[Problem, Layout, Space]]:
+    """``build_spaces`` for the cluster and for each smaller device count planned (``device_counts``): a schedule
+    may leave devices idle when using them all would be slower (a small model on two CPU ranks: the pipeline's
+    messages cost more than the second rank adds). Counts that fit no layout are skipped, as are requested TP
+    degrees above a count; if no count fits, the full cluster's error is raised."""
+    out, errors = [], {}
+    n = prob.cluster.count
+    for c in _device_counts(prob, device_counts):
+        sub = prob if c == n else prob.with_devices(c)
+        tps = tp_degrees
+        if tp_degrees is not None and c < n:  # a degree above a smaller count is not an error there
+            tps = [t for t in tp_degrees if not (isinstance(t, (int, float, np.integer)) and t > c)]
+            if not tps:
+                continue
+        try:
+            out += [(sub, lay, sp) for lay, sp in build_spaces(sub, policies, tps, space)]
+        except ExeGPTError as e:  # e.g. the weights do not fit on fewer devices
+            errors[c] = e
+    if not out:
+        raise errors[max(errors)] if errors else ExeGPTError(
+            f"no device count {device_counts!r} of {prob.cluster.label} admits the TP degrees {tp_degrees!r}")
+    return out
+
+
 def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees, eps_throughput, eps_latency,
-           space, memory_fraction, latency_margin: float = 0.0) -> Plan:
+           space, memory_fraction, latency_margin: float = 0.0, device_counts=None) -> Plan:
     t0 = time.perf_counter()
     if not 0 <= latency_margin < 1:
         raise ExeGPTError(f"latency_margin {latency_margin!r} must be in [0, 1)")
     prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
-    layouts = build_spaces(prob, policies, tp_degrees, space)
-    spaces = [sp for _, sp in layouts]
+    layouts = all_spaces(prob, policies, tp_degrees, space, device_counts)
+    spaces = [sp for _, _, sp in layouts]
     # Plan against a tighter bound when the caller keeps a margin for the simulator's error.
     bound_s = prob.bound.bound_s * (1 - latency_margin)
     if method == "exhaustive":
@@ -215,16 +261,16 @@ def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees
         res = branch_and_bound(spaces, bound_s, eps_throughput, eps_latency)
     if res.space is None:
         raise _infeasible(prob, spaces, latency_margin)
-    lay = layouts[res.space][0]
+    sub, lay, _ = layouts[res.space]
     stats = SearchStats(method, res.candidates_evaluated, time.perf_counter() - t0,
                         sum(sp.size for sp in spaces), res.boxes_pruned)
-    return _plan(prob, lay, _schedule(lay, res.point, prob.cluster.count), stats)
+    return _plan(sub, lay, _schedule(lay, res.point, sub.cluster.count), stats)
 
 
 def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
                   policies=DEFAULT_POLICIES, tp_degrees=None, eps_throughput: float = 0.0, eps_latency: float = 0.0,
                   space: SearchSpace = SearchSpace(), memory_fraction: float = MEMORY_FRACTION,
-                  latency_margin: float = 0.0) -> Plan:
+                  latency_margin: float = 0.0, device_counts=None) -> Plan:
     """The highest-throughput schedule whose bound-length output meets ``slo`` seconds.
 
     ``dist``: a Workload. ``slo``: seconds (or a LatencyBound with another length quantile).
@@ -234,18 +280,20 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     profile supports). ``eps_*``: the paper's search tolerances (0 = the exact optimum).
     ``latency_margin``: plan against ``slo * (1 - margin)``, keeping room for the simulator's error when the
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
+    ``device_counts``: how many of the devices a schedule may use (default None: any count from 1 to all; the
+    plan's ``devices`` and ``schedule.num_gpus`` say how many it uses); ``(n,)`` uses exactly n.
     Raises InfeasibleBoundError naming the smallest feasible bound when nothing meets ``slo``.
     """
     return _solve("branch_and_bound", dist, slo, model, devices, profile, policies, tp_degrees,
-                  eps_throughput, eps_latency, space, memory_fraction, latency_margin)
+                  eps_throughput, eps_latency, space, memory_fraction, latency_margin, device_counts)
 
 
 def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
                         policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
-                        memory_fraction: float = MEMORY_FRACTION) -> Plan:
+                        memory_fraction: float = MEMORY_FRACTION, device_counts=None) -> Plan:
     """The true optimum of the same space as ``find_schedule``, by evaluating every point."""
     return _solve("exhaustive", dist, slo, model, devices, profile, policies, tp_degrees, 0.0, 0.0, space,
-                  memory_fraction)
+                  memory_fraction, device_counts=device_counts)
 
 
 def static_baseline_layout(prob: Problem) -> Layout:
@@ -305,9 +353,10 @@ def frontier(dist: Workload, bounds_s, **kw) -> list[Plan | None]:
 
 def smallest_feasible_bound(dist: Workload, *, model=None, devices=None, profile: Profile | None = None,
                             policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
-                            memory_fraction: float = MEMORY_FRACTION) -> float:
-    """The lowest latency any schedule of the space achieves for the bound-length output."""
+                            memory_fraction: float = MEMORY_FRACTION, device_counts=None) -> float:
+    """The lowest latency any schedule of the space (as ``find_schedule`` searches it) achieves for the
+    bound-length output."""
     prob = problem(dist, math.inf, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
-    spaces = [sp for _, sp in build_spaces(prob, policies, tp_degrees, space)]
+    spaces = [sp for _, _, sp in all_spaces(prob, policies, tp_degrees, space, device_counts)]
     res = branch_and_bound(spaces, math.inf, minimize_latency=True)
     return res.latency

@@ -131,6 +131,11 @@ class Problem:
                    float(np.dot(k, p)), PhaseLengths(k, p, phases),
                    slowdown=profile.slowdown(cluster.count))  # every plan of a problem runs on all its devices
 
+    def with_devices(self, count: int) -> Problem:
+        """The same problem on ``count`` of the cluster's devices."""
+        return dataclasses.replace(self, cluster=Cluster(self.cluster.device, count),
+                                   slowdown=self.profile.slowdown(count))
+
     @property
     def stats(self) -> WorkloadStats:
         return self.cost.stats

@@ -194,6 +194,9 @@ W = Workload.task("S")
     (lambda: LatencyBound(3.1, length_quantile=1.5), "length quantile 1.5"),
     (lambda: RRASchedule(0, 1, 1, 0, 4), "encode_batch=0"),
     (lambda: RRASchedule(4, 1, 8, 8, 4), "tp=8 exceeds the 4 devices"),
+    (lambda: find_schedule(W, 3.1, device_counts=[5]), "device count 5 must be an integer in \\[1, 4\\]"),
+    (lambda: find_schedule(W, 3.1, device_counts=[0, 2]), "device count 0 must be"),
+    (lambda: find_schedule(W, 3.1, device_counts=[]), "device_counts is empty"),
 ])
 def test_bad_input_is_a_one_line_error(call, match):
     with pytest.raises(ExeGPTError, match=match) as e:
@@ -324,3 +327,30 @@ def test_waa_hand_off_on_compute_adds_to_the_decode_groups_period():
     assert 1 / e_off.throughput_seq_s == pytest.approx(e_off.decode_step_s)
     assert 1 / e_on.throughput_seq_s == pytest.approx(e_on.decode_step_s + hand)
     assert Profile.from_json(on.to_json()).handoff_on_compute
+
+
+def test_a_plan_may_leave_devices_idle_and_is_the_best_over_every_device_count():
+    """Two CPU ranks whose computing is twice as slow when they pipeline (rank slowdown 2): on this small model the
+    best RRA schedule uses one of them. The default search covers every device count, equals the best of the searches
+    restricted to one count each and the exhaustive optimum; ``device_counts=(2,)`` forces both ranks."""
+    import dataclasses
+    from pathlib import Path
+
+    from exegpt import exhaustive_schedule, smallest_feasible_bound
+
+    base = Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
+    prof = dataclasses.replace(base, rank_slowdown=((2, 2.0),))
+    w = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64))
+    kw = dict(profile=prof, devices="2xcpu", space=SearchSpace(32, 64), policies=("rra",))
+    bound = 3 * smallest_feasible_bound(w, device_counts=(2,), **kw)
+    assert smallest_feasible_bound(w, **kw) < smallest_feasible_bound(w, device_counts=(2,), **kw)
+    best = find_schedule(w, bound, **kw)
+    per_count = {c: find_schedule(w, bound, device_counts=(c,), **kw) for c in (1, 2)}
+    assert (best.schedule.num_gpus, best.devices) == (1, "1xcpu")
+    assert per_count[2].schedule.num_gpus == 2 and per_count[2].devices == "2xcpu"
+    top = max(p.estimate.throughput_seq_s for p in per_count.values())
+    assert best.estimate.throughput_seq_s == top > per_count[2].estimate.throughput_seq_s
+    assert exhaustive_schedule(w, bound, **kw).estimate.throughput_seq_s == pytest.approx(top, rel=1e-12)
+    # The plan evaluates the same on its own devices, as the runner executes it.
+    again = evaluate_schedule(best.schedule, w, bound, profile=prof, devices=best.devices)
+    assert again.estimate == best.estimate
