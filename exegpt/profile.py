@@ -208,6 +208,11 @@ class Profile(JSONFile):
     on the profiled host, against one rank alone (the kernel tables' condition): shared cores, caches and memory
     bandwidth, and a virtual machine's share of its host. Measured on a CPU (``profiler.collectives``); empty,
     i.e. 1, on GPUs, where every rank has its own device. Messages are profiled under load already."""
+    rank_concurrency: tuple[tuple[int, float], ...] = ()
+    """``(ranks, factor)`` pairs: how much slower one rank computes back to back while that many ranks compute at
+    once, against alone: the part of ``rank_slowdown`` that is not the bursts' wake-up. It slows the one-rank groups
+    of a WAA plan while the other group computes too (``exegpt.simulate.concurrent_times``). Measured on a CPU
+    beside ``rank_slowdown``; empty, i.e. 1, on GPUs."""
     provenance: dict = field(default_factory=dict)
     """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
     _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -221,9 +226,10 @@ class Profile(JSONFile):
         for f in ("kv_dtype", "packed_weight_dtype"):
             if getattr(self, f) is not None and getattr(self, f) not in DTYPE_BYTES:
                 raise ExeGPTError(f"{f} {getattr(self, f)!r} unknown; expected one of {', '.join(DTYPE_BYTES)} or null")
-        for ranks, factor in self.rank_slowdown:
-            if not (isinstance(ranks, int) and ranks >= 2 and np.isfinite(factor) and factor > 0):
-                raise ExeGPTError(f"rank_slowdown entry {(ranks, factor)!r} must be (ranks >= 2, factor > 0)")
+        for name in ("rank_slowdown", "rank_concurrency"):
+            for ranks, factor in getattr(self, name):
+                if not (isinstance(ranks, int) and ranks >= 2 and np.isfinite(factor) and factor > 0):
+                    raise ExeGPTError(f"{name} entry {(ranks, factor)!r} must be (ranks >= 2, factor > 0)")
         lookup = {}
         for t in self.tables:
             key = (t.kernel, t.tp)
@@ -242,8 +248,11 @@ class Profile(JSONFile):
     def slowdown(self, ranks: int) -> float:
         """``rank_slowdown`` at ``ranks`` ranks computing at once: the entry of the most ranks measured up to
         ``ranks`` (1 for one rank, or none measured)."""
-        below = [(r, f) for r, f in self.rank_slowdown if r <= ranks]
-        return max(below)[1] if below else 1.0
+        return _at_most(self.rank_slowdown, ranks)
+
+    def concurrency(self, ranks: int) -> float:
+        """``rank_concurrency`` at ``ranks`` ranks, looked up as ``slowdown``."""
+        return _at_most(self.rank_concurrency, ranks)
 
     def tp_degrees(self, kernel: Kernel = Kernel.DENSE_DECODE) -> tuple[int, ...]:
         return tuple(sorted(tp for (k, tp) in self._lookup if k == kernel))
@@ -312,7 +321,8 @@ class Profile(JSONFile):
                 "handoff_on_compute": self.handoff_on_compute,
                 "device_memory_bytes": self.device_memory_bytes, "kv_dtype": self.kv_dtype,
                 "packed_weight_dtype": self.packed_weight_dtype,
-                "rank_slowdown": {str(r): f for r, f in self.rank_slowdown}, "provenance": self.provenance,
+                "rank_slowdown": {str(r): f for r, f in self.rank_slowdown},
+                "rank_concurrency": {str(r): f for r, f in self.rank_concurrency}, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
 
     @classmethod
@@ -331,19 +341,27 @@ class Profile(JSONFile):
                        handoff_on_compute=bool(d.get("handoff_on_compute", False)),
                        device_memory_bytes=d.get("device_memory_bytes"), kv_dtype=d.get("kv_dtype"),
                        packed_weight_dtype=d.get("packed_weight_dtype"),
-                       rank_slowdown=_slowdown_pairs(d.get("rank_slowdown", {})), provenance=d.get("provenance", {}))
+                       rank_slowdown=_slowdown_pairs(d.get("rank_slowdown", {}), "rank_slowdown"),
+                       rank_concurrency=_slowdown_pairs(d.get("rank_concurrency", {}), "rank_concurrency"),
+                       provenance=d.get("provenance", {}))
         except KeyError as e:
             raise ExeGPTError(f"profile misses field {e}") from None
 
 
-def _slowdown_pairs(d) -> tuple[tuple[int, float], ...]:
+def _at_most(pairs: tuple[tuple[int, float], ...], ranks: int) -> float:
+    """The factor of the most ranks measured up to ``ranks`` (1 for one rank, or none measured)."""
+    below = [(r, f) for r, f in pairs if r <= ranks]
+    return max(below)[1] if below else 1.0
+
+
+def _slowdown_pairs(d, name: str) -> tuple[tuple[int, float], ...]:
     """``{"2": 1.3}`` -> ``((2, 1.3),)``, sorted."""
     if not isinstance(d, dict):
-        raise ExeGPTError(f"rank_slowdown must be an object of ranks -> factor, got {d!r}")
+        raise ExeGPTError(f"{name} must be an object of ranks -> factor, got {d!r}")
     try:
         return tuple(sorted((int(r), float(f)) for r, f in d.items()))
     except (TypeError, ValueError):
-        raise ExeGPTError(f"rank_slowdown {d!r} must map a rank count to a number") from None
+        raise ExeGPTError(f"{name} {d!r} must map a rank count to a number") from None
 
 
 def _interpolator(t: ProfileTable, env: np.ndarray):

@@ -102,6 +102,9 @@ class Problem:
     slowdown: float = 1.0
     """``Profile.slowdown`` at the cluster's device count: the computed terms of a group of stages that spans
     several ranks (``_group_cost``)."""
+    concurrency: float = 1.0
+    """``Profile.concurrency`` at the cluster's device count: a one-rank WAA group computing while the other
+    group computes too (``concurrent_times``)."""
 
     @classmethod
     def build(cls, workload: Workload, bound: LatencyBound, profile: Profile, model: ModelShape,
@@ -129,12 +132,13 @@ class Problem:
                    CostModel(profile, model, stats, per_unit=True), memory * memory_fraction,
                    latency_len, latency_len - shift, phases,
                    float(np.dot(k, p)), PhaseLengths(k, p, phases),
-                   slowdown=profile.slowdown(cluster.count))  # every plan of a problem runs on all its devices
+                   # every plan of a problem runs on all its devices
+                   slowdown=profile.slowdown(cluster.count), concurrency=profile.concurrency(cluster.count))
 
     def with_devices(self, count: int) -> Problem:
         """The same problem on ``count`` of the cluster's devices."""
         return dataclasses.replace(self, cluster=Cluster(self.cluster.device, count),
-                                   slowdown=self.profile.slowdown(count))
+                                   slowdown=self.profile.slowdown(count), concurrency=self.profile.concurrency(count))
 
     @property
     def stats(self) -> WorkloadStats:
@@ -242,6 +246,17 @@ def spans_ranks(stages: tuple[Stage, ...]) -> bool:
     rank slowdown. A one-rank WAA group computes back to back, as the kernel tables were timed (measured on the
     CPU: a 1+1 WAA-C plan within 3 % of its prediction without the factor, 25 % slower than predicted with it)."""
     return sum(s.tp for s in stages) >= 2
+
+
+def concurrent_times(concurrency: float, t_enc, t_dec, enc_alone: bool, dec_alone: bool):
+    """WAA's encode interval and decode iteration with the two groups computing at the same time: the busier
+    group computes all period and the other's work overlaps it, both ``concurrency`` times slower while they
+    overlap, so a one-rank group (``enc_alone`` / ``dec_alone``; a group spanning ranks has the rank slowdown
+    already) takes ``(concurrency - 1) * min(t_enc, t_dec)`` longer. 1: the groups do not share compute (GPUs)."""
+    if concurrency == 1.0:
+        return t_enc, t_dec
+    both = (concurrency - 1.0) * np.minimum(t_enc, t_dec)
+    return (t_enc + both if enc_alone else t_enc), (t_dec + both if dec_alone else t_dec)
 
 
 def _group_cost(prob: Problem, stages: tuple[Stage, ...], cost: CostModel | None) -> CostModel:
@@ -399,6 +414,10 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
         ret, ok_r = prob.cost.token_return(np.maximum(bd_lo / m_hi, 1e-9))
         chain, ok_1 = chain + ret, ok_1 & ok_r
     t_dec = np.maximum(chain, m_lo * np.maximum.reduce(big))
+    t_int = t_enc_int
+    t_enc_int, t_dec = concurrent_times(prob.concurrency, t_enc_int, t_dec, not spans_ranks(enc_st),
+                                        not spans_ranks(dec_st))
+    t_enc_lat = t_enc_lat + (t_enc_int - t_int)  # a one-rank encode group: its one stage is the interval
     on_compute = prob.profile.handoff_on_compute
     period = np.maximum(np.maximum(t_dec + hand if on_compute else t_dec, t_enc_int), hand)
     thr = be_hi / period

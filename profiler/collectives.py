@@ -65,7 +65,8 @@ class CollectiveResult:
     """``"allreduce tp=4": "needs 4 CUDA devices, found 1"``-style notes."""
     facts: dict = field(default_factory=dict)
     rank_slowdown: dict = field(default_factory=dict)
-    """Group size -> slowdown factor (CPU groups measured with a ``probe_model``)."""
+    """Group size -> ``{"factor": rank slowdown, "concurrent": rank concurrency, ...}`` (CPU groups measured with a
+    ``probe_model``)."""
 
 
 def measure_collectives(tp_degrees: tuple[int, ...], sizes_bytes: tuple[int, ...], *, device: str = "cpu",
@@ -357,6 +358,8 @@ def _time_slowdown(rank: int, world: int, model: str, dtype: torch.dtype, repeat
     tables are timed; the factor is the mean over ranks (pipeline stages and TP shards all run at once).
 
     - together: every rank at once, each call after a ``SLOWDOWN_WAIT_S`` sleep (a burst after a blocking wait);
+    - concurrent: every rank at once, calls back to back: ``concurrent`` (``Profile.rank_concurrency``), the
+      sharing alone, as a one-rank WAA group computes beside the other group;
     - alone: one rank, the others waiting in a barrier, calls back to back.
 
     NOTE (2-core KVM development VM): both matter and both vary by the hour. A stage's decode layer computed
@@ -379,19 +382,25 @@ def _time_slowdown(rank: int, world: int, model: str, dtype: torch.dtype, repeat
         return sum(s.median_s for s in time_interleaved(fns, warmup=0, repeat=n, idle_s=SLOWDOWN_WAIT_S))
 
     alone()  # warm: caches, the kernels' first calls
-    together, solo = [], []
+    together, concurrent, solo = [], [], []
     for _ in range(SLOWDOWN_ROUNDS):
         dist.barrier()
         together.append(in_bursts())
+        dist.barrier()
+        concurrent.append(alone())
         for r in range(world):
             dist.barrier()
             if r == rank:
                 solo.append(alone())
-    ratio = torch.tensor([statistics.median(together) / statistics.median(solo)], dtype=torch.float64)
-    ratios = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    ratio = torch.tensor([statistics.median(together) / statistics.median(solo),
+                          statistics.median(concurrent) / statistics.median(solo)], dtype=torch.float64)
+    ratios = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
     dist.all_gather(ratios, ratio)
-    per_rank = [float(x) for x in ratios]
-    return {"factor": statistics.mean(per_rank), "per_rank": per_rank, "model": model}
+    per_rank = [float(x[0]) for x in ratios]
+    per_rank_concurrent = [float(x[1]) for x in ratios]
+    return {"factor": statistics.mean(per_rank), "per_rank": per_rank,
+            "concurrent": statistics.mean(per_rank_concurrent), "per_rank_concurrent": per_rank_concurrent,
+            "model": model}
 
 
 def _busy(seconds: float) -> None:

@@ -53,13 +53,13 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 7
+METHOD_VERSION = 8
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
 ``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
 decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``;
 6: a pipeline hop as one message into a posted receive, ``runner.pipeline.CommandInbox``; 7: fused decode layers
-called with packed weights, ``runner.cpu_kernels.LayerPack``), so cached profiles
-of an older method are measured again."""
+called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concurrency, ``Profile.rank_concurrency``),
+so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond it the point is
@@ -430,6 +430,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
         # Phase 4: collectives in spawned process groups.
         coll_facts: dict = {}
         slowdown: tuple = ()
+        concurrency: tuple = ()
         if collectives:
             bar.set_postfix_str("collectives")
             res = measure_collectives(t.tp_degrees, g.bytes, device=t.device.type, dtype=t.dtype, quick=quick,
@@ -437,6 +438,7 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
             tables += list(res.tables)
             coll_facts = {"backends": res.facts, "skipped": res.skipped, "rank_slowdown": res.rank_slowdown}
             slowdown = tuple(sorted((w, float(d["factor"])) for w, d in res.rank_slowdown.items()))
+            concurrency = tuple(sorted((w, float(d["concurrent"])) for w, d in res.rank_slowdown.items()))
     finally:
         bar.close()
     # Phase 5: the Profile.
@@ -477,7 +479,8 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
                    padded_decode=padded_decode,  # and attends decode rows over the longest, unless fused
                    handoff_on_compute=dev_info.kind == "cpu",  # gloo copies on the cores (Profile's doc)
                    device_memory_bytes=memory, kv_dtype=_kv_dtype(t),
-                   packed_weight_dtype=_packed_weight_dtype(t), rank_slowdown=slowdown, provenance=provenance)
+                   packed_weight_dtype=_packed_weight_dtype(t), rank_slowdown=slowdown, rank_concurrency=concurrency,
+                   provenance=provenance)
     if engine and not t.args.family == "t5":
         # Phase 6: the executor's own overhead around the kernels, measured by running it (profiler.engine).
         from .engine import calibrate_engine

@@ -163,3 +163,37 @@ def test_rank_slowdown_round_trips_and_applies_to_groups_of_several_ranks():
     assert est(prof, waa, "2xcpu") == est(base, waa, "2xcpu")
     one = RRASchedule(4, 4, 1, 0, 1)
     assert est(prof, one, "1xcpu") == est(base, one, "1xcpu")
+
+
+def test_rank_concurrency_slows_the_one_rank_groups_of_a_waa_plan_while_both_compute():
+    """Profile.rank_concurrency: JSON round trip and refusal as rank_slowdown; a 1+1 WAA plan's encode interval and
+    decode iteration both take (c - 1) * min(encode, decode) longer, and its period is the longer of them; RRA
+    plans (one device, or a pipeline, which has the rank slowdown) are unchanged."""
+    import dataclasses
+    from pathlib import Path
+
+    from exegpt import Policy, RRASchedule, WAASchedule, evaluate_schedule
+    from exegpt.errors import ExeGPTError
+
+    base = Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
+    prof = dataclasses.replace(base, rank_concurrency=((2, 1.5),))
+    assert Profile.from_json(prof.to_json()).rank_concurrency == ((2, 1.5),)
+    assert (prof.concurrency(1), prof.concurrency(2), base.concurrency(2)) == (1.0, 1.5, 1.0)
+    with pytest.raises(ExeGPTError, match="rank_concurrency entry"):
+        dataclasses.replace(base, rank_concurrency=((2, 0.0),))
+    with pytest.raises(ExeGPTError, match="rank_concurrency"):
+        Profile.from_dict(prof.to_dict() | {"rank_concurrency": [1.5]})
+    w = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64))
+
+    def est(profile, schedule, devices):
+        return evaluate_schedule(schedule, w, math.inf, profile=profile, devices=devices).estimate
+
+    waa = WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1)
+    alone, both = est(base, waa, "2xcpu"), est(prof, waa, "2xcpu")
+    extra = 0.5 * min(alone.encode_stage_s, alone.decode_step_s)
+    assert both.encode_stage_s == pytest.approx(alone.encode_stage_s + extra, rel=1e-12)
+    assert both.decode_step_s == pytest.approx(alone.decode_step_s + extra, rel=1e-12)
+    assert both.decode_batch == alone.decode_batch
+    assert both.throughput_seq_s < alone.throughput_seq_s and both.latency_s > alone.latency_s
+    for schedule, devices in ((RRASchedule(8, 4, 1, 0, 2), "2xcpu"), (RRASchedule(4, 4, 1, 0, 1), "1xcpu")):
+        assert est(prof, schedule, devices) == est(base, schedule, devices)

@@ -21,6 +21,9 @@ def test_gloo_collectives_with_two_processes():
     slow = res.rank_slowdown[2]  # each rank's probe at once and in bursts, over alone and back to back
     assert slow["model"] == "tiny" and len(slow["per_rank"]) == 2
     assert all(0.2 < f < 10 for f in slow["per_rank"]) and slow["factor"] == pytest.approx(sum(slow["per_rank"]) / 2)
+    # and back to back at once (the rank concurrency)
+    assert len(slow["per_rank_concurrent"]) == 2 and all(0.2 < f < 10 for f in slow["per_rank_concurrent"])
+    assert slow["concurrent"] == pytest.approx(sum(slow["per_rank_concurrent"]) / 2)
 
 
 CHEAP = ["--quick", "--max-seq", "16", "--max-batch", "2", "--max-tokens", "8", "--no-collectives",
