@@ -222,7 +222,7 @@ def all_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None, space:
     """``build_spaces`` for the cluster and for each smaller device count planned (``device_counts``): a schedule
     may leave devices idle when using them all would be slower (a small model on two CPU ranks: the pipeline's
     messages cost more than the second rank adds). Counts that fit no layout are skipped, as are requested TP
-    degrees above a count; if no count fits, the full cluster's error is raised."""
+    degrees above a count; if no count fits, the error of the largest count is raised."""
     out, errors = [], {}
     n = prob.cluster.count
     for c in _device_counts(prob, device_counts):
