@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -162,7 +164,9 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _spawn_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float):
+def _spawn_entry(rank: int, world_size: int, port: int, fn: Callable, args_path: str, results, timeout_s: float):
+    with open(args_path, "rb") as f:
+        args = pickle.load(f)
     if world_size > 1:
         torch.set_num_threads(1)  # P processes share the cores; one thread each avoids oversubscription
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
@@ -205,8 +209,21 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s:
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
-    pctx = mp.start_processes(_spawn_entry, args=(world_size, port, fn, args, results, timeout_s),
-                              nprocs=world_size, join=False, start_method="spawn")
+    # The arguments (a run's requests: hundreds of KB) go through a file. multiprocessing writes each child's
+    # startup payload into a pipe that it closes only afterwards, so a payload beyond the pipe's 64 KB blocks the
+    # launcher for good when a child dies before reading it (measured: a launch from a script on stdin, whose
+    # children cannot re-import their __main__, hung instead of naming the dead rank).
+    with tempfile.TemporaryDirectory(prefix="exegpt-launch-") as tmp:
+        args_path = os.path.join(tmp, "args.pickle")
+        with open(args_path, "wb") as f:
+            pickle.dump(args, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pctx = mp.start_processes(_spawn_entry, args=(world_size, port, fn, args_path, results, timeout_s),
+                                  nprocs=world_size, join=False, start_method="spawn")
+        return _supervise(pctx, results, timeout_s)
+
+
+def _supervise(pctx, results, timeout_s: float) -> list:
+    """Collects the ranks' results until every rank exited; raises RankFailedError as ``launch`` says."""
     deadline = time.monotonic() + timeout_s
     out = []
     try:

@@ -224,3 +224,19 @@ def test_rank_failure_stops_run_naming_rank(requests):
     assert e.value.rank == 1
     assert "injected fault" in str(e.value)
     assert time.monotonic() - t < 60
+
+
+def test_ranks_that_die_at_startup_are_named_even_with_large_arguments():
+    """A launch from a script on stdin: the spawned ranks cannot re-import ``__main__`` and die before they start.
+    With a run's worth of arguments (~1 MB) the launcher must still name the dead ranks, not wait for them to read
+    their startup payload (it hung when the arguments travelled in the spawn pipe)."""
+    import subprocess
+    import sys
+
+    script = ("from runner.dist import launch, RankFailedError\n"
+              "try:\n"
+              "    launch(print, 2, (list(range(200_000)),), timeout_s=60)\n"
+              "except RankFailedError as e:\n"
+              "    print('FAILED', e)\n")
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=90)
+    assert "FAILED rank" in done.stdout and "died" in done.stdout, done.stdout + done.stderr[-2000:]
