@@ -24,6 +24,7 @@ import statistics
 
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
+from exegpt.optimize import offered_cluster
 from exegpt.simulate import spans_ranks
 from profiler.collectives import run_group
 from profiler.loop import CPU_TASK, LATENCY_MARGIN, cached_profile, run_and_compare, speed_probe, table_header, \
@@ -60,7 +61,7 @@ def cases(prof):
         for devices in ("1xcpu", "2xcpu"):
             w = WORKLOADS[wname]
             # Twice the smallest bound of schedules using all the devices; the pick may use fewer of them.
-            n = int(devices.split("x")[0])
+            n = offered_cluster(devices, prof).count
             bound = 2 * smallest_feasible_bound(w, profile=prof, devices=devices, device_counts=(n,))
             try:
                 out.append((f"best-{wname}-{devices[0]}", find_schedule(w, bound, profile=prof, devices=devices,

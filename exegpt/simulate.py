@@ -99,13 +99,6 @@ class Problem:
     """E[k]: decode iterations per query."""
     phase_iters: PhaseLengths
     """phase_iters(B_E, N_D): decode iterations an RRA phase runs on average (at most N_D; ``exegpt.phases``)."""
-    slowdown: float = 1.0
-    """``Profile.slowdown`` at the cluster's device count: the computed terms of a group of stages that spans
-    several ranks (``_group_cost``)."""
-    concurrency: float = 1.0
-    """``Profile.concurrency`` at the cluster's device count: a one-rank WAA group computing while the other
-    group computes too (``concurrent_times``)."""
-
     @classmethod
     def build(cls, workload: Workload, bound: LatencyBound, profile: Profile, model: ModelShape,
               cluster: Cluster, memory_fraction: float = MEMORY_FRACTION) -> Problem:
@@ -131,14 +124,24 @@ class Problem:
         return cls(profile, model, cluster, workload, bound, CostModel(profile, model, stats),
                    CostModel(profile, model, stats, per_unit=True), memory * memory_fraction,
                    latency_len, latency_len - shift, phases,
-                   float(np.dot(k, p)), PhaseLengths(k, p, phases),
-                   # every plan of a problem runs on all its devices
-                   slowdown=profile.slowdown(cluster.count), concurrency=profile.concurrency(cluster.count))
+                   float(np.dot(k, p)), PhaseLengths(k, p, phases))
 
     def with_devices(self, count: int) -> Problem:
         """The same problem on ``count`` of the cluster's devices."""
-        return dataclasses.replace(self, cluster=Cluster(self.cluster.device, count),
-                                   slowdown=self.profile.slowdown(count), concurrency=self.profile.concurrency(count))
+        return dataclasses.replace(self, cluster=Cluster(self.cluster.device, count))
+
+    # Every plan of a problem runs on all its cluster's devices: the factors measured at that many ranks.
+    @functools.cached_property
+    def slowdown(self) -> float:
+        """``Profile.slowdown`` at the cluster's device count: the computed terms of a group of stages that spans
+        several ranks (``_group_cost``)."""
+        return self.profile.slowdown(self.cluster.count)
+
+    @functools.cached_property
+    def concurrency(self) -> float:
+        """``Profile.concurrency`` at the cluster's device count: a one-rank WAA group computing while the other
+        group computes too (``concurrent_times``)."""
+        return self.profile.concurrency(self.cluster.count)
 
     @property
     def stats(self) -> WorkloadStats:

@@ -346,7 +346,8 @@ LOADED_HOPS = 200
 
 
 SLOWDOWN_ROUNDS = 5
-"""Rounds of (every rank at once, then each rank alone) in ``_time_slowdown``."""
+"""Rounds of (every rank at once in bursts, every rank at once back to back, then each rank alone) in
+``_time_slowdown``."""
 SLOWDOWN_WAIT_S = 1e-3
 """The idle wait before every timed call of the together condition: a rank of a multi-rank run computes in bursts
 between blocking waits for its messages."""
@@ -365,8 +366,8 @@ def _time_slowdown(rank: int, world: int, model: str, dtype: torch.dtype, repeat
     NOTE (2-core KVM development VM): both matter and both vary by the hour. A stage's decode layer computed
     after a 1 ms sleep took 0.73-1.0 ms against 0.61-0.65 back to back, and with the other core busy too
     1.0-1.1 ms in some hours and 0.63 in others; two pipeline stages of ``tiny`` computed each micro-batch in
-    1.29 / 1.35 ms (median, traced) against 0.63 / 0.71 ms alone. Rounds interleave the two conditions, so that
-    both see the same background load."""
+    1.29 / 1.35 ms (median, traced) against 0.63 / 0.71 ms alone. Rounds interleave the three conditions, so that
+    all three see the same background load."""
     import statistics
 
     from .layer import probe_regions
@@ -375,23 +376,23 @@ def _time_slowdown(rank: int, world: int, model: str, dtype: torch.dtype, repeat
     fns = [fn for fn, _ in probe_regions(model, dtype)]
     n = max(10, repeat // 2)
 
-    def alone() -> float:
+    def back_to_back() -> float:
         return sum(s.median_s for s in time_interleaved(fns, warmup=3, repeat=n))
 
     def in_bursts() -> float:
         return sum(s.median_s for s in time_interleaved(fns, warmup=0, repeat=n, idle_s=SLOWDOWN_WAIT_S))
 
-    alone()  # warm: caches, the kernels' first calls
+    back_to_back()  # warm: caches, the kernels' first calls
     together, concurrent, solo = [], [], []
     for _ in range(SLOWDOWN_ROUNDS):
         dist.barrier()
         together.append(in_bursts())
         dist.barrier()
-        concurrent.append(alone())
+        concurrent.append(back_to_back())
         for r in range(world):
             dist.barrier()
             if r == rank:
-                solo.append(alone())
+                solo.append(back_to_back())
     ratio = torch.tensor([statistics.median(together) / statistics.median(solo),
                           statistics.median(concurrent) / statistics.median(solo)], dtype=torch.float64)
     ratios = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]

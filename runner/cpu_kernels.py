@@ -22,8 +22,8 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -3,6 +3,8 @@ terms, quadratic prefill attention), built from a seed so that randomized cases 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,11 @@ def make_profile(model="opt-13b", device="A40", tps=(1, 2, 4), seed=0, noise=0.0
                    source="synthetic", padded_batches=padded,
                    padded_decode=padded if padded_decode is None else padded_decode,
                    handoff_on_compute=handoff_on_compute)
+
+
+def tiny_cpu_profile() -> Profile:
+    """The profile of the ``tiny`` preset measured on a CPU, shipped with the tests (``tests/data/tiny-cpu.json``)."""
+    return Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
 
 
 @pytest.fixture

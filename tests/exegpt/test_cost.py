@@ -9,7 +9,7 @@ from exegpt import Kernel, Profile, Workload
 from exegpt.cost import CostModel, WorkloadStats
 from exegpt.models import MODELS
 
-from .conftest import make_profile
+from .conftest import make_profile, tiny_cpu_profile
 
 
 def test_first_tp_stage_pays_the_drivers_command_hop():
@@ -35,10 +35,7 @@ def test_first_tp_stage_pays_the_drivers_command_hop():
 def test_engine_work_is_on_the_drivers_stage():
     """The executor's own work (engine_*: commands, token bookkeeping, row moves) runs on the driver, which leads
     a pipeline's first stage: a first stage pays it, a last stage that is not also the first does not."""
-    from pathlib import Path
-
-    from exegpt import Profile
-    prof = Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
+    prof = tiny_cpu_profile()
     assert prof.has(Kernel.ENGINE_DECODE) and prof.has(Kernel.ENGINE_ENCODE)
     stats = WorkloadStats.of(Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64)))
     cost = CostModel(prof, MODELS["tiny"], stats)
@@ -133,17 +130,24 @@ def test_rank_slowdown_scales_what_a_rank_computes_not_its_messages():
     np.testing.assert_allclose(a2, 1.5 * (a1 - 20 * ar) + 20 * ar)  # 2 all-reduces a layer
 
 
+def _estimate(profile, schedule, devices):
+    """The estimate of ``schedule`` on ``devices`` for a small CPU-sized workload (the rank-factor tests)."""
+    from exegpt import evaluate_schedule
+
+    w = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64))
+    return evaluate_schedule(schedule, w, math.inf, profile=profile, devices=devices).estimate
+
+
 def test_rank_slowdown_round_trips_and_applies_to_groups_of_several_ranks():
     """Profile.rank_slowdown: JSON round trip, the entry of the most ranks up to the asked count, bad entries
     refused; the simulator applies it to a group of stages spanning several ranks (an RRA pipeline) and not to a
     one-rank WAA group or a one-device plan."""
     import dataclasses
-    from pathlib import Path
 
-    from exegpt import Policy, RRASchedule, WAASchedule, evaluate_schedule
+    from exegpt import Policy, RRASchedule, WAASchedule
     from exegpt.errors import ExeGPTError
 
-    base = Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
+    base = tiny_cpu_profile()
     prof = dataclasses.replace(base, rank_slowdown=((2, 2.0),))
     assert Profile.from_json(prof.to_json()).rank_slowdown == ((2, 2.0),)
     assert (prof.slowdown(1), prof.slowdown(2), prof.slowdown(4)) == (1.0, 2.0, 2.0)
@@ -152,17 +156,13 @@ def test_rank_slowdown_round_trips_and_applies_to_groups_of_several_ranks():
         dataclasses.replace(base, rank_slowdown=((1, 2.0),))
     with pytest.raises(ExeGPTError, match="rank_slowdown"):
         Profile.from_dict(prof.to_dict() | {"rank_slowdown": {"two": 2.0}})
-    w = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64))
-
-    def est(profile, schedule, devices):
-        return evaluate_schedule(schedule, w, math.inf, profile=profile, devices=devices).estimate
 
     pp2 = RRASchedule(8, 4, 1, 0, 2)
-    assert est(prof, pp2, "2xcpu").decode_step_s > 1.5 * est(base, pp2, "2xcpu").decode_step_s
+    assert _estimate(prof, pp2, "2xcpu").decode_step_s > 1.5 * _estimate(base, pp2, "2xcpu").decode_step_s
     waa = WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1)
-    assert est(prof, waa, "2xcpu") == est(base, waa, "2xcpu")
+    assert _estimate(prof, waa, "2xcpu") == _estimate(base, waa, "2xcpu")
     one = RRASchedule(4, 4, 1, 0, 1)
-    assert est(prof, one, "1xcpu") == est(base, one, "1xcpu")
+    assert _estimate(prof, one, "1xcpu") == _estimate(base, one, "1xcpu")
 
 
 def test_rank_concurrency_slows_the_one_rank_groups_of_a_waa_plan_while_both_compute():
@@ -170,12 +170,11 @@ def test_rank_concurrency_slows_the_one_rank_groups_of_a_waa_plan_while_both_com
     decode iteration both take (c - 1) * min(encode, decode) longer, and its period is the longer of them; RRA
     plans (one device, or a pipeline, which has the rank slowdown) are unchanged."""
     import dataclasses
-    from pathlib import Path
 
-    from exegpt import Policy, RRASchedule, WAASchedule, evaluate_schedule
+    from exegpt import Policy, RRASchedule, WAASchedule
     from exegpt.errors import ExeGPTError
 
-    base = Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
+    base = tiny_cpu_profile()
     prof = dataclasses.replace(base, rank_concurrency=((2, 1.5),))
     assert Profile.from_json(prof.to_json()).rank_concurrency == ((2, 1.5),)
     assert (prof.concurrency(1), prof.concurrency(2), base.concurrency(2)) == (1.0, 1.5, 1.0)
@@ -183,17 +182,13 @@ def test_rank_concurrency_slows_the_one_rank_groups_of_a_waa_plan_while_both_com
         dataclasses.replace(base, rank_concurrency=((2, 0.0),))
     with pytest.raises(ExeGPTError, match="rank_concurrency"):
         Profile.from_dict(prof.to_dict() | {"rank_concurrency": [1.5]})
-    w = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64))
-
-    def est(profile, schedule, devices):
-        return evaluate_schedule(schedule, w, math.inf, profile=profile, devices=devices).estimate
 
     waa = WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1)
-    alone, both = est(base, waa, "2xcpu"), est(prof, waa, "2xcpu")
+    alone, both = _estimate(base, waa, "2xcpu"), _estimate(prof, waa, "2xcpu")
     extra = 0.5 * min(alone.encode_stage_s, alone.decode_step_s)
     assert both.encode_stage_s == pytest.approx(alone.encode_stage_s + extra, rel=1e-12)
     assert both.decode_step_s == pytest.approx(alone.decode_step_s + extra, rel=1e-12)
     assert both.decode_batch == alone.decode_batch
     assert both.throughput_seq_s < alone.throughput_seq_s and both.latency_s > alone.latency_s
     for schedule, devices in ((RRASchedule(8, 4, 1, 0, 2), "2xcpu"), (RRASchedule(4, 4, 1, 0, 1), "1xcpu")):
-        assert est(prof, schedule, devices) == est(base, schedule, devices)
+        assert _estimate(prof, schedule, devices) == _estimate(base, schedule, devices)

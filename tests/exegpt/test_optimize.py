@@ -14,7 +14,7 @@ from exegpt.monotonicity import monotonicity_stats
 from exegpt.optimize import build_spaces, problem
 from exegpt.placement import bottleneck_s, place_layers
 
-from .conftest import make_profile
+from .conftest import make_profile, tiny_cpu_profile
 
 
 def test_two_argument_call_uses_the_paper_default_and_round_trips():
@@ -267,7 +267,7 @@ def test_profiled_kv_dtype_counts_the_cache_at_the_backends_precision():
     from exegpt.models import MODELS
     from exegpt.profile import Profile
 
-    from .conftest import make_profile
+    from .conftest import make_profile, tiny_cpu_profile
 
     w = Workload.task("S")
     prof = make_profile()
@@ -294,7 +294,7 @@ def test_profiled_packed_weights_count_once_more_in_weight_memory():
     from exegpt.models import MODELS
     from exegpt.profile import Profile
 
-    from .conftest import make_profile
+    from .conftest import make_profile, tiny_cpu_profile
 
     w = Workload.task("S")
     prof = make_profile()
@@ -334,11 +334,10 @@ def test_a_plan_may_leave_devices_idle_and_is_the_best_over_every_device_count()
     best RRA schedule uses one of them. The default search covers every device count, equals the best of the searches
     restricted to one count each and the exhaustive optimum; ``device_counts=(2,)`` forces both ranks."""
     import dataclasses
-    from pathlib import Path
 
     from exegpt import exhaustive_schedule, smallest_feasible_bound
 
-    base = Profile.load(Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json")
+    base = tiny_cpu_profile()
     prof = dataclasses.replace(base, rank_slowdown=((2, 2.0),))
     w = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 64))
     kw = dict(profile=prof, devices="2xcpu", space=SearchSpace(32, 64), policies=("rra",))
