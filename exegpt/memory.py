@@ -3,8 +3,9 @@
 The KV cache is preallocated per row at the longest context a query can reach (longest prompt +
 longest output), as the runner's static cache is, so a schedule that fits here fits at run time; it is counted
 at the backend's cache precision (``ModelShape.kv_dtype``, from ``Profile.kv_dtype``: the runner keeps fp32 KV
-for half-precision models on a CPU). Weights count the backend's prepacked copy of every Linear weight where it
-keeps one (``ModelShape.packed_dtype``, from ``Profile.packed_weight_dtype``: the runner on a CPU).
+for half-precision models on a CPU). Weights count the backend's extra copies of every Linear weight where it
+keeps them (``ModelShape.packed_dtype`` and ``panel_dtype``, from ``Profile.packed_weight_dtype`` and
+``panel_weight_dtype``: the runner on a CPU).
 Decoder-only WAA holds two copies of the weights: one on the encode group, one on the decode group.
 A schedule whose peak exceeds ``memory_fraction`` of device memory is infeasible, never clamped.
 """
@@ -20,15 +21,16 @@ MEMORY_FRACTION = 0.9  # of device memory usable by weights, KV cache and activa
 
 def stage_weight_bytes(model: ModelShape, tp: int, n_layers: int, n_enc_layers: int,
                        first: bool, last: bool) -> float:
-    """Weight bytes on one device of a stage (with the backend's prepacked copies of the Linear weights: the
-    layers' and the LM head's)."""
+    """Weight bytes on one device of a stage (with the backend's extra copies of the Linear weights: the layers'
+    and the LM head's)."""
     emb = model.vocab_size * model.dim * model.dtype_bytes
     pos = model.max_seq_len * model.dim * model.dtype_bytes if model.family == "opt" else 0
     w = n_layers * model.layer_bytes(tp) + n_enc_layers * model.encoder_layer_bytes(tp)
     if first:
         w += emb + pos
     if last:
-        w += (0 if first and model.tied_embeddings else emb) + model.vocab_size * model.dim * model.packed_dtype_bytes
+        head = model.vocab_size * model.dim * model.copies_bytes_per_param  # the LM head's extra copies
+        w += (0 if first and model.tied_embeddings else emb) + head
     return w
 
 

@@ -42,6 +42,10 @@ class ModelShape:
     packed_dtype: str = ""
     """Precision of an extra, prepacked copy of every Linear weight the backend keeps (the built-in runner on a
     CPU); empty: none. ``Problem`` takes it from the profile; weight bytes count it."""
+    panel_dtype: str = ""
+    """Precision of a second extra copy of every Linear weight the backend keeps (the built-in runner's CPU kernels:
+    the k-major panels of decode batches above 8 rows); empty: none. From the profile, counted like
+    ``packed_dtype``."""
 
     def __post_init__(self):
         if self.family not in ("llama", "opt", "t5"):
@@ -55,7 +59,7 @@ class ModelShape:
             raise ExeGPTError(f"n_heads={self.n_heads} must divide dim={self.dim} (or give head_dim)")
         if self.dtype not in DTYPE_BYTES:
             raise ExeGPTError(f"dtype {self.dtype!r} unknown; expected one of {', '.join(DTYPE_BYTES)}")
-        for f in ("kv_dtype", "packed_dtype"):
+        for f in ("kv_dtype", "packed_dtype", "panel_dtype"):
             if getattr(self, f) and getattr(self, f) not in DTYPE_BYTES:
                 raise ExeGPTError(f"{f} {getattr(self, f)!r} unknown; expected one of {', '.join(DTYPE_BYTES)}")
 
@@ -107,17 +111,17 @@ class ModelShape:
                 + self.embedding_params())
 
     @property
-    def packed_dtype_bytes(self) -> int:
-        """Bytes of a Linear weight's parameter in the backend's prepacked copy (0: no copy)."""
-        return DTYPE_BYTES[self.packed_dtype] if self.packed_dtype else 0
+    def copies_bytes_per_param(self) -> int:
+        """Bytes of a Linear weight's parameter in the backend's extra copies (prepacked, panels; 0: none)."""
+        return sum(DTYPE_BYTES[d] for d in (self.packed_dtype, self.panel_dtype) if d)
 
     @property
     def weight_bytes_per_param(self) -> int:
-        """Bytes a Linear weight's parameter takes in memory: its own, plus its prepacked copy's if any."""
-        return self.dtype_bytes + self.packed_dtype_bytes
+        """Bytes a Linear weight's parameter takes in memory: its own, plus its extra copies' if any."""
+        return self.dtype_bytes + self.copies_bytes_per_param
 
     def layer_bytes(self, tp: int = 1) -> float:
-        """Weight bytes of one decoder layer on one rank of a TP group of ``tp`` (prepacked copy included)."""
+        """Weight bytes of one decoder layer on one rank of a TP group of ``tp`` (extra copies included)."""
         return self.layer_params() * self.weight_bytes_per_param / tp
 
     def encoder_layer_bytes(self, tp: int = 1) -> float:

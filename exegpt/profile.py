@@ -203,6 +203,10 @@ class Profile(JSONFile):
     """Precision of the extra, prepacked copy of every Linear weight the profiled backend keeps (the built-in runner
     on a CPU: oneDNN's blocked layout, fp32 where the CPU has no bf16 instructions); None: no copy. Weight memory
     counts it."""
+    panel_weight_dtype: str | None = None
+    """Precision of a second extra copy of every Linear weight (the built-in runner's CPU kernels: the k-major
+    panels that decode batches of 9 to 32 rows multiply by, built on first use); None: no copy. Weight memory
+    counts it."""
     rank_slowdown: tuple[tuple[int, float], ...] = ()
     """``(ranks, factor)`` pairs: how much slower one rank computes while that many ranks of a run compute at once
     on the profiled host, against one rank alone (the kernel tables' condition): shared cores, caches and memory
@@ -223,7 +227,7 @@ class Profile(JSONFile):
         for f in ("step_overhead_s",):
             if not (np.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
                 raise ExeGPTError(f"{f}={getattr(self, f)!r} must be a number >= 0")
-        for f in ("kv_dtype", "packed_weight_dtype"):
+        for f in ("kv_dtype", "packed_weight_dtype", "panel_weight_dtype"):
             if getattr(self, f) is not None and getattr(self, f) not in DTYPE_BYTES:
                 raise ExeGPTError(f"{f} {getattr(self, f)!r} unknown; expected one of {', '.join(DTYPE_BYTES)} or null")
         for name in ("rank_slowdown", "rank_concurrency"):
@@ -321,6 +325,7 @@ class Profile(JSONFile):
                 "handoff_on_compute": self.handoff_on_compute,
                 "device_memory_bytes": self.device_memory_bytes, "kv_dtype": self.kv_dtype,
                 "packed_weight_dtype": self.packed_weight_dtype,
+                "panel_weight_dtype": self.panel_weight_dtype,
                 "rank_slowdown": {str(r): f for r, f in self.rank_slowdown},
                 "rank_concurrency": {str(r): f for r, f in self.rank_concurrency}, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
@@ -341,6 +346,7 @@ class Profile(JSONFile):
                        handoff_on_compute=bool(d.get("handoff_on_compute", False)),
                        device_memory_bytes=d.get("device_memory_bytes"), kv_dtype=d.get("kv_dtype"),
                        packed_weight_dtype=d.get("packed_weight_dtype"),
+                       panel_weight_dtype=d.get("panel_weight_dtype"),
                        rank_slowdown=_slowdown_pairs(d.get("rank_slowdown", {}), "rank_slowdown"),
                        rank_concurrency=_slowdown_pairs(d.get("rank_concurrency", {}), "rank_concurrency"),
                        provenance=d.get("provenance", {}))

@@ -106,8 +106,9 @@ class Problem:
             raise ExeGPTError(f"memory_fraction {memory_fraction!r} must be in (0, 1]")
         if profile.kv_dtype is not None and profile.kv_dtype != (model.kv_dtype or model.dtype):
             model = dataclasses.replace(model, kv_dtype=profile.kv_dtype)  # the backend's cache, as profiled
-        if (profile.packed_weight_dtype or "") != model.packed_dtype:
-            model = dataclasses.replace(model, packed_dtype=profile.packed_weight_dtype or "")  # and its weights
+        copies = {"packed_dtype": profile.packed_weight_dtype or "", "panel_dtype": profile.panel_weight_dtype or ""}
+        if any(getattr(model, f) != d for f, d in copies.items()):
+            model = dataclasses.replace(model, **copies)  # and its weights' extra copies
         if workload.max_total_len > model.max_seq_len:
             raise ExeGPTError(f"workload reaches {workload.max_total_len} tokens (prompt + output) but "
                               f"{model.name} supports {model.max_seq_len}")

@@ -53,12 +53,13 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 8
+METHOD_VERSION = 9
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
 ``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
 decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``;
 6: a pipeline hop as one message into a posted receive, ``runner.pipeline.CommandInbox``; 7: fused decode layers
-called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concurrency, ``Profile.rank_concurrency``),
+called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concurrency, ``Profile.rank_concurrency``;
+9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``),
 so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
@@ -144,6 +145,14 @@ def _packed_weight_dtype(t: Target) -> str | None:
 
     packed = packed_weight_dtype(t.torch_dtype, t.device)
     return None if packed is None else _dtype_name(packed)
+
+
+def _panel_weight_dtype(t: Target) -> str | None:
+    """The dtype of the runner's CPU kernels' panel copy of the Linear weights for this target (None: none)."""
+    from runner.cpu_kernels import panel_dtype
+
+    panels = panel_dtype(t.torch_dtype, t.device)
+    return None if panels is None else _dtype_name(panels)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -479,7 +488,8 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
                    padded_decode=padded_decode,  # and attends decode rows over the longest, unless fused
                    handoff_on_compute=dev_info.kind == "cpu",  # gloo copies on the cores (Profile's doc)
                    device_memory_bytes=memory, kv_dtype=_kv_dtype(t),
-                   packed_weight_dtype=_packed_weight_dtype(t), rank_slowdown=slowdown, rank_concurrency=concurrency,
+                   packed_weight_dtype=_packed_weight_dtype(t), panel_weight_dtype=_panel_weight_dtype(t),
+                   rank_slowdown=slowdown, rank_concurrency=concurrency,
                    provenance=provenance)
     if engine and not t.args.family == "t5":
         # Phase 6: the executor's own overhead around the kernels, measured by running it (profiler.engine).

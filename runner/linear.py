@@ -87,13 +87,15 @@ def prepacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Tensor
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that runs few rows on the CPU decode kernels (``runner.cpu_kernels``) and multiplies by a
-    prepacked weight where that is faster (``prepacked_linear``). ``residual``, when given, is added to the output
+    """``nn.Linear`` that runs few rows on the CPU decode kernels (``runner.cpu_kernels``; from 9 rows on with the
+    weight's panels, built on first use) and multiplies by a prepacked weight where that is faster
+    (``prepacked_linear``). ``residual``, when given, is added to the output
     (``residual + linear(x)``, fused into the kernel)."""
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if cpu_kernels.usable(x, self.weight, *_bias(self)):
-            return cpu_kernels.linear(x, self.weight, self.bias, residual)
+            panels = cpu_kernels.cached_panels(self, self.weight) if cpu_kernels.wants_panels(x) else None
+            return cpu_kernels.linear(x, self.weight, self.bias, residual, panels)
         dtype = _packed_dtype(x, self.weight)
         y = prepacked_linear(self, (self,), x, dtype) if dtype is not None else F.linear(x, self.weight, self.bias)
         return y if residual is None else residual + y

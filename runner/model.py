@@ -336,7 +336,12 @@ class FeedForward(nn.Module):
     def hidden(self, x: Tensor) -> Tensor:
         """The activations ``[..., ffn_dim]`` that ``w2`` reads."""
         if self.w3 is not None and cpu_kernels.usable(x, self.w1.weight, self.w3.weight, *_bias(self.w1, self.w3)):
-            return cpu_kernels.gated(x, self.w1.weight, self.w3.weight, self.act_name, self.w1.bias, self.w3.bias)
+            panels = None
+            if cpu_kernels.wants_panels(x):
+                panels = (cpu_kernels.cached_panels(self.w1, self.w1.weight),
+                          cpu_kernels.cached_panels(self.w3, self.w3.weight))
+            return cpu_kernels.gated(x, self.w1.weight, self.w3.weight, self.act_name, self.w1.bias, self.w3.bias,
+                                     panels)
         dtype = _packed_dtype(x, self.w1.weight) if self.w3 is not None else None
         if dtype is not None:  # w1 and w3 as one GEMM
             h1, h3 = prepacked_linear(self, (self.w1, self.w3), x, dtype).chunk(2, dim=-1)  # [..., ffn_dim] each
@@ -396,7 +401,13 @@ class TransformerBlock(nn.Module):
         """``forward`` of a decode step in one kernel call: the same kernels in the same order, so the same bits
         (``attention=False``: all but the attention core, see ``cpu_kernels.decode_layer``)."""
         sargs = step.kernel_args or cpu_kernels.step_args(step.cos, step.sin, step.pos, step.rows)
-        return cpu_kernels.decode_layer_packed(x, self._kernel_pack(), sargs[0], cache.k, cache.v, layer, attention)
+        pack = self._kernel_pack()
+        if pack.panels is None and cpu_kernels.wants_panels(x):
+            a, f = self.attention, self.feed_forward
+            pack = cpu_kernels.with_panels(pack, *(cpu_kernels.cached_panels(lin, lin.weight)
+                                                   for lin in (a.wqkv, a.wo, f.w1, f.w3, f.w2)))
+            self.__dict__["_pack"] = (self.__dict__["_pack"][0], pack)
+        return cpu_kernels.decode_layer_packed(x, pack, sargs[0], cache.k, cache.v, layer, attention)
 
 
 # --- the model ------------------------------------------------------------------------------------

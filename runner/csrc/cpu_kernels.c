@@ -190,10 +190,12 @@ static inline __attribute__((always_inline)) void tile(const int MR, const int N
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) {
             float t = s[i * NR + j];
-            for (int kk = k; kk < K; kk++) t += x[i][kk] * load_at(w[j], kk, dt);
+            for (int kk = k; kk < K; kk++) t = fmaf(x[i][kk], load_at(w[j], kk, dt), t); /* as panels.h */
             s[i * NR + j] = t;
         }
 }
+
+#include "panels.h"
 
 /* Weight rows per block: the unit of work a thread takes, and what stays in cache while every input row passes. */
 #define XG_NB 12
@@ -239,6 +241,31 @@ static inline __attribute__((always_inline)) void block_dots(const float* x, int
 /* Parallel only when the call is big enough to pay for the threads. */
 #define XG_PAR_MIN_MACS 65536
 
+/* y's rows m .. m + mb - 1, outputs n0 .. n0 + nb - 1, from the sums s[i * stride + j]: the bias added and the
+ * Linear output rounded to the dtype, then the residual added and rounded again; dt a literal. */
+static inline __attribute__((always_inline)) void finish_linear(const float* s, int stride, int64_t m, int mb,
+                                                                int nb, const void* bias, const void* res, void* y,
+                                                                const int dt, int N, int64_t n0) {
+    for (int i = 0; i < mb; i++) {
+        const int64_t o = (m + i) * (int64_t)N + n0;
+        int j = 0;
+#ifdef XG_AVX2
+        if (dt == XG_F32) /* fp32 rounds nothing: the same adds on 8 lanes */
+            for (; j + 8 <= nb; j += 8) {
+                __m256 v = _mm256_loadu_ps(s + i * stride + j);
+                if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps((const float*)bias + n0 + j));
+                if (res) v = _mm256_add_ps(v, _mm256_loadu_ps((const float*)res + o + j));
+                _mm256_storeu_ps((float*)y + o + j, v);
+            }
+#endif
+        for (; j < nb; j++) {
+            const float v = s[i * stride + j];
+            const float r = round_to(bias ? v + load_at(bias, n0 + j, dt) : v, dt);
+            store_at(y, o + j, res ? r + load_at(res, o + j, dt) : r, dt);
+        }
+    }
+}
+
 /* One block of xg_linear: weight rows n0 .. n0 + nb for every input row; dt a literal at each call. */
 static inline __attribute__((always_inline)) void linear_block(const float* xf, const void* w, const void* bias,
                                                                const void* res, void* y, const int dt, int M,
@@ -247,28 +274,56 @@ static inline __attribute__((always_inline)) void linear_block(const float* xf, 
         const int mb = M - m < 4 ? (int)(M - m) : 4;
         float s[4 * XG_NB];
         block_dots(xf, m, mb, w, dt, K, n0, nb, M, s);
-        for (int i = 0; i < mb; i++)
-            for (int j = 0; j < nb; j++) {
-                const int64_t n = n0 + j, o = (m + i) * (int64_t)N + n;
-                const float v = s[i * XG_NB + j];
-                const float r = round_to(bias ? v + load_at(bias, n, dt) : v, dt);
-                store_at(y, o, res ? r + load_at(res, o, dt) : r, dt);
-            }
+        finish_linear(s, XG_NB, m, mb, nb, bias, res, y, dt, N, n0);
     }
 }
 
+#ifdef XG_AVX2
+/* One panel of xg_linear: outputs n0 .. n0 + nb (n0 a multiple of XG_NR) for every input row. */
+static inline __attribute__((always_inline)) void linear_panel(const float* xf, const void* wp, const void* bias,
+                                                               const void* res, void* y, const int dt, int M,
+                                                               int K, int N, int64_t n0, int nb) {
+    const void* panel = panel_at(wp, dt, K, n0);
+    for (int64_t m = 0; m < M; m += XG_MR) {
+        const int mb = M - m < XG_MR ? (int)(M - m) : XG_MR;
+        float s[XG_MR * XG_NR];
+        panel_rows(dt, xf, m, mb, K, panel, s);
+        finish_linear(s, XG_NR, m, mb, nb, bias, res, y, dt, N, n0);
+    }
+}
+#endif
+
+/* Whether a call of M rows takes the weights' panels (wp, xg_pack_panels) over its rows: from XG_STREAM_ROWS + 1
+ * rows on, where the weights are reused from cache (the same bits either way). */
+static inline int use_panels(const void* wp, int M) {
+#ifdef XG_AVX2
+    return wp != NULL && M > XG_STREAM_ROWS;
+#else
+    (void)wp, (void)M;
+    return 0;
+#endif
+}
+
 /* y[M, N] = res + (x[M, K] @ w[N, K]^T + bias): the Linear layer's output rounded to the dtype, then the
- * residual added and rounded again (as ``res + linear(x)``). bias and res may be NULL. */
-int xg_linear(const void* x, const void* w, const void* bias, const void* res, void* y, int dt, int M, int K,
-              int N) {
+ * residual added and rounded again (as ``res + linear(x)``). wp (w's panels), bias and res may be NULL. */
+int xg_linear(const void* x, const void* w, const void* wp, const void* bias, const void* res, void* y, int dt,
+              int M, int K, int N) {
     float buf[XG_STACK_FLOATS];
     float* xf = as_f32(x, (int64_t)M * K, dt, buf);
     if (!xf) return 1;
-    const int64_t blocks = (N + XG_NB - 1) / XG_NB;
+    const int panels = use_panels(wp, M), width = panels ? XG_NR : XG_NB;
+    const int64_t blocks = (N + width - 1) / width;
 #pragma omp parallel for schedule(static) if ((int64_t)M * K * N >= XG_PAR_MIN_MACS)
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * XG_NB;
-        const int nb = N - n0 < XG_NB ? (int)(N - n0) : XG_NB;
+        const int64_t n0 = b * width;
+        const int nb = N - n0 < width ? (int)(N - n0) : width;
+#ifdef XG_AVX2
+        if (panels) {
+            if (dt == XG_BF16) linear_panel(xf, wp, bias, res, y, XG_BF16, M, K, N, n0, nb);
+            else linear_panel(xf, wp, bias, res, y, XG_F32, M, K, N, n0, nb);
+            continue;
+        }
+#endif
         if (dt == XG_BF16) linear_block(xf, w, bias, res, y, XG_BF16, M, K, N, n0, nb);
         else linear_block(xf, w, bias, res, y, XG_F32, M, K, N, n0, nb);
     }
@@ -289,58 +344,81 @@ static inline float activate(float v, int act) {
  * so each weight block stays in L1 while the rows pass (interleaving the two halved the speed at 32 rows). */
 #define XG_GATED_ROWS 32
 
-/* One block of xg_gated: weight rows n0 .. n0 + nb of w1 and w3 for every input row; dt a literal. */
-static inline __attribute__((always_inline)) void gated_block(const float* xf, const void* w1, const void* b1,
-                                                              const void* w3, const void* b3, void* y,
-                                                              const int dt, int act, int M, int K, int N,
-                                                              int64_t n0, int nb) {
+/* y's rows m0 .. m1 - 1, outputs n0 .. n0 + nb - 1, from the gate's and the up projection's sums g and u
+ * ([m1 - m0, stride] each; g is overwritten): act(g + b1) * (u + b3), each rounded as the eager ops round. */
+static inline __attribute__((always_inline)) void finish_gated(float* g, const float* u, int stride, int64_t m0,
+                                                               int64_t m1, int nb, const void* b1, const void* b3,
+                                                               void* y, const int dt, int act, int N, int64_t n0) {
+#ifdef XG_AVX2
+    if (dt == XG_F32 && act == XG_SILU && !b1 && !b3) { /* silu(g) * u on 8 lanes; fp32 rounds nothing else */
+        /* every element through exp8 (the last set masked), whatever the row count: the same bits batched */
+        const int64_t count = (m1 - m0) * stride;
+        for (int64_t i = 0; i < count; i += 8) {
+            const __m256i mask = lanes_below((int)(count - i));
+            const __m256 gv = _mm256_maskload_ps(g + i, mask);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+            _mm256_maskstore_ps(g + i, mask, _mm256_mul_ps(s, _mm256_maskload_ps(u + i, mask)));
+        }
+        for (int64_t m = m0; m < m1; m++)
+            memcpy((float*)y + m * (int64_t)N + n0, g + (m - m0) * stride, sizeof(float) * (size_t)nb);
+        return;
+    }
+#endif
+    for (int64_t m = m0; m < m1; m++)
+        for (int j = 0; j < nb; j++) {
+            const int64_t n = n0 + j, i = (m - m0) * stride + j;
+            const float gv = round_to(b1 ? g[i] + load_at(b1, n, dt) : g[i], dt);
+            const float uv = round_to(b3 ? u[i] + load_at(b3, n, dt) : u[i], dt);
+            store_at(y, m * (int64_t)N + n, round_to(activate(gv, act), dt) * uv, dt);
+        }
+}
+
+/* One block of xg_gated: weight rows n0 .. n0 + nb of w1 and w3 for every input row; dt a literal. With panels
+ * (wp1 and wp3 not NULL), a block is one panel (n0 a multiple of XG_NR). */
+static inline __attribute__((always_inline)) void gated_block(const float* xf, const void* w1, const void* wp1,
+                                                              const void* b1, const void* w3, const void* wp3,
+                                                              const void* b3, void* y, const int dt, int act, int M,
+                                                              int K, int N, int64_t n0, int nb) {
     for (int64_t m0 = 0; m0 < M; m0 += XG_GATED_ROWS) {
         const int64_t m1 = M - m0 < XG_GATED_ROWS ? M : m0 + XG_GATED_ROWS;
-        float g[XG_GATED_ROWS * XG_NB], u[XG_GATED_ROWS * XG_NB];
+        float g[XG_GATED_ROWS * XG_NR], u[XG_GATED_ROWS * XG_NR]; /* XG_NR >= XG_NB */
+#ifdef XG_AVX2
+        if (wp1) {
+            const void *p1 = panel_at(wp1, dt, K, n0), *p3 = panel_at(wp3, dt, K, n0);
+            for (int64_t m = m0; m < m1; m += XG_MR)
+                panel_rows(dt, xf, m, m1 - m < XG_MR ? (int)(m1 - m) : XG_MR, K, p1, g + (m - m0) * XG_NR);
+            for (int64_t m = m0; m < m1; m += XG_MR)
+                panel_rows(dt, xf, m, m1 - m < XG_MR ? (int)(m1 - m) : XG_MR, K, p3, u + (m - m0) * XG_NR);
+            finish_gated(g, u, XG_NR, m0, m1, nb, b1, b3, y, dt, act, N, n0);
+            continue;
+        }
+#endif
+        (void)wp3;
         for (int64_t m = m0; m < m1; m += 4)
             block_dots(xf, m, m1 - m < 4 ? (int)(m1 - m) : 4, w1, dt, K, n0, nb, M, g + (m - m0) * XG_NB);
         for (int64_t m = m0; m < m1; m += 4)
             block_dots(xf, m, m1 - m < 4 ? (int)(m1 - m) : 4, w3, dt, K, n0, nb, M, u + (m - m0) * XG_NB);
-#ifdef XG_AVX2
-        if (dt == XG_F32 && act == XG_SILU && !b1 && !b3) { /* silu(g) * u on 8 lanes; fp32 rounds nothing else */
-            /* every element through exp8 (the last set masked), whatever the row count: the same bits batched */
-            const int64_t count = (m1 - m0) * XG_NB;
-            for (int64_t i = 0; i < count; i += 8) {
-                const __m256i mask = lanes_below((int)(count - i));
-                const __m256 gv = _mm256_maskload_ps(g + i, mask);
-                const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-                const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
-                _mm256_maskstore_ps(g + i, mask, _mm256_mul_ps(s, _mm256_maskload_ps(u + i, mask)));
-            }
-            for (int64_t m = m0; m < m1; m++)
-                memcpy((float*)y + m * (int64_t)N + n0, g + (m - m0) * XG_NB, sizeof(float) * (size_t)nb);
-            continue;
-        }
-#endif
-        for (int64_t m = m0; m < m1; m++)
-            for (int j = 0; j < nb; j++) {
-                const int64_t n = n0 + j, i = (m - m0) * XG_NB + j;
-                const float gv = round_to(b1 ? g[i] + load_at(b1, n, dt) : g[i], dt);
-                const float uv = round_to(b3 ? u[i] + load_at(b3, n, dt) : u[i], dt);
-                store_at(y, m * (int64_t)N + n, round_to(activate(gv, act), dt) * uv, dt);
-            }
+        finish_gated(g, u, XG_NB, m0, m1, nb, b1, b3, y, dt, act, N, n0);
     }
 }
 
 /* y[M, N] = act(x @ w1^T + b1) * (x @ w3^T + b3), each Linear output, the activation and the product rounded to
- * the dtype (the gated feed-forward's first half). b1 and b3 may be NULL. */
-int xg_gated(const void* x, const void* w1, const void* b1, const void* w3, const void* b3, void* y, int dt,
-             int act, int M, int K, int N) {
+ * the dtype (the gated feed-forward's first half). The panels wp1, wp3 (both or neither) and b1, b3 may be NULL. */
+int xg_gated(const void* x, const void* w1, const void* wp1, const void* b1, const void* w3, const void* wp3,
+             const void* b3, void* y, int dt, int act, int M, int K, int N) {
     float buf[XG_STACK_FLOATS];
     float* xf = as_f32(x, (int64_t)M * K, dt, buf);
     if (!xf) return 1;
-    const int64_t blocks = (N + XG_NB - 1) / XG_NB;
+    const int panels = use_panels(wp1, M) && wp3, width = panels ? XG_NR : XG_NB;
+    if (!panels) wp1 = wp3 = NULL;
+    const int64_t blocks = (N + width - 1) / width;
 #pragma omp parallel for schedule(static) if ((int64_t)M * K * N >= XG_PAR_MIN_MACS / 2)
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * XG_NB;
-        const int nb = N - n0 < XG_NB ? (int)(N - n0) : XG_NB;
-        if (dt == XG_BF16) gated_block(xf, w1, b1, w3, b3, y, XG_BF16, act, M, K, N, n0, nb);
-        else gated_block(xf, w1, b1, w3, b3, y, XG_F32, act, M, K, N, n0, nb);
+        const int64_t n0 = b * width;
+        const int nb = N - n0 < width ? (int)(N - n0) : width;
+        if (dt == XG_BF16) gated_block(xf, w1, wp1, b1, w3, wp3, b3, y, XG_BF16, act, M, K, N, n0, nb);
+        else gated_block(xf, w1, wp1, b1, w3, wp3, b3, y, XG_F32, act, M, K, N, n0, nb);
     }
     if (xf != x && xf != buf) free(xf);
     return 0;
@@ -389,162 +467,7 @@ int xg_rmsnorm(const void* x, const void* w, void* y, int dt, int M, int K, floa
     return 0;
 }
 
-#ifdef XG_AVX2
-/* One query head of a decode step over keys 0 .. L-1 of one cache row and KV head (D = 8 C; C a literal at each
- * call, so the chunks stay in registers): scores q . k_j
- * (each a sum over D/8 chunks, then reduce8 eight keys at a time), softmax in fp32, the weighted sum of the values;
- * acc [D] gets the unnormalised sum, the return value is the softmax's denominator. sc holds L + 8 floats. */
-static inline __attribute__((always_inline)) float attend_head8(const int C, const float* q, const float* kd,
-                                                                const float* vd, int64_t L, float scale, float* sc,
-                                                                float* acc) {
-    const int D = 8 * C;
-    __m256 vmax = _mm256_set1_ps(-INFINITY);
-    for (int64_t j0 = 0; j0 < L; j0 += 8) {
-        __m256 a[8];
-        const int nk = L - j0 < 8 ? (int)(L - j0) : 8;
-        for (int t = 0; t < 8; t++) {
-            const float* kj = kd + (j0 + (t < nk ? t : 0)) * D; /* a partial set repeats key j0 (discarded) */
-            __m256 s = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj));
-            for (int c = 1; c < C; c++) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(kj + 8 * c), s);
-            a[t] = s;
-        }
-        __m256 s8 = _mm256_mul_ps(reduce8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
-        if (nk < 8) { /* unused slots (copies of key j0) must not count in the softmax: -inf */
-            s8 = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s8, _mm256_castsi256_ps(lanes_below(nk)));
-        }
-        _mm256_storeu_ps(sc + j0, s8);
-        vmax = _mm256_max_ps(vmax, s8);
-    }
-    float mx[8];
-    _mm256_storeu_ps(mx, vmax);
-    float m = mx[0];
-    for (int t = 1; t < 8; t++) m = mx[t] > m ? mx[t] : m;
-    const __m256 vm = _mm256_set1_ps(m);
-    __m256 vz = _mm256_setzero_ps();
-    for (int64_t j0 = 0; j0 < L; j0 += 8) {
-        /* A partial set's unused slots hold -inf, whose e^-87 (~1e-38) cannot change a sum that holds e^0 = 1 */
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j0), vm));
-        _mm256_storeu_ps(sc + j0, e);
-        vz = _mm256_add_ps(vz, e);
-    }
-    float zs[8];
-    _mm256_storeu_ps(zs, vz);
-    const float z = ((zs[0] + zs[4]) + (zs[2] + zs[6])) + ((zs[1] + zs[5]) + (zs[3] + zs[7]));
-    __m256 o[16]; /* C <= 16 */
-    for (int c = 0; c < C; c++) o[c] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < L; j++) {
-        const __m256 w = _mm256_set1_ps(sc[j]);
-        const float* vj = vd + j * D;
-        for (int c = 0; c < C; c++) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * c), o[c]);
-    }
-    for (int c = 0; c < C; c++) _mm256_storeu_ps(acc + 8 * c, o[c]);
-    return z;
-}
-
-/* attend_head8 for head sizes 8, 16, 32, 64 and 128 (the caller checks D). */
-static float attend_head(const float* q, const float* kd, const float* vd, int64_t L, int D, float scale, float* sc,
-                         float* acc) {
-    switch (D) {
-        case 8: return attend_head8(1, q, kd, vd, L, scale, sc, acc);
-        case 16: return attend_head8(2, q, kd, vd, L, scale, sc, acc);
-        case 32: return attend_head8(4, q, kd, vd, L, scale, sc, acc);
-        case 64: return attend_head8(8, q, kd, vd, L, scale, sc, acc);
-        default: return attend_head8(16, q, kd, vd, L, scale, sc, acc);
-    }
-}
-#endif
-
-/* One decode step of attention for n rows, each at its own position: RoPE on the new query and key (when cos is
- * given), the key and value written into the fp32 KV cache, then each query head attends to its KV head's keys
- * 0..pos (grouped heads: query head h reads KV head h / (H / Hkv)).
- *
- * qkv [n, (H + 2 Hkv) D] (dtype dt): queries, keys, values side by side, as the fused projection gives them.
- * cos, sin [*, D] (dt): the RoPE rows of each query's position, row r at r * cs_stride (0: one row for all);
- *   sin carries rotate_half's sign. NULL: no RoPE (learned positions).
- * pos [n]: positions; rows [n]: cache rows (NULL: rows row0 .. row0 + n - 1).
- * kc, vc: this layer's cache [max_rows, Hkv, max_len, D] (fp32).
- * out [n, H D] (dt): attention output, rounded to the dtype.
- * Numerics as the eager layer: RoPE's two products and their sum rounded to the dtype; scores, softmax and the
- * weighted sum in fp32. */
-int xg_attn_decode(const void* qkv, const void* cos, const void* sin, int64_t cs_stride, const int64_t* pos,
-                   const int64_t* rows, int64_t row0, float* kc, float* vc, int64_t max_len, void* out, int dt,
-                   int n, int H, int Hkv, int D, float scale) {
-    const int G = H / Hkv, half = D / 2;
-    const int64_t width = (int64_t)(H + 2 * Hkv) * D;
-    int64_t longest = 0;
-    for (int r = 0; r < n; r++) longest = pos[r] + 1 > longest ? pos[r] + 1 : longest;
-    int failed = 0;
-#pragma omp parallel if ((int64_t)n * H * longest * D >= (1 << 15))
-    {
-        float* buf = (float*)malloc(sizeof(float) * (size_t)(longest + 8 + 3 * D));
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic) /* rows of different lengths: uneven tasks */
-        for (int64_t t = 0; t < (int64_t)n * Hkv; t++) {
-            if (!buf) continue;
-            const int r = (int)(t / Hkv), g = (int)(t % Hkv);
-            const int64_t p = pos[r], L = p + 1, row = rows ? rows[r] : row0 + r;
-            float* sc = buf;               /* longest + 8 scores: the vector path writes whole sets of 8 */
-            float* x = buf + longest + 8;  /* one head, as loaded */
-            float* xr = x + D;         /* the head after RoPE */
-            float* acc = xr + D;
-            const int64_t base = (int64_t)r * width;
-            float* kd = kc + ((row * Hkv + g) * max_len) * D;
-            float* vd = vc + ((row * Hkv + g) * max_len) * D;
-            /* rotate one head of qkv at offset `off` into xr */
-#define XG_ROPE(off)                                                                                  \
-            for (int d = 0; d < D; d++) x[d] = load_at(qkv, base + (off) + d, dt);                   \
-            if (cos) {                                                                                \
-                for (int d = 0; d < D; d++) {                                                         \
-                    float c = load_at(cos, r * cs_stride + d, dt), s = load_at(sin, r * cs_stride + d, dt); \
-                    float rolled = x[d < half ? d + half : d - half];                                 \
-                    xr[d] = round_to(round_to(x[d] * c, dt) + round_to(rolled * s, dt), dt);          \
-                }                                                                                     \
-            } else                                                                                    \
-                memcpy(xr, x, sizeof(float) * (size_t)D);
-            XG_ROPE((int64_t)(H + g) * D)
-            memcpy(kd + p * D, xr, sizeof(float) * (size_t)D);
-            for (int d = 0; d < D; d++) vd[p * D + d] = load_at(qkv, base + (int64_t)(H + Hkv + g) * D + d, dt);
-            for (int q = g * G; q < (g + 1) * G; q++) {
-                XG_ROPE((int64_t)q * D)
-#ifdef XG_AVX2
-                if (D == 8 || D == 16 || D == 32 || D == 64 || D == 128) {
-                    const float z = attend_head(xr, kd, vd, L, D, scale, sc, acc);
-                    for (int d = 0; d < D; d++) store_at(out, (int64_t)r * H * D + (int64_t)q * D + d, acc[d] / z, dt);
-                    continue;
-                }
-#endif
-                float m = -INFINITY;
-                for (int64_t j = 0; j < L; j++) {
-                    const float* kj = kd + j * D;
-                    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                    for (int d = 0; d < D; d++) s += xr[d] * kj[d];
-                    sc[j] = s * scale;
-                    m = sc[j] > m ? sc[j] : m;
-                }
-                float z = 0.f;
-                for (int64_t j = 0; j < L; j++) {
-                    sc[j] = expf(sc[j] - m);
-                    z += sc[j];
-                }
-                for (int d = 0; d < D; d++) acc[d] = 0.f;
-                for (int64_t j = 0; j < L; j++) {
-                    const float* vj = vd + j * D;
-                    const float w = sc[j];
-#pragma omp simd
-                    for (int d = 0; d < D; d++) acc[d] += w * vj[d];
-                }
-                for (int d = 0; d < D; d++) store_at(out, (int64_t)r * H * D + (int64_t)q * D + d, acc[d] / z, dt);
-            }
-#undef XG_ROPE
-        }
-        free(buf);
-    }
-    return failed;
-}
+#include "attention.h"
 
 /* A whole Llama decoder layer's decode step for n rows (one rank: nothing to all-reduce), out = x +
  * attention(norm1(x)), then out += ffn(norm2(out)): the calls the layer makes one by one (xg_rmsnorm,
@@ -555,8 +478,10 @@ int xg_decode_layer(const void* x, void* out, const void* norm1, const void* wqk
                     const void* cos, const void* sin, int64_t cs_stride, const int64_t* pos, const int64_t* rows,
                     int64_t row0, float* kc, float* vc, int64_t max_len, const void* wo, const void* bo,
                     const void* norm2, const void* w1, const void* b1, const void* w3, const void* b3,
-                    const void* w2, const void* b2, int dt, int act, int n, int dim, int H, int Hkv, int D,
-                    int ffn, float eps, float scale, int attend) {
+                    const void* w2, const void* b2, const void* const* panels, int dt, int act, int n, int dim,
+                    int H, int Hkv, int D, int ffn, float eps, float scale, int attend) {
+    const void* const none[5] = {NULL, NULL, NULL, NULL, NULL};
+    const void* const* p = panels ? panels : none; /* wqkv, wo, w1, w3, w2 */
     const int64_t width = (int64_t)(H + 2 * Hkv) * D, esize = dt == XG_BF16 ? 2 : 4;
     char* buf = (char*)malloc((size_t)(n * (2 * (int64_t)dim + width + (int64_t)H * D + ffn) * esize));
     if (!buf) return 1;
@@ -566,18 +491,21 @@ int xg_decode_layer(const void* x, void* out, const void* norm1, const void* wqk
     char* h = att + n * (int64_t)H * D * esize;
     char* g = h + n * (int64_t)dim * esize;
     int rc = xg_rmsnorm(x, norm1, normed, dt, n, dim, eps);
-    rc |= xg_linear(normed, wqkv, bqkv, NULL, qkv, dt, n, dim, (int)width);
+    rc |= xg_linear(normed, wqkv, p[0], bqkv, NULL, qkv, dt, n, dim, (int)width);
     if (attend)
         rc |= xg_attn_decode(qkv, cos, sin, cs_stride, pos, rows, row0, kc, vc, max_len, att, dt, n, H, Hkv, D, scale);
     else
         memset(att, 0, (size_t)(n * (int64_t)H * D * esize));
-    rc |= xg_linear(att, wo, bo, x, h, dt, n, H * D, dim);
+    rc |= xg_linear(att, wo, p[1], bo, x, h, dt, n, H * D, dim);
     rc |= xg_rmsnorm(h, norm2, normed, dt, n, dim, eps);
-    rc |= xg_gated(normed, w1, b1, w3, b3, g, dt, act, n, dim, ffn);
-    rc |= xg_linear(g, w2, b2, h, out, dt, n, ffn, dim);
+    rc |= xg_gated(normed, w1, p[2], b1, w3, p[3], b3, g, dt, act, n, dim, ffn);
+    rc |= xg_linear(g, w2, p[4], b2, h, out, dt, n, ffn, dim);
     free(buf);
     return rc;
 }
 
 /* So the loader can check it has the build it expects. */
-int xg_abi_version(void) { return 6; }
+int xg_abi_version(void) { return 7; }
+
+/* Calls of more rows than this take the weights' panels when given them (runner.cpu_kernels.STREAM_ROWS). */
+int xg_stream_rows(void) { return XG_STREAM_ROWS; }

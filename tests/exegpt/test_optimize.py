@@ -309,8 +309,18 @@ def test_profiled_packed_weights_count_once_more_in_weight_memory():
     for i, s in enumerate(base.stages):
         extra = s.n_layers * m.layer_params() * 4 + (m.vocab_size * m.dim * 4 if i == len(base.stages) - 1 else 0)
         assert more.estimate.memory_bytes[i] - base.estimate.memory_bytes[i] == pytest.approx(extra)
+    # The CPU kernels' panels: a copy counted the same way, beside the prepacked one where both are kept.
+    panels = dataclasses.replace(prof, panel_weight_dtype="bf16")
+    assert Profile.from_json(panels.to_json()).panel_weight_dtype == "bf16"
+    with_panels = evaluate_schedule(sched, w, math.inf, profile=panels, devices="2xA40")
+    for i, s in enumerate(base.stages):
+        extra = s.n_layers * m.layer_params() * 2 + (m.vocab_size * m.dim * 2 if i == len(base.stages) - 1 else 0)
+        assert with_panels.estimate.memory_bytes[i] - base.estimate.memory_bytes[i] == pytest.approx(extra)
+    assert dataclasses.replace(m, packed_dtype="fp32", panel_dtype="bf16").weight_bytes_per_param == 2 + 4 + 2
     with pytest.raises(ExeGPTError, match="packed_weight_dtype 'int3' unknown"):
         dataclasses.replace(prof, packed_weight_dtype="int3")
+    with pytest.raises(ExeGPTError, match="panel_weight_dtype 'fp8' unknown"):
+        dataclasses.replace(prof, panel_weight_dtype="fp8")
 
 
 def test_waa_hand_off_on_compute_adds_to_the_decode_groups_period():

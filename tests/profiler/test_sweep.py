@@ -141,3 +141,19 @@ def test_profile_records_the_runners_packed_weight_copy(tiny_profile):
     assert tiny_profile.packed_weight_dtype == "fp32"
     assert _packed_weight_dtype(resolve_target("tiny", dtype="bf16", device="cpu")) == (
         "bf16" if _ONEDNN_BF16 else "fp32")
+
+
+def test_profile_records_the_cpu_kernels_panel_copy(tiny_profile):
+    """Where the CPU kernels take decode batches above 8 rows, they keep the Linear weights' panels too, in the
+    model's dtype; the profile says so, for weight memory."""
+    import torch
+
+    from profiler.sweep import _panel_weight_dtype, resolve_target
+    from runner import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        assert tiny_profile.panel_weight_dtype is None
+        return
+    assert tiny_profile.panel_weight_dtype == "fp32"
+    bf16 = cpu_kernels.MAX_ROWS[torch.bfloat16] > cpu_kernels.STREAM_ROWS
+    assert _panel_weight_dtype(resolve_target("tiny", dtype="bf16", device="cpu")) == ("bf16" if bf16 else None)

@@ -45,22 +45,46 @@ def test_linear_is_one_rounding_of_the_exact_product_plus_bias_and_residual(dtyp
     assert y.dtype == dtype and y.shape == (rows, N) and within_rounding(y, exact, magnitude)
     # The residual is added to the rounded output and rounded again, as ``r + linear(x)`` is.
     assert torch.equal(cpu_kernels.linear(x, w, b, residual=r), r + y)
+    # With the weight's panels (taken from 9 rows on): the same bits.
+    panels = cpu_kernels.panels(w)
+    assert torch.equal(cpu_kernels.linear(x, w, b, residual=r, weight_panels=panels), r + y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_give_a_row_the_same_bits_alone_or_batched(dtype):
-    """Alone (one weight stream), in a batch of 5 (streamed) and of 30 (register tiles of every shape, partial
-    weight blocks): the same bits for every row."""
-    torch.manual_seed(0)
-    K, N = 109, 40  # chunks of 16, a last chunk of 8 and a scalar tail; weight blocks of 12, 12, 12 and 4 rows
+@pytest.mark.parametrize("K", [109, 96, 29])  # chunks of 16, a last chunk of 8, a scalar tail; whole chunks; < 32
+def test_kernels_give_a_row_the_same_bits_alone_or_batched(dtype, K):
+    """Alone (one weight stream), in a batch of 5 (streamed), of 30 (register tiles of every shape, partial weight
+    blocks) and of 10 and 30 on the weights' panels (register tiles of 6 rows and fewer, a partial panel): the same
+    bits for every row."""
+    torch.manual_seed(K)
+    N = 40  # weight blocks of 12, 12, 12 and 4 rows; panels of 16, 16 and 8 outputs
     x = torch.randn(30, K).to(dtype)
     w1, w3 = (torch.randn(N, K) / 8).to(dtype), (torch.randn(N, K) / 8).to(dtype)
+    p1, p3 = cpu_kernels.panels(w1), cpu_kernels.panels(w3)
     together = cpu_kernels.linear(x, w1)
     assert torch.equal(together, torch.cat([cpu_kernels.linear(x[i:i + 1], w1) for i in range(30)]))
     assert torch.equal(together, torch.cat([cpu_kernels.linear(x[i:i + 5], w1) for i in range(0, 30, 5)]))
+    assert torch.equal(together, cpu_kernels.linear(x, w1, weight_panels=p1))
+    assert torch.equal(together, torch.cat([cpu_kernels.linear(x[i:i + 10], w1, weight_panels=p1)
+                                            for i in range(0, 30, 10)]))
     g = cpu_kernels.gated(x, w1, w3, "silu")
     assert torch.equal(g, torch.cat([cpu_kernels.gated(x[i:i + 1], w1, w3, "silu") for i in range(30)]))
     assert torch.equal(g, torch.cat([cpu_kernels.gated(x[i:i + 5], w1, w3, "silu") for i in range(0, 30, 5)]))
+    assert torch.equal(g, cpu_kernels.gated(x, w1, w3, "silu", weight_panels=(p1, p3)))
+    assert torch.equal(g, torch.cat([cpu_kernels.gated(x[i:i + 10], w1, w3, "silu", weight_panels=(p1, p3))
+                                     for i in range(0, 30, 10)]))
+
+
+def test_panels_hold_each_weight_once_k_major_in_blocks_of_16_outputs():
+    """The layout csrc/panels.h documents, for K = 109: partial p takes k = p, p + 16, ..., p + 80, and for p < 8
+    also 96 + p; then the tail 104..108. Outputs past N are zeros."""
+    N, K = 20, 109
+    w = torch.arange(N * K, dtype=torch.float32).reshape(N, K)
+    p = cpu_kernels.panels(w).reshape(2, K, 16)
+    order = [k for q in range(16) for k in [*range(q, 96, 16), *([96 + q] if q < 8 else [])]] + [*range(104, 109)]
+    assert sorted(order) == list(range(K))
+    assert torch.equal(p[0], w[:16, order].T)
+    assert torch.equal(p[1, :, :4], w[16:, order].T) and not p[1, :, 4:].any()
 
 
 @pytest.mark.parametrize("act", ["silu", "relu", "gelu", "gelu_tanh"])
@@ -146,6 +170,12 @@ def test_greedy_tokens_with_kernels_equal_torch_ops_alone_and_batched(kernels_of
     model.setup_cache(3, 40)
     with_kernels = [greedy_reference(model, p, 12) for p in prompts]
     assert greedy_batch(model, prompts, 12, 3) == with_kernels  # joins, compaction, rows at mixed positions
+    many = [torch.randint(0, args.vocab_size, (n,), generator=g).tolist() for n in (4, 11, 6, 2, 9, 8, 3, 10, 5, 7)]
+    model.setup_cache(12, 40)
+    alone = [greedy_reference(model, p, 12) for p in many]
+    budgets = [12] * 5 + [12, 5, 12, 8, 12, 3, 12, 10, 12, 7]  # rows retire mid-batch: joins and compaction
+    # up to 12 rows at once (the weights' panels), down to 1 (streamed)
+    assert greedy_batch(model, prompts + many, budgets, 12) == [t[:n] for t, n in zip(with_kernels + alone, budgets)]
     kernels_off()
     assert [greedy_reference(model, p, 12) for p in prompts] == with_kernels
 
@@ -173,7 +203,8 @@ def test_switched_off_by_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_fused_decode_layer_gives_the_bits_of_its_kernels_called_one_by_one(dtype, monkeypatch):
+@pytest.mark.parametrize("rows", [3, 12])  # weights streamed; on their panels
+def test_a_fused_decode_layer_gives_the_bits_of_its_kernels_called_one_by_one(dtype, rows, monkeypatch):
     from runner.model import TransformerBlock
 
     args = ModelArgs.from_name("smollm2-135m")
@@ -182,14 +213,15 @@ def test_a_fused_decode_layer_gives_the_bits_of_its_kernels_called_one_by_one(dt
     for p in block.parameters():  # norms away from 1, so a swapped weight would show
         p.data += 0.01 * torch.randn_like(p)
     rope = rope_tables(args.head_dim, 64, args.rope_base, dtype, torch.device("cpu"))
-    x = torch.randn(3, 1, args.dim).to(dtype)
+    x = torch.randn(rows, 1, args.dim).to(dtype)
+    pos, cache_rows = torch.tensor([9, 3, 6] * (rows // 3)), torch.randperm(rows + 1)[:rows]
 
     def run():
-        cache = KVCache(1, 4, 64, args.n_kv_heads, args.head_dim, torch.float32)
+        cache = KVCache(1, rows + 1, 64, args.n_kv_heads, args.head_dim, torch.float32)
         torch.manual_seed(1)
         cache.k.normal_()
         cache.v.normal_()
-        step = decode_step(torch.tensor([9, 3, 6]), torch.tensor([3, 0, 2]), rope, torch.device("cpu"))
+        step = decode_step(pos, cache_rows, rope, torch.device("cpu"))
         with torch.no_grad():
             return block.fused_decode(x, step, cache), block(x, step, cache, 0), cache
 
