@@ -156,6 +156,11 @@ static inline __attribute__((always_inline)) void tile(const int MR, const int N
             for (int i = 0; i < MR; i++)
                 for (int j = 0; j < NR; j++) acc[c][i][j] = _mm256_setzero_ps();
         for (int k0 = 0; k0 < k; k0 += 16) {
+            /* bf16 weights streamed from memory: prefetch 4 KB ahead (into the next rows: they lie back to back).
+             * NOTE (2 AVX2 cores, SmolLM2's 151 weights at one row): 14.0-14.4 -> 17.1-17.7 GB/s; 512 B to 2 KB
+             * ahead 15.9-16.8; fp32 weights stream at ~18 GB/s without it, and did not gain. */
+            if (dt == XG_BF16)
+                for (int j = 0; j < NR; j++) _mm_prefetch((const char*)w[j] + 2 * (int64_t)k0 + 4096, _MM_HINT_T0);
             XG_CHUNK(0, k0)
             XG_CHUNK(1, k0 + 8)
         }
