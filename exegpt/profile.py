@@ -205,7 +205,7 @@ class Profile(JSONFile):
     counts it."""
     panel_weight_dtype: str | None = None
     """Precision of a second extra copy of every Linear weight (the built-in runner's CPU kernels: the k-major
-    panels that decode batches of 9 to 32 rows multiply by, built on first use); None: no copy. Weight memory
+    panels that decode batches of 9 to 64 rows multiply by, built on first use); None: no copy. Weight memory
     counts it."""
     rank_slowdown: tuple[tuple[int, float], ...] = ()
     """``(ranks, factor)`` pairs: how much slower one rank computes while that many ranks of a run compute at once

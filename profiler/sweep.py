@@ -59,7 +59,8 @@ METHOD_VERSION = 9
 decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``;
 6: a pipeline hop as one message into a posted receive, ``runner.pipeline.CommandInbox``; 7: fused decode layers
 called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concurrency, ``Profile.rank_concurrency``;
-9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``),
+9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``, and the token axis holding
+the backend's row breaks, ``runner.cpu_kernels.row_breaks``),
 so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
@@ -122,7 +123,10 @@ def resolve_target(model_spec: str | ModelShape, tp_degrees=(1,), quick: bool = 
             raise ExeGPTError(f"{name} {v!r} must be an integer >= 1")
     if grid is None:
         cap = min(args.max_seq_len, max_seq or args.max_seq_len)
-        grid = make_grid(_shape_for_grid(args, cap), quick=quick, max_batch=max_batch, max_tokens=max_tokens)
+        from runner.cpu_kernels import row_breaks
+
+        grid = make_grid(_shape_for_grid(args, cap), quick=quick, max_batch=max_batch, max_tokens=max_tokens,
+                         breaks=row_breaks(TORCH_DTYPES[dtype], dev))
     elif not isinstance(grid, Grid):
         raise ExeGPTError(f"grid must be a profiler.grid.Grid, got {type(grid).__name__}")
     if grid.max_len > args.max_seq_len:

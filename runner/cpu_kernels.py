@@ -38,17 +38,21 @@ ACTS = {"silu": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 
 _NATIVE_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-MAX_ROWS = {torch.float32: 32, torch.bfloat16: 1 if _NATIVE_BF16 else 32}
+MAX_ROWS = {torch.float32: 64, torch.bfloat16: 1 if _NATIVE_BF16 else 64}
 """Most rows one kernel call takes, per dtype; beyond, torch's GEMMs (oneDNN on a packed weight).
 NOTE (torch 2.13, 2 AVX2 cores; ``python -m benchmarks.kernels [--model small]``): with register tiles of up to
-4x3 rows the kernels match oneDNN's fp32 GEMM up to 64 rows on SmolLM2's and ``small``'s weights (0.9-1.1x from 24
-to 64 rows) and beat it below; 32 rows keeps whole decode layers of a 32-row batch in one fused call. Where the
-CPU has bf16 instructions oneDNN multiplies bf16 natively; the kernels then take single rows only (not measured
-there)."""
+4x3 rows the kernels matched oneDNN's fp32 GEMM up to 64 rows on SmolLM2's and ``small``'s weights (0.9-1.1x from
+24 to 64 rows) and beat it below; on the weights' panels (``STREAM_ROWS``) they run 1.2-1.6x faster than that at
+9-32 rows and about as fast as oneDNN at 64 (90 vs 92 GFLOP/s, 64 x 256 x 1024), which stays faster at hundreds of
+rows (93-107 vs 118-126). A whole decode step (``model.decode``, fused layers on the kernels against torch's ops),
+best of three rounds in one process: ``tiny`` fp32 1.9-2.2x faster at 33-64 rows, 1.1x at 256; ``small`` fp32
+1.45x at 33, 1.09x at 64, 0.96x at 128; SmolLM2 bf16 1.28x at 33, 1.13x at 64, 0.85x at 128. So 64 (32 before).
+Where the CPU has bf16 instructions oneDNN multiplies bf16 natively; the kernels then take single rows only (not
+measured there)."""
 
 STREAM_ROWS = 8
 """Calls of more rows than this multiply by the weights' panels (``panels``) when they are given: a k-major copy
-of the weight whose outer products run 1.2-1.6x faster at 9-32 rows than the dot products of calls that stream
+of the weight whose outer products run 1.2-1.6x faster at 9-64 rows than the dot products of calls that stream
 the weight as torch stores it, with the same bits (``csrc/panels.h``). The build's own value must agree."""
 
 _lib: ctypes.CDLL | None = None
@@ -167,6 +171,14 @@ def _check(rc: int, name: str) -> None:
         raise MemoryError(f"runner CPU kernel {name} could not allocate its input buffer")
 
 
+def _check_panels(weight: Tensor, weight_panels: Tensor) -> None:
+    N, K = weight.shape
+    want = (N + 15) // 16 * 16 * K
+    if weight_panels.numel() != want or weight_panels.dtype != weight.dtype:
+        raise ValueError(f"weight_panels of {weight_panels.numel()} {weight_panels.dtype} elements do not match a "
+                         f"{N}x{K} {weight.dtype} weight (expected {want} elements: cpu_kernels.panels(weight))")
+
+
 def panels(weight: Tensor) -> Tensor:
     """``weight`` ``[N, K]`` re-laid as the kernels' panels (``csrc/panels.h``), in its dtype: one more copy of it,
     which calls of more than ``STREAM_ROWS`` rows multiply by."""
@@ -198,6 +210,17 @@ def panel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
+def row_breaks(dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
+    """Row counts where a decode layer of ``dtype`` on ``device`` changes how it computes: the last count of one
+    way and the first of the next (streamed weights / panels at ``STREAM_ROWS``; the kernels / torch's ops at
+    ``MAX_ROWS``). A step's time jumps there (``tiny``, when the kernels took up to 32 rows: the rest of a layer
+    0.22 ms at 32 rows, 0.73 at 64), so the profiler measures both sides."""
+    if device.type != "cpu" or dtype not in MAX_ROWS or load() is None:
+        return ()
+    n = MAX_ROWS[dtype]
+    return ((STREAM_ROWS, STREAM_ROWS + 1) if n > STREAM_ROWS else ()) + (n, n + 1)
+
+
 def wants_panels(x: Tensor) -> bool:
     """Whether a kernel call on ``x`` ``[..., K]`` multiplies by panels when it has them."""
     return x.numel() // x.shape[-1] > STREAM_ROWS
@@ -216,6 +239,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     if residual is not None:
         residual = residual.contiguous()
     lib = _lib or _require()
+    if weight_panels is not None:
+        _check_panels(weight, weight_panels)
     _check(lib.xg_linear(x.data_ptr(), weight.data_ptr(), _ptr(weight_panels), _ptr(bias), _ptr(residual),
                          y.data_ptr(), DTYPES[x.dtype], x.numel() // K, K, N), "linear")
     return y
@@ -225,6 +250,9 @@ def gated(x: Tensor, w1: Tensor, w3: Tensor, act: str, b1: Tensor | None = None,
           weight_panels: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``act(F.linear(x, w1, b1)) * F.linear(x, w3, b3)``, ``[..., N]``; ``weight_panels``: w1's and w3's."""
     p1, p3 = weight_panels or (None, None)
+    if weight_panels is not None:
+        _check_panels(w1, p1)
+        _check_panels(w3, p3)
     N, K = w1.shape
     x = x.contiguous()
     M = x.numel() // K

@@ -31,28 +31,31 @@ static inline int partial_k(int p, int t, int K) { return t < (K >> 4) ? 16 * t 
 
 int64_t xg_panel_elems(int N, int K) { return (int64_t)((N + XG_NR - 1) / XG_NR) * XG_NR * K; }
 
+/* One panel of xg_pack_panels, T the element type (uint16_t for bf16, uint32_t for fp32: the bits are copied). */
+#define XG_PACK_PANEL(T)                                                                        \
+    {                                                                                           \
+        const T* src = (const T*)w;                                                             \
+        T* o = (T*)out + b * XG_NR * (int64_t)K;                                                \
+        for (int p = 0; p < 17; p++) /* the 16 partials, then the tail as a 17th */             \
+            for (int t = 0; t < (p < 16 ? partial_len(p, K) : K - kt); t++, o += XG_NR) {       \
+                const int k = p < 16 ? partial_k(p, t, K) : kt + t;                             \
+                for (int j = 0; j < XG_NR; j++) o[j] = n0 + j < N ? src[(n0 + j) * K + k] : 0;  \
+            }                                                                                   \
+    }
+
 /* out (xg_panel_elems(N, K) elements of w's dtype) = w [N, K] as panels. */
 int xg_pack_panels(const void* w, int dt, int N, int K, void* out) {
-    const int es = dt == XG_BF16 ? 2 : 4, kt = tail_start(K);
+    const int kt = tail_start(K);
     const int64_t panels = (N + XG_NR - 1) / XG_NR;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < panels; b++) {
-        char* o = (char*)out + b * XG_NR * (int64_t)K * es;
         const int64_t n0 = b * XG_NR;
-        for (int p = 0; p < 16; p++)
-            for (int t = 0; t < partial_len(p, K); t++, o += XG_NR * es)
-                for (int j = 0; j < XG_NR; j++) {
-                    if (n0 + j < N) memcpy(o + j * es, (const char*)w + ((n0 + j) * K + partial_k(p, t, K)) * es, es);
-                    else memset(o + j * es, 0, es);
-                }
-        for (int k = kt; k < K; k++, o += XG_NR * es)
-            for (int j = 0; j < XG_NR; j++) {
-                if (n0 + j < N) memcpy(o + j * es, (const char*)w + ((n0 + j) * K + k) * es, es);
-                else memset(o + j * es, 0, es);
-            }
+        if (dt == XG_BF16) XG_PACK_PANEL(uint16_t)
+        else XG_PACK_PANEL(uint32_t)
     }
     return 0;
 }
+#undef XG_PACK_PANEL
 
 #ifdef XG_AVX2
 /* s[i * XG_NR + j] = x[i] . w[n0 + j] for MR rows of x (fp32, [MR, K]) and one panel; MR and dt literals. */

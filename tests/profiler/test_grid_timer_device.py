@@ -32,6 +32,22 @@ def test_default_grid_covers_the_model():
     assert len(full.batches) > len(g.batches) and full.seqs[-1] == tiny.max_seq_len
 
 
+def test_the_backends_row_breaks_join_the_token_axis():
+    """Both sides of each count where the backend changes how it computes a layer are measured; counts beyond the
+    axis are not added."""
+    tiny = get_model("tiny")
+    g = make_grid(tiny, quick=True, breaks=(8, 9, 32, 33, 10 ** 6))
+    assert g.tokens[:8] == (1, 2, 4, 8, 9, 16, 32, 33) and g.tokens[-1] == 4096
+    assert g.batches == make_grid(tiny, quick=True).batches
+    from profiler.sweep import resolve_target
+    from runner import cpu_kernels
+
+    t = resolve_target("tiny", quick=True, device="cpu")
+    assert set(cpu_kernels.row_breaks(torch.float32, torch.device("cpu"))) <= set(t.grid.tokens)
+    if cpu_kernels.load() is not None:
+        assert cpu_kernels.row_breaks(torch.float32, torch.device("cpu")) == (8, 9, 64, 65)
+
+
 @pytest.mark.parametrize("bad", [(0, 1, 2), (-4,), (), (1, 1), (4, 2), (1.5,), ("a",)])
 def test_grid_rejects_bad_sizes(bad):
     with pytest.raises(ExeGPTError, match="grid axis batches"):

@@ -51,7 +51,8 @@ def test_linear_is_one_rounding_of_the_exact_product_plus_bias_and_residual(dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("K", [109, 96, 29])  # chunks of 16, a last chunk of 8, a scalar tail; whole chunks; < 32
+# chunks of 16, a last chunk of 8 and a scalar tail; whole chunks only; one chunk of 16; no whole chunk of 16
+@pytest.mark.parametrize("K", [109, 96, 29, 13])
 def test_kernels_give_a_row_the_same_bits_alone_or_batched(dtype, K):
     """Alone (one weight stream), in a batch of 5 (streamed), of 30 (register tiles of every shape, partial weight
     blocks) and of 10 and 30 on the weights' panels (register tiles of 6 rows and fewer, a partial panel): the same
@@ -85,6 +86,29 @@ def test_panels_hold_each_weight_once_k_major_in_blocks_of_16_outputs():
     assert sorted(order) == list(range(K))
     assert torch.equal(p[0], w[:16, order].T)
     assert torch.equal(p[1, :, :4], w[16:, order].T) and not p[1, :, 4:].any()
+
+
+def test_a_linear_layer_builds_its_panels_once_and_again_when_its_weight_changes():
+    """Panels are built by the first call of more than STREAM_ROWS rows, reused, and rebuilt when the weight is
+    written in place or replaced (as apply_tp does); panels of another shape are refused in one line."""
+    from runner.linear import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(40, 24, bias=True)
+    x = torch.randn(12, 40)
+    with torch.no_grad():
+        lin(x[:3])
+        assert "_panels" not in lin.__dict__  # streamed: no copy
+        y = lin(x)
+        first = lin.__dict__["_panels"][2]
+        assert torch.equal(lin(x), y) and lin.__dict__["_panels"][2] is first
+        lin.weight.mul_(2)
+        assert torch.equal(lin(x), cpu_kernels.linear(x, lin.weight, lin.bias))
+        assert lin.__dict__["_panels"][2] is not first
+        lin.weight = torch.nn.Parameter(torch.randn(24, 40))
+        assert torch.equal(lin(x), cpu_kernels.linear(x, lin.weight, lin.bias))
+    with pytest.raises(ValueError, match="do not match a 24x40 torch.float32 weight"):
+        cpu_kernels.linear(x, lin.weight, weight_panels=cpu_kernels.panels(torch.randn(24, 41)))
 
 
 @pytest.mark.parametrize("act", ["silu", "relu", "gelu", "gelu_tanh"])
