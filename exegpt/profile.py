@@ -217,6 +217,12 @@ class Profile(JSONFile):
     once, against alone: the part of ``rank_slowdown`` that is not the bursts' wake-up. It slows the one-rank groups
     of a WAA plan while the other group computes too (``exegpt.simulate.concurrent_times``). Measured on a CPU
     beside ``rank_slowdown``; empty, i.e. 1, on GPUs."""
+    waa_period_factor: float = 1.0
+    """How much longer a WAA plan's period runs than the simulator's ``max`` of its decode iteration (with the
+    hand-off where ``handoff_on_compute``) and encode batch: the lockstep of one merged batch per decode iteration,
+    credits and hand-off messages between two groups of ranks. Measured by running a WAA plan through the runner
+    (``profiler.engine.calibrate_waa``; on 2 CPU cores 1.22-1.42 in every fidelity run of three sessions); at
+    least 1 (a measured ratio below 1 is recorded as 1, the raw value kept in the provenance); 1: not measured."""
     provenance: dict = field(default_factory=dict)
     """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
     _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -230,6 +236,9 @@ class Profile(JSONFile):
         for f in ("kv_dtype", "packed_weight_dtype", "panel_weight_dtype"):
             if getattr(self, f) is not None and getattr(self, f) not in DTYPE_BYTES:
                 raise ExeGPTError(f"{f} {getattr(self, f)!r} unknown; expected one of {', '.join(DTYPE_BYTES)} or null")
+        if not (isinstance(self.waa_period_factor, (int, float)) and np.isfinite(self.waa_period_factor)
+                and self.waa_period_factor >= 1):
+            raise ExeGPTError(f"waa_period_factor={self.waa_period_factor!r} must be a number >= 1")
         for name in ("rank_slowdown", "rank_concurrency"):
             for ranks, factor in getattr(self, name):
                 if not (isinstance(ranks, int) and ranks >= 2 and np.isfinite(factor) and factor > 0):
@@ -327,7 +336,8 @@ class Profile(JSONFile):
                 "packed_weight_dtype": self.packed_weight_dtype,
                 "panel_weight_dtype": self.panel_weight_dtype,
                 "rank_slowdown": {str(r): f for r, f in self.rank_slowdown},
-                "rank_concurrency": {str(r): f for r, f in self.rank_concurrency}, "provenance": self.provenance,
+                "rank_concurrency": {str(r): f for r, f in self.rank_concurrency},
+                "waa_period_factor": self.waa_period_factor, "provenance": self.provenance,
                 "tables": [t.to_dict() for t in self.tables]}
 
     @classmethod
@@ -349,6 +359,7 @@ class Profile(JSONFile):
                        panel_weight_dtype=d.get("panel_weight_dtype"),
                        rank_slowdown=_slowdown_pairs(d.get("rank_slowdown", {}), "rank_slowdown"),
                        rank_concurrency=_slowdown_pairs(d.get("rank_concurrency", {}), "rank_concurrency"),
+                       waa_period_factor=d.get("waa_period_factor", 1.0),
                        provenance=d.get("provenance", {}))
         except KeyError as e:
             raise ExeGPTError(f"profile misses field {e}") from None

@@ -44,7 +44,8 @@ WAA (paper §4.2, §6):
     T_D = max(sum_s t_s (+ the token hop back to the decode driver with several stages), M max_s t_s);
     period T = max(T_D, encode interval, hand-off), or max(T_D + hand-off, encode interval) when the profile
     says the hand-off runs on the ranks' own compute (``Profile.handoff_on_compute``: a CPU, where the decode
-    driver receives and imports each batch between its decode iterations);
+    driver receives and imports each batch between its decode iterations), times the profile's measured
+    lockstep of the two groups (``Profile.waa_period_factor``, 1 unless measured);
   * throughput = B_E / T; latency(L) = encode latency + hand-off + (k_L + 1) T (one period waiting
     to merge into the decode batch, the paper's "buffer time").
 Static (FasterTransformer, the paper's baseline): a batch of B runs E[max k] decode iterations with
@@ -423,7 +424,8 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
                                         not spans_ranks(dec_st))
     t_enc_lat = t_enc_lat + (t_enc_int - t_int)  # a one-rank encode group: its one stage is the interval
     on_compute = prob.profile.handoff_on_compute
-    period = np.maximum(np.maximum(t_dec + hand if on_compute else t_dec, t_enc_int), hand)
+    coupling = prob.profile.waa_period_factor  # the groups' lockstep (Profile.waa_period_factor)
+    period = coupling * np.maximum(np.maximum(t_dec + hand if on_compute else t_dec, t_enc_int), hand)
     thr = be_hi / period
     if not (np.array_equal(be_lo, be_hi) and np.array_equal(bm_lo, bm_hi)):
         # Per-query bound: a decode iteration costs at least B_D max_s t_s(B_m)/B_m (no micro-batch
@@ -433,7 +435,7 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
         enc_hi, _ = _encode_times(prob, enc_st, be_hi, prob.bound_cost)
         hand_hi, _ = prob.bound_cost.kv_handoff(be_hi)
         dec_pq = ek * np.maximum.reduce(full) / bm_hi + (hand_hi / be_hi if on_compute else 0.0)
-        per_query = np.maximum(np.maximum(dec_pq, np.maximum.reduce(enc_hi) / be_hi), hand_hi / be_hi)
+        per_query = coupling * np.maximum(np.maximum(dec_pq, np.maximum.reduce(enc_hi) / be_hi), hand_hi / be_hi)
         with np.errstate(divide="ignore"):
             thr = np.minimum(thr, 1 / per_query)
     lat = t_enc_lat + hand + (prob.k_q + 1) * period

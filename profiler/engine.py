@@ -30,11 +30,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 
 import numpy as np
 from scipy.optimize import nnls
 
-from exegpt import Kernel, Profile, ProfileTable, RRASchedule, Workload, evaluate_schedule
+from exegpt import Kernel, Policy, Profile, ProfileTable, RRASchedule, WAASchedule, Workload, evaluate_schedule
 from exegpt.cost import WorkloadStats
 from exegpt.models import MODELS
 
@@ -127,3 +128,40 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
              "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}
     log.info("engine overhead fits (a, b, c): encode %s, decode %s", enc_fit, dec_fit)
     return dataclasses.replace(profile, tables=tables, provenance=profile.provenance | {"engine": facts})
+
+
+WAA_SCHEDULE = WAASchedule(Policy.WAA_C, 2, 32, 1, 0, 1, 1)
+"""The WAA plan ``calibrate_waa`` runs: WAA-C, B_E = 2, micro-batches of 32 rows, one encode and one decode rank."""
+WAA_PROMPT = 64
+"""Mean prompt of its workload (mixed, as ``PROMPTS``), with ``OUTPUT`` outputs."""
+
+
+def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, runs: int = 3) -> Profile:
+    """``profile`` with ``waa_period_factor`` measured: a WAA plan run through the runner on two ranks, its
+    measured period (B_E / throughput) over the longer of its measured encode batch and decode iteration, against
+    the same ratio of the simulator's estimate (which already holds the hand-off where ``handoff_on_compute``);
+    the median of ``runs`` runs (~10 s each on 2 CPU cores; single runs ranged 1.19-1.52 minutes apart).
+
+    What it measures is the lockstep the simulator's ``max`` leaves out: the decode driver merges one encoded batch
+    per iteration and waits for it, the encoder waits for credits, and each hand-off and credit is a message
+    between the two groups (fidelity runs on 2 CPU cores: the period 1.22-1.42x the longer part, every WAA plan).
+    """
+    from runner.run import run_plan
+
+    base = dataclasses.replace(profile, waa_period_factor=1.0)
+    m = WAA_PROMPT
+    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
+    plan = evaluate_schedule(WAA_SCHEDULE, w, profile=base, devices=f"2x{profile.device}")
+    e = plan.estimate
+    n_req = max(math.ceil(TURNOVERS * e.decode_batch), 48)
+    predicted = WAA_SCHEDULE.encode_batch / e.throughput_seq_s / max(e.encode_stage_s, e.decode_step_s)
+    measured = []
+    for r in range(runs):
+        rep = run_plan(plan, spec, num_requests=n_req, seed=seed + r, dtype=dtype)
+        measured.append(WAA_SCHEDULE.encode_batch / rep.throughput_seq_s / max(rep.encode_stage_s, rep.decode_step_s))
+    raw = statistics.median(measured) / predicted
+    facts = {"schedule": str(WAA_SCHEDULE), "prompt_mean": m, "output": list(OUTPUT), "requests": n_req,
+             "measured_period_over_longer": measured, "predicted_period_over_longer": predicted, "raw": raw}
+    log.info("WAA period factor %.3f (measured %s, predicted %.3f)", raw, measured, predicted)
+    return dataclasses.replace(profile, waa_period_factor=max(1.0, raw),
+                               provenance=profile.provenance | {"waa_period": facts})

@@ -126,8 +126,9 @@ def make_grid(shape: ModelShape, quick: bool = False, max_batch: int | None = No
     ``breaks``: token counts where the backend changes how it computes a layer (``runner.cpu_kernels.row_breaks``:
     the last count of one way and the first of the next). They join the token axis, so that interpolation never
     straddles a step in time. NOTE (``tiny`` on 2 AVX2 cores, when the kernels took up to 32 rows): the rest of a
-    decode layer took 0.22 ms at 32 rows (one fused kernel call) and 0.73 ms at 64 (torch's ops), so without 32 and 33 on the axis a 40-row step was
-    costed at 0.35 ms; plans decoding 32-82 rows ran 1.19-1.35x their predicted decode step."""
+    decode layer took 0.22 ms at 32 rows (one fused kernel call) and 0.73 ms at 64 (torch's ops), so without 32
+    and 33 on the axis a 40-row step was costed at 0.35 ms; plans decoding 32-82 rows ran 1.19-1.35x their
+    predicted decode step."""
     sizes = quick_sizes if quick else full_sizes
     max_batch = max_batch or (QUICK_MAX_BATCH if quick else FULL_MAX_BATCH)
     max_tokens = max_tokens or (QUICK_MAX_TOKENS if quick else FULL_MAX_TOKENS)
@@ -138,7 +139,8 @@ def make_grid(shape: ModelShape, quick: bool = False, max_batch: int | None = No
         seqs = tuple(sorted(set(seqs) | {3 * s // 2 for s in seqs if s >= 16 and 3 * s // 2 < shape.max_seq_len}))
     tokens = sizes(max_tokens)
     tokens = tuple(sorted(set(tokens) | {b for b in breaks if 1 <= b < tokens[-1]}))
-    return Grid(batches=sizes(max_batch), seqs=seqs, contexts=seqs, tokens=tokens, bytes=bytes_sizes(max_bytes, quick))
+    return Grid(batches=sizes(max_batch), seqs=seqs, contexts=seqs, tokens=tokens,
+                bytes=bytes_sizes(max_bytes, quick))
 
 
 def tp_degrees_for(shape: ModelShape, limit: int = 8) -> tuple[int, ...]:

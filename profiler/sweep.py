@@ -13,6 +13,10 @@ Phases (``profile_model``):
 4. **Collectives** (``profiler.collectives``): all-reduce per TP degree, send_recv and kv_handoff, in spawned
    process groups.
 5. **The Profile**, with provenance (model, device, dtype, torch version, threads, date, grid).
+6. **The executor** (``profiler.engine.calibrate_engine``, ``engine=True``): RRA plans run through the runner,
+   the residual over the kernel tables tabulated as ``engine_encode`` / ``engine_decode``.
+7. **The WAA lockstep** (``profiler.engine.calibrate_waa``, with the collectives, where two ranks can run): one
+   WAA plan run on two ranks, ``Profile.waa_period_factor``.
 
 Extrapolation (``extrapolate: true``) is set only where a linear extension of the last segment is physically
 right: the dense and LM-head tables (work linear in tokens / rows once the batch saturates the device), the
@@ -53,14 +57,14 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 9
+METHOD_VERSION = 10
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
 ``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
 decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``;
 6: a pipeline hop as one message into a posted receive, ``runner.pipeline.CommandInbox``; 7: fused decode layers
 called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concurrency, ``Profile.rank_concurrency``;
 9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``, and the token axis holding
-the backend's row breaks, ``runner.cpu_kernels.row_breaks``),
+the backend's row breaks, ``runner.cpu_kernels.row_breaks``; 10: the WAA lockstep, ``Profile.waa_period_factor``),
 so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
@@ -497,8 +501,11 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
                    provenance=provenance)
     if engine and not t.args.family == "t5":
         # Phase 6: the executor's own overhead around the kernels, measured by running it (profiler.engine).
-        from .engine import calibrate_engine
+        from .engine import calibrate_engine, calibrate_waa
         prof = calibrate_engine(prof, t.spec, t.dtype, seed, max_seq_len=t.args.max_seq_len)
+        if collectives and (t.device.type == "cpu" or torch.cuda.device_count() >= 2):
+            # Phase 7: the lockstep of a WAA plan's two groups, by running one on two ranks.
+            prof = calibrate_waa(prof, t.spec, t.dtype, seed)
     return prof
 
 

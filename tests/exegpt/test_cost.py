@@ -192,3 +192,32 @@ def test_rank_concurrency_slows_the_one_rank_groups_of_a_waa_plan_while_both_com
     assert both.throughput_seq_s < alone.throughput_seq_s and both.latency_s > alone.latency_s
     for schedule, devices in ((RRASchedule(8, 4, 1, 0, 2), "2xcpu"), (RRASchedule(4, 4, 1, 0, 1), "1xcpu")):
         assert _estimate(prof, schedule, devices) == _estimate(base, schedule, devices)
+
+
+def test_the_waa_period_factor_stretches_a_waa_plans_period_and_nothing_else():
+    """Profile.waa_period_factor: JSON round trip (absent: 1), one-line refusal below 1; a WAA plan's period, so its
+    throughput, divides by it exactly and its latency grows by (k + 1) periods' worth; RRA plans are unchanged."""
+    import dataclasses
+
+    from exegpt import Policy, RRASchedule, WAASchedule
+    from exegpt.errors import ExeGPTError
+
+    base = tiny_cpu_profile()
+    prof = dataclasses.replace(base, waa_period_factor=1.25)
+    assert Profile.from_json(prof.to_json()).waa_period_factor == 1.25
+    d = base.to_dict()
+    d.pop("waa_period_factor")
+    assert Profile.from_dict(d).waa_period_factor == 1.0  # profiles written before the field
+    for bad in (0.9, float("nan"), "1.2"):
+        with pytest.raises(ExeGPTError, match="waa_period_factor=.* must be a number >= 1"):
+            dataclasses.replace(base, waa_period_factor=bad)
+
+    waa = WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1)
+    plain, coupled = _estimate(base, waa, "2xcpu"), _estimate(prof, waa, "2xcpu")
+    assert coupled.throughput_seq_s == pytest.approx(plain.throughput_seq_s / 1.25, rel=1e-12)
+    assert (coupled.encode_stage_s, coupled.decode_step_s) == (plain.encode_stage_s, plain.decode_step_s)
+    period = waa.encode_batch / plain.throughput_seq_s
+    k = coupled.latency_len - 1  # decode iterations of the bound-length output (its first token is the prefill's)
+    assert coupled.latency_s - plain.latency_s == pytest.approx((k + 1) * 0.25 * period, rel=1e-9)
+    for schedule, devices in ((RRASchedule(8, 4, 1, 0, 2), "2xcpu"), (RRASchedule(4, 4, 1, 0, 1), "1xcpu")):
+        assert _estimate(prof, schedule, devices) == _estimate(base, schedule, devices)

@@ -45,6 +45,23 @@ def test_profile_measures_the_engine(profile):
     assert profile.seconds(Kernel.ENGINE_DECODE, 1, n, L) == pytest.approx(a + b * n + c * n * L)
 
 
+def test_the_waa_calibration_runs_a_waa_plan_and_records_its_lockstep():
+    """calibrate_waa runs its WAA plan on two ranks of this CPU: the factor is the measured period over the longer
+    part, against the estimate's same ratio; at least 1, with the raw ratio and the run in the provenance."""
+    from profiler.engine import WAA_SCHEDULE, calibrate_waa
+    from tests.exegpt.conftest import tiny_cpu_profile
+
+    base = tiny_cpu_profile()
+    prof = calibrate_waa(base, "tiny", runs=1)
+    facts = prof.provenance["waa_period"]
+    assert facts["schedule"] == str(WAA_SCHEDULE) and facts["requests"] >= 48
+    [measured] = facts["measured_period_over_longer"]
+    assert facts["raw"] == pytest.approx(measured / facts["predicted_period_over_longer"])
+    assert math.isfinite(facts["raw"]) and facts["raw"] > 0
+    assert prof.waa_period_factor == max(1.0, facts["raw"])
+    assert prof.tables == base.tables and base.waa_period_factor == 1.0
+
+
 def _closed_loop(profile):
     # Three times the fastest schedule's latency leaves the search a real choice of batch sizes.
     bound = 3 * smallest_feasible_bound(W, profile=profile, devices="1xcpu")
