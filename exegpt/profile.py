@@ -220,9 +220,10 @@ class Profile(JSONFile):
     waa_period_factor: float = 1.0
     """How much longer a WAA plan's period runs than the simulator's ``max`` of its decode iteration (with the
     hand-off where ``handoff_on_compute``) and encode batch: the lockstep of one merged batch per decode iteration,
-    credits and hand-off messages between two groups of ranks. Measured by running a WAA plan through the runner
-    (``profiler.engine.calibrate_waa``; on 2 CPU cores 1.22-1.42 in every fidelity run of three sessions); at
-    least 1 (a measured ratio below 1 is recorded as 1, the raw value kept in the provenance); 1: not measured."""
+    credits and hand-off messages between two groups of ranks, beyond the hand-off the simulator already charges.
+    Measured by running a WAA plan through the runner (``profiler.engine.calibrate_waa``; on 2 CPU cores the period
+    ran 1.24-1.49x the longer part where the estimate says 1.21x, a factor of 1.05); at least 1 (a measured ratio
+    below 1 is recorded as 1, the raw value kept in the provenance); 1: not measured."""
     provenance: dict = field(default_factory=dict)
     """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
     _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)

@@ -144,7 +144,9 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
 
     What it measures is the lockstep the simulator's ``max`` leaves out: the decode driver merges one encoded batch
     per iteration and waits for it, the encoder waits for credits, and each hand-off and credit is a message
-    between the two groups (fidelity runs on 2 CPU cores: the period 1.22-1.42x the longer part, every WAA plan).
+    between the two groups. NOTE (2 CPU cores, seventh session): fidelity runs measured every WAA plan's period at
+    1.21-1.42x the longer part, but the estimate already holds most of that as the hand-off on the decode rank's
+    compute: three runs here measured 1.24-1.49x against a predicted 1.21x, a factor of 1.05.
     """
     from runner.run import run_plan
 
