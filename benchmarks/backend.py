@@ -132,8 +132,9 @@ def main() -> None:
     t0 = time.perf_counter()
     bw = copy_bandwidth()
     rows = bench("smollm2", torch.bfloat16, a.steps, bw) + bench("small", torch.float32, a.steps, bw)
-    print(f"torch {torch.__version__}, {a.threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), copy bandwidth {bw / 1e9:.1f} GB/s, "
-          f"prompt {PROMPT_LEN} tokens, {a.steps} decode steps")
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"torch {torch.__version__}, {a.threads} threads (OMP_WAIT_POLICY={wait}), copy bandwidth "
+          f"{bw / 1e9:.1f} GB/s, prompt {PROMPT_LEN} tokens, {a.steps} decode steps")
     head = ("model", "dtype", "batch", "ours tok/s", "HF tok/s", "speedup", "step ms", "bound ms", "of bound",
             "same tokens")
     print("| " + " | ".join(head) + " |")

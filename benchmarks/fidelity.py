@@ -93,8 +93,8 @@ def _attribution(c) -> str:
     if isinstance(s, WAASchedule) and r.throughput_seq_s > 0:
         period = s.encode_batch / r.throughput_seq_s
         outside = f"{period / max(r.encode_stage_s, r.decode_step_s):.2f}x"
-    return (f"{c.name:<12} {ratio(r.encode_stage_s, e.encode_stage_s):>7} {ratio(r.decode_step_s, e.decode_step_s):>11} "
-            f"{ratio(r.decode_batch, e.decode_batch):>12} {outside:>8}")
+    return (f"{c.name:<12} {ratio(r.encode_stage_s, e.encode_stage_s):>7} "
+            f"{ratio(r.decode_step_s, e.decode_step_s):>11} {ratio(r.decode_batch, e.decode_batch):>12} {outside:>8}")
 
 
 def main():

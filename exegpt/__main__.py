@@ -66,7 +66,8 @@ def _add_target(p: argparse.ArgumentParser):
 
 
 def _workload(a) -> Workload:
-    given = [x for x in ("task", "builtin_trace", "trace") if getattr(a, x)] + (["input/output"] if a.input or a.output else [])
+    given = [x for x in ("task", "builtin_trace", "trace") if getattr(a, x)]
+    given += ["input/output"] if a.input or a.output else []
     if len(given) != 1:
         raise ExeGPTError("give exactly one workload: --task, --builtin-trace, --trace or --input with --output"
                           + (f" (got {', '.join(given)})" if given else ""))

@@ -149,7 +149,8 @@ def build_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None,
                 for g in _tp_gpu_counts(n, t):
                     lay = rra_layout(prob, t, g)
                     if lay is not None:
-                        fn = (lambda lay: lambda lo, hi: rra_box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]))(lay)
+                        fn = (lambda lay: lambda lo, hi: rra_box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1],
+                                                                 hi[:, 1]))(lay)
                         out.append((lay, Space(fn, (1, 1), (be_max, prob.max_decode_iters))))
         elif policy in (Policy.WAA_C, Policy.WAA_M):
             if n < 2:
@@ -166,7 +167,8 @@ def build_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None,
                         lay = waa_layout(prob, policy, t, g, int(ne))
                         if lay is None:
                             continue
-                        fn = (lambda lay: lambda lo, hi: waa_box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]))(lay)
+                        fn = (lambda lay: lambda lo, hi: waa_box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1],
+                                                                 hi[:, 1]))(lay)
                         out.append((lay, Space(fn, (1, 1), (be_max, bm_max), adm)))
         elif policy is Policy.STATIC:
             raise ExeGPTError("static batching is the baseline: use static_schedule(), not policies=('static',)")

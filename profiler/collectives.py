@@ -1,7 +1,8 @@
 """Collective and point-to-point costs, measured with real multi-process ``torch.distributed`` groups.
 
 vidur profiles collectives apart from the layers (``profiling/collectives/``); so do we. Each group size is one
-launch of that many fresh interpreters (``python -m profiler.collectives RANK CONFIG``), rendezvousing through a file store in a temporary folder:
+launch of that many fresh interpreters (``python -m profiler.collectives RANK CONFIG``), rendezvousing through a
+file store in a temporary folder:
 gloo on CPU, NCCL (plus gloo for host tensors) on GPUs, one GPU per rank. Kernels (all seconds):
 
 - ``allreduce(bytes)`` at ``tp = group size``: an in-place SUM all-reduce of a ``bytes`` message; the slowest

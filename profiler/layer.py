@@ -11,7 +11,8 @@ layer:
 
 - **attention core** (``attn_encode(batch, seq)``, ``attn_decode(batch, context)``): the KV-cache update
   (``KVCache.write_prompt`` / ``KVCache.append``) and ``runner.model.attend`` (SDPA, or grouped matmuls for
-  half-precision CPU decode) over the cache, exactly the calls ``Attention.forward`` makes. This is the part whose cost depends on the sequence length.
+  half-precision CPU decode) over the cache, exactly the calls ``Attention.forward`` makes. This is the part whose
+  cost depends on the sequence length.
 - **the rest** (``dense_encode(tokens)``, ``dense_decode(tokens)``): the two norms, the fused ``wqkv`` projection,
   the head reshapes, RoPE, the ``wo`` projection, the feed-forward module and both residual adds. Its cost depends
   only on the number of tokens.

@@ -224,7 +224,8 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
         decode_step_s=float(np.mean([t for t, _ in decode_iters])) if decode_iters else math.nan,
         decode_batch=rows / len(decode_iters) if decode_iters else 0.0,
         latency_p50_s=float(np.median(lat)) if lat.size else math.nan, makespan_s=makespan,
-        overall_seq_s=overall, steady_start_s=window[0], steady_end_s=window[1], num_finished=len(done), num_failed=len(records) - len(done), num_ranks=num_ranks,
+        overall_seq_s=overall, steady_start_s=window[0], steady_end_s=window[1], num_finished=len(done),
+        num_failed=len(records) - len(done), num_ranks=num_ranks,
         estimate=estimate, requests=tuple(records))
 
 

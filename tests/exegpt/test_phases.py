@@ -50,7 +50,8 @@ def test_phase_runs_nd_iterations_at_nd_1_and_the_longest_output_when_nd_exceeds
     """N_D = 1: one iteration. N_D beyond every output: each query ends in its first phase, so the batch is the
     B_E fresh queries and the phase runs E[max of B_E decode iterations] (exact below SEGMENTS + 1 lengths)."""
     out = np.arange(2, SEGMENTS + 2)  # every query decodes (no output of one token), at most SEGMENTS iterations
-    w = Workload(Distribution.truncated_normal(16, 4, 32), Distribution.from_pmf(out, (q := np.exp(-((out - 12) / 6) ** 2)) / q.sum()))
+    q = np.exp(-((out - 12) / 6) ** 2)
+    w = Workload(Distribution.truncated_normal(16, 4, 32), Distribution.from_pmf(out, q / q.sum()))
     k, p, phases = _lengths(w)
     L = PhaseLengths(k, p, phases)
     K = len(phases) - 1
