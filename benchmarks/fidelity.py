@@ -27,6 +27,7 @@ from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Work
 from exegpt.optimize import offered_cluster
 from exegpt.simulate import spans_ranks
 from profiler.collectives import run_group
+from profiler.engine import period_over_longer
 from profiler.loop import CPU_TASK, LATENCY_MARGIN, cached_profile, run_and_compare, speed_probe, table_header, \
     _row
 
@@ -91,8 +92,7 @@ def _attribution(c) -> str:
 
     outside = "-"
     if isinstance(s, WAASchedule) and r.throughput_seq_s > 0:
-        period = s.encode_batch / r.throughput_seq_s
-        outside = f"{period / max(r.encode_stage_s, r.decode_step_s):.2f}x"
+        outside = f"{period_over_longer(s.encode_batch, r):.2f}x"
     return (f"{c.name:<12} {ratio(r.encode_stage_s, e.encode_stage_s):>7} "
             f"{ratio(r.decode_step_s, e.decode_step_s):>11} {ratio(r.decode_batch, e.decode_batch):>12} {outside:>8}")
 

@@ -136,6 +136,12 @@ WAA_PROMPT = 64
 """Mean prompt of its workload (mixed, as ``PROMPTS``), with ``OUTPUT`` outputs."""
 
 
+def period_over_longer(encode_batch: int, run) -> float:
+    """A WAA plan's period (``encode_batch`` / throughput) over the longer of its encode batch and decode iteration,
+    for an ``Estimate`` or a ``RunReport`` (the same field names)."""
+    return encode_batch / run.throughput_seq_s / max(run.encode_stage_s, run.decode_step_s)
+
+
 def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, runs: int = 3) -> Profile:
     """``profile`` with ``waa_period_factor`` measured: a WAA plan run through the runner on two ranks, its
     measured period (B_E / throughput) over the longer of its measured encode batch and decode iteration, against
@@ -156,11 +162,10 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
     plan = evaluate_schedule(WAA_SCHEDULE, w, profile=base, devices=f"2x{profile.device}")
     e = plan.estimate
     n_req = max(math.ceil(TURNOVERS * e.decode_batch), 48)
-    predicted = WAA_SCHEDULE.encode_batch / e.throughput_seq_s / max(e.encode_stage_s, e.decode_step_s)
-    measured = []
-    for r in range(runs):
-        rep = run_plan(plan, spec, num_requests=n_req, seed=seed + r, dtype=dtype)
-        measured.append(WAA_SCHEDULE.encode_batch / rep.throughput_seq_s / max(rep.encode_stage_s, rep.decode_step_s))
+    predicted = period_over_longer(WAA_SCHEDULE.encode_batch, e)
+    measured = [period_over_longer(WAA_SCHEDULE.encode_batch,
+                                   run_plan(plan, spec, num_requests=n_req, seed=seed + r, dtype=dtype))
+                for r in range(runs)]
     raw = statistics.median(measured) / predicted
     facts = {"schedule": str(WAA_SCHEDULE), "prompt_mean": m, "output": list(OUTPUT), "requests": n_req,
              "measured_period_over_longer": measured, "predicted_period_over_longer": predicted, "raw": raw}

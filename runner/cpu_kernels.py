@@ -173,7 +173,7 @@ def _check(rc: int, name: str) -> None:
 
 def _check_panels(weight: Tensor, weight_panels: Tensor) -> None:
     N, K = weight.shape
-    want = (N + 15) // 16 * 16 * K
+    want = (_lib or _require()).xg_panel_elems(N, K)
     if weight_panels.numel() != want or weight_panels.dtype != weight.dtype:
         raise ValueError(f"weight_panels of {weight_panels.numel()} {weight_panels.dtype} elements do not match a "
                          f"{N}x{K} {weight.dtype} weight (expected {want} elements: cpu_kernels.panels(weight))")

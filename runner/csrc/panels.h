@@ -1,4 +1,4 @@
-/* Panels: a Linear weight [N, K] re-laid for batches of 9 to 32 rows (included by cpu_kernels.c, which defines the
+/* Panels: a Linear weight [N, K] re-laid for batches of 9 to 64 rows (included by cpu_kernels.c, which defines the
  * helpers used here).
  *
  * The dot-product tiles of cpu_kernels.c read weight rows as torch stores them, which one row streaming through
