@@ -124,7 +124,7 @@ def main():
             w = plan.workload
             drift = speed_probe(a.model) / probe0 * rank_drift(prof, a.model, plan)
             c = run_and_compare([(name, plan)], a.model, num_requests=a.requests,
-                                trace=w if w.pairs is not None else None)[0]
+                                trace=w if w.pairs is not None else None, profile=prof)[0]
             rows.append(dataclasses.replace(c, drift=drift))
         rounds.append(rows)
     rows, spreads = [], []
@@ -158,6 +158,23 @@ def main():
     if med:
         print(f"  latency against the median (not the worst) of the same requests: error mean "
               f"{100 * statistics.mean(med):.1f}% worst {100 * max(med):.1f}%")
+    replayed = [c for c in rows if c.replay is not None]
+    if replayed:
+        print("  replayed request by request (exegpt.replay: the runner's rules on the run's own requests, every step "
+              "costed by the profile)")
+        print(f"  {'plan':<12} {'replay seq/s':>12} {'err':>6} {'est err':>7} {'replay lat':>10} {'err':>6} "
+              f"{'est err':>7} {'p50':>7}")
+        for c in replayed:
+            print(f"  {c.name:<12} {c.replay.throughput_seq_s:>12.1f} {100 * c.replay_throughput_error:>5.1f}% "
+                  f"{100 * c.throughput_error:>6.1f}% {c.replay.latency_s:>10.3f} {100 * c.replay_latency_error:>5.1f}% "
+                  f"{100 * c.latency_error:>6.1f}% {c.replay.latency_p50_s:>7.3f}")
+        for label, f_thr, f_lat in (("estimate", "throughput_error", "latency_error"),
+                                    ("replay", "replay_throughput_error", "replay_latency_error")):
+            t = [getattr(c, f_thr) for c in replayed]
+            lt = [getattr(c, f_lat) for c in replayed if math.isfinite(getattr(c, f_lat))]
+            print(f"  RRA plans, {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst "
+                  f"{100 * max(t):.1f}%; latency error mean {100 * statistics.mean(lt):.1f}% worst "
+                  f"{100 * max(lt):.1f}%")
     drifts = [c.drift for c in rows]
     d_thr = [c.drift_throughput_error for c in rows]
     d_lat = [c.drift_latency_error for c in rows if math.isfinite(c.drift_latency_error)]

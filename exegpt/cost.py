@@ -25,6 +25,7 @@ by ``exegpt.simulate``; 1 for one rank and on GPUs); messages are profiled under
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,18 @@ class WorkloadStats:
         """The prompt length a prefill batch of ``n`` prompts is looked up at: its expected longest when the
         backend pads, else the mean."""
         return self.max_input(n) if padded else np.full(np.shape(n), self.in_mean)
+
+    def for_prompts(self, lengths, padded: bool) -> WorkloadStats:
+        """These constants with the prompt side set to one batch's own prompts of ``lengths`` tokens, so that the
+        cost model times that batch (its tokens, each prompt's attention, its longest when ``padded``) instead of
+        an expected one (``exegpt.replay``)."""
+        lens = np.asarray(lengths, dtype=float)
+        if lens.ndim != 1 or not len(lens):
+            raise ValueError(f"lengths must be a non-empty list of prompt lengths, got {lengths!r}")
+        top = float(lens.max())
+        in_lengths, in_probs = (np.array([top]), np.ones(1)) if padded else (lens, np.full(len(lens), 1 / len(lens)))
+        return dataclasses.replace(self, in_lengths=in_lengths, in_probs=in_probs, in_mean=float(lens.mean()),
+                                   emax_in=np.full(len(self.emax_n), top))
 
     def context_len(self, n, padded: bool) -> np.ndarray:
         """The context a steady decode step of ``n`` rows is looked up at: its expected longest when the backend

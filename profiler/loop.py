@@ -28,7 +28,9 @@ import torch
 
 from exegpt import InfeasibleBoundError, Plan, Profile, Workload, find_schedule, static_schedule
 from exegpt.errors import ExeGPTError
-from exegpt.schedule import describe
+from exegpt.replay import Replay, replay
+from exegpt.rules import sample_lengths
+from exegpt.schedule import RRASchedule, describe
 from runner import cpu_kernels
 from runner.report import RunReport
 from runner.run import run_plans
@@ -59,6 +61,22 @@ class Comparison:
     drift: float = 1.0
     """The machine's speed when the plan ran against when it was profiled: ``speed_probe`` seconds just before
     the run over the same probe just after profiling (1.2: everything 20 % slower). 1 when not probed."""
+    replay: Replay | None = None
+    """The plan replayed request by request on the run's own requests (``exegpt.replay``; RRA plans), or None."""
+
+    @property
+    def replay_throughput_error(self) -> float:
+        """|replayed - measured| / measured sequences per second (NaN without a replay)."""
+        if self.replay is None:
+            return math.nan
+        return abs(self.replay.throughput_seq_s - self.report.throughput_seq_s) / self.report.throughput_seq_s
+
+    @property
+    def replay_latency_error(self) -> float:
+        """|replayed - measured| / measured worst latency to the bound length (NaN without a replay)."""
+        if self.replay is None:
+            return math.nan
+        return abs(self.replay.latency_s - self.report.latency_s) / self.report.latency_s
 
     @property
     def throughput_error(self) -> float:
@@ -139,8 +157,10 @@ def speed_probe(model: str = "tiny", repeat: int = 60) -> float:
 
 
 def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", num_requests: int = 600,
-                    seed: int = 0, trace: Workload | None = None, progress: bool = False) -> list[Comparison]:
-    """Executes each plan on ``model`` (same requests for all) and pairs its estimate with what it measured."""
+                    seed: int = 0, trace: Workload | None = None, progress: bool = False,
+                    profile: Profile | None = None) -> list[Comparison]:
+    """Executes each plan on ``model`` (same requests for all) and pairs its estimate with what it measured; with
+    the ``profile`` the plans were estimated from, RRA plans are also replayed on the same requests."""
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)  # single-rank runs execute in this process
     try:
@@ -148,7 +168,14 @@ def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", nu
                             progress=progress)
     finally:
         torch.set_num_threads(before)
-    return [Comparison(name, plan, rep) for (name, plan), rep in zip(named_plans, reports)]
+    out = []
+    for (name, plan), rep in zip(named_plans, reports):
+        rp = None
+        if profile is not None and isinstance(plan.schedule, RRASchedule):
+            lengths = sample_lengths(trace if trace is not None else plan.workload, num_requests, seed)[1]
+            rp = replay(plan, profile, lengths=lengths)
+        out.append(Comparison(name, plan, rep, replay=rp))
+    return out
 
 
 def demo_bound(w: Workload, profile: Profile, devices: str) -> float:

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from exegpt.rules import split_even
+
 from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, StageRanks
 
 PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE = 1, 2, 3, 4, 5, 6, 7
@@ -265,18 +267,6 @@ class Pipeline:
             for dst in self.rt.next_stage.ranks:
                 send_command(self.rt.comm, cmd, None, dst, self.rt.inline)
         self.rt.comm.flush()
-
-
-def split_even(items: list, parts: int) -> list[list]:
-    """``items`` in order, cut into at most ``parts`` contiguous chunks whose sizes differ by at most one."""
-    parts = max(1, min(parts, len(items)))
-    q, r = divmod(len(items), parts)
-    out, i = [], 0
-    for p in range(parts):
-        size = q + (p < r)
-        out.append(items[i:i + size])
-        i += size
-    return [c for c in out if c]
 
 
 def split_by(items: list, size: int) -> list[list]:

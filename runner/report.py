@@ -13,14 +13,11 @@ import numpy as np
 from exegpt.errors import ExeGPTError
 from exegpt.jsonfile import JSONFile
 from exegpt.plan import Estimate
+from exegpt.rules import MIN_STEADY_FINISHES, steady_rate
 
 REPORT_SCHEMA = 1
 FINISHED = "finished"
 FAILED = "failed"
-STEADY_LO, STEADY_HI = 0.10, 0.90
-"""Without an executor's steady window, throughput is taken between the 10 % and 90 % completion times."""
-MIN_STEADY_FINISHES = 20
-"""An executor's steady window is used only when at least this many requests finished inside it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +201,7 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
     makespan = float(finish[-1] - min(starts)) if len(finish) and starts else 0.0
     overall = len(done) / makespan if makespan > 0 else math.nan
     tokens_per_seq = float(np.mean([r.num_generated for r in done])) if done else math.nan
-    seq_s = _steady_rate(finish)
+    seq_s = steady_rate(finish)
     if math.isnan(seq_s):
         seq_s = overall
     window = (math.nan, math.nan)
@@ -227,16 +224,6 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
         overall_seq_s=overall, steady_start_s=window[0], steady_end_s=window[1], num_finished=len(done),
         num_failed=len(records) - len(done), num_ranks=num_ranks,
         estimate=estimate, requests=tuple(records))
-
-
-def _steady_rate(finish: np.ndarray) -> float:
-    """Completions per second between the 10 % and 90 % completion times (NaN if that window is empty)."""
-    n = len(finish)
-    if n < 5:
-        return math.nan
-    lo, hi = int(math.floor(STEADY_LO * (n - 1))), int(math.ceil(STEADY_HI * (n - 1)))
-    window = finish[hi] - finish[lo]
-    return (hi - lo) / window if window > 0 else math.nan
 
 
 def _enc(v):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exegpt.errors import ExeGPTError
+from exegpt.rules import sample_lengths
 from exegpt.workload import Workload
 
 from .report import FAILED, FINISHED, RequestRecord
@@ -55,8 +56,7 @@ def make_requests(workload: Workload, n: int, vocab_size: int, seed: int = 0,
         raise ExeGPTError(f"number of requests {n!r} must be >= 1")
     if vocab_size < 1:
         raise ExeGPTError(f"vocab_size={vocab_size!r} must be >= 1")
-    rng = np.random.default_rng(seed)
-    lengths = workload.sample(n, rng, joint=joint)
+    rng, lengths = sample_lengths(workload, n, seed, joint)  # the lengths a replay (exegpt.replay) sees
     return tuple(
         Request(i, tuple(int(t) for t in rng.integers(0, vocab_size, size=int(inp))), int(out))
         for i, (inp, out) in enumerate(lengths))

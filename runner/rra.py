@@ -18,30 +18,17 @@ Rules shared with ``exegpt``'s simulator (keep them in step):
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import torch
 
+from exegpt.rules import rra_admit, rra_cache_rows as cache_rows, rra_chunks, rra_refill_target as refill_target, \
+    split_even
+
 from .kv_cache import fill_holes
-from .pipeline import COMPACT, Command, Pipeline, RunContext, _i64, encode, run_decode, run_main_pipeline, split_even
+from .pipeline import COMPACT, Command, Pipeline, RunContext, _i64, encode, run_decode, run_main_pipeline
 from .report import RunReport, SteadyMarker, SteadyWindow
 from .requests import RequestTracker
-
-
-def _refill(plan) -> float:
-    """The estimate's refill batch (plans of older versions have only the mean decode batch)."""
-    return plan.estimate.refill_batch or plan.estimate.decode_batch
-
-
-def cache_rows(plan) -> int:
-    """KV-cache rows of an RRA run: ``ceil(refill_batch) + encode_batch``."""
-    return max(1, math.ceil(_refill(plan))) + plan.schedule.encode_batch
-
-
-def refill_target(plan) -> int:
-    """The decode batch RRA refills to at each encode phase: ``round(refill_batch)``, at least 1."""
-    return max(1, round(_refill(plan)))
 
 
 def run_rra(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
@@ -70,7 +57,7 @@ def drive_rra(pipe: Pipeline, tracker: RequestTracker, plan, num_stages: int, ro
         if finished:
             pipe.submit(Command(COMPACT, _i64(keep)))
             alive = [alive[i] for i in keep]
-        wanted = min(max(plan.schedule.encode_batch, finished), target - len(alive), rows - len(alive))
+        wanted = rra_admit(plan.schedule.encode_batch, finished, len(alive), target, rows)
         if len(queue) < wanted:
             steady.end(t_phase)
         elif len(alive) + wanted >= target:
@@ -78,7 +65,7 @@ def drive_rra(pipe: Pipeline, tracker: RequestTracker, plan, num_stages: int, ro
         n = min(len(queue), wanted)
         if n > 0:
             batch = [queue.popleft() for _ in range(n)]
-            chunks = -(-n // plan.schedule.encode_batch)
+            chunks = rra_chunks(n, plan.schedule.encode_batch)
             encode(pipe, tracker, batch, len(alive), num_stages * chunks, clock)
             enc_s.append(clock() - t_phase)  # the phase: compaction, then the encode batch
             alive += batch

@@ -1,0 +1,218 @@
+"""Request-level replay of a plan: its schedule stepped through a sample of requests, every step timed by the
+cost model of its estimate.
+
+``simulate`` estimates a schedule's steady state from expectations: the bound-length query decodes beside the
+expected rows, every encode batch holds prompts of the expected lengths. A run reports the **worst** latency of
+the requests that reached the bound length, and they do not see expected batches: prompts vary in length from
+phase to phase, the refill admits as many queries as finished (more than B_E in some phases), rows finish at
+random. With small encode batches the worst of them is well above the expectation (measured on the CPU runner:
+20-27 % above the estimate at B_E = 4-8, N_D = 4-16).
+
+A replay follows the rules the runner executes (``exegpt.rules``, shared with ``runner``) request by request, over
+the same sample of lengths a run of the same seed draws (``rules.sample_lengths``). It times each encode
+micro-batch at its own prompts' lengths and each decode step at its own rows and context, with the same stage
+costs as the estimate (``simulate._encode_times`` / ``_decode_times``: profile lookups, TP all-reduces, hops,
+the executor's own work, the rank slowdown), and reads off what a run's report reads: the steady-window
+throughput and the worst and median latency to the bound length. The machine's own variance is not in it.
+
+RRA (``runner/rra.py``), P pipeline stages:
+  * encode phase: compact, admit ``rra_admit`` queries in ``rra_chunks`` chunks of P micro-batches
+    (``split_even``), pipelined as a flow shop (a micro-batch enters stage s once it left stage s - 1 and stage s
+    finished the one before). The driver computes the first stage as it submits, so micro-batch j starts its
+    encode when stage 0 has finished micro-batch j - 1; first tokens come back (``token_return``) after the last
+    submission;
+  * decode phase: up to N_D iterations of the active rows in P micro-batches cut at the phase start; a row leaves
+    its micro-batch when it finishes. An iteration takes the longer of the busiest stage (its micro-batches
+    summed) and the slowest micro-batch's round trip (its stages and the token hop back); every row gets its token
+    at the iteration's end.
+WAA and static batching are not replayed (``replay`` names the policy it cannot replay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ExeGPTError
+from .plan import Plan
+from .profile import Profile
+from .rules import MIN_STEADY_FINISHES, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, sample_lengths, \
+    split_even, steady_rate
+from .schedule import RRASchedule
+from .simulate import Layout, Problem, _decode_times, _encode_times
+
+DEFAULT_REQUESTS = 600
+"""Requests a replay runs by default: as many as the closed loop's runs (``profiler.loop``)."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a replay read off its timeline, with the names of ``runner.RunReport`` (and ``Estimate``)."""
+
+    throughput_seq_s: float
+    """Completions per second over the steady window (else between the 10 % and 90 % completions)."""
+    latency_s: float
+    """The worst latency to token ``latency_len`` among the requests that generated that many (NaN: none did)."""
+    latency_p50_s: float
+    """The median of the same latencies."""
+    latency_len: int
+    encode_stage_s: float
+    """Mean encode phase in the steady window (the whole run without one)."""
+    decode_step_s: float
+    """Mean decode iteration in the steady window (the whole run without one)."""
+    decode_batch: float
+    """Mean rows of a decode iteration, as ``decode_step_s``."""
+    makespan_s: float
+    num_requests: int
+
+
+def replay(plan: Plan, profile: Profile, num_requests: int = DEFAULT_REQUESTS, seed: int = 0,
+           lengths=None) -> Replay:
+    """Replays ``plan`` (costed with ``profile``, the profile its estimate came from) on ``num_requests`` requests
+    drawn from ``plan.workload`` with ``seed``, the requests ``runner.run_plan(plan, num_requests=...,
+    seed=...)`` runs; or on ``lengths``, (input, output) tokens per request in submission order."""
+    if not isinstance(plan.schedule, RRASchedule):
+        raise ExeGPTError(f"replay covers RRA schedules, not {plan.schedule.policy.value} (estimated by simulate only)")
+    if lengths is None:
+        if not isinstance(num_requests, int) or num_requests < 1:
+            raise ExeGPTError(f"num_requests={num_requests!r} must be a whole number >= 1")
+        lengths = sample_lengths(plan.workload, num_requests, seed)[1]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.ndim != 2 or lengths.shape[1] != 2 or not len(lengths) or (lengths < 1).any():
+        raise ExeGPTError(f"lengths must be (input, output) pairs of at least 1 token each, got shape "
+                          f"{lengths.shape} with least value {lengths.min() if lengths.size else None}")
+    return _RRA(_problem(plan, profile), plan, lengths).run()
+
+
+def _problem(plan: Plan, profile: Profile) -> tuple[Problem, Layout]:
+    from .optimize import problem  # the API module resolves names
+
+    prob = problem(plan.workload, plan.bound, model=plan.model, devices=plan.devices, profile=profile)
+    if plan.schedule.num_gpus != prob.cluster.count:
+        prob = prob.with_devices(plan.schedule.num_gpus)
+    s = plan.schedule
+    lay = Layout(s.policy, s.tp, s.tp_gpus, 0, 0, plan.stages)
+    return prob, lay
+
+
+class _RRA:
+    """One RRA replay (the runner's ``drive_rra``, step by step)."""
+
+    def __init__(self, pl: tuple[Problem, Layout], plan: Plan, lengths: np.ndarray):
+        self.prob, lay = pl
+        self.stages = lay.stages
+        self.plan, self.inp, self.out = plan, lengths[:, 0], lengths[:, 1]
+        self.gen = np.zeros(len(lengths), dtype=np.int64)  # tokens generated per request
+        self.start = np.full(len(lengths), math.nan)
+        self.at_len = np.full(len(lengths), math.nan)  # when the latency_len-th token came
+        self.finish = np.full(len(lengths), math.nan)
+        self.latency_len = plan.estimate.latency_len
+        self.padded = self.prob.cost.padded
+        self.padded_decode = self.prob.cost.padded_decode
+
+    def token(self, rids, t: float) -> None:
+        rids = np.asarray(rids, dtype=np.int64)
+        self.gen[rids] += 1
+        g = self.gen[rids]
+        self.at_len[rids[g == self.latency_len]] = t
+        self.finish[rids[g == self.out[rids]]] = t
+
+    def done(self, rid: int) -> bool:
+        return self.gen[rid] >= self.out[rid]
+
+    def encode(self, rids: list[int], parts: int, t0: float) -> float:
+        """Encodes ``rids`` as ``parts`` pipelined micro-batches from ``t0``; returns when the first tokens are in."""
+        p = len(self.stages)
+        mbs = split_even(rids, parts)
+        times = []  # [micro-batch][stage]
+        for mb in mbs:
+            cost = dataclasses.replace(self.prob.cost, stats=self.prob.stats.for_prompts(self.inp[mb], self.padded))
+            times.append([float(np.ravel(x)[0]) for x in _encode_times(self.prob, self.stages, len(mb), cost)[0]])
+        done = np.zeros(p)  # when each stage finished its latest micro-batch
+        arrive = []
+        for mb, t in zip(mbs, times):
+            self.start[mb] = t0 + done[0]  # submitted when the driver's stage finished the one before
+            prev = 0.0
+            for s in range(p):
+                done[s] = max(done[s], prev) + t[s]
+                prev = done[s]
+            arrive.append(prev)
+        if p > 1:
+            ret = float(self.prob.cost.token_return(float(max(len(mb) for mb in mbs)))[0])
+            arrive = [a + ret for a in arrive]
+        t_end = t0 + max(max(arrive), done[0])
+        for mb in mbs:
+            self.token(mb, t_end)
+        return t_end
+
+    def step(self, mbs: list[list[int]]) -> float:
+        """Seconds of one decode iteration of micro-batches ``mbs`` (non-empty lists of request ids)."""
+        sizes = np.array([len(mb) for mb in mbs], dtype=float)
+        ctxs = [self.inp[mb] + self.gen[mb] for mb in mbs]
+        ctx = np.array([c.max() if self.padded_decode else c.mean() for c in ctxs], dtype=float)
+        per_stage, _ = _decode_times(self.prob, self.stages, sizes, ctx)
+        t = np.stack([np.broadcast_to(x, sizes.shape) for x in per_stage])  # [stage, micro-batch]
+        if len(self.stages) == 1:
+            return float(t.sum())
+        ret = np.asarray(self.prob.cost.token_return(sizes)[0], dtype=float)
+        return float(max(t.sum(axis=1).max(), (t.sum(axis=0) + ret).max()))
+
+    def run(self) -> Replay:
+        s, n = self.plan.schedule, len(self.inp)
+        target, rows = rra_refill_target(self.plan), rra_cache_rows(self.plan)
+        p = len(self.stages)
+        queue, alive, t = 0, [], 0.0  # queue: the next request id to admit
+        enc, dec = [], []  # encode phase seconds; (seconds, rows) per decode iteration
+        win = [None, None]  # (t, len(enc), len(dec)) where the steady window begins and ends
+        while queue < n or alive:
+            t_phase = t
+            keep = [r for r in alive if not self.done(r)]
+            finished, alive = len(alive) - len(keep), keep
+            wanted = rra_admit(s.encode_batch, finished, len(alive), target, rows)
+            if n - queue < wanted:
+                if win[0] is not None and win[1] is None:
+                    win[1] = (t_phase, len(enc), len(dec))
+            elif len(alive) + wanted >= target and win[0] is None:
+                win[0] = (t_phase, len(enc), len(dec))
+            k = min(n - queue, wanted)
+            if k > 0:
+                batch = list(range(queue, queue + k))
+                queue += k
+                t = self.encode(batch, p * rra_chunks(k, s.encode_batch), t)
+                enc.append(t - t_phase)
+                alive += batch
+            active = [r for r in alive if not self.done(r)]
+            if not active:
+                continue
+            mbs = split_even(active, p)
+            for _ in range(s.decode_iters):
+                mbs = [[r for r in mb if not self.done(r)] for mb in mbs]
+                mbs = [mb for mb in mbs if mb]
+                if not mbs:
+                    break
+                dt = self.step(mbs)
+                t += dt
+                dec.append((dt, sum(len(mb) for mb in mbs)))
+                for mb in mbs:
+                    self.token(mb, t)
+        return self._report(enc, dec, win, t)
+
+    def _report(self, enc, dec, win, t_last: float) -> Replay:
+        finish = np.sort(self.finish)
+        seq_s = steady_rate(finish)
+        if win[0] is not None:
+            (t0, e0, d0), (t1, e1, d1) = win[0], win[1] or (t_last, len(enc), len(dec))
+            inside = int(((finish >= t0) & (finish <= t1)).sum())
+            if t1 > t0 and inside >= MIN_STEADY_FINISHES and enc[e0:e1] and dec[d0:d1]:
+                seq_s, enc, dec = inside / (t1 - t0), enc[e0:e1], dec[d0:d1]
+        lat = (self.at_len - self.start)[~np.isnan(self.at_len)]
+        return Replay(
+            throughput_seq_s=seq_s, latency_s=float(lat.max()) if lat.size else math.nan,
+            latency_p50_s=float(np.median(lat)) if lat.size else math.nan, latency_len=int(self.latency_len),
+            encode_stage_s=float(np.mean(enc)) if enc else math.nan,
+            decode_step_s=float(np.mean([d for d, _ in dec])) if dec else math.nan,
+            decode_batch=sum(r for _, r in dec) / len(dec) if dec else 0.0, makespan_s=float(finish[-1]),
+            num_requests=len(self.inp))

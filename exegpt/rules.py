@@ -1,0 +1,83 @@
+"""The scheduling rules a plan is executed by: one copy, used by the runner's executors (``runner/rra.py``, ...)
+and by the request-level replay (``exegpt.replay``), so the two cannot drift apart.
+
+Also how a run's throughput is read off its completion times (``steady_rate``), which a measured run
+(``runner.report``) and a replayed one share.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .workload import Workload
+
+STEADY_LO, STEADY_HI = 0.10, 0.90
+"""Without an executor's steady window, throughput is taken between the 10 % and 90 % completion times."""
+MIN_STEADY_FINISHES = 20
+"""An executor's steady window is used only when at least this many requests finished inside it."""
+
+
+def sample_lengths(workload: Workload, n: int, seed: int = 0, joint: bool = True
+                   ) -> tuple[np.random.Generator, np.ndarray]:
+    """The (input, output) lengths of ``n`` requests drawn from ``workload`` with ``seed`` (``[n, 2]``), and the
+    generator after those draws: what ``runner.requests.make_requests`` runs, so a replay sees the same requests."""
+    rng = np.random.default_rng(seed)
+    return rng, workload.sample(n, rng, joint=joint)
+
+
+def split_even(items: list, parts: int) -> list[list]:
+    """``items`` in order, cut into at most ``parts`` contiguous chunks whose sizes differ by at most one."""
+    parts = max(1, min(parts, len(items)))
+    q, r = divmod(len(items), parts)
+    out, i = [], 0
+    for p in range(parts):
+        size = q + (p < r)
+        out.append(items[i:i + size])
+        i += size
+    return [c for c in out if c]
+
+
+# --- RRA ------------------------------------------------------------------------------------------
+
+def refill_batch(estimate) -> float:
+    """The estimate's refill batch (plans of older versions have only the mean decode batch)."""
+    return estimate.refill_batch or estimate.decode_batch
+
+
+def rra_cache_rows(plan) -> int:
+    """KV-cache rows of an RRA run: ``ceil(refill_batch) + encode_batch``."""
+    return max(1, math.ceil(refill_batch(plan.estimate))) + plan.schedule.encode_batch
+
+
+def rra_refill_target(plan) -> int:
+    """The decode batch RRA refills to at each encode phase: ``round(refill_batch)``, at least 1."""
+    return max(1, round(refill_batch(plan.estimate)))
+
+
+def rra_admit(encode_batch: int, finished: int, alive: int, target: int, rows: int) -> int:
+    """Queries an RRA encode phase wants to admit: as many as finished since the last phase (the paper's refill),
+    at least ``encode_batch`` (while the batch ramps up), never past the refill ``target`` nor the cache's
+    ``rows``; ``alive`` rows are in the batch after compaction."""
+    return min(max(encode_batch, finished), target - alive, rows - alive)
+
+
+def rra_chunks(admitted: int, encode_batch: int) -> int:
+    """Chunks of at most ``encode_batch`` prompts an RRA encode phase of ``admitted`` prompts runs in (each
+    split into one micro-batch per stage): a micro-batch never holds more than B_E / P prompts, the activation
+    memory the plan was sized for."""
+    return -(-admitted // encode_batch)
+
+
+# --- reading a run ----------------------------------------------------------------------------------
+
+def steady_rate(finish: np.ndarray) -> float:
+    """Completions per second between the 10 % and 90 % completion times of sorted ``finish`` times (NaN if that
+    window is empty)."""
+    n = len(finish)
+    if n < 5:
+        return math.nan
+    lo, hi = int(math.floor(STEADY_LO * (n - 1))), int(math.ceil(STEADY_HI * (n - 1)))
+    window = finish[hi] - finish[lo]
+    return (hi - lo) / window if window > 0 else math.nan
