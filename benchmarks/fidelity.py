@@ -5,6 +5,8 @@ CPU-sized lengths, plus the plans find_schedule picks on one and on two ranks un
 schedule using all of them meets) with the closed loop's latency margin; the two-rank pick may use one rank),
 each round predicted from a profile measured just before it, then the mean and worst relative
 errors, a where-the-time-went table (measured / predicted per cost term; for WAA the time outside all of them),
+the plans replayed request by request on the run's own requests (``exegpt.replay``: the worst latency of a run's
+bound-length requests, which the steady-state estimate does not see) against the same measurements,
 the run-to-run spread of the same plan on this machine, the machine's drift (``speed_probe`` just before each run
 over the same probe just after the profile; for a plan of several ranks times the rank slowdown measured just
 before it over the profile's, ``Profile.rank_slowdown``) and the errors with the prediction scaled by it, and one
@@ -160,19 +162,20 @@ def main():
               f"{100 * statistics.mean(med):.1f}% worst {100 * max(med):.1f}%")
     replayed = [c for c in rows if c.replay is not None]
     if replayed:
-        print("  replayed request by request (exegpt.replay: the runner's rules on the run's own requests, every step "
-              "costed by the profile)")
+        print("  replayed request by request (exegpt.replay: the runner's rules on the run's own requests, every "
+              "step costed by the profile)")
         print(f"  {'plan':<12} {'replay seq/s':>12} {'err':>6} {'est err':>7} {'replay lat':>10} {'err':>6} "
               f"{'est err':>7} {'p50':>7}")
         for c in replayed:
-            print(f"  {c.name:<12} {c.replay.throughput_seq_s:>12.1f} {100 * c.replay_throughput_error:>5.1f}% "
-                  f"{100 * c.throughput_error:>6.1f}% {c.replay.latency_s:>10.3f} {100 * c.replay_latency_error:>5.1f}% "
-                  f"{100 * c.latency_error:>6.1f}% {c.replay.latency_p50_s:>7.3f}")
+            rp = c.replay
+            print(f"  {c.name:<12} {rp.throughput_seq_s:>12.1f} {100 * c.replay_throughput_error:>5.1f}% "
+                  f"{100 * c.throughput_error:>6.1f}% {rp.latency_s:>10.3f} {100 * c.replay_latency_error:>5.1f}% "
+                  f"{100 * c.latency_error:>6.1f}% {rp.latency_p50_s:>7.3f}")
         for label, f_thr, f_lat in (("estimate", "throughput_error", "latency_error"),
                                     ("replay", "replay_throughput_error", "replay_latency_error")):
             t = [getattr(c, f_thr) for c in replayed]
             lt = [getattr(c, f_lat) for c in replayed if math.isfinite(getattr(c, f_lat))]
-            print(f"  RRA plans, {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst "
+            print(f"  replayed plans, {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst "
                   f"{100 * max(t):.1f}%; latency error mean {100 * statistics.mean(lt):.1f}% worst "
                   f"{100 * max(lt):.1f}%")
     drifts = [c.drift for c in rows]

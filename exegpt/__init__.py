@@ -9,6 +9,7 @@ from .optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find
                        smallest_feasible_bound, static_schedule)
 from .plan import Estimate, Plan, SearchStats, Stage
 from .profile import Kernel, Profile, ProfileTable
+from .replay import Replay, replay
 from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule
 from .simulate import simulate
 from .workload import Workload
@@ -16,7 +17,7 @@ from .workload import Workload
 __all__ = [
     "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate", "ExeGPTError", "InfeasibleBoundError",
     "Kernel", "LatencyBound", "MODELS", "ModelShape", "Plan", "Policy", "Profile", "ProfileRangeError",
-    "ProfileTable", "RRASchedule", "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule",
+    "ProfileTable", "Replay", "RRASchedule", "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule",
     "Workload", "get_model", "parse_cluster", "SearchSpace", "evaluate_schedule", "exhaustive_schedule",
-    "find_schedule", "frontier", "simulate", "smallest_feasible_bound", "static_schedule",
+    "find_schedule", "frontier", "replay", "simulate", "smallest_feasible_bound", "static_schedule",
 ]

@@ -25,7 +25,11 @@ RRA (``runner/rra.py``), P pipeline stages:
     its micro-batch when it finishes. An iteration takes the longer of the busiest stage (its micro-batches
     summed) and the slowest micro-batch's round trip (its stages and the token hop back); every row gets its token
     at the iteration's end.
-WAA and static batching are not replayed (``replay`` names the policy it cannot replay).
+WAA (``runner/waa.py``): the encode driver encodes batches of B_E in order, at most ``HANDOFF_DEPTH`` ahead of the
+merges (it waits for the credit a merge sends); each batch's KV is handed off (``kv_handoff``, on the decode
+driver's compute where ``Profile.handoff_on_compute``). The decode driver, whenever a batch fits its cache, waits
+for the next batch and merges it, then runs one iteration of all its active rows in micro-batches of B_m.
+Static batching is not replayed: its estimate already runs every row to the batch's longest output.
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ from .errors import ExeGPTError
 from .plan import Plan
 from .profile import Profile
 from .rules import MIN_STEADY_FINISHES, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, sample_lengths, \
-    split_even, steady_rate
-from .schedule import RRASchedule
-from .simulate import Layout, Problem, _decode_times, _encode_times
+    split_by, split_even, steady_rate, waa_cache_rows
+from .cost import CostModel
+from .schedule import RRASchedule, WAASchedule
+from .simulate import HANDOFF_DEPTH, Layout, Problem, _decode_times, _encode_times, spans_ranks
 
 DEFAULT_REQUESTS = 600
 """Requests a replay runs by default: as many as the closed loop's runs (``profiler.loop``)."""
@@ -69,13 +74,15 @@ class Replay:
     num_requests: int
 
 
-def replay(plan: Plan, profile: Profile, num_requests: int = DEFAULT_REQUESTS, seed: int = 0,
+def replay(plan: Plan, profile: Profile | None = None, num_requests: int = DEFAULT_REQUESTS, seed: int = 0,
            lengths=None) -> Replay:
-    """Replays ``plan`` (costed with ``profile``, the profile its estimate came from) on ``num_requests`` requests
+    """Replays ``plan`` (costed with ``profile``, the profile its estimate came from; by default the built-in
+    profile of its model and devices, as ``find_schedule``'s default) on ``num_requests`` requests
     drawn from ``plan.workload`` with ``seed``, the requests ``runner.run_plan(plan, num_requests=...,
     seed=...)`` runs; or on ``lengths``, (input, output) tokens per request in submission order."""
-    if not isinstance(plan.schedule, RRASchedule):
-        raise ExeGPTError(f"replay covers RRA schedules, not {plan.schedule.policy.value} (estimated by simulate only)")
+    if not isinstance(plan.schedule, (RRASchedule, WAASchedule)):
+        raise ExeGPTError(f"replay covers RRA and WAA schedules, not {plan.schedule.policy.value} (the static "
+                          f"baseline's estimate is its replay: every row runs to the batch's longest output)")
     if lengths is None:
         if not isinstance(num_requests, int) or num_requests < 1:
             raise ExeGPTError(f"num_requests={num_requests!r} must be a whole number >= 1")
@@ -84,26 +91,25 @@ def replay(plan: Plan, profile: Profile, num_requests: int = DEFAULT_REQUESTS, s
     if lengths.ndim != 2 or lengths.shape[1] != 2 or not len(lengths) or (lengths < 1).any():
         raise ExeGPTError(f"lengths must be (input, output) pairs of at least 1 token each, got shape "
                           f"{lengths.shape} with least value {lengths.min() if lengths.size else None}")
-    return _RRA(_problem(plan, profile), plan, lengths).run()
+    return (_RRA if isinstance(plan.schedule, RRASchedule) else _WAA)(_problem(plan, profile), plan, lengths).run()
 
 
-def _problem(plan: Plan, profile: Profile) -> tuple[Problem, Layout]:
+def _problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:
     from .optimize import problem  # the API module resolves names
 
     prob = problem(plan.workload, plan.bound, model=plan.model, devices=plan.devices, profile=profile)
     if plan.schedule.num_gpus != prob.cluster.count:
         prob = prob.with_devices(plan.schedule.num_gpus)
     s = plan.schedule
-    lay = Layout(s.policy, s.tp, s.tp_gpus, 0, 0, plan.stages)
+    lay = Layout(s.policy, s.tp, s.tp_gpus, getattr(s, "encode_gpus", 0), getattr(s, "decode_gpus", 0), plan.stages)
     return prob, lay
 
 
-class _RRA:
-    """One RRA replay (the runner's ``drive_rra``, step by step)."""
+class _Timeline:
+    """Per-request bookkeeping and step costs shared by the replays."""
 
     def __init__(self, pl: tuple[Problem, Layout], plan: Plan, lengths: np.ndarray):
-        self.prob, lay = pl
-        self.stages = lay.stages
+        self.prob, self.lay = pl
         self.plan, self.inp, self.out = plan, lengths[:, 0], lengths[:, 1]
         self.gen = np.zeros(len(lengths), dtype=np.int64)  # tokens generated per request
         self.start = np.full(len(lengths), math.nan)
@@ -123,17 +129,60 @@ class _RRA:
     def done(self, rid: int) -> bool:
         return self.gen[rid] >= self.out[rid]
 
+    def prompts_cost(self, rids) -> CostModel:
+        """The cost model with the prompt side set to these requests' own prompts."""
+        return dataclasses.replace(self.prob.cost, stats=self.prob.stats.for_prompts(self.inp[rids], self.padded))
+
+    def encode_times(self, stages, rids) -> list[float]:
+        """Seconds of each of ``stages`` to encode the prompts of ``rids`` as one batch."""
+        return [float(np.ravel(x)[0]) for x in _encode_times(self.prob, stages, len(rids), self.prompts_cost(rids))[0]]
+
+    def step(self, stages, mbs: list[list[int]]) -> float:
+        """Seconds of one decode iteration of micro-batches ``mbs`` (non-empty lists of request ids) pipelined over
+        ``stages``: the busiest stage (its micro-batches summed) or the slowest micro-batch's round trip (its
+        stages and the token hop back to the driver), whichever is longer."""
+        sizes = np.array([len(mb) for mb in mbs], dtype=float)
+        ctxs = [self.inp[mb] + self.gen[mb] for mb in mbs]
+        ctx = np.array([c.max() if self.padded_decode else c.mean() for c in ctxs], dtype=float)
+        per_stage, _ = _decode_times(self.prob, stages, sizes, ctx)
+        t = np.stack([np.broadcast_to(x, sizes.shape) for x in per_stage])  # [stage, micro-batch]
+        if len(stages) == 1:
+            return float(t.sum())
+        ret = np.asarray(self.prob.cost.token_return(sizes)[0], dtype=float)
+        return float(max(t.sum(axis=1).max(), (t.sum(axis=0) + ret).max()))
+
+    def report(self, enc, dec, win, t_last: float) -> Replay:
+        """What a run's report reads off (``runner.report.build_report``): ``enc`` encode seconds, ``dec`` (seconds,
+        rows) per decode iteration, ``win`` the steady window's (time, encodes, iterations) at its ends."""
+        finish = np.sort(self.finish)
+        seq_s = steady_rate(finish)
+        if win[0] is not None:
+            (t0, e0, d0), (t1, e1, d1) = win[0], win[1] or (t_last, len(enc), len(dec))
+            inside = int(((finish >= t0) & (finish <= t1)).sum())
+            if t1 > t0 and inside >= MIN_STEADY_FINISHES and enc[e0:e1] and dec[d0:d1]:
+                seq_s, enc, dec = inside / (t1 - t0), enc[e0:e1], dec[d0:d1]
+        lat = (self.at_len - self.start)[~np.isnan(self.at_len)]
+        return Replay(
+            throughput_seq_s=float(seq_s), latency_s=float(lat.max()) if lat.size else math.nan,
+            latency_p50_s=float(np.median(lat)) if lat.size else math.nan, latency_len=int(self.latency_len),
+            encode_stage_s=float(np.mean(enc)) if enc else math.nan,
+            decode_step_s=float(np.mean([d for d, _ in dec])) if dec else math.nan,
+            decode_batch=sum(r for _, r in dec) / len(dec) if dec else 0.0, makespan_s=float(finish[-1]),
+            num_requests=len(self.inp))
+
+
+class _RRA(_Timeline):
+    """One RRA replay (the runner's ``drive_rra``, step by step)."""
+
     def encode(self, rids: list[int], parts: int, t0: float) -> float:
         """Encodes ``rids`` as ``parts`` pipelined micro-batches from ``t0``; returns when the first tokens are in."""
-        p = len(self.stages)
+        stages = self.lay.stages
+        p = len(stages)
         mbs = split_even(rids, parts)
-        times = []  # [micro-batch][stage]
-        for mb in mbs:
-            cost = dataclasses.replace(self.prob.cost, stats=self.prob.stats.for_prompts(self.inp[mb], self.padded))
-            times.append([float(np.ravel(x)[0]) for x in _encode_times(self.prob, self.stages, len(mb), cost)[0]])
         done = np.zeros(p)  # when each stage finished its latest micro-batch
         arrive = []
-        for mb, t in zip(mbs, times):
+        for mb in mbs:
+            t = self.encode_times(stages, mb)
             self.start[mb] = t0 + done[0]  # submitted when the driver's stage finished the one before
             prev = 0.0
             for s in range(p):
@@ -148,22 +197,11 @@ class _RRA:
             self.token(mb, t_end)
         return t_end
 
-    def step(self, mbs: list[list[int]]) -> float:
-        """Seconds of one decode iteration of micro-batches ``mbs`` (non-empty lists of request ids)."""
-        sizes = np.array([len(mb) for mb in mbs], dtype=float)
-        ctxs = [self.inp[mb] + self.gen[mb] for mb in mbs]
-        ctx = np.array([c.max() if self.padded_decode else c.mean() for c in ctxs], dtype=float)
-        per_stage, _ = _decode_times(self.prob, self.stages, sizes, ctx)
-        t = np.stack([np.broadcast_to(x, sizes.shape) for x in per_stage])  # [stage, micro-batch]
-        if len(self.stages) == 1:
-            return float(t.sum())
-        ret = np.asarray(self.prob.cost.token_return(sizes)[0], dtype=float)
-        return float(max(t.sum(axis=1).max(), (t.sum(axis=0) + ret).max()))
-
     def run(self) -> Replay:
         s, n = self.plan.schedule, len(self.inp)
         target, rows = rra_refill_target(self.plan), rra_cache_rows(self.plan)
-        p = len(self.stages)
+        stages = self.lay.stages
+        p = len(stages)
         queue, alive, t = 0, [], 0.0  # queue: the next request id to admit
         enc, dec = [], []  # encode phase seconds; (seconds, rows) per decode iteration
         win = [None, None]  # (t, len(enc), len(dec)) where the steady window begins and ends
@@ -193,26 +231,86 @@ class _RRA:
                 mbs = [mb for mb in mbs if mb]
                 if not mbs:
                     break
-                dt = self.step(mbs)
+                dt = self.step(stages, mbs)
                 t += dt
                 dec.append((dt, sum(len(mb) for mb in mbs)))
                 for mb in mbs:
                     self.token(mb, t)
-        return self._report(enc, dec, win, t)
+        return self.report(enc, dec, win, t)
 
-    def _report(self, enc, dec, win, t_last: float) -> Replay:
-        finish = np.sort(self.finish)
-        seq_s = steady_rate(finish)
-        if win[0] is not None:
-            (t0, e0, d0), (t1, e1, d1) = win[0], win[1] or (t_last, len(enc), len(dec))
-            inside = int(((finish >= t0) & (finish <= t1)).sum())
-            if t1 > t0 and inside >= MIN_STEADY_FINISHES and enc[e0:e1] and dec[d0:d1]:
-                seq_s, enc, dec = inside / (t1 - t0), enc[e0:e1], dec[d0:d1]
-        lat = (self.at_len - self.start)[~np.isnan(self.at_len)]
-        return Replay(
-            throughput_seq_s=seq_s, latency_s=float(lat.max()) if lat.size else math.nan,
-            latency_p50_s=float(np.median(lat)) if lat.size else math.nan, latency_len=int(self.latency_len),
-            encode_stage_s=float(np.mean(enc)) if enc else math.nan,
-            decode_step_s=float(np.mean([d for d, _ in dec])) if dec else math.nan,
-            decode_batch=sum(r for _, r in dec) / len(dec) if dec else 0.0, makespan_s=float(finish[-1]),
-            num_requests=len(self.inp))
+
+class _WAA(_Timeline):
+    """One WAA replay: the encode driver (``runner.waa.drive_encode``) and the decode driver (``drive_decode``), each
+    on its own clock, meeting at the hand-offs and the credits. As in the estimate (``simulate.concurrent_times``),
+    a one-rank group computes ``Profile.concurrency`` times slower while the other group computes too, and every
+    computed term carries the profile's lockstep factor (``waa_period_factor``)."""
+
+    def run(self) -> Replay:
+        s, n, prob = self.plan.schedule, len(self.inp), self.prob
+        enc_st, dec_st = self.lay.group("encode"), self.lay.group("decode")
+        rows = waa_cache_rows(self.plan)
+        batches = split_by(list(range(n)), s.encode_batch)
+        extra = prob.concurrency - 1.0  # while both groups compute
+        extra_e, extra_d = (0.0 if spans_ranks(g) else extra for g in (enc_st, dec_st))
+        coupling, on_compute = prob.profile.waa_period_factor, prob.profile.handoff_on_compute
+        free = np.zeros(len(enc_st))  # when each encode stage finished its latest batch
+        busy: list[tuple[float, float]] = []  # the encode driver's compute intervals
+        out: list[tuple[float, float, float]] = []  # per batch: encode start, first tokens, hand-off seconds
+        merged: list[float] = []  # when the decode driver merged each batch (and sent its credit)
+        last_dec = [0.0]  # the decode driver's latest iteration (seconds)
+
+        def encode_ahead() -> None:
+            """Every batch the encoder can have started: at most HANDOFF_DEPTH ahead of the merges."""
+            while len(out) < min(len(batches), len(merged) + HANDOFF_DEPTH):
+                k = len(out)
+                rids = batches[k]
+                t = [x * coupling for x in self.encode_times(enc_st, rids)]
+                t[0] += extra_e * min(t[0], last_dec[0])  # the decode group computing meanwhile
+                t0 = max(free[0], merged[k - HANDOFF_DEPTH] if k >= HANDOFF_DEPTH else 0.0)
+                self.start[rids] = t0
+                prev = t0
+                for i, ti in enumerate(t):
+                    free[i] = max(free[i], prev) + ti
+                    prev = free[i]
+                busy.append((t0, free[0]))
+                self.token(rids, prev)  # the prefill's token
+                out.append((t0, prev, float(np.ravel(self.prompts_cost(rids).kv_handoff(len(rids))[0])[0])))
+
+        def encoding_during(a: float, b: float) -> float:
+            return sum(max(0.0, min(b, e) - max(a, s0)) for s0, e in busy[-HANDOFF_DEPTH - 1:])
+
+        alive, td, held, k_next = [], 0.0, None, 0
+        enc, dec, win = [], [], [None, None]
+        while True:
+            alive = [r for r in alive if not self.done(r)]
+            encode_ahead()
+            if held is None and len(alive) + s.encode_batch <= rows:
+                if k_next < len(batches):  # wait for the next batch's metadata (and, off compute, its KV)
+                    held, k_next = k_next, k_next + 1
+                    _, first, hand = out[held]
+                    td = max(td, first + (0.0 if on_compute else hand))
+                elif win[0] is not None and win[1] is None:
+                    win[1] = (td, len(enc), len(dec))  # the encoder's end message
+            if held is not None and len(alive) + len(batches[held]) <= rows:
+                t0, first, hand = out[held]
+                if on_compute:
+                    td += hand * coupling  # the decode driver imports the batch's KV between iterations
+                merged.append(td)
+                enc.append(first - t0)
+                alive += batches[held]
+                held = None
+                encode_ahead()
+            active = [r for r in alive if not self.done(r)]
+            if not active:
+                if k_next == len(batches) and held is None:
+                    break
+                continue
+            if len(active) >= self.plan.estimate.decode_batch and win[0] is None:
+                win[0] = (td, len(enc), len(dec))
+            dt = self.step(dec_st, split_by(active, s.micro_batch)) * coupling
+            dt += extra_d * encoding_during(td, td + dt)  # the encode group computing meanwhile
+            last_dec[0] = dt
+            td += dt
+            dec.append((dt, len(active)))
+            self.token(active, td)
+        return self.report(enc, dec, win, td)

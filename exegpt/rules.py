@@ -70,6 +70,19 @@ def rra_chunks(admitted: int, encode_batch: int) -> int:
     return -(-admitted // encode_batch)
 
 
+# --- WAA -------------------------------------------------------------------------------------------
+
+def waa_cache_rows(plan) -> int:
+    """Decode-side KV-cache rows of a WAA run: ``ceil(decode_batch) + encode_batch``."""
+    return max(1, math.ceil(plan.estimate.decode_batch)) + plan.schedule.encode_batch
+
+
+def split_by(items: list, size: int) -> list[list]:
+    """``items`` in order, cut into chunks of ``size`` (the last may be smaller): WAA's decode micro-batches of B_m
+    rows, and its encode batches of B_E requests."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 # --- reading a run ----------------------------------------------------------------------------------
 
 def steady_rate(finish: np.ndarray) -> float:

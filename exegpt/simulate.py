@@ -46,8 +46,12 @@ WAA (paper §4.2, §6):
     says the hand-off runs on the ranks' own compute (``Profile.handoff_on_compute``: a CPU, where the decode
     driver receives and imports each batch between its decode iterations), times the profile's measured
     lockstep of the two groups (``Profile.waa_period_factor``, 1 unless measured);
-  * throughput = B_E / T; latency(L) = encode latency + hand-off + (k_L + 1) T (one period waiting
-    to merge into the decode batch, the paper's "buffer time").
+  * throughput = B_E / T; latency(L) = max(encode latency + hand-off, HANDOFF_DEPTH T) + T_D + (k_L - 1) T:
+    the paper's "buffer time" before a batch merges is one period; the built-in runner's encoder runs up to
+    HANDOFF_DEPTH batches ahead of the merges, so when the decoder is the bottleneck a batch waits that many
+    periods from its encode start (measured by the request-level replay, ``exegpt.replay``, which follows the
+    runner's rules), and when the encoder is, its encode latency and hand-off. Then its first iteration
+    right after the merge, every later one a period on.
 Static (FasterTransformer, the paper's baseline): a batch of B runs E[max k] decode iterations with
 no early termination; its bound applies to the longest output (paper §7.1).
 """
@@ -438,7 +442,12 @@ def waa_box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool
         per_query = coupling * np.maximum(np.maximum(dec_pq, np.maximum.reduce(enc_hi) / be_hi), hand_hi / be_hi)
         with np.errstate(divide="ignore"):
             thr = np.minimum(thr, 1 / per_query)
-    lat = t_enc_lat + hand + (prob.k_q + 1) * period
+    # Encode start to merge: the encoder starts a batch when the merge HANDOFF_DEPTH batches before it sends its
+    # credit, so with the decoder the bottleneck a batch waits HANDOFF_DEPTH periods; with the encoder the
+    # bottleneck the decoder waits for the batch (its encode latency and hand-off). Then k_q iterations: the first
+    # right after the merge, every later one a period on.
+    to_merge = np.maximum(t_enc_lat + hand, HANDOFF_DEPTH * period)
+    lat = to_merge + coupling * t_dec + (prob.k_q - 1) * period if prob.k_q >= 1 else t_enc_lat
     rows = np.ceil(bd_lo) + be_lo
     mem = _memory(prob, enc_st, 0, be_lo * st.in_max, kv_rows_in_flight=HANDOFF_DEPTH * be_lo) + \
         _memory(prob, dec_st, rows, np.minimum(bm_lo, bd_lo), recv_rows=HANDOFF_DEPTH * be_lo)

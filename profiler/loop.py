@@ -30,7 +30,7 @@ from exegpt import InfeasibleBoundError, Plan, Profile, Workload, find_schedule,
 from exegpt.errors import ExeGPTError
 from exegpt.replay import Replay, replay
 from exegpt.rules import sample_lengths
-from exegpt.schedule import RRASchedule, describe
+from exegpt.schedule import RRASchedule, WAASchedule, describe
 from runner import cpu_kernels
 from runner.report import RunReport
 from runner.run import run_plans
@@ -62,7 +62,7 @@ class Comparison:
     """The machine's speed when the plan ran against when it was profiled: ``speed_probe`` seconds just before
     the run over the same probe just after profiling (1.2: everything 20 % slower). 1 when not probed."""
     replay: Replay | None = None
-    """The plan replayed request by request on the run's own requests (``exegpt.replay``; RRA plans), or None."""
+    """The plan replayed request by request on the run's own requests (``exegpt.replay``; RRA and WAA), or None."""
 
     @property
     def replay_throughput_error(self) -> float:
@@ -160,7 +160,7 @@ def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", nu
                     seed: int = 0, trace: Workload | None = None, progress: bool = False,
                     profile: Profile | None = None) -> list[Comparison]:
     """Executes each plan on ``model`` (same requests for all) and pairs its estimate with what it measured; with
-    the ``profile`` the plans were estimated from, RRA plans are also replayed on the same requests."""
+    the ``profile`` the plans were estimated from, RRA and WAA plans are also replayed on the same requests."""
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)  # single-rank runs execute in this process
     try:
@@ -171,7 +171,7 @@ def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", nu
     out = []
     for (name, plan), rep in zip(named_plans, reports):
         rp = None
-        if profile is not None and isinstance(plan.schedule, RRASchedule):
+        if profile is not None and isinstance(plan.schedule, (RRASchedule, WAASchedule)):
             lengths = sample_lengths(trace if trace is not None else plan.workload, num_requests, seed)[1]
             rp = replay(plan, profile, lengths=lengths)
         out.append(Comparison(name, plan, rep, replay=rp))
@@ -240,11 +240,16 @@ def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, o
     print(f"  bound {bound:.3f} s on the p99-length output ({plan.estimate.latency_len} tokens), planned with a "
           f"{LATENCY_MARGIN:.0%} margin; "
           f"static batching's bound applies to its longest output ({base.estimate.latency_len} tokens)", file=out)
-    cmp = run_and_compare([("exegpt", plan), ("static", base)], model, num_requests=num_requests)
+    cmp = run_and_compare([("exegpt", plan), ("static", base)], model, num_requests=num_requests, profile=prof)
     print(table_header(), file=out)
     for c in cmp:
         print(_row(c), file=out)
     ours, theirs = cmp
+    if ours.replay is not None:
+        rp = ours.replay
+        print(f"  replayed request by request on the same requests (exegpt.replay): {rp.throughput_seq_s:.1f} seq/s "
+              f"({100 * ours.replay_throughput_error:.1f}% from measured), worst latency {rp.latency_s:.3f} s "
+              f"({100 * ours.replay_latency_error:.1f}%), median {rp.latency_p50_s:.3f} s", file=out)
     print(f"  measured gain over static batching at the same bound: "
           f"{ours.report.throughput_seq_s / theirs.report.throughput_seq_s:.2f}x "
           f"(predicted {ours.plan.estimate.throughput_seq_s / theirs.plan.estimate.throughput_seq_s:.2f}x)",

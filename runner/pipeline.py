@@ -269,11 +269,6 @@ class Pipeline:
         self.rt.comm.flush()
 
 
-def split_by(items: list, size: int) -> list[list]:
-    """``items`` in order, cut into chunks of ``size`` (the last may be smaller)."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 # --- building a rank's part of a run -----------------------------------------------------------------
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -19,19 +19,19 @@ it, so encode and decode stages may split layers and TP heads differently.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 
 import torch
 import torch.distributed as dist
 
+from exegpt.rules import split_by, waa_cache_rows as cache_rows
 from exegpt.simulate import HANDOFF_DEPTH
 
 from .dist import TAG_CREDIT, TAG_KV, TAG_META, StageRanks
 from .kv_cache import fill_holes, row_index
 from .pipeline import COMPACT, END, IMPORT, PREFILL, Command, Pipeline, RunContext, StageRuntime, _i64, \
-    driver_clock, eos_of, make_runtime, make_tp_groups, progress_bar, run_decode, split_by, start_clock
+    driver_clock, eos_of, make_runtime, make_tp_groups, progress_bar, run_decode, start_clock
 from .report import RunReport, SteadyMarker, SteadyWindow, build_report
 from .requests import Request, RequestTracker
 
@@ -197,11 +197,6 @@ def encode_batches(ctx: RunContext, encode_batch: int) -> list[list[Request]]:
                              ctx.stop_at_eos, 0 if ctx.stop_at_eos else None)
     queue = tracker.runnable
     return [queue[i:i + encode_batch] for i in range(0, len(queue), encode_batch)]
-
-
-def cache_rows(plan) -> int:
-    """Decode-side KV-cache rows: ``ceil(decode_batch) + encode_batch``."""
-    return max(1, math.ceil(plan.estimate.decode_batch)) + plan.schedule.encode_batch
 
 
 def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:

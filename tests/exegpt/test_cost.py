@@ -196,7 +196,8 @@ def test_rank_concurrency_slows_the_one_rank_groups_of_a_waa_plan_while_both_com
 
 def test_the_waa_period_factor_stretches_a_waa_plans_period_and_nothing_else():
     """Profile.waa_period_factor: JSON round trip (absent: 1), one-line refusal below 1; a WAA plan's period, so its
-    throughput, divides by it exactly and its latency grows by (k + 1) periods' worth; RRA plans are unchanged."""
+    throughput, divides by it exactly and its latency grows by its k + 1 periods and its first iteration; RRA plans
+    are unchanged."""
     import dataclasses
 
     from exegpt import Policy, RRASchedule, WAASchedule
@@ -218,6 +219,9 @@ def test_the_waa_period_factor_stretches_a_waa_plans_period_and_nothing_else():
     assert (coupled.encode_stage_s, coupled.decode_step_s) == (plain.encode_stage_s, plain.decode_step_s)
     period = waa.encode_batch / plain.throughput_seq_s
     k = coupled.latency_len - 1  # decode iterations of the bound-length output (its first token is the prefill's)
-    assert coupled.latency_s - plain.latency_s == pytest.approx((k + 1) * 0.25 * period, rel=1e-9)
+    # The decoder is this plan's bottleneck: a batch waits HANDOFF_DEPTH = 2 periods from its encode start to its
+    # merge, then decodes one iteration and k - 1 periods more, every one of them stretched.
+    assert coupled.latency_s - plain.latency_s == pytest.approx(0.25 * ((k + 1) * period + plain.decode_step_s),
+                                                                rel=1e-9)
     for schedule, devices in ((RRASchedule(8, 4, 1, 0, 2), "2xcpu"), (RRASchedule(4, 4, 1, 0, 1), "1xcpu")):
         assert _estimate(prof, schedule, devices) == _estimate(base, schedule, devices)

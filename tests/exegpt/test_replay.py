@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule
+from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule, static_schedule
 from exegpt.distribution import Distribution
 from exegpt.errors import ExeGPTError
 from exegpt.replay import replay
@@ -63,6 +63,26 @@ def test_pipeline_replay_runs_every_request():
     assert r.encode_stage_s > 0 and r.latency_s >= r.latency_p50_s
 
 
+@pytest.mark.parametrize("schedule", [WAASchedule(Policy.WAA_C, 4, 16, 1, 0, 1, 1),
+                                      WAASchedule(Policy.WAA_C, 2, 64, 1, 0, 1, 1),
+                                      WAASchedule(Policy.WAA_M, 8, 32, 1, 0, 2, 2)])
+def test_fixed_lengths_waa_replay_equals_the_estimate(schedule):
+    # One batch joins per decode iteration and every row stays 16 of them: the decode batch is exactly B_E * 16 and
+    # the steady throughput B_E per period (up to one batch at the window's edges). The decoder is the bottleneck,
+    # so the encoder runs HANDOFF_DEPTH batches ahead of the merges and a batch waits that many periods from its
+    # encode start to its merge: the replay's worst latency is the estimate's.
+    prof = make_profile(handoff_on_compute=True)
+    plan = evaluate_schedule(schedule, fixed(48, 17), profile=prof, model="opt-13b",
+                             devices=f"{schedule.num_gpus}xA40")
+    r = replay(plan, prof, num_requests=100 * schedule.encode_batch)
+    e = plan.estimate
+    assert r.decode_batch == e.decode_batch == 16 * schedule.encode_batch
+    assert r.decode_step_s == pytest.approx(e.decode_step_s, rel=1e-9)
+    assert r.throughput_seq_s == pytest.approx(e.throughput_seq_s, rel=0.02)
+    assert r.latency_s == pytest.approx(e.latency_s, rel=1e-9)
+    assert r.latency_p50_s <= r.latency_s
+
+
 def test_bad_input_is_named():
     prof = make_profile()
     w = Workload.truncated_normal(input=(64, 30, 128), output=(24, 10, 60))
@@ -71,7 +91,6 @@ def test_bad_input_is_named():
         replay(plan, prof, num_requests=0)
     with pytest.raises(ExeGPTError, match=r"lengths must be \(input, output\) pairs .* least value 0"):
         replay(plan, prof, lengths=np.array([[4, 3], [0, 2]]))
-    waa = evaluate_schedule(WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), w, profile=prof, model="opt-13b",
-                            devices="2xA40")
-    with pytest.raises(ExeGPTError, match=r"replay covers RRA schedules, not waa_c \(estimated by simulate only\)"):
-        replay(waa, prof)
+    static = static_schedule(w, math.inf, profile=prof, model="opt-13b", devices="1xA40")
+    with pytest.raises(ExeGPTError, match="replay covers RRA and WAA schedules, not static"):
+        replay(static, prof)
