@@ -46,7 +46,7 @@ from .profile import Profile
 from .rules import MIN_STEADY_FINISHES, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, sample_lengths, \
     split_by, split_even, steady_rate, waa_cache_rows
 from .cost import CostModel
-from .schedule import RRASchedule, WAASchedule
+from .schedule import RRASchedule, StaticSchedule, WAASchedule
 from .simulate import HANDOFF_DEPTH, Layout, Problem, _decode_times, _encode_times, spans_ranks
 
 DEFAULT_REQUESTS = 600
@@ -80,9 +80,8 @@ def replay(plan: Plan, profile: Profile | None = None, num_requests: int = DEFAU
     profile of its model and devices, as ``find_schedule``'s default) on ``num_requests`` requests
     drawn from ``plan.workload`` with ``seed``, the requests ``runner.run_plan(plan, num_requests=...,
     seed=...)`` runs; or on ``lengths``, (input, output) tokens per request in submission order."""
-    if not isinstance(plan.schedule, (RRASchedule, WAASchedule)):
-        raise ExeGPTError(f"replay covers RRA and WAA schedules, not {plan.schedule.policy.value} (the static "
-                          f"baseline's estimate is its replay: every row runs to the batch's longest output)")
+    if not isinstance(plan.schedule, (RRASchedule, WAASchedule, StaticSchedule)):
+        raise ExeGPTError(f"replay covers RRA, WAA and static schedules, not {type(plan.schedule).__name__}")
     if lengths is None:
         if not isinstance(num_requests, int) or num_requests < 1:
             raise ExeGPTError(f"num_requests={num_requests!r} must be a whole number >= 1")
@@ -91,7 +90,8 @@ def replay(plan: Plan, profile: Profile | None = None, num_requests: int = DEFAU
     if lengths.ndim != 2 or lengths.shape[1] != 2 or not len(lengths) or (lengths < 1).any():
         raise ExeGPTError(f"lengths must be (input, output) pairs of at least 1 token each, got shape "
                           f"{lengths.shape} with least value {lengths.min() if lengths.size else None}")
-    return (_RRA if isinstance(plan.schedule, RRASchedule) else _WAA)(_problem(plan, profile), plan, lengths).run()
+    kind = {RRASchedule: _RRA, WAASchedule: _WAA, StaticSchedule: _Static}[type(plan.schedule)]
+    return kind(_problem(plan, profile), plan, lengths).run()
 
 
 def _problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:
@@ -101,7 +101,8 @@ def _problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:
     if plan.schedule.num_gpus != prob.cluster.count:
         prob = prob.with_devices(plan.schedule.num_gpus)
     s = plan.schedule
-    lay = Layout(s.policy, s.tp, s.tp_gpus, getattr(s, "encode_gpus", 0), getattr(s, "decode_gpus", 0), plan.stages)
+    lay = Layout(s.policy, s.tp, getattr(s, "tp_gpus", 0), getattr(s, "encode_gpus", 0), getattr(s, "decode_gpus", 0),
+                 plan.stages)
     return prob, lay
 
 
@@ -137,7 +138,30 @@ class _Timeline:
         """Seconds of each of ``stages`` to encode the prompts of ``rids`` as one batch."""
         return [float(np.ravel(x)[0]) for x in _encode_times(self.prob, stages, len(rids), self.prompts_cost(rids))[0]]
 
-    def step(self, stages, mbs: list[list[int]]) -> float:
+    def encode(self, rids: list[int], parts: int, t0: float) -> float:
+        """Encodes ``rids`` as ``parts`` pipelined micro-batches from ``t0``; returns when the first tokens are in."""
+        stages = self.lay.stages  # RRA and static: one pipeline of every stage
+        p = len(stages)
+        mbs = split_even(rids, parts)
+        done = np.zeros(p)  # when each stage finished its latest micro-batch
+        arrive = []
+        for mb in mbs:
+            t = self.encode_times(stages, mb)
+            self.start[mb] = t0 + done[0]  # submitted when the driver's stage finished the one before
+            prev = 0.0
+            for s in range(p):
+                done[s] = max(done[s], prev) + t[s]
+                prev = done[s]
+            arrive.append(prev)
+        if p > 1:
+            ret = float(self.prob.cost.token_return(float(max(len(mb) for mb in mbs)))[0])
+            arrive = [a + ret for a in arrive]
+        t_end = t0 + max(max(arrive), done[0])
+        for mb in mbs:
+            self.token(mb, t_end)
+        return t_end
+
+    def step(self, stages, mbs: list[list[int]], ctxs: list[np.ndarray] | None = None) -> float:
         """Seconds of one decode iteration of micro-batches ``mbs`` (non-empty lists of request ids) pipelined over
         ``stages``: the busiest stage (its micro-batches summed) or the slowest micro-batch's round trip (its
         stages and the token hop back to the driver), whichever is longer."""
@@ -173,29 +197,6 @@ class _Timeline:
 
 class _RRA(_Timeline):
     """One RRA replay (the runner's ``drive_rra``, step by step)."""
-
-    def encode(self, rids: list[int], parts: int, t0: float) -> float:
-        """Encodes ``rids`` as ``parts`` pipelined micro-batches from ``t0``; returns when the first tokens are in."""
-        stages = self.lay.stages
-        p = len(stages)
-        mbs = split_even(rids, parts)
-        done = np.zeros(p)  # when each stage finished its latest micro-batch
-        arrive = []
-        for mb in mbs:
-            t = self.encode_times(stages, mb)
-            self.start[mb] = t0 + done[0]  # submitted when the driver's stage finished the one before
-            prev = 0.0
-            for s in range(p):
-                done[s] = max(done[s], prev) + t[s]
-                prev = done[s]
-            arrive.append(prev)
-        if p > 1:
-            ret = float(self.prob.cost.token_return(float(max(len(mb) for mb in mbs)))[0])
-            arrive = [a + ret for a in arrive]
-        t_end = t0 + max(max(arrive), done[0])
-        for mb in mbs:
-            self.token(mb, t_end)
-        return t_end
 
     def run(self) -> Replay:
         s, n = self.plan.schedule, len(self.inp)
@@ -314,3 +315,26 @@ class _WAA(_Timeline):
             dec.append((dt, len(active)))
             self.token(active, td)
         return self.report(enc, dec, win, td)
+
+
+class _Static(_Timeline):
+    """One static-batching replay (``runner.static.drive_static``): batches of B in order, each encoded, then decoded
+    until its longest output is done, finished rows computed on (no early termination, no refill)."""
+
+    def run(self) -> Replay:
+        stages = self.lay.stages
+        p, t, enc, dec = len(stages), 0.0, [], []
+        for batch in split_by(list(range(len(self.inp))), self.plan.schedule.batch):
+            t0 = t
+            t = self.encode(batch, p, t)
+            enc.append(t - t0)
+            mbs = split_even(batch, p)
+            for u in range(int(self.out[batch].max()) - 1):
+                live = [r for r in batch if not self.done(r)]
+                if not live:
+                    break
+                dt = self.step(stages, mbs, [self.inp[mb] + 1 + u for mb in mbs])  # every row one token on
+                t += dt
+                dec.append((dt, len(batch)))
+                self.token(live, t)
+        return self.report(enc, dec, [None, None], t)

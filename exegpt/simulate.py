@@ -344,11 +344,11 @@ def _fits(prob: Problem, mem: list) -> np.ndarray:
 
 # --- box functions ------------------------------------------------------------------------------
 
-def _rra_decode(prob: Problem, stages, bd, cost: CostModel | None = None):
-    """RRA decode-iteration seconds for B_D = bd (one micro-batch per stage), its in-range mask and the token hop
-    back to the driver (0 with one stage)."""
+def _rra_decode(prob: Problem, stages, bd, cost: CostModel | None = None, ctx: float | None = None):
+    """RRA decode-iteration seconds for B_D = bd (one micro-batch per stage) at context ``ctx`` (default: the steady
+    batch's), its in-range mask and the token hop back to the driver (0 with one stage)."""
     p = len(stages)
-    dec, ok_d = _decode_times(prob, stages, bd / p, None, cost)
+    dec, ok_d = _decode_times(prob, stages, bd / p, ctx, cost)
     if p == 1:
         return dec[0], ok_d, 0.0
     # A micro-batch's next iteration needs its tokens back at the driver: with P micro-batches over P stages the
@@ -357,11 +357,12 @@ def _rra_decode(prob: Problem, stages, bd, cost: CostModel | None = None):
     return np.maximum(p * np.maximum.reduce(dec), sum(dec) + ret), ok_d & ok_r, ret
 
 
-def _rra_phases(prob: Problem, stages, be, bd, cost: CostModel | None = None):
-    """RRA encode-phase and decode-iteration seconds for B_E = be and B_D = bd (one micro-batch per stage)."""
+def _rra_phases(prob: Problem, stages, be, bd, cost: CostModel | None = None, ctx: float | None = None):
+    """RRA (and static) encode-phase and decode-iteration seconds for B_E = be and B_D = bd (one micro-batch per
+    stage)."""
     p = len(stages)
     enc, ok_e = _encode_times(prob, stages, be / p, cost)
-    t_dec, ok_d, ret = _rra_decode(prob, stages, bd, cost)
+    t_dec, ok_d, ret = _rra_decode(prob, stages, bd, cost, ctx)
     if p == 1:
         return enc[0], t_dec, ok_e & ok_d
     return sum(enc) + (p - 1) * np.maximum.reduce(enc) + ret, t_dec, ok_e & ok_d
@@ -466,20 +467,18 @@ def static_points(prob: Problem, lay: Layout, batch, detail: bool = False):
     # Every row stays to the end: the context grows from the prompt by one token per iteration (from the
     # batch's longest prompt when the backend attends every row over the longest).
     prompt = st.prompt_len(b, prob.cost.padded_decode)
-    ctx = (0.0 if prob.model.is_encoder_decoder else prompt) + 1 + np.maximum(iters, 0) / 2
-    enc, ok_e = _encode_times(prob, stages, b / p)
-    t_enc = sum(enc) + (p - 1) * np.maximum.reduce(enc) if p > 1 else enc[0]
-    t_dec = np.zeros_like(b)
+    ctx = (0.0 if prob.model.is_encoder_decoder else prompt) + 1 + np.maximum(iters - 1, 0) / 2  # iterations 0..k-1
+    # The same pipeline as RRA's phases (fill and drain, the tokens' hop back to the driver).
+    t_enc, t_dec = np.zeros_like(b), np.zeros_like(b)
     ok_d = np.ones(b.shape, dtype=bool)
     for i, c in enumerate(ctx):  # context differs per batch size: one lookup each
-        dec, ok = _decode_times(prob, stages, b[i:i + 1] / p, float(c))
-        t_dec[i] = (p * np.maximum.reduce(dec) if p > 1 else dec[0])[0]
-        ok_d[i] = ok[0]
+        e, d, ok = _rra_phases(prob, stages, b[i:i + 1], b[i:i + 1], ctx=float(c))
+        t_enc[i], t_dec[i], ok_d[i] = np.ravel(e)[0], np.ravel(d)[0], np.ravel(ok)[0]
     thr = b / (t_enc + iters * t_dec)
     k_max = prob.workload.output_len.max - shift
     lat = t_enc + k_max * t_dec
     mem = _memory(prob, stages, b, b / p * st.in_max)
-    ok = ok_e & ok_d & _fits(prob, mem)
+    ok = ok_d & _fits(prob, mem)
     if detail:
         return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=b, mem=mem)
     return thr, lat, ok

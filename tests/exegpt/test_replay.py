@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule, static_schedule
+from exegpt import Policy, RRASchedule, StaticSchedule, WAASchedule, Workload, evaluate_schedule, static_schedule
 from exegpt.distribution import Distribution
 from exegpt.errors import ExeGPTError
 from exegpt.replay import replay
@@ -83,6 +83,25 @@ def test_fixed_lengths_waa_replay_equals_the_estimate(schedule):
     assert r.latency_p50_s <= r.latency_s
 
 
+@pytest.mark.parametrize("batch,devices", [(8, "1xA40"), (16, "4xA40")])
+def test_fixed_lengths_static_replay_equals_the_estimate(batch, devices):
+    # Every row of a batch runs to its end together: the latency of the longest output is the estimate's, and so is
+    # the mean decode step (the context grows by one a step, and the profile is affine in context).
+    prof = make_profile()
+    plan = static_schedule(fixed(48, 17), math.inf, profile=prof, model="opt-13b", devices=devices)
+    assert plan.schedule.batch >= 1
+    plan = evaluate_schedule(StaticSchedule(batch, 1, plan.schedule.num_gpus), fixed(48, 17), profile=prof,
+                             model="opt-13b", devices=devices)
+    r = replay(plan, prof, num_requests=50 * batch)
+    e = plan.estimate
+    assert r.decode_batch == e.decode_batch == batch
+    assert r.latency_s == pytest.approx(e.latency_s, rel=1e-9)
+    assert r.decode_step_s == pytest.approx(e.decode_step_s, rel=1e-9)
+    assert r.encode_stage_s == pytest.approx(e.encode_stage_s, rel=1e-9)
+    # Completions come a batch at a time: the 10 %-90 % window holds whole batches give or take one.
+    assert r.throughput_seq_s == pytest.approx(e.throughput_seq_s, rel=0.05)
+
+
 def test_bad_input_is_named():
     prof = make_profile()
     w = Workload.truncated_normal(input=(64, 30, 128), output=(24, 10, 60))
@@ -91,6 +110,3 @@ def test_bad_input_is_named():
         replay(plan, prof, num_requests=0)
     with pytest.raises(ExeGPTError, match=r"lengths must be \(input, output\) pairs .* least value 0"):
         replay(plan, prof, lengths=np.array([[4, 3], [0, 2]]))
-    static = static_schedule(w, math.inf, profile=prof, model="opt-13b", devices="1xA40")
-    with pytest.raises(ExeGPTError, match="replay covers RRA and WAA schedules, not static"):
-        replay(static, prof)

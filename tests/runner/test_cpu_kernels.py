@@ -131,6 +131,7 @@ def test_gated_feed_forward_and_rms_norm_follow_the_eager_ops(act):
 def test_fused_decode_attention_equals_the_eager_core(dtype, rows, monkeypatch):
     """RoPE, the cache write at each row's own position, grouped-head attention over its prefix: the fused kernel
     against the eager core (``project`` + ``core``), same inputs, same cache, same projections."""
+    monkeypatch.setitem(cpu_kernels.MAX_ROWS, dtype, 64)  # the projections on the kernels, on any machine
     args = ModelArgs.from_name("smollm2-135m")
     torch.manual_seed(0)
     attn = Attention(args).to(dtype)
@@ -152,7 +153,14 @@ def test_fused_decode_attention_equals_the_eager_core(dtype, rows, monkeypatch):
     monkeypatch.setattr(Attention, "fused_decode", lambda *a: False)
     eager, ref, ref_cache = run()
     assert fused and not eager
-    if dtype == torch.bfloat16:  # every rounding matches the eager layer's
+    if dtype == torch.bfloat16 and cpu_kernels._NATIVE_BF16:
+        # torch's bf16 ops on native bf16 hardware (AMX, AVX512-BF16) round some products their own way: measured,
+        # 1 of 1728 outputs one bf16 unit apart. The cache, written by the same kernels, is exact.
+        assert torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v)
+        ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+        off = (out.float() - ref.float()).abs()
+        assert (off <= ulp).all() and (off > 0).float().mean() < 0.01
+    elif dtype == torch.bfloat16:  # every rounding matches the eager layer's
         assert torch.equal(out, ref) and torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v)
     else:
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
@@ -230,6 +238,9 @@ def test_switched_off_by_environment(monkeypatch):
 @pytest.mark.parametrize("rows", [3, 12])  # weights streamed; on their panels
 def test_a_fused_decode_layer_gives_the_bits_of_its_kernels_called_one_by_one(dtype, rows, monkeypatch):
     from runner.model import TransformerBlock
+
+    # The kernels at these rows whatever the machine (with native bf16, torch's ops take bf16 batches above a row).
+    monkeypatch.setitem(cpu_kernels.MAX_ROWS, dtype, 64)
 
     args = ModelArgs.from_name("smollm2-135m")
     torch.manual_seed(0)
