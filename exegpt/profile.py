@@ -216,7 +216,8 @@ class Profile(JSONFile):
     """``(ranks, factor)`` pairs: how much slower one rank computes back to back while that many ranks compute at
     once, against alone: the part of ``rank_slowdown`` that is not the bursts' wake-up. It slows the one-rank groups
     of a WAA plan while the other group computes too (``exegpt.simulate.concurrent_times``). Measured on a CPU
-    beside ``rank_slowdown``; empty, i.e. 1, on GPUs."""
+    beside ``rank_slowdown``, the two-rank value then by running WAA plans (``profiler.engine.calibrate_waa``);
+    empty, i.e. 1, on GPUs."""
     waa_period_factor: float = 1.0
     """How much longer a WAA plan's period runs than the simulator's ``max`` of its decode iteration (with the
     hand-off where ``handoff_on_compute``) and encode batch: the lockstep of one merged batch per decode iteration,

@@ -15,8 +15,9 @@ Phases (``profile_model``):
 5. **The Profile**, with provenance (model, device, dtype, torch version, threads, date, grid).
 6. **The executor** (``profiler.engine.calibrate_engine``, ``engine=True``): RRA plans run through the runner,
    the residual over the kernel tables tabulated as ``engine_encode`` / ``engine_decode``.
-7. **The WAA lockstep** (``profiler.engine.calibrate_waa``, with the collectives, where two ranks can run): one
-   WAA plan run on two ranks, ``Profile.waa_period_factor``.
+7. **WAA's two groups** (``profiler.engine.calibrate_waa``, with the collectives, where two ranks can run): WAA
+   plans run on two ranks; their groups' concurrency (``Profile.rank_concurrency`` at two ranks, in place of the
+   back-to-back probe of phase 4) and lockstep (``Profile.waa_period_factor``).
 
 Extrapolation (``extrapolate: true``) is set only where a linear extension of the last segment is physically
 right: the dense and LM-head tables (work linear in tokens / rows once the batch saturates the device), the
@@ -57,14 +58,14 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 10
+METHOD_VERSION = 11
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
 ``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
 decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``;
 6: a pipeline hop as one message into a posted receive, ``runner.pipeline.CommandInbox``; 7: fused decode layers
 called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concurrency, ``Profile.rank_concurrency``;
 9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``, and the token axis holding
-the backend's row breaks, ``runner.cpu_kernels.row_breaks``; 10: the WAA lockstep, ``Profile.waa_period_factor``),
+the backend's row breaks, ``runner.cpu_kernels.row_breaks``; 10: the WAA lockstep, ``Profile.waa_period_factor``; 11: the two-rank concurrency measured by WAA runs),
 so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}

@@ -45,21 +45,30 @@ def test_profile_measures_the_engine(profile):
     assert profile.seconds(Kernel.ENGINE_DECODE, 1, n, L) == pytest.approx(a + b * n + c * n * L)
 
 
-def test_the_waa_calibration_runs_a_waa_plan_and_records_its_lockstep():
-    """calibrate_waa runs its WAA plan on two ranks of this CPU: the factor is the measured period over the longer
-    part, against the estimate's same ratio; at least 1, with the raw ratio and the run in the provenance."""
-    from profiler.engine import WAA_SCHEDULE, calibrate_waa
+def test_the_waa_calibration_runs_a_waa_plan_and_records_its_concurrency_and_lockstep():
+    """calibrate_waa runs a WAA plan on two ranks of this CPU: the concurrency makes the estimate's group times the
+    measured ones (at least 1), and the factor is the measured period over the longer part against the estimate's
+    same ratio with that concurrency (at least 1); raw values and the run in the provenance."""
+    from exegpt.simulate import concurrent_times
+    from profiler.engine import WAA_SCHEDULES, calibrate_waa
     from tests.exegpt.conftest import tiny_cpu_profile
 
     base = tiny_cpu_profile()
     prof = calibrate_waa(base, "tiny", runs=1)
     facts = prof.provenance["waa_period"]
-    assert facts["schedule"] == str(WAA_SCHEDULE) and facts["requests"] >= 48
-    [measured] = facts["measured_period_over_longer"]
-    assert facts["raw"] == pytest.approx(measured / facts["predicted_period_over_longer"])
-    assert math.isfinite(facts["raw"]) and facts["raw"] > 0
+    assert facts["schedules"] == [str(WAA_SCHEDULES[0])] and facts["requests"][0] >= 48
+    [t_e], [t_d] = facts["encode_plain_s"], facts["decode_plain_s"]
+    [m_e], [m_d] = facts["encode_meas_s"], facts["decode_meas_s"]
+    c = prof.concurrency(2)
+    assert c == facts["concurrency"] >= 1.0 and facts["probe_concurrency"] == base.concurrency(2)
+    if c > 1.0:  # the mean of the two groups' concurrencies: their summed times match the measured ones
+        e, d = concurrent_times(c, t_e, t_d, True, True)
+        assert e + d == pytest.approx(m_e + m_d)
+    [ratio] = facts["period_ratio"]
+    assert facts["raw"] == ratio and math.isfinite(ratio) and ratio > 0
     assert prof.waa_period_factor == max(1.0, facts["raw"])
     assert prof.tables == base.tables and base.waa_period_factor == 1.0
+    assert prof.rank_slowdown == base.rank_slowdown
 
 
 def _closed_loop(profile):
