@@ -29,7 +29,8 @@ WAA (``runner/waa.py``): the encode driver encodes batches of B_E in order, at m
 merges (it waits for the credit a merge sends); each batch's KV is handed off (``kv_handoff``, on the decode
 driver's compute where ``Profile.handoff_on_compute``). The decode driver, whenever a batch fits its cache, waits
 for the next batch and merges it, then runs one iteration of all its active rows in micro-batches of B_m.
-Static batching is not replayed: its estimate already runs every row to the batch's longest output.
+Static (``runner/static.py``): batches of B in order, each encoded like an RRA phase, then decoded until its
+longest output is done, finished rows computed on at their growing positions.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cost import CostModel
 from .errors import ExeGPTError
 from .plan import Plan
 from .profile import Profile
-from .rules import MIN_STEADY_FINISHES, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, sample_lengths, \
-    split_by, split_even, steady_rate, waa_cache_rows
-from .cost import CostModel
+from .rules import SteadyMarker, SteadyWindow, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, \
+    sample_lengths, split_by, split_even, steady_rate, waa_cache_rows
 from .schedule import RRASchedule, StaticSchedule, WAASchedule
 from .simulate import HANDOFF_DEPTH, Layout, Problem, _decode_times, _encode_times, spans_ranks
 
@@ -164,9 +165,11 @@ class _Timeline:
     def step(self, stages, mbs: list[list[int]], ctxs: list[np.ndarray] | None = None) -> float:
         """Seconds of one decode iteration of micro-batches ``mbs`` (non-empty lists of request ids) pipelined over
         ``stages``: the busiest stage (its micro-batches summed) or the slowest micro-batch's round trip (its
-        stages and the token hop back to the driver), whichever is longer."""
+        stages and the token hop back to the driver), whichever is longer. ``ctxs``: each micro-batch's rows'
+        contexts (default: prompt and tokens so far)."""
         sizes = np.array([len(mb) for mb in mbs], dtype=float)
-        ctxs = [self.inp[mb] + self.gen[mb] for mb in mbs]
+        if ctxs is None:
+            ctxs = [self.inp[mb] + self.gen[mb] for mb in mbs]
         ctx = np.array([c.max() if self.padded_decode else c.mean() for c in ctxs], dtype=float)
         per_stage, _ = _decode_times(self.prob, stages, sizes, ctx)
         t = np.stack([np.broadcast_to(x, sizes.shape) for x in per_stage])  # [stage, micro-batch]
@@ -175,16 +178,14 @@ class _Timeline:
         ret = np.asarray(self.prob.cost.token_return(sizes)[0], dtype=float)
         return float(max(t.sum(axis=1).max(), (t.sum(axis=0) + ret).max()))
 
-    def report(self, enc, dec, win, t_last: float) -> Replay:
+    def report(self, enc, dec, steady: SteadyWindow | None) -> Replay:
         """What a run's report reads off (``runner.report.build_report``): ``enc`` encode seconds, ``dec`` (seconds,
-        rows) per decode iteration, ``win`` the steady window's (time, encodes, iterations) at its ends."""
+        rows) per decode iteration, ``steady`` the steady window the driver marked."""
         finish = np.sort(self.finish)
         seq_s = steady_rate(finish)
-        if win[0] is not None:
-            (t0, e0, d0), (t1, e1, d1) = win[0], win[1] or (t_last, len(enc), len(dec))
-            inside = int(((finish >= t0) & (finish <= t1)).sum())
-            if t1 > t0 and inside >= MIN_STEADY_FINISHES and enc[e0:e1] and dec[d0:d1]:
-                seq_s, enc, dec = inside / (t1 - t0), enc[e0:e1], dec[d0:d1]
+        rate = steady.rate(finish, enc, dec) if steady is not None else None
+        if rate is not None:
+            seq_s, enc, dec = rate, enc[steady.encodes], dec[steady.decode_iters]
         lat = (self.at_len - self.start)[~np.isnan(self.at_len)]
         return Replay(
             throughput_seq_s=float(seq_s), latency_s=float(lat.max()) if lat.size else math.nan,
@@ -205,17 +206,16 @@ class _RRA(_Timeline):
         p = len(stages)
         queue, alive, t = 0, [], 0.0  # queue: the next request id to admit
         enc, dec = [], []  # encode phase seconds; (seconds, rows) per decode iteration
-        win = [None, None]  # (t, len(enc), len(dec)) where the steady window begins and ends
+        steady = SteadyMarker(enc, dec)
         while queue < n or alive:
             t_phase = t
             keep = [r for r in alive if not self.done(r)]
             finished, alive = len(alive) - len(keep), keep
             wanted = rra_admit(s.encode_batch, finished, len(alive), target, rows)
             if n - queue < wanted:
-                if win[0] is not None and win[1] is None:
-                    win[1] = (t_phase, len(enc), len(dec))
-            elif len(alive) + wanted >= target and win[0] is None:
-                win[0] = (t_phase, len(enc), len(dec))
+                steady.end(t_phase)
+            elif len(alive) + wanted >= target:
+                steady.begin(t_phase)
             k = min(n - queue, wanted)
             if k > 0:
                 batch = list(range(queue, queue + k))
@@ -237,7 +237,7 @@ class _RRA(_Timeline):
                 dec.append((dt, sum(len(mb) for mb in mbs)))
                 for mb in mbs:
                     self.token(mb, t)
-        return self.report(enc, dec, win, t)
+        return self.report(enc, dec, steady.window(t))
 
 
 class _WAA(_Timeline):
@@ -258,7 +258,7 @@ class _WAA(_Timeline):
         busy: list[tuple[float, float]] = []  # the encode driver's compute intervals
         out: list[tuple[float, float, float]] = []  # per batch: encode start, first tokens, hand-off seconds
         merged: list[float] = []  # when the decode driver merged each batch (and sent its credit)
-        last_dec = [0.0]  # the decode driver's latest iteration (seconds)
+        last_dec = 0.0  # the decode driver's latest iteration (seconds)
 
         def encode_ahead() -> None:
             """Every batch the encoder can have started: at most HANDOFF_DEPTH ahead of the merges."""
@@ -266,7 +266,7 @@ class _WAA(_Timeline):
                 k = len(out)
                 rids = batches[k]
                 t = [x * coupling for x in self.encode_times(enc_st, rids)]
-                t[0] += extra_e * min(t[0], last_dec[0])  # the decode group computing meanwhile
+                t[0] += extra_e * min(t[0], last_dec)  # the decode group computing meanwhile
                 t0 = max(free[0], merged[k - HANDOFF_DEPTH] if k >= HANDOFF_DEPTH else 0.0)
                 self.start[rids] = t0
                 prev = t0
@@ -281,7 +281,8 @@ class _WAA(_Timeline):
             return sum(max(0.0, min(b, e) - max(a, s0)) for s0, e in busy[-HANDOFF_DEPTH - 1:])
 
         alive, td, held, k_next = [], 0.0, None, 0
-        enc, dec, win = [], [], [None, None]
+        enc, dec = [], []
+        steady = SteadyMarker(enc, dec)
         while True:
             alive = [r for r in alive if not self.done(r)]
             encode_ahead()
@@ -290,8 +291,8 @@ class _WAA(_Timeline):
                     held, k_next = k_next, k_next + 1
                     _, first, hand = out[held]
                     td = max(td, first + (0.0 if on_compute else hand))
-                elif win[0] is not None and win[1] is None:
-                    win[1] = (td, len(enc), len(dec))  # the encoder's end message
+                else:
+                    steady.end(td)  # the encoder's end message
             if held is not None and len(alive) + len(batches[held]) <= rows:
                 t0, first, hand = out[held]
                 if on_compute:
@@ -306,15 +307,15 @@ class _WAA(_Timeline):
                 if k_next == len(batches) and held is None:
                     break
                 continue
-            if len(active) >= self.plan.estimate.decode_batch and win[0] is None:
-                win[0] = (td, len(enc), len(dec))
+            if len(active) >= self.plan.estimate.decode_batch:
+                steady.begin(td)
             dt = self.step(dec_st, split_by(active, s.micro_batch)) * coupling
             dt += extra_d * encoding_during(td, td + dt)  # the encode group computing meanwhile
-            last_dec[0] = dt
+            last_dec = dt
             td += dt
             dec.append((dt, len(active)))
             self.token(active, td)
-        return self.report(enc, dec, win, td)
+        return self.report(enc, dec, steady.window(td))
 
 
 class _Static(_Timeline):
@@ -337,4 +338,4 @@ class _Static(_Timeline):
                 t += dt
                 dec.append((dt, len(batch)))
                 self.token(live, t)
-        return self.report(enc, dec, [None, None], t)
+        return self.report(enc, dec, None)  # no steady window: every batch runs alone, start to end

@@ -1,13 +1,14 @@
 """The scheduling rules a plan is executed by: one copy, used by the runner's executors (``runner/rra.py``, ...)
 and by the request-level replay (``exegpt.replay``), so the two cannot drift apart.
 
-Also how a run's throughput is read off its completion times (``steady_rate``), which a measured run
-(``runner.report``) and a replayed one share.
+Also how a run's throughput is read off its completion times (its ``SteadyWindow``, else ``steady_rate``), which a
+measured run (``runner.report``) and a replayed one share.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -84,6 +85,55 @@ def split_by(items: list, size: int) -> list[list]:
 
 
 # --- reading a run ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SteadyWindow:
+    """The part of a run in the steady state the plan describes: the decode batch has reached its planned size
+    and the queue still feeds it (no start-up ramp, no final drain). Marked by the executor that knows both."""
+
+    start_s: float
+    end_s: float
+    encodes: slice
+    """The encode phases (or batches) inside the window, as a slice of the run's list of them."""
+    decode_iters: slice
+    """The decode iterations inside the window."""
+
+    def rate(self, finish: np.ndarray, encodes: list, decode_iters: list) -> float | None:
+        """Completions per second inside the window, of the run's ``finish`` times; None when the window is empty,
+        holds fewer than ``MIN_STEADY_FINISHES`` completions, or no encode or decode iteration of the run's lists
+        (then a run is read whole)."""
+        if self.end_s <= self.start_s or not encodes[self.encodes] or not decode_iters[self.decode_iters]:
+            return None
+        inside = int(((finish >= self.start_s) & (finish <= self.end_s)).sum())
+        return inside / (self.end_s - self.start_s) if inside >= MIN_STEADY_FINISHES else None
+
+
+class SteadyMarker:
+    """Helps a driver mark its ``SteadyWindow``: ``begin`` once the batch is full, ``end`` once the queue
+    starves; the first call of each counts."""
+
+    def __init__(self, encodes: list, decode_iters: list):
+        self._enc, self._dec = encodes, decode_iters
+        self._start: tuple[float, int, int] | None = None
+        self._end: tuple[float, int, int] | None = None
+
+    def begin(self, t: float) -> None:
+        if self._start is None:
+            self._start = (t, len(self._enc), len(self._dec))
+
+    def end(self, t: float) -> None:
+        if self._start is not None and self._end is None:
+            self._end = (t, len(self._enc), len(self._dec))
+
+    def window(self, t_last: float) -> SteadyWindow | None:
+        """The window (ending at ``t_last`` if the queue never starved), or None if the batch never filled."""
+        if self._start is None:
+            return None
+        t0, e0, d0 = self._start
+        t1, e1, d1 = self._end or (t_last, len(self._enc), len(self._dec))
+        return SteadyWindow(t0, t1, slice(e0, e1), slice(d0, d1))
+
+
 
 def steady_rate(finish: np.ndarray) -> float:
     """Completions per second between the 10 % and 90 % completion times of sorted ``finish`` times (NaN if that

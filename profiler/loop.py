@@ -30,7 +30,7 @@ from exegpt import InfeasibleBoundError, Plan, Profile, Workload, find_schedule,
 from exegpt.errors import ExeGPTError
 from exegpt.replay import Replay, replay
 from exegpt.rules import sample_lengths
-from exegpt.schedule import RRASchedule, WAASchedule, describe
+from exegpt.schedule import describe
 from runner import cpu_kernels
 from runner.report import RunReport
 from runner.run import run_plans
@@ -62,7 +62,7 @@ class Comparison:
     """The machine's speed when the plan ran against when it was profiled: ``speed_probe`` seconds just before
     the run over the same probe just after profiling (1.2: everything 20 % slower). 1 when not probed."""
     replay: Replay | None = None
-    """The plan replayed request by request on the run's own requests (``exegpt.replay``; RRA and WAA), or None."""
+    """The plan replayed request by request on the run's own requests (``exegpt.replay``), or None."""
 
     @property
     def replay_throughput_error(self) -> float:
@@ -160,7 +160,7 @@ def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", nu
                     seed: int = 0, trace: Workload | None = None, progress: bool = False,
                     profile: Profile | None = None) -> list[Comparison]:
     """Executes each plan on ``model`` (same requests for all) and pairs its estimate with what it measured; with
-    the ``profile`` the plans were estimated from, RRA and WAA plans are also replayed on the same requests."""
+    the ``profile`` the plans were estimated from, each plan is also replayed on the same requests."""
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)  # single-rank runs execute in this process
     try:
@@ -171,7 +171,7 @@ def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", nu
     out = []
     for (name, plan), rep in zip(named_plans, reports):
         rp = None
-        if profile is not None and isinstance(plan.schedule, (RRASchedule, WAASchedule)):
+        if profile is not None:
             lengths = sample_lengths(trace if trace is not None else plan.workload, num_requests, seed)[1]
             rp = replay(plan, profile, lengths=lengths)
         out.append(Comparison(name, plan, rep, replay=rp))

@@ -65,8 +65,8 @@ decode layer timed as one call; 5: a fused decode core timed with every row at t
 6: a pipeline hop as one message into a posted receive, ``runner.pipeline.CommandInbox``; 7: fused decode layers
 called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concurrency, ``Profile.rank_concurrency``;
 9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``, and the token axis holding
-the backend's row breaks, ``runner.cpu_kernels.row_breaks``; 10: the WAA lockstep, ``Profile.waa_period_factor``; 11: the two-rank concurrency measured by WAA runs),
-so cached profiles of an older method are measured again."""
+the backend's row breaks, ``runner.cpu_kernels.row_breaks``; 10: the WAA lockstep, ``Profile.waa_period_factor``;
+11: the two-rank concurrency measured by WAA runs), so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond it the point is

@@ -13,50 +13,11 @@ import numpy as np
 from exegpt.errors import ExeGPTError
 from exegpt.jsonfile import JSONFile
 from exegpt.plan import Estimate
-from exegpt.rules import MIN_STEADY_FINISHES, steady_rate
+from exegpt.rules import SteadyWindow, steady_rate
 
 REPORT_SCHEMA = 1
 FINISHED = "finished"
 FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class SteadyWindow:
-    """The part of a run in the steady state the plan describes: the decode batch has reached its planned size
-    and the queue still feeds it (no start-up ramp, no final drain). Marked by the executor that knows both."""
-
-    start_s: float
-    end_s: float
-    encodes: slice
-    """The encode phases (or batches) inside the window, as a slice of the run's list of them."""
-    decode_iters: slice
-    """The decode iterations inside the window."""
-
-
-class SteadyMarker:
-    """Helps a driver mark its ``SteadyWindow``: ``begin`` once the batch is full, ``end`` once the queue
-    starves; the first call of each counts."""
-
-    def __init__(self, encodes: list, decode_iters: list):
-        self._enc, self._dec = encodes, decode_iters
-        self._start: tuple[float, int, int] | None = None
-        self._end: tuple[float, int, int] | None = None
-
-    def begin(self, t: float) -> None:
-        if self._start is None:
-            self._start = (t, len(self._enc), len(self._dec))
-
-    def end(self, t: float) -> None:
-        if self._start is not None and self._end is None:
-            self._end = (t, len(self._enc), len(self._dec))
-
-    def window(self, t_last: float) -> SteadyWindow | None:
-        """The window (ending at ``t_last`` if the queue never starved), or None if the batch never filled."""
-        if self._start is None:
-            return None
-        t0, e0, d0 = self._start
-        t1, e1, d1 = self._end or (t_last, len(self._enc), len(self._dec))
-        return SteadyWindow(t0, t1, slice(e0, e1), slice(d0, d1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,12 +166,11 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
     if math.isnan(seq_s):
         seq_s = overall
     window = (math.nan, math.nan)
-    if steady is not None and steady.end_s > steady.start_s:
-        inside = int(((finish >= steady.start_s) & (finish <= steady.end_s)).sum())
-        if inside >= MIN_STEADY_FINISHES and encode_times_s[steady.encodes] and decode_iters[steady.decode_iters]:
-            seq_s = inside / (steady.end_s - steady.start_s)
-            encode_times_s, decode_iters = encode_times_s[steady.encodes], decode_iters[steady.decode_iters]
-            window = (steady.start_s, steady.end_s)
+    rate = steady.rate(finish, encode_times_s, decode_iters) if steady is not None else None
+    if rate is not None:
+        seq_s = rate
+        encode_times_s, decode_iters = encode_times_s[steady.encodes], decode_iters[steady.decode_iters]
+        window = (steady.start_s, steady.end_s)
     lat = np.array([r.latency_len_token_s - r.encode_start_s for r in done
                     if r.latency_len_token_s is not None and r.encode_start_s is not None], dtype=float)
     rows = sum(n for _, n in decode_iters)

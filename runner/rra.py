@@ -22,12 +22,12 @@ from collections import deque
 
 import torch
 
-from exegpt.rules import rra_admit, rra_cache_rows as cache_rows, rra_chunks, rra_refill_target as refill_target, \
-    split_even
+from exegpt.rules import SteadyMarker, SteadyWindow, rra_admit, rra_cache_rows as cache_rows, rra_chunks, \
+    rra_refill_target as refill_target, split_even
 
 from .kv_cache import fill_holes
 from .pipeline import COMPACT, Command, Pipeline, RunContext, _i64, encode, run_decode, run_main_pipeline
-from .report import RunReport, SteadyMarker, SteadyWindow
+from .report import RunReport
 from .requests import RequestTracker
 
 

@@ -25,14 +25,14 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from exegpt.rules import split_by, waa_cache_rows as cache_rows
+from exegpt.rules import SteadyMarker, SteadyWindow, split_by, waa_cache_rows as cache_rows
 from exegpt.simulate import HANDOFF_DEPTH
 
 from .dist import TAG_CREDIT, TAG_KV, TAG_META, StageRanks
 from .kv_cache import fill_holes, row_index
 from .pipeline import COMPACT, END, IMPORT, PREFILL, Command, Pipeline, RunContext, StageRuntime, _i64, \
     driver_clock, eos_of, make_runtime, make_tp_groups, progress_bar, run_decode, start_clock
-from .report import RunReport, SteadyMarker, SteadyWindow, build_report
+from .report import RunReport, build_report
 from .requests import Request, RequestTracker
 
 DEPTH = HANDOFF_DEPTH
@@ -195,8 +195,7 @@ def encode_batches(ctx: RunContext, encode_batch: int) -> list[list[Request]]:
     submits them; the decode ranks size and count their KV receives by them."""
     tracker = RequestTracker(ctx.requests, ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos, 0 if ctx.stop_at_eos else None)
-    queue = tracker.runnable
-    return [queue[i:i + encode_batch] for i in range(0, len(queue), encode_batch)]
+    return split_by(tracker.runnable, encode_batch)
 
 
 def run_waa(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
