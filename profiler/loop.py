@@ -13,12 +13,14 @@ Runs are timed with one intra-op thread per rank, as the profile is, so that the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -112,6 +114,39 @@ class Comparison:
         if math.isnan(self.report.latency_s):
             return None
         return self.report.latency_s <= self.plan.bound.bound_s
+
+
+def median_comparison(rounds: list[Comparison]) -> Comparison:
+    """One plan run in several rounds, each predicted from the profile taken just before it: a Comparison whose
+    estimate, report, replay and drift carry the median over the rounds of every float field (integer fields
+    and the rest from the first round). On a shared machine both a profile and a run move by tens of percent
+    from minute to minute; the medians compare the model's expected cost with the expected measurement, where
+    one round pairs two draws of that noise."""
+    if not rounds or len({c.plan.schedule for c in rounds}) != 1:
+        raise ValueError(f"median_comparison needs rounds of one schedule, got "
+                         f"{sorted({describe(c.plan.schedule) for c in rounds})}")
+
+    def med(objs):
+        first = objs[0]
+        if first is None:
+            return None
+        over = {f.name: _median([getattr(o, f.name) for o in objs])
+                for f in dataclasses.fields(first) if f.type in ("float", float)}
+        return dataclasses.replace(first, **over)
+
+    first = rounds[0]
+    replays = [c.replay for c in rounds]
+    return dataclasses.replace(
+        first, plan=dataclasses.replace(first.plan, estimate=med([c.plan.estimate for c in rounds])),
+        report=med([c.report for c in rounds]), drift=_median([c.drift for c in rounds]),
+        replay=med(replays) if all(r is not None for r in replays) else None)
+
+
+def _median(xs: list[float]) -> float:
+    """Median of the values that are not NaN (a round where no request reached the bound length has a NaN
+    latency)."""
+    known = [x for x in xs if not math.isnan(x)]
+    return statistics.median(known) if known else math.nan
 
 
 def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, refresh: bool = False,

@@ -1,8 +1,13 @@
 """benchmarks/fidelity.py's attribution row: measured / predicted per cost term, and WAA's time outside both."""
 
+import dataclasses
+import math
+
+import pytest
+
 from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule
 from benchmarks.fidelity import _attribution
-from profiler.loop import Comparison
+from profiler.loop import Comparison, median_comparison
 from runner.report import RunReport
 from tests.exegpt.conftest import make_profile
 
@@ -44,3 +49,23 @@ def test_drift_scales_the_prediction_and_one_means_unscaled():
     assert abs(c.drift_latency_error) < 1e-12 and abs(c.latency_error - 0.2) < 1e-12
     plain = Comparison("r", plan, rep)
     assert plain.drift == 1.0 and plain.drift_throughput_error == plain.throughput_error
+
+
+def test_median_comparison_takes_each_sides_median_over_rounds_and_skips_unseen_latencies():
+    """Three rounds of one plan, each with its own prediction (profile) and measurement: the row compares the
+    median prediction with the median measurement, field by field; a round where no request reached the bound
+    length (NaN latency) does not count towards the latency median."""
+    plan = evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), W, profile=make_profile(), devices="1xA40")
+    e = plan.estimate
+    rounds = []
+    for k, (p_thr, m_thr, m_lat) in enumerate(((100.0, 90.0, 0.4), (120.0, 150.0, math.nan), (80.0, 95.0, 0.6))):
+        p = dataclasses.replace(plan, estimate=dataclasses.replace(e, throughput_seq_s=p_thr, latency_s=0.1 * k))
+        rounds.append(Comparison("r", p, _report(p, m_thr, 0.01 * k, 0.001, 4.0, latency_s=m_lat), drift=1 + k))
+    c = median_comparison(rounds)
+    assert (c.plan.estimate.throughput_seq_s, c.report.throughput_seq_s) == (100.0, 95.0)
+    assert c.plan.estimate.latency_s == 0.1 and c.report.latency_s == 0.5 and c.report.encode_stage_s == 0.01
+    assert c.drift == 2 and c.report.latency_len == plan.estimate.latency_len
+    assert abs(c.throughput_error - 5 / 95) < 1e-12
+    other = dataclasses.replace(plan, schedule=RRASchedule(8, 4, 1, 0, 1))
+    with pytest.raises(ValueError, match="one schedule"):
+        median_comparison([rounds[0], Comparison("r", other, rounds[0].report)])
