@@ -5,7 +5,8 @@ CPU-sized lengths, plus the plans find_schedule picks on one and on two ranks un
 schedule using all of them meets) with the closed loop's latency margin; the two-rank pick may use one rank),
 each round predicted from a profile measured just before it; a plan's row compares the median of its
 predictions over the rounds with the median of its measurements (the table's 'kept' is the median run's; the
-summary counts a pick as kept only when every round kept its bound). Then the mean and worst relative errors, a where-the-time-went table (measured / predicted per cost term; for WAA the time outside all of them),
+summary counts a pick as kept only when every round kept its bound). Then the mean and worst relative errors,
+a where-the-time-went table (measured / predicted per cost term; for WAA the time outside all of them),
 the plans replayed request by request on the run's own requests (``exegpt.replay``: the worst latency of a run's
 bound-length requests, which the steady-state estimate does not see) against the same measurements,
 the run-to-run spread of the same plan on this machine, the machine's drift (``speed_probe`` just before each run
