@@ -73,6 +73,10 @@ class Replay:
     """Mean rows of a decode iteration, as ``decode_step_s``."""
     makespan_s: float
     num_requests: int
+    """Requests submitted."""
+    num_failed: int = 0
+    """Requests the runner would fail on admission, longer than the plan's KV-cache budget per sequence (its
+    workload's longest prompt plus longest output); the timeline runs the others, in their order."""
 
 
 def replay(plan: Plan, profile: Profile | None = None, num_requests: int = DEFAULT_REQUESTS, seed: int = 0,
@@ -91,8 +95,15 @@ def replay(plan: Plan, profile: Profile | None = None, num_requests: int = DEFAU
     if lengths.ndim != 2 or lengths.shape[1] != 2 or not len(lengths) or (lengths < 1).any():
         raise ExeGPTError(f"lengths must be (input, output) pairs of at least 1 token each, got shape "
                           f"{lengths.shape} with least value {lengths.min() if lengths.size else None}")
+    budget = plan.workload.max_total_len
+    fits = lengths.sum(axis=1) <= budget
+    if not fits.any():
+        raise ExeGPTError(f"every one of the {len(lengths)} requests exceeds the plan's KV-cache budget of {budget} "
+                          f"tokens per sequence (its workload's longest prompt plus longest output); the shortest "
+                          f"has {lengths.sum(axis=1).min()}")
     kind = {RRASchedule: _RRA, WAASchedule: _WAA, StaticSchedule: _Static}[type(plan.schedule)]
-    return kind(_problem(plan, profile), plan, lengths).run()
+    rp = kind(_problem(plan, profile), plan, lengths[fits]).run()
+    return dataclasses.replace(rp, num_requests=len(lengths), num_failed=int((~fits).sum()))
 
 
 def _problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:

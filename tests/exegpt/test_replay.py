@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -110,3 +111,20 @@ def test_bad_input_is_named():
         replay(plan, prof, num_requests=0)
     with pytest.raises(ExeGPTError, match=r"lengths must be \(input, output\) pairs .* least value 0"):
         replay(plan, prof, lengths=np.array([[4, 3], [0, 2]]))
+    with pytest.raises(ExeGPTError, match="every one of the 2 requests exceeds the plan's KV-cache budget of 188 "
+                                          "tokens .* the shortest has 189"):
+        replay(plan, prof, lengths=np.array([[128, 61], [129, 60]]))
+
+
+def test_requests_over_the_cache_budget_fail_and_the_rest_replay_in_order():
+    """As the runner's admission: a request longer than the plan's KV-cache budget (longest prompt plus longest
+    output) is failed, and the timeline is the replay of the others alone."""
+    prof = make_profile()
+    w = Workload.truncated_normal(input=(64, 30, 128), output=(24, 10, 60))
+    plan = evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), w, profile=prof, model="opt-13b", devices="1xA40")
+    rng = np.random.default_rng(3)
+    ok = np.stack([rng.integers(1, 129, 80), rng.integers(1, 61, 80)], axis=1)
+    mixed = np.insert(ok, [5, 40, 40], [[128, 61], [200, 1], [128, 60]], axis=0)  # the last one fits exactly
+    r, alone = replay(plan, prof, lengths=mixed), replay(plan, prof, lengths=np.insert(ok, 40, [128, 60], axis=0))
+    assert (r.num_requests, r.num_failed, alone.num_failed) == (83, 2, 0)
+    assert r == dataclasses.replace(alone, num_requests=83, num_failed=2)
