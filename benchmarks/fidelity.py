@@ -1,34 +1,41 @@
 """Simulator fidelity on this machine: profile -> simulate -> execute -> predicted vs measured.
 
-One row per plan (RRA and WAA, several B_E / N_D / TP, three workloads including a real trace scaled to
-CPU-sized lengths, plus the plans find_schedule picks on one and on two ranks under a bound (twice the smallest any
-schedule using all of them meets) with the closed loop's latency margin; the two-rank pick may use one rank),
-each round predicted from a profile measured just before it; a plan's row compares the median of its
-predictions over the rounds with the median of its measurements (the table's 'kept' is the median run's; the
-summary counts a pick as kept only when every round kept its bound). Then the mean and worst relative errors,
-a where-the-time-went table (measured / predicted per cost term; for WAA the time outside all of them),
-the plans replayed request by request on the run's own requests (``exegpt.replay``: the worst latency of a run's
-bound-length requests, which the steady-state estimate does not see) against the same measurements,
-the run-to-run spread of the same plan on this machine, the machine's drift (``speed_probe`` just before each run
-over the same probe just after the profile; for a plan of several ranks times the rank slowdown measured just
-before it over the profile's, ``Profile.rank_slowdown``) and the errors with the prediction scaled by it, and one
-summary line (unscaled):
+Plans: RRA and WAA, several B_E / N_D / TP, three workloads including a real trace scaled to CPU-sized lengths,
+plus the plans find_schedule picks on one and on two ranks under a bound (twice the smallest any schedule using
+all of them meets) with the closed loop's latency margin (the two-rank pick may use one rank). Every plan runs
+once per round, rounds interleaved, each round predicted from a profile measured just before it.
+
+Printed:
+- one row per plan: the median of its predictions over the rounds against the median of its measurements (the
+  row's 'kept' is the median run's), then the mean and worst relative errors, for one and for two ranks;
+- where the time went (measured / predicted per cost term; for WAA the time outside all of them);
+- the run-to-run spread of the same plan and the noise floor it sets (``noise_floor``: each run predicted by the
+  same plan's other runs), and the errors of each round against its own profile;
+- the plans replayed request by request on the runs' own requests (``exegpt.replay``: the worst latency of the
+  bound-length requests, which the steady-state estimate does not see) against the same measurements;
+- the machine's drift (``speed_probe`` just before each run over the same probe just after the profile; for a
+  plan of several ranks, times the rank slowdown measured just before it over the profile's) and the errors with
+  the prediction scaled by it;
+- one summary line (unscaled; a pick counts as keeping its bound only when it kept it in every round):
 
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
 
-  python -m benchmarks.fidelity [--model tiny] [--requests 800] [--rounds 3] [--cached-profile]
+  python -m benchmarks.fidelity [--model tiny] [--requests 800] [--rounds 3] [--cached-profile] [--save runs.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import statistics
+from pathlib import Path
 
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
 from exegpt.optimize import offered_cluster
+from exegpt.schedule import describe
 from exegpt.simulate import spans_ranks
 from profiler.collectives import run_group
 from profiler.engine import period_over_longer
@@ -87,6 +94,32 @@ def rank_drift(prof, model: str, plan) -> float:
     return now["rank_slowdown"]["factor"] / prof.slowdown(ranks)
 
 
+def noise_floor(runs_by_plan: list[list[float]]) -> list[float]:
+    """The error of predicting each run by the median of the same plan's runs in the other rounds:
+    |median(others) - run| / run, for every run of every plan with at least two (NaN runs skipped). No model
+    of the machine can expect to do better than this on the same runs; it is the machine's noise, not the
+    model's error."""
+    out = []
+    for runs in runs_by_plan:
+        runs = [x for x in runs if math.isfinite(x)]
+        for i, x in enumerate(runs):
+            others = runs[:i] + runs[i + 1:]
+            if others:
+                out.append(abs(statistics.median(others) - x) / x)
+    return out
+
+
+def save_rounds(rounds, path: str) -> None:
+    """Every round's prediction and measurement per plan (seconds, sequences per second), for later analysis."""
+    keys = ("throughput_seq_s", "latency_s", "encode_stage_s", "decode_step_s", "decode_batch")
+    out = [{c.name: {"schedule": describe(c.plan.schedule), "bound_s": c.plan.bound.bound_s, "drift": c.drift,
+                     "predicted": {k: getattr(c.plan.estimate, k) for k in keys},
+                     "measured": {k: getattr(c.report, k) for k in keys} | {"latency_p50_s": c.report.latency_p50_s},
+                     "replayed": None if c.replay is None else {k: getattr(c.replay, k) for k in keys}}
+            for c in runs} for runs in rounds]
+    Path(path).write_text(json.dumps(out, indent=1, allow_nan=True))
+
+
 def _attribution(c) -> str:
     """One row of measured / predicted per cost term of ``c`` (a Comparison)."""
     e, r, s = c.plan.estimate, c.report, c.plan.schedule
@@ -111,6 +144,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs per plan, interleaved, each predicted from a profile taken just before its round; "
                          "the table compares the medians over the rounds of prediction and measurement")
+    ap.add_argument("--save", metavar="PATH", help="also write every round's prediction and measurement as JSON")
     a = ap.parse_args()
     prof = cached_profile(a.model, refresh=not a.cached_profile)
     probe0 = speed_probe(a.model)
@@ -132,6 +166,8 @@ def main():
                                 trace=w if w.pairs is not None else None, profile=prof)[0]
             rows.append(dataclasses.replace(c, drift=drift))
         rounds.append(rows)
+    if a.save:
+        save_rounds(rounds, a.save)
     rows, spreads, pred_spreads = [], [], []
     for runs in zip(*rounds):
         rows.append(median_comparison(list(runs)))
@@ -168,6 +204,12 @@ def main():
     print(f"  each round against its own profile (not medians): throughput error mean {100 * statistics.mean(t):.1f}%"
           f" worst {100 * max(t):.1f}%; latency error mean {100 * statistics.mean(lt):.1f}% worst "
           f"{100 * max(lt):.1f}%")
+    floor_t = noise_floor([[c.report.throughput_seq_s for c in runs] for runs in zip(*rounds)])
+    floor_l = noise_floor([[c.report.latency_s for c in runs] for runs in zip(*rounds)])
+    if floor_t:
+        print(f"  noise floor (each run predicted by the median of the same plan's runs in the other rounds): "
+              f"throughput error mean {100 * statistics.mean(floor_t):.1f}% worst {100 * max(floor_t):.1f}%; "
+              f"latency error mean {100 * statistics.mean(floor_l):.1f}% worst {100 * max(floor_l):.1f}%")
     # The measured latency is the worst among the requests that reached latency_len tokens (what a bound must
     # hold), the prediction that length's expected latency: their median shows how much of the gap is spread.
     med = [c.latency_p50_error for c in rows if math.isfinite(c.latency_p50_error)]

@@ -1,12 +1,13 @@
 """benchmarks/fidelity.py's attribution row: measured / predicted per cost term, and WAA's time outside both."""
 
 import dataclasses
+import json
 import math
 
 import pytest
 
 from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule
-from benchmarks.fidelity import _attribution
+from benchmarks.fidelity import _attribution, noise_floor, save_rounds
 from profiler.loop import Comparison, median_comparison
 from runner.report import RunReport
 from tests.exegpt.conftest import make_profile
@@ -69,3 +70,20 @@ def test_median_comparison_takes_each_sides_median_over_rounds_and_skips_unseen_
     other = dataclasses.replace(plan, schedule=RRASchedule(8, 4, 1, 0, 1))
     with pytest.raises(ValueError, match="one schedule"):
         median_comparison([rounds[0], Comparison("r", other, rounds[0].report)])
+
+
+def test_noise_floor_predicts_each_run_by_the_median_of_the_others():
+    got = noise_floor([[100.0, 110.0, 90.0], [50.0, math.nan, 40.0], [7.0]])
+    assert got == pytest.approx([0.0, 15 / 110, 15 / 90, 10 / 50, 10 / 40])
+
+
+def test_save_rounds_writes_each_rounds_prediction_and_measurement(tmp_path):
+    plan = evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), W, profile=make_profile(), devices="1xA40")
+    rep = _report(plan, 90.0, 0.01, 0.002, 4.0, latency_s=math.nan)
+    save_rounds([[Comparison("r", plan, rep)], [Comparison("r", plan, _report(plan, 80.0, 0.01, 0.002, 4.0))]],
+                tmp_path / "runs.json")
+    got = json.loads((tmp_path / "runs.json").read_text())
+    assert [g["r"]["measured"]["throughput_seq_s"] for g in got] == [90.0, 80.0]
+    assert math.isnan(got[0]["r"]["measured"]["latency_s"]) and got[1]["r"]["measured"]["latency_s"] == 0.5
+    assert got[0]["r"]["predicted"]["throughput_seq_s"] == plan.estimate.throughput_seq_s
+    assert got[0]["r"]["schedule"] == "RRA B_E=4 N_D=4 TP1x0" and got[0]["r"]["replayed"] is None
