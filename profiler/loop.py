@@ -127,12 +127,9 @@ def median_comparison(rounds: list[Comparison]) -> Comparison:
                          f"{sorted({describe(c.plan.schedule) for c in rounds})}")
 
     def med(objs):
-        first = objs[0]
-        if first is None:
-            return None
         over = {f.name: _median([getattr(o, f.name) for o in objs])
-                for f in dataclasses.fields(first) if f.type in ("float", float)}
-        return dataclasses.replace(first, **over)
+                for f in dataclasses.fields(objs[0]) if f.type in ("float", float)}
+        return dataclasses.replace(objs[0], **over)
 
     first = rounds[0]
     replays = [c.replay for c in rounds]
