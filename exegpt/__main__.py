@@ -106,6 +106,9 @@ def _print_plan(plan: Plan, title: str = "plan"):
         ("search", f"{plan.search.method}: {plan.search.candidates_evaluated} candidates of "
                    f"{plan.search.space_size} in {plan.search.wall_s:.3f} s"),
     ]
+    if plan.search.replay_requests:
+        rows.append(("replayed worst latency", f"{plan.search.replay_latency_s:.3f} s on "
+                                                 f"{plan.search.replay_requests} requests"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
@@ -121,7 +124,9 @@ def cmd_plan(a) -> int:
     fn = exhaustive_schedule if a.exhaustive else find_schedule
     kw = dict(target, policies=a.policies, tp_degrees=a.tp, space=_space(a), device_counts=a.device_counts)
     if not a.exhaustive:
-        kw.update(eps_throughput=a.eps_throughput, eps_latency=a.eps_latency)
+        kw.update(eps_throughput=a.eps_throughput, eps_latency=a.eps_latency, verify_requests=a.verify)
+    elif a.verify:
+        raise ExeGPTError("--verify replays the pick of the branch-and-bound search; drop --exhaustive or --verify")
     plan = fn(w, bound, **kw)
     _print_plan(plan)
     given = offered_cluster(a.devices, target["profile"])
@@ -227,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-encode-batch", type=int, default=256)
     plan.add_argument("--max-micro-batch", type=int, default=256)
     plan.add_argument("--exhaustive", action="store_true", help="evaluate every point instead of branch and bound")
+    plan.add_argument("--verify", type=int, default=0, metavar="N",
+                      help="replay the pick on N requests of the workload and keep it only if their worst "
+                           "bound-length latency meets the bound (default 0: no replay)")
     plan.add_argument("-o", "--out", default="plan.json", help="plan file to write ('' for none)")
     plan.set_defaults(fn=cmd_plan)
 

@@ -8,6 +8,7 @@ spaces, so the two can be compared exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "opt-13b"
 DEFAULT_DEVICES = "4xA40"
 DEFAULT_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
+VERIFY_ATTEMPTS = 6
+"""Searches ``find_schedule(verify_requests=...)`` runs at most: each one whose pick's replay misses the bound is
+followed by one below that pick's estimate by the ratio of the bound to the replayed worst latency."""
 
 
 @dataclass(frozen=True)
@@ -190,18 +194,27 @@ def _plan(prob: Problem, lay: Layout, s: Schedule, stats: SearchStats) -> Plan:
                 search=stats)
 
 
-def _infeasible(prob: Problem, spaces: list[Space], margin: float = 0.0) -> InfeasibleBoundError:
+def _infeasible(prob: Problem, spaces: list[Space], margin: float = 0.0, layouts=None, profile=None,
+                verify_requests: int = 0) -> InfeasibleBoundError:
     fastest = branch_and_bound(spaces, math.inf, minimize_latency=True)
     q = prob.bound.length_quantile
     if fastest.space is None:
         return InfeasibleBoundError(
             f"no schedule of {prob.model.name} on {prob.cluster.label} fits in device memory (or in the "
             f"profiled range) for this workload", math.inf)
-    smallest = fastest.latency / (1 - margin)
+    latency, how = fastest.latency, ""
+    if verify_requests:
+        # The lowest-latency schedule by estimate, replayed: find_schedule falls back to it under a bound that
+        # both its estimate and its worst replayed request keep.
+        replayed = _replayed_latency(_plan_at(layouts, fastest, SearchStats("fastest", 0, 0.0)), profile,
+                                     verify_requests)
+        if replayed > latency:
+            latency, how = replayed, f" (the fastest schedule's worst request replayed on {verify_requests})"
+    smallest = latency / (1 - margin)
     return InfeasibleBoundError(
         f"latency bound {prob.bound.bound_s:g} s is infeasible for the p{q * 100:g}-length output "
         f"({prob.latency_len} tokens) of {prob.model.name} on {prob.cluster.label}; the smallest feasible "
-        f"bound is {smallest:.4g} s" + (f" (with a {margin:.0%} latency margin)" if margin else ""), smallest)
+        f"bound is {smallest:.4g} s{how}" + (f" (with a {margin:.0%} latency margin)" if margin else ""), smallest)
 
 
 def _device_counts(prob: Problem, device_counts) -> list[int]:
@@ -245,34 +258,73 @@ def all_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None, space:
 
 
 def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees, eps_throughput, eps_latency,
-           space, memory_fraction, latency_margin: float = 0.0, device_counts=None) -> Plan:
+           space, memory_fraction, latency_margin: float = 0.0, device_counts=None, verify_requests: int = 0) -> Plan:
     t0 = time.perf_counter()
     if not 0 <= latency_margin < 1:
         raise ExeGPTError(f"latency_margin {latency_margin!r} must be in [0, 1)")
+    if isinstance(verify_requests, bool) or not isinstance(verify_requests, (int, np.integer)) or verify_requests < 0:
+        raise ExeGPTError(f"verify_requests={verify_requests!r} must be a whole number >= 0 (0: no replay)")
+    if eps_throughput < 0 or eps_latency < 0:
+        raise ExeGPTError(f"tolerances must be >= 0, got eps_throughput={eps_throughput}, eps_latency={eps_latency}")
     prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
     layouts = all_spaces(prob, policies, tp_degrees, space, device_counts)
     spaces = [sp for _, _, sp in layouts]
     # Plan against a tighter bound when the caller keeps a margin for the simulator's error.
     bound_s = prob.bound.bound_s * (1 - latency_margin)
-    if method == "exhaustive":
-        res: SearchResult = exhaustive(spaces, bound_s)
-    else:
-        if eps_throughput < 0 or eps_latency < 0:
-            raise ExeGPTError(f"tolerances must be >= 0, got eps_throughput={eps_throughput}, "
-                              f"eps_latency={eps_latency}")
-        res = branch_and_bound(spaces, bound_s, eps_throughput, eps_latency)
-    if res.space is None:
-        raise _infeasible(prob, spaces, latency_margin)
+    search_bound_s, evaluated, pruned = bound_s, 0, 0
+
+    def stats(extra: int = 0) -> SearchStats:
+        return SearchStats(method, evaluated + extra, time.perf_counter() - t0, sum(sp.size for sp in spaces),
+                           pruned)
+
+    for _ in range(VERIFY_ATTEMPTS):
+        if method == "exhaustive":
+            res: SearchResult = exhaustive(spaces, search_bound_s)
+        else:
+            res = branch_and_bound(spaces, search_bound_s, eps_throughput, eps_latency)
+        evaluated, pruned = evaluated + res.candidates_evaluated, pruned + res.boxes_pruned
+        if res.space is None:
+            break
+        plan = _plan_at(layouts, res, stats())
+        if not verify_requests:
+            return plan
+        worst = _replayed_latency(plan, profile, verify_requests)
+        if not worst > bound_s:  # NaN: no sampled request reached the bound length, nothing to hold
+            return _verified(plan, verify_requests, worst, t0)
+        # The pick's worst bound-length request missed: search again below the estimate it had, by the ratio.
+        search_bound_s = min(search_bound_s, plan.estimate.latency_s) * bound_s / worst
+    if verify_requests:
+        # Last resort, the lowest-latency schedule by estimate (what the infeasibility error names).
+        fastest = branch_and_bound(spaces, math.inf, minimize_latency=True)
+        if fastest.space is not None and fastest.latency <= bound_s:
+            plan = _plan_at(layouts, fastest, stats(fastest.candidates_evaluated))
+            worst = _replayed_latency(plan, profile, verify_requests)
+            if not worst > bound_s:
+                return _verified(plan, verify_requests, worst, t0)
+    raise _infeasible(prob, spaces, latency_margin, layouts, profile, verify_requests)
+
+
+def _plan_at(layouts, res: SearchResult, stats: SearchStats) -> Plan:
     sub, lay, _ = layouts[res.space]
-    stats = SearchStats(method, res.candidates_evaluated, time.perf_counter() - t0,
-                        sum(sp.size for sp in spaces), res.boxes_pruned)
     return _plan(sub, lay, _schedule(lay, res.point, sub.cluster.count), stats)
+
+
+def _verified(plan: Plan, requests: int, worst_s: float, t0: float) -> Plan:
+    return dataclasses.replace(plan, search=dataclasses.replace(
+        plan.search, wall_s=time.perf_counter() - t0, replay_requests=requests, replay_latency_s=worst_s))
+
+
+def _replayed_latency(plan: Plan, profile: Profile | None, requests: int) -> float:
+    """The worst bound-length latency of ``plan`` replayed on ``requests`` requests of its workload (seed 0)."""
+    from .replay import replay
+
+    return replay(plan, profile, num_requests=requests, seed=0).latency_s
 
 
 def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
                   policies=DEFAULT_POLICIES, tp_degrees=None, eps_throughput: float = 0.0, eps_latency: float = 0.0,
                   space: SearchSpace = SearchSpace(), memory_fraction: float = MEMORY_FRACTION,
-                  latency_margin: float = 0.0, device_counts=None) -> Plan:
+                  latency_margin: float = 0.0, device_counts=None, verify_requests: int = 0) -> Plan:
     """The highest-throughput schedule whose bound-length output meets ``slo`` seconds.
 
     ``dist``: a Workload. ``slo``: seconds (or a LatencyBound with another length quantile).
@@ -284,10 +336,16 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
     ``device_counts``: how many of the devices a schedule may use (default None: any count from 1 to all; the
     plan's ``devices`` and ``schedule.num_gpus`` say how many it uses); ``(n,)`` uses exactly n.
-    Raises InfeasibleBoundError naming the smallest feasible bound when nothing meets ``slo``.
+    ``verify_requests``: also replay the pick on that many requests of ``dist`` (``exegpt.replay``, seed 0; the
+    requests ``runner.run_plan(plan, num_requests=n)`` runs) and keep it only if the worst of its bound-length
+    requests meets the bound (with the margin), not just their expected latency; else search again below the
+    pick's latency (at most ``VERIFY_ATTEMPTS`` searches, then the lowest-latency schedule). The plan's
+    ``search.replay_latency_s`` is that worst latency. 0 (default): the paper's search alone.
+    Raises InfeasibleBoundError naming the smallest feasible bound when nothing meets ``slo`` (with
+    ``verify_requests``, one that the lowest-latency schedule's replay keeps too).
     """
     return _solve("branch_and_bound", dist, slo, model, devices, profile, policies, tp_degrees,
-                  eps_throughput, eps_latency, space, memory_fraction, latency_margin, device_counts)
+                  eps_throughput, eps_latency, space, memory_fraction, latency_margin, device_counts, verify_requests)
 
 
 def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,

@@ -70,6 +70,10 @@ class SearchStats:
     space_size: int = 0
     """Points in the search space (all policies, TP configurations and box points)."""
     boxes_pruned: int = 0
+    replay_requests: int = 0
+    """``find_schedule(verify_requests=n)``: the requests the pick was replayed on (0: not replayed)."""
+    replay_latency_s: float | None = None
+    """The worst latency to the bound length among them (``exegpt.replay``; NaN if none reached it)."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,15 @@ def test_plan_from_trace_and_profile_file(tmp_path, capsys):
                  "-o", str(tmp_path / "plan.json")]) == 0
 
 
+def test_plan_verify_prints_the_replayed_worst_latency_it_kept(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--task", "S", "--bound", "9.8", "--verify", "100", "-o", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.search.replay_requests == 100 and plan.search.replay_latency_s <= 9.8
+    assert f"replayed worst latency         {plan.search.replay_latency_s:.3f} s on 100 requests" in \
+        capsys.readouterr().out
+
+
 def test_sweep_and_simulate(capsys):
     assert main(["sweep", "--task", "C1", "--bounds", "5", "inf"]) == 0
     assert main(["simulate", "--task", "C1", "--schedule", "rra:encode_batch=8,decode_iters=4"]) == 0
@@ -43,6 +52,8 @@ def test_sweep_and_simulate(capsys):
     (["plan", "--bound", "3"], "give exactly one workload"),
     (["plan", "--input", "1,2", "--output", "3,4,5", "--bound", "3"], "is not MEAN,STD,MAX"),
     (["simulate", "--task", "S", "--schedule", "rra:encode_batch=x"], "is not an integer"),
+    (["plan", "--task", "S", "--bound", "9.8", "--verify", "-2"], "verify_requests=-2 must be a whole number >= 0"),
+    (["plan", "--task", "S", "--bound", "9.8", "--verify", "5", "--exhaustive"], "drop --exhaustive or --verify"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, match):
     r = subprocess.run([sys.executable, "-m", "exegpt", *args], capture_output=True, text=True)

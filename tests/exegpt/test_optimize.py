@@ -13,6 +13,7 @@ from exegpt import (ExeGPTError, InfeasibleBoundError, LatencyBound, Plan, Polic
 from exegpt.monotonicity import monotonicity_stats
 from exegpt.optimize import build_spaces, problem
 from exegpt.placement import bottleneck_s, place_layers
+from exegpt.replay import replay
 
 from .conftest import make_profile, tiny_cpu_profile
 
@@ -363,3 +364,38 @@ def test_a_plan_may_leave_devices_idle_and_is_the_best_over_every_device_count()
     # The plan evaluates the same on its own devices, as the runner executes it.
     again = evaluate_schedule(best.schedule, w, bound, profile=prof, devices=best.devices)
     assert again.estimate == best.estimate
+
+
+VERIFY_W = Workload.truncated_normal(input=(64, 30, 128), output=(24, 10, 60))
+
+
+def test_verified_pick_keeps_the_bound_on_its_worst_replayed_request():
+    """At 1.0 s the search's pick is expected at 1.0 s, but its worst bound-length request, replayed on the
+    requests a run draws, takes longer; the verified pick's worst one keeps the bound, at lower throughput."""
+    prof = make_profile()
+    plain = find_schedule(VERIFY_W, 1.0, profile=prof, devices="1xA40")
+    assert plain.estimate.latency_s <= 1.0 < replay(plain, prof, num_requests=200).latency_s
+    assert plain.search.replay_requests == 0 and plain.search.replay_latency_s is None
+    v = find_schedule(VERIFY_W, 1.0, profile=prof, devices="1xA40", verify_requests=200)
+    assert v.search.replay_requests == 200
+    assert v.search.replay_latency_s == replay(v, prof, num_requests=200).latency_s <= 1.0
+    assert v.estimate.latency_s <= 1.0 and v.estimate.throughput_seq_s < plain.estimate.throughput_seq_s
+    assert Plan.from_json(v.to_json()) == v
+    # Where the pick's replay already keeps the bound, verifying changes nothing.
+    loose = find_schedule(VERIFY_W, 4.0, profile=prof, devices="1xA40", verify_requests=200)
+    assert loose.schedule == find_schedule(VERIFY_W, 4.0, profile=prof, devices="1xA40").schedule
+
+
+def test_verified_infeasible_bound_names_one_the_replay_keeps():
+    prof = make_profile()
+    with pytest.raises(InfeasibleBoundError, match="smallest feasible bound is .* worst request replayed") as e:
+        find_schedule(VERIFY_W, 0.9, profile=prof, devices="1xA40", verify_requests=200)
+    smallest = e.value.smallest_feasible_s
+    v = find_schedule(VERIFY_W, smallest * (1 + 1e-9), profile=prof, devices="1xA40", verify_requests=200)
+    assert v.search.replay_latency_s <= smallest * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "10"])
+def test_bad_verify_requests_is_named(bad):
+    with pytest.raises(ExeGPTError, match=rf"verify_requests={bad!r} must be a whole number >= 0"):
+        find_schedule(VERIFY_W, 4.0, profile=make_profile(), devices="1xA40", verify_requests=bad)
