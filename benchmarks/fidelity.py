@@ -39,14 +39,13 @@ from exegpt.schedule import describe
 from exegpt.simulate import spans_ranks
 from profiler.collectives import run_group
 from profiler.engine import period_over_longer
-from profiler.loop import CPU_TASK, LATENCY_MARGIN, cached_profile, median_comparison, run_and_compare, speed_probe, \
-    table_header, _row
+from profiler.loop import CPU_TASK, CPU_TRACE, LATENCY_MARGIN, cached_profile, median_comparison, run_and_compare, \
+    speed_probe, table_header, _row
 
 WORKLOADS = {
     "S/4": CPU_TASK,
     "C1/4": Workload.truncated_normal(input=(64, 29, 128), output=(64, 30, 160), name="C1/4"),
-    # The Azure conversation trace, prompts x0.02 and outputs x0.2: CPU-sized, same shape and correlation.
-    "conv": Workload.trace("azure_conv").scaled(0.02, 0.2, name="azure_conv scaled"),
+    "conv": CPU_TRACE,
 }
 
 

@@ -51,6 +51,12 @@ a plan at 70 % of its bound keeps the bound when run."""
 
 # A CPU-sized workload shaped like the paper's summarization task S (Table 3), lengths / 4 for the input.
 CPU_TASK = Workload.truncated_normal(input=(64, 63, 128), output=(32, 13, 80), name="S/4")
+# The shipped Azure conversation trace, prompts x0.02 and outputs x0.2: CPU-sized, same shape and correlation.
+CPU_TRACE = Workload.trace("azure_conv").scaled(0.02, 0.2, name="azure_conv scaled")
+DEMO_TASK = CPU_TRACE
+"""The demo's workload: real requests, whose outputs vary widely, so static batching pads each batch to its
+longest output (its predicted gain at the demo's bound: 2.0x on this task, 1.15x on S/4, measured on 2 Xeon
+cores; enough to stand out of the machine's noise)."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +240,12 @@ def table_header() -> str:
             f"{'meas':>8} {'err':>7} {'kept':>5}")
 
 
-def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, out=sys.stdout) -> list[Comparison]:
-    """The main job on built-in defaults (see the module docstring). Returns the closed-loop comparisons."""
+def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, out=sys.stdout,
+         rounds: int = 3) -> list[Comparison]:
+    """The main job on built-in defaults (see the module docstring). Returns the closed-loop comparisons, each the
+    median over ``rounds`` runs of its plan (``median_comparison``)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ExeGPTError(f"rounds={rounds!r} must be a whole number >= 1")
     t_start = time.perf_counter()
     print("ExeGPT demo", file=out)
     print("\n1. Plan: the paper's OPT-13B on 4xA40 (shipped A40 measurements), bound 5.9 s on the p99-length "
@@ -264,7 +274,7 @@ def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, o
     prof = cached_profile(model)
     print(f"  profile: {prof.id}, {len(prof.tables)} tables, TP {prof.tp_degrees()} "
           f"({time.perf_counter() - t:.1f} s, cached in {CACHE_DIR})", file=out)
-    w = CPU_TASK
+    w = DEMO_TASK
     bound = demo_bound(w, prof, devices)
     plan = find_schedule(w, bound, profile=prof, devices=devices, latency_margin=LATENCY_MARGIN)
     base = static_schedule(w, bound, profile=prof, devices=devices)
@@ -272,7 +282,12 @@ def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, o
     print(f"  bound {bound:.3f} s on the p99-length output ({plan.estimate.latency_len} tokens), planned with a "
           f"{LATENCY_MARGIN:.0%} margin; "
           f"static batching's bound applies to its longest output ({base.estimate.latency_len} tokens)", file=out)
-    cmp = run_and_compare([("exegpt", plan), ("static", base)], model, num_requests=num_requests, profile=prof)
+    # Both plans run in turn, `rounds` times: on a shared machine one run of a plan moves by tens of percent from
+    # minute to minute, so the gain is the median of the rounds' ratios between runs seconds apart.
+    rounds = [run_and_compare([("exegpt", plan), ("static", base)], model, num_requests=num_requests, profile=prof,
+                              trace=w if w.pairs is not None else None) for _ in range(rounds)]
+    cmp = [median_comparison(list(runs)) for runs in zip(*rounds)]
+    print(f"  medians over {len(rounds)} rounds, the two plans run in turn in each", file=out)
     print(table_header(), file=out)
     for c in cmp:
         print(_row(c), file=out)
@@ -282,10 +297,10 @@ def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, o
         print(f"  replayed request by request on the same requests (exegpt.replay): {rp.throughput_seq_s:.1f} seq/s "
               f"({100 * ours.replay_throughput_error:.1f}% from measured), worst latency {rp.latency_s:.3f} s "
               f"({100 * ours.replay_latency_error:.1f}%), median {rp.latency_p50_s:.3f} s", file=out)
-    print(f"  measured gain over static batching at the same bound: "
-          f"{ours.report.throughput_seq_s / theirs.report.throughput_seq_s:.2f}x "
-          f"(predicted {ours.plan.estimate.throughput_seq_s / theirs.plan.estimate.throughput_seq_s:.2f}x)",
-          file=out)
+    gains = [a.report.throughput_seq_s / b.report.throughput_seq_s for a, b in rounds]
+    print(f"  measured gain over static batching at the same bound: {statistics.median(gains):.2f}x "
+          f"(rounds {', '.join(f'{g:.2f}x' for g in gains)}; predicted "
+          f"{ours.plan.estimate.throughput_seq_s / theirs.plan.estimate.throughput_seq_s:.2f}x)", file=out)
     print(f"\ndone in {time.perf_counter() - t_start:.0f} s", file=out)
     return cmp
 
@@ -296,9 +311,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny", help="preset for the closed loop (default tiny)")
     ap.add_argument("--devices", default="1xcpu", help="ranks of the closed loop, e.g. 1xcpu or 2xcpu")
     ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each plan, in turn (default 3; the medians count)")
     a = ap.parse_args(argv)
     try:
-        demo(a.model, a.devices, a.requests)
+        demo(a.model, a.devices, a.requests, rounds=a.rounds)
     except ExeGPTError as e:
         print(f"exegpt-demo: error: {e}", file=sys.stderr)
         return 2

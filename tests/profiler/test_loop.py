@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from exegpt import Kernel, Workload, find_schedule, smallest_feasible_bound
+from exegpt import ExeGPTError, Kernel, Workload, find_schedule, smallest_feasible_bound
 from profiler import profile_model
 from profiler.grid import Grid
-from profiler.loop import LATENCY_MARGIN, THREADS, run_and_compare
+from profiler.loop import LATENCY_MARGIN, THREADS, demo, run_and_compare
 
 GRID = Grid(batches=(1, 2, 4, 8, 16, 32, 64), seqs=(1, 8, 32, 64, 128), contexts=(1, 8, 32, 64, 128, 256),
             tokens=(1, 4, 16, 64, 256, 1024, 4096), bytes=(16, 4096))
@@ -91,3 +91,10 @@ def test_reduced_loop_keeps_the_bound_the_plan_promised(profile):
     assert math.isfinite(r.latency_s) and r.latency_s <= bound
     # The estimate is a usable prediction, not an order of magnitude off.
     assert c.throughput_error < 0.5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_demo_rounds_must_be_a_whole_number(bad, capsys):
+    with pytest.raises(ExeGPTError, match=rf"rounds={bad!r} must be a whole number >= 1"):
+        demo(rounds=bad)
+    assert capsys.readouterr().out == ""  # refused before it printed or measured anything
