@@ -209,7 +209,8 @@ def _infeasible(prob: Problem, spaces: list[Space], margin: float = 0.0, layouts
         replayed = _replayed_latency(_plan_at(layouts, fastest, SearchStats("fastest", 0, 0.0)), profile,
                                      verify_requests)
         if replayed > latency:
-            latency, how = replayed, f" (the fastest schedule's worst request replayed on {verify_requests})"
+            latency, how = replayed, f" (the worst of {verify_requests} replayed requests of the lowest-latency " \
+                                     f"schedule)"
     smallest = latency / (1 - margin)
     return InfeasibleBoundError(
         f"latency bound {prob.bound.bound_s:g} s is infeasible for the p{q * 100:g}-length output "

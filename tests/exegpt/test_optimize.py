@@ -388,7 +388,8 @@ def test_verified_pick_keeps_the_bound_on_its_worst_replayed_request():
 
 def test_verified_infeasible_bound_names_one_the_replay_keeps():
     prof = make_profile()
-    with pytest.raises(InfeasibleBoundError, match="smallest feasible bound is .* worst request replayed") as e:
+    with pytest.raises(InfeasibleBoundError, match=r"smallest feasible bound is [\d.]+ s \(the worst of 200 replayed "
+                                                   r"requests of the lowest-latency schedule\)") as e:
         find_schedule(VERIFY_W, 0.9, profile=prof, devices="1xA40", verify_requests=200)
     smallest = e.value.smallest_feasible_s
     v = find_schedule(VERIFY_W, smallest * (1 + 1e-9), profile=prof, devices="1xA40", verify_requests=200)
