@@ -4,8 +4,9 @@
 
 1. plans the paper's OPT-13B on 4xA40 for its five tasks from the shipped GPU measurements;
 2. profiles the ``tiny`` preset on this machine (cached under ``~/.cache/exegpt``), finds the best
-   schedule for a built-in workload under a latency bound, runs it on the built-in backend together with
-   the best static-batching baseline at the same bound, and prints predicted vs measured and the gain.
+   schedule for a built-in workload (``DEMO_TASK``) under a latency bound, runs it on the built-in backend in
+   turn with the best static-batching baseline at the same bound (three rounds), and prints predicted vs
+   measured (medians) and the gain.
 
 Runs are timed with one intra-op thread per rank, as the profile is, so that the two compare.
 """
@@ -123,11 +124,11 @@ class Comparison:
 
 
 def median_comparison(rounds: list[Comparison]) -> Comparison:
-    """One plan run in several rounds, each predicted from the profile taken just before it: a Comparison whose
-    estimate, report, replay and drift carry the median over the rounds of every float field (integer fields
-    and the rest from the first round). On a shared machine both a profile and a run move by tens of percent
-    from minute to minute; the medians compare the model's expected cost with the expected measurement, where
-    one round pairs two draws of that noise."""
+    """One plan run in several rounds (each predicted from one profile, or from a profile taken just before it): a
+    Comparison whose estimate, report, replay and drift carry the median over the rounds of every float field
+    (integer fields and the rest from the first round). On a shared machine both a profile and a run move by
+    tens of percent from minute to minute; the medians compare the model's expected cost with the expected
+    measurement, where one round pairs two draws of that noise."""
     if not rounds or len({c.plan.schedule for c in rounds}) != 1:
         raise ValueError(f"median_comparison needs rounds of one schedule, got "
                          f"{sorted({describe(c.plan.schedule) for c in rounds})}")
@@ -284,20 +285,22 @@ def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, o
           f"static batching's bound applies to its longest output ({base.estimate.latency_len} tokens)", file=out)
     # Both plans run in turn, `rounds` times: on a shared machine one run of a plan moves by tens of percent from
     # minute to minute, so the gain is the median of the rounds' ratios between runs seconds apart.
-    rounds = [run_and_compare([("exegpt", plan), ("static", base)], model, num_requests=num_requests, profile=prof,
-                              trace=w if w.pairs is not None else None) for _ in range(rounds)]
-    cmp = [median_comparison(list(runs)) for runs in zip(*rounds)]
-    print(f"  medians over {len(rounds)} rounds, the two plans run in turn in each", file=out)
+    by_round = [run_and_compare([("exegpt", plan), ("static", base)], model, num_requests=num_requests,
+                                profile=prof, trace=w if w.pairs is not None else None) for _ in range(rounds)]
+    cmp = [median_comparison(list(runs)) for runs in zip(*by_round)]
+    print(f"  medians over {rounds} rounds, the two plans run in turn in each", file=out)
     print(table_header(), file=out)
     for c in cmp:
         print(_row(c), file=out)
     ours, theirs = cmp
     if ours.replay is not None:
         rp = ours.replay
+        lat = (f"no request reached {rp.latency_len} tokens" if math.isnan(rp.latency_s) else
+               f"worst latency {rp.latency_s:.3f} s ({100 * ours.replay_latency_error:.1f}%), median "
+               f"{rp.latency_p50_s:.3f} s")
         print(f"  replayed request by request on the same requests (exegpt.replay): {rp.throughput_seq_s:.1f} seq/s "
-              f"({100 * ours.replay_throughput_error:.1f}% from measured), worst latency {rp.latency_s:.3f} s "
-              f"({100 * ours.replay_latency_error:.1f}%), median {rp.latency_p50_s:.3f} s", file=out)
-    gains = [a.report.throughput_seq_s / b.report.throughput_seq_s for a, b in rounds]
+              f"({100 * ours.replay_throughput_error:.1f}% from measured), {lat}", file=out)
+    gains = [a.report.throughput_seq_s / b.report.throughput_seq_s for a, b in by_round]
     print(f"  measured gain over static batching at the same bound: {statistics.median(gains):.2f}x "
           f"(rounds {', '.join(f'{g:.2f}x' for g in gains)}; predicted "
           f"{ours.plan.estimate.throughput_seq_s / theirs.plan.estimate.throughput_seq_s:.2f}x)", file=out)
