@@ -20,7 +20,11 @@ Printed:
 
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
 
-  python -m benchmarks.fidelity [--model tiny] [--requests 800] [--rounds 3] [--cached-profile] [--save runs.json]
+  python -m benchmarks.fidelity [--model tiny] [--requests 800] [--rounds 3] [--cached-profile | --profile P]
+                                [--save runs.json]
+
+On a GPU machine both the profile and the runs use CUDA (one rank per device, at most two); benchmarks/gpu_check.sh
+runs it there on a 1B preset.
 """
 
 from __future__ import annotations
@@ -30,17 +34,20 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
-from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Workload, evaluate_schedule,
+import torch
+
+from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Profile, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
 from exegpt.optimize import offered_cluster
 from exegpt.schedule import describe
 from exegpt.simulate import spans_ranks
 from profiler.collectives import run_group
 from profiler.engine import period_over_longer
-from profiler.loop import CPU_TASK, CPU_TRACE, LATENCY_MARGIN, cached_profile, median_comparison, run_and_compare, \
-    speed_probe, table_header, _row
+from profiler.loop import CPU_TASK, CPU_TRACE, LATENCY_MARGIN, THREADS, cached_profile, median_comparison, \
+    run_and_compare, speed_probe, table_header, _row
 
 WORKLOADS = {
     "S/4": CPU_TASK,
@@ -49,27 +56,38 @@ WORKLOADS = {
 }
 
 
-def cases(prof):
-    """(name, plan) pairs: hand-picked schedules and the ones find_schedule picks."""
+def runnable_ranks(prof) -> int:
+    """Ranks a plan of ``prof``'s device can run on here, at most two: CPU ranks are processes sharing the
+    cores; CUDA ranks take a device each."""
+    if prof.device == "cpu":
+        return 2
+    return min(2, torch.cuda.device_count())
+
+
+def cases(prof, ranks: int = 2):
+    """(name, plan) pairs: hand-picked schedules and the ones find_schedule picks, on one rank of ``prof``'s
+    device and, with ``ranks`` 2, on two."""
     out = []
+    one, two = f"1x{prof.device}", f"2x{prof.device}"
 
     def add(name, wname, schedule, devices):
         w = WORKLOADS[wname]
-        out.append((name, evaluate_schedule(schedule, w, math.inf, profile=prof, devices=devices)))
+        if offered_cluster(devices, prof).count <= ranks:
+            out.append((name, evaluate_schedule(schedule, w, math.inf, profile=prof, devices=devices)))
 
-    add("rra-a", "S/4", RRASchedule(4, 4, 1, 0, 1), "1xcpu")
-    add("rra-b", "S/4", RRASchedule(8, 8, 1, 0, 1), "1xcpu")
-    add("rra-c", "S/4", RRASchedule(16, 2, 1, 0, 1), "1xcpu")
-    add("rra-d", "C1/4", RRASchedule(4, 16, 1, 0, 1), "1xcpu")
-    add("rra-e", "C1/4", RRASchedule(8, 4, 1, 0, 1), "1xcpu")
-    add("rra-f", "conv", RRASchedule(8, 8, 1, 0, 1), "1xcpu")
-    add("rra-pp2", "S/4", RRASchedule(8, 4, 1, 0, 2), "2xcpu")
-    add("rra-tp2", "S/4", RRASchedule(8, 4, 2, 2, 2), "2xcpu")
-    add("waa-a", "S/4", WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), "2xcpu")
-    add("waa-b", "C1/4", WAASchedule(Policy.WAA_C, 2, 32, 1, 0, 1, 1), "2xcpu")
-    add("waa-c", "conv", WAASchedule(Policy.WAA_M, 4, 64, 1, 0, 1, 1), "2xcpu")
+    add("rra-a", "S/4", RRASchedule(4, 4, 1, 0, 1), one)
+    add("rra-b", "S/4", RRASchedule(8, 8, 1, 0, 1), one)
+    add("rra-c", "S/4", RRASchedule(16, 2, 1, 0, 1), one)
+    add("rra-d", "C1/4", RRASchedule(4, 16, 1, 0, 1), one)
+    add("rra-e", "C1/4", RRASchedule(8, 4, 1, 0, 1), one)
+    add("rra-f", "conv", RRASchedule(8, 8, 1, 0, 1), one)
+    add("rra-pp2", "S/4", RRASchedule(8, 4, 1, 0, 2), two)
+    add("rra-tp2", "S/4", RRASchedule(8, 4, 2, 2, 2), two)
+    add("waa-a", "S/4", WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), two)
+    add("waa-b", "C1/4", WAASchedule(Policy.WAA_C, 2, 32, 1, 0, 1, 1), two)
+    add("waa-c", "conv", WAASchedule(Policy.WAA_M, 4, 64, 1, 0, 1, 1), two)
     for wname in WORKLOADS:
-        for devices in ("1xcpu", "2xcpu"):
+        for devices in (one, two)[:ranks]:
             w = WORKLOADS[wname]
             # Twice the smallest bound of schedules using all the devices; the pick may use fewer of them.
             n = offered_cluster(devices, prof).count
@@ -135,35 +153,64 @@ def _attribution(c) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", help="preset, folder or smollm2 (default: the --profile's model, else tiny)")
     ap.add_argument("--requests", type=int, default=800)
-    ap.add_argument("--cached-profile", action="store_true",
-                    help="reuse the cached profile (default: measure it before each round, under the machine load "
-                         "of the runs that follow)")
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--cached-profile", action="store_true",
+                        help="reuse the cached profile (default: measure it before each round, under the machine "
+                             "load of the runs that follow)")
+    source.add_argument("--profile", metavar="PATH",
+                        help="predict every round from this Profile JSON (e.g. one `python -m profiler` wrote) "
+                             "instead of profiling here")
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs per plan, interleaved, each predicted from a profile taken just before its round; "
                          "the table compares the medians over the rounds of prediction and measurement")
     ap.add_argument("--save", metavar="PATH", help="also write every round's prediction and measurement as JSON")
     a = ap.parse_args()
-    prof = cached_profile(a.model, refresh=not a.cached_profile)
-    probe0 = speed_probe(a.model)
-    named = cases(prof)
+    for flag, value in (("--rounds", a.rounds), ("--requests", a.requests)):
+        if value < 1:
+            ap.error(f"{flag} {value} must be a whole number >= 1")
+    fixed = a.cached_profile or a.profile is not None
+    if a.profile is not None:
+        prof = Profile.load(a.profile)
+        if a.model is not None and a.model.lower() != prof.model.lower():
+            ap.error(f"--profile {a.profile} was measured for {prof.model!r}, not for --model {a.model!r}")
+        a.model = prof.model
+        here = "cuda" if torch.cuda.is_available() else "cpu"  # where runner.run_plans executes one-rank plans
+        if (prof.device == "cpu") != (here == "cpu"):
+            ap.error(f"--profile {a.profile} was measured on {prof.device!r}; the runs execute on {here} here")
+        threads = prof.provenance.get("torch_threads")
+        if here == "cpu" and threads != THREADS:
+            ap.error(f"--profile {a.profile} was measured with {threads} torch threads; the runs use {THREADS} "
+                     f"(python -m profiler --threads {THREADS})")
+    else:
+        a.model = a.model or "tiny"
+        prof = cached_profile(a.model, refresh=not a.cached_profile)
+    # The machine-speed probes time the CPU path: a shared VM's drift, which a GPU does not have.
+    probing = prof.device == "cpu"
+    probe0 = speed_probe(a.model) if probing else 1.0
+    named = cases(prof, runnable_ranks(prof))
     rounds = []
     for r in range(a.rounds):  # a shared VM's speed drifts by tens of percent within minutes: interleave rounds
-        if r > 0 and not a.cached_profile:
+        if r > 0 and not fixed:
             # Each round predicts from a profile taken just before it (profile -> simulate -> run, as a user
             # does): the same schedules, re-estimated; the plans were chosen on the first profile.
             prof = cached_profile(a.model, refresh=True)
-            probe0 = speed_probe(a.model)
+            probe0 = speed_probe(a.model) if probing else 1.0
             named = [(n, evaluate_schedule(p.schedule, p.workload, p.bound, profile=prof, devices=p.devices))
                      for n, p in named]
         rows = []
         for name, plan in named:  # the same requests for every plan of a workload (same seed and trace)
             w = plan.workload
-            drift = speed_probe(a.model) / probe0 * rank_drift(prof, a.model, plan)
+            drift = speed_probe(a.model) / probe0 * rank_drift(prof, a.model, plan) if probing else 1.0
             c = run_and_compare([(name, plan)], a.model, num_requests=a.requests,
                                 trace=w if w.pairs is not None else None, profile=prof)[0]
             rows.append(dataclasses.replace(c, drift=drift))
+            # As it goes (stderr), so that a run cut short still shows what it measured.
+            print(f"round {r + 1}/{a.rounds} {name:<12} {describe(plan.schedule):<34} seq/s predicted "
+                  f"{plan.estimate.throughput_seq_s:.1f} measured {c.report.throughput_seq_s:.1f}; latency "
+                  f"predicted {plan.estimate.latency_s:.3f} measured {c.report.latency_s:.3f}", file=sys.stderr,
+                  flush=True)
         rounds.append(rows)
     if a.save:
         save_rounds(rounds, a.save)
@@ -174,7 +221,7 @@ def main():
                         (pred_spreads, [c.plan.estimate.throughput_seq_s for c in runs])):
             out.append((max(xs) - min(xs)) / statistics.median(xs))
     print(f"profile {prof.id}: {prof.provenance.get('date', '?')}, torch {prof.provenance.get('torch_version', '?')}"
-          f"{'' if a.cached_profile else ', measured afresh before each round'}")
+          f"{'' if fixed else ', measured afresh before each round'}")
     print(table_header() + "  spread  drift  err/drift")
     for c, spread in zip(rows, spreads):
         print(_row(c) + f"  {100 * spread:5.1f}%  {c.drift:5.2f}  {100 * c.drift_throughput_error:8.1f}%")
@@ -233,13 +280,14 @@ def main():
             print(f"  replayed plans, {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst "
                   f"{100 * max(t):.1f}%; latency error mean {100 * statistics.mean(lt):.1f}% worst "
                   f"{100 * max(lt):.1f}%")
-    drifts = [c.drift for c in rows]
-    d_thr = [c.drift_throughput_error for c in rows]
-    d_lat = [c.drift_latency_error for c in rows if math.isfinite(c.drift_latency_error)]
-    print(f"  machine drift between profile and run (probe seconds before the run / after the profile): "
-          f"{min(drifts):.2f}-{max(drifts):.2f}; errors with the prediction scaled by it: throughput mean "
-          f"{100 * statistics.mean(d_thr):.1f}% worst {100 * max(d_thr):.1f}%, latency mean "
-          f"{100 * statistics.mean(d_lat):.1f}% worst {100 * max(d_lat):.1f}%")
+    if probing:
+        drifts = [c.drift for c in rows]
+        d_thr = [c.drift_throughput_error for c in rows]
+        d_lat = [c.drift_latency_error for c in rows if math.isfinite(c.drift_latency_error)]
+        print(f"  machine drift between profile and run (probe seconds before the run / after the profile): "
+              f"{min(drifts):.2f}-{max(drifts):.2f}; errors with the prediction scaled by it: throughput mean "
+              f"{100 * statistics.mean(d_thr):.1f}% worst {100 * max(d_thr):.1f}%, latency mean "
+              f"{100 * statistics.mean(d_lat):.1f}% worst {100 * max(d_lat):.1f}%")
     thr = [c.throughput_error for c in rows]
     lat = [c.latency_error for c in rows if math.isfinite(c.latency_error)]
     print(f"fidelity: throughput error mean {100 * statistics.mean(thr):.1f}% worst {100 * max(thr):.1f}%; "

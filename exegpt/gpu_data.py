@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -328,9 +328,58 @@ def _gpu_profile(model, device, gpu, tps, eff, step_overhead_s, topology) -> Pro
 
 
 def builtin_profile(model: ModelShape | str, device_name: DeviceSpec | str, tp_degrees=None) -> Profile:
-    """The best profile without measuring: ``gpu_profile`` where the device has shipped data and the
-    model is 16-bit, else ``roofline_profile``."""
+    """The best profile without measuring: the one ``python -m profiler`` measured on the device, where the
+    project ships it (``shipped_profile``), with the collectives it could not measure (one GPU has no peer)
+    modelled as below; else ``gpu_profile`` where the device has shipped data and the model is 16-bit; else
+    ``roofline_profile``."""
     model, device = get_model(model), get_device(device_name)
+    shipped = shipped_profile(model, device)
+    if shipped is not None:
+        return _with_network(shipped, model, device)
+    return _modelled_profile(model, device, tp_degrees)
+
+
+def _modelled_profile(model: ModelShape, device: DeviceSpec, tp_degrees) -> Profile:
     if device.name.upper() in GPUS and model.dtype in ("fp16", "bf16"):
         return gpu_profile(model, device, tp_degrees)
     return roofline_profile(model, device, tp_degrees)
+
+
+PROFILES_DIR = Path(__file__).parent / "data" / "profiles"
+"""Profiles measured with ``python -m profiler`` and shipped with the package, ``<model>-<device>.json`` (lower
+case; each with its provenance: device facts, torch, date, grid)."""
+NETWORK = (Kernel.ALLREDUCE, Kernel.SEND_RECV, Kernel.KV_HANDOFF)
+
+
+def shipped_profile(model: ModelShape | str, device: DeviceSpec | str) -> Profile | None:
+    """The measured profile of ``model`` on ``device`` in ``PROFILES_DIR``, or None when none is shipped."""
+    model, device = get_model(model), get_device(device)
+    path = PROFILES_DIR / f"{model.name}-{device.name}.json".lower()
+    if not path.is_file():
+        return None
+    prof = _load_shipped(path, path.stat().st_mtime_ns)
+    if prof.model.lower() != model.name.lower() or prof.device.lower() != device.name.lower():
+        raise ExeGPTError(f"shipped profile {path.name} holds {prof.model} on {prof.device}, not {model.name} on "
+                          f"{device.name}")
+    return prof
+
+
+@lru_cache(maxsize=16)
+def _load_shipped(path: Path, mtime_ns: int) -> Profile:
+    return Profile.load(path)
+
+
+def _with_network(prof: Profile, model: ModelShape, device: DeviceSpec) -> Profile:
+    """``prof`` plus the modelled tables (``_modelled_profile`` at ``prof``'s TP degrees) of the collectives it
+    lacks: all-reduce at each of its TP degrees above 1, send/recv and the KV hand-off. Their source is recorded
+    in the provenance's ``modelled_tables``."""
+    have = {(t.kernel, t.tp) for t in prof.tables}
+    tps = prof.tp_degrees()
+    base = _modelled_profile(model, device, tps)
+    fill = tuple(t for t in base.tables if t.kernel in NETWORK and (t.kernel, t.tp) not in have
+                 and (t.kernel is not Kernel.ALLREDUCE or t.tp in tps))
+    if not fill:
+        return prof
+    modelled = {f"{t.kernel.value}" + (f" tp={t.tp}" if t.kernel is Kernel.ALLREDUCE else ""): base.source
+                for t in fill}
+    return replace(prof, tables=prof.tables + fill, provenance=prof.provenance | {"modelled_tables": modelled})

@@ -154,14 +154,14 @@ def _median(xs: list[float]) -> float:
 
 
 def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, refresh: bool = False,
-                   progress: bool = True) -> Profile:
-    """The profile of ``model`` on this machine: loaded from the cache when the same model, TP degrees,
-    grid, torch version, CPU, thread count and profiler method (``METHOD_VERSION``) were profiled before, else
-    measured and cached."""
+                   progress: bool = True, device: str | None = None) -> Profile:
+    """The profile of ``model`` on ``device`` (default: CUDA when present, else the CPU, where ``run_and_compare``
+    runs): loaded from the cache when the same model, TP degrees, grid, torch version, device, thread count and
+    profiler method (``METHOD_VERSION``) were profiled before, else measured and cached."""
     from .device import describe_device
     from .sweep import METHOD_VERSION, profile_model
 
-    dev = describe_device(None)
+    dev = describe_device(device)
     key = json.dumps([model, list(tp_degrees), quick, torch.__version__, dev.model, THREADS, platform.node(),
                       METHOD_VERSION, cpu_kernels.config()])
     path = CACHE_DIR / f"profile-{model}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
@@ -170,7 +170,8 @@ def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, r
             return Profile.load(path)
         except ExeGPTError:
             log.warning("ignoring unreadable cached profile %s", path)
-    prof = profile_model(model, tp_degrees=tuple(tp_degrees), quick=quick, progress=progress, threads=THREADS)
+    prof = profile_model(model, tp_degrees=tuple(tp_degrees), quick=quick, device=device, progress=progress,
+                         threads=THREADS)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         prof.save(path)
@@ -197,14 +198,17 @@ def speed_probe(model: str = "tiny", repeat: int = 60) -> float:
 
 def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", num_requests: int = 600,
                     seed: int = 0, trace: Workload | None = None, progress: bool = False,
-                    profile: Profile | None = None) -> list[Comparison]:
+                    profile: Profile | None = None, dtype: str | None = None) -> list[Comparison]:
     """Executes each plan on ``model`` (same requests for all) and pairs its estimate with what it measured; with
-    the ``profile`` the plans were estimated from, each plan is also replayed on the same requests."""
+    the ``profile`` the plans were estimated from, each plan is also replayed on the same requests. ``dtype``:
+    the weights' precision, by default the profile's (so that what runs is what was timed), else fp32."""
+    if dtype is None:
+        dtype = profile.dtype if profile is not None else "fp32"
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)  # single-rank runs execute in this process
     try:
         reports = run_plans([p for _, p in named_plans], model, num_requests=num_requests, seed=seed, trace=trace,
-                            progress=progress)
+                            dtype=dtype, progress=progress)
     finally:
         torch.set_num_threads(before)
     out = []

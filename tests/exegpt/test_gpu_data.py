@@ -119,3 +119,72 @@ def test_bad_input_is_one_line(call, match):
     with pytest.raises(ExeGPTError, match=match) as e:
         call()
     assert "\n" not in str(e.value)
+
+
+# --- shipped measured profiles ------------------------------------------------------------------------------
+
+
+def _tables(prof):
+    return {(t.kernel, t.tp): t for t in prof.tables}
+
+
+def _ship(tmp_path, monkeypatch, prof, name):
+    from exegpt import gpu_data
+
+    monkeypatch.setattr(gpu_data, "PROFILES_DIR", tmp_path)
+    prof.save(tmp_path / name)
+
+
+def test_shipped_measured_profile_is_the_builtin_one_with_modelled_collectives(tmp_path, monkeypatch):
+    """A profile measured on one H200 (no peer: no collectives) is what planning for H200s uses; the collectives
+    it lacks come from the modelled profile at its TP degrees, and the provenance says which."""
+    import dataclasses
+
+    from exegpt import Workload, evaluate_schedule, find_schedule, RRASchedule
+    from exegpt.gpu_data import NETWORK
+    from exegpt.roofline import roofline_profile
+
+    from .conftest import tiny_cpu_profile
+
+    measured = tiny_cpu_profile()
+    one_gpu = dataclasses.replace(measured, device="H200",
+                                  tables=tuple(t for t in measured.tables if t.kernel not in NETWORK))
+    _ship(tmp_path, monkeypatch, one_gpu, "tiny-h200.json")
+    prof = builtin_profile("tiny", "H200")
+    assert prof.source == "measured" and prof.id == one_gpu.id
+    tables = _tables(prof)
+    for t in one_gpu.tables:  # every measured table is kept as measured
+        assert tables[t.kernel, t.tp] == t
+    model = _tables(roofline_profile("tiny", "H200", (1, 2)))
+    for kernel, tp in ((Kernel.ALLREDUCE, 2), (Kernel.SEND_RECV, 1), (Kernel.KV_HANDOFF, 1)):
+        assert tables[kernel, tp] == model[kernel, tp]
+    assert not prof.has(Kernel.ALLREDUCE, 4)  # the measured profile's TP degrees are 1 and 2
+    assert prof.provenance["modelled_tables"] == {"allreduce tp=2": "roofline", "send_recv": "roofline",
+                                                  "kv_handoff": "roofline"}
+    # find_schedule without a profile plans on it.
+    w = Workload.truncated_normal(input=(32, 8, 64), output=(16, 4, 32))
+    plan = find_schedule(w, 10.0, model="tiny", devices="2xH200")
+    again = evaluate_schedule(plan.schedule, w, 10.0, profile=prof, devices="2xH200")
+    assert plan.estimate == again.estimate
+    assert evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), w, 10.0, model="tiny", devices="1xH200").estimate == \
+        evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), w, 10.0, profile=prof, devices="1xH200").estimate
+
+
+def test_shipped_profile_complete_or_absent(tmp_path, monkeypatch):
+    from .conftest import tiny_cpu_profile
+    import dataclasses
+
+    measured = dataclasses.replace(tiny_cpu_profile(), device="H200")
+    _ship(tmp_path, monkeypatch, measured, "tiny-h200.json")
+    prof = builtin_profile("tiny", "H200")  # nothing to fill in: the file as measured
+    assert prof.id == measured.id and _tables(prof) == _tables(measured) and "modelled_tables" not in prof.provenance
+    assert builtin_profile("tiny", "H100").source == "roofline"  # no file for H100 (and tiny is fp32)
+
+
+def test_shipped_profile_of_another_model_is_one_line(tmp_path, monkeypatch):
+    from .conftest import tiny_cpu_profile
+    import dataclasses
+
+    _ship(tmp_path, monkeypatch, dataclasses.replace(tiny_cpu_profile(), device="H100"), "tiny-h200.json")
+    with pytest.raises(ExeGPTError, match=r"^shipped profile tiny-h200.json holds tiny on H100, not tiny on H200$"):
+        builtin_profile("tiny", "H200")

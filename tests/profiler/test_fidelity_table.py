@@ -87,3 +87,15 @@ def test_save_rounds_writes_each_rounds_prediction_and_measurement(tmp_path):
     assert math.isnan(got[0]["r"]["measured"]["latency_s"]) and got[1]["r"]["measured"]["latency_s"] == 0.5
     assert got[0]["r"]["predicted"]["throughput_seq_s"] == plan.estimate.throughput_seq_s
     assert got[0]["r"]["schedule"] == "RRA B_E=4 N_D=4 TP1x0" and got[0]["r"]["replayed"] is None
+
+
+def test_cases_on_one_gpu_are_the_one_device_plans_of_that_gpu():
+    from benchmarks.fidelity import cases
+    from tests.exegpt.conftest import tiny_cpu_profile
+
+    cpu = tiny_cpu_profile()
+    both = cases(cpu, 2)
+    one_gpu = cases(dataclasses.replace(cpu, device="H200"), 1)
+    assert {p.devices for _, p in both} == {"1xcpu", "2xcpu"} and len(both) == 17
+    assert [n for n, _ in one_gpu] == [n for n, p in both if p.devices == "1xcpu"]
+    assert all(p.devices == "1xH200" and p.schedule.num_gpus == 1 for _, p in one_gpu)

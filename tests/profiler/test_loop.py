@@ -98,3 +98,27 @@ def test_demo_rounds_must_be_a_whole_number(bad, capsys):
     with pytest.raises(ExeGPTError, match=rf"rounds={bad!r} must be a whole number >= 1"):
         demo(rounds=bad)
     assert capsys.readouterr().out == ""  # refused before it printed or measured anything
+
+
+def test_run_and_compare_runs_in_the_profiles_precision(profile, monkeypatch):
+    """What runs is what was timed: the runs take the profile's dtype unless told otherwise."""
+    import dataclasses
+
+    from profiler import loop
+
+    seen = []
+    real = loop.run_plans
+
+    def spy(plans, model, **kw):
+        seen.append(kw["dtype"])
+        return real(plans, model, **kw)
+
+    monkeypatch.setattr(loop, "run_plans", spy)
+    plan = find_schedule(W, 3 * smallest_feasible_bound(W, profile=profile, devices="1xcpu"), profile=profile,
+                         devices="1xcpu")
+    bf16 = dataclasses.replace(profile, dtype="bf16")
+    [c] = run_and_compare([("bf16", plan)], "tiny", num_requests=12, profile=bf16)
+    assert c.report.num_finished == 12 and c.replay is not None
+    run_and_compare([("fp32", plan)], "tiny", num_requests=12)
+    run_and_compare([("fp16", plan)], "tiny", num_requests=12, profile=bf16, dtype="fp16")
+    assert seen == ["bf16", "fp32", "fp16"]
