@@ -147,8 +147,11 @@ def _attribution(c) -> str:
     outside = "-"
     if isinstance(s, WAASchedule) and r.throughput_seq_s > 0:
         outside = f"{period_over_longer(s.encode_batch, r):.2f}x"
+    arith = c.phase_time_throughput_error
+    arith = f"{100 * arith:.1f}%" if math.isfinite(arith) else "-"
     return (f"{c.name:<12} {ratio(r.encode_stage_s, e.encode_stage_s):>7} "
-            f"{ratio(r.decode_step_s, e.decode_step_s):>11} {ratio(r.decode_batch, e.decode_batch):>12} {outside:>8}")
+            f"{ratio(r.decode_step_s, e.decode_step_s):>11} {ratio(r.decode_batch, e.decode_batch):>12} {outside:>8} "
+            f"{arith:>10}")
 
 
 def main():
@@ -235,9 +238,15 @@ def main():
     print("  where the time went (measured / predicted; for WAA, 'outside' is the measured time per merged batch,\n"
           "  B_E / throughput, over the longer of its measured encode stage and decode iteration: > 1 is time in\n"
           "  neither, i.e. the decode driver's compaction, merge and waits)")
-    print(f"  {'plan':<12} {'encode':>7} {'decode step':>11} {'decode batch':>12} {'outside':>8}")
+    print("  'arithmetic': the throughput error left when the prediction is rescaled to the run's own phase times")
+    print(f"  {'plan':<12} {'encode':>7} {'decode step':>11} {'decode batch':>12} {'outside':>8} {'arithmetic':>10}")
     for c in rows:
         print("  " + _attribution(c))
+    phase = [c.phase_time_throughput_error for c in rows if math.isfinite(c.phase_time_throughput_error)]
+    if phase:
+        print(f"  the schedule's arithmetic alone (each plan's prediction rescaled to its runs' own encode and decode "
+              f"phase times): throughput error mean {100 * statistics.mean(phase):.1f}% worst "
+              f"{100 * max(phase):.1f}%; the rest of the error is what each phase cost")
     print(f"  run-to-run throughput spread of the same plan ((max - min) / median over {a.rounds} rounds): "
           f"mean {100 * statistics.mean(spreads):.1f}% worst {100 * max(spreads):.1f}%; of its prediction from "
           f"each round's profile: mean {100 * statistics.mean(pred_spreads):.1f}% worst "

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from exegpt import InfeasibleBoundError, Plan, Profile, Workload, find_schedule, static_schedule
+from exegpt import InfeasibleBoundError, Plan, Profile, RRASchedule, WAASchedule, Workload, find_schedule, \
+    static_schedule
 from exegpt.errors import ExeGPTError
 from exegpt.replay import Replay, replay
 from exegpt.rules import sample_lengths
@@ -103,6 +104,23 @@ class Comparison:
     def drift_latency_error(self) -> float:
         """``latency_error`` with the predicted latency scaled by ``drift``."""
         return abs(self.plan.estimate.latency_s * self.drift - self.report.latency_s) / self.report.latency_s
+
+    @property
+    def phase_time_throughput_error(self) -> float:
+        """``throughput_error`` with the prediction rescaled to the run's own phase times: the predicted throughput
+        times the predicted period over the period the measured encode stage and decode step make (RRA: an
+        encode stage and N_D decode steps; WAA: the longer of the two groups' batches). What is left is the
+        schedule's arithmetic, the sequences a period completes, apart from what each phase costs. NaN for
+        other schedules or an unmeasured phase."""
+        e, r, s = self.plan.estimate, self.report, self.plan.schedule
+        if isinstance(s, RRASchedule):
+            pred = e.encode_stage_s + s.decode_iters * e.decode_step_s
+            meas = r.encode_stage_s + s.decode_iters * r.decode_step_s
+        elif isinstance(s, WAASchedule):
+            pred, meas = max(e.encode_stage_s, e.decode_step_s), max(r.encode_stage_s, r.decode_step_s)
+        else:
+            return math.nan
+        return abs(e.throughput_seq_s * pred / meas - r.throughput_seq_s) / r.throughput_seq_s
 
     @property
     def latency_error(self) -> float:

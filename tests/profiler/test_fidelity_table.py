@@ -29,13 +29,15 @@ def test_waa_row_gives_each_term_and_the_time_outside_both():
                   0.5 * e.decode_batch)
     cols = _attribution(Comparison("w", plan, rep)).split()
     longer = max(1.5 * e.encode_stage_s, 2 * e.decode_step_s)
-    assert cols == ["w", "1.50x", "2.00x", "0.50x", f"{4 / rep.throughput_seq_s / longer:.2f}x"]
+    arith = abs(e.throughput_seq_s * max(e.encode_stage_s, e.decode_step_s) / longer - rep.throughput_seq_s) \
+        / rep.throughput_seq_s
+    assert cols == ["w", "1.50x", "2.00x", "0.50x", f"{4 / rep.throughput_seq_s / longer:.2f}x", f"{100 * arith:.1f}%"]
 
 
 def test_rra_row_has_no_outside_and_a_missing_measurement_is_a_dash():
     plan = evaluate_schedule(RRASchedule(4, 4, 1, 0, 1), W, profile=make_profile(), devices="1xA40")
     rep = _report(plan, 100.0, float("nan"), 3 * plan.estimate.decode_step_s, plan.estimate.decode_batch)
-    assert _attribution(Comparison("r", plan, rep)).split() == ["r", "-", "3.00x", "1.00x", "-"]
+    assert _attribution(Comparison("r", plan, rep)).split() == ["r", "-", "3.00x", "1.00x", "-", "-"]
 
 
 def test_drift_scales_the_prediction_and_one_means_unscaled():
@@ -99,3 +101,17 @@ def test_cases_on_one_gpu_are_the_one_device_plans_of_that_gpu():
     assert {p.devices for _, p in both} == {"1xcpu", "2xcpu"} and len(both) == 17
     assert [n for n, _ in one_gpu] == [n for n, p in both if p.devices == "1xcpu"]
     assert all(p.devices == "1xH200" and p.schedule.num_gpus == 1 for _, p in one_gpu)
+
+
+@pytest.mark.parametrize("schedule,devices", [(RRASchedule(4, 4, 1, 0, 1), "1xA40"),
+                                              (WAASchedule(Policy.WAA_C, 4, 32, 1, 0, 1, 1), "2xA40")])
+def test_phase_time_error_is_zero_when_only_the_phase_costs_differ(schedule, devices):
+    """A run whose phases all took 1.6x their predicted time and whose throughput is 1/1.6 of the prediction
+    has the schedule's arithmetic exactly right; a run that also completed 10 % fewer sequences is 10 % off."""
+    plan = evaluate_schedule(schedule, W, profile=make_profile(), devices=devices)
+    e = plan.estimate
+    slow = _report(plan, e.throughput_seq_s / 1.6, 1.6 * e.encode_stage_s, 1.6 * e.decode_step_s, e.decode_batch)
+    c = Comparison("p", plan, slow)
+    assert c.phase_time_throughput_error == pytest.approx(0, abs=1e-12) and c.throughput_error == pytest.approx(0.6)
+    fewer = dataclasses.replace(slow, throughput_seq_s=0.9 * slow.throughput_seq_s)
+    assert Comparison("p", plan, fewer).phase_time_throughput_error == pytest.approx(1 / 0.9 - 1)
