@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issue #4, prepared to fit one device call (one H200, about 8 minutes of its 10):
-#   1. the device's facts and the CUDA paths of the runner's tests (greedy tokens equal to the CPU reference,
-#      the executors on CUDA, the CUDA-event timer),
+#   1. the device's facts and the CUDA paths of the tests (greedy tokens of the model and of every single-process
+#      executor on CUDA equal to CPU references, the CUDA-event timer against a synchronized clock, NVML facts),
 #   2. a profile of a 1B-class preset on the GPU (python -m profiler), written to $OUT,
 #   3. the fidelity table on that GPU from that profile (benchmarks/fidelity.py --profile), written to $OUT.
 # Every stage has its own time limit and the next one runs even when one fails, so what was measured comes back.

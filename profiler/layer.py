@@ -121,9 +121,14 @@ def build_layer_shard(spec: str, tp: int, *, dtype: torch.dtype = torch.float32,
 # --- inputs ---------------------------------------------------------------------------------------
 
 
+def _randn(shard: LayerShard, seed: int, *shape: int) -> Tensor:
+    """Seeded random values of the shard's dtype, drawn on its device (a GPU point's inputs are gigabytes)."""
+    g = torch.Generator(device=shard.device).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=shard.device, dtype=shard.dtype)
+
+
 def _hidden(shard: LayerShard, *shape: int) -> Tensor:
-    g = torch.Generator().manual_seed(1234)
-    return torch.randn(*shape, shard.args.dim, generator=g).to(shard.device, shard.dtype)
+    return _randn(shard, 1234, *shape, shard.args.dim)
 
 
 def _encode_lengths(batch: int, seq: int) -> Tensor:
@@ -173,12 +178,8 @@ def _check_fits(shard: LayerShard, batch: int, length: int) -> None:
 def _qkv(shard: LayerShard, n: int, S: int) -> tuple[Tensor, Tensor, Tensor]:
     """Query, key, value ``[n, H, S, D]`` / ``[n, Hkv, S, D]`` of the right local shapes (random)."""
     a = shard.block.attention
-    g = torch.Generator().manual_seed(99)
-
-    def r(h):
-        return torch.randn(n, h, S, a.head_dim, generator=g).to(shard.device, shard.dtype)
-
-    return r(a.n_heads), r(a.n_kv_heads), r(a.n_kv_heads)
+    return tuple(_randn(shard, 99 + i, n, h, S, a.head_dim)
+                 for i, h in enumerate((a.n_heads, a.n_kv_heads, a.n_kv_heads)))
 
 
 def attention_core(shard: LayerShard, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:

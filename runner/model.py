@@ -183,18 +183,16 @@ class Step:
 
 def prefill_step(seq_lens: Tensor, rows: Tensor, rope: tuple[Tensor, Tensor] | None, device: torch.device
                  ) -> Step:
-    """The ``Step`` of prompts of ``seq_lens`` (CPU ``[n]``) padded to the longest, into cache ``rows`` (CPU
-    ``[n]``): ``is_causal`` when all are as long, else an explicit causal-and-padding mask."""
+    """The ``Step`` of prompts of ``seq_lens`` (CPU ``[n]``) padded on the right to the longest, into cache ``rows``
+    (CPU ``[n]``), attending causally. That needs no padding mask: a prompt's query at position i attends keys
+    0..i, all of them its own tokens; the padded positions' outputs are never read, and their cached keys and
+    values are overwritten by decoding or masked past each row's position. (A ``[n, 1, S, S]`` mask would cost
+    n S^2 bytes, and on CUDA keep grouped-query attention off the flash kernel.)"""
     S = int(seq_lens.max())
-    uniform = bool((seq_lens == S).all())
-    mask = None
-    if not uniform:  # causal within each prompt, padding keys masked out
-        valid = torch.arange(S)[None, :] < seq_lens[:, None]  # [n, S]
-        mask = (torch.ones(S, S, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None].to(device)
     cos = sin = None
     if rope is not None:
         cos, sin = rope[0][:S, None], rope[1][:S, None]  # [S, 1, D]
-    return Step(rows=row_index(rows, device), decode=False, mask=mask, is_causal=uniform, cos=cos, sin=sin)
+    return Step(rows=row_index(rows, device), decode=False, is_causal=True, cos=cos, sin=sin)
 
 
 def decode_step(pos: Tensor, rows: Tensor | slice, rope: tuple[Tensor, Tensor] | None, device: torch.device,

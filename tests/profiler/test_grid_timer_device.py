@@ -98,3 +98,27 @@ def test_missing_cuda_is_one_line():
     with pytest.raises(ExeGPTError, match="CUDA is not available"):
         resolve_device("cuda")
     assert resolve_device(None).type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_events_time_the_kernel_not_its_launch():
+    """A 4096^3 fp32 product takes milliseconds on the GPU and microseconds to launch: the event timer must see the
+    former, as a synchronized wall clock does."""
+    a = torch.randn(4096, 4096, device="cuda")
+    s = time_region(lambda: a @ a, device="cuda", repeat=10)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    wall_s = (time.perf_counter() - t0) / 10
+    assert 0.5 * wall_s < s.median_s < 2 * wall_s
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_facts():
+    d = describe_device("cuda")
+    assert d.kind == "cuda" and d.memory_bytes > 2**30 and d.facts["device_count"] >= 1
+    assert d.name == gpu_short_name(d.model) and d.facts["compute_capability"]
