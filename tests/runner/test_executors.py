@@ -240,3 +240,21 @@ def test_ranks_that_die_at_startup_are_named_even_with_large_arguments():
               "    print('FAILED', e)\n")
     done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=90)
     assert "FAILED rank" in done.stdout and "died" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_plans_run_in_one_process_share_one_build_of_the_model(requests, reference):
+    """The second plan reuses the first's weights (one build per process) with a new, empty KV cache: its tokens
+    are the reference's all the same; another precision builds anew."""
+    from runner import pipeline
+
+    run_plan(make_plan(RRASchedule(4, 3, 1, 0, 1), decode_batch=6.0), "tiny", requests=requests)
+    [(model, _)] = pipeline._LAST_BUILT.values()
+    cache = model.cache
+    rep = run_plan(make_plan(RRASchedule(3, 7, 1, 0, 1), decode_batch=9.0), "tiny", requests=requests,
+                   keep_tokens=True)
+    assert_complete(rep, requests, reference)
+    [(again, _)] = pipeline._LAST_BUILT.values()
+    assert again is model and again.cache is not cache
+    run_plan(make_plan(RRASchedule(4, 3, 1, 0, 1), decode_batch=6.0), "tiny", requests=requests, dtype="bf16")
+    [(other, _)] = pipeline._LAST_BUILT.values()
+    assert other is not model and other.tok_embeddings.weight.dtype == torch.bfloat16
