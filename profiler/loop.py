@@ -263,7 +263,7 @@ def table_header() -> str:
             f"{'meas':>8} {'err':>7} {'kept':>5}")
 
 
-def demo(model: str = "tiny", devices: str = "1xcpu", num_requests: int = 600, out=sys.stdout,
+def demo(model: str = "tiny", devices: str | None = None, num_requests: int = 600, out=sys.stdout,
          rounds: int = 3) -> list[Comparison]:
     """The main job on built-in defaults (see the module docstring). Returns the closed-loop comparisons, each the
     median over ``rounds`` runs of its plan (``median_comparison``)."""
@@ -334,7 +334,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="exegpt-demo", description="Plan the paper's setting, then profile -> "
                                  "plan -> run -> compare on this machine.")
     ap.add_argument("--model", default="tiny", help="preset for the closed loop (default tiny)")
-    ap.add_argument("--devices", default="1xcpu", help="ranks of the closed loop, e.g. 1xcpu or 2xcpu")
+    ap.add_argument("--devices", help="ranks of the closed loop, e.g. 1xcpu or 2xcpu (default: one of the "
+                                      "profiled device, the GPU where CUDA is present)")
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each plan, in turn (default 3; the medians count)")
     a = ap.parse_args(argv)
