@@ -176,9 +176,10 @@ def main():
     fixed = a.cached_profile or a.profile is not None
     if a.profile is not None:
         prof = Profile.load(a.profile)
-        if a.model is not None and a.model.lower() != prof.model.lower():
-            ap.error(f"--profile {a.profile} was measured for {prof.model!r}, not for --model {a.model!r}")
-        a.model = prof.model
+        spec = prof.provenance.get("spec") or prof.model  # what was loaded: a preset, a folder or smollm2
+        if a.model is not None and a.model != spec:
+            ap.error(f"--profile {a.profile} was measured for {spec!r}, not for --model {a.model!r}")
+        a.model = spec
         here = "cuda" if torch.cuda.is_available() else "cpu"  # where runner.run_plans executes one-rank plans
         if (prof.device == "cpu") != (here == "cpu"):
             ap.error(f"--profile {a.profile} was measured on {prof.device!r}; the runs execute on {here} here")

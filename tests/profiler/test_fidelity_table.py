@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule
 from benchmarks.fidelity import _attribution, noise_floor, save_rounds
@@ -115,3 +116,35 @@ def test_phase_time_error_is_zero_when_only_the_phase_costs_differ(schedule, dev
     assert c.phase_time_throughput_error == pytest.approx(0, abs=1e-12) and c.throughput_error == pytest.approx(0.6)
     fewer = dataclasses.replace(slow, throughput_seq_s=0.9 * slow.throughput_seq_s)
     assert Comparison("p", plan, fewer).phase_time_throughput_error == pytest.approx(1 / 0.9 - 1)
+
+
+def _bad_run(monkeypatch, capsys, argv):
+    import sys
+
+    from benchmarks import fidelity
+
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        fidelity.main()
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_arguments_are_one_line_each(monkeypatch, capsys, tmp_path):
+    from tests.exegpt.conftest import tiny_cpu_profile
+
+    shipped = "tests/data/tiny-cpu.json"
+    assert _bad_run(monkeypatch, capsys, ["--rounds", "0"]).endswith("--rounds 0 must be a whole number >= 1")
+    assert _bad_run(monkeypatch, capsys, ["--profile", shipped, "--model", "small"]).endswith(
+        f"--profile {shipped} was measured for 'tiny', not for --model 'small'")
+    assert "not allowed with" in _bad_run(monkeypatch, capsys, ["--profile", shipped, "--cached-profile"])
+    prof = tiny_cpu_profile()
+    two = dataclasses.replace(prof, provenance=prof.provenance | {"torch_threads": 2})
+    two.save(tmp_path / "two.json")
+    assert _bad_run(monkeypatch, capsys, ["--profile", str(tmp_path / "two.json")]).endswith(
+        "was measured with 2 torch threads; the runs use 1 (python -m profiler --threads 1)")
+    gpu = dataclasses.replace(prof, device="H200")
+    gpu.save(tmp_path / "gpu.json")
+    if not torch.cuda.is_available():
+        assert _bad_run(monkeypatch, capsys, ["--profile", str(tmp_path / "gpu.json")]).endswith(
+            "was measured on 'H200'; the runs execute on cpu here")
