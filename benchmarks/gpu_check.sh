@@ -3,14 +3,15 @@
 #   1. the device's facts and the CUDA paths of the tests (greedy tokens of the model and of every single-process
 #      executor on CUDA equal to CPU references, the CUDA-event timer against a synchronized clock, NVML facts),
 #   2. a profile of a 1B-class preset on the GPU (python -m profiler), written to $OUT,
-#   3. the fidelity table on that GPU from that profile (benchmarks/fidelity.py --profile), written to $OUT.
+#   3. the paper's task S planned on that profile and on the device's roofline model (exegpt sweep),
+#   4. the fidelity table on that GPU from that profile (benchmarks/fidelity.py --profile), written to $OUT.
 # Every stage has its own time limit and the next one runs even when one fails, so what was measured comes back.
 #
 # Here (the machine without a GPU), once per checkout: fetch the wheels the GPU image lacks (ortools for the
 # search, and what it needs) into .whl, which git ignores:
 #   bash benchmarks/gpu_check.sh --prepare
 # Then one call of the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)  (stage limits sum to 560 s)
 # Commit $OUT's profile as a built-in one (exegpt/data/profiles/, with its provenance) and put the tables in the
 # closing note.
 #
@@ -54,7 +55,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $OUT/N
     echo "== $name: exit $rc after $((SECONDS - t0)) s"
 }
 
-stage facts 60 $PY -c "
+stage facts 30 $PY -c "
 import json, torch
 from profiler.device import describe_device
 d = describe_device(None)
@@ -62,12 +63,16 @@ print(json.dumps({'name': d.name, 'model': d.model, 'memory_gib': d.memory_bytes
                   'cuda': torch.version.cuda, 'facts': d.facts}, indent=1, default=str))"
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # The runner's single-process tests run on CUDA when it is present (run_plan picks it) against CPU references.
-stage tests 150 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/runner/test_model.py \
+stage tests 120 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/runner/test_model.py \
     tests/runner/test_executors.py tests/profiler/test_grid_timer_device.py
 # One torch thread, as the fidelity runs use (profiler.loop.THREADS): on a GPU it only paces the host.
-stage profile 220 $PY -m profiler --model "$MODEL" --tp 1 2 --quick --threads 1 --no-progress -o "$PROFILE"
+stage profile 200 $PY -m profiler --model "$MODEL" --tp 1 2 --quick --threads 1 --no-progress -o "$PROFILE"
 if [ -f "$PROFILE" ]; then
-    TAIL=60 stage fidelity 170 $PY -m benchmarks.fidelity --profile "$PROFILE" --rounds 2 \
+    # The paper's task S planned on the measured profile, then on the roofline model of the same device.
+    DEVICE=$($PY -c "from exegpt import Profile; print(Profile.load('$PROFILE').device)")
+    stage plan-measured 30 $PY -m exegpt sweep --task S --model "$MODEL" --profile "$PROFILE" --bounds 1 2 5 inf
+    stage plan-modelled 30 $PY -m exegpt sweep --task S --model "$MODEL" --devices "1x$DEVICE" --bounds 1 2 5 inf
+    TAIL=60 stage fidelity 150 $PY -m benchmarks.fidelity --profile "$PROFILE" --rounds 2 \
         --requests "${REQUESTS:-400}" --save "$OUT/fidelity.json"
 fi
 ls -l "$OUT"
