@@ -15,8 +15,9 @@
 # Commit $OUT's profile as a built-in one (exegpt/data/profiles/, with its provenance) and put the tables in the
 # closing note.
 #
-# Without a GPU the same stages run on the CPU (MODEL=tiny bash benchmarks/gpu_check.sh: a dry run of the flow, where
-# the planning stages refuse task S, longer than tiny's context, and fidelity stops at its limit, its runs so far logged).
+# Without a GPU the same stages run on the CPU (MODEL=tiny bash benchmarks/gpu_check.sh: a dry run of the flow,
+# where the planning stages refuse task S, longer than tiny's context, and fidelity stops at its limit; its runs
+# so far are logged).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
