@@ -194,23 +194,21 @@ def _plan(prob: Problem, lay: Layout, s: Schedule, stats: SearchStats) -> Plan:
                 search=stats)
 
 
-def _infeasible(prob: Problem, spaces: list[Space], margin: float = 0.0, layouts=None, profile=None,
-                verify_requests: int = 0) -> InfeasibleBoundError:
-    fastest = branch_and_bound(spaces, math.inf, minimize_latency=True)
+def _infeasible(prob: Problem, fastest: SearchResult, margin: float = 0.0, verify_requests: int = 0,
+                replayed_s: float = math.nan) -> InfeasibleBoundError:
+    """The error naming the smallest feasible bound: the lowest-latency schedule's (``fastest``) estimate, or with
+    ``verify_requests`` the worst of its replayed requests (``replayed_s``) where that is longer."""
     q = prob.bound.length_quantile
     if fastest.space is None:
         return InfeasibleBoundError(
             f"no schedule of {prob.model.name} on {prob.cluster.label} fits in device memory (or in the "
             f"profiled range) for this workload", math.inf)
     latency, how = fastest.latency, ""
-    if verify_requests:
-        # The lowest-latency schedule by estimate, replayed: find_schedule falls back to it under a bound that
-        # both its estimate and its worst replayed request keep.
-        replayed = _replayed_latency(_plan_at(layouts, fastest, SearchStats("fastest", 0, 0.0)), profile,
-                                     verify_requests)
-        if replayed > latency:
-            latency, how = replayed, f" (the worst of {verify_requests} replayed requests of the lowest-latency " \
-                                     f"schedule)"
+    # find_schedule(verify_requests=...) falls back to the lowest-latency schedule under a bound that both its
+    # estimate and its worst replayed request keep.
+    if replayed_s > latency:
+        latency, how = replayed_s, f" (the worst of {verify_requests} replayed requests of the lowest-latency " \
+                                   f"schedule)"
     smallest = latency / (1 - margin)
     return InfeasibleBoundError(
         f"latency bound {prob.bound.bound_s:g} s is infeasible for the p{q * 100:g}-length output "
@@ -294,15 +292,16 @@ def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees
             return _verified(plan, verify_requests, worst, t0)
         # The pick's worst bound-length request missed: search again below the estimate it had, by the ratio.
         search_bound_s = min(search_bound_s, plan.estimate.latency_s) * bound_s / worst
-    if verify_requests:
-        # Last resort, the lowest-latency schedule by estimate (what the infeasibility error names).
-        fastest = branch_and_bound(spaces, math.inf, minimize_latency=True)
-        if fastest.space is not None and fastest.latency <= bound_s:
-            plan = _plan_at(layouts, fastest, stats(fastest.candidates_evaluated))
-            worst = _replayed_latency(plan, profile, verify_requests)
-            if not worst > bound_s:
-                return _verified(plan, verify_requests, worst, t0)
-    raise _infeasible(prob, spaces, latency_margin, layouts, profile, verify_requests)
+    # The lowest-latency schedule by estimate: what the infeasibility error names and, with verification, the last
+    # resort, replayed once for both.
+    fastest = branch_and_bound(spaces, math.inf, minimize_latency=True)
+    replayed_s = math.nan
+    if verify_requests and fastest.space is not None:
+        plan = _plan_at(layouts, fastest, stats(fastest.candidates_evaluated))
+        replayed_s = _replayed_latency(plan, profile, verify_requests)
+        if fastest.latency <= bound_s and not replayed_s > bound_s:
+            return _verified(plan, verify_requests, replayed_s, t0)
+    raise _infeasible(prob, fastest, latency_margin, verify_requests, replayed_s)
 
 
 def _plan_at(layouts, res: SearchResult, stats: SearchStats) -> Plan:
