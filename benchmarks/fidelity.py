@@ -45,6 +45,7 @@ from exegpt.optimize import offered_cluster
 from exegpt.schedule import describe
 from exegpt.simulate import spans_ranks
 from profiler.collectives import run_group
+from profiler.device import resolve_device
 from profiler.engine import period_over_longer
 from profiler.loop import CPU_TASK, CPU_TRACE, LATENCY_MARGIN, THREADS, cached_profile, median_comparison, \
     run_and_compare, speed_probe, table_header, _row
@@ -137,6 +138,18 @@ def save_rounds(rounds, path: str) -> None:
     Path(path).write_text(json.dumps(out, indent=1, allow_nan=True))
 
 
+def _mean_worst(xs) -> str:
+    """'mean X% worst Y%' of relative errors or spreads."""
+    return f"mean {100 * statistics.mean(xs):.1f}% worst {100 * max(xs):.1f}%"
+
+
+def _errors(throughput, latency) -> str:
+    """'throughput error mean X% worst Y%; latency error mean X% worst Y%' (latencies no request reached, NaN,
+    left out)."""
+    return (f"throughput error {_mean_worst(throughput)}; "
+            f"latency error {_mean_worst([x for x in latency if math.isfinite(x)])}")
+
+
 def _attribution(c) -> str:
     """One row of measured / predicted per cost term of ``c`` (a Comparison)."""
     e, r, s = c.plan.estimate, c.report, c.plan.schedule
@@ -180,7 +193,7 @@ def main():
         if a.model is not None and a.model != spec:
             ap.error(f"--profile {a.profile} was measured for {spec!r}, not for --model {a.model!r}")
         a.model = spec
-        here = "cuda" if torch.cuda.is_available() else "cpu"  # where runner.run_plans executes one-rank plans
+        here = resolve_device(None).type  # where runner.run_plans executes one-rank plans and the profiler measures
         if (prof.device == "cpu") != (here == "cpu"):
             ap.error(f"--profile {a.profile} was measured on {prof.device!r}; the runs execute on {here} here")
         threads = prof.provenance.get("torch_threads")
@@ -232,10 +245,7 @@ def main():
     for label, group in (("one rank", [c for c in rows if c.plan.schedule.num_gpus == 1]),
                          ("two ranks", [c for c in rows if c.plan.schedule.num_gpus > 1])):
         if group:
-            t = [c.throughput_error for c in group]
-            lt = [c.latency_error for c in group if math.isfinite(c.latency_error)]
-            print(f"  {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst {100 * max(t):.1f}%; "
-                  f"latency error mean {100 * statistics.mean(lt):.1f}% worst {100 * max(lt):.1f}%")
+            print(f"  {label}: {_errors([c.throughput_error for c in group], [c.latency_error for c in group])}")
     print("  where the time went (measured / predicted; for WAA, 'outside' is the measured time per merged batch,\n"
           "  B_E / throughput, over the longer of its measured encode stage and decode iteration: > 1 is time in\n"
           "  neither, i.e. the decode driver's compaction, merge and waits)")
@@ -246,32 +256,24 @@ def main():
     phase = [c.phase_time_throughput_error for c in rows if math.isfinite(c.phase_time_throughput_error)]
     if phase:
         print(f"  the schedule's arithmetic alone (each plan's prediction rescaled to its runs' own encode and decode "
-              f"phase times): throughput error mean {100 * statistics.mean(phase):.1f}% worst "
-              f"{100 * max(phase):.1f}%; the rest of the error is what each phase cost")
+              f"phase times): throughput error {_mean_worst(phase)}; the rest of the error is what each phase cost")
     print(f"  run-to-run throughput spread of the same plan ((max - min) / median over {a.rounds} rounds): "
-          f"mean {100 * statistics.mean(spreads):.1f}% worst {100 * max(spreads):.1f}%; of its prediction from "
-          f"each round's profile: mean {100 * statistics.mean(pred_spreads):.1f}% worst "
-          f"{100 * max(pred_spreads):.1f}%")
+          f"{_mean_worst(spreads)}; of its prediction from each round's profile: {_mean_worst(pred_spreads)}")
     picks = [runs for runs in zip(*rounds) if runs[0].name.startswith("best")]
     kept_every_round = sum(all(c.bound_kept is True for c in runs) for runs in picks)
     paired = [c for runs in rounds for c in runs]
-    t = [c.throughput_error for c in paired]
-    lt = [c.latency_error for c in paired if math.isfinite(c.latency_error)]
-    print(f"  each round against its own profile (not medians): throughput error mean {100 * statistics.mean(t):.1f}%"
-          f" worst {100 * max(t):.1f}%; latency error mean {100 * statistics.mean(lt):.1f}% worst "
-          f"{100 * max(lt):.1f}%")
+    print(f"  each round against its own profile (not medians): "
+          f"{_errors([c.throughput_error for c in paired], [c.latency_error for c in paired])}")
     floor_t = noise_floor([[c.report.throughput_seq_s for c in runs] for runs in zip(*rounds)])
     floor_l = noise_floor([[c.report.latency_s for c in runs] for runs in zip(*rounds)])
     if floor_t:
         print(f"  noise floor (each run predicted by the median of the same plan's runs in the other rounds): "
-              f"throughput error mean {100 * statistics.mean(floor_t):.1f}% worst {100 * max(floor_t):.1f}%; "
-              f"latency error mean {100 * statistics.mean(floor_l):.1f}% worst {100 * max(floor_l):.1f}%")
+              f"{_errors(floor_t, floor_l)}")
     # The measured latency is the worst among the requests that reached latency_len tokens (what a bound must
     # hold), the prediction that length's expected latency: their median shows how much of the gap is spread.
     med = [c.latency_p50_error for c in rows if math.isfinite(c.latency_p50_error)]
     if med:
-        print(f"  latency against the median (not the worst) of the same requests: error mean "
-              f"{100 * statistics.mean(med):.1f}% worst {100 * max(med):.1f}%")
+        print(f"  latency against the median (not the worst) of the same requests: error {_mean_worst(med)}")
     replayed = [c for c in rows if c.replay is not None]
     if replayed:
         print("  replayed request by request (exegpt.replay: the runner's rules on the run's own requests, every "
@@ -285,23 +287,15 @@ def main():
                   f"{100 * c.latency_error:>6.1f}% {rp.latency_p50_s:>7.3f}")
         for label, f_thr, f_lat in (("estimate", "throughput_error", "latency_error"),
                                     ("replay", "replay_throughput_error", "replay_latency_error")):
-            t = [getattr(c, f_thr) for c in replayed]
-            lt = [getattr(c, f_lat) for c in replayed if math.isfinite(getattr(c, f_lat))]
-            print(f"  replayed plans, {label}: throughput error mean {100 * statistics.mean(t):.1f}% worst "
-                  f"{100 * max(t):.1f}%; latency error mean {100 * statistics.mean(lt):.1f}% worst "
-                  f"{100 * max(lt):.1f}%")
+            print(f"  replayed plans, {label}: "
+                  f"{_errors([getattr(c, f_thr) for c in replayed], [getattr(c, f_lat) for c in replayed])}")
     if probing:
         drifts = [c.drift for c in rows]
-        d_thr = [c.drift_throughput_error for c in rows]
         d_lat = [c.drift_latency_error for c in rows if math.isfinite(c.drift_latency_error)]
         print(f"  machine drift between profile and run (probe seconds before the run / after the profile): "
-              f"{min(drifts):.2f}-{max(drifts):.2f}; errors with the prediction scaled by it: throughput mean "
-              f"{100 * statistics.mean(d_thr):.1f}% worst {100 * max(d_thr):.1f}%, latency mean "
-              f"{100 * statistics.mean(d_lat):.1f}% worst {100 * max(d_lat):.1f}%")
-    thr = [c.throughput_error for c in rows]
-    lat = [c.latency_error for c in rows if math.isfinite(c.latency_error)]
-    print(f"fidelity: throughput error mean {100 * statistics.mean(thr):.1f}% worst {100 * max(thr):.1f}%; "
-          f"latency error mean {100 * statistics.mean(lat):.1f}% worst {100 * max(lat):.1f}%; "
+              f"{min(drifts):.2f}-{max(drifts):.2f}; errors with the prediction scaled by it: throughput "
+              f"{_mean_worst([c.drift_throughput_error for c in rows])}, latency {_mean_worst(d_lat)}")
+    print(f"fidelity: {_errors([c.throughput_error for c in rows], [c.latency_error for c in rows])}; "
           f"bounds kept {kept_every_round}/{len(picks)}")
 
 
