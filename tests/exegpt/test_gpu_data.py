@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from exegpt import ExeGPTError, Kernel, Profile, get_model
-from exegpt.gpu_data import (MEASURED_MODELS, builtin_profile, calibrate, fit_validation, gpu_profile,
+from exegpt import (ExeGPTError, Kernel, Profile, RRASchedule, Workload, evaluate_schedule, find_schedule,
+                    get_model)
+from exegpt import gpu_data
+from exegpt.gpu_data import (MEASURED_MODELS, NETWORK, builtin_profile, calibrate, fit_validation, gpu_profile,
                              holdout_error, load_gpu, load_network)
+from exegpt.roofline import roofline_profile
+
+from .conftest import tiny_cpu_profile
 
 SRC = Path("/work/shared/data/gpu-profiles")
 
@@ -129,8 +135,6 @@ def _tables(prof):
 
 
 def _ship(tmp_path, monkeypatch, prof, name):
-    from exegpt import gpu_data
-
     monkeypatch.setattr(gpu_data, "PROFILES_DIR", tmp_path)
     prof.save(tmp_path / name)
 
@@ -138,14 +142,6 @@ def _ship(tmp_path, monkeypatch, prof, name):
 def test_shipped_measured_profile_is_the_builtin_one_with_modelled_collectives(tmp_path, monkeypatch):
     """A profile measured on one H200 (no peer: no collectives) is what planning for H200s uses; the collectives
     it lacks come from the modelled profile at its TP degrees, and the provenance says which."""
-    import dataclasses
-
-    from exegpt import Workload, evaluate_schedule, find_schedule, RRASchedule
-    from exegpt.gpu_data import NETWORK
-    from exegpt.roofline import roofline_profile
-
-    from .conftest import tiny_cpu_profile
-
     measured = tiny_cpu_profile()
     one_gpu = dataclasses.replace(measured, device="H200",
                                   tables=tuple(t for t in measured.tables if t.kernel not in NETWORK))
@@ -171,9 +167,6 @@ def test_shipped_measured_profile_is_the_builtin_one_with_modelled_collectives(t
 
 
 def test_shipped_profile_complete_or_absent(tmp_path, monkeypatch):
-    from .conftest import tiny_cpu_profile
-    import dataclasses
-
     measured = dataclasses.replace(tiny_cpu_profile(), device="H200")
     _ship(tmp_path, monkeypatch, measured, "tiny-h200.json")
     prof = builtin_profile("tiny", "H200")  # nothing to fill in: the file as measured
@@ -182,9 +175,6 @@ def test_shipped_profile_complete_or_absent(tmp_path, monkeypatch):
 
 
 def test_shipped_profile_of_another_model_is_one_line(tmp_path, monkeypatch):
-    from .conftest import tiny_cpu_profile
-    import dataclasses
-
     _ship(tmp_path, monkeypatch, dataclasses.replace(tiny_cpu_profile(), device="H100"), "tiny-h200.json")
     with pytest.raises(ExeGPTError, match=r"^shipped profile tiny-h200.json holds tiny on H100, not tiny on H200$"):
         builtin_profile("tiny", "H200")

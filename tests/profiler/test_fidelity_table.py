@@ -1,6 +1,7 @@
 """benchmarks/fidelity.py's attribution row: measured / predicted per cost term, and WAA's time outside both."""
 
 import dataclasses
+import sys
 import json
 import math
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 
 from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule
-from benchmarks.fidelity import _attribution, noise_floor, save_rounds
+from benchmarks import fidelity
+from benchmarks.fidelity import _attribution, cases, noise_floor, save_rounds
 from profiler.loop import Comparison, median_comparison
 from runner.report import RunReport
-from tests.exegpt.conftest import make_profile
+from tests.exegpt.conftest import make_profile, tiny_cpu_profile
 
 W = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 80), name="t")
 
@@ -93,9 +95,6 @@ def test_save_rounds_writes_each_rounds_prediction_and_measurement(tmp_path):
 
 
 def test_cases_on_one_gpu_are_the_one_device_plans_of_that_gpu():
-    from benchmarks.fidelity import cases
-    from tests.exegpt.conftest import tiny_cpu_profile
-
     cpu = tiny_cpu_profile()
     both = cases(cpu, 2)
     one_gpu = cases(dataclasses.replace(cpu, device="H200"), 1)
@@ -119,10 +118,6 @@ def test_phase_time_error_is_zero_when_only_the_phase_costs_differ(schedule, dev
 
 
 def _bad_run(monkeypatch, capsys, argv):
-    import sys
-
-    from benchmarks import fidelity
-
     monkeypatch.setattr(sys, "argv", ["fidelity.py", *argv])
     with pytest.raises(SystemExit) as e:
         fidelity.main()
@@ -131,8 +126,6 @@ def _bad_run(monkeypatch, capsys, argv):
 
 
 def test_bad_arguments_are_one_line_each(monkeypatch, capsys, tmp_path):
-    from tests.exegpt.conftest import tiny_cpu_profile
-
     shipped = "tests/data/tiny-cpu.json"
     assert _bad_run(monkeypatch, capsys, ["--rounds", "0"]).endswith("--rounds 0 must be a whole number >= 1")
     assert _bad_run(monkeypatch, capsys, ["--profile", shipped, "--model", "small"]).endswith(
