@@ -1,9 +1,9 @@
 """benchmarks/fidelity.py's attribution row: measured / predicted per cost term, and WAA's time outside both."""
 
 import dataclasses
-import sys
 import json
 import math
+import sys
 
 import pytest
 import torch
