@@ -11,7 +11,7 @@ Printed:
 - where the time went (measured / predicted per cost term; for WAA the time outside all of them);
 - the run-to-run spread of the same plan and the noise floor it sets (``noise_floor``: each run predicted by the
   same plan's other runs), and the errors of each round against its own profile;
-- the plans replayed request by request on the runs' own requests (``exegpt.replay``: the worst latency of the
+- the plans run on the simulated engine on the runs' own requests (``exegpt.sim``: the worst latency of the
   bound-length requests, which the steady-state estimate does not see) against the same measurements;
 - the machine's drift (``speed_probe`` just before each run over the same probe just after the profile; for a
   plan of several ranks, times the rank slowdown measured just before it over the profile's) and the errors with
@@ -133,7 +133,7 @@ def save_rounds(rounds, path: str) -> None:
     out = [{c.name: {"schedule": describe(c.plan.schedule), "bound_s": c.plan.bound.bound_s, "drift": c.drift,
                      "predicted": {k: getattr(c.plan.estimate, k) for k in keys},
                      "measured": {k: getattr(c.report, k) for k in keys} | {"latency_p50_s": c.report.latency_p50_s},
-                     "replayed": None if c.replay is None else {k: getattr(c.replay, k) for k in keys}}
+                     "simulated": None if c.simulated is None else {k: getattr(c.simulated, k) for k in keys}}
             for c in runs} for runs in rounds]
     Path(path).write_text(json.dumps(out, indent=1, allow_nan=True))
 
@@ -274,20 +274,20 @@ def main():
     med = [c.latency_p50_error for c in rows if math.isfinite(c.latency_p50_error)]
     if med:
         print(f"  latency against the median (not the worst) of the same requests: error {_mean_worst(med)}")
-    replayed = [c for c in rows if c.replay is not None]
+    replayed = [c for c in rows if c.simulated is not None]
     if replayed:
-        print("  replayed request by request (exegpt.replay: the runner's rules on the run's own requests, every "
+        print("  on the simulated engine (exegpt.sim: the runner's drivers on the run's own requests, every "
               "step costed by the profile)")
-        print(f"  {'plan':<12} {'replay seq/s':>12} {'err':>6} {'est err':>7} {'replay lat':>10} {'err':>6} "
+        print(f"  {'plan':<12} {'sim seq/s':>12} {'err':>6} {'est err':>7} {'sim lat':>10} {'err':>6} "
               f"{'est err':>7} {'p50':>7}")
         for c in replayed:
-            rp = c.replay
-            print(f"  {c.name:<12} {rp.throughput_seq_s:>12.1f} {100 * c.replay_throughput_error:>5.1f}% "
-                  f"{100 * c.throughput_error:>6.1f}% {rp.latency_s:>10.3f} {100 * c.replay_latency_error:>5.1f}% "
+            rp = c.simulated
+            print(f"  {c.name:<12} {rp.throughput_seq_s:>12.1f} {100 * c.simulated_throughput_error:>5.1f}% "
+                  f"{100 * c.throughput_error:>6.1f}% {rp.latency_s:>10.3f} {100 * c.simulated_latency_error:>5.1f}% "
                   f"{100 * c.latency_error:>6.1f}% {rp.latency_p50_s:>7.3f}")
         for label, f_thr, f_lat in (("estimate", "throughput_error", "latency_error"),
-                                    ("replay", "replay_throughput_error", "replay_latency_error")):
-            print(f"  replayed plans, {label}: "
+                                    ("simulated", "simulated_throughput_error", "simulated_latency_error")):
+            print(f"  simulated runs, {label}: "
                   f"{_errors([getattr(c, f_thr) for c in replayed], [getattr(c, f_lat) for c in replayed])}")
     if probing:
         drifts = [c.drift for c in rows]

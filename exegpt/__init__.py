@@ -1,5 +1,6 @@
 """ExeGPT: constraint-aware scheduling of LLM inference (the solver; never imports torch)."""
 
+from .arrivals import Arrivals, request_stream
 from .bound import LatencyBound
 from .devices import DEVICES, Cluster, DeviceSpec, parse_cluster
 from .distribution import Distribution
@@ -9,15 +10,16 @@ from .optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find
                        smallest_feasible_bound, static_schedule)
 from .plan import Estimate, Plan, SearchStats, Stage
 from .profile import Kernel, Profile, ProfileTable
-from .replay import Replay, replay
+from .report import Percentiles, RequestRecord, RunReport
 from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule
+from .sim import run_simulated
 from .simulate import simulate
 from .workload import Workload
 
 __all__ = [
-    "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate", "ExeGPTError", "InfeasibleBoundError",
+    "Arrivals", "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate", "ExeGPTError", "InfeasibleBoundError",
     "Kernel", "LatencyBound", "MODELS", "ModelShape", "Plan", "Policy", "Profile", "ProfileRangeError",
-    "ProfileTable", "Replay", "RRASchedule", "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule",
+    "ProfileTable", "Percentiles", "RequestRecord", "RRASchedule", "RunReport", "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule",
     "Workload", "get_model", "parse_cluster", "SearchSpace", "evaluate_schedule", "exhaustive_schedule",
-    "find_schedule", "frontier", "replay", "simulate", "smallest_feasible_bound", "static_schedule",
+    "find_schedule", "frontier", "request_stream", "run_simulated", "simulate", "smallest_feasible_bound", "static_schedule",
 ]

@@ -3,7 +3,10 @@
   exegpt plan --task S --bound 3.1 [--model opt-13b --devices 4xA40] [-o plan.json]
   exegpt plan --trace requests.csv --bound 10 --model llama-2-7b --devices 2xA100
   exegpt plan --input 256,252,512 --output 32,13,80 --bound 5.9 --profile profile.json
+  exegpt plan --task S --ttft 2 --tpot 0.15 --devices 2xA100          (goodput under p90 TTFT / TPOT)
+  exegpt plan --task S --completion 10:0.9 --devices 2xA100           (90 % of requests within 10 s)
   exegpt simulate --schedule rra:encode_batch=16,decode_iters=8 --task C1
+  exegpt simulate --plan plan.json --requests 2000 --arrivals poisson:20
   exegpt sweep --task T --bounds 5 10 20 inf
 
 Every bad argument is one line on stderr and exit code 2.
@@ -22,7 +25,11 @@ from .optimize import (SearchSpace, offered_cluster, evaluate_schedule, exhausti
                        static_schedule)
 from .plan import Plan
 from .profile import Profile
+from .arrivals import Arrivals
+from .goodput import SimulatedSearch
 from .schedule import Policy, RRASchedule, StaticSchedule, WAASchedule, describe, policy_of
+from .sim import run_simulated
+from .slo import CompletionSLO, RequestSLO
 from .workload import TASKS, TRACES, Workload
 
 
@@ -97,7 +104,7 @@ def _print_plan(plan: Plan, title: str = "plan"):
     rows = [
         ("throughput", f"{e.throughput_seq_s:.3f} seq/s   {e.throughput_tok_s:.1f} tok/s"),
         (f"latency (p{plan.bound.length_quantile * 100:g} length = {e.latency_len} tok)",
-         f"{e.latency_s:.3f} s   (bound {plan.bound.bound_s:g} s)"),
+         f"{e.latency_s:.3f} s" + (f"   (bound {plan.bound.bound_s:g} s)" if plan.slo is None else "")),
         ("encode stage / decode step", f"{e.encode_stage_s * 1e3:.2f} ms / {e.decode_step_s * 1e3:.2f} ms"),
         ("decode batch B_D", f"{e.decode_batch:.1f}"),
         ("peak memory per device", f"{max(e.memory_bytes) / 2**30:.2f} GiB of {e.memory_capacity_bytes / 2**30:.1f}"),
@@ -106,6 +113,13 @@ def _print_plan(plan: Plan, title: str = "plan"):
         ("search", f"{plan.search.method}: {plan.search.candidates_evaluated} candidates of "
                    f"{plan.search.space_size} in {plan.search.wall_s:.3f} s"),
     ]
+    c = plan.slo_check
+    if c is not None and c.form != "quantile_length":
+        achieved = " / ".join(f"{x:.4g} s" for x in c.achieved)
+        rows.append(("SLO (simulated)", f"{c.description}: {'holds' if c.holds else 'MISSED'}, achieved {achieved}, "
+                                        f"margin {c.margin:.1%} on {c.num_requests} requests"))
+        if c.form == "request":
+            rows.append(("goodput", f"{c.goodput_rps:.3f} requests/s (Poisson arrivals)"))
     if plan.search.replay_requests:
         rows.append(("replayed worst latency", f"{plan.search.replay_latency_s:.3f} s on "
                                                  f"{plan.search.replay_requests} requests"))
@@ -118,9 +132,40 @@ def _space(a) -> SearchSpace:
     return SearchSpace(a.max_encode_batch, a.max_micro_batch)
 
 
+def _slo(a):
+    """The one SLO form the arguments give: --bound (a), --completion (b) or --ttft with --tpot (c)."""
+    forms = [f for f, on in (("--bound", a.bound is not None), ("--completion", a.completion is not None),
+                             ("--ttft/--tpot", a.ttft is not None or a.tpot is not None)) if on]
+    if len(forms) != 1:
+        raise ExeGPTError("give exactly one SLO: --bound SECONDS, --completion SECONDS:SHARE or --ttft SECONDS "
+                          "with --tpot SECONDS" + (f" (got {', '.join(forms)})" if forms else ""))
+    if a.bound is not None:
+        return _bound(a.bound, a.quantile)
+    if a.completion is not None:
+        bound, sep, share = a.completion.partition(":")
+        try:
+            return CompletionSLO(float(bound), float(share) if sep else 0.99)
+        except ValueError:
+            raise ExeGPTError(f"--completion {a.completion!r} is not SECONDS[:SHARE] (e.g. 10:0.9)") from None
+    if a.ttft is None or a.tpot is None:
+        raise ExeGPTError("--ttft and --tpot go together (seconds each)")
+    return RequestSLO(a.ttft, a.tpot, a.percentile)
+
+
 def cmd_plan(a) -> int:
     w, target = _workload(a), _target(a)
-    bound = _bound(a.bound, a.quantile)
+    bound = _slo(a)
+    if not isinstance(bound, LatencyBound):
+        if a.exhaustive or a.verify:
+            raise ExeGPTError("--exhaustive and --verify apply to --bound; --completion and --ttft/--tpot are "
+                              "searched on the simulated engine")
+        plan = find_schedule(w, bound, **target, policies=a.policies, tp_degrees=a.tp, space=_space(a),
+                             device_counts=a.device_counts, simulated=SimulatedSearch(num_requests=a.sim_requests))
+        _print_plan(plan)
+        if a.out:
+            plan.save(a.out)
+            print(f"wrote {a.out}")
+        return 0
     fn = exhaustive_schedule if a.exhaustive else find_schedule
     kw = dict(target, policies=a.policies, tp_degrees=a.tp, space=_space(a), device_counts=a.device_counts)
     if not a.exhaustive:
@@ -174,6 +219,7 @@ def _parse_schedule(text: str, num_gpus: int):
 
 
 def cmd_simulate(a) -> int:
+    arrivals = Arrivals.parse(a.arrivals)
     if a.plan:
         plan = Plan.load(a.plan)
         w = plan.workload if not any((a.task, a.builtin_trace, a.trace, a.input)) else _workload(a)
@@ -193,6 +239,10 @@ def cmd_simulate(a) -> int:
     _print_plan(plan, "simulated")
     if not plan.estimate.memory_ok:
         print("  WARNING: this schedule does not fit in device memory")
+    if a.requests:
+        rep = run_simulated(plan, target["profile"], a.requests, a.seed, arrivals=arrivals)
+        print(f"simulated engine: {a.requests} requests, arrivals {arrivals.describe()}, seed {a.seed}")
+        print(rep.table())
     return 0
 
 
@@ -222,7 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="search the best schedule and write plan.json")
     _add_workload(plan)
     _add_target(plan)
-    plan.add_argument("--bound", type=_number, required=True, help="latency bound in seconds (inf for none)")
+    slo = plan.add_argument_group("SLO (one of)")
+    slo.add_argument("--bound", type=_number, default=None,
+                     help="(a) latency bound in seconds on the --quantile-length output (inf for none)")
+    slo.add_argument("--completion", metavar="SECONDS[:SHARE]",
+                     help="(b) SHARE (default 0.99) of requests finish within SECONDS of their prefill")
+    slo.add_argument("--ttft", type=_number, help="(c) time to first token bound (s), with --tpot: max goodput")
+    slo.add_argument("--tpot", type=_number, help="(c) time per output token bound (s)")
+    slo.add_argument("--percentile", type=_number, default=90.0, help="(c) percentile of TTFT and TPOT (default 90)")
+    slo.add_argument("--sim-requests", type=int, default=400,
+                     help="(b), (c): requests of each simulated run (default 400)")
     plan.add_argument("--policies", nargs="+", default=["rra", "waa_c", "waa_m"], help="rra waa_c waa_m")
     plan.add_argument("--tp", type=int, nargs="+", default=None, help="TP degrees to try (default: all)")
     plan.add_argument("--device-counts", type=int, nargs="+", default=None,
@@ -245,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "waa_c:encode_batch=4,micro_batch=32,encode_gpus=1")
     sim.add_argument("--plan", help="simulate the schedule of a plan file")
     sim.add_argument("--bound", type=_number, default=math.inf)
+    sim.add_argument("--requests", type=int, default=0,
+                     help="also run it on the simulated engine on N requests and print the report")
+    sim.add_argument("--arrivals", default="all", help="all (default), poisson:RATE (requests/s) or trace[:SPEEDUP]")
+    sim.add_argument("--seed", type=int, default=0)
     sim.set_defaults(fn=cmd_simulate)
 
     sw = sub.add_parser("sweep", help="best throughput at each bound (the frontier), against static batching")

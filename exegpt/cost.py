@@ -77,7 +77,7 @@ class WorkloadStats:
     def for_prompts(self, lengths, padded: bool) -> WorkloadStats:
         """These constants with the prompt side set to one batch's own prompts of ``lengths`` tokens, so that the
         cost model times that batch (its tokens, each prompt's attention, its longest when ``padded``) instead of
-        an expected one (``exegpt.replay``)."""
+        an expected one (the simulated engine, ``exegpt.sim``)."""
         lens = np.asarray(lengths, dtype=float)
         if lens.ndim != 1 or not len(lens):
             raise ValueError(f"lengths must be a non-empty list of prompt lengths, got {lengths!r}")

@@ -19,14 +19,16 @@ import numpy as np
 from .bound import as_bound
 from .devices import Cluster, DeviceSpec, parse_cluster
 from .errors import ExeGPTError, InfeasibleBoundError
+from .goodput import SimulatedSearch, search_simulated
 from .memory import MEMORY_FRACTION, stage_weight_bytes
 from .models import get_model
-from .plan import Plan, SearchStats
+from .plan import Plan, SearchStats, SLOCheck
 from .profile import Kernel, Profile
 from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule, policy_of
 from .search import SearchResult, Space, branch_and_bound, exhaustive
 from .simulate import (Layout, Problem, estimate, layout_for, rra_box, rra_layout, static_layout, static_points,
                        waa_box, waa_layout)
+from .slo import CompletionSLO, RequestSLO
 from .workload import Workload
 
 log = logging.getLogger(__name__)
@@ -189,9 +191,14 @@ def _schedule(lay: Layout, point: tuple[int, ...], n: int) -> Schedule:
 
 
 def _plan(prob: Problem, lay: Layout, s: Schedule, stats: SearchStats) -> Plan:
-    return Plan(schedule=s, estimate=estimate(prob, lay, s), bound=prob.bound, profile_id=prob.profile.id,
-                model=prob.model.name, devices=prob.cluster.label, workload=prob.workload, stages=lay.stages,
-                search=stats)
+    est = estimate(prob, lay, s)
+    b = prob.bound
+    check = SLOCheck("quantile_length", f"the p{b.length_quantile * 100:g}-length output ({est.latency_len} tokens) "
+                     f"within {b.bound_s:g} s", est.latency_s <= b.bound_s,
+                     (b.bound_s - est.latency_s) / b.bound_s if math.isfinite(b.bound_s) else math.inf,
+                     (est.latency_s,))
+    return Plan(schedule=s, estimate=est, bound=b, profile_id=prob.profile.id, model=prob.model.name,
+                devices=prob.cluster.label, workload=prob.workload, stages=lay.stages, search=stats, slo_check=check)
 
 
 def _infeasible(prob: Problem, fastest: SearchResult, margin: float = 0.0, verify_requests: int = 0,
@@ -315,19 +322,25 @@ def _verified(plan: Plan, requests: int, worst_s: float, t0: float) -> Plan:
 
 
 def _replayed_latency(plan: Plan, profile: Profile | None, requests: int) -> float:
-    """The worst bound-length latency of ``plan`` replayed on ``requests`` requests of its workload (seed 0)."""
-    from .replay import replay
+    """The worst bound-length latency of ``plan`` run on the simulated engine on ``requests`` requests of its
+    workload (seed 0)."""
+    from .sim import run_simulated
 
-    return replay(plan, profile, num_requests=requests, seed=0).latency_s
+    return run_simulated(plan, profile, num_requests=requests, seed=0).latency_s
 
 
 def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
                   policies=DEFAULT_POLICIES, tp_degrees=None, eps_throughput: float = 0.0, eps_latency: float = 0.0,
                   space: SearchSpace = SearchSpace(), memory_fraction: float = MEMORY_FRACTION,
-                  latency_margin: float = 0.0, device_counts=None, verify_requests: int = 0) -> Plan:
+                  latency_margin: float = 0.0, device_counts=None, verify_requests: int = 0,
+                  simulated: SimulatedSearch = SimulatedSearch()) -> Plan:
     """The highest-throughput schedule whose bound-length output meets ``slo`` seconds.
 
-    ``dist``: a Workload. ``slo``: seconds (or a LatencyBound with another length quantile).
+    ``dist``: a Workload. ``slo``: seconds (or a LatencyBound with another length quantile), the paper's form;
+    or an ``exegpt.slo.CompletionSLO`` (a share of requests finish within a bound: the highest simulated
+    throughput that keeps it) or ``RequestSLO`` (TTFT / TPOT percentiles: the highest goodput), both searched on
+    the simulated engine as ``simulated`` says (``exegpt.goodput``); the plan's ``slo_check`` records the form,
+    and whether and by what margin it holds.
     ``model``/``devices``: names such as "opt-13b" and "4xA40" (defaults: the paper's OPT-13B on 4xA40).
     ``profile``: a Profile (default: the built-in GPU profile of model on the device type).
     ``policies``: any of "rra", "waa_c", "waa_m". ``tp_degrees``: TP degrees to try (default: all the
@@ -336,7 +349,7 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
     ``device_counts``: how many of the devices a schedule may use (default None: any count from 1 to all; the
     plan's ``devices`` and ``schedule.num_gpus`` say how many it uses); ``(n,)`` uses exactly n.
-    ``verify_requests``: also replay the pick on that many requests of ``dist`` (``exegpt.replay``, seed 0; the
+    ``verify_requests``: also replay the pick on that many requests of ``dist`` (on the simulated engine, ``exegpt.sim``, seed 0; the
     requests ``runner.run_plan(plan, num_requests=n)`` runs) and keep it only if the worst of its bound-length
     requests meets the bound (with the margin), not just their expected latency; else search again below the
     pick's latency (at most ``VERIFY_ATTEMPTS`` searches, then the lowest-latency schedule). The plan's
@@ -344,6 +357,16 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     Raises InfeasibleBoundError naming the smallest feasible bound when nothing meets ``slo`` (with
     ``verify_requests``, one that the lowest-latency schedule's replay keeps too).
     """
+    if isinstance(slo, (CompletionSLO, RequestSLO)):
+        t0 = time.perf_counter()
+        prob = problem(dist, math.inf, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
+        layouts = all_spaces(prob, policies, tp_degrees, space, device_counts)
+
+        def make_plan(i: int, point: tuple[int, ...], stats: SearchStats) -> Plan:
+            sub_prob, lay, _ = layouts[i]
+            return _plan(sub_prob, lay, _schedule(lay, point, sub_prob.cluster.count), stats)
+
+        return search_simulated(layouts, slo, profile, simulated, make_plan, t0)
     return _solve("branch_and_bound", dist, slo, model, devices, profile, policies, tp_degrees,
                   eps_throughput, eps_latency, space, memory_fraction, latency_margin, device_counts, verify_requests)
 

@@ -73,7 +73,48 @@ class SearchStats:
     replay_requests: int = 0
     """``find_schedule(verify_requests=n)``: the requests the pick was replayed on (0: not replayed)."""
     replay_latency_s: float | None = None
-    """The worst latency to the bound length among them (``exegpt.replay``; NaN if none reached it)."""
+    """The worst latency to the bound length among them (the simulated engine, ``exegpt.sim``; NaN if none reached it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SLOCheck:
+    """What a plan records of the SLO it was chosen for: the form, whether and by how much it holds."""
+
+    form: str
+    """'quantile_length' (a), 'completion' (b) or 'request' (c)."""
+    description: str
+    holds: bool
+    margin: float
+    """(bound - achieved) / bound, the tightest over the SLO's bounds."""
+    achieved: tuple[float, ...]
+    """What was measured against each bound (s)."""
+    goodput_rps: float = math.nan
+    """(c): the highest Poisson rate (requests/s) at which it holds."""
+    engine: str = "estimate"
+    """Where it was checked: 'estimate' (analytic) or 'simulated'."""
+    num_requests: int = 0
+
+    def to_dict(self) -> dict:
+        return {"form": self.form, "description": self.description, "holds": self.holds,
+                "margin": _num(self.margin), "achieved": [_num(x) for x in self.achieved],
+                "goodput_rps": _num(self.goodput_rps), "engine": self.engine, "num_requests": self.num_requests}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SLOCheck:
+        return cls(d["form"], d["description"], bool(d["holds"]), _den(d["margin"]),
+                   tuple(_den(x) for x in d["achieved"]), _den(d.get("goodput_rps")), d.get("engine", "estimate"),
+                   int(d.get("num_requests", 0)))
+
+
+def _num(x):
+    """A float for JSON: None for NaN, "inf" / "-inf" for infinities."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return str(x) if isinstance(x, float) and math.isinf(x) else x
+
+
+def _den(x):
+    return math.nan if x is None else float(x)
 
 
 @dataclass(frozen=True)
@@ -93,6 +134,11 @@ class Plan(JSONFile):
     stages: tuple[Stage, ...]
     """Layer placement: RRA/static stages in pipeline order; WAA encode stages, then decode stages."""
     search: SearchStats = field(default_factory=lambda: SearchStats("given", 1, 0.0))
+    slo: object | None = None
+    """The SLO the plan was chosen for when it is not ``bound``'s form (``exegpt.slo``: CompletionSLO,
+    RequestSLO); None: the paper's bound, ``bound``."""
+    slo_check: SLOCheck | None = None
+    """Which SLO form the plan satisfies, whether it holds and by what margin."""
     _what = "plan"
 
     def to_dict(self) -> dict:
@@ -103,7 +149,9 @@ class Plan(JSONFile):
         return {"schema": PLAN_SCHEMA, "schedule": schedule_to_dict(self.schedule), "estimate": est,
                 "bound": self.bound.to_dict(), "profile_id": self.profile_id, "model": self.model,
                 "devices": self.devices, "workload": self.workload.to_dict(),
-                "stages": [asdict(s) for s in self.stages], "search": asdict(self.search)}
+                "stages": [asdict(s) for s in self.stages], "search": asdict(self.search),
+                "slo": None if self.slo is None else self.slo.to_dict(),
+                "slo_check": None if self.slo_check is None else self.slo_check.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
@@ -117,6 +165,16 @@ class Plan(JSONFile):
             return cls(schedule=schedule_from_dict(d["schedule"]), estimate=Estimate(**est),
                        bound=LatencyBound.from_dict(d["bound"]), profile_id=d["profile_id"], model=d["model"],
                        devices=d["devices"], workload=Workload.from_dict(d["workload"]),
-                       stages=tuple(Stage(**s) for s in d["stages"]), search=SearchStats(**d["search"]))
+                       stages=tuple(Stage(**s) for s in d["stages"]), search=SearchStats(**d["search"]),
+                       slo=_slo(d.get("slo")),
+                       slo_check=None if d.get("slo_check") is None else SLOCheck.from_dict(d["slo_check"]))
         except (KeyError, TypeError) as e:
             raise ExeGPTError(f"plan JSON is missing or has a wrong field: {e}") from None
+
+
+def _slo(d: dict | None):
+    if d is None:
+        return None
+    from .slo import slo_from_dict
+
+    return slo_from_dict(d)

@@ -1,8 +1,8 @@
-"""The scheduling rules a plan is executed by: one copy, used by the runner's executors (``runner/rra.py``, ...)
-and by the request-level replay (``exegpt.replay``), so the two cannot drift apart.
+"""The arithmetic of the scheduling rules the policy drivers (``exegpt.policies``) follow: admission, refill, cache
+rows and micro-batch splits.
 
 Also how a run's throughput is read off its completion times (its ``SteadyWindow``, else ``steady_rate``), which a
-measured run (``runner.report``) and a replayed one share.
+measured run and a simulated one share (``exegpt.report``).
 """
 
 from __future__ import annotations
@@ -12,20 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .workload import Workload
 
 STEADY_LO, STEADY_HI = 0.10, 0.90
 """Without an executor's steady window, throughput is taken between the 10 % and 90 % completion times."""
 MIN_STEADY_FINISHES = 20
 """An executor's steady window is used only when at least this many requests finished inside it."""
-
-
-def sample_lengths(workload: Workload, n: int, seed: int = 0, joint: bool = True
-                   ) -> tuple[np.random.Generator, np.ndarray]:
-    """The (input, output) lengths of ``n`` requests drawn from ``workload`` with ``seed`` (``[n, 2]``), and the
-    generator after those draws: what ``runner.requests.make_requests`` runs, so a replay sees the same requests."""
-    rng = np.random.default_rng(seed)
-    return rng, workload.sample(n, rng, joint=joint)
 
 
 def split_even(items: list, parts: int) -> list[list]:

@@ -49,8 +49,8 @@ WAA (paper §4.2, §6):
   * throughput = B_E / T; latency(L) = max(encode latency + hand-off, HANDOFF_DEPTH T) + T_D + (k_L - 1) T:
     the paper's "buffer time" before a batch merges is one period; the built-in runner's encoder runs up to
     HANDOFF_DEPTH batches ahead of the merges, so when the decoder is the bottleneck a batch waits that many
-    periods from its encode start (measured by the request-level replay, ``exegpt.replay``, which follows the
-    runner's rules), and when the encoder is, its encode latency and hand-off. Then its first iteration
+    periods from its encode start (measured on the simulated engine, ``exegpt.sim``, which runs the
+    runner's drivers), and when the encoder is, its encode latency and hand-off. Then its first iteration
     right after the merge, every later one a period on.
 Static (FasterTransformer, the paper's baseline): a batch of B runs E[max k] decode iterations with
 no early termination; its bound applies to the longest output (paper §7.1).
@@ -73,6 +73,7 @@ from .memory import MEMORY_FRACTION, activation_bytes, kv_bytes, stage_weight_by
 from .models import ModelShape
 from .phases import PhaseLengths, QueryRows, phases_per_query
 from .placement import place_layers
+from .policies.waa import HANDOFF_DEPTH
 from .plan import Estimate, Stage
 from .profile import Kernel, Profile
 from .schedule import Policy, RRASchedule, Schedule, WAASchedule, stage_degrees
@@ -306,10 +307,6 @@ def _decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float | N
     return times, ok
 
 
-HANDOFF_DEPTH = 2
-"""WAA: encoded batches in flight between the groups. The encoder runs at most this many batches ahead of the
-decoder's merges (it keeps their KV until sent), and the decode ranks keep as many hand-off receives posted, each
-into its own buffer, so that a batch's messages flow while the decoder computes (the built-in runner)."""
 
 
 def _memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, kv_rows_in_flight=None,

@@ -421,7 +421,7 @@ def _time_loaded_hop(rank: int, nbytes: int, dtype: torch.dtype, device: torch.d
     - pipeline hand-off (``kv`` False): a DECODE command with ``nbytes`` of hidden states (``send_command``);
     - WAA's KV hand-off (``kv`` True): the batch's metadata, then ``nbytes`` of KV copied out of the encode
       rank's cache into a receive the decode rank posted beforehand; it takes the metadata, waits for the KV
-      and copies it into its cache (``runner.waa``).
+      and copies it into its cache (``runner.handoff``).
 
     NOTE: on a shared CPU host gloo writes all but the first message of a burst from its own background thread,
     which must wait for a core while both ranks compute: on the 2-core development VM most hops take ~0.1 ms
@@ -461,7 +461,7 @@ def _time_loaded_hop(rank: int, nbytes: int, dtype: torch.dtype, device: torch.d
 
     samples = []
     for i in range(WARMUP + max(LOADED_HOPS, 10 * repeat)):  # the mean is set by a rare tail: many hops
-        # WAA's decode ranks post the KV receive before the batch is sent (runner.waa.DecodeStage)
+        # WAA's decode ranks post the KV receive before the batch is sent (runner.handoff.DecodeStage)
         posted = dist.irecv(landing, 0, tag=TAG_KV) if kv and rank == 1 else None
         dist.barrier()
         if rank == 0:

@@ -32,11 +32,11 @@ import torch
 from exegpt import InfeasibleBoundError, Plan, Profile, RRASchedule, WAASchedule, Workload, find_schedule, \
     static_schedule
 from exegpt.errors import ExeGPTError
-from exegpt.replay import Replay, replay
-from exegpt.rules import sample_lengths
+from exegpt.sim import run_simulated
+from exegpt.arrivals import sample_lengths
 from exegpt.schedule import describe
 from runner import cpu_kernels
-from runner.report import RunReport
+from exegpt.report import RunReport
 from runner.run import run_plans
 
 log = logging.getLogger(__name__)
@@ -71,22 +71,22 @@ class Comparison:
     drift: float = 1.0
     """The machine's speed when the plan ran against when it was profiled: ``speed_probe`` seconds just before
     the run over the same probe just after profiling (1.2: everything 20 % slower). 1 when not probed."""
-    replay: Replay | None = None
-    """The plan replayed request by request on the run's own requests (``exegpt.replay``), or None."""
+    simulated: RunReport | None = None
+    """The plan run on the simulated engine (``exegpt.sim``) on the run's own requests, or None."""
 
     @property
-    def replay_throughput_error(self) -> float:
-        """|replayed - measured| / measured sequences per second (NaN without a replay)."""
-        if self.replay is None:
+    def simulated_throughput_error(self) -> float:
+        """|simulated - measured| / measured sequences per second (NaN without a simulated run)."""
+        if self.simulated is None:
             return math.nan
-        return abs(self.replay.throughput_seq_s - self.report.throughput_seq_s) / self.report.throughput_seq_s
+        return abs(self.simulated.throughput_seq_s - self.report.throughput_seq_s) / self.report.throughput_seq_s
 
     @property
-    def replay_latency_error(self) -> float:
-        """|replayed - measured| / measured worst latency to the bound length (NaN without a replay)."""
-        if self.replay is None:
+    def simulated_latency_error(self) -> float:
+        """|simulated - measured| / measured worst latency to the bound length (NaN without a simulated run)."""
+        if self.simulated is None:
             return math.nan
-        return abs(self.replay.latency_s - self.report.latency_s) / self.report.latency_s
+        return abs(self.simulated.latency_s - self.report.latency_s) / self.report.latency_s
 
     @property
     def throughput_error(self) -> float:
@@ -143,7 +143,7 @@ class Comparison:
 
 def median_comparison(rounds: list[Comparison]) -> Comparison:
     """One plan run in several rounds (each predicted from one profile, or from a profile taken just before it): a
-    Comparison whose estimate, report, replay and drift carry the median over the rounds of every float field
+    Comparison whose estimate, report, simulated run and drift carry the median over the rounds of every float field
     (integer fields and the rest from the first round). On a shared machine both a profile and a run move by
     tens of percent from minute to minute; the medians compare the model's expected cost with the expected
     measurement, where one round pairs two draws of that noise."""
@@ -157,11 +157,11 @@ def median_comparison(rounds: list[Comparison]) -> Comparison:
         return dataclasses.replace(objs[0], **over)
 
     first = rounds[0]
-    replays = [c.replay for c in rounds]
+    replays = [c.simulated for c in rounds]
     return dataclasses.replace(
         first, plan=dataclasses.replace(first.plan, estimate=med([c.plan.estimate for c in rounds])),
         report=med([c.report for c in rounds]), drift=_median([c.drift for c in rounds]),
-        replay=med(replays) if all(r is not None for r in replays) else None)
+        simulated=med(replays) if all(r is not None for r in replays) else None)
 
 
 def _median(xs: list[float]) -> float:
@@ -218,7 +218,7 @@ def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", nu
                     seed: int = 0, trace: Workload | None = None, progress: bool = False,
                     profile: Profile | None = None, dtype: str | None = None) -> list[Comparison]:
     """Executes each plan on ``model`` (same requests for all) and pairs its estimate with what it measured; with
-    the ``profile`` the plans were estimated from, each plan is also replayed on the same requests. ``dtype``:
+    the ``profile`` the plans were estimated from, each plan is also run on the simulated engine on the same requests. ``dtype``:
     the weights' precision, by default the profile's (so that what runs is what was timed), else fp32."""
     if dtype is None:
         dtype = profile.dtype if profile is not None else "fp32"
@@ -234,8 +234,8 @@ def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", nu
         rp = None
         if profile is not None:
             lengths = sample_lengths(trace if trace is not None else plan.workload, num_requests, seed)[1]
-            rp = replay(plan, profile, lengths=lengths)
-        out.append(Comparison(name, plan, rep, replay=rp))
+            rp = run_simulated(plan, profile, lengths=lengths)
+        out.append(Comparison(name, plan, rep, simulated=rp))
     return out
 
 
@@ -315,13 +315,13 @@ def demo(model: str = "tiny", devices: str | None = None, num_requests: int = 60
     for c in cmp:
         print(_row(c), file=out)
     ours, theirs = cmp
-    if ours.replay is not None:
-        rp = ours.replay
+    if ours.simulated is not None:
+        rp = ours.simulated
         lat = (f"no request reached {rp.latency_len} tokens" if math.isnan(rp.latency_s) else
-               f"worst latency {rp.latency_s:.3f} s ({100 * ours.replay_latency_error:.1f}%), median "
+               f"worst latency {rp.latency_s:.3f} s ({100 * ours.simulated_latency_error:.1f}%), median "
                f"{rp.latency_p50_s:.3f} s")
-        print(f"  replayed request by request on the same requests (exegpt.replay): {rp.throughput_seq_s:.1f} seq/s "
-              f"({100 * ours.replay_throughput_error:.1f}% from measured), {lat}", file=out)
+        print(f"  on the simulated engine, same requests (exegpt.sim): {rp.throughput_seq_s:.1f} seq/s "
+              f"({100 * ours.simulated_throughput_error:.1f}% from measured), {lat}", file=out)
     gains = [a.report.throughput_seq_s / b.report.throughput_seq_s for a, b in by_round]
     print(f"  measured gain over static batching at the same bound: {statistics.median(gains):.2f}x "
           f"(rounds {', '.join(f'{g:.2f}x' for g in gains)}; predicted "

@@ -1,7 +1,7 @@
 """Stage execution: commands flow through a pipeline of stages with their activations; tokens flow back.
 
-Every pipeline has a *driver*, the leader of its first stage, which decides what runs (the executors in
-``rra.py``, ``waa.py`` and ``static.py``). A command (prefill or decode of one micro-batch, or a cache
+Every pipeline has a *driver*, the leader of its first stage, on which the policy's driver runs
+(``runner.engine``). A command (prefill or decode of one micro-batch, or a cache
 operation) is executed by each stage in pipeline order: the driver sends it to its TP peers, computes
 stage 0, and sends the command with the hidden states to every rank of stage 1, whose leader forwards to
 stage 2, and so on. The last stage's leader returns the greedy tokens of compute commands to the driver.
@@ -203,6 +203,9 @@ class StageRuntime:
     def on_end(self, cmd: Command) -> None:
         """Hook for END (the WAA encode pipeline tells the decode driver it is done)."""
 
+    def on_stop(self) -> None:
+        """Hook at STOP (decode ranks wait for the receives they still have posted)."""
+
     def serve(self) -> None:
         """Worker loop of a non-driver rank: execute commands until STOP."""
         inbox = CommandInbox(self.comm, self.source(), self.dim, self.dtype)
@@ -214,6 +217,7 @@ class StageRuntime:
                         send_command(self.comm, cmd, None, dst, self.inline)
                 break
             self.process(cmd, hidden)
+        self.on_stop()
         self.comm.flush()
 
 
@@ -266,6 +270,7 @@ class Pipeline:
         if self.rt.next_stage is not None:
             for dst in self.rt.next_stage.ranks:
                 send_command(self.rt.comm, cmd, None, dst, self.rt.inline)
+        self.rt.on_stop()
         self.rt.comm.flush()
 
 
@@ -297,6 +302,7 @@ class RunContext:
     fault: tuple[int, int] | None = None
     """Test hook: (rank, n) makes ``rank`` raise after executing ``n`` commands."""
     progress: bool = False
+    log_decisions: bool = False
 
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]
@@ -388,136 +394,3 @@ def eos_of(ctx: RunContext, tokenizer) -> int | None:
         if v is not None:
             return int(v)
     return None
-
-
-# --- driver helpers shared by the executors ------------------------------------------------------------
-
-
-def encode(pipe: Pipeline, tracker, rids: list[int], first_row: int, parts: int, clock) -> None:
-    """Prefills requests ``rids`` into rows ``first_row, first_row + 1, ...`` as ``parts`` pipelined
-    micro-batches, and records each request's encode start and first token."""
-    mbs = split_even(list(range(len(rids))), parts)
-    for mb in mbs:
-        ids = [rids[i] for i in mb]
-        prompts = [tracker.requests[r].prompt for r in ids]
-        t = clock()
-        for r in ids:
-            tracker.start(r, t)
-        pipe.submit(Command(PREFILL, _i64([first_row + i for i in mb]), seq_lens=_i64([len(p) for p in prompts]),
-                            ids=_i64([tok for p in prompts for tok in p]), req=_i64(ids)))
-    for mb in mbs:
-        toks = pipe.collect().tolist()
-        t = clock()
-        for i, tok in zip(mb, toks):
-            tracker.token(rids[i], tok, t)
-
-
-def run_decode(pipe: Pipeline, tracker, mbs: list[list[int]], row_req: list[int], clock, max_iters: int,
-               drop_finished: bool = True, row_pos: list[int] | None = None, max_len: int = 0) -> list[int]:
-    """Decode micro-batches of cache rows, pipelined: a micro-batch's next iteration is submitted as soon as its
-    tokens are back, for up to ``max_iters`` iterations each.
-
-    With ``drop_finished`` (early termination) finished rows leave their micro-batch at once; without it
-    (static batching) they keep being computed, their tokens discarded, until every request of ``row_req``
-    is done or the row reaches ``max_len`` cache positions (tracked in ``row_pos``).
-
-    Returns:
-        rows computed at each iteration (iteration u of every micro-batch counts as iteration u).
-    """
-    mbs = [list(mb) for mb in mbs]
-    iters, steps, order = [0] * len(mbs), [], deque()
-
-    def submit(j: int) -> None:
-        rows = mbs[j]
-        pipe.submit(Command(DECODE, _i64(rows), ids=_i64([tracker.last(row_req[r]) for r in rows]), batch=j))
-        order.append(j)
-
-    def pending() -> bool:
-        return any(not tracker.done(r) for r in row_req)
-
-    for j, mb in enumerate(mbs):
-        if mb:
-            submit(j)
-    while order:
-        j = order.popleft()
-        toks = pipe.collect().tolist()
-        t = clock()
-        rows, u = mbs[j], iters[j]
-        if len(steps) <= u:
-            steps.append(0)
-        steps[u] += len(rows)
-        keep = []
-        for r, tok in zip(rows, toks):
-            rid = row_req[r]
-            finished = tracker.done(rid) or tracker.token(rid, tok, t)
-            if row_pos is not None:
-                row_pos[r] += 1
-            if finished and (drop_finished or (row_pos is not None and row_pos[r] >= max_len)):
-                continue
-            keep.append(r)
-        mbs[j], iters[j] = keep, u + 1
-        if keep and iters[j] < max_iters and (drop_finished or pending()):
-            if drop_finished and len(keep) < len(rows) and rows == list(range(rows[0], rows[0] + len(rows))):
-                mbs[j] = keep = _refill_holes(pipe, rows, keep, row_req)
-            submit(j)
-    return steps
-
-
-def _refill_holes(pipe: Pipeline, rows: list[int], keep: list[int], row_req: list[int]) -> list[int]:
-    """Keeps a micro-batch a contiguous range of cache rows after some of its rows finished: survivors past the
-    new end move into the holes (one row of KV copied per finished request, instead of gathering the whole
-    batch's KV at every step that follows). ``row_req`` swaps along, so finished requests sit in the tail."""
-    start, m = rows[0], len(keep)
-    holes = [r for r in range(start, start + m) if r not in set(keep)]
-    tail = [r for r in keep if r >= start + m]
-    if tail:
-        pipe.submit(Command(MOVE, _i64(tail + holes)))
-        for s, d in zip(tail, holes):
-            row_req[s], row_req[d] = row_req[d], row_req[s]
-    return list(range(start, start + m))
-
-
-def run_main_pipeline(ctx: RunContext, rank: int, world_size: int, device: torch.device, rows: int, name: str,
-                      drive):
-    """The rank function of a policy with one pipeline over every rank (RRA, static): builds this rank's stage
-    with ``rows`` cache rows; workers serve commands, the driver (rank 0) runs ``drive(pipe, tracker, clock)``
-    -> (encode seconds, (seconds, rows) per decode iteration, steady window or None) and returns the report."""
-    from .report import build_report
-    from .requests import RequestTracker
-
-    plan = ctx.plan
-    groups = make_tp_groups(ctx.layout)
-    main = ctx.stages_of("main")
-    rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=main[0].leader)
-    t0 = start_clock(device)
-    if rank != main[0].leader:
-        rt.serve()
-        return None
-    pipe = Pipeline(rt, main[-1].leader)
-    tracker = RequestTracker(ctx.requests, plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
-                             ctx.stop_at_eos, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
-    bar = progress_bar(ctx, tracker)
-    enc, dec, steady = drive(pipe, tracker, driver_clock(t0))
-    pipe.stop()
-    if bar is not None:
-        bar.close()
-    return build_report(name, tracker.records(), plan.estimate.latency_len, enc, dec, world_size, plan.estimate,
-                        steady)
-
-
-def driver_clock(t0_ns: int):
-    """Seconds since the run's start."""
-    import time
-
-    return lambda: (time.perf_counter_ns() - t0_ns) / 1e9
-
-
-def progress_bar(ctx: RunContext, tracker):
-    """A tqdm bar over requests on the driver (None unless ``ctx.progress``)."""
-    if not ctx.progress:
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(ctx.requests), initial=len(tracker.rejected), unit="req", leave=False)
-    tracker.on_finish = lambda rid: bar.update(1)
-    return bar

@@ -1,8 +1,8 @@
 """run_plan: execute an ``exegpt.Plan`` on the built-in backend and measure it.
 
 One process per device of the schedule (``schedule.num_gpus``): in-process for one rank, spawned gloo ranks
-otherwise, or the ranks torchrun started (``env://``, NCCL on CUDA). The policy picks the executor through
-``executor_for``.
+otherwise, or the ranks torchrun started (``env://``, NCCL on CUDA). Every rank runs ``runner.engine.run_policy``,
+which executes the plan's policy drivers (``exegpt.policies``).
 """
 
 from __future__ import annotations
@@ -10,47 +10,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from exegpt.arrivals import Arrivals
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS
 from exegpt.plan import Plan, Stage
-from exegpt.schedule import Policy, RRASchedule, StaticSchedule, WAASchedule
+from exegpt.policies import policy_module
+from exegpt.report import RunReport
 from exegpt.workload import Workload
 
 from .dist import init_from_env, launch, layout, torchrun_env
+from .engine import run_policy
 from .pipeline import DTYPES, RunContext
-from .report import RunReport
 from .requests import Request, make_requests
-from .rra import run_rra
-from .static import run_static
-from .waa import run_waa
 
 log = logging.getLogger(__name__)
-
-Executor = Callable[[RunContext, int, int, torch.device], "RunReport | None"]
-
-_EXECUTORS: dict[Policy, Executor] = {
-    Policy.RRA: run_rra,
-    Policy.WAA_C: run_waa,
-    Policy.WAA_M: run_waa,
-    Policy.STATIC: run_static,
-}
-
-
-def executor_for(policy: Policy | str) -> Executor:
-    """The rank function that executes schedules of ``policy``.
-
-    Raises:
-        ValueError: unknown policy.
-    """
-    try:
-        return _EXECUTORS[Policy(policy)]
-    except (ValueError, KeyError):
-        raise ValueError(f"unknown policy: {policy!r}") from None
 
 
 def model_args(spec: str):
@@ -70,17 +48,9 @@ def model_args(spec: str):
                       f"folder with config.json")
 
 
-def expected_stage_degrees(schedule) -> tuple[tuple[str, int], ...]:
-    """(role, tp) of each stage the schedule implies, in plan order."""
-    if isinstance(schedule, WAASchedule):
-        return tuple(("encode", t) for t in schedule.encode_stages) + \
-            tuple(("decode", t) for t in schedule.decode_stages)
-    return tuple(("both", t) for t in schedule.stages)
-
-
 def check_stages(plan: Plan) -> None:
     """The plan's stages must match its schedule: roles, TP degrees, and each pipeline covering every layer."""
-    want = expected_stage_degrees(plan.schedule)
+    want = policy_module(plan.schedule.policy).stage_roles(plan.schedule)
     got = tuple((s.role, s.tp) for s in plan.stages)
     if want != got:
         raise ExeGPTError(f"plan stages (role, tp) {list(got)} do not match the {plan.schedule.policy.value} "
@@ -133,44 +103,62 @@ def cache_len_of(plan: Plan, max_seq_len: int) -> int:
     return min(max_seq_len, plan.workload.max_total_len)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How ``run_plan`` runs a plan (every field has a default; ``run_plan(..., seed=3)`` overrides one)."""
+
+    num_requests: int = 64
+    """Requests drawn from the trace (or the plan's workload) when none are given."""
+    seed: int = 0
+    """Seeds the request stream and the random weights of presets."""
+    arrivals: Arrivals | None = None
+    """When the drawn requests arrive (default: all at once)."""
+    dtype: str = "fp32"
+    """'fp32', 'bf16' or 'fp16'."""
+    stop_at_eos: bool = False
+    """End a request at its first EOS (default: forced to its target length)."""
+    eos_id: int | None = None
+    keep_tokens: bool = False
+    """Keep every request's greedy tokens in the report."""
+    timeout_s: float = 600.0
+    """Wall-clock limit of a multi-process run."""
+    progress: bool = False
+    fault: tuple[int, int] | None = None
+    """Test hook, (rank, n): that rank raises after executing n commands."""
+    log_decisions: bool = False
+    """Keep the reporting driver's actions in ``RunReport.decisions`` (conformance with ``exegpt.sim``)."""
+
+
 def run_plan(plan: Plan, model: str = "tiny", requests: tuple[Request, ...] | None = None,
-             num_requests: int = 64, trace: Workload | None = None, seed: int = 0, dtype: str = "fp32",
-             stop_at_eos: bool = False, eos_id: int | None = None, keep_tokens: bool = False,
-             timeout_s: float = 600.0, progress: bool = False, fault: tuple[int, int] | None = None
-             ) -> RunReport | None:
+             trace: Workload | None = None, options: RunOptions | None = None, **overrides) -> RunReport | None:
     """Executes ``plan`` on ``model`` and returns what it measured.
 
     Args:
-        requests: the requests to run; by default ``num_requests`` are drawn (seeded) from ``trace`` if given,
-            else from ``plan.workload``, with random prompt ids.
-        seed: seeds the request stream and the random weights of presets.
-        dtype: 'fp32', 'bf16' or 'fp16'.
-        stop_at_eos: end a request at its first EOS (default: forced to its target length).
-        keep_tokens: keep every request's greedy tokens in the report.
-        timeout_s: wall-clock limit of a multi-process run.
-        fault: test hook, (rank, n): that rank raises after executing n commands.
+        requests: the requests to run; by default ``options.num_requests`` are drawn (seeded) from ``trace`` if
+            given, else from ``plan.workload``, with random prompt ids, arriving by ``options.arrivals``.
+        options: ``RunOptions``; keyword ``overrides`` replace its fields.
     Returns:
         the report (None on the ranks of a torchrun job that do not hold it).
     Raises:
         ExeGPTError: bad plan, model or arguments. RankFailedError: a rank failed, died or timed out.
     """
-    return run_plans([plan], model, requests, num_requests, trace, seed, dtype, stop_at_eos, eos_id, keep_tokens,
-                     timeout_s, progress, fault)[0]
+    return run_plans([plan], model, requests, trace, options, **overrides)[0]
 
 
 def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, ...] | None = None,
-              num_requests: int = 64, trace: Workload | None = None, seed: int = 0, dtype: str = "fp32",
-              stop_at_eos: bool = False, eos_id: int | None = None, keep_tokens: bool = False,
-              timeout_s: float = 600.0, progress: bool = False, fault: tuple[int, int] | None = None
+              trace: Workload | None = None, options: RunOptions | None = None, **overrides
               ) -> list[RunReport | None]:
     """``run_plan`` for several plans, one after the other; plans needing the same number of ranks share one
     set of processes (process start-up dominates short runs). Arguments as in ``run_plan``."""
-    ctxs = [_context(p, model, requests, num_requests, trace, seed, dtype, stop_at_eos, eos_id, keep_tokens,
-                     progress, fault) for p in plans]
+    try:
+        opts = dataclasses.replace(options or RunOptions(), **overrides)
+    except TypeError as e:
+        raise ExeGPTError(f"run_plan: {e}; the options are {', '.join(RunOptions.__dataclass_fields__)}") from None
+    ctxs = [_context(p, model, requests, trace, opts) for p in plans]
     worlds = [p.schedule.num_gpus for p in plans]
     out: list[RunReport | None] = [None] * len(plans)
     if torchrun_env():
-        rank, size, device = init_from_env(timeout_s)
+        rank, size, device = init_from_env(opts.timeout_s)
         if any(w != size for w in worlds):
             raise ExeGPTError(f"torchrun started {size} ranks; the plans need {sorted(set(worlds))}")
         for i, report in _rank_main(rank, size, device, ctxs, list(range(len(ctxs)))):
@@ -184,21 +172,18 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             results = [_rank_main(0, 1, device, [ctxs[i] for i in idx], idx)]
         else:
-            results = launch(_rank_main, world, ([ctxs[i] for i in idx], idx), timeout_s)
+            results = launch(_rank_main, world, ([ctxs[i] for i in idx], idx), opts.timeout_s)
         for pairs in results:
             for i, report in pairs:
                 out[i] = report
     return out
 
 
-def _context(plan: Plan, model: str, requests, num_requests: int, trace, seed: int, dtype: str,
-             stop_at_eos: bool, eos_id, keep_tokens: bool, progress: bool, fault) -> RunContext:
+def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunContext:
     """Validates a plan against the model and builds the RunContext every rank executes."""
-    if dtype not in DTYPES:
-        raise ExeGPTError(f"dtype {dtype!r} unknown; expected one of {', '.join(DTYPES)}")
-    if not isinstance(plan.schedule, (RRASchedule, WAASchedule, StaticSchedule)):
-        raise ExeGPTError(f"cannot execute schedule {plan.schedule!r}")
-    executor_for(plan.schedule.policy)
+    if opts.dtype not in DTYPES:
+        raise ExeGPTError(f"dtype {opts.dtype!r} unknown; expected one of {', '.join(DTYPES)}")
+    policy_module(plan.schedule.policy)
     args = model_args(model)
     if args.family == "t5":
         raise ExeGPTError("the plan executors run decoder-only models (llama, opt); T5 is not supported")
@@ -209,11 +194,13 @@ def _context(plan: Plan, model: str, requests, num_requests: int, trace, seed: i
             raise ExeGPTError(f"stage TP degree {s.tp} must divide the model's n_heads={args.n_heads} and "
                               f"n_kv_heads={args.n_kv_heads}")
     if requests is None:
-        requests = make_requests(trace if trace is not None else plan.workload, num_requests, args.vocab_size, seed)
-    return RunContext(plan=plan, layout=layout(plan.stages), model=model, dtype=dtype, requests=tuple(requests),
-                      max_seq_len=args.max_seq_len, cache_len=cache_len_of(plan, args.max_seq_len),
-                      stop_at_eos=stop_at_eos, eos_id=eos_id, keep_tokens=keep_tokens, seed=seed, fault=fault,
-                      progress=progress)
+        requests = make_requests(trace if trace is not None else plan.workload, opts.num_requests, args.vocab_size,
+                                 opts.seed, arrivals=opts.arrivals)
+    return RunContext(plan=plan, layout=layout(plan.stages), model=model, dtype=opts.dtype,
+                      requests=tuple(requests), max_seq_len=args.max_seq_len,
+                      cache_len=cache_len_of(plan, args.max_seq_len), stop_at_eos=opts.stop_at_eos,
+                      eos_id=opts.eos_id, keep_tokens=opts.keep_tokens, seed=opts.seed, fault=opts.fault,
+                      progress=opts.progress, log_decisions=opts.log_decisions)
 
 
 def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]
@@ -223,7 +210,7 @@ def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunC
 
     out = []
     for i, ctx in zip(idx, ctxs):
-        report = executor_for(ctx.plan.schedule.policy)(ctx, rank, world_size, device)
+        report = run_policy(ctx, rank, world_size, device)
         if report is not None:
             out.append((i, report))
         if dist.is_initialized():

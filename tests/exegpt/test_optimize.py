@@ -13,7 +13,7 @@ from exegpt import (ExeGPTError, InfeasibleBoundError, LatencyBound, Plan, Polic
 from exegpt.monotonicity import monotonicity_stats
 from exegpt.optimize import build_spaces, problem
 from exegpt.placement import bottleneck_s, place_layers
-from exegpt.replay import replay
+from exegpt.sim import run_simulated
 
 from .conftest import make_profile, tiny_cpu_profile
 
@@ -374,11 +374,11 @@ def test_verified_pick_keeps_the_bound_on_its_worst_replayed_request():
     requests a run draws, takes longer; the verified pick's worst one keeps the bound, at lower throughput."""
     prof = make_profile()
     plain = find_schedule(VERIFY_W, 1.0, profile=prof, devices="1xA40")
-    assert plain.estimate.latency_s <= 1.0 < replay(plain, prof, num_requests=200).latency_s
+    assert plain.estimate.latency_s <= 1.0 < run_simulated(plain, prof, num_requests=200).latency_s
     assert plain.search.replay_requests == 0 and plain.search.replay_latency_s is None
     v = find_schedule(VERIFY_W, 1.0, profile=prof, devices="1xA40", verify_requests=200)
     assert v.search.replay_requests == 200
-    assert v.search.replay_latency_s == replay(v, prof, num_requests=200).latency_s <= 1.0
+    assert v.search.replay_latency_s == run_simulated(v, prof, num_requests=200).latency_s <= 1.0
     assert v.estimate.latency_s <= 1.0 and v.estimate.throughput_seq_s < plain.estimate.throughput_seq_s
     assert Plan.from_json(v.to_json()) == v
     # Where the pick's replay already keeps the bound, verifying changes nothing.

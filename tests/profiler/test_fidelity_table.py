@@ -12,7 +12,7 @@ from exegpt import Policy, RRASchedule, WAASchedule, Workload, evaluate_schedule
 from benchmarks import fidelity
 from benchmarks.fidelity import _attribution, cases, noise_floor, save_rounds
 from profiler.loop import Comparison, median_comparison
-from runner.report import RunReport
+from exegpt.report import RunReport
 from tests.exegpt.conftest import make_profile, tiny_cpu_profile
 
 W = Workload.truncated_normal(input=(64, 20, 128), output=(32, 10, 80), name="t")
@@ -91,7 +91,7 @@ def test_save_rounds_writes_each_rounds_prediction_and_measurement(tmp_path):
     assert [g["r"]["measured"]["throughput_seq_s"] for g in got] == [90.0, 80.0]
     assert math.isnan(got[0]["r"]["measured"]["latency_s"]) and got[1]["r"]["measured"]["latency_s"] == 0.5
     assert got[0]["r"]["predicted"]["throughput_seq_s"] == plan.estimate.throughput_seq_s
-    assert got[0]["r"]["schedule"] == "RRA B_E=4 N_D=4 TP1x0" and got[0]["r"]["replayed"] is None
+    assert got[0]["r"]["schedule"] == "RRA B_E=4 N_D=4 TP1x0" and got[0]["r"]["simulated"] is None
 
 
 def test_cases_on_one_gpu_are_the_one_device_plans_of_that_gpu():

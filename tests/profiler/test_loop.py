@@ -118,7 +118,7 @@ def test_run_and_compare_runs_in_the_profiles_precision(profile, monkeypatch):
                          devices="1xcpu")
     bf16 = dataclasses.replace(profile, dtype="bf16")
     [c] = run_and_compare([("bf16", plan)], "tiny", num_requests=12, profile=bf16)
-    assert c.report.num_finished == 12 and c.replay is not None
+    assert c.report.num_finished == 12 and c.simulated is not None
     run_and_compare([("fp32", plan)], "tiny", num_requests=12)
     run_and_compare([("fp16", plan)], "tiny", num_requests=12, profile=bf16, dtype="fp16")
     assert seen == ["bf16", "fp32", "fp16"]

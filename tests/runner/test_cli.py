@@ -10,7 +10,7 @@ import pytest
 
 from exegpt import Estimate, LatencyBound, Plan, RRASchedule, Stage, Workload
 from runner.__main__ import main
-from runner.report import FAILED, RunReport
+from exegpt.report import FAILED, RunReport
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,13 +10,15 @@ import time
 import pytest
 import torch
 
+from exegpt.errors import ExeGPTError
+from exegpt.policies import policy_module
 from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, StaticSchedule, WAASchedule, Workload
 from runner.dist import RankFailedError
 from runner.generate import greedy_reference
-from runner.report import FAILED, FINISHED
+from exegpt.report import FAILED, FINISHED
 from runner.requests import Request, make_requests, requests_from_pairs
-from runner.rra import refill_target
-from runner.run import check_stages, executor_for, remap_stages, run_plan, run_plans
+from exegpt.rules import rra_refill_target as refill_target
+from runner.run import check_stages, remap_stages, run_plan, run_plans
 from runner.weights import load_model
 
 WORKLOAD = Workload.truncated_normal((12, 5, 20), (8, 4, 16))  # cache_len = 20 + 16 = 36
@@ -155,11 +157,11 @@ def test_stop_at_eos(model, requests, reference):
     assert stopped >= 1
 
 
-def test_executor_dispatch():
-    assert executor_for(Policy.RRA) is executor_for("rra")
-    assert executor_for("waa_c") is executor_for(Policy.WAA_M)
-    with pytest.raises(ValueError, match="unknown policy"):
-        executor_for("fifo")
+def test_policy_registry():
+    assert policy_module(Policy.RRA) is policy_module("rra")
+    assert policy_module("waa_c") is policy_module(Policy.WAA_M)
+    with pytest.raises(ExeGPTError, match="unknown policy: 'fifo'; registered: rra, waa_c, waa_m, static"):
+        policy_module("fifo")
 
 
 def test_remap_stages_proportional():

@@ -112,7 +112,7 @@ def test_kv_handoff_message_round_trips_in_a_larger_receive_buffer(pad):
     """WAA's hand-off: a batch of n <= B_E rows and L <= prompt_len positions comes back exactly from the
     receive buffer of the largest batch, whether sent exactly (gloo: the message fills the buffer's front) or
     zero-padded to the buffer (NCCL: equal counts)."""
-    from runner.waa import pack_kv, unpack_kv
+    from runner.handoff import pack_kv, unpack_kv
 
     g = torch.Generator().manual_seed(0)
     l, n, h, L, D, B, P = 2, 3, 2, 7, 4, 4, 9

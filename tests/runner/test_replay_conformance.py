@@ -1,41 +1,70 @@
-"""The runner and the replay (``exegpt.replay``) follow one set of RRA rules (``exegpt.rules``): on the same
-requests they build the same decode batches, whatever the steps cost."""
+"""One driver per policy, two engines: on the same requests the runner and the simulated engine (``exegpt.sim``)
+make the same decisions in the same order, whatever the steps cost, and the runner's tokens are the greedy
+reference's (``test_executors``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from exegpt import Policy, Profile, RRASchedule, WAASchedule, Workload, evaluate_schedule
-from exegpt.replay import replay
+from exegpt import Arrivals, Policy, Profile, RRASchedule, StaticSchedule, WAASchedule, Workload, \
+    evaluate_schedule, run_simulated
+from exegpt.report import FAILED, FINISHED
 from runner.run import run_plan
 
 PROFILE = Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json"
+W = Workload.truncated_normal(input=(24, 10, 48), output=(16, 8, 40))
 
 
-@pytest.mark.parametrize("encode_batch,decode_iters", [(2, 3), (4, 8), (3, 39)])
-def test_replay_builds_the_runners_decode_batches(encode_batch, decode_iters):
+@pytest.mark.parametrize("schedule,devices", [
+    (RRASchedule(2, 3, 1, 0, 1), "1xcpu"), (RRASchedule(4, 8, 1, 0, 1), "1xcpu"), (RRASchedule(3, 39, 1, 0, 1), "1xcpu"),
+    (StaticSchedule(5, 1, 1), "1xcpu"), (WAASchedule(Policy.WAA_C, 2, 8, 1, 0, 1, 1), "2xcpu")])
+def test_both_engines_make_the_same_decisions(schedule, devices):
     torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
-    w = Workload.truncated_normal(input=(24, 10, 48), output=(16, 8, 40))
-    plan = evaluate_schedule(RRASchedule(encode_batch, decode_iters, 1, 0, 1), w, profile=prof, devices="1xcpu")
-    rep = run_plan(plan, "tiny", num_requests=60, seed=5)
-    rp = replay(plan, prof, num_requests=60, seed=5)
-    assert rep.num_finished == rp.num_requests == 60
-    # Rows per decode iteration and the steady window's phases depend on the rules only, not on timing.
-    assert rp.decode_batch == rep.decode_batch
-    assert rp.latency_len == rep.latency_len
+    plan = evaluate_schedule(schedule, W, profile=prof, devices=devices)
+    rep = run_plan(plan, "tiny", num_requests=40, seed=5, log_decisions=True)
+    sim = run_simulated(plan, prof, num_requests=40, seed=5, log_decisions=True)
+    assert rep.num_finished == sim.num_finished == 40
+    group = "decode" if isinstance(schedule, WAASchedule) else "main"
+    assert rep.decisions and rep.decisions == tuple(d for d in sim.decisions if d.startswith(group))
+    assert rep.decode_batch == sim.decode_batch and rep.latency_len == sim.latency_len
+    assert sim.engine == "simulated" and rep.engine == "runner"
 
 
-def test_waa_replay_builds_the_runners_decode_batches():
-    # The decode driver merges the next batch whenever it has room (waiting for it if need be) and runs every active
-    # row once per iteration: rows per iteration follow from the rules, not the timing, on two ranks too.
+@pytest.mark.parametrize("schedule,devices", [(RRASchedule(3, 4, 1, 0, 1), "1xcpu"),
+                                              (WAASchedule(Policy.WAA_C, 2, 8, 1, 0, 1, 1), "2xcpu")])
+def test_arrivals_are_honoured_by_both_engines(schedule, devices):
+    """Poisson arrivals: no request starts before it arrives, each engine reports the same per-request fields."""
+    torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
-    w = Workload.truncated_normal(input=(24, 10, 48), output=(16, 8, 40))
-    plan = evaluate_schedule(WAASchedule(Policy.WAA_C, 2, 8, 1, 0, 1, 1), w, profile=prof, devices="2xcpu")
-    rep = run_plan(plan, "tiny", num_requests=60, seed=5)
-    rp = replay(plan, prof, num_requests=60, seed=5)
-    assert rep.num_finished == rp.num_requests == 60
-    assert rp.decode_batch == rep.decode_batch
+    plan = evaluate_schedule(schedule, W, profile=prof, devices=devices)
+    arr = Arrivals.poisson(40.0)
+    for rep in (run_plan(plan, "tiny", num_requests=24, seed=2, arrivals=arr),
+                run_simulated(plan, prof, num_requests=24, seed=2, arrivals=arr)):
+        assert rep.num_finished == 24
+        arrival = np.array([r.arrival_s for r in rep.requests])
+        assert arrival[0] == 0 and (np.diff(arrival) > 0).all() and arrival[-1] > 0.2
+        for r in rep.requests:
+            assert r.status == FINISHED
+            assert r.arrival_s <= r.encode_start_s <= r.first_token_s <= r.finish_s
+            assert r.ttft_s >= r.queue_s >= 0 and r.e2e_s >= r.ttft_s
+        assert rep.ttft.p50 <= rep.ttft.p90 <= rep.ttft.p99 and rep.e2e.p99 >= rep.ttft.p99
+        assert rep.tpot.p50 > 0
+
+
+def test_a_cut_short_run_accounts_for_every_request():
+    prof = Profile.load(PROFILE)
+    plan = evaluate_schedule(RRASchedule(2, 4, 1, 0, 1), W, profile=prof, devices="1xcpu")
+    full = run_simulated(plan, prof, num_requests=200, seed=1, arrivals=Arrivals.poisson(400.0))
+    cut = run_simulated(plan, prof, num_requests=200, seed=1, arrivals=Arrivals.poisson(400.0),
+                        horizon_s=full.makespan_s / 2)
+    reasons = {r.reason for r in cut.requests if r.status == FAILED}
+    assert 0 < cut.num_finished < 200 and cut.num_finished + cut.num_failed == 200
+    assert reasons == {"the run ended before the request finished", "still queued when the run ended"}
+    # Deterministic under a seed; a different seed draws other requests.
+    assert run_simulated(plan, prof, num_requests=200, seed=1, arrivals=Arrivals.poisson(400.0)) == full
+    assert run_simulated(plan, prof, num_requests=200, seed=2, arrivals=Arrivals.poisson(400.0)) != full

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from exegpt import Estimate, ExeGPTError, Workload
-from runner.report import FAILED, FINISHED, RequestRecord, RunReport, build_report
-from runner.requests import Request, RequestTracker, make_requests, reject_reason, requests_from_pairs
+from exegpt.ledger import Ledger, reject_reason
+from exegpt.report import FAILED, FINISHED, RequestRecord, RunReport, build_report
+from runner.requests import Request, make_requests, requests_from_pairs
 
 
 def _rec(i: int, start: float, finish: float, n: int = 4, len_tok: float | None = None, **kw) -> RequestRecord:
@@ -95,30 +96,29 @@ def test_make_requests_from_trace_pairs():
 
 
 def test_reject_reason():
-    r = requests_from_pairs([(10, 10)], 50)[0]
-    assert reject_reason(r, 64, 32) is None
-    assert "context of 16" in reject_reason(r, 16, 32)
-    assert "KV-cache budget of 18" in reject_reason(r, 64, 18)
+    assert reject_reason(10, 10, 64, 32) is None
+    assert "context of 16" in reject_reason(10, 10, 16, 32)
+    assert "KV-cache budget of 18" in reject_reason(10, 10, 64, 18)
 
 
 def test_tracker_ledger():
-    reqs = (Request(0, (1, 2), 3), Request(1, (1,) * 50, 2), Request(2, (3,), 2))
-    tr = RequestTracker(reqs, latency_len=2, max_seq_len=40, cache_len=40, stop_at_eos=True, eos_id=9,
-                        keep_tokens=True)
-    assert [r.id for r in tr.runnable] == [0, 2] and 1 in tr.rejected
-    tr.start(0, 0.0)
+    lengths = [(2, 3), (50, 2), (1, 2)]
+    tr = Ledger(lengths, [0.0, 0.0, 0.0], latency_len=2, max_seq_len=40, cache_len=40, stop_at_eos=True, eos_id=9,
+                keep_tokens=True)
+    assert tr.runnable == [0, 2] and 1 in tr.rejected
+    tr.started([0], 0.0)
     assert not tr.token(0, 5, 0.1)
     assert tr.token(0, 9, 0.2)  # EOS
     with pytest.raises(ExeGPTError):
         tr.token(0, 5, 0.3)
-    tr.start(2, 0.0)
+    tr.started([2], 0.0)
     tr.token(2, 4, 0.4)
     recs = {r.id: r for r in tr.records()}
     assert recs[0].status == FINISHED and recs[0].tokens == (5, 9) and recs[0].latency_len_token_s == 0.2
     assert recs[1].status == FAILED and "context" in recs[1].reason
     assert recs[2].status == FAILED and "ended before" in recs[2].reason
     with pytest.raises(ExeGPTError, match="EOS"):
-        RequestTracker(reqs, 2, 40, 40, stop_at_eos=True)
+        Ledger(lengths, [0.0] * 3, 2, 40, 40, stop_at_eos=True)
 
 
 def test_request_validation():

@@ -1,6 +1,10 @@
-"""RunReport: what a run measured, with the metric names of ``exegpt.plan.Estimate``.
+"""RunReport: what a run measured, by the runner or by the simulated engine, with the metric names of
+``exegpt.plan.Estimate``.
 
-All times are seconds from the start of the run (the first encode), measured on one clock.
+All times are seconds from the start of the run, on one clock. Per request: its arrival, queueing delay (arrival
+to the start of its prefill), time to first token (TTFT, from arrival), time per output token (TPOT: first to
+last token over the tokens after the first) and end-to-end latency (arrival to last token); the report holds
+their p50 / p90 / p99 and the share of requests meeting an ``exegpt.slo`` bound.
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from exegpt.errors import ExeGPTError
-from exegpt.jsonfile import JSONFile
-from exegpt.plan import Estimate
-from exegpt.rules import SteadyWindow, steady_rate
+from .errors import ExeGPTError
+from .jsonfile import JSONFile
+from .plan import Estimate
+from .rules import SteadyWindow, steady_rate
 
-REPORT_SCHEMA = 1
+REPORT_SCHEMA = 2
 FINISHED = "finished"
 FAILED = "failed"
 
@@ -32,6 +36,8 @@ class RequestRecord:
     """'finished' or 'failed'."""
     reason: str = ""
     """Why a failed request failed; empty when finished."""
+    arrival_s: float = 0.0
+    """When it arrived (seconds from the run's start)."""
     encode_start_s: float | None = None
     """When its encode (prefill) started."""
     first_token_s: float | None = None
@@ -51,11 +57,59 @@ class RequestRecord:
         if self.status == FAILED and not self.reason:
             raise ExeGPTError(f"request {self.id}: a failed request needs a reason")
 
+    @property
+    def queue_s(self) -> float:
+        """Arrival to the start of its prefill (NaN if it never started)."""
+        return math.nan if self.encode_start_s is None else self.encode_start_s - self.arrival_s
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token, from arrival (NaN without one)."""
+        return math.nan if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first: (last - first token) / (tokens - 1); NaN unless finished
+        with at least two tokens."""
+        if self.finish_s is None or self.first_token_s is None or self.num_generated < 2:
+            return math.nan
+        return (self.finish_s - self.first_token_s) / (self.num_generated - 1)
+
+    @property
+    def e2e_s(self) -> float:
+        """Arrival to last token (NaN unless finished)."""
+        return math.nan if self.finish_s is None else self.finish_s - self.arrival_s
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """p50 / p90 / p99 and mean of one per-request metric over the finished requests (NaN: none)."""
+
+    p50: float = math.nan
+    p90: float = math.nan
+    p99: float = math.nan
+    mean: float = math.nan
+
+    @classmethod
+    def of(cls, values) -> Percentiles:
+        v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+        if not v.size:
+            return cls()
+        p50, p90, p99 = np.percentile(v, [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(v.mean()))
+
+    def at(self, pct: float) -> float:
+        """The stored percentile ``pct`` (50, 90 or 99)."""
+        try:
+            return {50: self.p50, 90: self.p90, 99: self.p99}[pct]
+        except KeyError:
+            raise ExeGPTError(f"percentile {pct!r} is not kept; expected 50, 90 or 99") from None
+
 
 @dataclass(frozen=True, slots=True)
 class RunReport(JSONFile):
-    """Measured performance of one run; ``throughput_seq_s`` ... ``decode_batch`` compare field by field
-    with the plan's ``Estimate``."""
+    """Performance of one run, measured (the runner) or simulated (``exegpt.sim``); ``throughput_seq_s`` ...
+    ``decode_batch`` compare field by field with the plan's ``Estimate``."""
 
     policy: str
     throughput_seq_s: float
@@ -74,6 +128,18 @@ class RunReport(JSONFile):
     """Mean rows per decode iteration."""
     latency_p50_s: float = math.nan
     """Median of the same per-request latencies as ``latency_s``."""
+    queue: Percentiles = Percentiles()
+    """Queueing delay (s): arrival to prefill start."""
+    ttft: Percentiles = Percentiles()
+    """Time to first token (s), from arrival."""
+    tpot: Percentiles = Percentiles()
+    """Time per output token after the first (s)."""
+    e2e: Percentiles = Percentiles()
+    """End-to-end latency (s): arrival to last token."""
+    engine: str = "runner"
+    """'runner' (measured) or 'simulated' (``exegpt.sim``)."""
+    decisions: tuple[str, ...] = field(default=(), repr=False)
+    """The driver's actions in order, when the run logged them (``log_decisions``): the engines' conformance."""
     makespan_s: float = 0.0
     """From the first encode to the last token."""
     overall_seq_s: float = 0.0
@@ -92,7 +158,8 @@ class RunReport(JSONFile):
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("requests", "estimate")}
-        d = {k: _enc(v) for k, v in d.items()}
+        d = {k: ({a: _enc(b) for a, b in asdict(v).items()} if isinstance(v, Percentiles) else _enc(v))
+             for k, v in d.items()}
         d["schema"] = REPORT_SCHEMA
         d["estimate"] = None if self.estimate is None else {k: _enc(v) for k, v in asdict(self.estimate).items()}
         d["requests"] = [{k: _enc(v) for k, v in asdict(r).items()} for r in self.requests]
@@ -115,6 +182,10 @@ class RunReport(JSONFile):
                                   for k, v in est.items()})
             floats = {f.name for f in fields(cls) if f.type in ("float", float)}
             d = {k: (_dec(v) if k in floats else v) for k, v in d.items()}
+            for k in _PERCENTILE_FIELDS:
+                if k in d:
+                    d[k] = Percentiles(**{a: _dec(b) for a, b in d[k].items()})
+            d["decisions"] = tuple(d.get("decisions", ()))
             return cls(**d, estimate=est, requests=reqs)
         except (KeyError, TypeError) as e:
             raise ExeGPTError(f"report JSON is missing or has a wrong field: {e}") from None
@@ -125,13 +196,18 @@ class RunReport(JSONFile):
                 (f"latency to token {self.latency_len} (ms, max)", "latency_s", 1e3),
                 ("encode stage (ms)", "encode_stage_s", 1e3), ("decode step (ms)", "decode_step_s", 1e3),
                 ("decode batch (rows)", "decode_batch", 1.0)]
-        out = [f"{'metric':<32}{'predicted':>12}{'measured':>12}{'meas/pred':>11}"]
+        side = "simulated" if self.engine == "simulated" else "measured"
+        out = [f"{'metric':<32}{'predicted':>12}{side:>12}{side[:4] + '/pred':>11}"]
         for label, name, scale in rows:
             m = getattr(self, name) * scale
             p = getattr(self.estimate, name) * scale if self.estimate is not None else math.nan
             ratio = m / p if p and not math.isnan(p) and not math.isinf(p) else math.nan
             out.append(f"{label:<32}{_fmt(p):>12}{_fmt(m):>12}{_fmt(ratio):>11}")
         out.append(f"{'latency p50 (ms)':<32}{'':>12}{_fmt(self.latency_p50_s * 1e3):>12}")
+        for label, pc in (("TTFT", self.ttft), ("TPOT", self.tpot), ("end-to-end", self.e2e),
+                          ("queueing", self.queue)):
+            out.append(f"{label + ' p50/p90/p99 (ms)':<32}{'':>12}"
+                       f"{' / '.join(_fmt(x * 1e3) for x in (pc.p50, pc.p90, pc.p99)):>24}")
         out.append(f"{'makespan (s)':<32}{'':>12}{_fmt(self.makespan_s):>12}")
         out.append(f"{'overall rate (seq/s)':<32}{'':>12}{_fmt(self.overall_seq_s):>12}")
         out.append(f"requests: {self.num_finished} finished, {self.num_failed} failed "
@@ -142,9 +218,23 @@ class RunReport(JSONFile):
         return "\n".join(out)
 
 
+    @property
+    def num_requests(self) -> int:
+        return self.num_finished + self.num_failed
+
+    def attainment(self, slo) -> float:
+        """The share of requests (failed ones count as misses) that meet ``slo``: an ``exegpt.slo`` form with
+        per-request bounds (``RequestSLO``, ``CompletionSLO``)."""
+        return slo.attainment(self.requests)
+
+
+_PERCENTILE_FIELDS = ("queue", "ttft", "tpot", "e2e")
+
+
 def build_report(policy: str, records: list[RequestRecord], latency_len: int, encode_times_s: list[float],
                  decode_iters: list[tuple[float, int]], num_ranks: int = 1,
-                 estimate: Estimate | None = None, steady: SteadyWindow | None = None) -> RunReport:
+                 estimate: Estimate | None = None, steady: SteadyWindow | None = None,
+                 engine: str = "runner", decisions: tuple[str, ...] = ()) -> RunReport:
     """Aggregate per-request records and phase timings into a RunReport.
 
     Args:
@@ -180,7 +270,10 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
         encode_stage_s=float(np.mean(encode_times_s)) if encode_times_s else math.nan,
         decode_step_s=float(np.mean([t for t, _ in decode_iters])) if decode_iters else math.nan,
         decode_batch=rows / len(decode_iters) if decode_iters else 0.0,
-        latency_p50_s=float(np.median(lat)) if lat.size else math.nan, makespan_s=makespan,
+        latency_p50_s=float(np.median(lat)) if lat.size else math.nan,
+        queue=Percentiles.of(r.queue_s for r in done), ttft=Percentiles.of(r.ttft_s for r in done),
+        tpot=Percentiles.of(r.tpot_s for r in done), e2e=Percentiles.of(r.e2e_s for r in done),
+        engine=engine, decisions=tuple(decisions), makespan_s=makespan,
         overall_seq_s=overall, steady_start_s=window[0], steady_end_s=window[1], num_finished=len(done),
         num_failed=len(records) - len(done), num_ranks=num_ranks,
         estimate=estimate, requests=tuple(records))

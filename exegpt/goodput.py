@@ -1,0 +1,168 @@
+"""Searching under the SLO forms the analytic estimate cannot check: (b) a share of requests finishing within a
+bound, and (c) TTFT / TPOT percentiles under arrivals with goodput as the objective (``exegpt.slo``).
+
+Both run on the simulated engine (``exegpt.sim``). Candidates come from the same spaces the branch and bound
+searches (every policy, TP degree, device split and device count), on a geometric grid of each knob, and are
+simulated best estimate first. The estimate's saturated throughput bounds what a schedule can reach (goodput is
+a rate the schedule keeps up with), so a candidate is skipped once its estimate, times ``PRUNE_SLACK`` for the
+estimate's own error, cannot beat the best found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arrivals import Arrivals
+from .errors import ExeGPTError, InfeasibleBoundError
+from .plan import Plan, SearchStats
+from .report import RunReport
+from .sim import run_simulated
+from .slo import CompletionSLO, RequestSLO, SLOCheck
+
+log = logging.getLogger(__name__)
+
+PRUNE_SLACK = 1.25
+"""A candidate whose estimated saturated throughput times this cannot beat the best simulated value is skipped."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedSearch:
+    """How the SLO forms (b) and (c) are searched on the simulated engine."""
+
+    num_requests: int = 400
+    """Requests each simulated run serves."""
+    grid_points: int = 8
+    """Values of each knob tried (geometric from its least to its largest)."""
+    max_simulated: int = 24
+    """Candidates simulated at most (best estimate first)."""
+    rate_tolerance: float = 0.02
+    """(c): the goodput bisection stops when its bracket is this narrow (relative)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in ("num_requests", "grid_points", "max_simulated"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if f == "grid_points" else 1):
+                raise ExeGPTError(f"{f}={v!r} must be a whole number >= {2 if f == 'grid_points' else 1}")
+        if not 0 < self.rate_tolerance < 1:
+            raise ExeGPTError(f"rate_tolerance={self.rate_tolerance!r} must be in (0, 1)")
+
+
+def goodput(plan: Plan, slo: RequestSLO, profile=None, options: SimulatedSearch = SimulatedSearch()
+            ) -> tuple[float, RunReport | None]:
+    """The highest Poisson arrival rate (requests/s) at which ``plan`` keeps ``slo`` on the simulated engine, and
+    the run at that rate (0 and None when even a trickle of requests misses it). Bisection between a rate that
+    holds and one that does not, starting from the plan's estimated saturated throughput."""
+    cap = plan.estimate.throughput_seq_s
+    if not cap > 0 or not math.isfinite(cap):
+        raise ExeGPTError(f"plan has no finite estimated throughput ({cap!r}) to search a rate around")
+
+    def run(rate: float) -> RunReport:
+        return run_simulated(plan, profile, options.num_requests, options.seed, arrivals=Arrivals.poisson(rate))
+
+    lo, lo_rep = 0.0, None
+    hi = cap
+    rep = run(hi)
+    while slo.holds(rep):  # keeps up even at the estimated capacity: look higher
+        lo, lo_rep = hi, rep
+        if hi > 16 * cap:
+            return lo, lo_rep
+        hi *= 2
+        rep = run(hi)
+    if lo == 0.0:
+        trickle = cap / 64
+        rep = run(trickle)
+        if not slo.holds(rep):
+            return 0.0, None
+        lo, lo_rep = trickle, rep
+    while hi - lo > options.rate_tolerance * hi:
+        mid = (lo + hi) / 2
+        rep = run(mid)
+        if slo.holds(rep):
+            lo, lo_rep = mid, rep
+        else:
+            hi = mid
+    return lo, lo_rep
+
+
+def search_simulated(layouts, slo: CompletionSLO | RequestSLO, profile, options: SimulatedSearch,
+                     make_plan, t0: float) -> Plan:
+    """The best schedule of ``layouts`` (``optimize.all_spaces``) under ``slo`` on the simulated engine.
+
+    ``make_plan(index, point, stats)`` turns a point of space ``index`` into a Plan."""
+    cands = _candidates(layouts, options.grid_points)
+    if not cands:
+        raise InfeasibleBoundError("no schedule fits in device memory (or in the profiled range) for this workload",
+                                   math.inf)
+    best: tuple[float, Plan, SLOCheck] | None = None
+    closest: tuple[float, tuple[float, ...]] | None = None  # the smallest miss seen, for the error
+    simulated = 0
+    for thr_est, i, point in cands:
+        if simulated >= options.max_simulated:
+            break
+        if best is not None and thr_est * PRUNE_SLACK <= best[0]:
+            break  # sorted by estimate: no later candidate can beat the best either
+        plan = make_plan(i, point, SearchStats("simulated", simulated, 0.0))
+        simulated += 1
+        value, check = _evaluate(plan, slo, profile, options)
+        if check.holds and (best is None or value > best[0]):
+            best = (value, plan, check)
+        elif not check.holds and (closest is None or check.margin > closest[0]):
+            closest = (check.margin, check.achieved)
+    if best is None:
+        raise _infeasible(slo, closest, simulated)
+    value, plan, check = best
+    stats = SearchStats("simulated", simulated, time.perf_counter() - t0, len(cands))
+    return dataclasses.replace(plan, search=stats, slo=slo, slo_check=check)
+
+
+def _evaluate(plan: Plan, slo, profile, options: SimulatedSearch) -> tuple[float, SLOCheck]:
+    """(the value to maximise, the check) of one plan: (b) its simulated throughput at saturation if it keeps the
+    bound; (c) its goodput."""
+    if isinstance(slo, CompletionSLO):
+        rep = run_simulated(plan, profile, options.num_requests, options.seed)
+        check = SLOCheck("completion", slo.describe(), slo.holds(rep), slo.margin(rep), (slo.achieved(rep),),
+                         engine="simulated", num_requests=options.num_requests)
+        return rep.throughput_seq_s, check
+    rate, rep = goodput(plan, slo, profile, options)
+    if rep is None:  # misses even at a trickle: report that run
+        rep = run_simulated(plan, profile, options.num_requests, options.seed,
+                            arrivals=Arrivals.poisson(plan.estimate.throughput_seq_s / 64))
+        return 0.0, SLOCheck("request", slo.describe(), False, slo.margin(rep), slo.achieved(rep), 0.0,
+                             "simulated", options.num_requests)
+    return rate, SLOCheck("request", slo.describe(), True, slo.margin(rep), slo.achieved(rep), rate, "simulated",
+                          options.num_requests)
+
+
+def _candidates(layouts, k: int) -> list[tuple[float, int, tuple[int, ...]]]:
+    """(estimated throughput, space index, point) of every feasible grid point, best estimate first."""
+    out = []
+    for i, (_, _, space) in enumerate(layouts):
+        axes = [np.unique(np.round(np.geomspace(lo, hi, k)).astype(np.int64)) for lo, hi in zip(space.lo, space.hi)]
+        pts = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1)
+        thr, _, ok = space.fn(pts, pts)
+        thr, ok = (np.broadcast_to(np.asarray(a), (len(pts),)) for a in (thr, ok))
+        if space.admissible is not None:
+            ok = ok & space.admissible(pts, pts)
+        out += [(float(t), i, tuple(int(x) for x in p)) for t, p, o in zip(thr, pts, ok) if o and t > 0]
+    return sorted(out, key=lambda c: (-c[0], c[1], c[2]))
+
+
+def _infeasible(slo, closest, simulated: int) -> InfeasibleBoundError:
+    if closest is None:
+        return InfeasibleBoundError(f"{slo.describe()}: no schedule could be simulated", math.inf)
+    if isinstance(slo, CompletionSLO):
+        reach = closest[1][0]
+        return InfeasibleBoundError(
+            f"{slo.describe()} is infeasible: of the {simulated} schedules simulated, the closest keeps "
+            f"{slo.share:.0%} of requests within {reach:.4g} s", reach)
+    ttft, tpot = closest[1]
+    return InfeasibleBoundError(
+        f"{slo.describe()} is infeasible even at a trickle of requests: of the {simulated} schedules simulated, "
+        f"the closest reaches p{slo.percentile:g} TTFT {ttft:.4g} s and TPOT {tpot:.4g} s", max(ttft, tpot))

@@ -1,0 +1,132 @@
+"""What a policy's driver says to the engine that runs it: actions as plain data, and the view it reads.
+
+A driver is a generator function ``driver(view)``: it yields actions, the engine executes each one and sends back
+its result, and the generator's return value is what the driver measured (``DriverStats``). The simulated engine
+(``exegpt.sim``) prices each action with the profile on a clock of its own; the runner's engine
+(``runner.engine``) executes it on the ranks of the driver's group and reads the wall clock. The decisions (which
+prompts to prefill, which rows to decode and how often, when to free rows, when to wait) are the driver's; how a
+prefill is pipelined over stages, how KV moves and how long anything takes are the engine's.
+
+Groups: a policy runs one driver per group of stages. ``main``: one pipeline over the policy's stages (RRA,
+static); ``encode`` and ``decode``: two pipelines on disjoint devices, the encode group handing each prefilled
+batch's KV to the decode group (WAA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Generator, Protocol
+
+from ..rules import SteadyWindow
+
+MAIN, ENCODE, DECODE = "main", "encode", "decode"
+GROUPS = (MAIN, ENCODE, DECODE)
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """Prefill ``rids`` (in order) into free cache rows of the group, as ``parts`` pipelined micro-batches of
+    contiguous requests (``rules.split_even``). ``main``: done when their first tokens are back; ``encode``: done
+    when the driver's own stage has finished them, the batch then goes to the decode group. Result: None."""
+
+    rids: tuple[int, ...]
+    parts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Decode:
+    """Decode ``micro_batches`` (request ids), pipelined over the group's stages, each for up to ``max_iters``
+    iterations: a micro-batch's next iteration starts once its tokens are back. With ``drop_finished`` a row
+    leaves its micro-batch as soon as its request finishes (early termination); without it (static batching)
+    finished rows are computed on, their tokens discarded, until every request of the micro-batches is done.
+    Result: the rows computed at each iteration (``tuple[int, ...]``)."""
+
+    micro_batches: tuple[tuple[int, ...], ...]
+    max_iters: int = 1
+    drop_finished: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Compact:
+    """Free the cache rows of finished requests (the rows left keep their order). Result: None."""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitArrival:
+    """Wait until the next request arrives. Result: None."""
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitCredit:
+    """Encode group: wait until the decode group has merged one more of the batches handed to it. Result: None."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndHandOffs:
+    """Encode group: no more batches will come. Result: None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """Decode group: wait for the next batch the encode group handed off and import it into free rows after the
+    rows in use. Result: ``Merged`` (None once the encode group has ended)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    rids: tuple[int, ...]
+    encode_s: float
+    """The batch's prefill, from its start to its first tokens."""
+
+
+Action = Prefill | Decode | Compact | WaitArrival | AwaitCredit | EndHandOffs | Merge
+
+
+@dataclass(frozen=True, slots=True)
+class DriverStats:
+    """What a driver measured: encode phases (or batches), decode iterations, and its steady window."""
+
+    encode_s: tuple[float, ...]
+    decode: tuple[tuple[float, int], ...]
+    """(seconds, rows) per decode iteration."""
+    steady: SteadyWindow | None = None
+
+
+class View(Protocol):
+    """What a driver may read, synchronously, from its engine."""
+
+    num_stages: int
+    """Stages of the driver's group."""
+    max_len: int
+    """KV positions per cache row."""
+
+    def now(self) -> float:
+        """Seconds since the run's start on the driver's clock."""
+
+    def waiting(self) -> list[int]:
+        """Runnable requests that have arrived and that no prefill took yet, in arrival order."""
+
+    def arrived(self) -> int:
+        """Runnable requests that have arrived so far."""
+
+    def num_runnable(self) -> int:
+        """Requests the run will serve (the others failed on admission)."""
+
+    def more_to_come(self) -> bool:
+        """Whether some runnable request has not arrived yet."""
+
+    def done(self, rid: int) -> bool:
+        """Whether ``rid`` has its last token."""
+
+
+Driver = Callable[[View], Generator[Action, object, DriverStats | None]]
+
+
+def decision(group: str, action: Action, result) -> str:
+    """One line of a run's decision log: the group, the action and what came of it (rows per decode iteration,
+    the requests a merge brought), the same in both engines."""
+    if isinstance(action, Merge):
+        return f"{group} Merge -> {None if result is None else result.rids}"
+    if isinstance(action, Decode):
+        return f"{group} {action!r} -> {tuple(result)}"
+    return f"{group} {action!r}"

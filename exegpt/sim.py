@@ -1,0 +1,372 @@
+"""The simulated engine: a policy's drivers run on a deterministic discrete-event loop, every action priced by the
+profile's cost model, no torch.
+
+The same driver generators the runner executes (``exegpt.policies``) run here, one per group of stages, each on
+a clock of its own; the loop always advances the driver with the earliest clock (the encode group first on a tie),
+and a driver blocked on the other group (a merge, a credit) waits until that group has produced it. Requests
+arrive by the run's ``Arrivals``; a driver sees only what has arrived by its own clock.
+
+How actions are priced (the same stage costs as the estimate: profile lookups, TP all-reduces, hops, the
+executor's own work, the rank slowdown):
+  * ``main`` prefill of P-stage micro-batches: a flow shop (a micro-batch enters stage s once it left stage s - 1
+    and stage s finished the one before), each micro-batch at its own prompts' lengths; the driver computes the
+    first stage as it submits, so micro-batch j starts when stage 0 has finished micro-batch j - 1; first tokens
+    come back (``token_return``) after the last one;
+  * a decode iteration of micro-batches over the group's stages: the longer of the busiest stage (its
+    micro-batches summed) and the slowest micro-batch's round trip (its stages and the token hop back); every row
+    gets its token at the iteration's end;
+  * WAA: the encode group's batches flow through its stages; each batch's KV hand-off (``kv_handoff``) is on the
+    decode driver's compute where ``Profile.handoff_on_compute``. As in the estimate (``concurrent_times``), a
+    one-rank group computes ``Profile.concurrency`` times slower while the other computes too, and every computed
+    term carries the profile's lockstep factor (``waa_period_factor``).
+The machine's own variance is not in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+
+import numpy as np
+
+from .arrivals import Arrivals, request_stream
+from .cost import CostModel
+from .errors import ExeGPTError
+from .ledger import Ledger
+from .plan import Plan
+from .policies import driver_groups
+from .policies.waa import HANDOFF_DEPTH
+from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Compact, Decode, DriverStats, EndHandOffs, Merge, \
+    Merged, Prefill, WaitArrival, decision
+from .profile import Profile
+from .report import RunReport, build_report
+from .rules import split_even
+from .simulate import Layout, Problem, _decode_times, _encode_times, spans_ranks
+
+DEFAULT_REQUESTS = 600
+"""Requests a simulated run serves by default: as many as the closed loop's runs (``profiler.loop``)."""
+
+
+def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int = DEFAULT_REQUESTS, seed: int = 0,
+                  lengths=None, arrivals: Arrivals | None = None, arrival_s=None, horizon_s: float = math.inf,
+                  log_decisions: bool = False) -> RunReport:
+    """Runs ``plan`` on the simulated engine, costed with ``profile`` (the profile its estimate came from; by
+    default the built-in profile of its model and devices, as ``find_schedule``'s default).
+
+    The requests: ``num_requests`` drawn from ``plan.workload`` with ``seed``, arriving by ``arrivals`` (default
+    all at once): the requests ``runner.run_plan(plan, num_requests=..., seed=..., arrivals=...)`` runs. Or
+    ``lengths``, (input, output) tokens per request in order, with ``arrival_s`` (default all at zero).
+    Requests longer than the plan's KV-cache budget per sequence (its workload's longest prompt plus longest
+    output) fail on admission, as in the runner. ``horizon_s``: stop there (a driver starts no action past it);
+    the requests not finished by then fail, those never started as still queued. ``log_decisions``: keep every
+    driver action in ``RunReport.decisions``.
+    """
+    if not horizon_s > 0:
+        raise ExeGPTError(f"horizon_s={horizon_s!r} must be > 0 seconds (inf: run every request)")
+    if lengths is None:
+        stream = request_stream(plan.workload, num_requests, seed, arrivals)
+        lengths, arrival_s = stream.lengths, stream.arrival_s
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.ndim != 2 or lengths.shape[1] != 2 or not len(lengths) or (lengths < 1).any():
+        raise ExeGPTError(f"lengths must be (input, output) pairs of at least 1 token each, got shape "
+                          f"{lengths.shape} with least value {lengths.min() if lengths.size else None}")
+    arrival_s = np.zeros(len(lengths)) if arrival_s is None else np.asarray(arrival_s, dtype=float)
+    prob, lay = plan_problem(plan, profile)
+    ledger = Ledger(lengths, arrival_s, plan.estimate.latency_len, cache_len=plan.workload.max_total_len)
+    if not ledger.runnable:
+        raise ExeGPTError(f"every one of the {len(lengths)} requests exceeds the plan's KV-cache budget of "
+                          f"{plan.workload.max_total_len} tokens per sequence (its workload's longest prompt plus "
+                          f"longest output); the shortest has {lengths.sum(axis=1).min()}")
+    engine = SimEngine(prob, lay, plan, ledger, horizon_s, [] if log_decisions else None)
+    stats = engine.run()
+    return build_report(plan.schedule.policy.value, ledger.records(), plan.estimate.latency_len,
+                        list(stats.encode_s), list(stats.decode), plan.schedule.num_gpus, plan.estimate,
+                        stats.steady, engine="simulated", decisions=tuple(engine.log or ()))
+
+
+def plan_problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:
+    """The problem and layout a plan's estimate was made on."""
+    from .optimize import problem  # the API module resolves names
+
+    prob = problem(plan.workload, plan.bound, model=plan.model, devices=plan.devices, profile=profile)
+    if plan.schedule.num_gpus != prob.cluster.count:
+        prob = prob.with_devices(plan.schedule.num_gpus)
+    s = plan.schedule
+    lay = Layout(s.policy, s.tp, getattr(s, "tp_gpus", 0), getattr(s, "encode_gpus", 0), getattr(s, "decode_gpus", 0),
+                 plan.stages)
+    return prob, lay
+
+
+class _Driver:
+    """One driver's generator, clock and what it waits for."""
+
+    def __init__(self, group: str, gen, order: int):
+        self.group, self.gen, self.order = group, gen, order
+        self.t = 0.0
+        self.result = None
+        self.blocked: object | None = None  # the action it waits on (Merge, AwaitCredit)
+        self.stats: DriverStats | None = None
+        self.finished = False
+        self.pending = None  # the action it yielded last, whose result it gets next
+        self.credits = 0  # credits taken (the encode driver of WAA)
+
+
+class _View:
+    """A driver's view (``policies.base.View``) on the simulated engine."""
+
+    def __init__(self, engine: SimEngine, driver: _Driver, num_stages: int):
+        self.e, self.d, self.num_stages = engine, driver, num_stages
+        self.max_len = engine.plan.workload.max_total_len
+
+    def now(self) -> float:
+        return self.d.t
+
+    def waiting(self) -> list[int]:
+        e = self.e
+        end = e.arrived_by(self.d.t)
+        return e.runnable[e.taken:end].tolist()
+
+    def arrived(self) -> int:
+        return self.e.arrived_by(self.d.t)
+
+    def num_runnable(self) -> int:
+        return len(self.e.runnable)
+
+    def more_to_come(self) -> bool:
+        return self.e.arrived_by(self.d.t) < len(self.e.runnable)
+
+    def done(self, rid: int) -> bool:
+        return bool(self.e.ledger.finished[rid])
+
+
+class SimEngine:
+    """Runs a plan's drivers (``exegpt.policies``) on simulated time."""
+
+    def __init__(self, prob: Problem, lay: Layout, plan: Plan, ledger: Ledger, horizon_s: float = math.inf,
+                 log: list | None = None):
+        self.prob, self.lay, self.plan, self.ledger = prob, lay, plan, ledger
+        self.horizon_s, self.log = horizon_s, log
+        self.runnable = np.asarray(ledger.runnable, dtype=np.int64)
+        self.arrive = ledger.arrival[self.runnable]
+        self.taken = 0  # runnable requests taken by a prefill, in arrival order
+        self.padded = prob.cost.padded
+        self.padded_decode = prob.cost.padded_decode
+        self.stages = {MAIN: lay.stages, ENCODE: lay.group("encode"), DECODE: lay.group("decode")}
+        self.split = any(s.role != "both" for s in lay.stages)  # two groups computing at once (WAA)
+        extra = prob.concurrency - 1.0 if self.split else 0.0
+        self.extra = {g: 0.0 if spans_ranks(self.stages[g]) else extra for g in (ENCODE, DECODE)}
+        self.coupling = prob.profile.waa_period_factor if self.split else 1.0
+        self.on_compute = prob.profile.handoff_on_compute
+        # WAA state: the encode group's stages, its compute intervals, its batches and the decode group's merges.
+        self.free = np.zeros(len(self.stages[ENCODE]))
+        self.busy: list[tuple[float, float]] = []
+        self.batches: list[tuple[tuple[int, ...], float, float, float]] = []  # rids, start, first tokens, hand-off
+        self.ended = False
+        self.merges: list[float] = []
+        self.last_dec = 0.0
+
+    def arrived_by(self, t: float) -> int:
+        return int(np.searchsorted(self.arrive, t, side="right"))
+
+    # --- the loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> DriverStats:
+        groups = driver_groups(self.plan)
+        order = {ENCODE: 0, MAIN: 1, DECODE: 2}
+        drivers = []
+        for g, fn in groups.items():
+            d = _Driver(g, None, order[g])
+            d.gen = fn(_View(self, d, len(self.stages[g])))
+            drivers.append(d)
+        stats = None
+        while True:
+            ready = [(d.t, d.order, i) for i, d in enumerate(drivers) if not d.finished and self._unblock(d)]
+            if not ready:
+                if all(d.finished for d in drivers):
+                    break
+                raise ExeGPTError("simulated drivers are deadlocked: "
+                                  + ", ".join(f"{d.group} waits on {type(d.blocked).__name__}"
+                                              for d in drivers if not d.finished))
+            d = drivers[heapq.nsmallest(1, ready)[0][2]]
+            if self.log is not None and d.pending is not None:
+                self.log.append(decision(d.group, d.pending, d.result))
+            if d.t > self.horizon_s:  # cut short: what the driver measured so far
+                stats = self._cut(drivers)
+                break
+            try:
+                action = d.gen.send(d.result)
+            except StopIteration as stop:
+                d.finished = True
+                stats = stop.value if stop.value is not None else stats
+                continue
+            d.pending = action
+            d.result = self._execute(d, action)
+        if stats is None:
+            raise ExeGPTError(f"policy {self.plan.schedule.policy.value}: no driver returned its statistics")
+        return stats
+
+    def _cut(self, drivers: list[_Driver]) -> DriverStats:
+        """The statistics of a run cut at the horizon: each driver is closed and returns none, so the report
+        reads the whole run's completions."""
+        for d in drivers:
+            d.gen.close()
+        return DriverStats((), (), None)
+
+    def _unblock(self, d: _Driver) -> bool:
+        """Whether ``d`` can go on; resolves what it waited for when that is now there."""
+        if d.blocked is None:
+            return True
+        if isinstance(d.blocked, AwaitCredit):
+            if d.credits < len(self.merges):
+                d.t = max(d.t, self.merges[d.credits])
+                d.credits += 1
+                d.blocked = None
+                return True
+            return False
+        k = len(self.merges)
+        if k < len(self.batches):
+            d.result = self._merge(d, k)
+            d.blocked = None
+            return True
+        if self.ended:
+            d.result = None
+            d.blocked = None
+            return True
+        return False
+
+    def _execute(self, d: _Driver, action):
+        if isinstance(action, Prefill):
+            if d.group == ENCODE:
+                self._encode_batch(d, action.rids)
+            else:
+                d.t = self._prefill(list(action.rids), action.parts, d.t)
+            self._take(action.rids)
+            return None
+        if isinstance(action, Decode):
+            return self._decode(d, action)
+        if isinstance(action, Compact):
+            return None
+        if isinstance(action, WaitArrival):
+            nxt = self.arrived_by(d.t)
+            if nxt < len(self.runnable):
+                d.t = max(d.t, float(self.arrive[nxt]))
+            return None
+        if isinstance(action, (AwaitCredit, Merge)):
+            d.blocked = action
+            return None
+        if isinstance(action, EndHandOffs):
+            self.ended = True
+            return None
+        raise ExeGPTError(f"the simulated engine cannot execute {action!r}")
+
+    def _take(self, rids) -> None:
+        rids = list(rids)
+        if rids != self.runnable[self.taken:self.taken + len(rids)].tolist():
+            raise ExeGPTError(f"a prefill must take the waiting requests in arrival order, got {rids[:8]}")
+        self.taken += len(rids)
+
+    # --- prices ---------------------------------------------------------------------------------------------
+
+    def _prompts_cost(self, rids) -> CostModel:
+        """The cost model with the prompt side set to these requests' own prompts."""
+        return dataclasses.replace(self.prob.cost, stats=self.prob.stats.for_prompts(self.ledger.inp[rids],
+                                                                                        self.padded))
+
+    def _encode_times(self, stages, rids) -> list[float]:
+        """Seconds of each of ``stages`` to encode the prompts of ``rids`` as one batch."""
+        t = _encode_times(self.prob, stages, len(rids), self._prompts_cost(rids))[0]
+        return [float(np.ravel(x)[0]) for x in t]
+
+    def _prefill(self, rids: list[int], parts: int, t0: float) -> float:
+        """``rids`` as ``parts`` pipelined micro-batches over the main stages from ``t0``; returns when the first
+        tokens are in."""
+        stages = self.stages[MAIN]
+        p = len(stages)
+        mbs = split_even(rids, parts)
+        done = np.zeros(p)  # when each stage finished its latest micro-batch
+        arrive = []
+        for mb in mbs:
+            t = self._encode_times(stages, mb)
+            self.ledger.started(mb, t0 + done[0])  # submitted when the driver's stage finished the one before
+            prev = 0.0
+            for s in range(p):
+                done[s] = max(done[s], prev) + t[s]
+                prev = done[s]
+            arrive.append(prev)
+        if p > 1:
+            ret = float(self.prob.cost.token_return(float(max(len(mb) for mb in mbs)))[0])
+            arrive = [a + ret for a in arrive]
+        t_end = t0 + max(max(arrive), done[0])
+        self.ledger.tokens_at(rids, t_end)
+        return t_end
+
+    def _encode_batch(self, d: _Driver, rids: tuple[int, ...]) -> None:
+        """One WAA encode batch through the encode stages, from the driver's clock."""
+        t = [x * self.coupling for x in self._encode_times(self.stages[ENCODE], list(rids))]
+        t[0] += self.extra[ENCODE] * min(t[0], self.last_dec)  # the decode group computing meanwhile
+        t0 = max(self.free[0], d.t)
+        self.ledger.started(rids, t0)
+        prev = t0
+        for i, ti in enumerate(t):
+            self.free[i] = max(self.free[i], prev) + ti
+            prev = self.free[i]
+        self.busy.append((t0, float(self.free[0])))
+        self.ledger.tokens_at(rids, prev)  # the prefill's token
+        hand = float(np.ravel(self._prompts_cost(list(rids)).kv_handoff(len(rids))[0])[0])
+        self.batches.append((rids, t0, prev, hand))
+        d.t = float(self.free[0])
+
+    def _merge(self, d: _Driver, k: int) -> Merged:
+        rids, t0, first, hand = self.batches[k]
+        d.t = max(d.t, first + (0.0 if self.on_compute else hand))  # the batch's metadata (and, off compute, KV)
+        if self.on_compute:
+            d.t += hand * self.coupling  # the decode driver imports the batch's KV between iterations
+        self.merges.append(d.t)
+        return Merged(rids, first - t0)
+
+    def _encoding_during(self, a: float, b: float) -> float:
+        return sum(max(0.0, min(b, e) - max(a, s0)) for s0, e in self.busy[-HANDOFF_DEPTH - 1:])
+
+    def _decode(self, d: _Driver, action: Decode) -> tuple[int, ...]:
+        led, stages = self.ledger, self.stages[d.group]
+        mbs = [np.asarray(mb, dtype=np.int64) for mb in action.micro_batches if mb]
+        pos = [led.inp[mb] + led.gen[mb] for mb in mbs]  # each row's context
+        steps = []
+        for _ in range(action.max_iters):
+            if action.drop_finished:
+                keep = [~led.finished[mb] for mb in mbs]
+                mbs = [mb[k] for mb, k in zip(mbs, keep) if k.any()]
+                pos = [c[k] for c, k in zip(pos, keep) if k.any()]
+            else:
+                if all(led.finished[mb].all() for mb in mbs):
+                    break
+                keep = [~led.finished[mb] | (c < self.plan.workload.max_total_len) for mb, c in zip(mbs, pos)]
+                mbs = [mb[k] for mb, k in zip(mbs, keep) if k.any()]
+                pos = [c[k] for c, k in zip(pos, keep) if k.any()]
+            if not mbs:
+                break
+            dt = self._step(stages, mbs, pos)
+            if d.group == DECODE and self.split:
+                dt *= self.coupling
+                dt += self.extra[DECODE] * self._encoding_during(d.t, d.t + dt)  # the encode group meanwhile
+                self.last_dec = dt
+            d.t += dt
+            steps.append(sum(len(mb) for mb in mbs))
+            live = np.concatenate(mbs)
+            live = live[~led.finished[live]]
+            if len(live):
+                led.tokens_at(live, d.t)
+            pos = [c + 1 for c in pos]
+        return tuple(steps)
+
+    def _step(self, stages, mbs: list[np.ndarray], pos: list[np.ndarray]) -> float:
+        """Seconds of one decode iteration of micro-batches ``mbs`` at contexts ``pos`` pipelined over ``stages``."""
+        sizes = np.array([len(mb) for mb in mbs], dtype=float)
+        ctx = np.array([c.max() if self.padded_decode else c.mean() for c in pos], dtype=float)
+        per_stage, _ = _decode_times(self.prob, stages, sizes, ctx)
+        t = np.stack([np.broadcast_to(x, sizes.shape) for x in per_stage])  # [stage, micro-batch]
+        if len(stages) == 1:
+            return float(t.sum())
+        ret = np.asarray(self.prob.cost.token_return(sizes)[0], dtype=float)
+        return float(max(t.sum(axis=1).max(), (t.sum(axis=0) + ret).max()))
