@@ -41,9 +41,9 @@ import torch
 
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Profile, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
-from exegpt.optimize import offered_cluster
+from exegpt.problem import offered_cluster
 from exegpt.schedule import describe
-from exegpt.simulate import spans_ranks
+from exegpt.stages import spans_ranks
 from profiler.collectives import run_group
 from profiler.device import resolve_device
 from profiler.engine import period_over_longer

@@ -21,9 +21,10 @@ import numpy as np
 
 from exegpt import InfeasibleBoundError, Workload, exhaustive_schedule, find_schedule, static_schedule
 from exegpt.errors import ExeGPTError
-from exegpt.optimize import problem, static_baseline_layout
+from exegpt.policies.static import baseline_layout as static_baseline_layout
+from exegpt.problem import problem
 from exegpt.schedule import describe
-from exegpt.simulate import static_points
+from exegpt.policies.static import points as static_points
 from exegpt.workload import TASKS
 
 CLUSTERS = [("t5-11b", "8xA40"), ("opt-13b", "4xA40"), ("gpt3-39b", "16xA40"), ("gpt3-101b", "16xA100"),

@@ -14,7 +14,7 @@ import argparse
 import time
 
 from exegpt import Workload, find_schedule, run_simulated, static_schedule
-from exegpt.goodput import SimulatedSearch, goodput
+from exegpt.search.goodput import SimulatedSearch, goodput
 from exegpt.schedule import describe
 from exegpt.slo import RequestSLO
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     print("\n## goodput bisection: task S on 2xA100, p90 TTFT <= 2 s and TPOT <= 0.15 s, 400 requests a run")
     plan = find_schedule(w, 20.0, devices="2xA100")
     runs = []
-    import exegpt.goodput as gp
+    import exegpt.search.goodput as gp
     real = gp.run_simulated
 
     def counted(*args, **kw):

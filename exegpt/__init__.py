@@ -6,18 +6,20 @@ from .devices import DEVICES, Cluster, DeviceSpec, parse_cluster
 from .distribution import Distribution
 from .errors import ExeGPTError, InfeasibleBoundError, ProfileRangeError
 from .models import MODELS, ModelShape, get_model
-from .optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
-                       smallest_feasible_bound, static_schedule)
+from .policies import RRASchedule, Schedule, StaticSchedule, WAASchedule
+from .search.optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
+                              smallest_feasible_bound, static_schedule)
 from .plan import Estimate, Plan, SearchStats, Stage
 from .profile import Kernel, Profile, ProfileTable
 from .report import Percentiles, RequestRecord, RunReport
-from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule
+from .schedule import Policy
 from .sim import run_simulated
+from .slo import CompletionSLO, RequestSLO
 from .simulate import simulate
 from .workload import Workload
 
 __all__ = [
-    "Arrivals", "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate", "ExeGPTError", "InfeasibleBoundError",
+    "Arrivals", "CompletionSLO", "RequestSLO", "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate", "ExeGPTError", "InfeasibleBoundError",
     "Kernel", "LatencyBound", "MODELS", "ModelShape", "Plan", "Policy", "Profile", "ProfileRangeError",
     "ProfileTable", "Percentiles", "RequestRecord", "RRASchedule", "RunReport", "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule",
     "Workload", "get_model", "parse_cluster", "SearchSpace", "evaluate_schedule", "exhaustive_schedule",

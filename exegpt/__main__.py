@@ -21,13 +21,15 @@ import sys
 from .bound import LatencyBound
 from .errors import ExeGPTError, InfeasibleBoundError
 from .models import MODELS
-from .optimize import (SearchSpace, offered_cluster, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
-                       static_schedule)
+from .problem import offered_cluster
+from .search.optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
+                              static_schedule)
 from .plan import Plan
 from .profile import Profile
 from .arrivals import Arrivals
-from .goodput import SimulatedSearch
-from .schedule import Policy, RRASchedule, StaticSchedule, WAASchedule, describe, policy_of
+from .policies import policy_module
+from .search.goodput import SimulatedSearch
+from .schedule import describe, policy_of
 from .sim import run_simulated
 from .slo import CompletionSLO, RequestSLO
 from .workload import TASKS, TRACES, Workload
@@ -203,17 +205,8 @@ def _parse_schedule(text: str, num_gpus: int):
             kv[k.strip()] = int(v)
         except ValueError:
             raise ExeGPTError(f"schedule field {k.strip()}={v!r} is not an integer") from None
-    kv.setdefault("tp", 1)
-    kv.setdefault("tp_gpus", 0 if kv["tp"] == 1 else num_gpus)
     try:
-        if policy is Policy.RRA:
-            return RRASchedule(num_gpus=num_gpus, **kv)
-        if policy is Policy.STATIC:
-            kv.pop("tp_gpus")
-            return StaticSchedule(num_gpus=num_gpus, **kv)
-        kv.setdefault("encode_gpus", num_gpus // 2)
-        kv.setdefault("decode_gpus", num_gpus - kv["encode_gpus"])
-        return WAASchedule(policy=policy, **kv)
+        return policy_module(policy).parse(policy, kv, num_gpus)
     except TypeError as e:
         raise ExeGPTError(f"schedule {text!r}: {e}") from None
 

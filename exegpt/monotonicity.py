@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .schedule import Policy
-from .search import grid_values
-from .simulate import Problem
+from .search.bnb import grid_values
+from .problem import Problem
 
 
 @dataclass(frozen=True)

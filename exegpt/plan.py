@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .bound import LatencyBound
 from .errors import ExeGPTError
 from .jsonfile import JSONFile
-from .schedule import Schedule, schedule_from_dict, schedule_to_dict
+from .schedule import schedule_from_dict, schedule_to_dict
 from .workload import Workload
+
+if TYPE_CHECKING:
+    from .policies import Schedule
 
 PLAN_SCHEMA = 1
 

@@ -42,7 +42,8 @@ from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Compact, Decode, D
 from .profile import Profile
 from .report import RunReport, build_report
 from .rules import split_even
-from .simulate import Layout, Problem, _decode_times, _encode_times, spans_ranks
+from .problem import Problem, problem
+from .stages import Layout, decode_times, encode_times, spans_ranks
 
 DEFAULT_REQUESTS = 600
 """Requests a simulated run serves by default: as many as the closed loop's runs (``profiler.loop``)."""
@@ -87,8 +88,6 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
 
 def plan_problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:
     """The problem and layout a plan's estimate was made on."""
-    from .optimize import problem  # the API module resolves names
-
     prob = problem(plan.workload, plan.bound, model=plan.model, devices=plan.devices, profile=profile)
     if plan.schedule.num_gpus != prob.cluster.count:
         prob = prob.with_devices(plan.schedule.num_gpus)
@@ -275,7 +274,7 @@ class SimEngine:
 
     def _encode_times(self, stages, rids) -> list[float]:
         """Seconds of each of ``stages`` to encode the prompts of ``rids`` as one batch."""
-        t = _encode_times(self.prob, stages, len(rids), self._prompts_cost(rids))[0]
+        t = encode_times(self.prob, stages, len(rids), self._prompts_cost(rids))[0]
         return [float(np.ravel(x)[0]) for x in t]
 
     def _prefill(self, rids: list[int], parts: int, t0: float) -> float:
@@ -364,7 +363,7 @@ class SimEngine:
         """Seconds of one decode iteration of micro-batches ``mbs`` at contexts ``pos`` pipelined over ``stages``."""
         sizes = np.array([len(mb) for mb in mbs], dtype=float)
         ctx = np.array([c.max() if self.padded_decode else c.mean() for c in pos], dtype=float)
-        per_stage, _ = _decode_times(self.prob, stages, sizes, ctx)
+        per_stage, _ = decode_times(self.prob, stages, sizes, ctx)
         t = np.stack([np.broadcast_to(x, sizes.shape) for x in per_stage])  # [stage, micro-batch]
         if len(stages) == 1:
             return float(t.sum())

@@ -23,7 +23,6 @@ import numpy as np
 
 from .bound import LatencyBound
 from .errors import ExeGPTError
-from .plan import SLOCheck
 from .report import FINISHED, RunReport
 
 

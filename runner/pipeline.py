@@ -19,8 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from exegpt.rules import split_even
-
 from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, StageRanks
 
 PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE = 1, 2, 3, 4, 5, 6, 7

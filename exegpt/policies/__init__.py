@@ -1,9 +1,15 @@
 """The registry of serving policies: a policy name to the one module that holds everything about it.
 
-A policy module defines its driver(s) (``drivers(plan) -> {group: driver}``, see ``base``), the cache rows each
-group needs (``cache_rows(plan, group)``), and, where it has them, its schedule type, layout and analytic estimate.
-Nothing outside this package branches on the policy: the simulated engine, the runner, the optimizer and the plan's
-JSON ask the registry.
+A policy module holds:
+  * its knobs: a frozen schedule dataclass (``from_fields``, ``parse`` for the CLI, ``describe``);
+  * its layout and memory rule: ``layout(prob, schedule)``, ``stage_roles(schedule)``;
+  * its analytic estimate where it has one: ``estimate_detail(prob, layout, schedule)``, and ``spaces(prob,
+    policy, tp_degrees, space)``, its search spaces with their box functions (the branch and bound's fast path),
+    with ``schedule_at(layout, point, num_gpus)``;
+  * its driver(s): ``drivers(plan) -> {group: driver}`` (``base``), run by the simulated engine (``exegpt.sim``)
+    and by the runner (``runner.engine``), and ``cache_rows(plan, group)``.
+Adding a policy is one module and one line below. Nothing outside this package branches on the policy: the
+estimate, the search, the plan's JSON, both engines and the CLI ask the registry.
 """
 
 from __future__ import annotations
@@ -13,13 +19,13 @@ from types import ModuleType
 from ..errors import ExeGPTError
 from ..schedule import Policy
 from . import rra, static, waa
+from .rra import RRASchedule
+from .static import StaticSchedule
+from .waa import WAASchedule
 
-REGISTRY: dict[str, ModuleType] = {
-    Policy.RRA.value: rra,
-    Policy.WAA_C.value: waa,
-    Policy.WAA_M.value: waa,
-    Policy.STATIC.value: static,
-}
+REGISTRY: dict[str, ModuleType] = {name.value: module for module in (rra, waa, static) for name in module.NAMES}
+
+Schedule = RRASchedule | WAASchedule | StaticSchedule
 
 
 def policy_module(name) -> ModuleType:

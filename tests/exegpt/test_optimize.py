@@ -11,7 +11,8 @@ from exegpt import (ExeGPTError, InfeasibleBoundError, LatencyBound, Plan, Polic
                     StaticSchedule, WAASchedule, Workload, evaluate_schedule, find_schedule,
                     simulate, static_schedule)
 from exegpt.monotonicity import monotonicity_stats
-from exegpt.optimize import build_spaces, problem
+from exegpt.problem import problem
+from exegpt.search.optimize import build_spaces
 from exegpt.placement import bottleneck_s, place_layers
 from exegpt.sim import run_simulated
 
@@ -70,7 +71,7 @@ def test_feasible_points_fit_and_infeasible_neighbours_do_not():
     w = Workload.task("C2")
     prob = problem(w, math.inf, model="opt-13b", devices="2xA40")
     from exegpt.simulate import estimate
-    from exegpt.search import grid_values
+    from exegpt.search.bnb import grid_values
     for lay, space in build_spaces(prob, space=SearchSpace(64, 64)):
         axes, thr, lat, ok = grid_values(space)
         rng = np.random.default_rng(0)
@@ -112,7 +113,8 @@ def test_rra_closed_form_latency():
     k = 63 - 1
     # The bound-length query's k iterations each run beside R_L rows (exegpt.phases.QueryRows), more than the
     # mean decode batch: they are the first iterations of their phases.
-    from exegpt.simulate import layout_for, rra_box
+    from exegpt.policies.rra import box as rra_box
+    from exegpt.simulate import layout_for
     prob = problem(w, math.inf, model="llama-2-7b", devices="1xA100")
     d = rra_box(prob, layout_for(prob, s), 16, 16, 8, 8, detail=True)
     assert float(d["rows_q"][0] if np.ndim(d["rows_q"]) else d["rows_q"]) > e.decode_batch

@@ -78,7 +78,8 @@ def test_infeasible_bound_names_the_smallest_feasible_bound():
 def test_smallest_bound_equals_exhaustive_minimum_latency():
     w = Workload.task("C1")
     p = make_profile(noise=0.1, seed=3)
-    from exegpt.optimize import build_spaces, problem
+    from exegpt.problem import problem
+    from exegpt.search.optimize import build_spaces
     prob = problem(w, math.inf, profile=p, devices="4xA40")
     spaces = [s for _, s in build_spaces(prob, space=SPACE)]
     ref = exhaustive(spaces, math.inf, minimize_latency=True)

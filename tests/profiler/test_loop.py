@@ -49,7 +49,7 @@ def test_the_waa_calibration_runs_a_waa_plan_and_records_its_concurrency_and_loc
     """calibrate_waa runs a WAA plan on two ranks of this CPU: the concurrency makes the estimate's group times the
     measured ones (at least 1), and the factor is the measured period over the longer part against the estimate's
     same ratio with that concurrency (at least 1); raw values and the run in the provenance."""
-    from exegpt.simulate import concurrent_times
+    from exegpt.stages import concurrent_times
     from profiler.engine import WAA_SCHEDULES, calibrate_waa
     from tests.exegpt.conftest import tiny_cpu_profile
 

@@ -10,7 +10,7 @@ import pytest
 from exegpt import Estimate, ExeGPTError, Workload
 from exegpt.ledger import Ledger, reject_reason
 from exegpt.report import FAILED, FINISHED, RequestRecord, RunReport, build_report
-from runner.requests import Request, make_requests, requests_from_pairs
+from runner.requests import Request, make_requests
 
 
 def _rec(i: int, start: float, finish: float, n: int = 4, len_tok: float | None = None, **kw) -> RequestRecord:

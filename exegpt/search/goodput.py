@@ -18,15 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrivals import Arrivals
-from .errors import ExeGPTError, InfeasibleBoundError
-from .plan import Plan, SearchStats
-from .report import RunReport
-from .sim import run_simulated
-from .slo import CompletionSLO, RequestSLO, SLOCheck
+from ..arrivals import Arrivals
+from ..errors import ExeGPTError, InfeasibleBoundError
+from ..plan import Plan, SearchStats, SLOCheck
+from ..report import RunReport
+from ..sim import run_simulated
+from ..slo import CompletionSLO, RequestSLO
 
 log = logging.getLogger(__name__)
 
+MAX_REQUESTS = 20000
+"""The most requests one simulated run of a goodput bisection serves."""
 PRUNE_SLACK = 1.25
 """A candidate whose estimated saturated throughput times this cannot beat the best simulated value is skipped."""
 
@@ -36,7 +38,11 @@ class SimulatedSearch:
     """How the SLO forms (b) and (c) are searched on the simulated engine."""
 
     num_requests: int = 400
-    """Requests each simulated run serves."""
+    """Requests each simulated run serves (at least)."""
+    span_ttfts: float = 10.0
+    """(c): a run at rate r serves at least ``span_ttfts * r * ttft_s`` requests (up to ``MAX_REQUESTS``), so its
+    arrivals span that many TTFT bounds: a rate the schedule cannot keep up with builds a queue longer than the
+    bound within the run (with too few requests, even an overload ends before any TTFT grows past the bound)."""
     grid_points: int = 8
     """Values of each knob tried (geometric from its least to its largest)."""
     max_simulated: int = 24
@@ -50,6 +56,8 @@ class SimulatedSearch:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if f == "grid_points" else 1):
                 raise ExeGPTError(f"{f}={v!r} must be a whole number >= {2 if f == 'grid_points' else 1}")
+        if not self.span_ttfts > 0:
+            raise ExeGPTError(f"span_ttfts={self.span_ttfts!r} must be > 0")
         if not 0 < self.rate_tolerance < 1:
             raise ExeGPTError(f"rate_tolerance={self.rate_tolerance!r} must be in (0, 1)")
 
@@ -64,7 +72,8 @@ def goodput(plan: Plan, slo: RequestSLO, profile=None, options: SimulatedSearch 
         raise ExeGPTError(f"plan has no finite estimated throughput ({cap!r}) to search a rate around")
 
     def run(rate: float) -> RunReport:
-        return run_simulated(plan, profile, options.num_requests, options.seed, arrivals=Arrivals.poisson(rate))
+        n = max(options.num_requests, min(MAX_REQUESTS, math.ceil(options.span_ttfts * rate * slo.ttft_s)))
+        return run_simulated(plan, profile, n, options.seed, arrivals=Arrivals.poisson(rate))
 
     lo, lo_rep = 0.0, None
     hi = cap
@@ -135,9 +144,9 @@ def _evaluate(plan: Plan, slo, profile, options: SimulatedSearch) -> tuple[float
         rep = run_simulated(plan, profile, options.num_requests, options.seed,
                             arrivals=Arrivals.poisson(plan.estimate.throughput_seq_s / 64))
         return 0.0, SLOCheck("request", slo.describe(), False, slo.margin(rep), slo.achieved(rep), 0.0,
-                             "simulated", options.num_requests)
+                             "simulated", rep.num_requests)
     return rate, SLOCheck("request", slo.describe(), True, slo.margin(rep), slo.achieved(rep), rate, "simulated",
-                          options.num_requests)
+                          rep.num_requests)
 
 
 def _candidates(layouts, k: int) -> list[tuple[float, int, tuple[int, ...]]]:

@@ -16,25 +16,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bound import as_bound
-from .devices import Cluster, DeviceSpec, parse_cluster
-from .errors import ExeGPTError, InfeasibleBoundError
+from ..errors import ExeGPTError, InfeasibleBoundError
+from ..memory import MEMORY_FRACTION
+from ..plan import Plan, SearchStats, SLOCheck
+from ..policies import Schedule, policy_module
+from ..policies.static import StaticSchedule, baseline_layout, points
+from ..problem import Problem, problem
+from ..profile import Profile
+from ..schedule import Policy, policy_of
+from ..simulate import estimate, layout_for
+from ..slo import CompletionSLO, RequestSLO
+from ..stages import Layout
+from ..workload import Workload
+from .bnb import SearchResult, Space, branch_and_bound, exhaustive
 from .goodput import SimulatedSearch, search_simulated
-from .memory import MEMORY_FRACTION, stage_weight_bytes
-from .models import get_model
-from .plan import Plan, SearchStats, SLOCheck
-from .profile import Kernel, Profile
-from .schedule import Policy, RRASchedule, Schedule, StaticSchedule, WAASchedule, policy_of
-from .search import SearchResult, Space, branch_and_bound, exhaustive
-from .simulate import (Layout, Problem, estimate, layout_for, rra_box, rra_layout, static_layout, static_points,
-                       waa_box, waa_layout)
-from .slo import CompletionSLO, RequestSLO
-from .workload import Workload
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "opt-13b"
-DEFAULT_DEVICES = "4xA40"
 DEFAULT_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
 VERIFY_ATTEMPTS = 6
 """Searches ``find_schedule(verify_requests=...)`` runs at most: each one whose pick's replay misses the bound is
@@ -54,39 +52,6 @@ class SearchSpace:
         for f in ("max_encode_batch", "max_micro_batch"):
             if int(getattr(self, f)) != getattr(self, f) or getattr(self, f) < 1:
                 raise ExeGPTError(f"{f}={getattr(self, f)!r} must be an integer >= 1")
-
-
-# --- the problem ----------------------------------------------------------------------------
-
-def offered_cluster(devices=None, profile: Profile | None = None) -> Cluster:
-    """The devices a plan may use: ``devices`` ("COUNTxNAME"), by default the paper's 4xA40, or one of the
-    profile's device when a profile is given; a profiled device (e.g. ``cpu``) is known by its profile."""
-    known = {}
-    if profile is not None and profile.device_memory_bytes is not None:
-        known[profile.device] = DeviceSpec(profile.device, profile.device_memory_bytes, 1.0, 1.0, 1.0, 1.0)
-    if devices is None:
-        devices = DEFAULT_DEVICES if profile is None else f"1x{profile.device}"
-    return parse_cluster(devices, known)
-
-
-def problem(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
-            memory_fraction: float = MEMORY_FRACTION) -> Problem:
-    """Resolve names into a Problem. Defaults: the paper's OPT-13B on 4xA40 with the built-in
-    profile; with a ``profile`` given, its model on one of its devices."""
-    if not isinstance(dist, Workload):
-        raise ExeGPTError(f"dist must be a Workload (Workload.task, .from_trace, .truncated_normal), "
-                          f"got {type(dist).__name__}")
-    bound = as_bound(slo)
-    if profile is not None and not isinstance(profile, Profile):
-        raise ExeGPTError(f"profile must be an exegpt.Profile (Profile.load(path)), got {type(profile).__name__}")
-    shape = get_model(model if model is not None else (profile.model if profile else DEFAULT_MODEL))
-    cluster = offered_cluster(devices, profile)
-    if profile is None:
-        from .gpu_data import builtin_profile
-        profile = builtin_profile(shape, cluster.device.name)
-    elif profile.model.lower() != shape.name:
-        raise ExeGPTError(f"profile {profile.id} was measured for {profile.model!r}, not for model {shape.name!r}")
-    return Problem.build(dist, bound, profile, shape, cluster, memory_fraction)
 
 
 # --- layouts and spaces -----------------------------------------------------------------------
@@ -112,72 +77,14 @@ def _tp_degrees(prob: Problem, tp_degrees) -> list[int]:
     return sorted(set(out))
 
 
-def _tp_gpu_counts(n: int, t: int) -> list[int]:
-    """Devices using TP at degree t: none (t = 1), else every multiple of t up to n."""
-    return [0] if t == 1 else list(range(t, n + 1, t))
-
-
-def waa_split_options(prob: Problem, policy: Policy, encode_batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The floor and ceiling encode-device counts of WAA-C (by compute) or WAA-M (by memory) for each
-    B_E; both are kept (the paper's rounding is not recoverable, method doc §11.7)."""
-    n, m, st, cost = prob.cluster.count, prob.model, prob.stats, prob.cost
-    b = np.asarray(encode_batch, dtype=float)
-    ek = float(np.dot(st.k_lengths, st.k_probs))
-    enc_layers = m.n_encoder_layers if m.is_encoder_decoder else m.n_layers
-    if policy is Policy.WAA_C:
-        # Estimated encode and decode times of one period on one device (nearest profiled point).
-        c_e = cost.stage_encode(1, m.n_layers, m.n_encoder_layers, True, b, first=True)[0]
-        c_d = cost.stage_decode(1, m.n_layers, True, np.maximum(b * ek, 1), first=True)[0]
-    else:
-        max_ctx = st.out_max if m.is_encoder_decoder else st.in_max + st.out_max
-        w_e = stage_weight_bytes(m, 1, 0 if m.is_encoder_decoder else m.n_layers, m.n_encoder_layers, True, True)
-        w_d = stage_weight_bytes(m, 1, m.n_layers, 0, True, True)
-        c_e = w_e + 2 * b * st.in_max * m.kv_bytes_per_token() * enc_layers
-        c_d = w_d + (np.ceil(b * ek) + b) * max_ctx * m.kv_bytes_per_token() * m.n_layers
-    share = n * c_e / (c_e + c_d)
-    lo = np.clip(np.floor(share), 1, n - 1).astype(int)
-    hi = np.clip(np.ceil(share), 1, n - 1).astype(int)
-    return lo, hi
-
-
 def build_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None,
                  space: SearchSpace = SearchSpace()) -> list[tuple[Layout, Space]]:
-    """One search space per device layout of every requested policy."""
-    n = prob.cluster.count
+    """One search space per device layout of every requested policy (each policy module builds its own)."""
     tps = _tp_degrees(prob, tp_degrees)
     policies = [policy_of(p) for p in policies]
     out: list[tuple[Layout, Space]] = []
-    be_max = space.max_encode_batch
-    bm_max = int(min(space.max_micro_batch, prob.max_batch(Kernel.ATTN_DECODE)))
     for policy in policies:
-        if policy is Policy.RRA:
-            for t in tps:
-                for g in _tp_gpu_counts(n, t):
-                    lay = rra_layout(prob, t, g)
-                    if lay is not None:
-                        fn = (lambda lay: lambda lo, hi: rra_box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1],
-                                                                 hi[:, 1]))(lay)
-                        out.append((lay, Space(fn, (1, 1), (be_max, prob.max_decode_iters))))
-        elif policy in (Policy.WAA_C, Policy.WAA_M):
-            if n < 2:
-                continue  # WAA needs an encode and a decode device
-            lo_split, hi_split = waa_split_options(prob, policy, np.arange(1, be_max + 1))
-            for ne in sorted(set(lo_split) | set(hi_split)):
-                allowed = (lo_split == ne) | (hi_split == ne)       # allowed[b - 1]: B_E = b may use ne
-                prefix = np.concatenate([[0], np.cumsum(allowed)])
-                adm = (lambda prefix: lambda lo, hi: prefix[hi[:, 0]] - prefix[lo[:, 0] - 1] > 0)(prefix)
-                for t in tps:
-                    for g in _tp_gpu_counts(n, t):
-                        if t > 1 and (min(g, ne) % t or (g - min(g, ne)) % t):
-                            continue  # a TP group would straddle the encode/decode boundary
-                        lay = waa_layout(prob, policy, t, g, int(ne))
-                        if lay is None:
-                            continue
-                        fn = (lambda lay: lambda lo, hi: waa_box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1],
-                                                                 hi[:, 1]))(lay)
-                        out.append((lay, Space(fn, (1, 1), (be_max, bm_max), adm)))
-        elif policy is Policy.STATIC:
-            raise ExeGPTError("static batching is the baseline: use static_schedule(), not policies=('static',)")
+        out += policy_module(policy).spaces(prob, policy, tps, space)
     if not out:
         raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} under any of the policies "
                           f"{[p.value for p in policies]} (weights exceed device memory?)")
@@ -185,9 +92,7 @@ def build_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None,
 
 
 def _schedule(lay: Layout, point: tuple[int, ...], n: int) -> Schedule:
-    if lay.policy is Policy.RRA:
-        return RRASchedule(point[0], point[1], lay.tp, lay.tp_gpus, n)
-    return WAASchedule(lay.policy, point[0], point[1], lay.tp, lay.tp_gpus, lay.encode_gpus, lay.decode_gpus)
+    return policy_module(lay.policy).schedule_at(lay, point, n)
 
 
 def _plan(prob: Problem, lay: Layout, s: Schedule, stats: SearchStats) -> Plan:
@@ -324,7 +229,7 @@ def _verified(plan: Plan, requests: int, worst_s: float, t0: float) -> Plan:
 def _replayed_latency(plan: Plan, profile: Profile | None, requests: int) -> float:
     """The worst bound-length latency of ``plan`` run on the simulated engine on ``requests`` requests of its
     workload (seed 0)."""
-    from .sim import run_simulated
+    from ..sim import run_simulated
 
     return run_simulated(plan, profile, num_requests=requests, seed=0).latency_s
 
@@ -379,29 +284,16 @@ def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profil
                   memory_fraction, device_counts=device_counts)
 
 
-def static_baseline_layout(prob: Problem) -> Layout:
-    """FasterTransformer's layout in the paper's evaluation: the largest TP degree inside a node, pipeline
-    stages across nodes."""
-    n, node = prob.cluster.count, prob.cluster.device.node_size
-    tps = [t for t in _tp_degrees(prob, None) if t <= node and n % t == 0]
-    if not tps:
-        raise ExeGPTError(f"no TP degree of the profile divides {n} devices")
-    lay = static_layout(prob, max(tps))
-    if lay is None:
-        raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} with static batching")
-    return lay
-
-
 def static_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
                     max_batch: int = 256, memory_fraction: float = MEMORY_FRACTION) -> Plan:
     """The FasterTransformer-style baseline: the best static batch with TP inside a node and pipeline
     stages across nodes; its bound applies to the longest output (paper §7.1)."""
     t0 = time.perf_counter()
     prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
-    lay = static_baseline_layout(prob)
+    lay = baseline_layout(prob)
     n = prob.cluster.count
     batches = np.arange(1, max_batch + 1)
-    thr, lat, ok = static_points(prob, lay, batches)
+    thr, lat, ok = points(prob, lay, batches)
     feasible = ok & (lat <= prob.bound.bound_s)
     if not feasible.any():
         fits = ok.any()
