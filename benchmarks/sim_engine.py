@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     print(f"{'devices':<8} {'bound':>5} {'schedule':<36} {'thr est':>8} {'thr sim':>8} {'ratio':>6} "
           f"{'lat est':>8} {'lat sim':>8} {'ratio':>6}")
     for devices, bound in (("1xA100", 10.0), ("2xA100", 10.0), ("4xA40", 20.0)):
-        picks = [find_schedule(w, bound, devices=devices, policies=[pol], device_counts=None)
+        picks = [find_schedule(w, bound, devices=devices, policies=list(pol))
                  for pol in (("rra",), ("waa_c", "waa_m")) if devices != "1xA100" or pol == ("rra",)]
         picks.append(static_schedule(w, bound * 3, devices=devices))
         for plan in picks:

@@ -14,7 +14,9 @@ WAA (paper §4.2, §6):
     period T = max(T_D, encode interval, hand-off), or max(T_D + hand-off, encode interval) when the profile
     says the hand-off runs on the ranks' own compute (``Profile.handoff_on_compute``: a CPU, where the decode
     driver receives and imports each batch between its decode iterations), times the profile's measured
-    lockstep of the two groups (``Profile.waa_period_factor``, 1 unless measured);
+    lockstep of the two groups (``Profile.waa_period_factor``, 1 unless measured), and at least (encode latency
+    + hand-off) / HANDOFF_DEPTH: the encoder starts a batch only when the merge HANDOFF_DEPTH batches back has
+    sent its credit (a two-stage encode group ran 0.67x its estimated throughput without this term);
   * throughput = B_E / T; latency(L) = max(encode latency + hand-off, HANDOFF_DEPTH T) + T_D + (k_L - 1) T:
     the paper's "buffer time" before a batch merges is one period; the built-in runner's encoder runs up to
     HANDOFF_DEPTH batches ahead of the merges, so when the decoder is the bottleneck a batch waits that many
@@ -170,6 +172,9 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = F
     on_compute = prob.profile.handoff_on_compute
     coupling = prob.profile.waa_period_factor  # the groups' lockstep (Profile.waa_period_factor)
     period = coupling * np.maximum(np.maximum(t_dec + hand if on_compute else t_dec, t_enc_int), hand)
+    # The encoder starts a batch only when the merge HANDOFF_DEPTH batches back has sent its credit, and a batch
+    # merges no sooner than its encode latency and hand-off after its start: that many batches per that time.
+    period = np.maximum(period, coupling * (t_enc_lat + hand) / HANDOFF_DEPTH)
     thr = be_hi / period
     if not (np.array_equal(be_lo, be_hi) and np.array_equal(bm_lo, bm_hi)):
         # Per-query bound: a decode iteration costs at least B_D max_s t_s(B_m)/B_m (no micro-batch
