@@ -19,9 +19,10 @@ from .simulate import simulate
 from .workload import Workload
 
 __all__ = [
-    "Arrivals", "CompletionSLO", "RequestSLO", "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate", "ExeGPTError", "InfeasibleBoundError",
-    "Kernel", "LatencyBound", "MODELS", "ModelShape", "Plan", "Policy", "Profile", "ProfileRangeError",
-    "ProfileTable", "Percentiles", "RequestRecord", "RRASchedule", "RunReport", "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule",
-    "Workload", "get_model", "parse_cluster", "SearchSpace", "evaluate_schedule", "exhaustive_schedule",
-    "find_schedule", "frontier", "request_stream", "run_simulated", "simulate", "smallest_feasible_bound", "static_schedule",
+    "Arrivals", "CompletionSLO", "RequestSLO", "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate",
+    "ExeGPTError", "InfeasibleBoundError", "Kernel", "LatencyBound", "MODELS", "ModelShape", "Plan", "Policy",
+    "Profile", "ProfileRangeError", "ProfileTable", "Percentiles", "RequestRecord", "RRASchedule", "RunReport",
+    "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule", "Workload", "get_model", "parse_cluster",
+    "SearchSpace", "evaluate_schedule", "exhaustive_schedule", "find_schedule", "frontier", "request_stream",
+    "run_simulated", "simulate", "smallest_feasible_bound", "static_schedule",
 ]

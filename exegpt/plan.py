@@ -77,7 +77,8 @@ class SearchStats:
     replay_requests: int = 0
     """``find_schedule(verify_requests=n)``: the requests the pick was replayed on (0: not replayed)."""
     replay_latency_s: float | None = None
-    """The worst latency to the bound length among them (the simulated engine, ``exegpt.sim``; NaN if none reached it)."""
+    """The worst latency to the bound length among them (the simulated engine, ``exegpt.sim``; NaN if none
+    reached it)."""
 
 
 @dataclass(frozen=True, slots=True)

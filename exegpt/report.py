@@ -217,7 +217,6 @@ class RunReport(JSONFile):
             out.append(f"  failed: {reason}")
         return "\n".join(out)
 
-
     @property
     def num_requests(self) -> int:
         return self.num_finished + self.num_failed

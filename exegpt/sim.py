@@ -269,8 +269,8 @@ class SimEngine:
 
     def _prompts_cost(self, rids) -> CostModel:
         """The cost model with the prompt side set to these requests' own prompts."""
-        return dataclasses.replace(self.prob.cost, stats=self.prob.stats.for_prompts(self.ledger.inp[rids],
-                                                                                        self.padded))
+        stats = self.prob.stats.for_prompts(self.ledger.inp[rids], self.padded)
+        return dataclasses.replace(self.prob.cost, stats=stats)
 
     def _encode_times(self, stages, rids) -> list[float]:
         """Seconds of each of ``stages`` to encode the prompts of ``rids`` as one batch."""

@@ -38,13 +38,13 @@ def layout_for(prob: Problem, s: Schedule) -> Layout:
 def estimate(prob: Problem, lay: Layout, s: Schedule) -> Estimate:
     """The exact estimate of one schedule on its layout."""
     d, latency_len = policy_module(s.policy).estimate_detail(prob, lay, s)
-    thr = float(np.ravel(d["thr"])[0])
+    thr = float(np.ravel(d.thr)[0])
     return Estimate(
         throughput_seq_s=thr, throughput_tok_s=thr * prob.workload.output_len.mean(),
-        latency_s=float(np.ravel(d["lat"])[0]), latency_len=int(latency_len),
-        encode_stage_s=float(np.ravel(d["t_enc"])[0]), decode_step_s=float(np.ravel(d["t_dec"])[0]),
-        decode_batch=float(np.ravel(d["bd"])[0]), refill_batch=float(np.ravel(d.get("refill", d["bd"]))[0]),
-        memory_bytes=tuple(float(np.ravel(m)[0]) for m in d["mem"]),
+        latency_s=float(np.ravel(d.lat)[0]), latency_len=int(latency_len),
+        encode_stage_s=float(np.ravel(d.t_enc)[0]), decode_step_s=float(np.ravel(d.t_dec)[0]),
+        decode_batch=float(np.ravel(d.bd)[0]), refill_batch=float(np.ravel(d.bd if d.refill is None else d.refill)[0]),
+        memory_bytes=tuple(float(np.ravel(m)[0]) for m in d.mem),
         memory_capacity_bytes=prob.capacity_bytes)
 
 

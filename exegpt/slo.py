@@ -126,4 +126,3 @@ def _quantile(values, q: float) -> float:
         return math.nan
     k = min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))  # the smallest value that q of the requests keep
     return float(v[k])
-

@@ -19,7 +19,7 @@ ranks, which cannot start before it arrives (``CostModel.tp_command``; measured 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,31 @@ from .profile import Kernel
 from .schedule import Policy
 
 _REF_ROWS = 8.0  # rows at which per-layer times are compared to balance the layer placement
+
+
+@dataclass(frozen=True, eq=False)
+class Terms:
+    """The terms of a policy's estimate at a set of points (each an array over the points): what ``box(...,
+    detail=True)`` returns and ``simulate.estimate`` reads."""
+
+    thr: np.ndarray
+    """Throughput (sequences/s)."""
+    lat: np.ndarray
+    """Latency of the bound-length output (s)."""
+    ok: np.ndarray
+    """Fits in memory and in the profiled range."""
+    t_enc: np.ndarray
+    """Encode phase (RRA, static) or encode interval (WAA), s."""
+    t_dec: np.ndarray
+    """Decode iteration of the whole decode batch, s."""
+    bd: np.ndarray
+    """Mean rows of a decode iteration."""
+    mem: list
+    """Peak bytes per stage device."""
+    refill: np.ndarray | None = None
+    """RRA: the batch refilled at a phase start (else ``bd``)."""
+    extra: dict = field(default_factory=dict)
+    """Policy-specific terms (RRA: ``rows_q``, ``t_dec_q``; WAA: ``period``)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,7 +168,7 @@ def encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostMode
 
 
 def decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float | None = None,
-                  cost: CostModel | None = None):
+                 cost: CostModel | None = None):
     cost = group_cost(prob, stages, cost)
     memo = {}
     times, ok = [], True
@@ -158,7 +183,7 @@ def decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float | No
 
 
 def stage_memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, kv_rows_in_flight=None,
-            recv_rows=0.0):
+                 recv_rows=0.0):
     """Peak bytes per stage device (a list of arrays). ``kv_rows_in_flight``: a WAA encode stage's prompts held
     until handed off, instead of a cache; ``recv_rows``: a WAA decode stage's hand-off receive buffers (prompts)."""
     m, st = prob.model, prob.stats

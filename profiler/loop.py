@@ -218,7 +218,8 @@ def run_and_compare(named_plans: list[tuple[str, Plan]], model: str = "tiny", nu
                     seed: int = 0, trace: Workload | None = None, progress: bool = False,
                     profile: Profile | None = None, dtype: str | None = None) -> list[Comparison]:
     """Executes each plan on ``model`` (same requests for all) and pairs its estimate with what it measured; with
-    the ``profile`` the plans were estimated from, each plan is also run on the simulated engine on the same requests. ``dtype``:
+    the ``profile`` the plans were estimated from, each plan is also run on the simulated engine on the same
+    requests. ``dtype``:
     the weights' precision, by default the profile's (so that what runs is what was timed), else fp32."""
     if dtype is None:
         dtype = profile.dtype if profile is not None else "fp32"

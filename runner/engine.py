@@ -178,7 +178,8 @@ class RunnerEngine:
         self._take(rids)
         if self.group == ENCODE:
             self.pipe.submit(Command(PREFILL, _i64(range(len(rids))),
-                                     seq_lens=_i64([len(self.prompts[r]) for r in rids]), ids=_i64([t for r in rids for t in self.prompts[r]]), req=_i64(rids),
+                                     seq_lens=_i64([len(self.prompts[r]) for r in rids]),
+                                     ids=_i64([t for r in rids for t in self.prompts[r]]), req=_i64(rids),
                                      batch=self.batches, time_ns=time.perf_counter_ns() - self.t0_ns))
             self.batches += 1
             return None

@@ -43,7 +43,8 @@ from ..problem import Problem
 from ..rules import SteadyMarker, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, split_even
 from ..schedule import Policy, check_tp, stage_degrees
 from ..search.bnb import Space
-from ..stages import Layout, fits, pipeline_decode, pipeline_phases, place_stages, stage_memory, tp_gpu_counts
+from ..stages import Layout, Terms, fits, pipeline_decode, pipeline_phases, place_stages, stage_memory, \
+    tp_gpu_counts
 from .base import MAIN, Compact, Decode, DriverStats, Prefill, View, WaitArrival
 
 NAMES = (Policy.RRA,)
@@ -112,8 +113,7 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool = F
     mem = stage_memory(prob, stages, rows, be_lo / len(stages) * prob.stats.in_max)
     ok = ok_e & ok_q & fits(prob, mem)
     if detail:
-        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=bd, mem=mem, refill=refill,
-                    rows_q=rows_q, t_dec_q=t_dec_q)
+        return Terms(thr, lat, ok, t_enc, t_dec, bd, mem, refill, dict(rows_q=rows_q, t_dec_q=t_dec_q))
     return thr, lat, ok
 
 
@@ -122,7 +122,7 @@ def layout(prob: Problem, s: RRASchedule) -> Layout | None:
     return layout_of(prob, s.tp, s.tp_gpus)
 
 
-def estimate_detail(prob: Problem, lay: Layout, s: RRASchedule) -> tuple[dict, int]:
+def estimate_detail(prob: Problem, lay: Layout, s: RRASchedule) -> tuple[Terms, int]:
     """The estimate's terms at one schedule and the output length its latency is of."""
     if s.decode_iters > prob.max_decode_iters:
         raise ExeGPTError(f"decode_iters={s.decode_iters} exceeds the longest output's "

@@ -16,7 +16,7 @@ from ..errors import ExeGPTError
 from ..problem import Problem
 from ..rules import split_even
 from ..schedule import Policy, check_tp
-from ..stages import Layout, fits, pipeline_phases, place_stages, stage_memory
+from ..stages import Layout, Terms, fits, pipeline_phases, place_stages, stage_memory
 from .base import MAIN, Compact, Decode, DriverStats, Prefill, View, WaitArrival
 
 NAMES = (Policy.STATIC,)
@@ -87,7 +87,7 @@ def points(prob: Problem, lay: Layout, batch, detail: bool = False):
     mem = stage_memory(prob, stages, b, b / p * st.in_max)
     ok = ok_d & fits(prob, mem)
     if detail:
-        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc, t_dec=t_dec, bd=b, mem=mem)
+        return Terms(thr, lat, ok, t_enc, t_dec, b, mem)
     return thr, lat, ok
 
 
@@ -95,7 +95,7 @@ def layout(prob: Problem, s: StaticSchedule) -> Layout | None:
     return layout_of(prob, s.tp)
 
 
-def estimate_detail(prob: Problem, lay: Layout, s: StaticSchedule) -> tuple[dict, int]:
+def estimate_detail(prob: Problem, lay: Layout, s: StaticSchedule) -> tuple[Terms, int]:
     """The estimate's terms at one schedule and the output length its latency is of (the longest)."""
     return points(prob, lay, s.batch, detail=True), prob.workload.output_len.max
 

@@ -44,8 +44,8 @@ from ..profile import Kernel
 from ..rules import SteadyMarker, split_by, waa_cache_rows
 from ..schedule import Policy, check_tp, stage_degrees
 from ..search.bnb import Space
-from ..stages import Layout, concurrent_times, decode_times, encode_times, fits, place_stages, spans_ranks, \
-    stage_memory, tp_gpu_counts
+from ..stages import Layout, Terms, concurrent_times, decode_times, encode_times, fits, place_stages, \
+    spans_ranks, stage_memory, tp_gpu_counts
 from .base import DECODE, ENCODE, AwaitCredit, Compact, Decode, DriverStats, EndHandOffs, Merge, Prefill, View, \
     WaitArrival
 
@@ -159,7 +159,7 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = F
     # smallest with the fewest (per-row cost never grows with batch size).
     small, ok_1 = decode_times(prob, dec_st, np.maximum(bd_lo / m_hi, 1e-9))
     big, ok_2 = decode_times(prob, dec_st, np.maximum(bd_lo / m_lo, 1e-9), None,
-                              None if np.array_equal(m_lo, m_hi) else prob.bound_cost)
+                             None if np.array_equal(m_lo, m_hi) else prob.bound_cost)
     chain = sum(small)
     if len(dec_st) > 1:  # a micro-batch's tokens come back to the decode driver before its next iteration
         ret, ok_r = prob.cost.token_return(np.maximum(bd_lo / m_hi, 1e-9))
@@ -198,7 +198,7 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = F
         stage_memory(prob, dec_st, rows, np.minimum(bm_lo, bd_lo), recv_rows=HANDOFF_DEPTH * be_lo)
     ok = ok_e & ok_h & ok_1 & ok_2 & fits(prob, mem) & (bm_lo <= prob.max_batch(Kernel.ATTN_DECODE))
     if detail:
-        return dict(thr=thr, lat=lat, ok=ok, t_enc=t_enc_int, t_dec=t_dec, bd=bd_lo, mem=mem, period=period)
+        return Terms(thr, lat, ok, t_enc_int, t_dec, bd_lo, mem, extra=dict(period=period))
     return thr, lat, ok
 
 
@@ -206,7 +206,7 @@ def layout(prob: Problem, s: WAASchedule) -> Layout | None:
     return layout_of(prob, s.policy, s.tp, s.tp_gpus, s.encode_gpus)
 
 
-def estimate_detail(prob: Problem, lay: Layout, s: WAASchedule) -> tuple[dict, int]:
+def estimate_detail(prob: Problem, lay: Layout, s: WAASchedule) -> tuple[Terms, int]:
     """The estimate's terms at one schedule and the output length its latency is of."""
     return box(prob, lay, s.encode_batch, s.encode_batch, s.micro_batch, s.micro_batch, detail=True), \
         prob.latency_len

@@ -168,17 +168,40 @@ def all_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None, space:
     return out
 
 
-def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees, eps_throughput, eps_latency,
-           space, memory_fraction, latency_margin: float = 0.0, device_counts=None, verify_requests: int = 0) -> Plan:
+@dataclass(frozen=True)
+class SearchOptions:
+    """How ``find_schedule`` searches (its keyword arguments; see there)."""
+
+    method: str = "branch_and_bound"
+    """'branch_and_bound' or 'exhaustive'."""
+    policies: tuple = DEFAULT_POLICIES
+    tp_degrees: tuple | None = None
+    eps_throughput: float = 0.0
+    eps_latency: float = 0.0
+    space: SearchSpace = SearchSpace()
+    memory_fraction: float = MEMORY_FRACTION
+    latency_margin: float = 0.0
+    device_counts: tuple | int | None = None
+    verify_requests: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.latency_margin < 1:
+            raise ExeGPTError(f"latency_margin {self.latency_margin!r} must be in [0, 1)")
+        v = self.verify_requests
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ExeGPTError(f"verify_requests={v!r} must be a whole number >= 0 (0: no replay)")
+        if self.eps_throughput < 0 or self.eps_latency < 0:
+            raise ExeGPTError(f"tolerances must be >= 0, got eps_throughput={self.eps_throughput}, "
+                              f"eps_latency={self.eps_latency}")
+
+
+def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:
+    """The search of ``opts`` for ``dist`` under ``slo`` on ``target`` (model, devices, profile)."""
     t0 = time.perf_counter()
-    if not 0 <= latency_margin < 1:
-        raise ExeGPTError(f"latency_margin {latency_margin!r} must be in [0, 1)")
-    if isinstance(verify_requests, bool) or not isinstance(verify_requests, (int, np.integer)) or verify_requests < 0:
-        raise ExeGPTError(f"verify_requests={verify_requests!r} must be a whole number >= 0 (0: no replay)")
-    if eps_throughput < 0 or eps_latency < 0:
-        raise ExeGPTError(f"tolerances must be >= 0, got eps_throughput={eps_throughput}, eps_latency={eps_latency}")
-    prob = problem(dist, slo, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
-    layouts = all_spaces(prob, policies, tp_degrees, space, device_counts)
+    method, latency_margin, verify_requests = opts.method, opts.latency_margin, opts.verify_requests
+    profile = target["profile"]
+    prob = problem(dist, slo, **target, memory_fraction=opts.memory_fraction)
+    layouts = all_spaces(prob, opts.policies, opts.tp_degrees, opts.space, opts.device_counts)
     spaces = [sp for _, _, sp in layouts]
     # Plan against a tighter bound when the caller keeps a margin for the simulator's error.
     bound_s = prob.bound.bound_s * (1 - latency_margin)
@@ -192,7 +215,7 @@ def _solve(method: str, dist, slo, model, devices, profile, policies, tp_degrees
         if method == "exhaustive":
             res: SearchResult = exhaustive(spaces, search_bound_s)
         else:
-            res = branch_and_bound(spaces, search_bound_s, eps_throughput, eps_latency)
+            res = branch_and_bound(spaces, search_bound_s, opts.eps_throughput, opts.eps_latency)
         evaluated, pruned = evaluated + res.candidates_evaluated, pruned + res.boxes_pruned
         if res.space is None:
             break
@@ -254,7 +277,7 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
     ``device_counts``: how many of the devices a schedule may use (default None: any count from 1 to all; the
     plan's ``devices`` and ``schedule.num_gpus`` say how many it uses); ``(n,)`` uses exactly n.
-    ``verify_requests``: also replay the pick on that many requests of ``dist`` (on the simulated engine, ``exegpt.sim``, seed 0; the
+    ``verify_requests``: also simulate the pick on that many requests of ``dist`` (``exegpt.sim``, seed 0; the
     requests ``runner.run_plan(plan, num_requests=n)`` runs) and keep it only if the worst of its bound-length
     requests meets the bound (with the margin), not just their expected latency; else search again below the
     pick's latency (at most ``VERIFY_ATTEMPTS`` searches, then the lowest-latency schedule). The plan's
@@ -263,6 +286,11 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     ``verify_requests``, one that the lowest-latency schedule's replay keeps too).
     """
     if isinstance(slo, (CompletionSLO, RequestSLO)):
+        given = [k for k, v in (("eps_throughput", eps_throughput), ("eps_latency", eps_latency),
+                                ("latency_margin", latency_margin), ("verify_requests", verify_requests)) if v]
+        if given:
+            raise ExeGPTError(f"{', '.join(given)} apply to a latency bound; a {type(slo).__name__} is searched on "
+                              f"the simulated engine (options: simulated=SimulatedSearch(...))")
         t0 = time.perf_counter()
         prob = problem(dist, math.inf, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
         layouts = all_spaces(prob, policies, tp_degrees, space, device_counts)
@@ -272,16 +300,18 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
             return _plan(sub_prob, lay, _schedule(lay, point, sub_prob.cluster.count), stats)
 
         return search_simulated(layouts, slo, profile, simulated, make_plan, t0)
-    return _solve("branch_and_bound", dist, slo, model, devices, profile, policies, tp_degrees,
-                  eps_throughput, eps_latency, space, memory_fraction, latency_margin, device_counts, verify_requests)
+    return _solve(dist, slo, dict(model=model, devices=devices, profile=profile),
+                  SearchOptions("branch_and_bound", policies, tp_degrees, eps_throughput, eps_latency, space,
+                                memory_fraction, latency_margin, device_counts, verify_requests))
 
 
 def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
                         policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
                         memory_fraction: float = MEMORY_FRACTION, device_counts=None) -> Plan:
     """The true optimum of the same space as ``find_schedule``, by evaluating every point."""
-    return _solve("exhaustive", dist, slo, model, devices, profile, policies, tp_degrees, 0.0, 0.0, space,
-                  memory_fraction, device_counts=device_counts)
+    return _solve(dist, slo, dict(model=model, devices=devices, profile=profile),
+                  SearchOptions("exhaustive", policies, tp_degrees, space=space, memory_fraction=memory_fraction,
+                                device_counts=device_counts))
 
 
 def static_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,

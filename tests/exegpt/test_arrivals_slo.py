@@ -60,6 +60,8 @@ def test_a_traces_timestamps_are_replayed_in_order():
     (lambda: RequestSLO(1.0, -0.1), "TPOT bound -0.1 must be a number of seconds > 0"),
     (lambda: RequestSLO(1.0, 0.1, 100), "percentile 100 must be in (0, 100)"),
     (lambda: find_schedule(W, 3.0, policies=["fifo"]), "unknown policy: 'fifo'"),
+    (lambda: find_schedule(W, CompletionSLO(3.0), verify_requests=10), "verify_requests apply to a latency bound"),
+    (lambda: SimulatedSearch(num_requests=0), "num_requests=0 must be a whole number >= 1"),
 ])
 def test_bad_input_is_one_clear_line(make, message):
     with pytest.raises(ExeGPTError) as e:

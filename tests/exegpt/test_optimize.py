@@ -117,9 +117,10 @@ def test_rra_closed_form_latency():
     from exegpt.simulate import layout_for
     prob = problem(w, math.inf, model="llama-2-7b", devices="1xA100")
     d = rra_box(prob, layout_for(prob, s), 16, 16, 8, 8, detail=True)
-    assert float(d["rows_q"][0] if np.ndim(d["rows_q"]) else d["rows_q"]) > e.decode_batch
-    assert float(np.ravel(d["t_dec_q"])[0]) > e.decode_step_s
-    assert e.latency_s == pytest.approx(math.ceil(k / 8) * e.encode_stage_s + k * float(np.ravel(d["t_dec_q"])[0]))
+    rows_q, t_dec_q = d.extra["rows_q"], d.extra["t_dec_q"]
+    assert float(rows_q[0] if np.ndim(rows_q) else rows_q) > e.decode_batch
+    assert float(np.ravel(t_dec_q)[0]) > e.decode_step_s
+    assert e.latency_s == pytest.approx(math.ceil(k / 8) * e.encode_stage_s + k * float(np.ravel(t_dec_q)[0]))
     assert e.throughput_seq_s == pytest.approx(16 / (e.encode_stage_s + 8 * e.decode_step_s))
 
 
