@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="preset name, HF checkpoint folder, or smollm2 (default tiny)")
     p.add_argument("--requests", type=int, default=64, help="number of requests (default 64)")
     p.add_argument("--trace", help="CSV trace or built-in trace name (arxiv, azure_conv, azure_code)")
+    p.add_argument("--arrivals", default="all",
+                   help="when requests arrive: all (default), poisson:RATE (requests/s) or trace[:SPEEDUP]")
     p.add_argument("--report", help="write the report JSON here")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0, help="seed of requests and random weights (default 0)")
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ExeGPTError(f"--report: folder {str(Path(args.report).parent)!r} does not exist")
         from exegpt.plan import Plan
 
+        from exegpt.arrivals import Arrivals
+
+        arrivals = Arrivals.parse(args.arrivals)
         plan = Plan.load(args.plan)
         trace = _trace(args.trace) if args.trace else None
         from .dist import RankFailedError
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run_plan(plan, args.model, num_requests=args.requests, trace=trace, seed=args.seed,
                               dtype=args.dtype, stop_at_eos=args.stop_at_eos, timeout_s=args.timeout,
-                              progress=progress)
+                              progress=progress, arrivals=arrivals)
         except RankFailedError as e:
             print(f"exegpt-run: run failed: {e}", file=sys.stderr)
             return 1

@@ -34,12 +34,13 @@ def _one_error_line(capsys) -> str:
 def test_run_writes_report_and_prints_table(plan_file, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["--plan", str(plan_file), "--model", "tiny", "--requests", "9", "--report", str(out),
-                 "--seed", "2", "--no-progress"]) == 0
+                 "--seed", "2", "--no-progress", "--arrivals", "poisson:200"]) == 0
     text = capsys.readouterr().out
-    assert "predicted" in text and "measured" in text and "9 finished" in text
+    assert "predicted" in text and "measured" in text and "9 finished" in text and "TTFT p50/p90/p99" in text
     rep = RunReport.load(out)
     assert rep.num_finished == 9 and rep.policy == "rra" and rep.estimate.latency_len == 6
-    assert len(rep.requests) == 9
+    assert len(rep.requests) == 9 and rep.requests[-1].arrival_s > 0 and rep.ttft.p99 >= rep.ttft.p50 > 0
+    assert all(r.encode_start_s >= r.arrival_s for r in rep.requests)
 
 
 def test_trace_with_over_long_requests(plan_file, tmp_path, capsys):
@@ -64,6 +65,8 @@ def test_trace_with_over_long_requests(plan_file, tmp_path, capsys):
     (["--plan", "PLAN", "--requests", "many"], "many"),
     (["--plan", "PLAN", "--trace", "nope.csv"], "trace"),
     (["--plan", "PLAN", "--report", "/nonexistent/dir/r.json"], "does not exist"),
+    (["--plan", "PLAN", "--arrivals", "poisson:0"], "arrival rate 0.0 requests/s must be a finite number > 0"),
+    (["--plan", "PLAN", "--arrivals", "trace"], "has no timestamps to replay"),
 ])
 def test_bad_arguments_exit_2_with_one_line(plan_file, capsys, argv, needle):
     argv = [str(plan_file) if a == "PLAN" else a for a in argv]
