@@ -37,7 +37,7 @@ def _case(seed: int):
 SPACE = SearchSpace(max_encode_batch=40, max_micro_batch=48)
 
 
-@pytest.mark.parametrize("seed", range(56))
+@pytest.mark.parametrize("seed", range(32))  # every combination of the case rules (period 24) at least once
 def test_search_equals_exhaustive(seed):
     model, devices, w, profile = _case(seed)
     rng = np.random.default_rng(1000 + seed)
