@@ -39,7 +39,7 @@ class Ledger:
 
     def __init__(self, lengths, arrival_s, latency_len: int, max_seq_len: float = math.inf,
                  cache_len: float = math.inf, stop_at_eos: bool = False, eos_id: int | None = None,
-                 keep_tokens: bool = False):
+                 keep_tokens: bool = False, track_tokens: bool = False):
         lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
         if (lengths < 1).any():
             raise ExeGPTError(f"request lengths must be at least 1 token each, got least value {lengths.min()}")
@@ -61,7 +61,9 @@ class Ledger:
         self.at_len = np.full(n, math.nan)
         self.finished = np.zeros(n, dtype=bool)
         self.last_token = np.zeros(n, dtype=np.int64)
-        self.tokens: list[list[int]] | None = [[] for _ in range(n)] if keep_tokens else None
+        self.keep_tokens = keep_tokens
+        self.tokens: list[list[int]] | None = [[] for _ in range(n)] if keep_tokens or track_tokens else None
+        """Each request's token ids (kept for the report, or to recompute a preempted request)."""
         self.on_finish = None
         """Optional callable(count) run when requests finish (progress bars)."""
 
@@ -79,8 +81,10 @@ class Ledger:
         return int(self.last_token[rid])
 
     def started(self, rids, t) -> None:
-        """``rids``' prefill started at ``t`` (one time or one per request)."""
-        self.start[np.asarray(rids, dtype=np.int64)] = t
+        """``rids``' prefill started at ``t`` (one time or one per request); a request's first start is kept."""
+        rids = np.asarray(rids, dtype=np.int64)
+        first = np.isnan(self.start[rids])
+        self.start[rids[first]] = np.broadcast_to(t, rids.shape)[first]
 
     def tokens_at(self, rids, t: float, toks=None) -> None:
         """The next token of each of ``rids`` came at ``t`` (``toks``: their ids, when the engine has real ones)."""
@@ -118,7 +122,7 @@ class Ledger:
                           arrival_s=float(self.arrival[i]), encode_start_s=_opt(self.start[i]),
                           first_token_s=_opt(self.first[i]), num_generated=int(self.gen[i]),
                           latency_len_token_s=_opt(self.at_len[i]),
-                          tokens=tuple(self.tokens[i]) if self.tokens is not None else None)
+                          tokens=tuple(self.tokens[i]) if self.keep_tokens else None)
             if i in self.rejected:
                 out.append(RequestRecord(status=FAILED, reason=self.rejected[i], **common))
             elif self.finished[i]:

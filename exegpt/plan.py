@@ -53,6 +53,9 @@ class Estimate:
     refill_batch: float = 0.0
     """RRA: rows the decode batch is refilled to at each encode phase (B_E E[ceil(k/N_D)]); the
     runner's refill target. Equal to ``decode_batch`` for the other policies."""
+    kv_tokens: float = math.inf
+    """Paged policies (continuous batching): the KV-cache tokens one pipeline's memory holds after weights and
+    activations, the block pool the driver admits against."""
     memory_bytes: tuple[float, ...] = ()
     """Peak bytes per pipeline stage device (weights + KV cache + activations)."""
     memory_capacity_bytes: float = math.inf

@@ -18,6 +18,7 @@ class Policy(str, Enum):
     WAA_C = "waa_c"    # Workload-Aware Allocation, encode/decode devices balanced by compute
     WAA_M = "waa_m"    # Workload-Aware Allocation, balanced by memory
     STATIC = "static"  # FasterTransformer-style static batching (the paper's baseline)
+    CB = "cb"          # continuous (iteration-level) batching with paged KV accounting, vLLM's scheduler
 
 
 def policy_of(value) -> Policy:

@@ -37,8 +37,8 @@ from .ledger import Ledger
 from .plan import Plan
 from .policies import driver_groups
 from .policies.waa import HANDOFF_DEPTH
-from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Compact, Decode, DriverStats, EndHandOffs, Merge, \
-    Merged, Prefill, WaitArrival, decision
+from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Compact, Decode, DriverStats, EndHandOffs, Evict, \
+    Merge, Merged, Prefill, WaitArrival, decision
 from .profile import Profile
 from .report import RunReport, build_report
 from .rules import split_even
@@ -137,6 +137,12 @@ class _View:
 
     def done(self, rid: int) -> bool:
         return bool(self.e.ledger.finished[rid])
+
+    def input_len(self, rid: int) -> int:
+        return int(self.e.ledger.inp[rid])
+
+    def generated(self, rid: int) -> int:
+        return int(self.e.ledger.gen[rid])
 
 
 class SimEngine:
@@ -239,8 +245,11 @@ class SimEngine:
             if d.group == ENCODE:
                 self._encode_batch(d, action.rids)
             else:
-                d.t = self._prefill(list(action.rids), action.parts, d.t)
-            self._take(action.rids)
+                d.t = self._prefill(list(action.rids), action.parts, d.t, action.resume)
+            if not action.resume:
+                self._take(action.rids)
+            return None
+        if isinstance(action, Evict):
             return None
         if isinstance(action, Decode):
             return self._decode(d, action)
@@ -267,27 +276,30 @@ class SimEngine:
 
     # --- prices ---------------------------------------------------------------------------------------------
 
-    def _prompts_cost(self, rids) -> CostModel:
-        """The cost model with the prompt side set to these requests' own prompts."""
-        stats = self.prob.stats.for_prompts(self.ledger.inp[rids], self.padded)
+    def _prompts_cost(self, rids, resume: bool = False) -> CostModel:
+        """The cost model with the prompt side set to these requests' own prompts (``resume``: with the tokens they
+        generated but the last, recomputed after a preemption)."""
+        lens = self.ledger.inp[rids] + (np.maximum(self.ledger.gen[rids] - 1, 0) if resume else 0)
+        stats = self.prob.stats.for_prompts(lens, self.padded)
         return dataclasses.replace(self.prob.cost, stats=stats)
 
-    def _encode_times(self, stages, rids) -> list[float]:
+    def _encode_times(self, stages, rids, resume: bool = False) -> list[float]:
         """Seconds of each of ``stages`` to encode the prompts of ``rids`` as one batch."""
-        t = encode_times(self.prob, stages, len(rids), self._prompts_cost(rids))[0]
+        t = encode_times(self.prob, stages, len(rids), self._prompts_cost(rids, resume))[0]
         return [float(np.ravel(x)[0]) for x in t]
 
-    def _prefill(self, rids: list[int], parts: int, t0: float) -> float:
+    def _prefill(self, rids: list[int], parts: int, t0: float, resume: bool = False) -> float:
         """``rids`` as ``parts`` pipelined micro-batches over the main stages from ``t0``; returns when the first
-        tokens are in."""
+        tokens are in (``resume``: recomputed after a preemption, prompt and tokens but the last; no token)."""
         stages = self.stages[MAIN]
         p = len(stages)
         mbs = split_even(rids, parts)
         done = np.zeros(p)  # when each stage finished its latest micro-batch
         arrive = []
         for mb in mbs:
-            t = self._encode_times(stages, mb)
-            self.ledger.started(mb, t0 + done[0])  # submitted when the driver's stage finished the one before
+            t = self._encode_times(stages, mb, resume)
+            if not resume:
+                self.ledger.started(mb, t0 + done[0])  # submitted when the driver's stage finished the one before
             prev = 0.0
             for s in range(p):
                 done[s] = max(done[s], prev) + t[s]
@@ -297,7 +309,8 @@ class SimEngine:
             ret = float(self.prob.cost.token_return(float(max(len(mb) for mb in mbs)))[0])
             arrive = [a + ret for a in arrive]
         t_end = t0 + max(max(arrive), done[0])
-        self.ledger.tokens_at(rids, t_end)
+        if not resume:
+            self.ledger.tokens_at(rids, t_end)
         return t_end
 
     def _encode_batch(self, d: _Driver, rids: tuple[int, ...]) -> None:

@@ -44,7 +44,7 @@ def estimate(prob: Problem, lay: Layout, s: Schedule) -> Estimate:
         latency_s=float(np.ravel(d.lat)[0]), latency_len=int(latency_len),
         encode_stage_s=float(np.ravel(d.t_enc)[0]), decode_step_s=float(np.ravel(d.t_dec)[0]),
         decode_batch=float(np.ravel(d.bd)[0]), refill_batch=float(np.ravel(d.bd if d.refill is None else d.refill)[0]),
-        memory_bytes=tuple(float(np.ravel(m)[0]) for m in d.mem),
+        kv_tokens=float(np.ravel(d.kv_tokens)[0]), memory_bytes=tuple(float(np.ravel(m)[0]) for m in d.mem),
         memory_capacity_bytes=prob.capacity_bytes)
 
 

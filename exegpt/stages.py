@@ -55,6 +55,8 @@ class Terms:
     """Peak bytes per stage device."""
     refill: np.ndarray | None = None
     """RRA: the batch refilled at a phase start (else ``bd``)."""
+    kv_tokens: float = float("inf")
+    """Paged policies: the KV tokens the memory holds (``Estimate.kv_tokens``)."""
     extra: dict = field(default_factory=dict)
     """Policy-specific terms (RRA: ``rows_q``, ``t_dec_q``; WAA: ``period``)."""
 

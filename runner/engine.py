@@ -19,8 +19,8 @@ import torch
 from exegpt.errors import ExeGPTError
 from exegpt.ledger import Ledger
 from exegpt.policies import driver_groups, policy_module
-from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Compact, Decode, EndHandOffs, Merge, Merged, \
-    Prefill, WaitArrival, decision
+from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Compact, Decode, EndHandOffs, Evict, Merge, \
+    Merged, Prefill, WaitArrival, decision
 from exegpt.report import RunReport, build_report
 from exegpt.rules import split_even
 
@@ -82,7 +82,8 @@ class RunnerEngine:
         self.prompts = [r.prompt for r in reqs]
         self.ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
                              ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
-                             ctx.stop_at_eos and group != ENCODE, eos_of(ctx, rt.tokenizer), ctx.keep_tokens)
+                             ctx.stop_at_eos and group != ENCODE, eos_of(ctx, rt.tokenizer), ctx.keep_tokens,
+                             track_tokens=True)
         self.runnable = self.ledger.runnable
         self.arrive = self.ledger.arrival[self.runnable]
         self.taken = 0  # runnable requests a prefill took, in arrival order
@@ -117,6 +118,12 @@ class RunnerEngine:
     def done(self, rid: int) -> bool:
         return self.ledger.done(rid)
 
+    def input_len(self, rid: int) -> int:
+        return len(self.prompts[rid])
+
+    def generated(self, rid: int) -> int:
+        return int(self.ledger.gen[rid])
+
     # --- running a driver -------------------------------------------------------------------------------
 
     def drive(self, driver):
@@ -145,15 +152,14 @@ class RunnerEngine:
 
     def execute(self, action):
         if isinstance(action, Prefill):
-            return self._prefill(list(action.rids), action.parts)
+            return self._prefill(list(action.rids), action.parts, action.resume)
         if isinstance(action, Decode):
             return self._decode(action)
         if isinstance(action, Compact):
-            keep = fill_holes([i for i, rid in enumerate(self.row_req) if not self.ledger.done(rid)])
-            if len(keep) < len(self.row_req):
-                self.pipe.submit(Command(COMPACT, _i64(keep)))
-                self.row_req = [self.row_req[i] for i in keep]
-            return None
+            return self._compact(lambda rid: not self.ledger.done(rid))
+        if isinstance(action, Evict):
+            gone = set(action.rids)
+            return self._compact(lambda rid: rid not in gone)
         if isinstance(action, WaitArrival):
             nxt = self.arrived()
             if nxt < len(self.runnable):
@@ -174,8 +180,22 @@ class RunnerEngine:
             raise ExeGPTError(f"a prefill must take arrived requests in arrival order, got {rids[:8]}")
         self.taken += len(rids)
 
-    def _prefill(self, rids: list[int], parts: int) -> None:
-        self._take(rids)
+    def _compact(self, keeps) -> None:
+        """Frees the rows whose request ``keeps`` rejects; the others keep their order."""
+        keep = fill_holes([i for i, rid in enumerate(self.row_req) if keeps(rid)])
+        if len(keep) < len(self.row_req):
+            self.pipe.submit(Command(COMPACT, _i64(keep)))
+            self.row_req = [self.row_req[i] for i in keep]
+        return None
+
+    def _prefill(self, rids: list[int], parts: int, resume: bool = False) -> None:
+        if resume:  # recompute: the prompt and every generated token but the last, which the next decode feeds
+            if self.group == ENCODE or any(r in self.row_req for r in rids):
+                raise ExeGPTError(f"resume prefill of requests {rids[:8]} that hold rows or on an encode group")
+            prompts = {r: self.prompts[r] + tuple(self.ledger.tokens[r][:-1]) for r in rids}
+        else:
+            self._take(rids)
+            prompts = {r: self.prompts[r] for r in rids}
         if self.group == ENCODE:
             self.pipe.submit(Command(PREFILL, _i64(range(len(rids))),
                                      seq_lens=_i64([len(self.prompts[r]) for r in rids]),
@@ -189,11 +209,12 @@ class RunnerEngine:
             ids = [rids[i] for i in mb]
             self.ledger.started(ids, self.now())
             self.pipe.submit(Command(PREFILL, _i64([first_row + i for i in mb]),
-                                     seq_lens=_i64([len(self.prompts[r]) for r in ids]),
-                                     ids=_i64([t for r in ids for t in self.prompts[r]]), req=_i64(ids)))
+                                     seq_lens=_i64([len(prompts[r]) for r in ids]),
+                                     ids=_i64([t for r in ids for t in prompts[r]]), req=_i64(ids)))
         for mb in mbs:
             toks = self.pipe.collect()
-            self.ledger.tokens_at([rids[i] for i in mb], self.now(), toks)
+            if not resume:
+                self.ledger.tokens_at([rids[i] for i in mb], self.now(), toks)
         self.row_req += rids
         return None
 

@@ -18,14 +18,15 @@ from types import ModuleType
 
 from ..errors import ExeGPTError
 from ..schedule import Policy
-from . import rra, static, waa
+from . import cb, rra, static, waa
+from .cb import CBSchedule
 from .rra import RRASchedule
 from .static import StaticSchedule
 from .waa import WAASchedule
 
-REGISTRY: dict[str, ModuleType] = {name.value: module for module in (rra, waa, static) for name in module.NAMES}
+REGISTRY: dict[str, ModuleType] = {name.value: module for module in (rra, waa, static, cb) for name in module.NAMES}
 
-Schedule = RRASchedule | WAASchedule | StaticSchedule
+Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule
 
 
 def policy_module(name) -> ModuleType:

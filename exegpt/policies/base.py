@@ -31,6 +31,9 @@ class Prefill:
 
     rids: tuple[int, ...]
     parts: int = 1
+    resume: bool = False
+    """Recompute requests a preemption evicted: prefill each one's prompt and every token it generated but the
+    last, and record no token (the last one is the next decode's input)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,14 @@ class Decode:
 @dataclass(frozen=True, slots=True)
 class Compact:
     """Free the cache rows of finished requests (the rows left keep their order). Result: None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Free the cache rows of these unfinished requests (a preemption); a later ``Prefill(resume=True)`` brings
+    them back. Result: None."""
+
+    rids: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +90,7 @@ class Merged:
     """The batch's prefill, from its start to its first tokens."""
 
 
-Action = Prefill | Decode | Compact | WaitArrival | AwaitCredit | EndHandOffs | Merge
+Action = Prefill | Decode | Compact | Evict | WaitArrival | AwaitCredit | EndHandOffs | Merge
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,12 @@ class View(Protocol):
 
     def done(self, rid: int) -> bool:
         """Whether ``rid`` has its last token."""
+
+    def input_len(self, rid: int) -> int:
+        """``rid``'s prompt tokens."""
+
+    def generated(self, rid: int) -> int:
+        """Tokens ``rid`` has generated so far."""
 
 
 Driver = Callable[[View], Generator[Action, object, DriverStats | None]]

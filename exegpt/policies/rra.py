@@ -113,7 +113,7 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool = F
     mem = stage_memory(prob, stages, rows, be_lo / len(stages) * prob.stats.in_max)
     ok = ok_e & ok_q & fits(prob, mem)
     if detail:
-        return Terms(thr, lat, ok, t_enc, t_dec, bd, mem, refill, dict(rows_q=rows_q, t_dec_q=t_dec_q))
+        return Terms(thr, lat, ok, t_enc, t_dec, bd, mem, refill, extra=dict(rows_q=rows_q, t_dec_q=t_dec_q))
     return thr, lat, ok
 
 

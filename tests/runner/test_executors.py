@@ -5,6 +5,8 @@ Single-process cases run in-process; multi-process ones (gloo, 2 ranks) are mark
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 
 from exegpt.errors import ExeGPTError
 from exegpt.policies import policy_module
+from exegpt.policies.cb import CBSchedule
 from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, StaticSchedule, WAASchedule, Workload
 from runner.dist import RankFailedError
 from runner.generate import greedy_reference
@@ -155,6 +158,19 @@ def test_stop_at_eos(model, requests, reference):
         assert list(rec.tokens) == want
         stopped += len(want) < r.output_len
     assert stopped >= 1
+
+
+@pytest.mark.parametrize("seqs,kv_tokens", [(4, math.inf), (6, 120.0)])
+def test_continuous_batching_tokens_match_reference(requests, reference, seqs, kv_tokens):
+    """Every step admits what fits; with a pool of 15 blocks of 8 tokens the newest request is preempted and
+    recomputed from its prompt and tokens, and its greedy tokens still equal single-request decoding."""
+    plan = make_plan(CBSchedule(seqs, 64, 1, 0, 1, block_size=8))
+    plan = dataclasses.replace(plan, estimate=dataclasses.replace(plan.estimate, kv_tokens=kv_tokens))
+    rep = run_plan(plan, "tiny", requests=requests, keep_tokens=True, log_decisions=True)
+    assert_complete(rep, requests, reference)
+    assert rep.num_finished == len(requests) and 0 < rep.decode_batch <= seqs
+    evictions = sum("Evict" in d for d in rep.decisions)
+    assert (evictions > 0) == math.isfinite(kv_tokens)
 
 
 def test_policy_registry():

@@ -1,0 +1,226 @@
+"""Continuous (iteration-level) batching, as Orca and vLLM's scheduler run it (without chunked prefill).
+
+Knobs: ``max_num_seqs`` (S, the running requests at most), ``max_num_batched_tokens`` (T, the prompt tokens of
+one prefill step at most), ``block_size`` (B, tokens per KV block), TP degree and the devices using it (the
+stages of RRA's layout).
+
+The driver, every step: free the rows of finished requests; then, if requests wait (preempted ones first, then
+new ones in arrival order), prefill as many as fit under S running, T tokens and the free KV blocks (a prefill
+step, vLLM's prefill-first order); else run one decode iteration of every running request in one micro-batch per
+stage, first reserving a block for each request whose next token starts one and, while the pool is short,
+preempting the newest running request (its rows are freed; it is recomputed later from its prompt and the tokens
+it generated, as vLLM's recompute preemption does). KV memory is accounted in blocks of B tokens, as a paged cache
+does: the pool is what the devices hold after weights and a step's activations (``Estimate.kv_tokens``); the
+runner's physical cache is S rows of the plan's longest context.
+
+The estimate is approximate (the policy is searched on the simulated engine): at saturation about S / E[k]
+requests finish per decode iteration, so a step cycle is one decode iteration of S rows and one prefill of
+S / E[k] prompts: RRA's estimate at N_D = 1 and B_E = S / E[k], with S capped by the KV pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ExeGPTError
+from ..memory import activation_bytes, stage_weight_bytes
+from ..problem import Problem
+from ..rules import SteadyMarker, split_even
+from ..schedule import Policy, check_tp, stage_degrees
+from ..stages import Layout, Terms, tp_gpu_counts
+from . import rra
+from .base import MAIN, Compact, Decode, DriverStats, Evict, Prefill, View, WaitArrival
+
+NAMES = (Policy.CB,)
+
+
+@dataclass(frozen=True, slots=True)
+class CBSchedule:
+    """Continuous batching: at most ``max_num_seqs`` running, ``max_num_batched_tokens`` prompt tokens a prefill
+    step, KV in blocks of ``block_size`` tokens."""
+
+    max_num_seqs: int
+    """S: running requests at most (vLLM's ``max_num_seqs``)."""
+    max_num_batched_tokens: int
+    """T: prompt tokens one prefill step takes at most (vLLM's ``max_num_batched_tokens``); at least the longest
+    request, which may come back whole after a preemption."""
+    tp: int
+    tp_gpus: int
+    num_gpus: int
+    block_size: int = 16
+    """B: tokens per KV block."""
+    policy: Policy = Policy.CB
+
+    def __post_init__(self):
+        if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ExeGPTError(f"continuous batching: max_num_seqs={self.max_num_seqs!r} must be a whole number >= 1")
+        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
+            raise ExeGPTError(f"continuous batching: max_num_batched_tokens={self.max_num_batched_tokens!r} must be "
+                              f"a whole number >= 1")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ExeGPTError(f"continuous batching: block_size={self.block_size!r} must be a whole number >= 1")
+        check_tp(self.tp, self.tp_gpus, self.num_gpus, "continuous batching")
+        if self.policy is not Policy.CB:
+            raise ExeGPTError(f"CBSchedule has policy {self.policy!r}")
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return stage_degrees(self.num_gpus, self.tp, self.tp_gpus)
+
+
+def layout(prob: Problem, s: CBSchedule) -> Layout | None:
+    lay = rra.layout_of(prob, s.tp, s.tp_gpus)
+    return None if lay is None else Layout(Policy.CB, lay.tp, lay.tp_gpus, lay.encode_gpus, lay.decode_gpus,
+                                           lay.stages)
+
+
+def kv_tokens(prob: Problem, lay: Layout, s: CBSchedule) -> float:
+    """KV tokens one pipeline holds: on each stage's devices, what is left after weights and the activations of
+    a full prefill step, over the KV bytes a token adds there; the smallest stage bounds the pipeline."""
+    m, p, out = prob.model, len(lay.stages), math.inf
+    for i, st in enumerate(lay.stages):
+        w = stage_weight_bytes(m, st.tp, st.n_layers, st.n_enc_layers, i == 0, i == p - 1)
+        free = prob.capacity_bytes - w - float(activation_bytes(m, st.tp, s.max_num_batched_tokens / p))
+        per_token = m.kv_bytes_per_token(st.tp) * st.n_layers
+        out = min(out, max(0.0, free) / per_token if per_token else math.inf)
+    return out
+
+
+def estimate_detail(prob: Problem, lay: Layout, s: CBSchedule) -> tuple[Terms, int]:
+    """RRA's terms at N_D = 1 and B_E = S' / E[k], S' the running requests the KV pool and S allow."""
+    longest = prob.workload.max_total_len
+    if s.max_num_batched_tokens < longest:
+        raise ExeGPTError(f"continuous batching: max_num_batched_tokens={s.max_num_batched_tokens} is below the "
+                          f"workload's longest request ({longest} tokens), which could never be prefilled")
+    if prob.model.max_seq_len % s.block_size:
+        raise ExeGPTError(f"continuous batching: block_size={s.block_size} does not divide {prob.model.name}'s "
+                          f"context of {prob.model.max_seq_len} tokens")
+    pool = kv_tokens(prob, lay, s)
+    mean_ctx = float(prob.stats.in_mean + (prob.mean_iters + 1) / 2)
+    running = max(1.0, min(float(s.max_num_seqs), pool / max(mean_ctx, 1.0)))
+    # About running / E[k] requests finish an iteration: a prefill of that many every iteration, or of one every
+    # E[k] / running iterations when fewer than one finishes.
+    k = max(prob.mean_iters, 1.0)
+    be, nd = (running / k, 1) if running >= k else (1.0, max(1, min(prob.max_decode_iters, round(k / running))))
+    t = rra.box(prob, lay, be, be, nd, nd, detail=True)
+    ok = np.asarray(t.ok) & (pool // s.block_size >= -(-longest // s.block_size))  # the longest request fits
+    return Terms(t.thr, t.lat, ok, t.t_enc, t.t_dec, t.bd, t.mem, t.refill, pool, t.extra), prob.latency_len
+
+
+def spaces(prob: Problem, policy, tps: list[int], space) -> list:
+    """No box function: continuous batching is searched on the simulated engine (``candidates``)."""
+    return []
+
+
+def candidates(prob: Problem, tps: list[int], grid: int) -> list[CBSchedule]:
+    """A grid of schedules to simulate: S geometric up to 256, T at the workload's longest request and 4x that,
+    every TP layout of RRA's."""
+    n, longest = prob.cluster.count, prob.workload.max_total_len
+    seqs = sorted({int(x) for x in np.round(np.geomspace(1, 256, grid))})
+    out = []
+    for t in tps:
+        for g in tp_gpu_counts(n, t):
+            out += [CBSchedule(sq, tok, t, g, n) for sq in seqs for tok in (longest, 4 * longest)]
+    return out
+
+
+def parse(policy, fields: dict, num_gpus: int) -> CBSchedule:
+    """A schedule from CLI fields (``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``tp``...)."""
+    fields.setdefault("tp", 1)
+    fields.setdefault("tp_gpus", 0 if fields["tp"] == 1 else num_gpus)
+    return CBSchedule(num_gpus=num_gpus, **fields)
+
+
+def describe(s: CBSchedule) -> str:
+    return f"CB S={s.max_num_seqs} T={s.max_num_batched_tokens} B={s.block_size} TP{s.tp}x{s.tp_gpus}"
+
+
+def stage_roles(schedule) -> tuple[tuple[str, int], ...]:
+    return rra.stage_roles(schedule)
+
+
+def from_fields(fields: dict) -> CBSchedule:
+    return CBSchedule(**fields)
+
+
+def cache_rows(plan, group: str) -> int:
+    return plan.schedule.max_num_seqs
+
+
+# --- driver -------------------------------------------------------------------------------------------
+
+def drivers(plan) -> dict:
+    """The one driver of a continuous-batching plan, on the ``main`` group."""
+    s = plan.schedule
+    pool_blocks = int(plan.estimate.kv_tokens // s.block_size) if math.isfinite(plan.estimate.kv_tokens) \
+        else 1 << 60
+
+    def drive(view: View):
+        p, size = view.num_stages, s.block_size
+
+        def blocks(rid: int, extra: int = 0) -> int:  # blocks of its context (at least its first token's)
+            return -(-(view.input_len(rid) + max(view.generated(rid), 1) + extra) // size)
+
+        running: list[int] = []  # in admission order: the newest is preempted first
+        preempted: deque[int] = deque()
+        enc: list[float] = []
+        dec: list[tuple[float, int]] = []
+        steady = SteadyMarker(enc, dec)
+        while running or preempted or view.waiting() or view.more_to_come():
+            keep = [r for r in running if not view.done(r)]
+            if len(keep) < len(running):
+                yield Compact()
+                running = keep
+            # Prefill step: preempted requests first, then new ones in arrival order, under S, T and the pool.
+            free = pool_blocks - sum(blocks(r) for r in running)
+            batch, tokens = [], 0
+            queue = list(preempted) + view.waiting()
+            for r in queue:
+                need = view.input_len(r) + max(view.generated(r) - 1, 0)
+                if len(running) + len(batch) >= s.max_num_seqs or tokens + need > s.max_num_batched_tokens \
+                        or blocks(r) > free:
+                    break
+                batch.append(r)
+                tokens += need
+                free -= blocks(r)
+            if len(batch) < len(queue) and len(running) + len(batch) >= s.max_num_seqs:
+                steady.begin(view.now())  # the batch is full and the queue still feeds it
+            elif len(batch) == len(queue) and batch:
+                steady.end(view.now())  # the queue could not fill the step
+            if batch:
+                t = view.now()
+                again = [r for r in batch if r in preempted]
+                for r in again:
+                    preempted.remove(r)
+                if again:
+                    yield Prefill(tuple(again), min(p, len(again)), resume=True)
+                fresh = [r for r in batch if r not in again]
+                if fresh:
+                    yield Prefill(tuple(fresh), min(p, len(fresh)))
+                enc.append(view.now() - t)
+                running += batch
+                continue
+            active = [r for r in running if not view.done(r)]
+            if not active:
+                if not view.waiting() and view.more_to_come():
+                    yield WaitArrival()
+                elif view.waiting() or preempted:
+                    r = (list(preempted) + view.waiting())[0]
+                    raise ExeGPTError(f"continuous batching: request {r} needs {blocks(r)} KV blocks of {size} "
+                                      f"tokens and the pool holds {pool_blocks}")
+                continue
+            # Decode step: a block for every request whose next token starts one; preempt the newest if short.
+            while len(running) > 1 and sum(blocks(r, 1) for r in running) > pool_blocks:
+                victim = running.pop()
+                yield Evict((victim,))
+                preempted.appendleft(victim)
+            t = view.now()
+            steps = yield Decode(tuple(tuple(mb) for mb in split_even(running, p)), 1)
+            dec.append((view.now() - t, steps[0] if steps else 0))
+        return DriverStats(tuple(enc), tuple(dec), steady.window(view.now()))
+
+    return {MAIN: drive}
