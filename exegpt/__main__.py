@@ -122,6 +122,10 @@ def _print_plan(plan: Plan, title: str = "plan"):
                                         f"margin {c.margin:.1%} on {c.num_requests} requests"))
         if c.form == "request":
             rows.append(("goodput", f"{c.goodput_rps:.3f} requests/s (Poisson arrivals)"))
+        if plan.search.per_policy:
+            unit = "req/s goodput" if c.form == "request" else "seq/s"
+            rows.append(("best of each policy", ", ".join(f"{p} {v:.3f}" for p, v in plan.search.per_policy)
+                         + f" ({unit}; 0: none kept it or its estimate could not beat the pick)"))
     if plan.search.replay_requests:
         rows.append(("replayed worst latency", f"{plan.search.replay_latency_s:.3f} s on "
                                                  f"{plan.search.replay_requests} requests"))
@@ -275,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--percentile", type=_number, default=90.0, help="(c) percentile of TTFT and TPOT (default 90)")
     slo.add_argument("--sim-requests", type=int, default=400,
                      help="(b), (c): requests of each simulated run (default 400)")
-    plan.add_argument("--policies", nargs="+", default=["rra", "waa_c", "waa_m"], help="rra waa_c waa_m")
+    plan.add_argument("--policies", nargs="+", default=None,
+                      help="policies to search (default: rra waa_c waa_m under --bound, and cb too under --completion "
+                           "or --ttft/--tpot)")
     plan.add_argument("--tp", type=int, nargs="+", default=None, help="TP degrees to try (default: all)")
     plan.add_argument("--device-counts", type=int, nargs="+", default=None,
                       help="how many of the devices a schedule may use (default: any count; e.g. 4 uses all of 4xA40)")

@@ -80,6 +80,10 @@ class SearchStats:
     replay_requests: int = 0
     """``find_schedule(verify_requests=n)``: the requests the pick was replayed on (0: not replayed)."""
     replay_latency_s: float | None = None
+    per_policy: tuple = ()
+    """SLO forms searched on the simulated engine: (policy, the best value it reached) for every policy searched:
+    simulated throughput (b) or goodput (c), 0 where none of its schedules simulated kept the SLO or its
+    estimates could not beat the pick."""
     """The worst latency to the bound length among them (the simulated engine, ``exegpt.sim``; NaN if none
     reached it)."""
 
@@ -173,7 +177,9 @@ class Plan(JSONFile):
             return cls(schedule=schedule_from_dict(d["schedule"]), estimate=Estimate(**est),
                        bound=LatencyBound.from_dict(d["bound"]), profile_id=d["profile_id"], model=d["model"],
                        devices=d["devices"], workload=Workload.from_dict(d["workload"]),
-                       stages=tuple(Stage(**s) for s in d["stages"]), search=SearchStats(**d["search"]),
+                       stages=tuple(Stage(**s) for s in d["stages"]),
+                       search=SearchStats(**{**d["search"], "per_policy": tuple(tuple(x) for x in
+                                                                                d["search"].get("per_policy", ()))}),
                        slo=_slo(d.get("slo")),
                        slo_check=None if d.get("slo_check") is None else SLOCheck.from_dict(d["slo_check"]))
         except (KeyError, TypeError) as e:

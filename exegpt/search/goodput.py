@@ -100,26 +100,28 @@ def goodput(plan: Plan, slo: RequestSLO, profile=None, options: SimulatedSearch 
     return lo, lo_rep
 
 
-def search_simulated(layouts, slo: CompletionSLO | RequestSLO, profile, options: SimulatedSearch,
-                     make_plan, t0: float) -> Plan:
-    """The best schedule of ``layouts`` (``optimize.all_spaces``) under ``slo`` on the simulated engine.
-
-    ``make_plan(index, point, stats)`` turns a point of space ``index`` into a Plan."""
-    cands = _candidates(layouts, options.grid_points)
+def search_simulated(cands: list, slo: CompletionSLO | RequestSLO, profile, options: SimulatedSearch,
+                     t0: float) -> Plan:
+    """The best of ``cands`` under ``slo`` on the simulated engine: (estimated throughput, policy, make_plan)
+    triples, ``make_plan(stats)`` building the candidate's Plan (``optimize.simulated_candidates``)."""
+    cands = sorted(cands, key=lambda c: -c[0])
     if not cands:
         raise InfeasibleBoundError("no schedule fits in device memory (or in the profiled range) for this workload",
                                    math.inf)
     best: tuple[float, Plan, SLOCheck] | None = None
     closest: tuple[float, tuple[float, ...]] | None = None  # the smallest miss seen, for the error
     simulated = 0
-    for thr_est, i, point in cands:
+    reached = {policy: 0.0 for _, policy, _ in cands}  # the best value each policy reached (0: none kept the SLO)
+    for thr_est, policy, make_plan in cands:
         if simulated >= options.max_simulated:
             break
         if best is not None and thr_est * PRUNE_SLACK <= best[0]:
             break  # sorted by estimate: no later candidate can beat the best either
-        plan = make_plan(i, point, SearchStats("simulated", simulated, 0.0))
+        plan = make_plan(SearchStats("simulated", simulated, 0.0))
         simulated += 1
         value, check = _evaluate(plan, slo, profile, options)
+        if check.holds:
+            reached[policy] = max(reached[policy], value)
         if check.holds and (best is None or value > best[0]):
             best = (value, plan, check)
         elif not check.holds and (closest is None or check.margin > closest[0]):
@@ -127,7 +129,8 @@ def search_simulated(layouts, slo: CompletionSLO | RequestSLO, profile, options:
     if best is None:
         raise _infeasible(slo, closest, simulated)
     value, plan, check = best
-    stats = SearchStats("simulated", simulated, time.perf_counter() - t0, len(cands))
+    stats = SearchStats("simulated", simulated, time.perf_counter() - t0, len(cands),
+                        per_policy=tuple(sorted(reached.items())))
     return dataclasses.replace(plan, search=stats, slo=slo, slo_check=check)
 
 
@@ -149,18 +152,15 @@ def _evaluate(plan: Plan, slo, profile, options: SimulatedSearch) -> tuple[float
                           rep.num_requests)
 
 
-def _candidates(layouts, k: int) -> list[tuple[float, int, tuple[int, ...]]]:
-    """(estimated throughput, space index, point) of every feasible grid point, best estimate first."""
-    out = []
-    for i, (_, _, space) in enumerate(layouts):
-        axes = [np.unique(np.round(np.geomspace(lo, hi, k)).astype(np.int64)) for lo, hi in zip(space.lo, space.hi)]
-        pts = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1)
-        thr, _, ok = space.fn(pts, pts)
-        thr, ok = (np.broadcast_to(np.asarray(a), (len(pts),)) for a in (thr, ok))
-        if space.admissible is not None:
-            ok = ok & space.admissible(pts, pts)
-        out += [(float(t), i, tuple(int(x) for x in p)) for t, p, o in zip(thr, pts, ok) if o and t > 0]
-    return sorted(out, key=lambda c: (-c[0], c[1], c[2]))
+def grid_points(space, k: int) -> list[tuple[int, ...]]:
+    """A geometric grid of ``k`` values per axis of a search space (its feasible points, by its box function)."""
+    axes = [np.unique(np.round(np.geomspace(lo, hi, k)).astype(np.int64)) for lo, hi in zip(space.lo, space.hi)]
+    pts = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1)
+    thr, _, ok = space.fn(pts, pts)
+    thr, ok = (np.broadcast_to(np.asarray(a), (len(pts),)) for a in (thr, ok))
+    if space.admissible is not None:
+        ok = ok & space.admissible(pts, pts)
+    return [(float(t), tuple(int(x) for x in p)) for t, p, o in zip(thr, pts, ok) if o and t > 0]
 
 
 def _infeasible(slo, closest, simulated: int) -> InfeasibleBoundError:

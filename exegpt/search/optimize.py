@@ -29,11 +29,14 @@ from ..slo import CompletionSLO, RequestSLO
 from ..stages import Layout
 from ..workload import Workload
 from .bnb import SearchResult, Space, branch_and_bound, exhaustive
-from .goodput import SimulatedSearch, search_simulated
+from .goodput import SimulatedSearch, grid_points, search_simulated
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
+"""The policies searched by default under the paper's bound: those with a sound box bound (exact search)."""
+SIMULATED_POLICIES = DEFAULT_POLICIES + (Policy.CB,)
+"""The policies searched by default under SLO forms (b) and (c), on the simulated engine."""
 VERIFY_ATTEMPTS = 6
 """Searches ``find_schedule(verify_requests=...)`` runs at most: each one whose pick's replay misses the bound is
 followed by one below that pick's estimate by the ratio of the bound to the replayed worst latency."""
@@ -81,13 +84,50 @@ def build_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None,
                  space: SearchSpace = SearchSpace()) -> list[tuple[Layout, Space]]:
     """One search space per device layout of every requested policy (each policy module builds its own)."""
     tps = _tp_degrees(prob, tp_degrees)
-    policies = [policy_of(p) for p in policies]
+    policies = [policy_of(p) for p in (DEFAULT_POLICIES if policies is None else policies)]
     out: list[tuple[Layout, Space]] = []
     for policy in policies:
         out += policy_module(policy).spaces(prob, policy, tps, space)
     if not out:
         raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} under any of the policies "
                           f"{[p.value for p in policies]} (weights exceed device memory?)")
+    return out
+
+
+def simulated_candidates(prob: Problem, policies, tp_degrees, space: SearchSpace, device_counts, grid: int
+                         ) -> list[tuple[float, str, object]]:
+    """(estimated throughput, policy, make_plan) of a grid of every policy's schedules for the simulated search:
+    box policies on a geometric grid of their spaces, the others by their own ``candidates``."""
+    policies = [policy_of(p) for p in policies]
+    boxed = [p for p in policies if not hasattr(policy_module(p), "candidates")]
+    gridded = [p for p in policies if hasattr(policy_module(p), "candidates")]
+    out: list = []
+    try:
+        layouts = all_spaces(prob, boxed, tp_degrees, space, device_counts) if boxed else []
+    except ExeGPTError:
+        if not gridded:
+            raise
+        layouts = []  # nothing of the box policies fits: the others may
+    for sub, lay, sp in layouts:
+        for thr, point in grid_points(sp, grid):
+            s = _schedule(lay, point, sub.cluster.count)
+            out.append((thr, lay.policy.value, (lambda sub, lay, s: lambda st: _plan(sub, lay, s, st))(sub, lay, s)))
+    for c in _device_counts(prob, device_counts):
+        sub = prob if c == prob.cluster.count else prob.with_devices(c)
+        tps = [t for t in _tp_degrees(sub, None) if tp_degrees is None or t in tp_degrees]
+        for policy in gridded:
+            module = policy_module(policy)
+            for s in module.candidates(sub, tps, grid):
+                lay = module.layout(sub, s)
+                if lay is None:
+                    continue
+                try:
+                    plan = _plan(sub, lay, s, SearchStats("simulated", 0, 0.0))
+                except ExeGPTError:
+                    continue  # e.g. a token budget the workload's longest request exceeds
+                if plan.estimate.memory_ok and plan.estimate.throughput_seq_s > 0:
+                    out.append((plan.estimate.throughput_seq_s, policy.value,
+                                (lambda p: lambda st: dataclasses.replace(p, search=st))(plan)))
     return out
 
 
@@ -258,7 +298,7 @@ def _replayed_latency(plan: Plan, profile: Profile | None, requests: int) -> flo
 
 
 def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
-                  policies=DEFAULT_POLICIES, tp_degrees=None, eps_throughput: float = 0.0, eps_latency: float = 0.0,
+                  policies=None, tp_degrees=None, eps_throughput: float = 0.0, eps_latency: float = 0.0,
                   space: SearchSpace = SearchSpace(), memory_fraction: float = MEMORY_FRACTION,
                   latency_margin: float = 0.0, device_counts=None, verify_requests: int = 0,
                   simulated: SimulatedSearch = SimulatedSearch()) -> Plan:
@@ -293,13 +333,10 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
                               f"the simulated engine (options: simulated=SimulatedSearch(...))")
         t0 = time.perf_counter()
         prob = problem(dist, math.inf, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
-        layouts = all_spaces(prob, policies, tp_degrees, space, device_counts)
-
-        def make_plan(i: int, point: tuple[int, ...], stats: SearchStats) -> Plan:
-            sub_prob, lay, _ = layouts[i]
-            return _plan(sub_prob, lay, _schedule(lay, point, sub_prob.cluster.count), stats)
-
-        return search_simulated(layouts, slo, profile, simulated, make_plan, t0)
+        cands = simulated_candidates(prob, SIMULATED_POLICIES if policies is None else policies, tp_degrees, space,
+                                     device_counts, simulated.grid_points)
+        return search_simulated(cands, slo, profile, simulated, t0)
+    policies = DEFAULT_POLICIES if policies is None else policies
     return _solve(dist, slo, dict(model=model, devices=devices, profile=profile),
                   SearchOptions("branch_and_bound", policies, tp_degrees, eps_throughput, eps_latency, space,
                                 memory_fraction, latency_margin, device_counts, verify_requests))

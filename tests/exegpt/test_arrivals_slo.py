@@ -12,9 +12,10 @@ from exegpt import (Arrivals, CompletionSLO, InfeasibleBoundError, LatencyBound,
                     SearchSpace, Workload, evaluate_schedule, find_schedule, request_stream, run_simulated)
 from exegpt.__main__ import main
 from exegpt.errors import ExeGPTError
+from exegpt.policies.cb import CBSchedule
 from exegpt.problem import problem
-from exegpt.search.goodput import SimulatedSearch, _candidates, goodput
-from exegpt.search.optimize import all_spaces
+from exegpt.search.goodput import SimulatedSearch, goodput
+from exegpt.search.optimize import simulated_candidates
 
 from .conftest import make_profile
 
@@ -62,6 +63,11 @@ def test_a_traces_timestamps_are_replayed_in_order():
     (lambda: find_schedule(W, 3.0, policies=["fifo"]), "unknown policy: 'fifo'"),
     (lambda: find_schedule(W, CompletionSLO(3.0), verify_requests=10), "verify_requests apply to a latency bound"),
     (lambda: SimulatedSearch(num_requests=0), "num_requests=0 must be a whole number >= 1"),
+    (lambda: CBSchedule(0, 64, 1, 0, 1), "continuous batching: max_num_seqs=0 must be a whole number >= 1"),
+    (lambda: evaluate_schedule(CBSchedule(4, 100, 1, 0, 1), W, profile=make_profile(), devices="1xA40"),
+     "max_num_batched_tokens=100 is below the workload's longest request (188 tokens)"),
+    (lambda: evaluate_schedule(CBSchedule(4, 512, 1, 0, 1, block_size=24), W, profile=make_profile(),
+                               devices="1xA40"), "block_size=24 does not divide opt-13b's context of 2048 tokens"),
 ])
 def test_bad_input_is_one_clear_line(make, message):
     with pytest.raises(ExeGPTError) as e:
@@ -80,16 +86,17 @@ def test_completion_slo_picks_the_best_simulated_schedule_of_its_grid():
     assert c.form == "completion" and c.holds and 0 <= c.margin < 1 and c.engine == "simulated"
     rep = run_simulated(plan, prof, num_requests=150)
     assert slo.holds(rep) and c.achieved == (slo.achieved(rep),)
-    layouts = all_spaces(problem(W, math.inf, profile=prof, devices="1xA40"), space=space)
-    best = 0.0
-    for _, i, point in _candidates(layouts, 4):
-        sub, lay, _ = layouts[i]
-        from exegpt.policies import policy_module
-        s = policy_module(lay.policy).schedule_at(lay, point, sub.cluster.count)
-        r = run_simulated(evaluate_schedule(s, W, profile=prof, devices="1xA40"), prof, num_requests=150)
+    prob = problem(W, math.inf, profile=prof, devices="1xA40")
+    best, policies = 0.0, set()
+    for _, policy, make_plan in simulated_candidates(prob, ("rra", "cb"), None, space, None, 4):
+        r = run_simulated(make_plan(None), prof, num_requests=150)
+        policies.add(policy)
         if slo.holds(r):
             best = max(best, r.throughput_seq_s)
-    assert rep.throughput_seq_s == best
+    assert rep.throughput_seq_s == best and policies == {"rra", "cb"}
+    # The plan says which policies were searched (one device: no WAA) and the best each reached.
+    reached = dict(plan.search.per_policy)
+    assert set(reached) == {"rra", "cb"} and reached[plan.schedule.policy.value] == best == max(reached.values())
     assert Plan.from_json(plan.to_json()) == plan
 
 
@@ -128,6 +135,7 @@ def test_cli_slo_forms_and_simulated_runs(tmp_path, capsys):
                  "200", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "p90 TTFT <= 2 s and p90 TPOT <= 0.15 s: holds" in text and "goodput" in text
+    assert "best of each policy" in text and "cb " in text
     assert Plan.load(out).slo == RequestSLO(2.0, 0.15)
     assert main(["simulate", "--plan", str(out), "--requests", "300", "--arrivals", "poisson:20"]) == 0
     text = capsys.readouterr().out
