@@ -68,6 +68,10 @@ class Estimate:
         return all(m <= self.memory_capacity_bytes for m in self.memory_bytes)
 
 
+_UNBOUNDED = ("memory_capacity_bytes", "kv_tokens")
+"""Estimate fields whose infinity (no limit) is written as null in JSON."""
+
+
 @dataclass(frozen=True, slots=True)
 class SearchStats:
     method: str
@@ -156,8 +160,9 @@ class Plan(JSONFile):
     def to_dict(self) -> dict:
         est = asdict(self.estimate)
         est["memory_bytes"] = list(est["memory_bytes"])
-        if math.isinf(est["memory_capacity_bytes"]):
-            est["memory_capacity_bytes"] = None
+        for k in _UNBOUNDED:
+            if math.isinf(est[k]):
+                est[k] = None
         return {"schema": PLAN_SCHEMA, "schedule": schedule_to_dict(self.schedule), "estimate": est,
                 "bound": self.bound.to_dict(), "profile_id": self.profile_id, "model": self.model,
                 "devices": self.devices, "workload": self.workload.to_dict(),
@@ -172,8 +177,9 @@ class Plan(JSONFile):
         try:
             est = dict(d["estimate"])
             est["memory_bytes"] = tuple(est.get("memory_bytes", ()))
-            if est.get("memory_capacity_bytes") is None:
-                est["memory_capacity_bytes"] = math.inf
+            for k in _UNBOUNDED:
+                if est.get(k) is None:
+                    est[k] = math.inf
             return cls(schedule=schedule_from_dict(d["schedule"]), estimate=Estimate(**est),
                        bound=LatencyBound.from_dict(d["bound"]), profile_id=d["profile_id"], model=d["model"],
                        devices=d["devices"], workload=Workload.from_dict(d["workload"]),

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ExeGPTError
 from .jsonfile import JSONFile
-from .plan import Estimate
+from .plan import _UNBOUNDED, Estimate
 from .rules import SteadyWindow, steady_rate
 
 REPORT_SCHEMA = 2
@@ -178,7 +178,7 @@ class RunReport(JSONFile):
             if est is not None:
                 est = dict(est)
                 est["memory_bytes"] = tuple(est.get("memory_bytes") or ())
-                est = Estimate(**{k: (math.inf if k == "memory_capacity_bytes" and v is None else _dec(v))
+                est = Estimate(**{k: (math.inf if k in _UNBOUNDED and v is None else _dec(v))
                                   for k, v in est.items()})
             floats = {f.name for f in fields(cls) if f.type in ("float", float)}
             d = {k: (_dec(v) if k in floats else v) for k, v in d.items()}

@@ -49,6 +49,10 @@ class SimulatedSearch:
     """Candidates simulated at most (best estimate first)."""
     rate_tolerance: float = 0.02
     """(c): the goodput bisection stops when its bracket is this narrow (relative)."""
+    arrivals: str = "poisson"
+    """(c): how requests arrive at each rate tried: 'poisson', or 'trace': the workload's own timestamps, its
+    requests in trace order, sped up or slowed down to the rate (a rate is the trace's mean rate times the
+    speed-up)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -56,6 +60,8 @@ class SimulatedSearch:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if f == "grid_points" else 1):
                 raise ExeGPTError(f"{f}={v!r} must be a whole number >= {2 if f == 'grid_points' else 1}")
+        if self.arrivals not in ("poisson", "trace"):
+            raise ExeGPTError(f"arrivals={self.arrivals!r} must be 'poisson' or 'trace'")
         if not self.span_ttfts > 0:
             raise ExeGPTError(f"span_ttfts={self.span_ttfts!r} must be > 0")
         if not 0 < self.rate_tolerance < 1:
@@ -71,8 +77,13 @@ def goodput(plan: Plan, slo: RequestSLO, profile=None, options: SimulatedSearch 
     if not cap > 0 or not math.isfinite(cap):
         raise ExeGPTError(f"plan has no finite estimated throughput ({cap!r}) to search a rate around")
 
+    trace_rate = _trace_rate(plan.workload) if options.arrivals == "trace" else 0.0
+
     def run(rate: float) -> RunReport:
         n = max(options.num_requests, min(MAX_REQUESTS, math.ceil(options.span_ttfts * rate * slo.ttft_s)))
+        if trace_rate:
+            n = min(n, len(plan.workload.pairs))
+            return run_simulated(plan, profile, n, options.seed, arrivals=Arrivals.trace(rate / trace_rate))
         return run_simulated(plan, profile, n, options.seed, arrivals=Arrivals.poisson(rate))
 
     lo, lo_rep = 0.0, None
@@ -98,6 +109,16 @@ def goodput(plan: Plan, slo: RequestSLO, profile=None, options: SimulatedSearch 
         else:
             hi = mid
     return lo, lo_rep
+
+
+def _trace_rate(w) -> float:
+    """A trace's mean arrival rate (requests/s)."""
+    if w.arrivals_s is None or len(w.arrivals_s) < 2:
+        raise ExeGPTError(f"workload {w.name!r} has no timestamps to replay; use arrivals='poisson'")
+    span = max(w.arrivals_s) - min(w.arrivals_s)
+    if not span > 0:
+        raise ExeGPTError(f"the timestamps of {w.name!r} span no time")
+    return (len(w.arrivals_s) - 1) / span
 
 
 def search_simulated(cands: list, slo: CompletionSLO | RequestSLO, profile, options: SimulatedSearch,

@@ -63,6 +63,7 @@ def test_a_traces_timestamps_are_replayed_in_order():
     (lambda: find_schedule(W, 3.0, policies=["fifo"]), "unknown policy: 'fifo'"),
     (lambda: find_schedule(W, CompletionSLO(3.0), verify_requests=10), "verify_requests apply to a latency bound"),
     (lambda: SimulatedSearch(num_requests=0), "num_requests=0 must be a whole number >= 1"),
+    (lambda: SimulatedSearch(arrivals="burst"), "arrivals='burst' must be 'poisson' or 'trace'"),
     (lambda: CBSchedule(0, 64, 1, 0, 1), "continuous batching: max_num_seqs=0 must be a whole number >= 1"),
     (lambda: evaluate_schedule(CBSchedule(4, 100, 1, 0, 1), W, profile=make_profile(), devices="1xA40"),
      "max_num_batched_tokens=100 is below the workload's longest request (188 tokens)"),
@@ -116,6 +117,21 @@ def test_request_slo_maximises_goodput():
     assert slo.holds(at) and not slo.holds(above)
     assert slo.achieved(at) == c.achieved and slo.attainment(at.requests) >= 0.9
     assert goodput(plan, slo, prof, opts)[0] == c.goodput_rps  # deterministic
+
+
+def test_goodput_on_a_traces_own_timestamps():
+    """Form (c) with the trace's timestamps: the rate is the trace's mean rate times the speed-up found, and the
+    SLO holds on the trace replayed at that speed."""
+    prof = make_profile()
+    slo = RequestSLO(ttft_s=0.5, tpot_s=0.05)
+    opts = SimulatedSearch(num_requests=60, arrivals="trace", max_simulated=3)
+    plan = find_schedule(TRACE, slo, profile=prof, devices="1xA40", policies=["rra"], simulated=opts)
+    rate = plan.slo_check.goodput_rps
+    base = 59 / (TRACE.arrivals_s[-1] - TRACE.arrivals_s[0])
+    rep = run_simulated(plan, prof, 60, arrivals=Arrivals.trace(rate / base))
+    assert rate > base and slo.holds(rep) and slo.achieved(rep) == plan.slo_check.achieved
+    with pytest.raises(ExeGPTError, match="has no timestamps to replay"):
+        find_schedule(W, slo, profile=prof, devices="1xA40", policies=["rra"], simulated=opts)
 
 
 def test_unreachable_slos_name_what_is_reachable():

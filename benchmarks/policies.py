@@ -1,0 +1,140 @@
+"""Every policy on the same profile, workloads and bounds: ExeGPT's pick against static batching and continuous
+batching.
+
+    python -m benchmarks.policies [--quick]
+
+Table 1 (the paper's bound, form (a)): for the paper's five tasks at four bounds (1.2, 1.5, 2 and 3 times the
+smallest bound RRA or WAA meets) on OPT-13B / 4xA40 and Llama-2-7B / 1xA100, and for the three shipped traces
+(requests longer than the model's context dropped), the best estimated throughput of RRA, WAA (C or M), static
+batching (its bound on the longest output, as in the paper) and continuous batching (its knobs on a grid, each
+grid point's estimate; the policy has no sound box bound, so this is its estimate, not a proof of its best). Then
+ExeGPT's pick (the best of RRA and WAA) over static batching and over continuous batching.
+
+Table 2 (SLO form (c)): goodput (the highest arrival rate keeping p90 TTFT and TPOT bounds) of each policy's best
+schedule, searched on the simulated engine, on the Azure conversation trace: its requests and its own timestamps,
+replayed faster or slower to find the rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+
+from exegpt import InfeasibleBoundError, RequestSLO, Workload, find_schedule, smallest_feasible_bound, static_schedule
+from exegpt.errors import ExeGPTError
+from exegpt.models import get_model
+from exegpt.policies import cb
+from exegpt.problem import problem
+from exegpt.schedule import describe
+from exegpt.search.goodput import SimulatedSearch
+from exegpt.search.optimize import _plan, _tp_degrees
+from exegpt.plan import SearchStats
+
+FACTORS = (1.2, 1.5, 2.0, 3.0)
+SETTINGS = (("opt-13b", "4xA40"), ("llama-2-7b", "1xA100"))
+
+
+def fitting(w: Workload, model: str) -> Workload:
+    """A trace's requests whose prompt fits 3/4 of the model's context and output 1/4 (the longest prompt and the
+    longest output then fit together), with their timestamps; the others dropped."""
+    ctx = get_model(model).max_seq_len
+    pairs = np.asarray(w.pairs)
+    keep = (pairs[:, 0] <= 3 * ctx // 4) & (pairs[:, 1] <= ctx // 4)
+    arr = None if w.arrivals_s is None else np.asarray(w.arrivals_s)[keep]
+    return Workload.from_pairs(pairs[keep], arr, name=f"{w.name} ({keep.mean():.0%} kept)")
+
+
+def best(fn) -> tuple[float, str]:
+    try:
+        plan = fn()
+    except (InfeasibleBoundError, ExeGPTError):
+        return math.nan, "infeasible"
+    return plan.estimate.throughput_seq_s, describe(plan.schedule)
+
+
+def best_cb(w: Workload, bound: float, model: str, devices: str) -> tuple[float, str]:
+    """Continuous batching's best estimate over its knob grid whose bound-length latency meets ``bound``."""
+    prob = problem(w, bound, model=model, devices=devices)
+    out = (math.nan, "infeasible")
+    for s in cb.candidates(prob, _tp_degrees(prob, None), 9):
+        lay = cb.layout(prob, s)
+        if lay is None:
+            continue
+        try:
+            e = _plan(prob, lay, s, SearchStats("grid", 0, 0.0)).estimate
+        except ExeGPTError:
+            continue
+        if e.memory_ok and e.latency_s <= bound and not e.throughput_seq_s <= out[0]:
+            out = (e.throughput_seq_s, describe(s))
+    return out
+
+
+def table1(quick: bool) -> None:
+    print("## Table 1: throughput (seq/s, estimated) at each bound, every policy")
+    print(f"{'model/devices':<18} {'workload':<26} {'bound s':>8} {'RRA':>8} {'WAA':>8} {'static':>8} {'CB':>8} "
+          f"{'pick':>8} {'/static':>8} {'/CB':>6}  pick")
+    gains_static, gains_cb = [], []
+    for model, devices in SETTINGS[:1] if quick else SETTINGS:
+        workloads = [Workload.task(t) for t in (("S", "C1") if quick else ("S", "T", "G", "C1", "C2"))]
+        if not quick:
+            workloads += [fitting(Workload.trace(t), model) for t in ("arxiv", "azure_conv", "azure_code")]
+        for w in workloads:
+            try:
+                low = smallest_feasible_bound(w, model=model, devices=devices)
+            except (InfeasibleBoundError, ExeGPTError):
+                print(f"{model + '/' + devices:<18} {w.name[:26]:<26} infeasible on this cluster")
+                continue
+            for f in FACTORS[:2] if quick else FACTORS:
+                b = low * f
+                kw = dict(model=model, devices=devices)
+                rra = best(lambda: find_schedule(w, b, policies=["rra"], **kw))
+                waa = best(lambda: find_schedule(w, b, policies=["waa_c", "waa_m"], **kw))
+                static = best(lambda: static_schedule(w, b, **kw))
+                cbb = best_cb(w, b, model, devices)
+                pick = max((rra, waa), key=lambda x: -1 if math.isnan(x[0]) else x[0])
+                gs = pick[0] / static[0] if static[0] > 0 else math.nan
+                gc = pick[0] / cbb[0] if cbb[0] > 0 else math.nan
+                if not math.isnan(gs):
+                    gains_static.append(gs)
+                if not math.isnan(gc):
+                    gains_cb.append(gc)
+                print(f"{model + '/' + devices:<18} {w.name[:26]:<26} {b:>8.2f} {rra[0]:>8.2f} {waa[0]:>8.2f} "
+                      f"{static[0]:>8.2f} {cbb[0]:>8.2f} {pick[0]:>8.2f} {gs:>8.2f} {gc:>6.2f}  {pick[1]}")
+    if gains_static:
+        print(f"pick / static: mean {np.mean(gains_static):.2f}x, max {max(gains_static):.2f}x over "
+              f"{len(gains_static)} cells; pick / CB: mean {np.mean(gains_cb):.2f}x, min {min(gains_cb):.2f}x")
+
+
+def table2(quick: bool) -> None:
+    model, devices = "llama-2-7b", "1xA100"
+    w = fitting(Workload.trace("azure_conv"), model)
+    slo = RequestSLO(ttft_s=2.0, tpot_s=0.1, percentile=90)
+    opts = SimulatedSearch(num_requests=300 if quick else 600, max_simulated=6 if quick else 12, arrivals="trace")
+    print(f"\n## Table 2: goodput on {w.name}'s own timestamps, {slo.describe()}, {model}/{devices}")
+    print(f"{'policy':<8} {'goodput req/s':>14} {'speed-up':>9} {'search s':>9}  schedule")
+    span = w.arrivals_s[-1] - w.arrivals_s[0]
+    base = (len(w.pairs) - 1) / span
+    for pols in (("rra",), ("waa_c", "waa_m"), ("cb",)):
+        t0 = time.perf_counter()
+        try:
+            plan = find_schedule(w, slo, model=model, devices=devices, policies=list(pols), simulated=opts)
+            g, what = plan.slo_check.goodput_rps, describe(plan.schedule)
+        except (InfeasibleBoundError, ExeGPTError) as e:
+            g, what = 0.0, f"infeasible: {str(e)[:60]}"
+        print(f"{'/'.join(pols):<8} {g:>14.2f} {g / base:>8.1f}x {time.perf_counter() - t0:>9.1f}  {what}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="two tasks, two bounds, one setting")
+    a = p.parse_args(argv)
+    table1(a.quick)
+    table2(a.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
