@@ -41,6 +41,7 @@ import torch
 
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Profile, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
+from exegpt.policies.cb import CBSchedule
 from exegpt.problem import offered_cluster
 from exegpt.schedule import describe
 from exegpt.stages import spans_ranks
@@ -87,6 +88,8 @@ def cases(prof, ranks: int = 2):
     add("waa-a", "S/4", WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), two)
     add("waa-b", "C1/4", WAASchedule(Policy.WAA_C, 2, 32, 1, 0, 1, 1), two)
     add("waa-c", "conv", WAASchedule(Policy.WAA_M, 4, 64, 1, 0, 1, 1), two)
+    add("cb-a", "S/4", CBSchedule(32, 512, 1, 0, 1), one)
+    add("cb-b", "conv", CBSchedule(64, 1024, 1, 0, 1), one)
     for wname in WORKLOADS:
         for devices in (one, two)[:ranks]:
             w = WORKLOADS[wname]
