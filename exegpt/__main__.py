@@ -166,7 +166,8 @@ def cmd_plan(a) -> int:
             raise ExeGPTError("--exhaustive and --verify apply to --bound; --completion and --ttft/--tpot are "
                               "searched on the simulated engine")
         plan = find_schedule(w, bound, **target, policies=a.policies, tp_degrees=a.tp, space=_space(a),
-                             device_counts=a.device_counts, simulated=SimulatedSearch(num_requests=a.sim_requests))
+                             device_counts=a.device_counts,
+                             simulated=SimulatedSearch(num_requests=a.sim_requests, max_simulated=a.max_simulated))
         _print_plan(plan)
         if a.out:
             plan.save(a.out)
@@ -278,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--tpot", type=_number, help="(c) time per output token bound (s)")
     slo.add_argument("--percentile", type=_number, default=90.0, help="(c) percentile of TTFT and TPOT (default 90)")
     slo.add_argument("--sim-requests", type=int, default=400,
-                     help="(b), (c): requests of each simulated run (default 400)")
+                     help="(b), (c): requests of each simulated run, at least (default 400)")
+    slo.add_argument("--max-simulated", type=int, default=24,
+                     help="(b), (c): schedules simulated at most, best estimate first (default 24)")
     plan.add_argument("--policies", nargs="+", default=None,
                       help="policies to search (default: rra waa_c waa_m under --bound, and cb too under --completion "
                            "or --ttft/--tpot)")

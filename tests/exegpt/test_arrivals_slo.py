@@ -148,7 +148,7 @@ def test_unreachable_slos_name_what_is_reachable():
 def test_cli_slo_forms_and_simulated_runs(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "--task", "S", "--ttft", "2", "--tpot", "0.15", "--devices", "2xA100", "--sim-requests",
-                 "200", "-o", str(out)]) == 0
+                 "200", "--max-simulated", "3", "--policies", "rra", "cb", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "p90 TTFT <= 2 s and p90 TPOT <= 0.15 s: holds" in text and "goodput" in text
     assert "best of each policy" in text and "cb " in text
