@@ -45,6 +45,18 @@ def stage_degrees(num_gpus: int, tp: int, tp_gpus: int) -> tuple[int, ...]:
     return (tp,) * (tp_gpus // tp) + (1,) * (num_gpus - tp_gpus)
 
 
+def with_tp_defaults(fields: dict, num_gpus: int) -> dict:
+    """CLI schedule fields with TP 1 unless given, and every device using TP when a degree is."""
+    fields.setdefault("tp", 1)
+    fields.setdefault("tp_gpus", 0 if fields["tp"] == 1 else num_gpus)
+    return fields
+
+
+def one_pipeline_roles(schedule) -> tuple[tuple[str, int], ...]:
+    """(role, TP degree) of each stage of a policy with one pipeline over every device (RRA, static, cb)."""
+    return tuple(("both", t) for t in schedule.stages)
+
+
 def describe(s) -> str:
     """One line for tables: ``RRA B_E=8 N_D=4 TP2x4``, ``WAA-C B_E=2 B_m=16 TP1x0 1+1``, ``static B=16 TP4``
     (``TP{degree}x{devices using it}``; WAA ends with its encode+decode device split)."""

@@ -30,7 +30,7 @@ from ..errors import ExeGPTError
 from ..memory import activation_bytes, stage_weight_bytes
 from ..problem import Problem
 from ..rules import SteadyMarker, split_even
-from ..schedule import Policy, check_tp, stage_degrees
+from ..schedule import Policy, check_tp, one_pipeline_roles, stage_degrees, with_tp_defaults
 from ..stages import Layout, Terms, tp_gpu_counts
 from . import rra
 from .base import MAIN, Compact, Decode, DriverStats, Evict, Prefill, View, WaitArrival
@@ -130,17 +130,14 @@ def candidates(prob: Problem, tps: list[int], grid: int) -> list[CBSchedule]:
 
 def parse(policy, fields: dict, num_gpus: int) -> CBSchedule:
     """A schedule from CLI fields (``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``tp``...)."""
-    fields.setdefault("tp", 1)
-    fields.setdefault("tp_gpus", 0 if fields["tp"] == 1 else num_gpus)
-    return CBSchedule(num_gpus=num_gpus, **fields)
+    return CBSchedule(num_gpus=num_gpus, **with_tp_defaults(fields, num_gpus))
 
 
 def describe(s: CBSchedule) -> str:
     return f"CB S={s.max_num_seqs} T={s.max_num_batched_tokens} B={s.block_size} TP{s.tp}x{s.tp_gpus}"
 
 
-def stage_roles(schedule) -> tuple[tuple[str, int], ...]:
-    return rra.stage_roles(schedule)
+stage_roles = one_pipeline_roles
 
 
 def from_fields(fields: dict) -> CBSchedule:

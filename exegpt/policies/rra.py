@@ -41,7 +41,7 @@ import numpy as np
 from ..errors import ExeGPTError
 from ..problem import Problem
 from ..rules import SteadyMarker, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, split_even
-from ..schedule import Policy, check_tp, stage_degrees
+from ..schedule import Policy, check_tp, one_pipeline_roles, stage_degrees, with_tp_defaults
 from ..search.bnb import Space
 from ..stages import Layout, Terms, fits, pipeline_decode, pipeline_phases, place_stages, stage_memory, \
     tp_gpu_counts
@@ -149,18 +149,14 @@ def schedule_at(lay: Layout, point: tuple[int, ...], num_gpus: int) -> RRASchedu
 
 def parse(policy, fields: dict, num_gpus: int) -> RRASchedule:
     """A schedule from CLI fields (``encode_batch``, ``decode_iters``, ``tp``, ``tp_gpus``)."""
-    fields.setdefault("tp", 1)
-    fields.setdefault("tp_gpus", 0 if fields["tp"] == 1 else num_gpus)
-    return RRASchedule(num_gpus=num_gpus, **fields)
+    return RRASchedule(num_gpus=num_gpus, **with_tp_defaults(fields, num_gpus))
 
 
 def describe(s: RRASchedule) -> str:
     return f"RRA B_E={s.encode_batch} N_D={s.decode_iters} TP{s.tp}x{s.tp_gpus}"
 
 
-def stage_roles(schedule) -> tuple[tuple[str, int], ...]:
-    """(role, TP degree) of each stage the schedule implies, in plan order."""
-    return tuple(("both", t) for t in schedule.stages)
+stage_roles = one_pipeline_roles
 
 
 def from_fields(fields: dict) -> RRASchedule:

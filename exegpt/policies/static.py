@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import ExeGPTError
 from ..problem import Problem
 from ..rules import split_even
-from ..schedule import Policy, check_tp
+from ..schedule import Policy, check_tp, one_pipeline_roles
 from ..stages import Layout, Terms, fits, pipeline_phases, place_stages, stage_memory
 from .base import MAIN, Compact, Decode, DriverStats, Prefill, View, WaitArrival
 
@@ -42,7 +42,6 @@ class StaticSchedule:
     @property
     def stages(self) -> tuple[int, ...]:
         return (self.tp,) * (self.num_gpus // self.tp)
-
 
 
 def layout_of(prob: Problem, tp: int) -> Layout | None:
@@ -114,9 +113,7 @@ def describe(s: StaticSchedule) -> str:
     return f"static B={s.batch} TP{s.tp}"
 
 
-def stage_roles(schedule) -> tuple[tuple[str, int], ...]:
-    """(role, TP degree) of each stage the schedule implies, in plan order."""
-    return tuple(("both", t) for t in schedule.stages)
+stage_roles = one_pipeline_roles
 
 
 def from_fields(fields: dict) -> StaticSchedule:

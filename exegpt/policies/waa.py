@@ -42,7 +42,7 @@ from ..memory import stage_weight_bytes
 from ..problem import Problem
 from ..profile import Kernel
 from ..rules import SteadyMarker, split_by, waa_cache_rows
-from ..schedule import Policy, check_tp, stage_degrees
+from ..schedule import Policy, check_tp, stage_degrees, with_tp_defaults
 from ..search.bnb import Space
 from ..stages import Layout, Terms, concurrent_times, decode_times, encode_times, fits, place_stages, \
     spans_ranks, stage_memory, tp_gpu_counts
@@ -243,8 +243,7 @@ def schedule_at(lay: Layout, point: tuple[int, ...], num_gpus: int) -> WAASchedu
 
 def parse(policy, fields: dict, num_gpus: int) -> WAASchedule:
     """A schedule from CLI fields (``encode_batch``, ``micro_batch``, ``tp``, ``tp_gpus``, ``encode_gpus``)."""
-    fields.setdefault("tp", 1)
-    fields.setdefault("tp_gpus", 0 if fields["tp"] == 1 else num_gpus)
+    with_tp_defaults(fields, num_gpus)
     fields.setdefault("encode_gpus", num_gpus // 2)
     fields.setdefault("decode_gpus", num_gpus - fields["encode_gpus"])
     return WAASchedule(policy=policy, **fields)
