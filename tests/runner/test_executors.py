@@ -276,3 +276,21 @@ def test_plans_run_in_one_process_share_one_build_of_the_model(requests, referen
     run_plan(make_plan(RRASchedule(4, 3, 1, 0, 1), decode_batch=6.0), "tiny", requests=requests, dtype="bf16")
     [(other, _)] = pipeline._LAST_BUILT.values()
     assert other is not model and other.tok_embeddings.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_waa_with_a_two_rank_decode_group_under_arrivals(requests, reference):
+    """WAA 1+2 with the decode group pipelined, then 2+1 with the encode group in TP, one after the other in the same
+    three processes, requests arriving over time: the encoder forms its batches from what has arrived, the END
+    fillers of every encode rank match the receives the decode ranks keep posted (the second plan runs on clean
+    channels), and the tokens are the reference's."""
+    plans = [make_plan(WAASchedule(Policy.WAA_C, 3, 4, 1, 0, 1, 2),
+                       (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 1), Stage("decode", 1, 1, 1))),
+             make_plan(WAASchedule(Policy.WAA_C, 3, 4, 2, 2, 2, 1), (Stage("encode", 2, 0, 2), Stage("decode", 1, 0, 2)))]
+    arrivals = tuple(dataclasses.replace(r, arrival_s=0.01 * r.id) for r in requests)
+    reports = run_plans(plans, "tiny", requests=arrivals, keep_tokens=True, timeout_s=180)
+    for rep in reports:
+        assert rep is not None and rep.num_ranks == 3
+        assert_complete(rep, arrivals, reference)
+        assert rep.num_finished == len(requests)
+        assert all(r.encode_start_s >= r.arrival_s for r in rep.requests)
