@@ -286,7 +286,8 @@ def test_waa_with_a_two_rank_decode_group_under_arrivals(requests, reference):
     channels), and the tokens are the reference's."""
     plans = [make_plan(WAASchedule(Policy.WAA_C, 3, 4, 1, 0, 1, 2),
                        (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 1), Stage("decode", 1, 1, 1))),
-             make_plan(WAASchedule(Policy.WAA_C, 3, 4, 2, 2, 2, 1), (Stage("encode", 2, 0, 2), Stage("decode", 1, 0, 2)))]
+             make_plan(WAASchedule(Policy.WAA_C, 3, 4, 2, 2, 2, 1),
+                       (Stage("encode", 2, 0, 2), Stage("decode", 1, 0, 2)))]
     arrivals = tuple(dataclasses.replace(r, arrival_s=0.01 * r.id) for r in requests)
     reports = run_plans(plans, "tiny", requests=arrivals, keep_tokens=True, timeout_s=180)
     for rep in reports:
