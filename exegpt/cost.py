@@ -213,6 +213,12 @@ class CostModel:
         ar, ok3 = self._ar(tp, tokens)
         return dense + attn + 2 * ar, ok1 & ok2 & ok3
 
+    def prefix_attention(self, tp: int, queries, ctx) -> tuple[np.ndarray, np.ndarray]:
+        """One layer's attention of a prompt chunk's ``queries`` over the ``ctx`` keys its row held before it
+        (chunked prefill): as many decode-attention rows over that context."""
+        q = np.maximum(np.asarray(queries, dtype=float), 1.0)
+        return self._get(Kernel.ATTN_DECODE, tp, q, np.broadcast_to(np.asarray(ctx, dtype=float), q.shape))
+
     def decode_layer(self, tp: int, rows, ctx: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One decoder layer, one decode step of ``rows`` rows attending ``ctx`` tokens (default: the
         steady decode batch's mean context, or its longest when the backend pads decode steps)."""

@@ -19,6 +19,7 @@ class Policy(str, Enum):
     WAA_M = "waa_m"    # Workload-Aware Allocation, balanced by memory
     STATIC = "static"  # FasterTransformer-style static batching (the paper's baseline)
     CB = "cb"          # continuous (iteration-level) batching with paged KV accounting, vLLM's scheduler
+    CHUNKED = "chunked"  # chunked prefill (Sarathi-Serve): decodes first, then prompt chunks, in a token budget
 
 
 def policy_of(value) -> Policy:

@@ -37,7 +37,7 @@ from .ledger import Ledger
 from .plan import Plan
 from .policies import driver_groups
 from .policies.waa import HANDOFF_DEPTH
-from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Compact, Decode, DriverStats, EndHandOffs, Evict, \
+from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, DriverStats, EndHandOffs, Evict, \
     Merge, Merged, Prefill, WaitArrival, decision
 from .profile import Profile
 from .report import RunReport, build_report
@@ -251,6 +251,10 @@ class SimEngine:
             return None
         if isinstance(action, Evict):
             return None
+        if isinstance(action, Chunk):
+            self._take([r for r, s, _ in action.items if s == 0])
+            d.t = self._chunks(action.items, action.parts, d.t)
+            return None
         if isinstance(action, Decode):
             return self._decode(d, action)
         if isinstance(action, Compact):
@@ -292,14 +296,49 @@ class SimEngine:
         """``rids`` as ``parts`` pipelined micro-batches over the main stages from ``t0``; returns when the first
         tokens are in (``resume``: recomputed after a preemption, prompt and tokens but the last; no token)."""
         stages = self.stages[MAIN]
-        p = len(stages)
         mbs = split_even(rids, parts)
+        t_end = self._flow(mbs, [self._encode_times(stages, mb, resume) for mb in mbs],
+                           None if resume else mbs, t0)
+        if not resume:
+            self.ledger.tokens_at(rids, t_end)
+        return t_end
+
+    def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int, t0: float) -> float:
+        """Prompt chunks (request, start, length) as ``parts`` pipelined micro-batches from ``t0``: each stage's
+        prefill of the chunks' own tokens, plus their attention over the prefixes their rows hold
+        (``CostModel.prefix_attention``)."""
+        stages, led = self.stages[MAIN], self.ledger
+        mbs = split_even(list(items), parts)
+        times = []
+        for mb in mbs:
+            lens = np.array([m for _, _, m in mb])
+            stats = self.prob.stats.for_prompts(lens, self.padded)
+            t = encode_times(self.prob, stages, len(mb), dataclasses.replace(self.prob.cost, stats=stats))[0]
+            t = [float(np.ravel(x)[0]) for x in t]
+            for i, st in enumerate(stages):
+                prefix = [(m, s) for _, s, m in mb if s > 0]
+                if prefix:
+                    q, c = np.array(prefix, dtype=float).T
+                    attn = self.prob.cost.prefix_attention(st.tp, q, c)[0]
+                    t[i] += st.n_layers * float(np.sum(attn)) * (self.prob.slowdown if spans_ranks(stages) else 1.0)
+            times.append(t)
+        firsts = [[r for r, s, _ in mb if s == 0] for mb in mbs]
+        t_end = self._flow(mbs, times, firsts, t0)
+        ends = [r for r, s, m in items if s + m == led.inp[r]]
+        if ends:
+            led.tokens_at(ends, t_end)
+        return t_end
+
+    def _flow(self, mbs: list, times: list[list[float]], starting: list[list[int]] | None, t0: float) -> float:
+        """Micro-batches ``mbs`` with per-stage seconds ``times`` through the main stages as a flow shop from
+        ``t0``; ``starting[j]``: the requests whose prefill starts with micro-batch j. Returns when the last
+        micro-batch's tokens are back."""
+        p = len(self.stages[MAIN])
         done = np.zeros(p)  # when each stage finished its latest micro-batch
         arrive = []
-        for mb in mbs:
-            t = self._encode_times(stages, mb, resume)
-            if not resume:
-                self.ledger.started(mb, t0 + done[0])  # submitted when the driver's stage finished the one before
+        for j, (mb, t) in enumerate(zip(mbs, times)):
+            if starting is not None and starting[j]:
+                self.ledger.started(starting[j], t0 + done[0])  # submitted when stage 0 finished the one before
             prev = 0.0
             for s in range(p):
                 done[s] = max(done[s], prev) + t[s]
@@ -308,10 +347,7 @@ class SimEngine:
         if p > 1:
             ret = float(self.prob.cost.token_return(float(max(len(mb) for mb in mbs)))[0])
             arrive = [a + ret for a in arrive]
-        t_end = t0 + max(max(arrive), done[0])
-        if not resume:
-            self.ledger.tokens_at(rids, t_end)
-        return t_end
+        return t0 + max(max(arrive), done[0])
 
     def _encode_batch(self, d: _Driver, rids: tuple[int, ...]) -> None:
         """One WAA encode batch through the encode stages, from the driver's clock."""

@@ -19,7 +19,7 @@ import torch
 from exegpt.errors import ExeGPTError
 from exegpt.ledger import Ledger
 from exegpt.policies import driver_groups, policy_module
-from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Compact, Decode, EndHandOffs, Evict, Merge, \
+from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, EndHandOffs, Evict, Merge, \
     Merged, Prefill, WaitArrival, decision
 from exegpt.report import RunReport, build_report
 from exegpt.rules import split_even
@@ -27,7 +27,7 @@ from exegpt.rules import split_even
 from .dist import TAG_CREDIT, TAG_META
 from .handoff import DEPTH, DecodeStage, EncodeStage
 from .kv_cache import fill_holes
-from .pipeline import COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PREFILL, Command, Pipeline, RunContext, \
+from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PREFILL, Command, Pipeline, RunContext, \
     StageRuntime, _i64, eos_of, make_runtime, make_tp_groups, start_clock
 
 
@@ -153,6 +153,8 @@ class RunnerEngine:
     def execute(self, action):
         if isinstance(action, Prefill):
             return self._prefill(list(action.rids), action.parts, action.resume)
+        if isinstance(action, Chunk):
+            return self._chunks(action.items, action.parts)
         if isinstance(action, Decode):
             return self._decode(action)
         if isinstance(action, Compact):
@@ -216,6 +218,26 @@ class RunnerEngine:
             if not resume:
                 self.ledger.tokens_at([rids[i] for i in mb], self.now(), toks)
         self.row_req += rids
+        return None
+
+    def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int) -> None:
+        """Prompt chunks (request, start, length) into their rows (a new row at start 0), pipelined; a chunk that
+        ends its prompt gives the request's first token."""
+        self._take([r for r, s, _ in items if s == 0])
+        self.row_req += [r for r, s, _ in items if s == 0]
+        row_of = {rid: i for i, rid in enumerate(self.row_req)}
+        mbs = split_even(list(items), parts)
+        for mb in mbs:
+            self.ledger.started([r for r, s, _ in mb if s == 0], self.now())
+            self.pipe.submit(Command(CHUNK, _i64([row_of[r] for r, _, _ in mb]), seq_lens=_i64([m for _, _, m in mb]),
+                                     ids=_i64([t for r, s, m in mb for t in self.prompts[r][s:s + m]]),
+                                     req=_i64([s for _, s, _ in mb])))
+        for mb in mbs:
+            toks = self.pipe.collect().tolist()
+            t = self.now()
+            for (r, s, m), tok in zip(mb, toks):
+                if s + m == len(self.prompts[r]):
+                    self.ledger.token(r, tok, t)
         return None
 
     def _merge(self) -> Merged | None:

@@ -96,6 +96,16 @@ class KVCache:
         self.k[layer, rows, :, :S] = k
         self.v[layer, rows, :, :S] = v
 
+    def write_chunks(self, layer: int, rows: list[int], starts: list[int], lens: list[int], k: Tensor, v: Tensor,
+                     kv_len: int) -> tuple[Tensor, Tensor]:
+        """Writes prompt chunks ``k``, ``v`` ``[n, H, S, D]`` (padded) at ``[starts[i], starts[i] + lens[i])`` of row
+        ``rows[i]``; returns the rows' keys and values ``[n, H, kv_len, D]`` (gathered)."""
+        for i, (r, s, m) in enumerate(zip(rows, starts, lens)):
+            self.k[layer, r, :, s:s + m] = k[i, :, :m].to(self.dtype)
+            self.v[layer, r, :, s:s + m] = v[i, :, :m].to(self.dtype)
+        idx = torch.as_tensor(rows, device=self.k.device)
+        return self.k[layer, idx, :, :kv_len], self.v[layer, idx, :, :kv_len]
+
     def append(self, layer: int, rows: Tensor | slice, pos: Tensor | int, k: Tensor, v: Tensor, kv_len: int
                ) -> tuple[Tensor, Tensor]:
         """Writes one step ``k``, ``v``: ``[n, H, 1, D]`` at per-row positions ``pos`` (``[n]`` on the device, or

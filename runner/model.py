@@ -179,6 +179,9 @@ class Step:
     kernel_args: tuple | None = None
     """CPU decode: ``cpu_kernels.step_args`` of this step (arguments, the tensors they point to), taken once for
     every fused layer."""
+    chunk: tuple[list[int], list[int], list[int]] | None = None
+    """Chunked prefill: (cache rows, start positions, chunk lengths) as host lists; the chunk's keys and values go
+    to ``[start, start + length)`` of each row, and its queries attend the row's keys before them (``mask``)."""
 
 
 def prefill_step(seq_lens: Tensor, rows: Tensor, rope: tuple[Tensor, Tensor] | None, device: torch.device
@@ -193,6 +196,23 @@ def prefill_step(seq_lens: Tensor, rows: Tensor, rope: tuple[Tensor, Tensor] | N
     if rope is not None:
         cos, sin = rope[0][:S, None], rope[1][:S, None]  # [S, 1, D]
     return Step(rows=row_index(rows, device), decode=False, is_causal=True, cos=cos, sin=sin)
+
+
+def chunk_step(starts: Tensor, seq_lens: Tensor, rows: Tensor, rope: tuple[Tensor, Tensor] | None,
+               device: torch.device) -> Step:
+    """The ``Step`` of prompt chunks of ``seq_lens`` tokens (CPU ``[n]``, padded on the right to the longest) that
+    continue rows ``rows`` at positions ``starts``: query q of row i sits at ``starts[i] + q`` and attends keys
+    ``0 .. starts[i] + q`` of its row."""
+    S = int(seq_lens.max())
+    kv = int((starts + seq_lens).max())
+    pos = starts[:, None] + torch.arange(S)[None, :]  # [n, S]
+    mask = (torch.arange(kv)[None, None, :] <= pos[:, :, None])[:, None].to(device)  # [n, 1, S, kv]
+    cos = sin = None
+    if rope is not None:
+        at = pos.clamp(max=rope[0].shape[0] - 1).to(device)  # padded queries past the table: never read
+        cos, sin = rope[0][at][:, :, None], rope[1][at][:, :, None]  # [n, S, 1, D]
+    return Step(rows=row_index(rows, device), decode=False, kv_len=kv, mask=mask, cos=cos, sin=sin,
+                chunk=(rows.tolist(), starts.tolist(), seq_lens.tolist()))
 
 
 def decode_step(pos: Tensor, rows: Tensor | slice, rope: tuple[Tensor, Tensor] | None, device: torch.device,
@@ -266,6 +286,8 @@ class Attention(nn.Module):
         if step.decode:
             pos = step.pos if step.pos_uniform is None else step.pos_uniform
             k, v = cache.append(layer, step.rows, pos, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
+        elif step.chunk is not None:  # a prompt chunk after the row's cached prefix
+            k, v = cache.write_chunks(layer, *step.chunk, k, v, step.kv_len)  # [n, Hkv, kv_len, D]
         elif cache is not None:  # (no cache: T5's encoder)
             cache.write_prompt(layer, step.rows, k, v)  # prompts start at position 0: attend to themselves
         gqa = self.n_heads != self.n_kv_heads
@@ -487,30 +509,39 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()  # [n, vocab]
 
     @torch.no_grad()
-    def prefill(self, x: Tensor, seq_lens: Tensor | list[int], rows: Tensor | list[int]) -> Tensor:
+    def prefill(self, x: Tensor, seq_lens: Tensor | list[int], rows: Tensor | list[int],
+                starts: Tensor | list[int] | None = None) -> Tensor:
         """Runs packed prompts from position 0 and writes their KV to cache rows ``rows``.
 
         Args:
             x: token ids ``[T]`` (embed) or hidden ``[T, dim]``, prompts packed back to back.
             seq_lens: prompt lengths ``[n]``, summing to ``T``.
             rows: cache row of each prompt ``[n]``.
+            starts: chunked prefill: the position ``[n]`` each row's chunk starts at, after the ``starts[i]``
+                positions the row already holds (None: whole prompts from 0).
         Returns:
             hidden ``[T, dim]``, or (head) float32 logits of each prompt's last token ``[n, vocab]``.
         """
         seq_lens = as_rows(seq_lens)
-        h, valid = self._prefill(x, seq_lens, as_rows(rows))  # [n, S, dim], [n, S]
+        starts = None if starts is None else as_rows(starts)
+        h, valid = self._prefill(x, seq_lens, as_rows(rows), starts)  # [n, S, dim], [n, S]
         if self.head:
             n, device = h.shape[0], h.device
             return self._logits(h[torch.arange(n, device=device), (seq_lens - 1).to(device)])
         return h.reshape(-1, h.shape[-1]) if valid is None else h[valid]  # [T, dim]
 
-    def _prefill(self, x: Tensor, seq_lens: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _prefill(self, x: Tensor, seq_lens: Tensor, rows: Tensor, starts: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor | None]:
         """Layers over the padded prompt batch: hidden ``[n, S, dim]`` and the valid mask ``[n, S]`` (None: all)."""
         cache = self._cache()
         n, S = seq_lens.numel(), int(seq_lens.max())
-        if S > cache.max_len or int(seq_lens.min()) < 1 or rows.numel() != n:
+        ends = seq_lens if starts is None else starts + seq_lens
+        if int(ends.max()) > cache.max_len or int(seq_lens.min()) < 1 or rows.numel() != n:
             raise ExeGPTError(f"prompt lengths must be in [1, {cache.max_len}] with one row each, "
                               f"got seq_lens={seq_lens.tolist()} rows={rows.tolist()}")
+        if starts is not None and (starts.numel() != n or (cache.lengths[rows] != starts).any()):
+            raise ExeGPTError(f"chunks must start where their rows end: starts={starts.tolist()}, rows hold "
+                              f"{cache.lengths[rows].tolist()}")
         _, device = self._dtype_device()
         uniform = bool((seq_lens == S).all())
         valid = torch.arange(S)[None, :] < seq_lens[:, None]  # [n, S]
@@ -519,11 +550,15 @@ class Transformer(nn.Module):
             ids = x.view(n, S) if uniform else x.new_zeros(n, S).index_put_((valid_d,), x)  # [n, S]
             h = self.tok_embeddings(ids)  # [n, S, dim]
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(torch.arange(S, device=device) + OPT_POS_OFFSET)
+                pos = torch.arange(S) if starts is None else starts[:, None] + torch.arange(S)[None, :]
+                pos = pos.clamp(max=self.args.max_seq_len - 1)  # padded queries past the context: never read
+                h = h + self.pos_embeddings(pos.to(device) + OPT_POS_OFFSET)
         else:
             h = x.view(n, S, -1) if uniform else x.new_zeros(n, S, x.shape[-1]).index_put_((valid_d,), x)
-        h = self._run_layers(h, prefill_step(seq_lens, rows, self.rope, device))  # [n, S, dim]
-        cache.lengths[rows] = seq_lens
+        step = prefill_step(seq_lens, rows, self.rope, device) if starts is None else \
+            chunk_step(starts, seq_lens, rows, self.rope, device)
+        h = self._run_layers(h, step)  # [n, S, dim]
+        cache.lengths[rows] = ends
         return h, valid_d
 
     @torch.no_grad()

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, StageRanks
 
-PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE = 1, 2, 3, 4, 5, 6, 7
-COMPUTE = (PREFILL, DECODE)
+PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE, CHUNK = 1, 2, 3, 4, 5, 6, 7, 8
+COMPUTE = (PREFILL, DECODE, CHUNK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,8 @@ class Command:
     ids: Tensor | None = None
     """Input token ids of the first stage: packed prompts ``[T]`` (PREFILL) or ``[n]`` (DECODE)."""
     req: Tensor | None = None
-    """PREFILL / IMPORT: request id of each row ``[n]``."""
+    """PREFILL / IMPORT: request id of each row ``[n]``; CHUNK (a prompt chunk continuing each row): the position
+    ``[n]`` each row's chunk starts at."""
     batch: int = 0
     """Encode-batch or micro-batch number."""
     time_ns: int = 0
@@ -163,6 +164,8 @@ class StageRuntime:
             x = (cmd.ids if self.model.embed else hidden).to(self.comm.device)
             if cmd.op == PREFILL:
                 out = self.model.prefill(x, cmd.seq_lens, cmd.rows)
+            elif cmd.op == CHUNK:
+                out = self.model.prefill(x, cmd.seq_lens, cmd.rows, starts=cmd.req)
             else:
                 out = self.model.decode(x, cmd.rows)
         elif cmd.op == COMPACT:

@@ -18,15 +18,17 @@ from types import ModuleType
 
 from ..errors import ExeGPTError
 from ..schedule import Policy
-from . import cb, rra, static, waa
+from . import cb, chunked, rra, static, waa
 from .cb import CBSchedule
+from .chunked import ChunkedSchedule
 from .rra import RRASchedule
 from .static import StaticSchedule
 from .waa import WAASchedule
 
-REGISTRY: dict[str, ModuleType] = {name.value: module for module in (rra, waa, static, cb) for name in module.NAMES}
+REGISTRY: dict[str, ModuleType] = {name.value: module for module in (rra, waa, static, cb, chunked)
+                               for name in module.NAMES}
 
-Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule
+Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule
 
 
 def policy_module(name) -> ModuleType:

@@ -37,6 +37,16 @@ class Prefill:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """Prefill prompt chunks: ``items`` of (request, start, length), each the prompt tokens ``[start, start +
+    length)`` after the ``start`` its row already holds (``start`` 0 takes a free row), as ``parts`` pipelined
+    micro-batches. A chunk that ends its prompt gives the request's first token. Result: None."""
+
+    items: tuple[tuple[int, int, int], ...]
+    parts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Decode:
     """Decode ``micro_batches`` (request ids), pipelined over the group's stages, each for up to ``max_iters``
     iterations: a micro-batch's next iteration starts once its tokens are back. With ``drop_finished`` a row
@@ -90,7 +100,7 @@ class Merged:
     """The batch's prefill, from its start to its first tokens."""
 
 
-Action = Prefill | Decode | Compact | Evict | WaitArrival | AwaitCredit | EndHandOffs | Merge
+Action = Prefill | Chunk | Decode | Compact | Evict | WaitArrival | AwaitCredit | EndHandOffs | Merge
 
 
 @dataclass(frozen=True, slots=True)

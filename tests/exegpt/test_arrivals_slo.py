@@ -13,6 +13,7 @@ from exegpt import (Arrivals, CompletionSLO, InfeasibleBoundError, LatencyBound,
 from exegpt.__main__ import main
 from exegpt.errors import ExeGPTError
 from exegpt.policies.cb import CBSchedule
+from exegpt.policies.chunked import ChunkedSchedule
 from exegpt.problem import problem
 from exegpt.search.goodput import SimulatedSearch, goodput
 from exegpt.search.optimize import simulated_candidates
@@ -65,6 +66,7 @@ def test_a_traces_timestamps_are_replayed_in_order():
     (lambda: SimulatedSearch(num_requests=0), "num_requests=0 must be a whole number >= 1"),
     (lambda: SimulatedSearch(arrivals="burst"), "arrivals='burst' must be 'poisson' or 'trace'"),
     (lambda: CBSchedule(0, 64, 1, 0, 1), "continuous batching: max_num_seqs=0 must be a whole number >= 1"),
+    (lambda: ChunkedSchedule(8, 8, 1, 0, 1), "token_budget=8 must exceed max_num_seqs=8, or a step full of decodes"),
     (lambda: evaluate_schedule(CBSchedule(4, 100, 1, 0, 1), W, profile=make_profile(), devices="1xA40"),
      "max_num_batched_tokens=100 is below the workload's longest request (188 tokens)"),
     (lambda: evaluate_schedule(CBSchedule(4, 512, 1, 0, 1, block_size=24), W, profile=make_profile(),
@@ -89,15 +91,16 @@ def test_completion_slo_picks_the_best_simulated_schedule_of_its_grid():
     assert slo.holds(rep) and c.achieved == (slo.achieved(rep),)
     prob = problem(W, math.inf, profile=prof, devices="1xA40")
     best, policies = 0.0, set()
-    for _, policy, make_plan in simulated_candidates(prob, ("rra", "cb"), None, space, None, 4):
+    for _, policy, make_plan in simulated_candidates(prob, ("rra", "cb", "chunked"), None, space, None, 4):
         r = run_simulated(make_plan(None), prof, num_requests=150)
         policies.add(policy)
         if slo.holds(r):
             best = max(best, r.throughput_seq_s)
-    assert rep.throughput_seq_s == best and policies == {"rra", "cb"}
+    assert rep.throughput_seq_s == best and policies == {"rra", "cb", "chunked"}
     # The plan says which policies were searched (one device: no WAA) and the best each reached.
     reached = dict(plan.search.per_policy)
-    assert set(reached) == {"rra", "cb"} and reached[plan.schedule.policy.value] == best == max(reached.values())
+    assert set(reached) == {"rra", "cb", "chunked"}
+    assert reached[plan.schedule.policy.value] == best == max(reached.values())
     assert Plan.from_json(plan.to_json()) == plan
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from exegpt.errors import ExeGPTError
 from exegpt.policies import policy_module
 from exegpt.policies.cb import CBSchedule
+from exegpt.policies.chunked import ChunkedSchedule
 from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, StaticSchedule, WAASchedule, Workload
 from runner.dist import RankFailedError
 from runner.generate import greedy_reference
@@ -173,10 +175,25 @@ def test_continuous_batching_tokens_match_reference(requests, reference, seqs, k
     assert (evictions > 0) == math.isfinite(kv_tokens)
 
 
+@pytest.mark.parametrize("budget,seqs,kv_tokens", [(9, 4, math.inf), (12, 6, 64.0)])
+def test_chunked_prefill_tokens_match_reference(requests, reference, budget, seqs, kv_tokens):
+    """Prompts of up to 20 tokens in steps of 9 or 12 tokens shared with the decodes span several chunks, each
+    attending its row's cached prefix; with a pool of 8 blocks requests are preempted and recomputed too."""
+    plan = make_plan(ChunkedSchedule(budget, seqs, 1, 0, 1, block_size=8))
+    plan = dataclasses.replace(plan, estimate=dataclasses.replace(plan.estimate, kv_tokens=kv_tokens))
+    rep = run_plan(plan, "tiny", requests=requests, keep_tokens=True, log_decisions=True)
+    assert_complete(rep, requests, reference)
+    assert rep.num_finished == len(requests)
+    chunks = "".join(d for d in rep.decisions if "Chunk(" in d)
+    assert re.search(r"\(\d+, [1-9]\d*, \d+\)", chunks)  # (request, start > 0, length): a prompt's later chunk
+    assert (sum("Evict" in d for d in rep.decisions) > 0) == math.isfinite(kv_tokens)
+
+
 def test_policy_registry():
     assert policy_module(Policy.RRA) is policy_module("rra")
     assert policy_module("waa_c") is policy_module(Policy.WAA_M)
-    with pytest.raises(ExeGPTError, match="unknown policy: 'fifo'; registered: rra, waa_c, waa_m, static"):
+    with pytest.raises(ExeGPTError, match="unknown policy: 'fifo'; registered: rra, waa_c, waa_m, static, cb, "
+                                          "chunked"):
         policy_module("fifo")
 
 
