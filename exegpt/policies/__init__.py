@@ -25,8 +25,8 @@ from .rra import RRASchedule
 from .static import StaticSchedule
 from .waa import WAASchedule
 
-REGISTRY: dict[str, ModuleType] = {name.value: module for module in (rra, waa, static, cb, chunked)
-                               for name in module.NAMES}
+REGISTRY: dict[str, ModuleType] = {
+    name.value: module for module in (rra, waa, static, cb, chunked) for name in module.NAMES}
 
 Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule
 

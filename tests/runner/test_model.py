@@ -185,3 +185,33 @@ def test_packed_linear_is_one_rounding_of_the_exact_product_and_follows_weight_c
         h1, h3 = ffn.w1(h), ffn.w3(h)  # separately
         fused = ffn.w2(ffn.act(h1) * h3)
         assert torch.allclose(ffn(h).float(), fused.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0.05)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-opt"])
+def test_chunked_prefill_equals_whole_prompts(name):
+    """Prompts prefilled in chunks of 3-5 tokens (rows at different offsets in one call, RoPE or OPT's learned
+    positions at the offset) give the greedy tokens of whole-prompt decoding."""
+    from runner.weights import load_model
+
+    m, _, _ = load_model(name)
+    m.eval()
+    prompts = [list(range(3, 16)), list(range(40, 47)), list(range(100, 120))]
+    ref = [greedy_reference(m, p, 4) for p in prompts]
+    m.setup_cache(4, 64)
+    done, out = [0, 0, 0], {}
+    while any(d < len(p) for d, p in zip(done, prompts)):
+        idx = [i for i in range(3) if done[i] < len(prompts[i])]
+        lens = [min(3 if i == 1 else 5, len(prompts[i]) - done[i]) for i in idx]
+        ids = torch.tensor([t for i, n in zip(idx, lens) for t in prompts[i][done[i]:done[i] + n]])
+        logits = m.prefill(ids, lens, idx, starts=[done[i] for i in idx])
+        for j, (i, n) in enumerate(zip(idx, lens)):
+            done[i] += n
+            if done[i] == len(prompts[i]):
+                out[i] = [int(logits[j].argmax())]
+    for _ in range(3):
+        logits = m.decode(torch.tensor([out[i][-1] for i in range(3)]), [0, 1, 2])
+        for i in range(3):
+            out[i].append(int(logits[i].argmax()))
+    assert [out[i] for i in range(3)] == ref
+    with pytest.raises(ExeGPTError, match="chunks must start where their rows end"):
+        m.prefill(torch.tensor([1, 2]), [2], [0], starts=[3])
