@@ -117,7 +117,7 @@ def table2(quick: bool) -> None:
     print(f"{'policy':<8} {'goodput req/s':>14} {'speed-up':>9} {'search s':>9}  schedule")
     span = w.arrivals_s[-1] - w.arrivals_s[0]
     base = (len(w.pairs) - 1) / span
-    for pols in (("rra",), ("waa_c", "waa_m"), ("cb",)):
+    for pols in (("rra",), ("waa_c", "waa_m"), ("cb",), ("chunked",)):
         t0 = time.perf_counter()
         try:
             plan = find_schedule(w, slo, model=model, devices=devices, policies=list(pols), simulated=opts)
