@@ -312,3 +312,20 @@ def test_waa_with_a_two_rank_decode_group_under_arrivals(requests, reference):
         assert_complete(rep, arrivals, reference)
         assert rep.num_finished == len(requests)
         assert all(r.encode_start_s >= r.arrival_s for r in rep.requests)
+
+
+def test_every_one_rank_policy_on_smollm2_gives_greedy_tokens(smollm2):
+    """The pretrained SmolLM2-135M (fp32) under RRA, static batching, continuous batching and chunked prefill: every
+    request's tokens equal single-request greedy decoding. (In bf16 they do not, for any policy: batched bf16
+    GEMMs round differently from one row's, and random prompts give near-tied logits.)"""
+    model, args, _ = smollm2
+    w = Workload.truncated_normal((14, 5, 24), (8, 3, 12))
+    reqs = make_requests(w, 8, args.vocab_size, seed=3)
+    ref = {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in reqs}
+    stages = (Stage("both", 1, 0, args.n_layers),)
+    plans = [dataclasses.replace(make_plan(s, stages), workload=w)
+             for s in (RRASchedule(3, 3, 1, 0, 1), StaticSchedule(4, 1, 1), CBSchedule(4, 64, 1, 0, 1),
+                       ChunkedSchedule(10, 4, 1, 0, 1))]
+    for rep in run_plans(plans, "smollm2", requests=reqs, keep_tokens=True):
+        assert_complete(rep, reqs, ref)
+        assert rep.num_finished == len(reqs)
