@@ -43,7 +43,7 @@ from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Prof
                     find_schedule, smallest_feasible_bound)
 from exegpt.policies.cb import CBSchedule
 from exegpt.problem import offered_cluster
-from exegpt.schedule import describe
+from exegpt.policies import describe
 from exegpt.stages import spans_ranks
 from profiler.collectives import run_group
 from profiler.device import resolve_device

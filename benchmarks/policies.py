@@ -28,7 +28,7 @@ from exegpt.errors import ExeGPTError
 from exegpt.models import get_model
 from exegpt.policies import cb
 from exegpt.problem import problem
-from exegpt.schedule import describe
+from exegpt.policies import describe
 from exegpt.search.goodput import SimulatedSearch
 from exegpt.search.optimize import _plan, _tp_degrees
 from exegpt.plan import SearchStats

@@ -23,7 +23,7 @@ from exegpt import InfeasibleBoundError, Workload, exhaustive_schedule, find_sch
 from exegpt.errors import ExeGPTError
 from exegpt.policies.static import baseline_layout as static_baseline_layout
 from exegpt.problem import problem
-from exegpt.schedule import describe
+from exegpt.policies import describe
 from exegpt.policies.static import points as static_points
 from exegpt.workload import TASKS
 

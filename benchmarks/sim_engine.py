@@ -15,7 +15,7 @@ import time
 
 from exegpt import Workload, find_schedule, run_simulated, static_schedule
 from exegpt.search.goodput import SimulatedSearch, goodput
-from exegpt.schedule import describe
+from exegpt.policies import describe
 from exegpt.slo import RequestSLO
 
 

@@ -9,12 +9,13 @@ from .models import MODELS, ModelShape, get_model
 from .policies import RRASchedule, Schedule, StaticSchedule, WAASchedule
 from .search.optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
                               smallest_feasible_bound, static_schedule)
-from .plan import Estimate, Plan, SearchStats, Stage
+from .plan import Estimate, Plan, SearchStats
 from .profile import Kernel, Profile, ProfileTable
 from .report import Percentiles, RequestRecord, RunReport
 from .schedule import Policy
 from .sim import run_simulated
 from .slo import CompletionSLO, RequestSLO
+from .stages import Stage
 from .simulate import simulate
 from .workload import Workload
 

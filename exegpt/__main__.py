@@ -27,9 +27,9 @@ from .search.optimize import (SearchSpace, evaluate_schedule, exhaustive_schedul
 from .plan import Plan
 from .profile import Profile
 from .arrivals import Arrivals
-from .policies import policy_module
+from .policies import describe, policy_module
 from .search.goodput import SimulatedSearch
-from .schedule import describe, policy_of
+from .schedule import policy_of
 from .sim import run_simulated
 from .slo import CompletionSLO, RequestSLO
 from .workload import TASKS, TRACES, Workload

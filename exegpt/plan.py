@@ -1,4 +1,4 @@
-"""Estimate, Stage, SearchStats and Plan: what the solver returns and the runner executes."""
+"""Estimate, SearchStats and Plan: what the solver returns and the runner executes (``Stage``: ``exegpt.stages``)."""
 
 from __future__ import annotations
 
@@ -9,27 +9,16 @@ from typing import TYPE_CHECKING
 from .bound import LatencyBound
 from .errors import ExeGPTError
 from .jsonfile import JSONFile
-from .schedule import schedule_from_dict, schedule_to_dict
+from .policies import schedule_from_dict
+from .schedule import schedule_to_dict
+from .slo import slo_from_dict
+from .stages import Stage
 from .workload import Workload
 
 if TYPE_CHECKING:
     from .policies import Schedule
 
 PLAN_SCHEMA = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Stage:
-    """One pipeline stage: ``tp`` devices holding decoder layers [first_layer, first_layer + n_layers)
-    (and, for encoder-decoder models, encoder layers [first_enc_layer, first_enc_layer + n_enc_layers))."""
-
-    role: str
-    """'both' (RRA, static), 'encode' or 'decode' (WAA)."""
-    tp: int
-    first_layer: int
-    n_layers: int
-    first_enc_layer: int = 0
-    n_enc_layers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,15 +175,7 @@ class Plan(JSONFile):
                        stages=tuple(Stage(**s) for s in d["stages"]),
                        search=SearchStats(**{**d["search"], "per_policy": tuple(tuple(x) for x in
                                                                                 d["search"].get("per_policy", ()))}),
-                       slo=_slo(d.get("slo")),
+                       slo=None if d.get("slo") is None else slo_from_dict(d["slo"]),
                        slo_check=None if d.get("slo_check") is None else SLOCheck.from_dict(d["slo_check"]))
         except (KeyError, TypeError) as e:
             raise ExeGPTError(f"plan JSON is missing or has a wrong field: {e}") from None
-
-
-def _slo(d: dict | None):
-    if d is None:
-        return None
-    from .slo import slo_from_dict
-
-    return slo_from_dict(d)

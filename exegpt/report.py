@@ -58,6 +58,10 @@ class RequestRecord:
             raise ExeGPTError(f"request {self.id}: a failed request needs a reason")
 
     @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    @property
     def queue_s(self) -> float:
         """Arrival to the start of its prefill (NaN if it never started)."""
         return math.nan if self.encode_start_s is None else self.encode_start_s - self.arrival_s

@@ -58,27 +58,7 @@ def one_pipeline_roles(schedule) -> tuple[tuple[str, int], ...]:
     return tuple(("both", t) for t in schedule.stages)
 
 
-def describe(s) -> str:
-    """One line for tables: ``RRA B_E=8 N_D=4 TP2x4``, ``WAA-C B_E=2 B_m=16 TP1x0 1+1``, ``static B=16 TP4``
-    (``TP{degree}x{devices using it}``; WAA ends with its encode+decode device split)."""
-    from .policies import policy_module
-
-    return policy_module(s.policy).describe(s)
-
-
 def schedule_to_dict(s) -> dict:
     d = {f: getattr(s, f) for f in s.__dataclass_fields__}
     d["policy"] = s.policy.value
     return d
-
-
-def schedule_from_dict(d: dict):
-    from .policies import policy_module
-
-    d = dict(d)
-    policy = policy_of(d.get("policy"))
-    d["policy"] = policy
-    try:
-        return policy_module(policy).from_fields(d)
-    except TypeError as e:
-        raise ExeGPTError(f"{policy.value} schedule fields are wrong: {e}") from None

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .bound import LatencyBound
 from .errors import ExeGPTError
-from .report import FINISHED, RunReport
+
+if TYPE_CHECKING:
+    from .report import RunReport
 
 
 def _positive(value, what: str) -> None:
@@ -48,11 +51,11 @@ class CompletionSLO:
 
     def achieved(self, report: RunReport) -> float:
         """The ``share``-quantile of the requests' service latency (s; inf when too many failed)."""
-        lat = [r.finish_s - r.encode_start_s if r.status == FINISHED else math.inf for r in report.requests]
+        lat = [r.finish_s - r.encode_start_s if r.finished else math.inf for r in report.requests]
         return _quantile(lat, self.share)
 
     def attainment(self, records) -> float:
-        return float(np.mean([r.status == FINISHED and r.finish_s - r.encode_start_s <= self.bound_s
+        return float(np.mean([r.finished and r.finish_s - r.encode_start_s <= self.bound_s
                               for r in records])) if records else math.nan
 
     def holds(self, report: RunReport) -> bool:
@@ -86,14 +89,14 @@ class RequestSLO:
     def achieved(self, report: RunReport) -> tuple[float, float]:
         """(TTFT, TPOT) at the percentile, over every request (a failed one as infinitely late)."""
         q = self.percentile / 100
-        ttft = [r.ttft_s if r.status == FINISHED else math.inf for r in report.requests]
-        tpot = [(r.tpot_s if r.num_generated > 1 else 0.0) if r.status == FINISHED else math.inf
+        ttft = [r.ttft_s if r.finished else math.inf for r in report.requests]
+        tpot = [(r.tpot_s if r.num_generated > 1 else 0.0) if r.finished else math.inf
                 for r in report.requests]
         return _quantile(ttft, q), _quantile(tpot, q)
 
     def attainment(self, records) -> float:
         """The share of requests meeting both bounds."""
-        ok = [r.status == FINISHED and r.ttft_s <= self.ttft_s and not (r.tpot_s > self.tpot_s) for r in records]
+        ok = [r.finished and r.ttft_s <= self.ttft_s and not (r.tpot_s > self.tpot_s) for r in records]
         return float(np.mean(ok)) if ok else math.nan
 
     def holds(self, report: RunReport) -> bool:

@@ -26,12 +26,25 @@ import numpy as np
 from .cost import CostModel
 from .memory import activation_bytes, kv_bytes, stage_weight_bytes
 from .placement import place_layers
-from .plan import Stage
 from .problem import Problem
 from .profile import Kernel
 from .schedule import Policy
 
 _REF_ROWS = 8.0  # rows at which per-layer times are compared to balance the layer placement
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One pipeline stage: ``tp`` devices holding decoder layers [first_layer, first_layer + n_layers)
+    (and, for encoder-decoder models, encoder layers [first_enc_layer, first_enc_layer + n_enc_layers))."""
+
+    role: str
+    """'both' (RRA, static), 'encode' or 'decode' (WAA)."""
+    tp: int
+    first_layer: int
+    n_layers: int
+    first_enc_layer: int = 0
+    n_enc_layers: int = 0
 
 
 @dataclass(frozen=True, eq=False)

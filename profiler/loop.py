@@ -34,7 +34,7 @@ from exegpt import InfeasibleBoundError, Plan, Profile, RRASchedule, WAASchedule
 from exegpt.errors import ExeGPTError
 from exegpt.sim import run_simulated
 from exegpt.arrivals import sample_lengths
-from exegpt.schedule import describe
+from exegpt.policies import describe
 from runner import cpu_kernels
 from exegpt.report import RunReport
 from runner.run import run_plans

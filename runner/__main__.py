@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from exegpt.errors import ExeGPTError
-from exegpt.schedule import describe
+from exegpt.policies import describe
 
 PROGRESS_MIN_REQUESTS = 100
 """Runs of at least this many requests show a progress bar (unless --no-progress)."""

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from exegpt.errors import ExeGPTError
-from exegpt.plan import Stage
+from exegpt.stages import Stage
 
 from .tp import free_port
 

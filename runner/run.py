@@ -18,9 +18,10 @@ import torch
 from exegpt.arrivals import Arrivals
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS
-from exegpt.plan import Plan, Stage
+from exegpt.plan import Plan
 from exegpt.policies import policy_module
 from exegpt.report import RunReport
+from exegpt.stages import Stage
 from exegpt.workload import Workload
 
 from .dist import init_from_env, launch, layout, torchrun_env

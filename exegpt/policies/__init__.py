@@ -17,7 +17,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import ExeGPTError
-from ..schedule import Policy
+from ..schedule import Policy, policy_of
 from . import cb, chunked, rra, static, waa
 from .cb import CBSchedule
 from .chunked import ChunkedSchedule
@@ -43,3 +43,20 @@ def policy_module(name) -> ModuleType:
 def driver_groups(plan) -> dict:
     """``{group: driver}`` of a plan's policy."""
     return policy_module(plan.schedule.policy).drivers(plan)
+
+
+def describe(s) -> str:
+    """One line for tables: ``RRA B_E=8 N_D=4 TP2x4``, ``WAA-C B_E=2 B_m=16 TP1x0 1+1``, ``static B=16 TP4``
+    (``TP{degree}x{devices using it}``; WAA ends with its encode+decode device split)."""
+    return policy_module(s.policy).describe(s)
+
+
+def schedule_from_dict(d: dict):
+    """A schedule from its JSON fields (``schedule.schedule_to_dict``)."""
+    d = dict(d)
+    policy = policy_of(d.get("policy"))
+    d["policy"] = policy
+    try:
+        return policy_module(policy).from_fields(d)
+    except TypeError as e:
+        raise ExeGPTError(f"{policy.value} schedule fields are wrong: {e}") from None
