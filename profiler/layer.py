@@ -43,8 +43,9 @@ from torch import Tensor, nn
 from exegpt.errors import ExeGPTError
 from runner import cpu_kernels
 from runner.kv_cache import KVCache
-from runner.model import OPT_POS_OFFSET, ModelArgs, Step, TransformerBlock, prefill_step
-from runner.model import decode_step as model_decode_step
+from runner.model import OPT_POS_OFFSET, ModelArgs, TransformerBlock
+from runner.step import Step, prefill_step
+from runner.step import decode_step as model_decode_step
 from runner.tp import apply_tp
 from runner.weights import load_model
 

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from exegpt.errors import ExeGPTError
 from runner.kv_cache import KVCache, as_rows, row_index
 from runner.linear import Linear
-from runner.model import Attention, FeedForward, ModelArgs, RMSNorm, Step, TransformerBlock
+from runner.model import Attention, FeedForward, ModelArgs, RMSNorm, TransformerBlock
+from runner.step import Step
 
 
 def relative_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:

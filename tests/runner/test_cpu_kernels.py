@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from runner import cpu_kernels
 from runner.generate import greedy_batch, greedy_reference
 from runner.kv_cache import KVCache
-from runner.model import Attention, ModelArgs, decode_step, rope_tables
+from runner.model import Attention, ModelArgs
+from runner.step import decode_step, rope_tables
 from runner.weights import load_model
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler for the CPU kernels")
