@@ -23,14 +23,14 @@ import time
 
 import numpy as np
 
-from exegpt import InfeasibleBoundError, RequestSLO, Workload, find_schedule, smallest_feasible_bound, static_schedule
+from exegpt import (InfeasibleBoundError, RequestSLO, SearchSpace, Workload, find_schedule, smallest_feasible_bound,
+                    static_schedule)
 from exegpt.errors import ExeGPTError
 from exegpt.models import get_model
-from exegpt.policies import cb
 from exegpt.problem import problem
 from exegpt.policies import describe
 from exegpt.search.goodput import SimulatedSearch
-from exegpt.search.optimize import _plan, _tp_degrees
+from exegpt.search.optimize import simulated_candidates
 from exegpt.plan import SearchStats
 
 FACTORS = (1.2, 1.5, 2.0, 3.0)
@@ -59,16 +59,11 @@ def best_cb(w: Workload, bound: float, model: str, devices: str) -> tuple[float,
     """Continuous batching's best estimate over its knob grid whose bound-length latency meets ``bound``."""
     prob = problem(w, bound, model=model, devices=devices)
     out = (math.nan, "infeasible")
-    for s in cb.candidates(prob, _tp_degrees(prob, None), 9):
-        lay = cb.layout(prob, s)
-        if lay is None:
-            continue
-        try:
-            e = _plan(prob, lay, s, SearchStats("grid", 0, 0.0)).estimate
-        except ExeGPTError:
-            continue
-        if e.memory_ok and e.latency_s <= bound and not e.throughput_seq_s <= out[0]:
-            out = (e.throughput_seq_s, describe(s))
+    for _, _, make_plan in simulated_candidates(prob, ("cb",), None, SearchSpace(), (prob.cluster.count,), 9):
+        plan = make_plan(SearchStats("grid", 0, 0.0))
+        e = plan.estimate
+        if e.latency_s <= bound and not e.throughput_seq_s <= out[0]:
+            out = (e.throughput_seq_s, describe(plan.schedule))
     return out
 
 

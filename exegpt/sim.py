@@ -25,7 +25,6 @@ The machine's own variance is not in it.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 
 import numpy as np
@@ -193,10 +192,10 @@ class SimEngine:
                 raise ExeGPTError("simulated drivers are deadlocked: "
                                   + ", ".join(f"{d.group} waits on {type(d.blocked).__name__}"
                                               for d in drivers if not d.finished))
-            d = drivers[heapq.nsmallest(1, ready)[0][2]]
+            d = drivers[min(ready)[2]]
             if self.log is not None and d.pending is not None:
                 self.log.append(decision(d.group, d.pending, d.result))
-            if d.t > self.horizon_s:  # cut short: what the driver measured so far
+            if d.t > self.horizon_s:  # cut short: the report reads the completions alone
                 stats = self._cut(drivers)
                 break
             try:
@@ -315,12 +314,12 @@ class SimEngine:
             stats = self.prob.stats.for_prompts(lens, self.padded)
             t = encode_times(self.prob, stages, len(mb), dataclasses.replace(self.prob.cost, stats=stats))[0]
             t = [float(np.ravel(x)[0]) for x in t]
-            for i, st in enumerate(stages):
-                prefix = [(m, s) for _, s, m in mb if s > 0]
-                if prefix:
-                    q, c = np.array(prefix, dtype=float).T
-                    attn = self.prob.cost.prefix_attention(st.tp, q, c)[0]
-                    t[i] += st.n_layers * float(np.sum(attn)) * (self.prob.slowdown if spans_ranks(stages) else 1.0)
+            prefix = [(m, s) for _, s, m in mb if s > 0]  # (queries, keys before them) of continued prompts
+            if prefix:
+                q, c = np.array(prefix, dtype=float).T
+                slow = self.prob.slowdown if spans_ranks(stages) else 1.0
+                for i, st in enumerate(stages):
+                    t[i] += st.n_layers * float(np.sum(self.prob.cost.prefix_attention(st.tp, q, c)[0])) * slow
             times.append(t)
         firsts = [[r for r, s, _ in mb if s == 0] for mb in mbs]
         t_end = self._flow(mbs, times, firsts, t0)

@@ -150,11 +150,16 @@ def cache_rows(plan, group: str) -> int:
 
 # --- driver -------------------------------------------------------------------------------------------
 
+def pool_blocks(plan) -> int:
+    """KV blocks of the pool a paged plan admits against (``Estimate.kv_tokens``; an unbounded pool: no limit)."""
+    kv = plan.estimate.kv_tokens
+    return int(kv // plan.schedule.block_size) if math.isfinite(kv) else 1 << 60
+
+
 def drivers(plan) -> dict:
     """The one driver of a continuous-batching plan, on the ``main`` group."""
     s = plan.schedule
-    pool_blocks = int(plan.estimate.kv_tokens // s.block_size) if math.isfinite(plan.estimate.kv_tokens) \
-        else 1 << 60
+    pool = pool_blocks(plan)
 
     def drive(view: View):
         p, size = view.num_stages, s.block_size
@@ -173,7 +178,7 @@ def drivers(plan) -> dict:
                 yield Compact()
                 running = keep
             # Prefill step: preempted requests first, then new ones in arrival order, under S, T and the pool.
-            free = pool_blocks - sum(blocks(r) for r in running)
+            free = pool - sum(blocks(r) for r in running)
             batch, tokens = [], 0
             queue = list(preempted) + view.waiting()
             for r in queue:
@@ -208,10 +213,10 @@ def drivers(plan) -> dict:
                 elif view.waiting() or preempted:
                     r = (list(preempted) + view.waiting())[0]
                     raise ExeGPTError(f"continuous batching: request {r} needs {blocks(r)} KV blocks of {size} "
-                                      f"tokens and the pool holds {pool_blocks}")
+                                      f"tokens and the pool holds {pool}")
                 continue
             # Decode step: a block for every request whose next token starts one; preempt the newest if short.
-            while len(running) > 1 and sum(blocks(r, 1) for r in running) > pool_blocks:
+            while len(running) > 1 and sum(blocks(r, 1) for r in running) > pool:
                 victim = running.pop()
                 yield Evict((victim,))
                 preempted.appendleft(victim)

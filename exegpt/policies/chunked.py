@@ -13,7 +13,6 @@ the same way. The estimate is continuous batching's (approximate); the policy is
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -81,9 +80,7 @@ def estimate_detail(prob: Problem, lay: Layout, s: ChunkedSchedule) -> tuple[Ter
     return cb.estimate_detail(prob, lay, big)
 
 
-def spaces(prob: Problem, policy, tps: list[int], space) -> list:
-    """No box function: searched on the simulated engine (``candidates``)."""
-    return []
+spaces = cb.spaces  # no box function: searched on the simulated engine (``candidates``)
 
 
 def candidates(prob: Problem, tps: list[int], grid: int) -> list[ChunkedSchedule]:
@@ -113,8 +110,7 @@ def from_fields(fields: dict) -> ChunkedSchedule:
     return ChunkedSchedule(**fields)
 
 
-def cache_rows(plan, group: str) -> int:
-    return plan.schedule.max_num_seqs
+cache_rows = cb.cache_rows
 
 
 # --- driver -------------------------------------------------------------------------------------------
@@ -122,13 +118,12 @@ def cache_rows(plan, group: str) -> int:
 def drivers(plan) -> dict:
     """The one driver of a chunked-prefill plan, on the ``main`` group."""
     s = plan.schedule
-    pool_blocks = int(plan.estimate.kv_tokens // s.block_size) if math.isfinite(plan.estimate.kv_tokens) \
-        else 1 << 60
+    pool_blocks = cb.pool_blocks(plan)
 
     def drive(view: View):
         p, size = view.num_stages, s.block_size
 
-        def blocks(rid: int, tokens: int) -> int:
+        def blocks(tokens: int) -> int:
             return -(-tokens // size)
 
         decoding: list[int] = []  # prefilled, in admission order: the newest is preempted first
@@ -139,8 +134,8 @@ def drivers(plan) -> dict:
         steady = SteadyMarker(enc, dec)
 
         def held() -> int:  # blocks of everything in the cache
-            return sum(blocks(r, view.input_len(r) + view.generated(r)) for r in decoding) + \
-                sum(blocks(r, done) for r, done in prefilling.items())
+            return sum(blocks(view.input_len(r) + view.generated(r)) for r in decoding) + \
+                sum(blocks(done) for done in prefilling.values())
 
         while decoding or prefilling or preempted or view.waiting() or view.more_to_come():
             keep = [r for r in decoding if not view.done(r)]
@@ -163,7 +158,7 @@ def drivers(plan) -> dict:
             # Preempted requests come back whole (recomputed) when the pool and S allow.
             back = []
             while preempted and len(decoding) + len(prefilling) + len(back) < s.max_num_seqs and \
-                    held() + sum(blocks(r, view.input_len(r) + view.generated(r)) for r in back + [preempted[0]]) \
+                    held() + sum(blocks(view.input_len(r) + view.generated(r)) for r in back + [preempted[0]]) \
                     <= pool_blocks:
                 back.append(preempted.popleft())
             if back:
@@ -177,16 +172,16 @@ def drivers(plan) -> dict:
                     break
                 items.append((r, done, c))
                 budget -= c
-                free -= blocks(r, done + c) - blocks(r, done)
+                free -= blocks(done + c) - blocks(done)
             waiting = view.waiting()
             new = 0
             for r in waiting:
                 c = min(budget, view.input_len(r))
-                if c <= 0 or len(decoding) + len(prefilling) + new >= s.max_num_seqs or blocks(r, c) > free:
+                if c <= 0 or len(decoding) + len(prefilling) + new >= s.max_num_seqs or blocks(c) > free:
                     break
                 items.append((r, 0, c))
                 budget -= c
-                free -= blocks(r, c)
+                free -= blocks(c)
                 new += 1
             if new < len(waiting) and len(decoding) + len(prefilling) + new >= s.max_num_seqs:
                 steady.begin(view.now())
