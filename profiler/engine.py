@@ -161,15 +161,14 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
     - Concurrency: each run's encode batches and decode iterations against the estimate's without concurrency
       (``waa_concurrency``); the median over runs replaces the back-to-back probe's value of ``profiler.collectives``
       (kept in the provenance). NOTE (2 CPU cores): the probe, the same small kernels on both ranks back to back,
-      said 0.97-1.10 in every session, while fidelity runs of WAA plans measured their decode iterations at
+      said 0.97-1.10 in every run, while fidelity runs of WAA plans measured their decode iterations at
       1.19-1.64x and encode batches at 1.13-1.91x the estimate: the groups run different kernels, each waking from
       waits for the other's messages, and share the cores, caches and memory as the probe's loops do not.
     - Lockstep: the measured period (B_E / throughput) over the longer of the measured encode batch and decode
       iteration, against the same ratio of the estimate (which already holds the hand-off where
       ``handoff_on_compute``), median over runs. It is what the simulator's ``max`` leaves out: the decode driver
       merges one encoded batch per iteration and waits for it, the encoder waits for credits, and each hand-off and
-      credit is a message between the groups (seventh session: 1.24-1.49x against a predicted 1.21x, a factor of
-      1.05).
+      credit is a message between the groups (measured: 1.24-1.49x against a predicted 1.21x, a factor of 1.05).
     """
     from runner.run import run_plan
 

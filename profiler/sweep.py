@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 METHOD_VERSION = 12
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
-``handoff_on_compute``, 2026-12-02; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
+``handoff_on_compute``; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
 decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``;
 6: a pipeline hop as one message into a posted receive, ``runner.pipeline.CommandInbox``; 7: fused decode layers
 called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concurrency, ``Profile.rank_concurrency``;

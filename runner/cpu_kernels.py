@@ -48,7 +48,7 @@ rows (93-107 vs 118-126). A whole decode step (``model.decode``, fused layers on
 best of three rounds in one process: ``tiny`` fp32 1.9-2.2x faster at 33-64 rows, 1.1x at 256; ``small`` fp32
 1.45x at 33, 1.09x at 64, 0.96x at 128; SmolLM2 bf16 1.28x at 33, 1.13x at 64, 0.85x at 128. So 64 (32 before).
 Where the CPU has bf16 instructions oneDNN multiplies bf16 natively (AMX), and the kernels take up to 4 rows:
-measured on 2 Xeon cores with AMX (2026-12-03), SmolLM2's Linear weights took 1.66 / 1.49 / 1.15x as long through
+measured on 2 Xeon cores with AMX, SmolLM2's Linear weights took 1.66 / 1.49 / 1.15x as long through
 oneDNN as through the kernels at 1 / 2 / 4 rows and 0.81x at 8, and a whole SmolLM2 decode step of 2 / 4 rows fell
 from 36.8 / 45.7 ms (1 row on the kernels) to 21.6 / 29.2 ms; fp32 keeps 64 there too (``small``'s step at 32 rows:
 6.6 ms at 64 against 7.2 at 16)."""
