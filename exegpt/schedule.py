@@ -20,6 +20,7 @@ class Policy(str, Enum):
     STATIC = "static"  # FasterTransformer-style static batching (the paper's baseline)
     CB = "cb"          # continuous (iteration-level) batching with paged KV accounting, vLLM's scheduler
     CHUNKED = "chunked"  # chunked prefill (Sarathi-Serve): decodes first, then prompt chunks, in a token budget
+    DISAGG = "disagg"  # prefill/decode disaggregation (DistServe, Splitwise): two pools, KV moved between them
 
 
 def policy_of(value) -> Policy:

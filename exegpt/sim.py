@@ -37,7 +37,7 @@ from .plan import Plan
 from .policies import driver_groups
 from .policies.waa import HANDOFF_DEPTH
 from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, DriverStats, EndHandOffs, Evict, \
-    Merge, Merged, Prefill, WaitArrival, decision
+    Merge, Merged, Peek, Prefill, WaitArrival, decision
 from .profile import Profile
 from .report import RunReport, build_report
 from .rules import split_even
@@ -230,7 +230,11 @@ class SimEngine:
             return False
         k = len(self.merges)
         if k < len(self.batches):
-            d.result = self._merge(d, k)
+            if isinstance(d.blocked, Peek):
+                d.t = max(d.t, self._ready(k))
+                d.result = self.batches[k][0]
+            else:
+                d.result = self._merge(d, k)
             d.blocked = None
             return True
         if self.ended:
@@ -244,7 +248,7 @@ class SimEngine:
             if d.group == ENCODE:
                 self._encode_batch(d, action.rids)
             else:
-                d.t = self._prefill(list(action.rids), action.parts, d.t, action.resume)
+                d.t = self._prefill(self.stages[d.group], list(action.rids), action.parts, d.t, action.resume)
             if not action.resume:
                 self._take(action.rids)
             return None
@@ -263,7 +267,12 @@ class SimEngine:
             if nxt < len(self.runnable):
                 d.t = max(d.t, float(self.arrive[nxt]))
             return None
-        if isinstance(action, (AwaitCredit, Merge)):
+        if isinstance(action, Peek) and not action.wait:
+            k = len(self.merges)
+            if k < len(self.batches):
+                return self.batches[k][0] if self._ready(k) <= d.t else ()
+            return None if self.ended else ()
+        if isinstance(action, (AwaitCredit, Merge, Peek)):
             d.blocked = action
             return None
         if isinstance(action, EndHandOffs):
@@ -291,12 +300,11 @@ class SimEngine:
         t = encode_times(self.prob, stages, len(rids), self._prompts_cost(rids, resume))[0]
         return [float(np.ravel(x)[0]) for x in t]
 
-    def _prefill(self, rids: list[int], parts: int, t0: float, resume: bool = False) -> float:
-        """``rids`` as ``parts`` pipelined micro-batches over the main stages from ``t0``; returns when the first
-        tokens are in (``resume``: recomputed after a preemption, prompt and tokens but the last; no token)."""
-        stages = self.stages[MAIN]
+    def _prefill(self, stages, rids: list[int], parts: int, t0: float, resume: bool = False) -> float:
+        """``rids`` as ``parts`` pipelined micro-batches over ``stages`` from ``t0``; returns when the first tokens
+        are in (``resume``: recomputed after a preemption, prompt and tokens but the last; no token)."""
         mbs = split_even(rids, parts)
-        t_end = self._flow(mbs, [self._encode_times(stages, mb, resume) for mb in mbs],
+        t_end = self._flow(stages, mbs, [self._encode_times(stages, mb, resume) for mb in mbs],
                            None if resume else mbs, t0)
         if not resume:
             self.ledger.tokens_at(rids, t_end)
@@ -322,17 +330,18 @@ class SimEngine:
                     t[i] += st.n_layers * float(np.sum(self.prob.cost.prefix_attention(st.tp, q, c)[0])) * slow
             times.append(t)
         firsts = [[r for r, s, _ in mb if s == 0] for mb in mbs]
-        t_end = self._flow(mbs, times, firsts, t0)
+        t_end = self._flow(stages, mbs, times, firsts, t0)
         ends = [r for r, s, m in items if s + m == led.inp[r]]
         if ends:
             led.tokens_at(ends, t_end)
         return t_end
 
-    def _flow(self, mbs: list, times: list[list[float]], starting: list[list[int]] | None, t0: float) -> float:
-        """Micro-batches ``mbs`` with per-stage seconds ``times`` through the main stages as a flow shop from
-        ``t0``; ``starting[j]``: the requests whose prefill starts with micro-batch j. Returns when the last
-        micro-batch's tokens are back."""
-        p = len(self.stages[MAIN])
+    def _flow(self, stages, mbs: list, times: list[list[float]], starting: list[list[int]] | None,
+              t0: float) -> float:
+        """Micro-batches ``mbs`` with per-stage seconds ``times`` through ``stages`` as a flow shop from ``t0``;
+        ``starting[j]``: the requests whose prefill starts with micro-batch j. Returns when the last micro-batch's
+        tokens are back."""
+        p = len(stages)
         done = np.zeros(p)  # when each stage finished its latest micro-batch
         arrive = []
         for j, (mb, t) in enumerate(zip(mbs, times)):
@@ -364,9 +373,15 @@ class SimEngine:
         self.batches.append((rids, t0, prev, hand))
         d.t = float(self.free[0])
 
+    def _ready(self, k: int) -> float:
+        """When handed-off batch ``k`` can be imported: its first tokens, and its KV where the hand-off is off the
+        decode ranks' compute."""
+        _, _, first, hand = self.batches[k]
+        return first + (0.0 if self.on_compute else hand)
+
     def _merge(self, d: _Driver, k: int) -> Merged:
         rids, t0, first, hand = self.batches[k]
-        d.t = max(d.t, first + (0.0 if self.on_compute else hand))  # the batch's metadata (and, off compute, KV)
+        d.t = max(d.t, self._ready(k))  # the batch's metadata (and, off compute, its KV)
         if self.on_compute:
             d.t += hand * self.coupling  # the decode driver imports the batch's KV between iterations
         self.merges.append(d.t)

@@ -22,13 +22,15 @@ from .workload import Workload
 def layout_for(prob: Problem, s: Schedule) -> Layout:
     if s.num_gpus != prob.cluster.count:
         raise ExeGPTError(f"schedule uses {s.num_gpus} devices but the cluster has {prob.cluster.count}")
-    if not prob.model.valid_tp(s.tp):
-        raise ExeGPTError(f"tp={s.tp} must divide {prob.model.name}'s {prob.model.n_heads} heads and "
-                          f"{prob.model.n_kv_heads} KV heads")
-    if not prob.profile.supports_tp(s.tp):
-        raise ExeGPTError(f"profile {prob.profile.id} has no tables at tp={s.tp}; it has "
-                          f"tp {prob.profile.tp_degrees()}")
-    lay = policy_module(s.policy).layout(prob, s)
+    module = policy_module(s.policy)
+    for t in sorted({t for _, t in module.stage_roles(s)}):
+        if not prob.model.valid_tp(t):
+            raise ExeGPTError(f"tp={t} must divide {prob.model.name}'s {prob.model.n_heads} heads and "
+                              f"{prob.model.n_kv_heads} KV heads")
+        if not prob.profile.supports_tp(t):
+            raise ExeGPTError(f"profile {prob.profile.id} has no tables at tp={t}; it has "
+                              f"tp {prob.profile.tp_degrees()}")
+    lay = module.layout(prob, s)
     if lay is None:
         raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} with {s}: "
                           f"its weights exceed device memory or there are more stages than layers")

@@ -95,6 +95,44 @@ def _bad_role(s: Stage):
 # --- messages ----------------------------------------------------------------------------------
 
 
+class Incoming:
+    """A posted receive that can be asked whether its message is in, without blocking.
+
+    NCCL's work answers ``is_completed()``; gloo's receive work says so only once waited on, so the first
+    ``ready()`` hands its ``wait()`` to a thread of this process (gloo releases the GIL while it waits) and
+    reads that. A receive that is only waited on never starts the thread."""
+
+    _waiter = None  # one thread per process: the receives polled this way arrive in the order they were posted
+
+    def __init__(self, work, buf: Tensor):
+        self.work, self.buf = work, buf
+        self._future = None
+        self._done = False
+
+    def ready(self) -> bool:
+        if self._done:
+            return True
+        if self.buf.device.type == "cuda":
+            return self.work.is_completed()
+        if self._future is None:
+            if Incoming._waiter is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                Incoming._waiter = ThreadPoolExecutor(1, thread_name_prefix="recv-poll")
+            self._future = Incoming._waiter.submit(self.work.wait)
+        return self._future.done()
+
+    def wait(self) -> Tensor:
+        """The received tensor, once it is in (a receive is waited on once, whatever is asked)."""
+        if not self._done:
+            if self._future is not None:
+                self._future.result()
+            else:
+                self.work.wait()
+            self._done = True
+        return self.buf
+
+
 class Comm:
     """Point-to-point messages of one rank. Sends are asynchronous; their buffers are kept alive until done."""
 
@@ -127,9 +165,9 @@ class Comm:
         dist.recv(buf, src, tag=tag)
         return buf
 
-    def irecv(self, shape, dtype: torch.dtype, src: int, tag: int) -> tuple[Any, Tensor]:
+    def irecv(self, shape, dtype: torch.dtype, src: int, tag: int) -> Incoming:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        return dist.irecv(buf, src, tag=tag), buf
+        return Incoming(dist.irecv(buf, src, tag=tag), buf)
 
     def flush(self) -> None:
         """Waits for every outstanding send."""

@@ -20,7 +20,7 @@ from exegpt.errors import ExeGPTError
 from exegpt.ledger import Ledger
 from exegpt.policies import driver_groups, policy_module
 from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, EndHandOffs, Evict, Merge, \
-    Merged, Prefill, WaitArrival, decision
+    Merged, Peek, Prefill, WaitArrival, decision
 from exegpt.report import RunReport, build_report
 from exegpt.rules import split_even
 
@@ -144,7 +144,7 @@ class RunnerEngine:
             if self.log is not None:
                 self.log.append(decision(self.group, action, result))
         while self.metas:  # the encode ranks' END fillers
-            self.metas.popleft()[0].wait()
+            self.metas.popleft().wait()
         self.pipe.stop()
         if self.bar is not None:
             self.bar.close()
@@ -173,6 +173,8 @@ class RunnerEngine:
         if isinstance(action, EndHandOffs):
             self.pipe.submit(Command(END, _i64([])))
             return None
+        if isinstance(action, Peek):
+            return self._peek(action.wait)
         if isinstance(action, Merge):
             return self._merge()
         raise ExeGPTError(f"the runner cannot execute {action!r}")
@@ -240,11 +242,19 @@ class RunnerEngine:
                     self.ledger.token(r, tok, t)
         return None
 
+    def _peek(self, wait: bool) -> tuple[int, ...] | None:
+        """The requests of the next handed-off batch, once (``wait``) or if its metadata is in; None at END."""
+        head = self.metas[0]
+        if not wait and not head.ready():
+            return ()
+        meta = head.wait().cpu()
+        if int(meta[0]) < 0:
+            return None
+        return tuple(meta[4:4 + int(meta[0])].tolist())
+
     def _merge(self) -> Merged | None:
         """The next handed-off batch into the rows after those in use (None at the encoder's END)."""
-        work, buf = self.metas.popleft()
-        work.wait()
-        meta = buf.cpu()
+        meta = self.metas.popleft().wait().cpu()
         if int(meta[0]) < 0:
             return None
         n, batch, start_ns, first_ns = (int(x) for x in meta[:4])

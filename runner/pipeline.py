@@ -102,8 +102,7 @@ class CommandInbox:
 
     def next(self) -> tuple[Command, Tensor | None]:
         """The next command and its hidden states (None without). After STOP nothing more is posted."""
-        work, buf = self._posted or self._post()
-        work.wait()
+        buf = (self._posted or self._post()).wait()
         h = buf[:8 * HEADER].view(torch.long).tolist()
         op, n, T, has_seq, has_req, batch, time_ns, hidden_rows = h
         meta_bytes = 8 * (n + n * has_seq + n * has_req + T)
@@ -255,9 +254,7 @@ class Pipeline:
             return self.rt.local_tokens.popleft()
         if isinstance(posted, int):
             return self.rt.comm.recv((posted,), torch.long, self.last_leader, TAG_TOKENS).cpu()
-        work, buf = posted
-        work.wait()
-        return buf.cpu()
+        return posted.wait().cpu()
 
     @property
     def in_flight(self) -> int:

@@ -8,8 +8,8 @@ prompts to prefill, which rows to decode and how often, when to free rows, when 
 prefill is pipelined over stages, how KV moves and how long anything takes are the engine's.
 
 Groups: a policy runs one driver per group of stages. ``main``: one pipeline over the policy's stages (RRA,
-static); ``encode`` and ``decode``: two pipelines on disjoint devices, the encode group handing each prefilled
-batch's KV to the decode group (WAA).
+static, continuous batching); ``encode`` and ``decode``: two pipelines on disjoint devices, the encode group
+handing each prefilled batch's KV to the decode group (WAA, prefill/decode disaggregation).
 """
 
 from __future__ import annotations
@@ -94,13 +94,22 @@ class Merge:
 
 
 @dataclass(frozen=True, slots=True)
+class Peek:
+    """Decode group: the requests of the next batch the encode group handed off, without importing it: once it
+    is here (``wait``), or only if it is here already (else ``()``). Result: ``tuple[int, ...]`` (None once the
+    encode group has ended and every batch was merged). A ``Merge`` then imports that batch."""
+
+    wait: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Merged:
     rids: tuple[int, ...]
     encode_s: float
     """The batch's prefill, from its start to its first tokens."""
 
 
-Action = Prefill | Chunk | Decode | Compact | Evict | WaitArrival | AwaitCredit | EndHandOffs | Merge
+Action = Prefill | Chunk | Decode | Compact | Evict | WaitArrival | AwaitCredit | EndHandOffs | Peek | Merge
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +160,9 @@ Driver = Callable[[View], Generator[Action, object, DriverStats | None]]
 
 def decision(group: str, action: Action, result) -> str:
     """One line of a run's decision log: the group, the action and what came of it (rows per decode iteration,
-    the requests a merge brought), the same in both engines."""
+    the requests a peek saw or a merge brought), the same in both engines."""
     if isinstance(action, Merge):
         return f"{group} Merge -> {None if result is None else result.rids}"
-    if isinstance(action, Decode):
-        return f"{group} {action!r} -> {tuple(result)}"
+    if isinstance(action, (Decode, Peek)):
+        return f"{group} {action!r} -> {None if result is None else tuple(result)}"
     return f"{group} {action!r}"

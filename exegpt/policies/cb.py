@@ -81,11 +81,18 @@ def layout(prob: Problem, s: CBSchedule) -> Layout | None:
 def kv_tokens(prob: Problem, lay: Layout, s: CBSchedule) -> float:
     """KV tokens one pipeline holds: on each stage's devices, what is left after weights and the activations of
     a full prefill step, over the KV bytes a token adds there; the smallest stage bounds the pipeline."""
-    m, p, out = prob.model, len(lay.stages), math.inf
-    for i, st in enumerate(lay.stages):
+    return pool_tokens(prob, lay.stages, s.max_num_batched_tokens / len(lay.stages))
+
+
+def pool_tokens(prob: Problem, stages, step_tokens: float, reserved_tokens: float = 0.0) -> float:
+    """KV tokens a pipeline of ``stages`` holds in a paged pool: on each stage's devices, what is left after
+    weights, the activations of ``step_tokens`` and ``reserved_tokens`` of KV held elsewhere (hand-off buffers),
+    over the KV bytes a token adds there; the smallest stage bounds the pipeline."""
+    m, p, out = prob.model, len(stages), math.inf
+    for i, st in enumerate(stages):
         w = stage_weight_bytes(m, st.tp, st.n_layers, st.n_enc_layers, i == 0, i == p - 1)
-        free = prob.capacity_bytes - w - float(activation_bytes(m, st.tp, s.max_num_batched_tokens / p))
         per_token = m.kv_bytes_per_token(st.tp) * st.n_layers
+        free = prob.capacity_bytes - w - float(activation_bytes(m, st.tp, step_tokens)) - per_token * reserved_tokens
         out = min(out, max(0.0, free) / per_token if per_token else math.inf)
     return out
 

@@ -265,10 +265,10 @@ def from_fields(fields: dict) -> WAASchedule:
 
 # --- drivers ------------------------------------------------------------------------------------------
 
-def drivers(plan) -> dict:
-    """The encode driver and the decode driver of a WAA plan."""
-    s = plan.schedule
-    rows = waa_cache_rows(plan)
+def encoder(take):
+    """The driver of an encode group that hands its batches to a decode group: while requests wait, prefill the
+    batch ``take(view, waiting)`` picks and hand it off, at most ``HANDOFF_DEPTH`` batches ahead of the decode
+    group's merges (it waits for a credit); at the end, tell the decode group and collect the last credits."""
 
     def encode(view: View):
         sent = credits = 0
@@ -282,12 +282,21 @@ def drivers(plan) -> dict:
                     break
                 yield WaitArrival()
                 continue
-            yield Prefill(tuple(waiting[:s.encode_batch]), 1)
+            yield Prefill(take(view, waiting), 1)
             sent += 1
         yield EndHandOffs()
         for _ in range(sent - credits):
             yield AwaitCredit()
         return None
+
+    return encode
+
+
+def drivers(plan) -> dict:
+    """The encode driver and the decode driver of a WAA plan."""
+    s = plan.schedule
+    rows = waa_cache_rows(plan)
+    encode = encoder(lambda view, waiting: tuple(waiting[:s.encode_batch]))
 
     def decode(view: View):
         alive: list[int] = []  # the requests in cache rows, in row order

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
 """The policies searched by default under the paper's bound: those with a sound box bound (exact search)."""
-SIMULATED_POLICIES = DEFAULT_POLICIES + (Policy.CB, Policy.CHUNKED)
+SIMULATED_POLICIES = DEFAULT_POLICIES + (Policy.CB, Policy.CHUNKED, Policy.DISAGG)
 """The policies searched by default under SLO forms (b) and (c), on the simulated engine."""
 VERIFY_ATTEMPTS = 6
 """Searches ``find_schedule(verify_requests=...)`` runs at most: each one whose pick's replay misses the bound is

@@ -14,6 +14,7 @@ from exegpt.__main__ import main
 from exegpt.errors import ExeGPTError
 from exegpt.policies.cb import CBSchedule
 from exegpt.policies.chunked import ChunkedSchedule
+from exegpt.policies.disagg import DisaggSchedule
 from exegpt.problem import problem
 from exegpt.search.goodput import SimulatedSearch, goodput
 from exegpt.search.optimize import simulated_candidates
@@ -71,6 +72,13 @@ def test_a_traces_timestamps_are_replayed_in_order():
      "max_num_batched_tokens=100 is below the workload's longest request (188 tokens)"),
     (lambda: evaluate_schedule(CBSchedule(4, 512, 1, 0, 1, block_size=24), W, profile=make_profile(),
                                devices="1xA40"), "block_size=24 does not divide opt-13b's context of 2048 tokens"),
+    (lambda: DisaggSchedule(8, 256, 2, 0), "decode_gpus=0 leaves the decode pool empty; each pool needs >= 1 device"),
+    (lambda: DisaggSchedule(8, 256, 3, 1, prefill_tp=2), "prefill_tp=2 does not divide the prefill pool's 3 devices"),
+    (lambda: DisaggSchedule(0, 256, 1, 1), "disaggregation: max_num_seqs=0 must be a whole number >= 1"),
+    (lambda: evaluate_schedule(DisaggSchedule(8, 100, 1, 1), W, profile=make_profile(), devices="2xA40"),
+     "max_prefill_tokens=100 is below the workload's longest prompt (128 tokens)"),
+    (lambda: evaluate_schedule(DisaggSchedule(8, 512, 1, 1, block_size=48), W, profile=make_profile(),
+                               devices="2xA40"), "block_size=48 does not divide opt-13b's context of 2048 tokens"),
 ])
 def test_bad_input_is_one_clear_line(make, message):
     with pytest.raises(ExeGPTError) as e:
@@ -120,6 +128,7 @@ def test_request_slo_maximises_goodput():
     assert slo.holds(at) and not slo.holds(above)
     assert slo.achieved(at) == c.achieved and slo.attainment(at.requests) >= 0.9
     assert goodput(plan, slo, prof, opts)[0] == c.goodput_rps  # deterministic
+    assert {"rra", "waa_c", "cb", "chunked", "disagg"} <= set(dict(plan.search.per_policy))
 
 
 def test_goodput_on_a_traces_own_timestamps():

@@ -17,6 +17,7 @@ from exegpt.errors import ExeGPTError
 from exegpt.policies import policy_module
 from exegpt.policies.cb import CBSchedule
 from exegpt.policies.chunked import ChunkedSchedule
+from exegpt.policies.disagg import DisaggSchedule
 from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, StaticSchedule, WAASchedule, Workload
 from runner.dist import RankFailedError
 from runner.generate import greedy_reference
@@ -193,7 +194,7 @@ def test_policy_registry():
     assert policy_module(Policy.RRA) is policy_module("rra")
     assert policy_module("waa_c") is policy_module(Policy.WAA_M)
     with pytest.raises(ExeGPTError, match="unknown policy: 'fifo'; registered: rra, waa_c, waa_m, static, cb, "
-                                          "chunked"):
+                                          "chunked, disagg"):
         policy_module("fifo")
 
 
@@ -231,6 +232,9 @@ TWO_RANK_PLANS = {
     # 1 + 4 decode rows: every second encoded batch must wait for free rows (backpressure); B_m = 1.
     "waa-tight": (WAASchedule(Policy.WAA_M, 4, 1, 1, 0, 1, 1), (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 2)),
                   1.0),
+    "disagg-1+1": (DisaggSchedule(6, 40, 1, 1, block_size=4), (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 2))),
+    # A decode pool of 16 blocks of 4 tokens: merges wait for blocks, requests are preempted and recomputed there.
+    "disagg-tight": (DisaggSchedule(6, 40, 1, 1, block_size=4), (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 2))),
 }
 
 
@@ -240,7 +244,10 @@ def test_two_ranks_tokens_match_reference(requests, reference):
     2 processes."""
     names = list(TWO_RANK_PLANS)
     plans = [make_plan(*TWO_RANK_PLANS[n][:2], decode_batch=(TWO_RANK_PLANS[n][2:] or (6.0,))[0]) for n in names]
-    reports = run_plans(plans, "tiny", requests=requests, keep_tokens=True, timeout_s=180)
+    tight = names.index("disagg-tight")
+    plans[tight] = dataclasses.replace(plans[tight], estimate=dataclasses.replace(plans[tight].estimate,
+                                                                                   kv_tokens=64.0))
+    reports = run_plans(plans, "tiny", requests=requests, keep_tokens=True, timeout_s=180, log_decisions=True)
     for name, rep in zip(names, reports):
         assert rep is not None, name
         assert rep.num_ranks == 2 and rep.policy == plans[names.index(name)].schedule.policy.value
@@ -248,6 +255,8 @@ def test_two_ranks_tokens_match_reference(requests, reference):
         assert rep.num_finished == len(requests), name
         if name == "waa-tight":
             assert rep.decode_batch <= 5  # never more rows than the cache holds
+        if name == "disagg-tight":
+            assert sum("Evict" in d for d in rep.decisions) >= 2 and any("resume=True" in d for d in rep.decisions)
 
 
 @pytest.mark.slow
@@ -296,15 +305,18 @@ def test_plans_run_in_one_process_share_one_build_of_the_model(requests, referen
 
 
 @pytest.mark.slow
-def test_waa_with_a_two_rank_decode_group_under_arrivals(requests, reference):
-    """WAA 1+2 with the decode group pipelined, then 2+1 with the encode group in TP, one after the other in the same
-    three processes, requests arriving over time: the encoder forms its batches from what has arrived, the END
-    fillers of every encode rank match the receives the decode ranks keep posted (the second plan runs on clean
-    channels), and the tokens are the reference's."""
+def test_split_policies_with_a_two_rank_group_under_arrivals(requests, reference):
+    """WAA and disaggregation, each 1+2 with the decode group pipelined and 2+1 with the encode group in TP, one
+    after the other in the same three processes, requests arriving over time: the encoder forms its batches from
+    what has arrived, the END fillers of every encode rank match the receives the decode ranks keep posted (each
+    later plan runs on clean channels), and the tokens are the reference's."""
     plans = [make_plan(WAASchedule(Policy.WAA_C, 3, 4, 1, 0, 1, 2),
                        (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 1), Stage("decode", 1, 1, 1))),
              make_plan(WAASchedule(Policy.WAA_C, 3, 4, 2, 2, 2, 1),
-                       (Stage("encode", 2, 0, 2), Stage("decode", 1, 0, 2)))]
+                       (Stage("encode", 2, 0, 2), Stage("decode", 1, 0, 2))),
+             make_plan(DisaggSchedule(8, 30, 1, 2, 1, 1),
+                       (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 1), Stage("decode", 1, 1, 1))),
+             make_plan(DisaggSchedule(8, 30, 2, 1, 2, 1), (Stage("encode", 2, 0, 2), Stage("decode", 1, 0, 2)))]
     arrivals = tuple(dataclasses.replace(r, arrival_s=0.01 * r.id) for r in requests)
     reports = run_plans(plans, "tiny", requests=arrivals, keep_tokens=True, timeout_s=180)
     for rep in reports:
