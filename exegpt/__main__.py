@@ -122,10 +122,12 @@ def _print_plan(plan: Plan, title: str = "plan"):
                                         f"margin {c.margin:.1%} on {c.num_requests} requests"))
         if c.form == "request":
             rows.append(("goodput", f"{c.goodput_rps:.3f} requests/s (Poisson arrivals)"))
-        if plan.search.per_policy:
-            unit = "req/s goodput" if c.form == "request" else "seq/s"
-            rows.append(("best of each policy", ", ".join(f"{p} {v:.3f}" for p, v in plan.search.per_policy)
-                         + f" ({unit}; 0: none kept it or its estimate could not beat the pick)"))
+    if plan.search.per_policy:
+        form = "quantile_length" if c is None else c.form
+        unit = {"request": "req/s goodput", "completion": "seq/s simulated"}.get(form, "seq/s estimated")
+        rows.append(("best of each policy", ", ".join(f"{p} {v:.3f}" for p, v in plan.search.per_policy)
+                     + f" ({unit}; 0: none kept the SLO"
+                     + (" or its estimate could not beat the pick)" if form != "quantile_length" else ")")))
     if plan.search.replay_requests:
         rows.append(("replayed worst latency", f"{plan.search.replay_latency_s:.3f} s on "
                                                  f"{plan.search.replay_requests} requests"))

@@ -74,9 +74,9 @@ class SearchStats:
     """``find_schedule(verify_requests=n)``: the requests the pick was replayed on (0: not replayed)."""
     replay_latency_s: float | None = None
     per_policy: tuple = ()
-    """SLO forms searched on the simulated engine: (policy, the best value it reached) for every policy searched:
-    simulated throughput (b) or goodput (c), 0 where none of its schedules simulated kept the SLO or its
-    estimates could not beat the pick."""
+    """(policy, the best value it reached) for every policy searched, when several were: under the paper's bound
+    the estimated throughput; under forms (b) and (c) the simulated throughput or goodput, 0 where none of its
+    schedules kept the SLO (form (b), (c): or its estimates could not beat the pick)."""
     """The worst latency to the bound length among them (the simulated engine, ``exegpt.sim``; NaN if none
     reached it)."""
 

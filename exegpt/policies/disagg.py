@@ -133,7 +133,8 @@ def estimate_detail(prob: Problem, lay: Layout, s: DisaggSchedule) -> tuple[Term
     in_flight = HANDOFF_DEPTH * s.max_prefill_tokens  # the decode ranks' posted hand-off receives
     pool = pool_tokens(prob, dec_st, s.max_num_seqs / len(dec_st), in_flight)
     mean_ctx = float(st.in_mean + (prob.mean_iters + 1) / 2)
-    running = max(1.0, min(float(s.max_num_seqs), pool / max(mean_ctx, 1.0)))
+    # A handed-off batch is imported whole, so rows freed wait for a batch to fit: half a batch empty on average.
+    running = max(1.0, min(float(s.max_num_seqs), pool / max(mean_ctx, 1.0)) - (bp - 1) / 2)
     k = max(prob.mean_iters, 1.0)
     t_dec, ok_d, _ = pipeline_decode(prob, dec_st, running)
     if prob.profile.handoff_on_compute:  # the decode driver imports running / k requests an iteration
@@ -141,6 +142,9 @@ def estimate_detail(prob: Problem, lay: Layout, s: DisaggSchedule) -> tuple[Term
     t_enc_alone = t_int
     t_int, t_dec = concurrent_times(prob.concurrency, t_int, t_dec, not spans_ranks(enc_st), not spans_ranks(dec_st))
     t_lat = t_lat + (t_int - t_enc_alone)
+    # The prefill pool runs at most HANDOFF_DEPTH batches ahead of the merges, and a batch merges at a decode
+    # iteration's end: that many batches per prefill latency, hand-off and decode iteration.
+    t_int = np.maximum(t_int, (t_lat + hand + t_dec) / HANDOFF_DEPTH)
     thr = np.minimum(bp / t_int, running / (k * t_dec))
     lat = t_lat + hand + prob.k_q * t_dec
     mem = stage_memory(prob, enc_st, 0, s.max_prefill_tokens, kv_rows_in_flight=(HANDOFF_DEPTH + 1) * bp) + \

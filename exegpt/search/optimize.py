@@ -33,10 +33,11 @@ from .goodput import SimulatedSearch, grid_points, search_simulated
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
-"""The policies searched by default under the paper's bound: those with a sound box bound (exact search)."""
-SIMULATED_POLICIES = DEFAULT_POLICIES + (Policy.CB, Policy.CHUNKED, Policy.DISAGG)
-"""The policies searched by default under SLO forms (b) and (c), on the simulated engine."""
+BOX_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
+"""The policies with a sound box bound (the paper's; their search is exact)."""
+ALL_POLICIES = BOX_POLICIES + (Policy.CB, Policy.CHUNKED, Policy.DISAGG)
+"""Every policy but static batching: searched by default under every SLO form; under the paper's bound the box
+policies exactly, the others on a grid of their estimates, and under forms (b) and (c) on the simulated engine."""
 VERIFY_ATTEMPTS = 6
 """Searches ``find_schedule(verify_requests=...)`` runs at most: each one whose pick's replay misses the bound is
 followed by one below that pick's estimate by the ratio of the bound to the replayed worst latency."""
@@ -80,11 +81,11 @@ def _tp_degrees(prob: Problem, tp_degrees) -> list[int]:
     return sorted(set(out))
 
 
-def build_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None,
+def build_spaces(prob: Problem, policies=BOX_POLICIES, tp_degrees=None,
                  space: SearchSpace = SearchSpace()) -> list[tuple[Layout, Space]]:
     """One search space per device layout of every requested policy (each policy module builds its own)."""
     tps = _tp_degrees(prob, tp_degrees)
-    policies = [policy_of(p) for p in (DEFAULT_POLICIES if policies is None else policies)]
+    policies = [policy_of(p) for p in (BOX_POLICIES if policies is None else policies)]
     out: list[tuple[Layout, Space]] = []
     for policy in policies:
         out += policy_module(policy).spaces(prob, policy, tps, space)
@@ -183,7 +184,7 @@ def _device_counts(prob: Problem, device_counts) -> list[int]:
     return sorted(set(int(c) for c in counts))
 
 
-def all_spaces(prob: Problem, policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
+def all_spaces(prob: Problem, policies=BOX_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
                device_counts=None) -> list[tuple[Problem, Layout, Space]]:
     """``build_spaces`` for the cluster and for each smaller device count planned (``device_counts``): a schedule
     may leave devices idle when using them all would be slower (a small model on two CPU ranks: the pipeline's
@@ -214,7 +215,7 @@ class SearchOptions:
 
     method: str = "branch_and_bound"
     """'branch_and_bound' or 'exhaustive'."""
-    policies: tuple = DEFAULT_POLICIES
+    policies: tuple = BOX_POLICIES
     tp_degrees: tuple | None = None
     eps_throughput: float = 0.0
     eps_latency: float = 0.0
@@ -236,16 +237,103 @@ class SearchOptions:
 
 
 def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:
-    """The search of ``opts`` for ``dist`` under ``slo`` on ``target`` (model, devices, profile)."""
+    """The search of ``opts`` for ``dist`` under ``slo`` on ``target`` (model, devices, profile): the branch and
+    bound over the policies with a box bound, a grid of the others' estimates, the better of the two."""
     t0 = time.perf_counter()
-    method, latency_margin, verify_requests = opts.method, opts.latency_margin, opts.verify_requests
-    profile = target["profile"]
     prob = problem(dist, slo, **target, memory_fraction=opts.memory_fraction)
-    layouts = all_spaces(prob, opts.policies, opts.tp_degrees, opts.space, opts.device_counts)
+    policies = [policy_of(p) for p in opts.policies]
+    gridded = [p for p in policies if _gridded(p)]
+    boxed = [p for p in policies if p not in gridded]
+    best, error, reached = None, None, {}
+    if boxed:
+        try:
+            best, reached = _solve_boxed(prob, boxed, opts, target["profile"], t0,
+                                         len(policies) > 1 and opts.method != "exhaustive")
+        except ExeGPTError as e:  # nothing of the box policies fits or meets the bound: the grid may
+            if not gridded:
+                raise
+            error = e
+    if gridded:
+        box = best.search if best is not None else None
+        best, grid_reached, error, graded = _best_gridded(prob, gridded, opts, target["profile"], best, error)
+        reached.update(grid_reached)
+        if best is not None:  # the search's statistics: the branch and bound's and the grid's together
+            stats = box or SearchStats(opts.method, 0, 0.0)
+            best = dataclasses.replace(best, search=dataclasses.replace(
+                best.search, method=f"{stats.method} + grid" if box else "grid",
+                candidates_evaluated=stats.candidates_evaluated + graded, space_size=stats.space_size + graded,
+                boxes_pruned=stats.boxes_pruned))
+    if best is None:
+        raise error
+    best = dataclasses.replace(best, search=dataclasses.replace(
+        best.search, wall_s=time.perf_counter() - t0,
+        per_policy=tuple(sorted(reached.items())) if len(policies) > 1 else ()))
+    return best
+
+
+def _gridded(policy: Policy) -> bool:
+    """Whether a policy has no box bound and is searched on a grid of its knobs (its module's ``candidates``)."""
+    return hasattr(policy_module(policy), "candidates")
+
+
+GRID_POINTS = 9
+"""Values per knob of the grid a policy without a box bound is searched on under the paper's bound."""
+
+
+def _best_gridded(prob: Problem, policies: list[Policy], opts: SearchOptions, profile, incumbent: Plan | None,
+                  error: ExeGPTError | None) -> tuple[Plan | None, dict, ExeGPTError | None, int]:
+    """The policies without a box bound under the paper's bound: every schedule of their knob grid
+    (``simulated_candidates``) estimated, the best whose estimate meets the bound (with the margin) if it beats
+    ``incumbent``; with ``verify_requests``, only one whose simulated requests meet it too (at most
+    ``VERIFY_ATTEMPTS`` replays). Returns the pick, the best estimate of each policy (0: none met the bound),
+    the error to raise if nothing was picked and the schedules estimated."""
+    bound_s = prob.bound.bound_s * (1 - opts.latency_margin)
+    counts = opts.device_counts if opts.device_counts is not None else prob.cluster.count
+    cands = simulated_candidates(prob, policies, opts.tp_degrees, opts.space, counts, GRID_POINTS)
+    reached = {p.value: 0.0 for p in policies}
+    plans, fastest = [], math.inf
+    for _, policy, make in cands:
+        plan = make(SearchStats("grid", 0, 0.0))
+        fastest = min(fastest, plan.estimate.latency_s)
+        if plan.estimate.latency_s <= bound_s:
+            plans.append(plan)
+            reached[policy] = max(reached[policy], plan.estimate.throughput_seq_s)
+    floor = incumbent.estimate.throughput_seq_s if incumbent is not None else 0.0
+    plans = sorted((p for p in plans if p.estimate.throughput_seq_s > floor),
+                   key=lambda p: -p.estimate.throughput_seq_s)
+    for i, plan in enumerate(plans[:VERIFY_ATTEMPTS] if opts.verify_requests else plans[:1]):
+        if not opts.verify_requests:
+            return plan, reached, None, len(cands)
+        worst = _replayed_latency(plan, profile, opts.verify_requests)
+        if not worst > bound_s:
+            return dataclasses.replace(plan, search=dataclasses.replace(
+                plan.search, replay_requests=opts.verify_requests, replay_latency_s=worst)), reached, None, \
+                len(cands)
+    if incumbent is None and isinstance(error, InfeasibleBoundError) and fastest < error.smallest_feasible_s:
+        q = prob.bound.length_quantile
+        error = InfeasibleBoundError(
+            f"latency bound {prob.bound.bound_s:g} s is infeasible for the p{q * 100:g}-length output "
+            f"({prob.latency_len} tokens) of {prob.model.name} on {prob.cluster.label}; the smallest feasible "
+            f"bound is {fastest / (1 - opts.latency_margin):.4g} s", fastest / (1 - opts.latency_margin))
+    elif incumbent is None and error is None:
+        error = InfeasibleBoundError(
+            f"no schedule of {', '.join(p.value for p in policies)} for {prob.model.name} on {prob.cluster.label} "
+            f"meets the latency bound {prob.bound.bound_s:g} s; the smallest feasible bound is "
+            f"{fastest / (1 - opts.latency_margin):.4g} s", fastest / (1 - opts.latency_margin))
+    return incumbent, reached, error, len(cands)
+
+
+def _solve_boxed(prob: Problem, policies: list[Policy], opts: SearchOptions, profile, t0: float,
+                 each: bool) -> tuple[Plan, dict]:
+    """The branch and bound over the box policies (exact), with ``verify_requests`` its replays; ``each``: also
+    the best throughput of each policy alone (one more branch and bound per policy)."""
+    method, latency_margin, verify_requests = opts.method, opts.latency_margin, opts.verify_requests
+    layouts = all_spaces(prob, policies, opts.tp_degrees, opts.space, opts.device_counts)
     spaces = [sp for _, _, sp in layouts]
     # Plan against a tighter bound when the caller keeps a margin for the simulator's error.
     bound_s = prob.bound.bound_s * (1 - latency_margin)
     search_bound_s, evaluated, pruned = bound_s, 0, 0
+    reached: dict = {}
 
     def stats(extra: int = 0) -> SearchStats:
         return SearchStats(method, evaluated + extra, time.perf_counter() - t0, sum(sp.size for sp in spaces),
@@ -254,6 +342,9 @@ def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:
     for _ in range(VERIFY_ATTEMPTS):
         if method == "exhaustive":
             res: SearchResult = exhaustive(spaces, search_bound_s)
+        elif each:  # one branch and bound per policy, the best of them: the pick and what each policy reached
+            res = _each_policy(layouts, policies, search_bound_s, opts, reached)
+            each = False
         else:
             res = branch_and_bound(spaces, search_bound_s, opts.eps_throughput, opts.eps_latency)
         evaluated, pruned = evaluated + res.candidates_evaluated, pruned + res.boxes_pruned
@@ -261,10 +352,10 @@ def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:
             break
         plan = _plan_at(layouts, res, stats())
         if not verify_requests:
-            return plan
+            return plan, reached
         worst = _replayed_latency(plan, profile, verify_requests)
         if not worst > bound_s:  # NaN: no sampled request reached the bound length, nothing to hold
-            return _verified(plan, verify_requests, worst, t0)
+            return _verified(plan, verify_requests, worst, t0), reached
         # The pick's worst bound-length request missed: search again below the estimate it had, by the ratio.
         search_bound_s = min(search_bound_s, plan.estimate.latency_s) * bound_s / worst
     # The lowest-latency schedule by estimate: what the infeasibility error names and, with verification, the last
@@ -275,8 +366,27 @@ def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:
         plan = _plan_at(layouts, fastest, stats(fastest.candidates_evaluated))
         replayed_s = _replayed_latency(plan, profile, verify_requests)
         if fastest.latency <= bound_s and not replayed_s > bound_s:
-            return _verified(plan, verify_requests, replayed_s, t0)
+            return _verified(plan, verify_requests, replayed_s, t0), reached
     raise _infeasible(prob, fastest, latency_margin, verify_requests, replayed_s)
+
+
+def _each_policy(layouts, policies: list[Policy], bound_s: float, opts: SearchOptions, reached: dict
+                 ) -> SearchResult:
+    """A branch and bound over each policy's spaces alone; records each one's best throughput in ``reached`` (0:
+    none meets the bound) and returns the best of them, its space indexed among all of ``layouts``."""
+    best, evaluated, bounds, pruned, wall = None, 0, 0, 0, 0.0
+    for p in policies:
+        idx = [i for i, (_, lay, _) in enumerate(layouts) if lay.policy is p]
+        r = branch_and_bound([layouts[i][2] for i in idx], bound_s, opts.eps_throughput, opts.eps_latency)
+        evaluated, bounds = evaluated + r.points_evaluated, bounds + r.bounds_evaluated
+        pruned, wall = pruned + r.boxes_pruned, wall + r.wall_s
+        reached[p.value] = r.throughput if r.space is not None else 0.0
+        if r.space is not None and (best is None or r.throughput > best.throughput):
+            best = dataclasses.replace(r, space=idx[r.space])
+    if best is None:
+        return SearchResult(None, None, 0.0, math.inf, evaluated, bounds, pruned, wall)
+    return dataclasses.replace(best, points_evaluated=evaluated, bounds_evaluated=bounds, boxes_pruned=pruned,
+                               wall_s=wall)
 
 
 def _plan_at(layouts, res: SearchResult, stats: SearchStats) -> Plan:
@@ -311,12 +421,14 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     and whether and by what margin it holds.
     ``model``/``devices``: names such as "opt-13b" and "4xA40" (defaults: the paper's OPT-13B on 4xA40).
     ``profile``: a Profile (default: the built-in GPU profile of model on the device type).
-    ``policies``: any of "rra", "waa_c", "waa_m". ``tp_degrees``: TP degrees to try (default: all the
+    ``policies``: names of ``exegpt.policies`` (default: every policy but static batching; the plan's
+    ``search.per_policy`` says what the best of each reached). ``tp_degrees``: TP degrees to try (default: all the
     profile supports). ``eps_*``: the paper's search tolerances (0 = the exact optimum).
     ``latency_margin``: plan against ``slo * (1 - margin)``, keeping room for the simulator's error when the
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
     ``device_counts``: how many of the devices a schedule may use (default None: any count from 1 to all; the
-    plan's ``devices`` and ``schedule.num_gpus`` say how many it uses); ``(n,)`` uses exactly n.
+    plan's ``devices`` and ``schedule.num_gpus`` say how many it uses; under a latency bound, the policies without
+    a box bound use all of them); ``(n,)`` uses exactly n.
     ``verify_requests``: also simulate the pick on that many requests of ``dist`` (``exegpt.sim``, seed 0; the
     requests ``runner.run_plan(plan, num_requests=n)`` runs) and keep it only if the worst of its bound-length
     requests meets the bound (with the margin), not just their expected latency; else search again below the
@@ -333,17 +445,17 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
                               f"the simulated engine (options: simulated=SimulatedSearch(...))")
         t0 = time.perf_counter()
         prob = problem(dist, math.inf, model=model, devices=devices, profile=profile, memory_fraction=memory_fraction)
-        cands = simulated_candidates(prob, SIMULATED_POLICIES if policies is None else policies, tp_degrees, space,
+        cands = simulated_candidates(prob, ALL_POLICIES if policies is None else policies, tp_degrees, space,
                                      device_counts, simulated.grid_points)
         return search_simulated(cands, slo, profile, simulated, t0)
-    policies = DEFAULT_POLICIES if policies is None else policies
+    policies = ALL_POLICIES if policies is None else policies
     return _solve(dist, slo, dict(model=model, devices=devices, profile=profile),
                   SearchOptions("branch_and_bound", policies, tp_degrees, eps_throughput, eps_latency, space,
                                 memory_fraction, latency_margin, device_counts, verify_requests))
 
 
 def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,
-                        policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
+                        policies=ALL_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
                         memory_fraction: float = MEMORY_FRACTION, device_counts=None) -> Plan:
     """The true optimum of the same space as ``find_schedule``, by evaluating every point."""
     return _solve(dist, slo, dict(model=model, devices=devices, profile=profile),
@@ -394,7 +506,7 @@ def frontier(dist: Workload, bounds_s, **kw) -> list[Plan | None]:
 
 
 def smallest_feasible_bound(dist: Workload, *, model=None, devices=None, profile: Profile | None = None,
-                            policies=DEFAULT_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
+                            policies=BOX_POLICIES, tp_degrees=None, space: SearchSpace = SearchSpace(),
                             memory_fraction: float = MEMORY_FRACTION, device_counts=None) -> float:
     """The lowest latency any schedule of the space (as ``find_schedule`` searches it) achieves for the
     bound-length output."""

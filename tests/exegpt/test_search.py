@@ -9,6 +9,7 @@ import pytest
 from exegpt import InfeasibleBoundError, SearchSpace, Workload, exhaustive_schedule, find_schedule
 from exegpt.gpu_data import builtin_profile
 from exegpt.search import Space, branch_and_bound, exhaustive
+from exegpt.search.optimize import BOX_POLICIES
 
 from .conftest import make_profile
 
@@ -41,7 +42,7 @@ SPACE = SearchSpace(max_encode_batch=40, max_micro_batch=48)
 def test_search_equals_exhaustive(seed):
     model, devices, w, profile = _case(seed)
     rng = np.random.default_rng(1000 + seed)
-    kw = dict(model=model, devices=devices, profile=profile, space=SPACE)
+    kw = dict(model=model, devices=devices, profile=profile, space=SPACE, policies=BOX_POLICIES)
     try:
         exhaustive_schedule(w, math.inf, **kw)
     except InfeasibleBoundError:
