@@ -288,7 +288,9 @@ def _best_gridded(prob: Problem, policies: list[Policy], opts: SearchOptions, pr
     ``VERIFY_ATTEMPTS`` replays). Returns the pick, the best estimate of each policy (0: none met the bound),
     the error to raise if nothing was picked and the schedules estimated."""
     bound_s = prob.bound.bound_s * (1 - opts.latency_margin)
-    counts = opts.device_counts if opts.device_counts is not None else prob.cluster.count
+    n = prob.cluster.count
+    counts = opts.device_counts if opts.device_counts is not None else \
+        sorted({c for c in range(1, n + 1) if n <= 8 or c & (c - 1) == 0} | {n})
     cands = simulated_candidates(prob, policies, opts.tp_degrees, opts.space, counts, GRID_POINTS)
     reached = {p.value: 0.0 for p in policies}
     plans, fastest = [], math.inf
@@ -428,7 +430,8 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
     ``device_counts``: how many of the devices a schedule may use (default None: any count from 1 to all; the
     plan's ``devices`` and ``schedule.num_gpus`` say how many it uses; under a latency bound, the policies without
-    a box bound use all of them); ``(n,)`` uses exactly n.
+    a box bound try every count up to 8 devices, above that powers of two and all of them); ``(n,)`` uses
+    exactly n.
     ``verify_requests``: also simulate the pick on that many requests of ``dist`` (``exegpt.sim``, seed 0; the
     requests ``runner.run_plan(plan, num_requests=n)`` runs) and keep it only if the worst of its bound-length
     requests meets the bound (with the margin), not just their expected latency; else search again below the
