@@ -21,7 +21,7 @@ Printed:
   fidelity: throughput error mean X% worst Y%; latency error mean X% worst Y%; bounds kept N/M
 
   python -m benchmarks.fidelity [--model tiny] [--requests 800] [--rounds 3] [--cached-profile | --profile P]
-                                [--save runs.json]
+                                [--save runs.json] [--plans cb,disagg]
 
 On a GPU machine both the profile and the runs use CUDA (one rank per device, at most two); benchmarks/gpu_check.sh
 runs it there on a 1B preset.
@@ -42,6 +42,8 @@ import torch
 from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Profile, Workload, evaluate_schedule,
                     find_schedule, smallest_feasible_bound)
 from exegpt.policies.cb import CBSchedule
+from exegpt.policies.chunked import ChunkedSchedule
+from exegpt.policies.disagg import DisaggSchedule
 from exegpt.problem import offered_cluster
 from exegpt.policies import describe
 from exegpt.stages import spans_ranks
@@ -90,6 +92,9 @@ def cases(prof, ranks: int = 2):
     add("waa-c", "conv", WAASchedule(Policy.WAA_M, 4, 64, 1, 0, 1, 1), two)
     add("cb-a", "S/4", CBSchedule(32, 512, 1, 0, 1), one)
     add("cb-b", "conv", CBSchedule(64, 1024, 1, 0, 1), one)
+    add("chunked-a", "S/4", ChunkedSchedule(256, 32, 1, 0, 1), one)
+    add("disagg-a", "S/4", DisaggSchedule(32, 512, 1, 1), two)
+    add("disagg-b", "conv", DisaggSchedule(64, 1024, 1, 1), two)
     for wname in WORKLOADS:
         for devices in (one, two)[:ranks]:
             w = WORKLOADS[wname]
@@ -185,6 +190,8 @@ def main():
                     help="runs per plan, interleaved, each predicted from a profile taken just before its round; "
                          "the table compares the medians over the rounds of prediction and measurement")
     ap.add_argument("--save", metavar="PATH", help="also write every round's prediction and measurement as JSON")
+    ap.add_argument("--plans", metavar="PREFIXES", help="only the plans whose names start with one of these "
+                                                         "comma-separated prefixes (e.g. cb,disagg,best)")
     a = ap.parse_args()
     for flag, value in (("--rounds", a.rounds), ("--requests", a.requests)):
         if value < 1:
@@ -210,6 +217,11 @@ def main():
     probing = prof.device == "cpu"
     probe0 = speed_probe(a.model) if probing else 1.0
     named = cases(prof, runnable_ranks(prof))
+    if a.plans:
+        prefixes = tuple(x.strip() for x in a.plans.split(",") if x.strip())
+        named = [(n, p) for n, p in named if n.startswith(prefixes)]
+        if not named:
+            ap.error(f"--plans {a.plans!r} names none of the plans; they are {', '.join(n for n, _ in cases(prof))}")
     rounds = []
     for r in range(a.rounds):  # a shared VM's speed drifts by tens of percent within minutes: interleave rounds
         if r > 0 and not fixed:
