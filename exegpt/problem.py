@@ -111,6 +111,15 @@ class Problem:
     def max_batch(self, kernel: Kernel) -> float:
         return self.profile.max_coord(kernel, 1, 0)
 
+    def tp_problem(self, t: int) -> str | None:
+        """Why TP degree ``t`` cannot run this model on this profile (one line), or None."""
+        if not self.model.valid_tp(t):
+            return f"TP degree {t} must divide {self.model.name}'s {self.model.n_heads} heads and " \
+                   f"{self.model.n_kv_heads} KV heads"
+        if not self.profile.supports_tp(t):
+            return f"profile {self.profile.id} has no tables at TP degree {t}; it has {self.profile.tp_degrees()}"
+        return None
+
 
 def offered_cluster(devices=None, profile: Profile | None = None) -> Cluster:
     """The devices a plan may use: ``devices`` ("COUNTxNAME"), by default the paper's 4xA40, or one of the

@@ -24,12 +24,8 @@ def layout_for(prob: Problem, s: Schedule) -> Layout:
         raise ExeGPTError(f"schedule uses {s.num_gpus} devices but the cluster has {prob.cluster.count}")
     module = policy_module(s.policy)
     for t in sorted({t for _, t in module.stage_roles(s)}):
-        if not prob.model.valid_tp(t):
-            raise ExeGPTError(f"tp={t} must divide {prob.model.name}'s {prob.model.n_heads} heads and "
-                              f"{prob.model.n_kv_heads} KV heads")
-        if not prob.profile.supports_tp(t):
-            raise ExeGPTError(f"profile {prob.profile.id} has no tables at tp={t}; it has "
-                              f"tp {prob.profile.tp_degrees()}")
+        if (why := prob.tp_problem(t)) is not None:
+            raise ExeGPTError(why)
     lay = module.layout(prob, s)
     if lay is None:
         raise ExeGPTError(f"{prob.model.name} does not fit on {prob.cluster.label} with {s}: "

@@ -163,6 +163,25 @@ def pool_blocks(plan) -> int:
     return int(kv // plan.schedule.block_size) if math.isfinite(kv) else 1 << 60
 
 
+def context_blocks(view: View, size: int):
+    """``blocks(rid, extra=0)``: the KV blocks of ``size`` tokens ``rid``'s context fills (at least its first
+    token's), with ``extra`` more tokens."""
+
+    def blocks(rid: int, extra: int = 0) -> int:
+        return -(-(view.input_len(rid) + max(view.generated(rid), 1) + extra) // size)
+
+    return blocks
+
+
+def preempt_for_decode(running: list[int], preempted: deque, blocks, pool: int):
+    """Before a decode iteration: while the running requests' next tokens need more blocks than the pool holds,
+    preempt the newest (``Evict``; it goes first in ``preempted``, to be recomputed)."""
+    while len(running) > 1 and sum(blocks(r, 1) for r in running) > pool:
+        victim = running.pop()
+        yield Evict((victim,))
+        preempted.appendleft(victim)
+
+
 def drivers(plan) -> dict:
     """The one driver of a continuous-batching plan, on the ``main`` group."""
     s = plan.schedule
@@ -170,9 +189,7 @@ def drivers(plan) -> dict:
 
     def drive(view: View):
         p, size = view.num_stages, s.block_size
-
-        def blocks(rid: int, extra: int = 0) -> int:  # blocks of its context (at least its first token's)
-            return -(-(view.input_len(rid) + max(view.generated(rid), 1) + extra) // size)
+        blocks = context_blocks(view, size)
 
         running: list[int] = []  # in admission order: the newest is preempted first
         preempted: deque[int] = deque()
@@ -223,10 +240,7 @@ def drivers(plan) -> dict:
                                       f"tokens and the pool holds {pool}")
                 continue
             # Decode step: a block for every request whose next token starts one; preempt the newest if short.
-            while len(running) > 1 and sum(blocks(r, 1) for r in running) > pool:
-                victim = running.pop()
-                yield Evict((victim,))
-                preempted.appendleft(victim)
+            yield from preempt_for_decode(running, preempted, blocks, pool)
             t = view.now()
             steps = yield Decode(tuple(tuple(mb) for mb in split_even(running, p)), 1)
             dec.append((view.now() - t, steps[0] if steps else 0))

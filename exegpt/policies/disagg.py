@@ -35,8 +35,8 @@ from ..rules import SteadyMarker, split_even
 from ..schedule import Policy
 from ..stages import Layout, Terms, concurrent_times, encode_times, fits, pipeline_decode, place_stages, \
     spans_ranks, stage_memory
-from .base import DECODE, ENCODE, Compact, Decode, DriverStats, Evict, Merge, Peek, Prefill, View
-from .cb import pool_blocks, pool_tokens
+from .base import DECODE, ENCODE, Compact, Decode, DriverStats, Merge, Peek, Prefill, View
+from .cb import context_blocks, pool_blocks, pool_tokens, preempt_for_decode
 from .waa import HANDOFF_DEPTH, encoder
 
 NAMES = (Policy.DISAGG,)
@@ -225,9 +225,7 @@ def drivers(plan) -> dict:
 
     def decode(view: View):
         p, size = view.num_stages, s.block_size
-
-        def blocks(rid: int, extra: int = 0) -> int:  # blocks of its context (at least its first token's)
-            return -(-(view.input_len(rid) + max(view.generated(rid), 1) + extra) // size)
+        blocks = context_blocks(view, size)
 
         running: list[int] = []  # in admission order: the newest is preempted first
         preempted: deque[int] = deque()
@@ -277,10 +275,7 @@ def drivers(plan) -> dict:
             if len(running) >= plan.estimate.decode_batch:
                 steady.begin(view.now())
             # A block for every request whose next token starts one; preempt the newest while the pool is short.
-            while len(running) > 1 and sum(blocks(r, 1) for r in running) > pool:
-                victim = running.pop()
-                yield Evict((victim,))
-                preempted.appendleft(victim)
+            yield from preempt_for_decode(running, preempted, blocks, pool)
             t = view.now()
             steps = yield Decode(tuple(tuple(mb) for mb in split_even(running, p)), 1)
             dec.append((view.now() - t, steps[0] if steps else 0))

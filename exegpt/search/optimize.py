@@ -71,12 +71,8 @@ def _tp_degrees(prob: Problem, tp_degrees) -> list[int]:
             raise ExeGPTError(f"TP degree {t!r} must be an integer >= 1")
         if t > n:
             raise ExeGPTError(f"TP degree {t} exceeds the {n} devices of {prob.cluster.label}")
-        if not prob.model.valid_tp(t):
-            raise ExeGPTError(f"TP degree {t} must divide {prob.model.name}'s {prob.model.n_heads} heads "
-                              f"and {prob.model.n_kv_heads} KV heads")
-        if not prob.profile.supports_tp(t):
-            raise ExeGPTError(f"profile {prob.profile.id} has no tables at TP degree {t}; it has "
-                              f"{prob.profile.tp_degrees()}")
+        if (why := prob.tp_problem(int(t))) is not None:
+            raise ExeGPTError(why)
         out.append(int(t))
     return sorted(set(out))
 
