@@ -1,6 +1,6 @@
 """Every policy on the same profile, workloads and bounds: ExeGPT's own schedules against the baselines.
 
-    python -m benchmarks.policies [--quick]
+    python -m benchmarks.policies [--quick] [--plot docs/policies.png]
 
 Table 1 (the paper's bound, form (a)): for the paper's five tasks at four bounds (1.2, 1.5, 2 and 3 times the
 smallest bound RRA or WAA meets) on OPT-13B / 4xA40 and Llama-2-7B / 2xA100, and for the three shipped traces
@@ -136,10 +136,51 @@ def table2(quick: bool) -> None:
         print(f"{'/'.join(pols or ('all',)):<8} {g:>14.2f} {g / base:>8.1f}x {time.perf_counter() - t0:>9.1f}  {what}")
 
 
+def figure(path: str) -> None:
+    """Throughput against the bound, every policy, two settings: the frontier of each (estimates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    cases = (("opt-13b", "4xA40", "S"), ("llama-2-7b", "2xA100", "C1"))
+    fig, axes = plt.subplots(1, len(cases), figsize=(12, 4.4))
+    for ax, (model, devices, task) in zip(axes, cases):
+        w = Workload.task(task)
+        low = smallest_feasible_bound(w, model=model, devices=devices)
+        bounds = np.geomspace(low, 4 * low, 14)
+        kw = dict(model=model, devices=devices)
+        series = {
+            "RRA": lambda b: best(lambda: find_schedule(w, b, policies=["rra"], **kw)),
+            "WAA": lambda b: best(lambda: find_schedule(w, b, policies=["waa_c", "waa_m"], **kw)),
+            "static batching": lambda b: best(lambda: static_schedule(w, b, **kw)),
+            "continuous batching": lambda b: best_grid("cb", w, b, model, devices),
+            "disaggregation": lambda b: best_grid("disagg", w, b, model, devices),
+        }
+        for (name, fn), style in zip(series.items(), ("o-", "s-", "v--", "^--", "D--")):
+            ax.plot(bounds, [fn(b)[0] for b in bounds], style, ms=4, label=name)
+        ax.plot(bounds, [best(lambda: find_schedule(w, b, **kw))[0] for b in bounds], "-", color="black", lw=3,
+                alpha=0.25, label="find_schedule (all)")
+        ax.set(xscale="log", xlabel="latency bound on the p99-length output (s)", ylabel="throughput (seq/s)",
+               title=f"{model} on {devices}, task {task} (estimates)")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="two tasks, two bounds, one setting")
+    p.add_argument("--plot", metavar="PNG", help="only draw every policy's throughput against the bound to PNG")
     a = p.parse_args(argv)
+    if a.plot:
+        figure(a.plot)
+        return 0
     table1(a.quick)
     table2(a.quick)
     return 0
