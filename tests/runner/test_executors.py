@@ -340,4 +340,21 @@ def test_every_one_rank_policy_on_smollm2_gives_greedy_tokens(smollm2):
                        ChunkedSchedule(10, 4, 1, 0, 1))]
     for rep in run_plans(plans, "smollm2", requests=reqs, keep_tokens=True):
         assert_complete(rep, reqs, ref)
+
+
+@pytest.mark.slow
+def test_split_policies_on_smollm2_give_greedy_tokens(smollm2):
+    """The pretrained SmolLM2-135M (fp32) on two ranks under WAA and prefill/decode disaggregation: the KV of
+    every prefilled batch moves between the ranks and every request's tokens equal single-request greedy
+    decoding."""
+    model, args, _ = smollm2
+    w = Workload.truncated_normal((14, 5, 24), (8, 3, 12))
+    reqs = make_requests(w, 8, args.vocab_size, seed=4)
+    ref = {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in reqs}
+    split = (Stage("encode", 1, 0, args.n_layers), Stage("decode", 1, 0, args.n_layers))
+    plans = [dataclasses.replace(make_plan(s, split), workload=w)
+             for s in (WAASchedule(Policy.WAA_C, 3, 4, 1, 0, 1, 1), DisaggSchedule(6, 64, 1, 1))]
+    for rep in run_plans(plans, "smollm2", requests=reqs, keep_tokens=True, timeout_s=180):
+        assert_complete(rep, reqs, ref)
+        assert rep.num_finished == len(reqs)
         assert rep.num_finished == len(reqs)
