@@ -1,6 +1,6 @@
 """Every policy on the same profile, workloads and bounds: ExeGPT's own schedules against the baselines.
 
-    python -m benchmarks.policies [--quick] [--plot docs/policies.png]
+    python -m benchmarks.policies [--quick] [--table 1|2] [--plot docs/policies.png]
 
 Table 1 (the paper's bound, form (a)): for the paper's five tasks at four bounds (1.2, 1.5, 2 and 3 times the
 smallest bound RRA or WAA meets) on OPT-13B / 4xA40 and Llama-2-7B / 2xA100, and for the three shipped traces
@@ -121,7 +121,7 @@ def table2(quick: bool) -> None:
     model, devices = "llama-2-7b", "2xA100"
     w = fitting(Workload.trace("azure_conv"), model)
     slo = RequestSLO(ttft_s=2.0, tpot_s=0.1, percentile=90)
-    opts = SimulatedSearch(num_requests=300 if quick else 600, max_simulated=6 if quick else 12, arrivals="trace")
+    opts = SimulatedSearch(num_requests=300, max_simulated=6, arrivals="trace")
     print(f"\n## Table 2: goodput on {w.name}'s own timestamps, {slo.describe()}, {model}/{devices}")
     print(f"{'policy':<8} {'goodput req/s':>14} {'speed-up':>9} {'search s':>9}  schedule")
     span = w.arrivals_s[-1] - w.arrivals_s[0]
@@ -177,12 +177,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="two tasks, two bounds, one setting")
     p.add_argument("--plot", metavar="PNG", help="only draw every policy's throughput against the bound to PNG")
+    p.add_argument("--table", type=int, choices=(1, 2), help="only this table")
     a = p.parse_args(argv)
     if a.plot:
         figure(a.plot)
         return 0
-    table1(a.quick)
-    table2(a.quick)
+    if a.table in (None, 1):
+        table1(a.quick)
+    if a.table in (None, 2):
+        table2(a.quick)
     return 0
 
 
