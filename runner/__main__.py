@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0, help="seed of requests and random weights (default 0)")
     p.add_argument("--stop-at-eos", action="store_true", help="end a request at EOS (default: forced length)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every request's tokens independent of its batch, in any precision, slower (CPU ranks)")
     p.add_argument("--timeout", type=float, default=3600.0, help="wall-clock limit in seconds (default 3600)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help=f"progress bar (default: on for >= {PROGRESS_MIN_REQUESTS} requests)")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run_plan(plan, args.model, num_requests=args.requests, trace=trace, seed=args.seed,
                               dtype=args.dtype, stop_at_eos=args.stop_at_eos, timeout_s=args.timeout,
-                              progress=progress, arrivals=arrivals)
+                              progress=progress, arrivals=arrivals,
+                              batch_invariant=args.batch_invariant)
         except RankFailedError as e:
             print(f"exegpt-run: run failed: {e}", file=sys.stderr)
             return 1

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from runner import numerics
+
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 ABI_VERSION = 7
@@ -150,7 +152,8 @@ def usable(x: Tensor, *weights: Tensor, any_rows: bool = False) -> bool:
     dt = x.dtype
     if x.device.type != "cpu" or dt not in MAX_ROWS:
         return False
-    if not any_rows and x.numel() // max(x.shape[-1], 1) > MAX_ROWS[dt]:
+    # Batch-invariant numerics (runner.numerics): the kernels for every row count, as their sums are in one order.
+    if not any_rows and not numerics.on() and x.numel() // max(x.shape[-1], 1) > MAX_ROWS[dt]:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False

@@ -24,6 +24,7 @@ from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compa
 from exegpt.report import RunReport, build_report
 from exegpt.rules import split_even
 
+from . import numerics
 from .dist import TAG_CREDIT, TAG_META
 from .handoff import DEPTH, DecodeStage, EncodeStage
 from .kv_cache import fill_holes
@@ -34,6 +35,13 @@ from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PR
 def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
     """This rank's part of a run of ``ctx.plan``; the rank that drives the group holding the requests' last
     tokens returns the report."""
+    if ctx.batch_invariant:
+        numerics.check_supported(device, ctx.dtype)
+    with numerics.batch_invariant(ctx.batch_invariant):
+        return _run_policy(ctx, rank, world_size, device)
+
+
+def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
     plan = ctx.plan
     drivers = driver_groups(plan)
     module = policy_module(plan.schedule.policy)

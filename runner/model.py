@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS, ModelShape
-from runner import cpu_kernels
+from runner import cpu_kernels, numerics
 from runner.kv_cache import KVCache, as_rows
 from runner.linear import Linear, _bias, _packed_dtype, prepacked_linear
 from runner.step import Step, apply_rope, chunk_step, decode_step, prefill_step, rope_tables
@@ -160,6 +160,30 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
                                           enable_gqa=H != Hkv if gqa is None else gqa)
 
 
+def attend_each_query(q: Tensor, k: Tensor, v: Tensor, step: Step, scale: float | None, gqa: bool,
+                      dtype: torch.dtype) -> Tensor:
+    """Causal self-attention one query of one row at a time, over exactly the keys up to its position, in the
+    cache's ``dtype``: the same call for a position whether it is prefilled with its prompt, in a chunk or decoded,
+    and whatever else is in the batch (``runner.numerics``). q ``[n, H, S, D]``, k and v ``[n, Hkv, kv, D]`` from
+    position 0; returns ``[n, H, S, D]`` in q's dtype."""
+    n, H, S, D = q.shape
+    if step.decode:
+        pos = step.pos.tolist() if step.pos_uniform is None else [step.pos_uniform] * n
+        at = [[p] for p in pos]  # [row][query] -> position
+    elif step.chunk is not None:
+        _, starts, lens = step.chunk
+        at = [[s + j for j in range(m)] for s, m in zip(starts, lens)]
+    else:  # prompts from position 0 (padded queries past a prompt attend its padding: never read)
+        at = [list(range(S))] * n
+    out = q.new_zeros(n, H, S, D)
+    for i, positions in enumerate(at):
+        for j, p in enumerate(positions):
+            qi, ki, vi = (t[i:i + 1, :, a:b].to(dtype) for t, a, b in ((q, j, j + 1), (k, 0, p + 1), (v, 0, p + 1)))
+            out[i:i + 1, :, j:j + 1] = F.scaled_dot_product_attention(qi, ki, vi, scale=scale,
+                                                                      enable_gqa=gqa).to(q.dtype)
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -190,6 +214,8 @@ class Attention(nn.Module):
         elif cache is not None:  # (no cache: T5's encoder)
             cache.write_prompt(layer, step.rows, k, v)  # prompts start at position 0: attend to themselves
         gqa = self.n_heads != self.n_kv_heads
+        if numerics.on() and (step.decode or step.chunk is not None or step.is_causal):
+            return attend_each_query(q, k, v, step, self.scale, gqa, k.dtype if cache is None else cache.dtype)
         if k.dtype != q.dtype:  # a wider cache (``cache_dtype``): attend in its precision
             return attend(q.to(k.dtype), k, v, step.mask, step.is_causal, self.scale, gqa=gqa).to(q.dtype)
         return attend(q, k, v, step.mask, step.is_causal, self.scale, gqa=gqa)
@@ -207,7 +233,7 @@ class Attention(nn.Module):
         (``runner.cpu_kernels.attn_decode``). Needs a CPU fp32 cache and no mask beyond each row's prefix."""
         return (step.decode and cache is not None and cache.dtype == torch.float32 and cache.device.type == "cpu"
                 and (step.mask is None or step.mask.dtype == torch.bool) and step.pos is not None
-                and cpu_kernels.usable(x, any_rows=True))
+                and cpu_kernels.usable(x, any_rows=True) and not numerics.on())
 
     def decode_core(self, qkv: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
         """The fused decode core: ``wqkv``'s output ``[n, 1, (H + 2 Hkv) D]`` -> attention output ``[n, 1, H D]``

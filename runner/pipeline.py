@@ -301,6 +301,7 @@ class RunContext:
     """Test hook: (rank, n) makes ``rank`` raise after executing ``n`` commands."""
     progress: bool = False
     log_decisions: bool = False
+    batch_invariant: bool = False
 
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]

@@ -24,6 +24,7 @@ from exegpt.report import RunReport
 from exegpt.stages import Stage
 from exegpt.workload import Workload
 
+from . import numerics
 from .dist import init_from_env, launch, layout, torchrun_env
 from .engine import run_policy
 from .pipeline import DTYPES, RunContext
@@ -128,6 +129,9 @@ class RunOptions:
     """Test hook, (rank, n): that rank raises after executing n commands."""
     log_decisions: bool = False
     """Keep the reporting driver's actions in ``RunReport.decisions`` (conformance with ``exegpt.sim``)."""
+    batch_invariant: bool = False
+    """Every request's tokens independent of what it is batched with, in any precision, at a cost in speed
+    (``runner.numerics``)."""
 
 
 def run_plan(plan: Plan, model: str = "tiny", requests: tuple[Request, ...] | None = None,
@@ -155,6 +159,8 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
         opts = dataclasses.replace(options or RunOptions(), **overrides)
     except TypeError as e:
         raise ExeGPTError(f"run_plan: {e}; the options are {', '.join(RunOptions.__dataclass_fields__)}") from None
+    if opts.batch_invariant and not torchrun_env():  # the ranks start here, on this machine's device
+        numerics.check_supported(torch.device("cuda" if torch.cuda.is_available() else "cpu"), opts.dtype)
     ctxs = [_context(p, model, requests, trace, opts) for p in plans]
     worlds = [p.schedule.num_gpus for p in plans]
     out: list[RunReport | None] = [None] * len(plans)
@@ -201,7 +207,8 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
                       requests=tuple(requests), max_seq_len=args.max_seq_len,
                       cache_len=cache_len_of(plan, args.max_seq_len), stop_at_eos=opts.stop_at_eos,
                       eos_id=opts.eos_id, keep_tokens=opts.keep_tokens, seed=opts.seed, fault=opts.fault,
-                      progress=opts.progress, log_decisions=opts.log_decisions)
+                      progress=opts.progress, log_decisions=opts.log_decisions,
+                      batch_invariant=opts.batch_invariant)
 
 
 def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]

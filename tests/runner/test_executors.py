@@ -19,6 +19,7 @@ from exegpt.policies.cb import CBSchedule
 from exegpt.policies.chunked import ChunkedSchedule
 from exegpt.policies.disagg import DisaggSchedule
 from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, StaticSchedule, WAASchedule, Workload
+from runner import numerics
 from runner.dist import RankFailedError
 from runner.generate import greedy_reference
 from exegpt.report import FAILED, FINISHED
@@ -327,9 +328,10 @@ def test_split_policies_with_a_two_rank_group_under_arrivals(requests, reference
 
 
 def test_every_one_rank_policy_on_smollm2_gives_greedy_tokens(smollm2):
-    """The pretrained SmolLM2-135M (fp32) under RRA, static batching, continuous batching and chunked prefill: every
-    request's tokens equal single-request greedy decoding. (In bf16 they do not, for any policy: batched bf16
-    GEMMs round differently from one row's, and random prompts give near-tied logits.)"""
+    """The pretrained SmolLM2-135M under RRA, static batching, continuous batching and chunked prefill: every
+    request's tokens equal single-request greedy decoding, in fp32, and in bf16 with batch-invariant numerics
+    (``runner.numerics``; without them a batched bf16 GEMM rounds differently from one row's now and then, and
+    random prompts give near-tied logits)."""
     model, args, _ = smollm2
     w = Workload.truncated_normal((14, 5, 24), (8, 3, 12))
     reqs = make_requests(w, 8, args.vocab_size, seed=3)
@@ -340,21 +342,31 @@ def test_every_one_rank_policy_on_smollm2_gives_greedy_tokens(smollm2):
                        ChunkedSchedule(10, 4, 1, 0, 1))]
     for rep in run_plans(plans, "smollm2", requests=reqs, keep_tokens=True):
         assert_complete(rep, reqs, ref)
+    half = smollm2_bf16_reference(reqs)
+    for rep in run_plans(plans, "smollm2", requests=reqs, keep_tokens=True, dtype="bf16", batch_invariant=True):
+        assert_complete(rep, reqs, half)
+
+
+def smollm2_bf16_reference(reqs) -> dict:
+    """Single-request greedy tokens of SmolLM2-135M in bf16 under batch-invariant numerics."""
+    model, _, _ = load_model("smollm2", dtype=torch.bfloat16)
+    with numerics.batch_invariant():
+        return {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in reqs}
 
 
 @pytest.mark.slow
 def test_split_policies_on_smollm2_give_greedy_tokens(smollm2):
-    """The pretrained SmolLM2-135M (fp32) on two ranks under WAA and prefill/decode disaggregation: the KV of
-    every prefilled batch moves between the ranks and every request's tokens equal single-request greedy
-    decoding."""
-    model, args, _ = smollm2
+    """SmolLM2-135M in bf16 on two ranks under WAA and prefill/decode disaggregation, batch-invariant numerics:
+    the KV of every prefilled batch moves between the ranks and every request's tokens equal single-request
+    greedy decoding."""
+    _, args, _ = smollm2
     w = Workload.truncated_normal((14, 5, 24), (8, 3, 12))
     reqs = make_requests(w, 8, args.vocab_size, seed=4)
-    ref = {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in reqs}
+    ref = smollm2_bf16_reference(reqs)
     split = (Stage("encode", 1, 0, args.n_layers), Stage("decode", 1, 0, args.n_layers))
     plans = [dataclasses.replace(make_plan(s, split), workload=w)
              for s in (WAASchedule(Policy.WAA_C, 3, 4, 1, 0, 1, 1), DisaggSchedule(6, 64, 1, 1))]
-    for rep in run_plans(plans, "smollm2", requests=reqs, keep_tokens=True, timeout_s=180):
+    for rep in run_plans(plans, "smollm2", requests=reqs, keep_tokens=True, timeout_s=180, dtype="bf16",
+                         batch_invariant=True):
         assert_complete(rep, reqs, ref)
-        assert rep.num_finished == len(reqs)
         assert rep.num_finished == len(reqs)
