@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from exegpt import (InfeasibleBoundError, RRASchedule, WAASchedule, Policy, Profile, Workload, evaluate_schedule,
-                    find_schedule, smallest_feasible_bound)
+from exegpt import (InfeasibleBoundError, RRASchedule, StaticSchedule, WAASchedule, Policy, Profile, Workload,
+                    evaluate_schedule, find_schedule, smallest_feasible_bound)
 from exegpt.policies.cb import CBSchedule
 from exegpt.policies.chunked import ChunkedSchedule
 from exegpt.policies.disagg import DisaggSchedule
@@ -90,6 +90,7 @@ def cases(prof, ranks: int = 2):
     add("waa-a", "S/4", WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), two)
     add("waa-b", "C1/4", WAASchedule(Policy.WAA_C, 2, 32, 1, 0, 1, 1), two)
     add("waa-c", "conv", WAASchedule(Policy.WAA_M, 4, 64, 1, 0, 1, 1), two)
+    add("static-a", "S/4", StaticSchedule(8, 1, 1), one)
     add("cb-a", "S/4", CBSchedule(32, 512, 1, 0, 1), one)
     add("cb-b", "conv", CBSchedule(64, 1024, 1, 0, 1), one)
     add("chunked-a", "S/4", ChunkedSchedule(256, 32, 1, 0, 1), one)
