@@ -20,8 +20,8 @@ import sys
 
 from .bound import LatencyBound
 from .errors import ExeGPTError, InfeasibleBoundError
-from .models import MODELS
-from .problem import offered_cluster
+from .models import MODELS, get_model
+from .problem import DEFAULT_MODEL, offered_cluster
 from .search.optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
                               static_schedule)
 from .plan import Plan
@@ -65,6 +65,8 @@ def _add_workload(p: argparse.ArgumentParser):
     g.add_argument("--trace", help="a CSV trace: num_prefill_tokens,num_decode_tokens[,arrived_at] or Azure's")
     g.add_argument("--input", type=_triple, help="input length MEAN,STD,MAX (truncated normal)")
     g.add_argument("--output", type=_triple, help="output length MEAN,STD,MAX (truncated normal)")
+    g.add_argument("--max-context", choices=("drop", "clip"),
+                   help="fit a trace to the model's context: drop or clip the requests over it (said in the output)")
 
 
 def _add_target(p: argparse.ArgumentParser):
@@ -81,11 +83,23 @@ def _workload(a) -> Workload:
         raise ExeGPTError("give exactly one workload: --task, --builtin-trace, --trace or --input with --output"
                           + (f" (got {', '.join(given)})" if given else ""))
     if a.task:
-        return Workload.task(a.task)
-    if a.builtin_trace:
-        return Workload.trace(a.builtin_trace)
-    if a.trace:
-        return Workload.from_trace(a.trace)
+        w = Workload.task(a.task)
+    elif a.builtin_trace:
+        w = Workload.trace(a.builtin_trace)
+    elif a.trace:
+        w = Workload.from_trace(a.trace)
+    else:
+        w = None
+    if w is not None:
+        if getattr(a, "max_context", None):
+            model = a.model or (Profile.load(a.profile).model if getattr(a, "profile", None) else DEFAULT_MODEL)
+            context = get_model(model).max_seq_len
+            fitted, changed, (p_cap, o_cap) = w.within_context(context, a.max_context)
+            if changed:
+                print(f"{w.name}: {changed} of {len(w.pairs)} requests {a.max_context}ped to fit {context} tokens "
+                      f"(prompts <= {p_cap}, outputs <= {o_cap})")
+            w = fitted
+        return w
     if not (a.input and a.output):
         raise ExeGPTError("--input and --output go together (each MEAN,STD,MAX)")
     return Workload.truncated_normal(a.input, a.output)

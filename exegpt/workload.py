@@ -162,6 +162,38 @@ class Workload:
                         name=name or f"{self.name}x({input_factor:g},{output_factor:g})",
                         pairs=pairs, arrivals_s=self.arrivals_s)
 
+    def within_context(self, max_tokens: int, how: str = "drop") -> tuple[Workload, int, tuple[int, int]]:
+        """This trace fitted to a model's context of ``max_tokens`` (its longest prompt plus its longest output, what
+        a plan reserves per sequence, at most that): the prompt and output caps that keep the most requests whole,
+        then the requests over them dropped (``how="drop"``) or clipped to them (``"clip"``: the prompt's last
+        tokens, the output's first). Returns the workload, how many requests were dropped or clipped, and the caps
+        (prompt, output)."""
+        if how not in ("drop", "clip"):
+            raise ExeGPTError(f"how={how!r} must be 'drop' or 'clip'")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 2:
+            raise ExeGPTError(f"max_tokens={max_tokens!r} must be a whole number >= 2")
+        if self.max_total_len <= max_tokens:
+            return self, 0, (self.input_len.max, self.output_len.max)
+        if self.pairs is None:
+            raise ExeGPTError(f"workload {self.name!r} reaches {self.max_total_len} tokens and has no joint sample "
+                              f"to drop or clip requests from; give lengths within {max_tokens} tokens")
+        pairs = np.asarray(self.pairs)
+        inp, out = pairs[:, 0], pairs[:, 1]
+        caps = np.unique(np.minimum(out, max_tokens - 1))
+        if len(caps) > 2000:
+            caps = np.unique(np.quantile(caps, np.linspace(0, 1, 2000)).astype(int))
+        kept = [int(np.count_nonzero((out <= c) & (inp <= max_tokens - c))) for c in caps]
+        out_cap = int(caps[int(np.argmax(kept))])
+        in_cap = max_tokens - out_cap
+        whole = (out <= out_cap) & (inp <= in_cap)
+        if how == "drop":
+            arr = None if self.arrivals_s is None else np.asarray(self.arrivals_s)[whole]
+            fitted = Workload.from_pairs(pairs[whole], arr, name=f"{self.name} (<= {max_tokens} tokens)")
+        else:
+            clipped = np.stack([np.minimum(inp, in_cap), np.minimum(out, out_cap)], axis=1)
+            fitted = Workload.from_pairs(clipped, self.arrivals_s, name=f"{self.name} (clipped to {max_tokens})")
+        return fitted, int(np.count_nonzero(~whole)), (in_cap, out_cap)
+
     def correlation(self) -> float | None:
         """Pearson correlation of input and output length in the joint sample (None if synthetic)."""
         if self.pairs is None or len(self.pairs) < 2:

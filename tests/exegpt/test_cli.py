@@ -1,9 +1,11 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from exegpt import Plan
+from exegpt import Plan, Workload, find_schedule
+from exegpt.errors import ExeGPTError
 from exegpt.__main__ import main
 
 from .conftest import make_profile
@@ -25,6 +27,26 @@ def test_plan_from_trace_and_profile_file(tmp_path, capsys):
     prof = make_profile().save(tmp_path / "p.json")
     assert main(["plan", "--trace", str(trace), "--bound", "inf", "--profile", str(prof), "--devices", "2xA40",
                  "-o", str(tmp_path / "plan.json")]) == 0
+
+
+def test_a_trace_over_the_models_context_is_dropped_or_clipped_to_it(tmp_path, capsys):
+    """The README's example: the Azure code trace reaches 9,336 tokens, Llama-2-7B holds 4,096."""
+    w = Workload.trace("azure_code")
+    with pytest.raises(ExeGPTError, match="reaches 9336 tokens"):
+        find_schedule(w, 20.0, model="llama-2-7b", devices="2xA100", policies=["rra"])
+    kept, dropped, (p_cap, o_cap) = w.within_context(4096, "drop")
+    assert kept.max_total_len <= 4096 and p_cap + o_cap == 4096 and len(kept.pairs) + dropped == len(w.pairs)
+    assert all(i <= p_cap and o <= o_cap for i, o in kept.pairs) and len(kept.arrivals_s) == len(kept.pairs)
+    # No other split of the context keeps more requests whole.
+    pairs = np.asarray(w.pairs)
+    assert all(((pairs[:, 1] <= c) & (pairs[:, 0] <= 4096 - c)).sum() <= len(kept.pairs) for c in range(1, 4096, 7))
+    clipped, n, _ = w.within_context(4096, "clip")
+    assert n == dropped and len(clipped.pairs) == len(w.pairs) and clipped.max_total_len <= 4096
+    assert main(["plan", "--builtin-trace", "azure_code", "--bound", "20", "--model", "llama-2-7b", "--devices",
+                 "2xA100", "--max-context", "drop", "--policies", "rra", "-o", str(tmp_path / "p.json")]) == 0
+    assert f"azure_code: {dropped} of {len(w.pairs)} requests dropped to fit 4096 tokens" in capsys.readouterr().out
+    with pytest.raises(ExeGPTError, match="has no joint sample"):
+        Workload.truncated_normal((3000, 100, 4000), (500, 10, 600)).within_context(4096)
 
 
 def test_plan_verify_prints_the_replayed_worst_latency_it_kept(tmp_path, capsys):
