@@ -87,3 +87,19 @@ def test_module_entry_point_bad_args():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot read plan" in lines[0]
+
+
+def test_commands_without_torch_say_so_in_one_line(monkeypatch, capsys):
+    """The solver-only install has no torch: exegpt-run, exegpt-profile and exegpt-demo name the extra to install."""
+    import importlib.util
+
+    from profiler import entry as profiler_entry
+    from runner import entry
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    for command, fn in (("exegpt-run", entry.run), ("exegpt-profile", profiler_entry.profile),
+                        ("exegpt-demo", profiler_entry.demo)):
+        assert fn(["--help"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{command}: error: needs torch" in err and "'.[runner]'" in err
