@@ -525,6 +525,6 @@ class _NoBar:
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from runner.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="pt", dynamic_ncols=True, leave=False)
+    return progress_bar(total, desc, "pt")

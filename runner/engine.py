@@ -27,6 +27,7 @@ from exegpt.rules import split_even
 from . import numerics
 from .dist import TAG_CREDIT, TAG_META
 from .handoff import DEPTH, DecodeStage, EncodeStage
+from .progress import progress_bar
 from .kv_cache import fill_holes
 from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PREFILL, Command, Pipeline, RunContext, \
     StageRuntime, _i64, eos_of, make_runtime, make_tp_groups, start_clock
@@ -137,9 +138,7 @@ class RunnerEngine:
     def drive(self, driver):
         """Runs ``driver`` to its end; returns its ``DriverStats`` (None from a driver that returns none)."""
         if self.ctx.progress and self.group != ENCODE:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=len(self.ledger), initial=len(self.ledger.rejected), unit="req", leave=False)
+            self.bar = progress_bar(len(self.ledger), "requests", "req", initial=len(self.ledger.rejected))
             self.ledger.on_finish = self.bar.update
         gen, result = driver(self), None
         while True:

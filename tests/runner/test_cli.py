@@ -103,3 +103,23 @@ def test_commands_without_torch_say_so_in_one_line(monkeypatch, capsys):
         assert fn(["--help"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{command}: error: needs torch" in err and "'.[runner]'" in err
+
+
+def test_progress_off_a_terminal_is_periodic_lines():
+    """A log file or a pipe gets plain lines (none of tqdm's carriage-return frames): one per interval, one at the
+    end."""
+    import io
+
+    from runner.progress import LineProgress, progress_bar
+
+    out = io.StringIO()
+    bar = progress_bar(10, "requests", "req", file=out)
+    assert isinstance(bar, LineProgress)
+    bar.every_s = 0.0
+    bar.update(3)
+    bar.set_postfix_str("tp=1")
+    bar.update(7)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 3
+    assert lines[0].startswith("requests: 3/10 req in ") and lines[-1].endswith(", tp=1")
