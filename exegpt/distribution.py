@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 from .errors import ExeGPTError
 
@@ -85,6 +85,13 @@ class Distribution:
             raise ExeGPTError(f"truncated normal(mean={mean}, std={std}) has no mass on 1..{max_len}")
         return cls.from_pmf(np.arange(1, max_len + 1), mass / mass.sum())
 
+    @classmethod
+    def fit(cls, samples, max_len: int | None = None) -> Distribution:
+        """The truncated normal (``truncated_normal``) most likely to have produced ``samples`` (whole lengths
+        >= 1), truncated at ``max_len`` (default: the longest sample); ``fit_truncated_normal`` gives its
+        parameters."""
+        return cls.truncated_normal(*fit_truncated_normal(samples, max_len))
+
     # --- statistics ---------------------------------------------------------------------------
 
     @property
@@ -163,3 +170,27 @@ class Distribution:
     def __repr__(self) -> str:
         return (f"Distribution(mean={self.mean():.1f}, std={self.std():.1f}, "
                 f"p99={self.quantile(0.99)}, max={self.max}, support={len(self.lengths)})")
+
+
+def fit_truncated_normal(samples, max_len: int | None = None) -> tuple[float, float, int]:
+    """(mean, std, max_len) of the normal whose truncation to 1..max_len, discretised as ``truncated_normal``
+    does, gives ``samples`` the highest likelihood (scipy's minimiser, from the samples' own mean and std). The
+    mean and std are the underlying normal's, which truncation hides: a trace of short outputs cut at a maximum
+    has a sample mean above the normal's."""
+    lengths = Distribution.from_samples(samples)  # validates: whole numbers >= 1
+    n, p = lengths.lengths_array, lengths.probs_array
+    top = int(n.max()) if max_len is None else int(max_len)
+    if top < n.max():
+        raise ExeGPTError(f"max_len={max_len!r} is below the longest sample ({int(n.max())})")
+    if len(n) == 1:
+        return float(n[0]), 0.0, top
+
+    def nll(x):
+        mu, sigma = x[0], np.exp(x[1])
+        mass = stats.norm.cdf((n - mu) / sigma) - stats.norm.cdf((n - 1 - mu) / sigma)
+        total = stats.norm.cdf((top - mu) / sigma) - stats.norm.cdf(-mu / sigma)
+        return -float(np.dot(p, np.log(np.maximum(mass, 1e-300)))) + float(np.log(max(total, 1e-300)))
+
+    m, sd = lengths.mean(), float(np.sqrt(max(lengths.moment(2) - lengths.mean() ** 2, 0.25)))
+    res = optimize.minimize(nll, x0=[m, np.log(sd)], method="Nelder-Mead", options=dict(xatol=1e-4, fatol=1e-9))
+    return float(res.x[0]), float(np.exp(res.x[1])), top

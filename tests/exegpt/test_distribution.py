@@ -101,3 +101,19 @@ def test_builtin_traces(name, n):
 def test_scaled_trace_keeps_pairs():
     w = Workload.trace("azure_code").scaled(0.01, 0.1)
     assert len(w.pairs) == 8819 and max(i for i, _ in w.pairs) <= 75
+
+
+@pytest.mark.parametrize("mean,std,max_len", [(200, 80, 512), (50, 100, 300), (30, 5, 64)])
+def test_fit_recovers_a_truncated_normal_that_truncation_hides(mean, std, max_len):
+    """20,000 samples of a truncated normal: the fit finds the normal's own mean and std, not the samples' (50 and
+    100 truncated to 1..300 have a sample mean near 99)."""
+    from exegpt.distribution import fit_truncated_normal
+
+    d = Distribution.truncated_normal(mean, std, max_len)
+    x = np.random.default_rng(0).choice(d.lengths_array, size=20000, p=d.probs_array)
+    m, s, top = fit_truncated_normal(x, max_len)
+    assert abs(m - mean) < 0.05 * std and abs(s - std) < 0.05 * std and top == max_len
+    fitted = Distribution.fit(x, max_len)
+    assert abs(fitted.mean() - d.mean()) < 0.02 * d.mean()
+    with pytest.raises(ExeGPTError, match="max_len=10 is below the longest sample"):
+        fit_truncated_normal(x, 10)
