@@ -212,16 +212,27 @@ class Workload:
         return np.stack([self.input_len.sample(n, rng), self.output_len.sample(n, rng)], axis=1)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "input_len": self.input_len.to_dict(),
-                "output_len": self.output_len.to_dict()}
+        """JSON fields; a trace keeps its joint sample (``pairs``) and timestamps, so that a saved plan draws its
+        requests as the trace pairs them."""
+        d = {"name": self.name, "input_len": self.input_len.to_dict(), "output_len": self.output_len.to_dict()}
+        if self.pairs is not None:
+            d["pairs"] = [list(p) for p in self.pairs]
+        if self.arrivals_s is not None:
+            d["arrivals_s"] = list(self.arrivals_s)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Workload:
         try:
+            pairs = d.get("pairs")
             return cls(Distribution.from_dict(d["input_len"]), Distribution.from_dict(d["output_len"]),
-                       name=d.get("name", "custom"))
+                       name=d.get("name", "custom"),
+                       pairs=None if pairs is None else tuple((int(i), int(o)) for i, o in pairs),
+                       arrivals_s=None if d.get("arrivals_s") is None else tuple(float(t) for t in d["arrivals_s"]))
         except KeyError as e:
             raise ExeGPTError(f"a workload needs 'input_len' and 'output_len', missing {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ExeGPTError(f"a workload's pairs must be [input, output] lengths: {e}") from None
 
 
 def _triple(t, what: str) -> tuple[float, float, int]:

@@ -35,6 +35,20 @@ def test_plan_file_round_trip(tmp_path):
     assert back == plan and back.bound.bound_s == math.inf
 
 
+def test_a_trace_plan_keeps_its_joint_sample(tmp_path):
+    """A plan saved for a trace keeps the trace's (input, output) pairs and timestamps, so the requests drawn from
+    the plan alone keep the trace's pairing (not lengths drawn independently)."""
+    from exegpt import request_stream
+
+    w = Workload.from_pairs([(20 + 7 * i % 90, 5 + (13 * i) % 40) for i in range(300)],
+                            arrivals_s=[0.1 * i for i in range(300)], name="t")
+    plan = find_schedule(w, math.inf, model="llama-2-7b", devices="1xA100", policies=["rra"])
+    back = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert back.workload.pairs == w.pairs and back.workload.arrivals_s == w.arrivals_s
+    drawn = request_stream(back.workload, 200, seed=1).lengths
+    assert {tuple(p) for p in drawn.tolist()} <= set(w.pairs)
+
+
 @pytest.mark.parametrize("task", ["S", "T", "C1"])
 def test_throughput_never_decreases_as_the_bound_loosens(task):
     w = Workload.task(task)
