@@ -62,7 +62,7 @@ def _add_workload(p: argparse.ArgumentParser):
     g = p.add_argument_group("workload (one of)")
     g.add_argument("--task", help=f"the paper's task: {', '.join(TASKS)}")
     g.add_argument("--builtin-trace", choices=list(TRACES), help="a shipped real trace")
-    g.add_argument("--trace", help="a CSV trace: num_prefill_tokens,num_decode_tokens[,arrived_at] or Azure's")
+    g.add_argument("--trace", help="a trace file: Vidur, Azure or BurstGPT CSV, Mooncake JSONL, ShareGPT JSON")
     g.add_argument("--input", type=_triple, help="input length MEAN,STD,MAX (truncated normal)")
     g.add_argument("--output", type=_triple, help="output length MEAN,STD,MAX (truncated normal)")
     g.add_argument("--max-context", choices=("drop", "clip"),

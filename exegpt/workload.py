@@ -8,15 +8,14 @@ runner can replay real (input, output) pairs and later policies can use arrivals
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from . import traces
 from .distribution import Distribution
 from .errors import ExeGPTError
 
@@ -35,13 +34,6 @@ TRACES: dict[str, str] = {
     "azure_conv": "azure_conv.csv.gz",  # Azure LLM inference trace 2023, conversation (CC-BY-4.0)
     "azure_code": "azure_code.csv.gz",  # Azure LLM inference trace 2023, code (CC-BY-4.0)
 }
-
-# Accepted trace layouts: (input column, output column, arrival column or None).
-_LAYOUTS = (
-    ("num_prefill_tokens", "num_decode_tokens", "arrived_at"),  # Vidur-style
-    ("ContextTokens", "GeneratedTokens", "TIMESTAMP"),         # Azure public dataset
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Workload:
@@ -86,19 +78,19 @@ class Workload:
             raise ExeGPTError(f"unknown trace {name!r}; expected one of {', '.join(TRACES)}")
         data = resources.files("exegpt").joinpath("data", "traces", TRACES[name]).read_bytes()
         text = gzip.decompress(data).decode()
-        return cls._from_csv_text(text, source=f"trace {name}", name=name)
+        return cls._from_trace_text(text, source=f"trace {name}", name=name)
 
     @classmethod
     def from_trace(cls, path: str | Path, name: str | None = None) -> Workload:
-        """From a CSV trace: Vidur-style ``num_prefill_tokens,num_decode_tokens[,arrived_at]``
-        or Azure ``TIMESTAMP,ContextTokens,GeneratedTokens``. Keeps the joint sample."""
+        """From a trace file (gzipped or not): Vidur/Splitwise, Azure or BurstGPT CSV, Mooncake JSON lines, or
+        ShareGPT JSON (``exegpt.traces``). Keeps the joint sample and the arrival times."""
         path = Path(path)
         try:
             raw = path.read_bytes()
         except OSError as e:
             raise ExeGPTError(f"cannot read trace file {str(path)!r}: {e.strerror}") from None
         text = gzip.decompress(raw).decode() if raw[:2] == b"\x1f\x8b" else raw.decode(errors="replace")
-        return cls._from_csv_text(text, source=str(path), name=name or path.stem.split(".")[0])
+        return cls._from_trace_text(text, source=str(path), name=name or path.stem.split(".")[0])
 
     @classmethod
     def from_pairs(cls, pairs, arrivals_s=None, name: str = "pairs") -> Workload:
@@ -115,35 +107,9 @@ class Workload:
                    pairs=tuple((int(i), int(o)) for i, o in arr), arrivals_s=arrivals)
 
     @classmethod
-    def _from_csv_text(cls, text: str, source: str, name: str) -> Workload:
-        reader = csv.reader(io.StringIO(text))
-        header = [h.strip() for h in next(reader, [])]
-        layout = next((lay for lay in _LAYOUTS if lay[0] in header and lay[1] in header), None)
-        if layout is None:
-            raise ExeGPTError(
-                f"trace {source!r} has columns {header}; expected num_prefill_tokens,num_decode_tokens"
-                f"[,arrived_at] or TIMESTAMP,ContextTokens,GeneratedTokens")
-        i_in, i_out = header.index(layout[0]), header.index(layout[1])
-        i_t = header.index(layout[2]) if layout[2] in header else None
-        pairs, times = [], []
-        for line_no, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            try:
-                a, b = float(row[i_in]), float(row[i_out])
-                t = _parse_time(row[i_t]) if i_t is not None else None
-            except (ValueError, IndexError):
-                raise ExeGPTError(f"trace {source!r} line {line_no}: expected numbers in {layout[0]},"
-                                  f"{layout[1]}, got {row!r}") from None
-            if a < 1 or b < 1 or a != int(a) or b != int(b):
-                raise ExeGPTError(f"trace {source!r} line {line_no}: lengths must be whole numbers >= 1, "
-                                  f"got input={row[i_in]!r} output={row[i_out]!r}")
-            pairs.append((int(a), int(b)))
-            times.append(t)
-        if not pairs:
-            raise ExeGPTError(f"trace {source!r} has no requests")
-        arrivals = times if i_t is not None else None
-        return cls.from_pairs(pairs, arrivals, name=name)
+    def _from_trace_text(cls, text: str, source: str, name: str) -> Workload:
+        pairs, times, skipped = traces.parse(text, source)
+        return cls.from_pairs(pairs, times, name=name if not skipped else f"{name} ({skipped} skipped)")
 
     # --- derived ------------------------------------------------------------------------------
 
@@ -241,12 +207,3 @@ def _triple(t, what: str) -> tuple[float, float, int]:
     except (TypeError, ValueError):
         raise ExeGPTError(f"{what} must be (mean, std, max) tokens, got {t!r}") from None
     return float(mean), float(std), max_len
-
-
-def _parse_time(s: str) -> float:
-    s = s.strip()
-    try:
-        return float(s)
-    except ValueError:
-        # Azure traces carry wall-clock timestamps such as 2023-11-16 18:15:46.6805900.
-        return float(np.datetime64(s.replace(" ", "T")[:26]).astype("datetime64[us]").astype(np.int64)) / 1e6

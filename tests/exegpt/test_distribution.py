@@ -117,3 +117,33 @@ def test_fit_recovers_a_truncated_normal_that_truncation_hides(mean, std, max_le
     assert abs(fitted.mean() - d.mean()) < 0.02 * d.mean()
     with pytest.raises(ExeGPTError, match="max_len=10 is below the longest sample"):
         fit_truncated_normal(x, 10)
+
+
+def test_trace_formats_mooncake_sharegpt_burstgpt(tmp_path):
+    """Mooncake JSON lines (timestamps in ms), ShareGPT JSON (lengths counted as ceil(characters / 4)) and BurstGPT
+    CSV (failed requests, with no response tokens, skipped and counted) load with their pairs and arrivals."""
+    import json
+
+    moon = tmp_path / "mooncake.jsonl"
+    moon.write_text("\n".join(json.dumps({"timestamp": 1000 * i + 500, "input_length": 100 + i, "output_length": 10 + i,
+                                          "hash_ids": [i]}) for i in range(5)) + "\n")
+    w = Workload.from_trace(moon)
+    assert w.pairs == tuple((100 + i, 10 + i) for i in range(5)) and w.arrivals_s == (0.0, 1.0, 2.0, 3.0, 4.0)
+    share = tmp_path / "sharegpt.json"
+    share.write_text(json.dumps([
+        {"id": "a", "conversations": [{"from": "human", "value": "x" * 41}, {"from": "gpt", "value": "y" * 8}]},
+        {"id": "b", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q" * 4},
+                                      {"from": "gpt", "value": "r" * 5}, {"from": "human", "value": "more"}]},
+        {"id": "c", "conversations": [{"from": "gpt", "value": "no question"}]}]))
+    w = Workload.from_trace(share)
+    assert w.pairs == ((11, 2), (1, 2)) and w.arrivals_s is None and "1 skipped" in w.name
+    burst = tmp_path / "burst.csv"
+    burst.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                     "5,ChatGPT,472,18,490,Conversation log\n6.5,GPT-4,1087,0,1087,Conversation log\n"
+                     "8,ChatGPT,50,230,280,API log\n")
+    w = Workload.from_trace(burst)
+    assert w.pairs == ((472, 18), (50, 230)) and w.arrivals_s == (0.0, 3.0) and "1 skipped" in w.name
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    with pytest.raises(ExeGPTError, match="line 1: expected a JSON object with input_length and output_length"):
+        Workload.from_trace(bad)
