@@ -75,7 +75,7 @@ class SearchStats:
     replay_latency_s: float | None = None
     per_policy: tuple = ()
     """(policy, the best value it reached) for every policy searched, when several were: under the paper's bound
-    the estimated throughput; under forms (b) and (c) the simulated throughput or goodput, 0 where none of its
+    the estimated throughput (when the grid policies were searched too: the default); under forms (b) and (c) the simulated throughput or goodput, 0 where none of its
     schedules kept the SLO (form (b), (c): or its estimates could not beat the pick)."""
     """The worst latency to the bound length among them (the simulated engine, ``exegpt.sim``; NaN if none
     reached it)."""

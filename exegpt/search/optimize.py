@@ -243,8 +243,10 @@ def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:
     best, error, reached = None, None, {}
     if boxed:
         try:
+            # Each box policy's own best (one branch and bound apiece) where the grid policies join the search:
+            # the portfolio's report. A search of the paper's policies alone runs one branch and bound.
             best, reached = _solve_boxed(prob, boxed, opts, target["profile"], t0,
-                                         len(policies) > 1 and opts.method != "exhaustive")
+                                         len(boxed) > 1 and bool(gridded) and opts.method != "exhaustive")
         except ExeGPTError as e:  # nothing of the box policies fits or meets the bound: the grid may
             if not gridded:
                 raise

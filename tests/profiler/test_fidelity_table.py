@@ -98,7 +98,7 @@ def test_cases_on_one_gpu_are_the_one_device_plans_of_that_gpu():
     cpu = tiny_cpu_profile()
     both = cases(cpu, 2)
     one_gpu = cases(dataclasses.replace(cpu, device="H200"), 1)
-    assert {p.devices for _, p in both} == {"1xcpu", "2xcpu"} and len(both) == 19
+    assert {p.devices for _, p in both} == {"1xcpu", "2xcpu"} and len(both) == 23
     assert [n for n, _ in one_gpu] == [n for n, p in both if p.devices == "1xcpu"]
     assert all(p.devices == "1xH200" and p.schedule.num_gpus == 1 for _, p in one_gpu)
 
