@@ -53,7 +53,7 @@ def test_a_trace_plan_keeps_its_joint_sample(tmp_path):
 def test_throughput_never_decreases_as_the_bound_loosens(task):
     w = Workload.task(task)
     p = make_profile(noise=0.1, seed=7)
-    kw = dict(profile=p, devices="4xA40", space=SearchSpace(64, 64))
+    kw = dict(profile=p, devices="4xA40", space=SearchSpace(64, 64), policies=("rra", "waa_c", "waa_m"))
     inf_plan = find_schedule(w, math.inf, **kw)
     bounds = np.geomspace(inf_plan.estimate.latency_s / 20, inf_plan.estimate.latency_s * 1.5, 12)
     last = 0.0
