@@ -93,8 +93,8 @@ class KVCache:
     def write_prompt(self, layer: int, rows: Tensor | slice, k: Tensor, v: Tensor) -> None:
         """Writes a padded prompt batch ``k``, ``v``: ``[n, H, S, D]`` to positions ``[0, S)`` of ``rows``."""
         S = k.shape[2]
-        self.k[layer, rows, :, :S] = k
-        self.v[layer, rows, :, :S] = v
+        self.k[layer, rows, :, :S] = k.to(self.dtype)  # a wider cache (``cache_dtype``) takes the prompt widened
+        self.v[layer, rows, :, :S] = v.to(self.dtype)
 
     def write_chunks(self, layer: int, rows: list[int], starts: list[int], lens: list[int], k: Tensor, v: Tensor,
                      kv_len: int) -> tuple[Tensor, Tensor]:
@@ -114,8 +114,8 @@ class KVCache:
         Returns the keys and values ``[n, H, kv_len, D]`` of those rows (a view when ``rows`` is a slice).
         """
         if isinstance(pos, int):  # one position for all rows: a strided copy, no scatter
-            self.k[layer, rows, :, pos] = k[:, :, 0]
-            self.v[layer, rows, :, pos] = v[:, :, 0]
+            self.k[layer, rows, :, pos] = k[:, :, 0].to(self.dtype)
+            self.v[layer, rows, :, pos] = v[:, :, 0].to(self.dtype)
         elif isinstance(rows, slice):  # consecutive rows: write into a view, no copy
             kc, vc = self.k[layer, rows], self.v[layer, rows]  # [n, H, max_len, D]
             idx = torch.arange(k.shape[0], device=k.device)

@@ -69,6 +69,21 @@ def test_compact_moves_rows_and_zeroes_the_rest():
     assert (cache.v[:, 0, :, :7] == -3).all()
 
 
+def test_a_wider_cache_takes_half_precision_keys_at_any_rows():
+    """A bf16 model on a CPU keeps an fp32 cache: prompts and decode steps written to rows given as an index (not
+    a slice), at one shared position or at several, land widened, bit for bit."""
+    cache = KVCache(1, 6, 8, 2, 4)
+    rows = torch.tensor([4, 1])
+    k = torch.randn(2, 2, 3, 4).to(torch.bfloat16)
+    cache.write_prompt(0, rows, k, -k)
+    step = torch.randn(2, 2, 1, 4).to(torch.bfloat16)
+    cache.append(0, rows, 3, step, -step, 4)
+    cache.append(0, rows, torch.tensor([4, 5]), step, -step, 6)
+    assert torch.equal(cache.k[0, 4, :, :3], k[0].float()) and torch.equal(cache.v[0, 1, :, :3], -k[1].float())
+    assert torch.equal(cache.k[0, 1, :, 3], step[1, :, 0].float())
+    assert torch.equal(cache.k[0, 1, :, 5], step[1, :, 0].float())
+
+
 def test_export_import_rows_round_trip(make_model, make_prompts):
     model, args = make_model("tiny")
     prompts = make_prompts(2, args.vocab_size, seed=4)
