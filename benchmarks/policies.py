@@ -137,38 +137,20 @@ def table2(quick: bool) -> None:
 
 
 def figure(path: str) -> None:
-    """Throughput against the bound, every policy, two settings: the frontier of each (estimates)."""
+    """Throughput against the bound, every policy, two settings: the frontier of each (``exegpt.plot``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+
+    from exegpt.plot import frontier_figure
 
     cases = (("opt-13b", "4xA40", "S"), ("llama-2-7b", "2xA100", "C1"))
-    fig, axes = plt.subplots(1, len(cases), figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, len(cases), figsize=(13, 4.6))
     for ax, (model, devices, task) in zip(axes, cases):
         w = Workload.task(task)
         low = smallest_feasible_bound(w, model=model, devices=devices)
-        bounds = np.geomspace(low, 4 * low, 14)
-        kw = dict(model=model, devices=devices)
-        series = {
-            "RRA": lambda b: best(lambda: find_schedule(w, b, policies=["rra"], **kw)),
-            "WAA": lambda b: best(lambda: find_schedule(w, b, policies=["waa_c", "waa_m"], **kw)),
-            "static batching": lambda b: best(lambda: static_schedule(w, b, **kw)),
-            "continuous batching": lambda b: best_grid("cb", w, b, model, devices),
-            "disaggregation": lambda b: best_grid("disagg", w, b, model, devices),
-        }
-        for (name, fn), style in zip(series.items(), ("o-", "s-", "v--", "^--", "D--")):
-            ax.plot(bounds, [fn(b)[0] for b in bounds], style, ms=4, label=name)
-        ax.plot(bounds, [best(lambda: find_schedule(w, b, **kw))[0] for b in bounds], "-", color="black", lw=3,
-                alpha=0.25, label="find_schedule (all)")
-        ax.set(xscale="log", xlabel="latency bound on the p99-length output (s)", ylabel="throughput (seq/s)",
-               title=f"{model} on {devices}, task {task} (estimates)")
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
-        ax.tick_params(axis="x", which="minor", labelsize=7)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        frontier_figure(w, np.geomspace(low, 4 * low, 14), ax=ax, model=model, devices=devices)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 

@@ -18,12 +18,14 @@ import argparse
 import math
 import sys
 
+import numpy as np
+
 from .bound import LatencyBound
 from .errors import ExeGPTError, InfeasibleBoundError
 from .models import MODELS, get_model
 from .problem import DEFAULT_MODEL, offered_cluster
 from .search.optimize import (SearchSpace, evaluate_schedule, exhaustive_schedule, find_schedule, frontier,
-                              static_schedule)
+                              smallest_feasible_bound, static_schedule)
 from .plan import Plan
 from .profile import Profile
 from .arrivals import Arrivals
@@ -336,7 +338,47 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-encode-batch", type=int, default=256)
     sw.add_argument("--max-micro-batch", type=int, default=256)
     sw.set_defaults(fn=cmd_sweep)
+
+    pl = sub.add_parser("plot", help="draw a figure to a PNG: frontier, lengths or timeline")
+    pl.add_argument("figure", choices=("frontier", "lengths", "timeline"),
+                    help="frontier: every policy's throughput against the bound; lengths: the workload's "
+                         "distributions; timeline: a plan's requests over time on the simulated engine")
+    _add_workload(pl)
+    _add_target(pl)
+    pl.add_argument("--bounds", type=_number, nargs="+", help="frontier: the bounds (default: 12 from the smallest "
+                                                               "feasible to 4x it)")
+    pl.add_argument("--plan", help="timeline: a plan.json to simulate")
+    pl.add_argument("--requests", type=int, default=60, help="timeline: requests to simulate and draw")
+    pl.add_argument("--arrivals", default="all", help="timeline: all, poisson:RATE or trace[:SPEEDUP]")
+    pl.add_argument("-o", "--out", required=True, help="the PNG to write")
+    pl.set_defaults(fn=cmd_plot)
     return p
+
+
+def cmd_plot(a) -> int:
+    from . import plot
+
+    if a.figure == "timeline":
+        if not a.plan:
+            raise ExeGPTError("plot timeline needs --plan plan.json")
+        if a.requests < 1:
+            raise ExeGPTError(f"--requests {a.requests} must be >= 1")
+        plan = Plan.load(a.plan)
+        report = run_simulated(plan, Profile.load(a.profile) if a.profile else None, num_requests=a.requests,
+                               arrivals=Arrivals.parse(a.arrivals))
+        fig = plot.timeline_figure(report, max_requests=a.requests)
+    elif a.figure == "lengths":
+        fig = plot.lengths_figure(_workload(a), a.quantile)
+    else:
+        w, target = _workload(a), _target(a)
+        bounds = a.bounds
+        if bounds is None:
+            low = smallest_feasible_bound(w, **target)
+            bounds = list(np.geomspace(low, 4 * low, 12))
+        fig = plot.frontier_figure(w, bounds, **target)
+    fig.savefig(a.out, dpi=110, bbox_inches="tight")
+    print(f"wrote {a.out}")
+    return 0
 
 
 def main(argv=None) -> int:

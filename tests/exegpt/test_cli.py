@@ -81,3 +81,31 @@ def test_bad_arguments_exit_2_with_one_line(args, match):
     r = subprocess.run([sys.executable, "-m", "exegpt", *args], capture_output=True, text=True)
     assert r.returncode == 2
     assert match in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_figures_draw_what_they_say(tmp_path, capsys):
+    """Each figure renders to a PNG with its curves and labelled axes: the frontier of every policy that meets
+    some bound (and find_schedule's), the length distributions with the quantile marked, a run's timeline."""
+    pytest.importorskip("matplotlib")
+    from exegpt import plot, run_simulated
+
+    w = Workload.task("C1")
+    fig = plot.frontier_figure(w, [3.0, 6.0], model="llama-2-7b", devices="2xA100")
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert {"RRA", "continuous batching", "disaggregation", "find_schedule (the pick)"} <= set(labels)
+    ys = {line.get_label(): np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()}
+    pick = ys.pop("find_schedule (the pick)")
+    others = np.nanmax(np.vstack([y for name, y in ys.items() if not name.startswith("static")]), axis=0)
+    assert np.allclose(pick, others)  # the pick is the best policy at every bound
+    assert ax.get_xlabel().endswith("(s)") and ax.get_ylabel() == "throughput (seq/s)"
+    fig = plot.lengths_figure(w, 0.99)
+    assert any("p99 = " in t.get_text() for a in fig.axes for leg in [a.get_legend()] if leg for t in leg.get_texts())
+    plan = find_schedule(w, 6.0, model="llama-2-7b", devices="1xA100", policies=["rra"])
+    fig = plot.timeline_figure(run_simulated(plan, num_requests=20), max_requests=20)
+    assert len(fig.axes[0].patches) == 60  # queued, prefill and decode bars of 20 requests
+    out = tmp_path / "plan.json"
+    plan.save(out)
+    assert main(["plot", "timeline", "--plan", str(out), "--requests", "20", "-o", str(tmp_path / "t.png")]) == 0
+    assert main(["plot", "lengths", "--task", "S", "-o", str(tmp_path / "l.png")]) == 0
+    assert (tmp_path / "t.png").stat().st_size > 10_000 and (tmp_path / "l.png").stat().st_size > 10_000

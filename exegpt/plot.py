@@ -1,0 +1,123 @@
+"""Figures of plans, workloads and runs: functions that take library objects and return a matplotlib Figure
+(``exegpt plot`` draws them to files). matplotlib is imported on first use (``pip install -e '.[plot]'``).
+
+  * ``frontier_figure``: the best throughput under each latency bound, every policy, and the optimizer's pick;
+  * ``lengths_figure``: a workload's input and output length distributions, the bound's quantile marked;
+  * ``timeline_figure``: a run's requests over time (queued, prefilling, decoding), from a ``RunReport``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import ExeGPTError, InfeasibleBoundError
+from .workload import Workload
+
+POLICY_GROUPS = (("RRA", ("rra",)), ("WAA", ("waa_c", "waa_m")), ("continuous batching", ("cb",)),
+                 ("chunked prefill", ("chunked",)), ("disaggregation", ("disagg",)))
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ExeGPTError("figures need matplotlib: pip install -e '.[plot]'") from None
+    return plt
+
+
+def _best(fn) -> float:
+    try:
+        return fn().estimate.throughput_seq_s
+    except (InfeasibleBoundError, ExeGPTError):
+        return math.nan
+
+
+def frontier_figure(dist: Workload, bounds_s, ax=None, **target):
+    """Throughput (estimated) against the latency bound for each policy alone, static batching, and
+    ``find_schedule`` over all of them (the thick line). ``target``: ``model``, ``devices``, ``profile``; ``ax``:
+    draw into these axes (of a larger figure) instead of a new figure."""
+    from .search.optimize import find_schedule, static_schedule
+
+    plt = _plt()
+    bounds = np.asarray(list(bounds_s), dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4.4)) if ax is None else (ax.figure, ax)
+    styles = iter(("o-", "s-", "^--", "x--", "D--"))
+    for name, policies in POLICY_GROUPS:
+        ys = [_best(lambda: find_schedule(dist, b, policies=list(policies), **target)) for b in bounds]
+        if not np.all(np.isnan(ys)):
+            ax.plot(bounds, ys, next(styles), ms=4, label=name)
+    ax.plot(bounds, [_best(lambda: static_schedule(dist, b, **target)) for b in bounds], "v:", ms=4,
+            label="static batching (longest output)")
+    ax.plot(bounds, [_best(lambda: find_schedule(dist, b, **target)) for b in bounds], "-", color="black", lw=4,
+            alpha=0.2, label="find_schedule (the pick)")
+    where = " on ".join(str(target[k]) for k in ("model", "devices") if target.get(k))
+    ax.set(xscale="log", xlabel="latency bound on the quantile-length output (s)", ylabel="throughput (seq/s)",
+           title=f"{where + ', ' if where else ''}{dist.name}: best throughput under each bound (estimates)")
+    _plain_log_ticks(ax)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def lengths_figure(dist: Workload, quantile: float = 0.99):
+    """The PMF (bars) and CDF of input and output lengths, with the output's ``quantile`` (the length a bound
+    applies to) marked."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, (what, d) in zip(axes, (("input (prompt)", dist.input_len), ("output", dist.output_len))):
+        n, p = d.lengths_array, d.probs_array
+        handles = [ax.bar(n, p, width=max(1.0, (n.max() - n.min()) / 200), color="C0", alpha=0.6, label="PMF")]
+        twin = ax.twinx()
+        handles += twin.plot(n, np.cumsum(p), color="C1", label="CDF")
+        twin.set(ylim=(0, 1.02), ylabel="cumulative share")
+        ax.set(xlabel=f"{what} length (tokens)", ylabel="share of requests",
+               title=f"{what}: mean {d.mean():.0f}, max {d.max}")
+        ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
+        if what == "output":
+            q = d.quantile(quantile)
+            handles.append(ax.axvline(q, color="C3", ls="--", label=f"p{quantile * 100:g} = {q} tokens"))
+        twin.legend(handles=handles, loc="center right", fontsize=8)
+    fig.suptitle(dist.name)
+    fig.tight_layout()
+    return fig
+
+
+def timeline_figure(report, max_requests: int = 80):
+    """Each of the first ``max_requests`` requests as a row over the run's time: queued (arrival to prefill
+    start), prefilling (to its first token), decoding (to its last)."""
+    plt = _plt()
+    reqs = sorted(report.requests, key=lambda r: r.id)[:max_requests]
+    if not reqs:
+        raise ExeGPTError("the report has no requests to draw")
+    fig, ax = plt.subplots(figsize=(9, 0.12 * len(reqs) + 1.8))
+    for i, r in enumerate(reqs):
+        if r.first_token_s is None or r.finish_s is None:
+            continue
+        ax.barh(i, r.encode_start_s - r.arrival_s, left=r.arrival_s, color="0.8", height=0.8)
+        ax.barh(i, r.first_token_s - r.encode_start_s, left=r.encode_start_s, color="C1", height=0.8)
+        ax.barh(i, r.finish_s - r.first_token_s, left=r.first_token_s, color="C0", height=0.8)
+    from matplotlib.patches import Patch
+
+    ax.invert_yaxis()
+    ax.set(xlabel="time since the run's start (s)", ylabel="request",
+           title=f"{report.policy}: {len(reqs)} of {len(report.requests)} requests ({report.engine} engine)")
+    fig.legend(handles=[Patch(color="0.8", label="queued"), Patch(color="C1", label="prefill (to the first token)"),
+                        Patch(color="C0", label="decode")], loc="upper center", ncol=3, fontsize=8,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout()
+    return fig
+
+
+def _plain_log_ticks(ax) -> None:
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
