@@ -17,16 +17,21 @@ bound.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from .bound import LatencyBound
 from .errors import ExeGPTError
 
-if TYPE_CHECKING:
-    from .report import RunReport
+
+class RunReport(Protocol):
+    """What an SLO reads of a run (``exegpt.report.RunReport``, which imports this module through the plan): its
+    per-request records."""
+
+    requests: Sequence
 
 
 def _positive(value, what: str) -> None:
