@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from exegpt.errors import ExeGPTError
 from runner import numerics
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
@@ -158,6 +159,17 @@ def usable(x: Tensor, *weights: Tensor, any_rows: bool = False) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
     return all(w.dtype == dt and w.is_contiguous() for w in weights) and load() is not None
+
+
+def check_batch_invariant(device: torch.device, dtype: str) -> None:
+    """One clear line where batch-invariant numerics (``runner.numerics``) cannot hold: they need these kernels
+    (a CPU rank, a C compiler) and a precision the kernels take (fp32, bf16)."""
+    if device.type != "cpu" or load() is None:
+        raise ExeGPTError(f"batch-invariant numerics need the runner's CPU kernels (a CPU rank and a C compiler); "
+                          f"this rank runs on {device.type}"
+                          + ("" if device.type != "cpu" else " without them (EXEGPT_CPU_KERNELS=0 or no compiler)"))
+    if dtype not in ("fp32", "bf16"):
+        raise ExeGPTError(f"batch-invariant numerics take dtype fp32 or bf16, got {dtype!r}")
 
 
 def _require() -> ctypes.CDLL:

@@ -24,7 +24,7 @@ from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compa
 from exegpt.report import RunReport, build_report
 from exegpt.rules import split_even
 
-from . import numerics
+from . import cpu_kernels, numerics
 from .dist import TAG_CREDIT, TAG_META
 from .handoff import DEPTH, DecodeStage, EncodeStage
 from .progress import progress_bar
@@ -37,7 +37,7 @@ def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device
     """This rank's part of a run of ``ctx.plan``; the rank that drives the group holding the requests' last
     tokens returns the report."""
     if ctx.batch_invariant:
-        numerics.check_supported(device, ctx.dtype)
+        cpu_kernels.check_batch_invariant(device, ctx.dtype)
     with numerics.batch_invariant(ctx.batch_invariant):
         return _run_policy(ctx, rank, world_size, device)
 

@@ -10,16 +10,12 @@ bits independent of the others, at a cost in speed: every Linear runs on oneDNN'
 for a row does not depend on how many rows it has), the CPU kernels are off, and causal self-attention runs one
 query of one row at a time over exactly that row's prefix, the same call in a prefill, a prompt chunk and a
 decode step. The tokens then equal single-request decoding's under the same mode (tests/runner/test_executors).
-CPU ranks, fp32 or bf16 (``check_supported``).
+CPU ranks, fp32 or bf16 (``runner.cpu_kernels.check_batch_invariant``).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-
-import torch
-
-from exegpt.errors import ExeGPTError
 
 _on = False
 
@@ -44,15 +40,3 @@ def batch_invariant(value: bool = True):
     finally:
         set_batch_invariant(before)
 
-
-def check_supported(device: torch.device, dtype: str) -> None:
-    """One clear line where batch-invariant numerics cannot hold: they need the runner's CPU kernels (a CPU rank,
-    a C compiler) and a precision the kernels take (fp32, bf16)."""
-    from runner import cpu_kernels
-
-    if device.type != "cpu" or cpu_kernels.load() is None:
-        raise ExeGPTError(f"batch-invariant numerics need the runner's CPU kernels (a CPU rank and a C compiler); "
-                          f"this rank runs on {device.type}"
-                          + ("" if device.type != "cpu" else " without them (EXEGPT_CPU_KERNELS=0 or no compiler)"))
-    if dtype not in ("fp32", "bf16"):
-        raise ExeGPTError(f"batch-invariant numerics take dtype fp32 or bf16, got {dtype!r}")

@@ -24,7 +24,7 @@ from exegpt.report import RunReport
 from exegpt.stages import Stage
 from exegpt.workload import Workload
 
-from . import numerics
+from . import cpu_kernels
 from .dist import init_from_env, launch, layout, torchrun_env
 from .engine import run_policy
 from .pipeline import DTYPES, RunContext
@@ -160,7 +160,7 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
     except TypeError as e:
         raise ExeGPTError(f"run_plan: {e}; the options are {', '.join(RunOptions.__dataclass_fields__)}") from None
     if opts.batch_invariant and not torchrun_env():  # the ranks start here, on this machine's device
-        numerics.check_supported(torch.device("cuda" if torch.cuda.is_available() else "cpu"), opts.dtype)
+        cpu_kernels.check_batch_invariant(torch.device("cuda" if torch.cuda.is_available() else "cpu"), opts.dtype)
     ctxs = [_context(p, model, requests, trace, opts) for p in plans]
     worlds = [p.schedule.num_gpus for p in plans]
     out: list[RunReport | None] = [None] * len(plans)
