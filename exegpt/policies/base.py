@@ -158,6 +158,15 @@ class View(Protocol):
 Driver = Callable[[View], Generator[Action, object, DriverStats | None]]
 
 
+def drop_finished(view: View, rows: list[int]):
+    """Frees the cache rows of finished requests (``Compact``) when some of ``rows`` finished; returns the
+    requests left, in row order (``rows = yield from drop_finished(view, rows)``)."""
+    keep = [r for r in rows if not view.done(r)]
+    if len(keep) < len(rows):
+        yield Compact()
+    return keep
+
+
 def decision(group: str, action: Action, result) -> str:
     """One line of a run's decision log: the group, the action and what came of it (rows per decode iteration,
     the requests a peek saw or a merge brought), the same in both engines."""

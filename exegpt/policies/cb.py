@@ -33,7 +33,7 @@ from ..rules import SteadyMarker, split_even
 from ..schedule import Policy, check_tp, one_pipeline_roles, stage_degrees, with_tp_defaults
 from ..stages import Layout, Terms, tp_gpu_counts
 from . import rra
-from .base import MAIN, Compact, Decode, DriverStats, Evict, Prefill, View, WaitArrival
+from .base import MAIN, Decode, DriverStats, Evict, Prefill, View, WaitArrival, drop_finished
 
 NAMES = (Policy.CB,)
 
@@ -182,6 +182,15 @@ def preempt_for_decode(running: list[int], preempted: deque, blocks, pool: int):
         preempted.appendleft(victim)
 
 
+def decode_running(view: View, running: list[int], preempted: deque, blocks, pool: int, dec: list):
+    """One decode iteration of every running request, one micro-batch per stage, after preempting the newest while
+    the pool lacks a block for a next token (``preempt_for_decode``); its (seconds, rows) go to ``dec``."""
+    yield from preempt_for_decode(running, preempted, blocks, pool)
+    t = view.now()
+    steps = yield Decode(tuple(tuple(mb) for mb in split_even(running, view.num_stages)), 1)
+    dec.append((view.now() - t, steps[0] if steps else 0))
+
+
 def drivers(plan) -> dict:
     """The one driver of a continuous-batching plan, on the ``main`` group."""
     s = plan.schedule
@@ -197,10 +206,7 @@ def drivers(plan) -> dict:
         dec: list[tuple[float, int]] = []
         steady = SteadyMarker(enc, dec)
         while running or preempted or view.waiting() or view.more_to_come():
-            keep = [r for r in running if not view.done(r)]
-            if len(keep) < len(running):
-                yield Compact()
-                running = keep
+            running = yield from drop_finished(view, running)
             # Prefill step: preempted requests first, then new ones in arrival order, under S, T and the pool.
             free = pool - sum(blocks(r) for r in running)
             batch, tokens = [], 0
@@ -239,11 +245,7 @@ def drivers(plan) -> dict:
                     raise ExeGPTError(f"continuous batching: request {r} needs {blocks(r)} KV blocks of {size} "
                                       f"tokens and the pool holds {pool}")
                 continue
-            # Decode step: a block for every request whose next token starts one; preempt the newest if short.
-            yield from preempt_for_decode(running, preempted, blocks, pool)
-            t = view.now()
-            steps = yield Decode(tuple(tuple(mb) for mb in split_even(running, p)), 1)
-            dec.append((view.now() - t, steps[0] if steps else 0))
+            yield from decode_running(view, running, preempted, blocks, pool, dec)
         return DriverStats(tuple(enc), tuple(dec), steady.window(view.now()))
 
     return {MAIN: drive}

@@ -24,7 +24,7 @@ from ..rules import SteadyMarker, split_even
 from ..schedule import Policy, check_tp, one_pipeline_roles, stage_degrees, with_tp_defaults
 from ..stages import Layout, Terms, tp_gpu_counts
 from . import cb
-from .base import MAIN, Chunk, Compact, Decode, DriverStats, Evict, Prefill, View, WaitArrival
+from .base import MAIN, Chunk, Decode, DriverStats, Evict, Prefill, View, WaitArrival, drop_finished
 
 NAMES = (Policy.CHUNKED,)
 
@@ -138,10 +138,7 @@ def drivers(plan) -> dict:
                 sum(blocks(done) for done in prefilling.values())
 
         while decoding or prefilling or preempted or view.waiting() or view.more_to_come():
-            keep = [r for r in decoding if not view.done(r)]
-            if len(keep) < len(decoding):
-                yield Compact()
-                decoding = keep
+            decoding = yield from drop_finished(view, decoding)
             # Decodes first: a block for every request whose next token starts one, the newest preempted if short.
             while len(decoding) > 1 and held() + sum(1 for r in decoding
                                                      if (view.input_len(r) + view.generated(r)) % size == 0) \

@@ -31,12 +31,12 @@ import numpy as np
 
 from ..errors import ExeGPTError
 from ..problem import Problem
-from ..rules import SteadyMarker, split_even
+from ..rules import SteadyMarker
 from ..schedule import Policy
 from ..stages import Layout, Terms, concurrent_times, encode_times, fits, pipeline_decode, place_stages, \
     spans_ranks, stage_memory
-from .base import DECODE, ENCODE, Compact, Decode, DriverStats, Merge, Peek, Prefill, View
-from .cb import context_blocks, pool_blocks, pool_tokens, preempt_for_decode
+from .base import DECODE, ENCODE, DriverStats, Merge, Peek, Prefill, View, drop_finished
+from .cb import context_blocks, decode_running, pool_blocks, pool_tokens
 from .waa import HANDOFF_DEPTH, encoder
 
 NAMES = (Policy.DISAGG,)
@@ -234,10 +234,7 @@ def drivers(plan) -> dict:
         steady = SteadyMarker(enc, dec)
         ended = False
         while True:
-            keep = [r for r in running if not view.done(r)]
-            if len(keep) < len(running):
-                yield Compact()
-                running = keep
+            running = yield from drop_finished(view, running)
             free = pool - sum(blocks(r) for r in running)
             if preempted:  # recompute preempted requests first, as their blocks free up
                 again = []
@@ -274,11 +271,7 @@ def drivers(plan) -> dict:
                 continue
             if len(running) >= plan.estimate.decode_batch:
                 steady.begin(view.now())
-            # A block for every request whose next token starts one; preempt the newest while the pool is short.
-            yield from preempt_for_decode(running, preempted, blocks, pool)
-            t = view.now()
-            steps = yield Decode(tuple(tuple(mb) for mb in split_even(running, p)), 1)
-            dec.append((view.now() - t, steps[0] if steps else 0))
+            yield from decode_running(view, running, preempted, blocks, pool, dec)
         return DriverStats(tuple(enc), tuple(dec), steady.window(view.now()))
 
     return {ENCODE: encoder(take), DECODE: decode}

@@ -45,7 +45,7 @@ from ..schedule import Policy, check_tp, one_pipeline_roles, stage_degrees, with
 from ..search.bnb import Space
 from ..stages import Layout, Terms, fits, pipeline_decode, pipeline_phases, place_stages, stage_memory, \
     tp_gpu_counts
-from .base import MAIN, Compact, Decode, DriverStats, Prefill, View, WaitArrival
+from .base import MAIN, Decode, DriverStats, Prefill, View, WaitArrival, drop_finished
 
 NAMES = (Policy.RRA,)
 
@@ -179,11 +179,9 @@ def drivers(plan) -> dict:
         while alive or view.waiting() or view.more_to_come():
             # Encode phase: free the finished rows, then refill toward the target decode batch.
             t_phase = view.now()
-            keep = [r for r in alive if not view.done(r)]
-            finished = len(alive) - len(keep)
-            if finished:
-                yield Compact()
-                alive = keep
+            before = len(alive)
+            alive = yield from drop_finished(view, alive)
+            finished = before - len(alive)
             wanted = rra_admit(s.encode_batch, finished, len(alive), target, rows)
             waiting = view.waiting()
             if len(waiting) < wanted:

@@ -46,8 +46,8 @@ from ..schedule import Policy, check_tp, stage_degrees, with_tp_defaults
 from ..search.bnb import Space
 from ..stages import Layout, Terms, concurrent_times, decode_times, encode_times, fits, place_stages, \
     spans_ranks, stage_memory, tp_gpu_counts
-from .base import DECODE, ENCODE, AwaitCredit, Compact, Decode, DriverStats, EndHandOffs, Merge, Prefill, View, \
-    WaitArrival
+from .base import DECODE, ENCODE, AwaitCredit, Decode, DriverStats, EndHandOffs, Merge, Prefill, View, \
+    WaitArrival, drop_finished
 
 NAMES = (Policy.WAA_C, Policy.WAA_M)
 
@@ -305,10 +305,7 @@ def drivers(plan) -> dict:
         steady = SteadyMarker(enc, dec)
         merged, ended = 0, False
         while True:
-            keep = [r for r in alive if not view.done(r)]
-            if len(keep) < len(alive):
-                yield Compact()
-                alive = keep
+            alive = yield from drop_finished(view, alive)
             # One batch joins per decode iteration: wait for it whenever it has room and is coming.
             if not ended and len(alive) + s.encode_batch <= rows and \
                     (view.arrived() > merged or merged == view.num_runnable()):
