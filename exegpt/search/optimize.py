@@ -143,21 +143,14 @@ def _plan(prob: Problem, lay: Layout, s: Schedule, stats: SearchStats) -> Plan:
                 devices=prob.cluster.label, workload=prob.workload, stages=lay.stages, search=stats, slo_check=check)
 
 
-def _infeasible(prob: Problem, fastest: SearchResult, margin: float = 0.0, verify_requests: int = 0,
-                replayed_s: float = math.nan) -> InfeasibleBoundError:
-    """The error naming the smallest feasible bound: the lowest-latency schedule's (``fastest``) estimate, or with
-    ``verify_requests`` the worst of its replayed requests (``replayed_s``) where that is longer."""
-    q = prob.bound.length_quantile
-    if fastest.space is None:
+def _infeasible(prob: Problem, latency: float, margin: float = 0.0, how: str = "") -> InfeasibleBoundError:
+    """The error naming the smallest feasible bound: ``latency``, the lowest any schedule reaches (inf: none fits),
+    over ``1 - margin``; ``how`` says where it was read when not from the estimate."""
+    if not math.isfinite(latency):
         return InfeasibleBoundError(
             f"no schedule of {prob.model.name} on {prob.cluster.label} fits in device memory (or in the "
             f"profiled range) for this workload", math.inf)
-    latency, how = fastest.latency, ""
-    # find_schedule(verify_requests=...) falls back to the lowest-latency schedule under a bound that both its
-    # estimate and its worst replayed request keep.
-    if replayed_s > latency:
-        latency, how = replayed_s, f" (the worst of {verify_requests} replayed requests of the lowest-latency " \
-                                   f"schedule)"
+    q = prob.bound.length_quantile
     smallest = latency / (1 - margin)
     return InfeasibleBoundError(
         f"latency bound {prob.bound.bound_s:g} s is infeasible for the p{q * 100:g}-length output "
@@ -301,25 +294,18 @@ def _best_gridded(prob: Problem, policies: list[Policy], opts: SearchOptions, pr
     floor = incumbent.estimate.throughput_seq_s if incumbent is not None else 0.0
     plans = sorted((p for p in plans if p.estimate.throughput_seq_s > floor),
                    key=lambda p: -p.estimate.throughput_seq_s)
-    for i, plan in enumerate(plans[:VERIFY_ATTEMPTS] if opts.verify_requests else plans[:1]):
-        if not opts.verify_requests:
-            return plan, reached, None, len(cands)
+    if plans and not opts.verify_requests:
+        return plans[0], reached, None, len(cands)
+    for plan in plans[:VERIFY_ATTEMPTS] if opts.verify_requests else ():
         worst = _replayed_latency(plan, profile, opts.verify_requests)
         if not worst > bound_s:
             return dataclasses.replace(plan, search=dataclasses.replace(
                 plan.search, replay_requests=opts.verify_requests, replay_latency_s=worst)), reached, None, \
                 len(cands)
-    if incumbent is None and isinstance(error, InfeasibleBoundError) and fastest < error.smallest_feasible_s:
-        q = prob.bound.length_quantile
-        error = InfeasibleBoundError(
-            f"latency bound {prob.bound.bound_s:g} s is infeasible for the p{q * 100:g}-length output "
-            f"({prob.latency_len} tokens) of {prob.model.name} on {prob.cluster.label}; the smallest feasible "
-            f"bound is {fastest / (1 - opts.latency_margin):.4g} s", fastest / (1 - opts.latency_margin))
-    elif incumbent is None and error is None:
-        error = InfeasibleBoundError(
-            f"no schedule of {', '.join(p.value for p in policies)} for {prob.model.name} on {prob.cluster.label} "
-            f"meets the latency bound {prob.bound.bound_s:g} s; the smallest feasible bound is "
-            f"{fastest / (1 - opts.latency_margin):.4g} s", fastest / (1 - opts.latency_margin))
+    if incumbent is None:  # the error names the lower of the box policies' smallest bound and the grid's
+        box_smallest = error.smallest_feasible_s if isinstance(error, InfeasibleBoundError) else math.inf
+        if error is None or (math.isfinite(fastest) and fastest / (1 - opts.latency_margin) < box_smallest):
+            error = _infeasible(prob, fastest, opts.latency_margin)
     return incumbent, reached, error, len(cands)
 
 
@@ -367,7 +353,13 @@ def _solve_boxed(prob: Problem, policies: list[Policy], opts: SearchOptions, pro
         replayed_s = _replayed_latency(plan, profile, verify_requests)
         if fastest.latency <= bound_s and not replayed_s > bound_s:
             return _verified(plan, verify_requests, replayed_s, t0), reached
-    raise _infeasible(prob, fastest, latency_margin, verify_requests, replayed_s)
+    latency, how = (fastest.latency if fastest.space is not None else math.inf), ""
+    # find_schedule(verify_requests=...) falls back to the lowest-latency schedule under a bound that both its
+    # estimate and its worst replayed request keep.
+    if replayed_s > latency:
+        latency, how = replayed_s, f" (the worst of {verify_requests} replayed requests of the lowest-latency " \
+                                   f"schedule)"
+    raise _infeasible(prob, latency, latency_margin, how)
 
 
 def _each_policy(layouts, policies: list[Policy], bound_s: float, opts: SearchOptions, reached: dict
