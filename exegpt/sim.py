@@ -288,23 +288,25 @@ class SimEngine:
 
     # --- prices ---------------------------------------------------------------------------------------------
 
-    def _prompts_cost(self, rids, resume: bool = False) -> CostModel:
-        """The cost model with the prompt side set to these requests' own prompts (``resume``: with the tokens they
-        generated but the last, recomputed after a preemption)."""
-        lens = self.ledger.inp[rids] + (np.maximum(self.ledger.gen[rids] - 1, 0) if resume else 0)
-        stats = self.prob.stats.for_prompts(lens, self.padded)
-        return dataclasses.replace(self.prob.cost, stats=stats)
+    def _prompt_lens(self, rids, resume: bool = False) -> np.ndarray:
+        """The prompts of ``rids`` (``resume``: with the tokens they generated but the last, recomputed after a
+        preemption)."""
+        return self.ledger.inp[rids] + (np.maximum(self.ledger.gen[rids] - 1, 0) if resume else 0)
 
-    def _encode_times(self, stages, rids, resume: bool = False) -> list[float]:
-        """Seconds of each of ``stages`` to encode the prompts of ``rids`` as one batch."""
-        t = encode_times(self.prob, stages, len(rids), self._prompts_cost(rids, resume))[0]
+    def _prompts_cost(self, lens) -> CostModel:
+        """The cost model with the prompt side set to prompts of these lengths."""
+        return dataclasses.replace(self.prob.cost, stats=self.prob.stats.for_prompts(np.asarray(lens), self.padded))
+
+    def _encode_times(self, stages, lens) -> list[float]:
+        """Seconds of each of ``stages`` to encode prompts of ``lens`` tokens as one batch."""
+        t = encode_times(self.prob, stages, len(lens), self._prompts_cost(lens))[0]
         return [float(np.ravel(x)[0]) for x in t]
 
     def _prefill(self, stages, rids: list[int], parts: int, t0: float, resume: bool = False) -> float:
         """``rids`` as ``parts`` pipelined micro-batches over ``stages`` from ``t0``; returns when the first tokens
         are in (``resume``: recomputed after a preemption, prompt and tokens but the last; no token)."""
         mbs = split_even(rids, parts)
-        t_end = self._flow(stages, mbs, [self._encode_times(stages, mb, resume) for mb in mbs],
+        t_end = self._flow(stages, mbs, [self._encode_times(stages, self._prompt_lens(mb, resume)) for mb in mbs],
                            None if resume else mbs, t0)
         if not resume:
             self.ledger.tokens_at(rids, t_end)
@@ -318,10 +320,7 @@ class SimEngine:
         mbs = split_even(list(items), parts)
         times = []
         for mb in mbs:
-            lens = np.array([m for _, _, m in mb])
-            stats = self.prob.stats.for_prompts(lens, self.padded)
-            t = encode_times(self.prob, stages, len(mb), dataclasses.replace(self.prob.cost, stats=stats))[0]
-            t = [float(np.ravel(x)[0]) for x in t]
+            t = self._encode_times(stages, [m for _, _, m in mb])  # the chunks' own tokens
             prefix = [(m, s) for _, s, m in mb if s > 0]  # (queries, keys before them) of continued prompts
             if prefix:
                 q, c = np.array(prefix, dtype=float).T
@@ -359,7 +358,7 @@ class SimEngine:
 
     def _encode_batch(self, d: _Driver, rids: tuple[int, ...]) -> None:
         """One WAA encode batch through the encode stages, from the driver's clock."""
-        t = [x * self.coupling for x in self._encode_times(self.stages[ENCODE], list(rids))]
+        t = [x * self.coupling for x in self._encode_times(self.stages[ENCODE], self._prompt_lens(list(rids)))]
         t[0] += self.extra[ENCODE] * min(t[0], self.last_dec)  # the decode group computing meanwhile
         t0 = max(self.free[0], d.t)
         self.ledger.started(rids, t0)
@@ -369,7 +368,7 @@ class SimEngine:
             prev = self.free[i]
         self.busy.append((t0, float(self.free[0])))
         self.ledger.tokens_at(rids, prev)  # the prefill's token
-        hand = float(np.ravel(self._prompts_cost(list(rids)).kv_handoff(len(rids))[0])[0])
+        hand = float(np.ravel(self._prompts_cost(self._prompt_lens(list(rids))).kv_handoff(len(rids))[0])[0])
         self.batches.append((rids, t0, prev, hand))
         d.t = float(self.free[0])
 
