@@ -184,6 +184,16 @@ def attend_each_query(q: Tensor, k: Tensor, v: Tensor, step: Step, scale: float 
     return out
 
 
+def split_qkv(qkv: Tensor, step: Step, H: int, Hkv: int, D: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``wqkv``'s output ``[n, S, (H + 2 Hkv) D]`` -> q ``[n, H, S, D]``, k, v ``[n, Hkv, S, D]``, RoPE applied."""
+    n, S, _ = qkv.shape
+    qk = qkv[..., :(H + Hkv) * D].view(n, S, H + Hkv, D)  # q and k heads side by side
+    if step.cos is not None:
+        qk = apply_rope(qk, step.cos, step.sin)  # one rotation for q and k together
+    v = qkv[..., (H + Hkv) * D:].view(n, S, Hkv, D)
+    return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # [n, heads, S, D]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -195,14 +205,7 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor, step: Step) -> tuple[Tensor, Tensor, Tensor]:
         """``x`` ``[n, S, dim]`` -> q ``[n, H, S, D]``, k, v ``[n, Hkv, S, D]`` (RoPE applied), views of one GEMM."""
-        n, S, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x)  # [n, S, (H + 2 Hkv) D]
-        qk = qkv[..., :(H + Hkv) * D].view(n, S, H + Hkv, D)  # q and k heads side by side
-        if step.cos is not None:
-            qk = apply_rope(qk, step.cos, step.sin)  # one rotation for q and k together
-        v = qkv[..., (H + Hkv) * D:].view(n, S, Hkv, D)
-        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # [n, heads, S, D]
+        return split_qkv(self.wqkv(x), step, self.n_heads, self.n_kv_heads, self.head_dim)
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, layer: int) -> Tensor:
         """The KV-cache update and the attention over the cache: ``[n, H, S, D]`` in q's dtype."""
@@ -425,7 +428,8 @@ class Transformer(nn.Module):
             raise ExeGPTError("no KV cache: call model.setup_cache(max_rows, max_len) first")
         return self.cache
 
-    def _run_layers(self, h: Tensor, step: Step) -> Tensor:
+    def _run_layers(self, h: Tensor, step: Step, valid: Tensor | None = None) -> Tensor:
+        """The layers over ``h`` ``[n, S, dim]`` (``valid``: the real tokens ``[n, S]``, None: all)."""
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, step, self.cache, i)
         return h
@@ -435,7 +439,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def prefill(self, x: Tensor, seq_lens: Tensor | list[int], rows: Tensor | list[int],
-                starts: Tensor | list[int] | None = None) -> Tensor:
+                starts: Tensor | list[int] | None = None, layers=None) -> Tensor:
         """Runs packed prompts from position 0 and writes their KV to cache rows ``rows``.
 
         Args:
@@ -444,18 +448,19 @@ class Transformer(nn.Module):
             rows: cache row of each prompt ``[n]``.
             starts: chunked prefill: the position ``[n]`` each row's chunk starts at, after the ``starts[i]``
                 positions the row already holds (None: whole prompts from 0).
+            layers: runs the layers instead of ``_run_layers``, with its arguments (``runner.ulysses``).
         Returns:
             hidden ``[T, dim]``, or (head) float32 logits of each prompt's last token ``[n, vocab]``.
         """
         seq_lens = as_rows(seq_lens)
         starts = None if starts is None else as_rows(starts)
-        h, valid = self._prefill(x, seq_lens, as_rows(rows), starts)  # [n, S, dim], [n, S]
+        h, valid = self._prefill(x, seq_lens, as_rows(rows), starts, layers)  # [n, S, dim], [n, S]
         if self.head:
             n, device = h.shape[0], h.device
             return self._logits(h[torch.arange(n, device=device), (seq_lens - 1).to(device)])
         return h.reshape(-1, h.shape[-1]) if valid is None else h[valid]  # [T, dim]
 
-    def _prefill(self, x: Tensor, seq_lens: Tensor, rows: Tensor, starts: Tensor | None = None
+    def _prefill(self, x: Tensor, seq_lens: Tensor, rows: Tensor, starts: Tensor | None = None, layers=None
                  ) -> tuple[Tensor, Tensor | None]:
         """Layers over the padded prompt batch: hidden ``[n, S, dim]`` and the valid mask ``[n, S]`` (None: all)."""
         cache = self._cache()
@@ -482,17 +487,18 @@ class Transformer(nn.Module):
             h = x.view(n, S, -1) if uniform else x.new_zeros(n, S, x.shape[-1]).index_put_((valid_d,), x)
         step = prefill_step(seq_lens, rows, self.rope, device) if starts is None else \
             chunk_step(starts, seq_lens, rows, self.rope, device)
-        h = self._run_layers(h, step)  # [n, S, dim]
+        h = (layers or self._run_layers)(h, step, valid_d)  # [n, S, dim]
         cache.lengths[rows] = ends
         return h, valid_d
 
     @torch.no_grad()
-    def decode(self, x: Tensor, rows: Tensor | list[int]) -> Tensor:
+    def decode(self, x: Tensor, rows: Tensor | list[int], layers=None) -> Tensor:
         """Advances rows ``rows`` by one token each, at their own positions ``cache.lengths[rows]``.
 
         Args:
             x: token ids ``[n]`` (embed) or hidden ``[n, dim]``.
             rows: cache rows ``[n]``, distinct.
+            layers: as in ``prefill``.
         Returns:
             hidden ``[n, dim]``, or (head) float32 logits ``[n, vocab]``.
         """
@@ -510,7 +516,7 @@ class Transformer(nn.Module):
                 h = h + self.pos_embeddings(pos_d + OPT_POS_OFFSET)[:, None]
         else:
             h = x[:, None]  # [n, 1, dim]
-        h = self._run_layers(h, decode_step(pos, rows, self.rope, device, pos_d))[:, 0]  # [n, dim]
+        h = (layers or self._run_layers)(h, decode_step(pos, rows, self.rope, device, pos_d))[:, 0]  # [n, dim]
         cache.lengths[rows] += 1
         return self._logits(h) if self.head else h
 

@@ -1,0 +1,204 @@
+"""Ulysses sequence parallelism and Shift Parallelism: one replica of P = SP x TP ranks that runs each step either
+in its base configuration (SP, TP) or shifted to tensor parallelism over all P ranks, over one KV cache.
+
+Base mode (Ulysses, Arctic Inference's Alg. 1), per layer, for the step's T tokens padded to a multiple of SP:
+each rank takes T/SP consecutive tokens; its fused QKV projection (weights split TP ways) goes through one
+``all_to_all_single`` over its SP group, after which the rank holds every token's q, k and v for its heads (H/P
+of them); attention runs over the rank's KV-cache heads; a second all-to-all brings each rank its own tokens'
+outputs for every head; the output projection and the MLP run on its own tokens (an all-reduce over TP each).
+After the last layer one ``all_gather_into_tensor`` gives every rank every token's hidden state.
+
+Shift mode: plain tensor parallelism over the P ranks (``runner.tp``), an all-reduce per projection pair.
+
+The two place the same heads, hence the same KV-cache heads, on each rank (Arctic's head-order trick): the rank
+at (s, t) of the grid ``arange(P).reshape(SP, TP)`` holds TP shard t and, within it, SP chunk s of the heads;
+the shift model gives it shard ``t * SP + s`` of P. So one cache serves both and a step may run in either mode.
+Weights: each rank keeps the base shard (W/TP) and the shift shard (W/P), as Arctic's two models do.
+
+gloo (torch 2.13) implements ``all_to_all_single`` (equal and unequal splits), list-form ``all_to_all`` and
+``all_gather_single`` (``all_gather_into_tensor``); the equal-split forms are used, as on NCCL.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from exegpt.errors import ExeGPTError
+from runner.model import Transformer, split_qkv
+from runner.step import Step
+from runner.tp import apply_tp
+
+
+def shift_order(sp: int, tp: int) -> list[int]:
+    """Grid ranks (``s * tp + t``) in the order of their shards in the shift model: the grid transposed and
+    flattened (SP = 2, TP = 2: [0, 2, 1, 3])."""
+    return [s * tp + t for t in range(tp) for s in range(sp)]
+
+
+def valid_degrees(n_heads: int, n_kv_heads: int, limit: int = 64) -> list[int]:
+    """Rank counts that split both head counts evenly (the SP x TP products a model allows)."""
+    return [p for p in range(1, min(limit, n_kv_heads) + 1) if n_heads % p == 0 and n_kv_heads % p == 0]
+
+
+def check_degrees(sp: int, tp: int, n_heads: int, n_kv_heads: int, name: str = "the model") -> None:
+    """One line when SP x TP does not split ``name``'s heads evenly, naming the degrees that do."""
+    for what, v in (("sp", sp), ("tp", tp)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ExeGPTError(f"{what}={v!r} must be a whole number >= 1")
+    p = sp * tp
+    if n_heads % p or n_kv_heads % p:
+        raise ExeGPTError(f"sp={sp} x tp={tp} = {p} ranks do not split {name}'s {n_heads} query and {n_kv_heads} KV "
+                          f"heads evenly; SP x TP must be one of {valid_degrees(n_heads, n_kv_heads)}")
+
+
+@dataclass(frozen=True)
+class ShiftGroups:
+    """This rank's place in a replica's (SP, TP) grid and the process groups of its modes."""
+
+    sp: int
+    tp: int
+    index: int
+    """This rank's grid index ``s * tp + t`` (its rank within the replica)."""
+    sp_group: object
+    """The ranks of this rank's grid column (same t): Ulysses' all-to-all and all-gather."""
+    tp_group: object
+    """The ranks of this rank's grid row (same s): the base model's all-reduces."""
+    shift_group: object
+    """Every rank of the replica: the shift model's all-reduces."""
+
+    @property
+    def s(self) -> int:
+        return self.index // self.tp
+
+    @property
+    def t(self) -> int:
+        return self.index % self.tp
+
+    @property
+    def shift_index(self) -> int:
+        """This rank's shard of P in the shift model."""
+        return self.t * self.sp + self.s
+
+
+def make_groups(sp: int, tp: int, first_rank: int, index: int) -> ShiftGroups:
+    """The groups of the replica whose ranks are ``first_rank .. first_rank + sp * tp - 1`` (``new_group`` is
+    collective: every rank of the world calls this for every replica, in the same order)."""
+    p = sp * tp
+    ranks = [first_rank + i for i in range(p)]
+    whole = dist.new_group(ranks) if p > 1 else None
+    cols = [dist.new_group([first_rank + s * tp + t for s in range(sp)]) if 1 < sp < p else whole
+            for t in range(tp)]
+    rows = [dist.new_group([first_rank + s * tp + t for t in range(tp)]) if 1 < tp < p else whole
+            for s in range(sp)]
+    mine = index if 0 <= index < p else 0
+    return ShiftGroups(sp, tp, mine, cols[mine % tp] if sp > 1 else None, rows[mine // tp] if tp > 1 else None,
+                       whole)
+
+
+class ShiftModel(nn.Module):
+    """A whole llama/opt model run by one rank of a Shift Parallelism replica: ``base`` (its TP shard of the
+    (SP, TP) configuration) and ``shift`` (its shard of TP = P) over one KV cache. ``prefill`` and ``decode`` take
+    ``sp``: True runs the step in the base configuration (Ulysses), False in the shift one."""
+
+    def __init__(self, model: Transformer, groups: ShiftGroups):
+        super().__init__()
+        if not (model.embed and model.head) or model.tp_size != 1:
+            raise ExeGPTError("Shift Parallelism runs whole, unsharded models (no pipeline stages)")
+        args = model.args
+        check_degrees(groups.sp, groups.tp, args.n_heads, args.n_kv_heads, args.name or "the model")
+        self.g = groups
+        p = groups.sp * groups.tp
+        self.shift = apply_tp(copy.deepcopy(model) if groups.sp > 1 else model, groups.shift_index, p,
+                              groups.shift_group)
+        self.base = apply_tp(model, groups.t, groups.tp, groups.tp_group) if groups.sp > 1 else None
+        self.args = self.shift.args
+        self.heads = (args.n_heads // p, args.n_kv_heads // p)  # per rank, in both modes
+
+    embed = property(lambda self: True)
+    head = property(lambda self: True)
+
+    @property
+    def cache(self):
+        return self.shift.cache
+
+    @cache.setter
+    def cache(self, value) -> None:
+        self.shift.cache = value
+        if self.base is not None:
+            self.base.cache = value
+
+    def setup_cache(self, max_rows: int, max_len: int):
+        cache = self.shift.setup_cache(max_rows, max_len)  # H_kv / P heads: the layout of both modes
+        if self.base is not None:
+            self.base.cache, self.base.rope = cache, self.shift.rope
+        return cache
+
+    def _model(self, sp: bool) -> tuple[Transformer, object]:
+        if not sp or self.base is None:
+            return self.shift, None
+        return self.base, self._ulysses_layers
+
+    @torch.no_grad()
+    def prefill(self, x: Tensor, seq_lens, rows, starts=None, sp: bool = False) -> Tensor:
+        model, layers = self._model(sp)
+        return model.prefill(x, seq_lens, rows, starts, layers=layers)
+
+    @torch.no_grad()
+    def decode(self, x: Tensor, rows, sp: bool = False) -> Tensor:
+        model, layers = self._model(sp)
+        return model.decode(x, rows, layers=layers)
+
+    # --- base mode ----------------------------------------------------------------------------------------
+
+    def _ulysses_layers(self, h: Tensor, step: Step, valid: Tensor | None = None) -> Tensor:
+        """The base model's layers over ``h`` ``[n, S, dim]`` (every rank holds it; ``valid`` marks the real
+        tokens): this rank's T/SP tokens through every layer, then every token's hidden state gathered back."""
+        n, S, dim = h.shape
+        sp, group = self.g.sp, self.g.sp_group
+        packed = h.reshape(n * S, dim) if valid is None else h[valid]  # [T, dim], in token order
+        T = packed.shape[0]
+        per = -(-T // sp)  # tokens per rank, the last padded
+        if per * sp > T:
+            packed = torch.cat([packed, packed.new_zeros(per * sp - T, dim)])
+        x = packed[self.g.s * per:(self.g.s + 1) * per].contiguous()  # this rank's tokens [per, dim]
+        for i, block in enumerate(self.base.layers.values()):
+            x = self._layer(block, x, step, i, valid, (n, S, T, per))
+        out = x.new_empty(per * sp, dim)
+        dist.all_gather_single(out, x, group=group)  # every token's hidden state, in token order
+        full = h.new_zeros(n, S, dim)
+        if valid is None:
+            return out[:T].view(n, S, dim)
+        return full.index_put_((valid,), out[:T])
+
+    def _layer(self, block, x: Tensor, step: Step, layer: int, valid: Tensor | None, shape) -> Tensor:
+        """One base-mode layer over this rank's tokens ``x`` ``[per, dim]``."""
+        n, S, T, per = shape
+        sp, group = self.g.sp, self.g.sp_group
+        attn = block.attention
+        Hs, Hks = self.heads
+        D = attn.head_dim
+        qkv = attn.wqkv(block.attention_norm(x))  # [per, (H/TP + 2 Hkv/TP) D]: this rank's TP shard of heads
+        q, k, v = qkv.split([sp * Hs * D, sp * Hks * D, sp * Hks * D], dim=-1)
+        send = torch.cat([q.view(per, sp, Hs * D), k.view(per, sp, Hks * D), v.view(per, sp, Hks * D)], dim=-1)
+        send = send.transpose(0, 1).contiguous()  # [sp, per, C]: head chunk j goes to SP rank j
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)  # [sp, per, C]: every rank's tokens, this rank's heads
+        mine = recv.view(sp * per, -1)[:T]  # [T, (Hs + 2 Hks) D] in token order
+        grid = mine.view(n, S, -1) if valid is None else mine.new_zeros(n, S, mine.shape[-1]).index_put_(
+            (valid,), mine)
+        q, k, v = split_qkv(grid, step, Hs, Hks, D)
+        y = attn.core(q, k, v, step, self.base.cache, layer)  # [n, Hs, S, D]
+        y = y.transpose(1, 2).reshape(n, S, Hs * D)
+        y = y.reshape(n * S, -1) if valid is None else y[valid]  # [T, Hs D]
+        if per * sp > T:
+            y = torch.cat([y, y.new_zeros(per * sp - T, y.shape[-1])])
+        back = torch.empty_like(y)
+        dist.all_to_all_single(back, y.contiguous(), group=group)  # [sp * per, Hs D]: own tokens, head chunk j
+        y = back.view(sp, per, Hs * D).transpose(0, 1).reshape(per, sp * Hs * D)  # heads in TP-shard order
+        x = attn.out(y, residual=x)
+        return block.feed_forward(block.ffn_norm(x), residual=x)

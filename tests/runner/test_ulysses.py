@@ -1,0 +1,118 @@
+"""Shift Parallelism's two modes over one KV cache (gloo ranks): whichever mode each step runs in, the logits are
+the single-process model's and the greedy tokens identical; a shift model sharded in plain rank order is not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from exegpt.errors import ExeGPTError
+from runner.dist import exit_rank
+from runner.tp import free_port, init_dist
+from runner.ulysses import ShiftGroups, ShiftModel, check_degrees, make_groups, shift_order
+from runner.weights import load_model
+
+PROMPTS = [[5, 17, 42, 7, 99], [3, 1], [250, 8, 8, 8, 8, 8, 8, 13]]
+LONG = [64, 65, 66, 67, 68, 69, 70]  # prefilled in two chunks
+STEPS = 6
+
+
+def script(model, modes: list[bool], call) -> list[torch.Tensor]:
+    """Prefill, two chunks of a fourth prompt, then decode steps, each call in the next of ``modes``; every
+    call's logits. ``call(fn, *args, sp=...)`` runs one model call."""
+    vocab = model.args.vocab_size
+    prompts = [[t % vocab for t in p] for p in PROMPTS]
+    long = [t % vocab for t in LONG]
+    model.setup_cache(4, 40)
+    modes = iter(modes)
+    out = [call(model.prefill, torch.tensor([t for p in prompts for t in p]), [len(p) for p in prompts], [0, 1, 2],
+                sp=next(modes))]
+    out.append(call(model.prefill, torch.tensor(long[:3]), [3], [3], sp=next(modes)))
+    out.append(call(model.prefill, torch.tensor(long[3:]), [len(long) - 3], [3], [3], sp=next(modes)))
+    tok = torch.cat([out[0].argmax(-1), out[-1].argmax(-1)])
+    for _ in range(STEPS):
+        out.append(call(model.decode, tok, [0, 1, 2, 3], sp=next(modes)))
+        tok = out[-1].argmax(-1)
+    return out
+
+
+PATTERNS = {"alternate": [i % 2 == 0 for i in range(3 + STEPS)], "reverse": [i % 2 == 1 for i in range(3 + STEPS)]}
+
+
+class _NaiveGroups(ShiftGroups):
+    """The head-order trap: shift shards in grid order instead of the transposed grid's."""
+
+    shift_index = property(lambda self: self.index)
+
+
+def _worker(rank: int, world: int, port: int, cases: list, out_path: str) -> None:
+    torch.set_num_threads(1)
+    init_dist(rank, world, f"tcp://127.0.0.1:{port}", backend="gloo")
+    try:
+        results = {}
+        for name, sp, tp, naive, patterns in cases:
+            groups = make_groups(sp, tp, 0, rank)
+            if naive:
+                groups = _NaiveGroups(**{f.name: getattr(groups, f.name) for f in dataclasses.fields(groups)})
+            model = ShiftModel(load_model(name)[0], groups)
+            for pattern in patterns:
+                results[(name, sp, tp, naive, pattern)] = script(model, PATTERNS[pattern],
+                                                                 lambda f, *a, sp: f(*a, sp=sp))
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    exit_rank()
+
+
+def _run(world: int, cases: list, tmp_path) -> dict:
+    out = str(tmp_path / f"shift{world}.pt")
+    mp.spawn(_worker, args=(world, free_port(), cases, out), nprocs=world, join=True)
+    return torch.load(out)
+
+
+def _reference(name: str) -> list[torch.Tensor]:
+    model = load_model(name)[0]
+    return script(model, [False] * (3 + STEPS), lambda f, *a, sp: f(*a))
+
+
+def _check(got: list, want: list) -> None:
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)  # fp32 sums in another order
+        assert g.argmax(-1).tolist() == w.argmax(-1).tolist()
+
+
+def test_modes_switch_per_step_on_two_and_four_ranks(tmp_path):
+    """tiny: (SP 2, TP 1) on 2 ranks; small: (SP 2, TP 2) on 4 ranks, mixed grid, and the naive head order."""
+    got = _run(2, [("tiny", 2, 1, False, PATTERNS)], tmp_path)
+    want = _reference("tiny")
+    for pattern in PATTERNS:
+        _check(got[("tiny", 2, 1, False, pattern)], want)
+    got = _run(4, [("small", 2, 2, False, PATTERNS), ("small", 2, 2, True, ["alternate"])], tmp_path)
+    want = _reference("small")
+    for pattern in PATTERNS:
+        _check(got[("small", 2, 2, False, pattern)], want)
+    naive = got[("small", 2, 2, True, "alternate")]
+    with pytest.raises(AssertionError):  # prefilled in base mode, read in shift mode with other heads
+        _check(naive, want)
+
+
+def test_smollm2_three_ranks(tmp_path, smollm2):
+    """SmolLM2-135M has 9 query and 3 KV heads: SP = 3 is the smallest degree above one that splits them."""
+    got = _run(3, [("smollm2", 3, 1, False, ["alternate"])], tmp_path)
+    want = script(smollm2[0], [False] * (3 + STEPS), lambda f, *a, sp: f(*a))
+    _check(got[("smollm2", 3, 1, False, "alternate")], want)
+
+
+def test_degrees_and_order():
+    assert shift_order(2, 2) == [0, 2, 1, 3] and shift_order(4, 1) == [0, 1, 2, 3]
+    with pytest.raises(ExeGPTError, match=r"do not split smollm2-135m's 9 query and 3 KV heads evenly; "
+                                          r"SP x TP must be one of \[1, 3\]"):
+        check_degrees(2, 1, 9, 3, "smollm2-135m")
+    with pytest.raises(ExeGPTError, match="sp=0 must be a whole number >= 1"):
+        check_degrees(0, 1, 4, 2)
