@@ -12,6 +12,13 @@ Composition of one pipeline stage (tp devices, ``n`` decoder layers, ``n_enc`` e
   stage, led by the driver, the executor's own work engine_encode(B, prompt length); a stage that is not the
   last sends its activations onward;
   every stage pays the model's per-call step overhead.
+* Shift Parallelism's base mode (a stage of ``tp`` = P devices with ``sp`` > 1, Ulysses over (SP, P / SP)): per
+  layer, dense work on the rank's ceil(T / SP) tokens at TP = P / SP, attention over every token with the heads
+  split P ways (the tables at tp = P), two all-to-alls over SP (the fused QKV, then the attention output) and
+  two all-reduces over P / SP; once per forward an all-gather of the hidden states over SP. All-to-all and
+  all-gather come from their own tables where the profile has them, else from the all-reduce table by the
+  alpha-beta relations (a ring all-reduce of B bytes moves 2 (p-1)/p B per rank, an all-to-all of B (p-1)/p B, an
+  all-gather of B from each rank (p-1) B): A2A(B) = AR(B / 2), AG(B) = AR(p B / 2).
 * decode step of ``n`` rows at mean context ``ctx``: per layer dense_decode(n) + attn_decode(n, ctx)
   (+ attn_cross(n, E[S_in]) for T5) + 2 (3 for T5) all-reduces; lm_head(n) on the last stage and
   engine_decode(n, context) on the first (the driver leads it: commands, every row's token booked, row moves;
@@ -183,6 +190,36 @@ class CostModel:
             return z, np.ones(np.shape(tokens), dtype=bool)
         return self._get(Kernel.ALLREDUCE, tp, self.model.activation_bytes(np.asarray(tokens, float)))
 
+    def _a2a(self, group: int, nbytes) -> tuple[np.ndarray, np.ndarray]:
+        """An all-to-all of ``nbytes`` sent by each rank of ``group`` (module docstring)."""
+        nbytes = np.asarray(nbytes, dtype=float)
+        if self.profile.has(Kernel.ALLTOALL, group):
+            return self._get(Kernel.ALLTOALL, group, nbytes)
+        return self._get(Kernel.ALLREDUCE, group, nbytes / 2)
+
+    def _ag(self, group: int, nbytes) -> tuple[np.ndarray, np.ndarray]:
+        """An all-gather of ``nbytes`` from each rank of ``group`` (module docstring)."""
+        nbytes = np.asarray(nbytes, dtype=float)
+        if self.profile.has(Kernel.ALLGATHER, group):
+            return self._get(Kernel.ALLGATHER, group, nbytes)
+        return self._get(Kernel.ALLREDUCE, group, group * nbytes / 2)
+
+    def ulysses_comm(self, sp: int, tp: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+        """One base-mode layer's collectives for a step of ``tokens`` tokens on a stage of ``tp`` devices at
+        SP degree ``sp``: the QKV and attention-output all-to-alls over SP, two all-reduces over tp / sp."""
+        m, base = self.model, tp // sp
+        per = np.ceil(np.maximum(np.asarray(tokens, dtype=float), 1.0) / sp)  # tokens per rank, padded
+        b = m.dtype_bytes * m.hd / base
+        qkv, ok1 = self._a2a(sp, per * (m.n_heads + 2 * m.n_kv_heads) * b)
+        out, ok2 = self._a2a(sp, per * m.n_heads * b)
+        ar, ok3 = self._ar(base, per)
+        return qkv + out + 2 * ar, ok1 & ok2 & ok3
+
+    def ulysses_gather(self, sp: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+        """The all-gather of every token's hidden state after a base-mode forward."""
+        per = np.ceil(np.maximum(np.asarray(tokens, dtype=float), 1.0) / sp)
+        return self._ag(sp, self.model.activation_bytes(per))
+
     def _hop(self, nbytes) -> tuple[np.ndarray, np.ndarray]:
         """One point-to-point hop of ``nbytes`` (free when the profile has no ``send_recv``: one device)."""
         nbytes = np.asarray(nbytes, dtype=float)
@@ -193,9 +230,22 @@ class CostModel:
     def _send(self, tokens) -> tuple[np.ndarray, np.ndarray]:
         return self._hop(self.model.activation_bytes(np.asarray(tokens, float)))
 
-    def encode_layer(self, tp: int, batch) -> tuple[np.ndarray, np.ndarray]:
-        """One prefill (or T5 encoder) layer for ``batch`` prompts drawn from the input distribution."""
+    def encode_layer(self, tp: int, batch, sp: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """One prefill (or T5 encoder) layer for ``batch`` prompts drawn from the input distribution (``sp`` > 1:
+        in Shift Parallelism's base mode, see the module docstring)."""
         b = np.asarray(batch, dtype=float)
+        if sp > 1:  # Ulysses: the dense work on this rank's share of the real tokens, attention on P ranks' heads
+            tokens = b * self.stats.in_mean
+            if self.padded:
+                bb, s = np.broadcast_arrays(b[..., None], self.stats.in_lengths)
+                attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, bb, s)
+                attn, ok2 = (attn * self.stats.max_input_pmf(b)).sum(-1), ok2.all(-1)
+            else:
+                attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
+                attn, ok2 = attn @ self.stats.in_probs, ok2.all(-1)
+            dense, ok1 = self._get(Kernel.DENSE_ENCODE, tp // sp, np.ceil(tokens / sp))
+            comm, ok3 = self.ulysses_comm(sp, tp, tokens)
+            return dense + attn + comm, ok1 & ok2 & ok3
         if self.padded:
             # Every prompt padded to the batch's longest: the expectation over the longest's distribution
             # (time grows faster than linearly with the padded length, so t(E[longest]) is too small).
@@ -219,12 +269,18 @@ class CostModel:
         q = np.maximum(np.asarray(queries, dtype=float), 1.0)
         return self._get(Kernel.ATTN_DECODE, tp, q, np.broadcast_to(np.asarray(ctx, dtype=float), q.shape))
 
-    def decode_layer(self, tp: int, rows, ctx: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def decode_layer(self, tp: int, rows, ctx: float | None = None, sp: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """One decoder layer, one decode step of ``rows`` rows attending ``ctx`` tokens (default: the
-        steady decode batch's mean context, or its longest when the backend pads decode steps)."""
+        steady decode batch's mean context, or its longest when the backend pads decode steps); ``sp`` > 1: in
+        Shift Parallelism's base mode."""
         r = np.asarray(rows, dtype=float)
         if ctx is None:
             ctx = self.stats.context_len(r, self.padded_decode)
+        if sp > 1:
+            dense, ok1 = self._get(Kernel.DENSE_DECODE, tp // sp, np.ceil(r / sp))
+            attn, ok2 = self._get(Kernel.ATTN_DECODE, tp, r, np.broadcast_to(ctx, r.shape))
+            comm, ok3 = self.ulysses_comm(sp, tp, r)
+            return dense + attn + comm, ok1 & ok2 & ok3
         dense, ok1 = self._get(Kernel.DENSE_DECODE, tp, r)
         attn, ok2 = self._get(Kernel.ATTN_DECODE, tp, r, np.broadcast_to(ctx, r.shape))
         ar, ok3 = self._ar(tp, r)
@@ -253,11 +309,18 @@ class CostModel:
         before they can start, and so before the stage's first all-reduce completes."""
         return self._hop(8.0 * (3 * np.maximum(np.asarray(rows, dtype=float), 1.0) + np.asarray(tokens, dtype=float)))
 
-    def stage_encode(self, tp: int, n_layers: int, n_enc_layers: int, last: bool, batch, first: bool = False):
+    def stage_encode(self, tp: int, n_layers: int, n_enc_layers: int, last: bool, batch, first: bool = False,
+                     sp: int = 1):
         """Seconds for one stage to encode ``batch`` prompts (see the module docstring). ``first``: the pipeline's
         first stage, which the driver leads: it pays the executor's own work (``engine_encode``), and with TP its
-        other ranks get each command from the driver (``tp_command``)."""
+        other ranks get each command from the driver (``tp_command``). ``sp`` > 1: a whole-model stage in Shift
+        Parallelism's base mode (its layers, then the all-gather)."""
         b = np.asarray(batch, dtype=float)
+        if sp > 1:
+            t, ok = self.stage_encode(tp, 0, 0, last, b, first)  # the head, the driver's work, the overhead
+            lay, ok2 = self.encode_layer(tp, b, sp)
+            g, ok3 = self.ulysses_gather(sp, b * self.stats.in_mean)
+            return t + n_layers * lay + g, ok & ok2 & ok3
         if first:
             # The driver leads the first stage: its own work (engine_encode) and, with TP, each command's hop
             # to the stage's other ranks, before they can start.
@@ -286,9 +349,15 @@ class CostModel:
         return t + s, ok & ok2
 
     def stage_decode(self, tp: int, n_layers: int, last: bool, rows, ctx: float | None = None,
-                     first: bool = False):
-        """Seconds for one stage to run one decode step of ``rows`` rows (``first``: see ``stage_encode``)."""
+                     first: bool = False, sp: int = 1):
+        """Seconds for one stage to run one decode step of ``rows`` rows (``first``, ``sp``: see
+        ``stage_encode``)."""
         r = np.asarray(rows, dtype=float)
+        if sp > 1:
+            t, ok = self.stage_decode(tp, 0, last, r, ctx, first)
+            lay, ok2 = self.decode_layer(tp, r, ctx, sp)
+            g, ok3 = self.ulysses_gather(sp, r)
+            return t + n_layers * lay + g, ok & ok2 & ok3
         if first:
             # The driver leads the first stage: its own work (engine_decode: commands, every row's token booked,
             # row moves) and, with TP, each command's hop to the stage's other ranks.

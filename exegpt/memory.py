@@ -34,6 +34,15 @@ def stage_weight_bytes(model: ModelShape, tp: int, n_layers: int, n_enc_layers: 
     return w
 
 
+def stage_weights(model: ModelShape, stage, first: bool, last: bool) -> float:
+    """Weight bytes on one device of ``stage`` (an ``exegpt.stages.Stage``): its TP shard, and with Shift
+    Parallelism (``stage.sp > 1``) the base configuration's shard beside it (W/TP + W/P, Arctic's two models)."""
+    w = stage_weight_bytes(model, stage.tp, stage.n_layers, stage.n_enc_layers, first, last)
+    if stage.sp > 1:
+        w += stage.n_layers * model.layer_bytes(stage.tp // stage.sp)
+    return w
+
+
 def kv_bytes(model: ModelShape, tp: int, n_layers: int, rows, max_ctx: int, max_input: int):
     """Preallocated KV-cache bytes on one device of a stage holding ``n_layers`` decoder layers."""
     per_row = max_ctx * model.kv_bytes_per_token(tp) + max_input * model.cross_kv_bytes_per_token(tp)

@@ -16,6 +16,8 @@ dense_encode   tokens                  the rest of an encoder / prefill layer fo
 dense_decode   tokens                  the rest of a decoder layer for ``tokens`` rows (one token each)
 lm_head        tokens                  embedding + final norm + LM head + sampling, whole model, tp=1
 allreduce      bytes                   all-reduce of ``bytes`` in a group of ``tp`` ranks
+alltoall       bytes                   all-to-all in a group of ``tp`` ranks, ``bytes`` sent by each rank in all
+allgather      bytes                   all-gather in a group of ``tp`` ranks, ``bytes`` contributed by each rank
 send_recv      bytes                   point-to-point hand-off of ``bytes`` between pipeline stages
 kv_handoff     bytes                   WAA KV-cache copy encode group -> host -> decode group
 engine_encode  rows                    the executor's own work around a prefill of ``rows`` prompts
@@ -59,6 +61,8 @@ class Kernel(str, Enum):
     DENSE_DECODE = "dense_decode"
     LM_HEAD = "lm_head"
     ALLREDUCE = "allreduce"
+    ALLTOALL = "alltoall"
+    ALLGATHER = "allgather"
     SEND_RECV = "send_recv"
     KV_HANDOFF = "kv_handoff"
     ENGINE_ENCODE = "engine_encode"
@@ -73,6 +77,8 @@ AXES: dict[Kernel, tuple[str, ...]] = {
     Kernel.DENSE_DECODE: ("tokens",),
     Kernel.LM_HEAD: ("tokens",),
     Kernel.ALLREDUCE: ("bytes",),
+    Kernel.ALLTOALL: ("bytes",),
+    Kernel.ALLGATHER: ("bytes",),
     Kernel.SEND_RECV: ("bytes",),
     Kernel.KV_HANDOFF: ("bytes",),
     Kernel.ENGINE_ENCODE: ("rows", "prompt"),
@@ -96,7 +102,7 @@ class ProfileTable:
 
     kernel: Kernel
     tp: int
-    """TP degree (for allreduce: the group size; 1 for send_recv, kv_handoff, lm_head)."""
+    """TP degree (for allreduce, alltoall, allgather: the group size; 1 for send_recv, kv_handoff, lm_head)."""
     xs: tuple[float, ...]
     ys: tuple[float, ...]
     """Second axis for 2-D kernels, empty for 1-D ones."""

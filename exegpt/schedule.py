@@ -21,6 +21,7 @@ class Policy(str, Enum):
     CB = "cb"          # continuous (iteration-level) batching with paged KV accounting, vLLM's scheduler
     CHUNKED = "chunked"  # chunked prefill (Sarathi-Serve): decodes first, then prompt chunks, in a token budget
     DISAGG = "disagg"  # prefill/decode disaggregation (DistServe, Splitwise): two pools, KV moved between them
+    SHIFT = "shift"    # Shift Parallelism (Arctic Inference): each step in SP or TP by its size; DP replicas
 
 
 def policy_of(value) -> Policy:

@@ -42,6 +42,7 @@ from .profile import Profile
 from .report import RunReport, build_report
 from .rules import split_even
 from .problem import Problem, problem
+from .replicas import merge_stats, replicas_of, route
 from .stages import Layout, decode_times, encode_times, spans_ranks
 
 DEFAULT_REQUESTS = 600
@@ -78,11 +79,18 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
         raise ExeGPTError(f"every one of the {len(lengths)} requests exceeds the plan's KV-cache budget of "
                           f"{plan.workload.max_total_len} tokens per sequence (its workload's longest prompt plus "
                           f"longest output); the shortest has {lengths.sum(axis=1).min()}")
-    engine = SimEngine(prob, lay, plan, ledger, horizon_s, [] if log_decisions else None)
-    stats = engine.run()
+    replicas = replicas_of(plan)
+    if replicas > 1 and not spans_ranks(lay.stages):  # one-rank replicas computing back to back, side by side
+        prob = dataclasses.replace(prob, cost=dataclasses.replace(prob.cost, slowdown=prob.concurrency))
+    stats, log = [], []
+    for serves in route(ledger.runnable, replicas):
+        engine = SimEngine(prob, lay, plan, ledger, horizon_s, [] if log_decisions else None, serves)
+        stats.append(engine.run())
+        log += engine.log or []
+    stats = merge_stats(stats)
     return build_report(plan.schedule.policy.value, ledger.records(), plan.estimate.latency_len,
                         list(stats.encode_s), list(stats.decode), plan.schedule.num_gpus, plan.estimate,
-                        stats.steady, engine="simulated", decisions=tuple(engine.log or ()))
+                        stats.steady, engine="simulated", decisions=tuple(log))
 
 
 def plan_problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:
@@ -148,10 +156,12 @@ class SimEngine:
     """Runs a plan's drivers (``exegpt.policies``) on simulated time."""
 
     def __init__(self, prob: Problem, lay: Layout, plan: Plan, ledger: Ledger, horizon_s: float = math.inf,
-                 log: list | None = None):
+                 log: list | None = None, serves: list[int] | None = None):
+        """``serves``: the runnable requests this engine's drivers serve (one replica's, ``exegpt.replicas``;
+        None: all)."""
         self.prob, self.lay, self.plan, self.ledger = prob, lay, plan, ledger
         self.horizon_s, self.log = horizon_s, log
-        self.runnable = np.asarray(ledger.runnable, dtype=np.int64)
+        self.runnable = np.asarray(ledger.runnable if serves is None else serves, dtype=np.int64)
         self.arrive = ledger.arrival[self.runnable]
         self.taken = 0  # runnable requests taken by a prefill, in arrival order
         self.padded = prob.cost.padded
@@ -248,7 +258,8 @@ class SimEngine:
             if d.group == ENCODE:
                 self._encode_batch(d, action.rids)
             else:
-                d.t = self._prefill(self.stages[d.group], list(action.rids), action.parts, d.t, action.resume)
+                d.t = self._prefill(self.stages[d.group], list(action.rids), action.parts, d.t, action.resume,
+                                    action.sp)
             if not action.resume:
                 self._take(action.rids)
             return None
@@ -256,7 +267,7 @@ class SimEngine:
             return None
         if isinstance(action, Chunk):
             self._take([r for r, s, _ in action.items if s == 0])
-            d.t = self._chunks(action.items, action.parts, d.t)
+            d.t = self._chunks(action.items, action.parts, d.t, action.sp)
             return None
         if isinstance(action, Decode):
             return self._decode(d, action)
@@ -297,22 +308,24 @@ class SimEngine:
         """The cost model with the prompt side set to prompts of these lengths."""
         return dataclasses.replace(self.prob.cost, stats=self.prob.stats.for_prompts(np.asarray(lens), self.padded))
 
-    def _encode_times(self, stages, lens) -> list[float]:
-        """Seconds of each of ``stages`` to encode prompts of ``lens`` tokens as one batch."""
-        t = encode_times(self.prob, stages, len(lens), self._prompts_cost(lens))[0]
+    def _encode_times(self, stages, lens, base: bool = False) -> list[float]:
+        """Seconds of each of ``stages`` to encode prompts of ``lens`` tokens as one batch (``base``: Shift
+        Parallelism's base mode)."""
+        t = encode_times(self.prob, stages, len(lens), self._prompts_cost(lens), base)[0]
         return [float(np.ravel(x)[0]) for x in t]
 
-    def _prefill(self, stages, rids: list[int], parts: int, t0: float, resume: bool = False) -> float:
+    def _prefill(self, stages, rids: list[int], parts: int, t0: float, resume: bool = False, sp: bool = False
+                 ) -> float:
         """``rids`` as ``parts`` pipelined micro-batches over ``stages`` from ``t0``; returns when the first tokens
         are in (``resume``: recomputed after a preemption, prompt and tokens but the last; no token)."""
         mbs = split_even(rids, parts)
-        t_end = self._flow(stages, mbs, [self._encode_times(stages, self._prompt_lens(mb, resume)) for mb in mbs],
+        t_end = self._flow(stages, mbs, [self._encode_times(stages, self._prompt_lens(mb, resume), sp) for mb in mbs],
                            None if resume else mbs, t0)
         if not resume:
             self.ledger.tokens_at(rids, t_end)
         return t_end
 
-    def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int, t0: float) -> float:
+    def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int, t0: float, sp: bool = False) -> float:
         """Prompt chunks (request, start, length) as ``parts`` pipelined micro-batches from ``t0``: each stage's
         prefill of the chunks' own tokens, plus their attention over the prefixes their rows hold
         (``CostModel.prefix_attention``)."""
@@ -320,7 +333,7 @@ class SimEngine:
         mbs = split_even(list(items), parts)
         times = []
         for mb in mbs:
-            t = self._encode_times(stages, [m for _, _, m in mb])  # the chunks' own tokens
+            t = self._encode_times(stages, [m for _, _, m in mb], sp)  # the chunks' own tokens
             prefix = [(m, s) for _, s, m in mb if s > 0]  # (queries, keys before them) of continued prompts
             if prefix:
                 q, c = np.array(prefix, dtype=float).T
@@ -407,7 +420,7 @@ class SimEngine:
                 pos = [c[k] for c, k in zip(pos, keep) if k.any()]
             if not mbs:
                 break
-            dt = self._step(stages, mbs, pos)
+            dt = self._step(stages, mbs, pos, action.sp)
             if d.group == DECODE and self.split:
                 dt *= self.coupling
                 dt += self.extra[DECODE] * self._encoding_during(d.t, d.t + dt)  # the encode group meanwhile
@@ -421,11 +434,11 @@ class SimEngine:
             pos = [c + 1 for c in pos]
         return tuple(steps)
 
-    def _step(self, stages, mbs: list[np.ndarray], pos: list[np.ndarray]) -> float:
+    def _step(self, stages, mbs: list[np.ndarray], pos: list[np.ndarray], sp: bool = False) -> float:
         """Seconds of one decode iteration of micro-batches ``mbs`` at contexts ``pos`` pipelined over ``stages``."""
         sizes = np.array([len(mb) for mb in mbs], dtype=float)
         ctx = np.array([c.max() if self.padded_decode else c.mean() for c in pos], dtype=float)
-        per_stage, _ = decode_times(self.prob, stages, sizes, ctx)
+        per_stage, _ = decode_times(self.prob, stages, sizes, ctx, base=sp)
         t = np.stack([np.broadcast_to(x, sizes.shape) for x in per_stage])  # [stage, micro-batch]
         if len(stages) == 1:
             return float(t.sum())

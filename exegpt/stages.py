@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cost import CostModel
-from .memory import activation_bytes, kv_bytes, stage_weight_bytes
+from .memory import activation_bytes, kv_bytes, stage_weight_bytes, stage_weights
 from .placement import place_layers
 from .problem import Problem
 from .profile import Kernel
@@ -45,6 +45,9 @@ class Stage:
     n_layers: int
     first_enc_layer: int = 0
     n_enc_layers: int = 0
+    sp: int = 1
+    """Shift Parallelism: the SP degree of the stage's base configuration (SP, tp / SP); a step runs either in it
+    (Ulysses) or as TP over all ``tp`` devices, each device holding both weight shards (1: TP only)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,15 +170,17 @@ def group_cost(prob: Problem, stages: tuple[Stage, ...], cost: CostModel | None)
     return dataclasses.replace(cost, slowdown=prob.slowdown)
 
 
-def encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostModel | None = None):
-    """Per-stage encode seconds (a list of arrays) and the combined in-range mask."""
+def encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostModel | None = None,
+                 base: bool = False):
+    """Per-stage encode seconds (a list of arrays) and the combined in-range mask (``base``: Shift Parallelism's
+    stages in their base (SP) mode; else TP)."""
     cost = group_cost(prob, stages, cost)
     memo = {}  # stages repeat (48 devices are a handful of distinct stages): compute each kind once
     times, ok = [], True
     for i, s in enumerate(stages):
-        key = (s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1, i == 0)
+        key = (s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1, i == 0, s.sp if base else 1)
         if key not in memo:
-            memo[key] = cost.stage_encode(*key[:4], batch, first=key[4])
+            memo[key] = cost.stage_encode(*key[:4], batch, first=key[4], sp=key[5])
         t, o = memo[key]
         times.append(t)
         ok = ok & o
@@ -183,14 +188,15 @@ def encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostMode
 
 
 def decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float | None = None,
-                 cost: CostModel | None = None):
+                 cost: CostModel | None = None, base: bool = False):
+    """Per-stage seconds of one decode step (``base``: as in ``encode_times``)."""
     cost = group_cost(prob, stages, cost)
     memo = {}
     times, ok = [], True
     for i, s in enumerate(stages):
-        key = (s.tp, s.n_layers, i == len(stages) - 1, i == 0)
+        key = (s.tp, s.n_layers, i == len(stages) - 1, i == 0, s.sp if base else 1)
         if key not in memo:
-            memo[key] = cost.stage_decode(*key[:3], rows, ctx, first=key[3])
+            memo[key] = cost.stage_decode(*key[:3], rows, ctx, first=key[3], sp=key[4])
         t, o = memo[key]
         times.append(t)
         ok = ok & o
@@ -209,7 +215,7 @@ def stage_memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, 
         if key in memo:
             out.append(memo[key])
             continue
-        w = stage_weight_bytes(m, s.tp, s.n_layers, s.n_enc_layers, i == 0, i == len(stages) - 1)
+        w = stage_weights(m, s, i == 0, i == len(stages) - 1)
         kv = kv_bytes(m, s.tp, s.n_layers, rows, max_ctx, st.in_max)
         prompt_kv = m.kv_bytes_per_token(s.tp) * s.n_layers * st.in_max  # one prompt's KV, at its longest
         if kv_rows_in_flight is not None:  # WAA encode stage: prompts' KV until handed off

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads while timing (default: torch's); 1 is steadier on a shared CPU")
     p.add_argument("--no-collectives", action="store_true",
-                   help="skip allreduce / send_recv / kv_handoff (no processes are spawned)")
+                   help="skip allreduce, alltoall, allgather / send_recv / kv_handoff (no processes are spawned)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, help="where to write the profile JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is being measured")

@@ -8,6 +8,9 @@ gloo on CPU, NCCL (plus gloo for host tensors) on GPUs, one GPU per rank. Kernel
 - ``allreduce(bytes)`` at ``tp = group size``: an in-place SUM all-reduce of a ``bytes`` message; the slowest
   rank's median (every rank must finish before the layer goes on). On a CPU, the slowest rank's mean with
   every rank computing between all-reduces, as a TP layer does (``_time_loaded_allreduce``).
+- ``alltoall(bytes)`` and ``allgather(bytes)`` at ``tp = group size``: Ulysses sequence parallelism's collectives
+  (``runner.ulysses``): ``all_to_all_single`` of a ``bytes`` send buffer split equally over the ranks, and
+  ``all_gather_single`` of ``bytes`` from each rank; measured like the all-reduce.
 - ``send_recv(bytes)`` (tp=1): a pipeline hand-off of ``bytes`` between two ranks, sent as the runner sends it
   (``runner.pipeline.send_command``: a command and its hidden states). On a CPU, the mean one-way time with the
   sender computing on after the send, as a pipeline stage does (``_time_loaded_hop``); on GPUs half of a
@@ -115,7 +118,7 @@ def measure_collectives(tp_degrees: tuple[int, ...], sizes_bytes: tuple[int, ...
             slowdown[world] = results.pop("rank_slowdown")
         for name, per_size in results.items():
             kernel = Kernel(name)
-            tables.append(ProfileTable(kernel=kernel, tp=world if kernel is Kernel.ALLREDUCE else 1,
+            tables.append(ProfileTable(kernel=kernel, tp=world if kernel in GROUP_KERNELS else 1,
                                        xs=tuple(float(b) for b in sizes_bytes),
                                        ys=(), seconds=tuple(s["seconds_s"] for s in per_size),
                                        spread_s=tuple(s["spread_s"] for s in per_size), extrapolate=True))
@@ -215,14 +218,17 @@ def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype
         for _ in range(20):
             dist.all_reduce(w)
             dist.barrier()
-        if allreduce:
-            if device.type == "cpu":
-                result["allreduce"] = _pool_tail(_sweep_sizes(
-                    lambda b: _reduce_max(_time_loaded_allreduce(b, tdtype, device, repeat), device, mean=True),
-                    sizes_bytes, device))
-            else:
-                result["allreduce"] = _sweep_sizes(
-                    lambda b: _reduce_max(_time_allreduce(b, tdtype, device, repeat), device), sizes_bytes, device)
+        if allreduce:  # and the sequence-parallel collectives of the same group
+            for kernel in GROUP_KERNELS:
+                op = kernel.value
+                if device.type == "cpu":
+                    result[op] = _pool_tail(_sweep_sizes(
+                        lambda b: _reduce_max(_time_loaded_allreduce(b, tdtype, device, repeat, op), device,
+                                              mean=True), sizes_bytes, device))
+                else:
+                    result[op] = _sweep_sizes(
+                        lambda b: _reduce_max(_time_allreduce(b, tdtype, device, repeat, op), device), sizes_bytes,
+                        device)
         if point_to_point:
             # Only ranks 0 and 1 talk; rank 0's clock is the one reported (and shared, so all ranks agree).
             for name, host_copy in (("send_recv", False), ("kv_handoff", True)):
@@ -294,14 +300,35 @@ def _stats_dict(s: TimingStats, seconds_s: float | None = None) -> dict:
             "seconds_s": s.median_s if seconds_s is None else seconds_s, "repeat": s.repeat}
 
 
-def _time_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int) -> TimingStats:
-    t = torch.ones(_elements(nbytes, dtype), dtype=dtype, device=device)
+GROUP_KERNELS = (Kernel.ALLREDUCE, Kernel.ALLTOALL, Kernel.ALLGATHER)
+"""Collectives of a whole group, tabled at ``tp`` = the group size."""
+
+
+def _collective(op: str, nbytes: int, dtype: torch.dtype, device: torch.device):
+    """A call of collective ``op`` on a ``nbytes`` message (all-to-all: the send buffer, padded to a multiple of
+    the group size; all-gather: each rank's part)."""
+    world = dist.get_world_size()
+    n = _elements(nbytes, dtype)
+    if op == "allreduce":
+        t = torch.ones(n, dtype=dtype, device=device)
+        return lambda: dist.all_reduce(t)
+    if op == "alltoall":
+        n = -(-n // world) * world
+        src, dst = torch.ones(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device)
+        return lambda: dist.all_to_all_single(dst, src)
+    src, dst = torch.ones(n, dtype=dtype, device=device), torch.empty(n * world, dtype=dtype, device=device)
+    return lambda: dist.all_gather_single(dst, src)
+
+
+def _time_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int, op: str = "allreduce"
+                    ) -> TimingStats:
+    call = _collective(op, nbytes, dtype, device)
     # Ranks enter every repetition together, so that a rank's time is the collective, not its wait for others.
-    return time_region(lambda: dist.all_reduce(t), warmup=WARMUP, repeat=repeat, device=device,
-                       setup=dist.barrier)
+    return time_region(call, warmup=WARMUP, repeat=repeat, device=device, setup=dist.barrier)
 
 
-def _time_loaded_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int) -> TimingStats:
+def _time_loaded_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int,
+                           op: str = "allreduce") -> TimingStats:
     """An all-reduce as a TP layer on a shared CPU makes it: every rank computes ``TP_BUSY_S``, then all-reduces,
     with no barrier between repetitions. This rank's statistics; the table keeps the slowest rank's **mean**
     (``_reduce_max(..., mean=True)``).
@@ -312,13 +339,13 @@ def _time_loaded_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device
     ranks' compute holds. A TP step pays the mean, so that is what the profile keeps (``_time_allreduce``, the
     idle measurement, is what GPUs get).
     """
-    t = torch.ones(_elements(nbytes, dtype), dtype=dtype, device=device)
+    call = _collective(op, nbytes, dtype, device)
     samples = []
     dist.barrier()
     for i in range(WARMUP + max(LOADED_HOPS, 10 * repeat)):
         _busy(TP_BUSY_S)
         t0 = time.perf_counter()
-        dist.all_reduce(t)
+        call()
         if i >= WARMUP:
             samples.append(time.perf_counter() - t0)
     return TimingStats.from_samples(samples)

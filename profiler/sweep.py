@@ -384,7 +384,7 @@ def profile_model(model_spec: str | ModelShape, tp_degrees=(1,), quick: bool = F
         grid: sizes to measure (default ``profiler.grid.make_grid``: attention up to the model's max_seq_len).
         max_seq: cap of the attention axes of the default grid (lookups beyond it are out of range).
         max_batch, max_tokens: caps of the default grid's batch and token axes (tables extrapolate beyond).
-        collectives: also measure allreduce / send_recv / kv_handoff in spawned process groups.
+        collectives: also measure allreduce, alltoall, allgather / send_recv / kv_handoff in spawned process groups.
         progress: show a tqdm bar with an ETA on stderr.
         seed: seed of the random weights.
         engine: also measure the runner executor's own overhead per step and per row (``profiler.engine``).
@@ -484,8 +484,8 @@ def _run(t: Target, quick: bool, collectives: bool, progress: bool, seed: int, e
                     "(the runner's masked mixed-batch path), or every row at context where the decode core "
                     "is fused (each row attends its own prefix: padded_decode false); batch 1 runs unmasked "
                     "in both",
-        "extrapolate": "linear beyond the grid for dense_*, lm_head, allreduce, send_recv, kv_handoff, "
-                       "attn_decode, and attn_encode when its seq axis reaches max_seq_len",
+        "extrapolate": "linear beyond the grid for dense_*, lm_head, allreduce, alltoall, allgather, send_recv, "
+                       "kv_handoff, attn_decode, and attn_encode when its seq axis reaches max_seq_len",
         "attn_flops_budget": budget, "step_overhead": overhead,
         "collectives": coll_facts if collectives else "not measured",
         "model_args": {k: getattr(t.args, k) for k in ("family", "n_layers", "dim", "n_heads", "n_kv_heads",

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Message channels (gloo matches by tag; NCCL ignores tags, so every pair also keeps one fixed order).
 TAG_CMD, TAG_TOKENS, TAG_META, TAG_KV, TAG_CREDIT, TAG_BULK = 1, 2, 3, 4, 5, 6
-HEADER = 8
+HEADER = 9
 """int64 words of a command header."""
 
 

@@ -21,6 +21,7 @@ from exegpt.ledger import Ledger
 from exegpt.policies import driver_groups, policy_module
 from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, EndHandOffs, Evict, Merge, \
     Merged, Peek, Prefill, WaitArrival, decision
+from exegpt.replicas import route
 from exegpt.report import RunReport, build_report
 from exegpt.rules import split_even
 
@@ -28,9 +29,10 @@ from . import cpu_kernels, numerics
 from .dist import TAG_CREDIT, TAG_META
 from .handoff import DEPTH, DecodeStage, EncodeStage
 from .progress import progress_bar
+from .replicas import gather_report, replica_of
 from .kv_cache import fill_holes
 from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PREFILL, Command, Pipeline, RunContext, \
-    StageRuntime, _i64, eos_of, make_runtime, make_tp_groups, start_clock
+    StageRuntime, _i64, eos_of, make_runtime, start_clock
 
 
 def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
@@ -46,7 +48,7 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
     plan = ctx.plan
     drivers = driver_groups(plan)
     module = policy_module(plan.schedule.policy)
-    groups = make_tp_groups(ctx.layout)
+    ctx, replica, groups = replica_of(ctx, rank, world_size)
     group = ctx.stage_of(rank).pipeline
     if group not in drivers:
         raise ExeGPTError(f"rank {rank} is in a {group!r} stage; the {plan.schedule.policy.value} policy drives "
@@ -70,9 +72,14 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
         rt.t0_ns = t0
     if rank != stages[0].leader:
         rt.serve()
-        return None
-    engine = RunnerEngine(ctx, group, rt, Pipeline(rt, stages[-1].leader, returns_tokens=group != ENCODE), t0)
+        return gather_report(ctx, None, world_size) if replica[1] > 1 else None
+    engine = RunnerEngine(ctx, group, rt, Pipeline(rt, stages[-1].leader, returns_tokens=group != ENCODE), t0,
+                          replica)
     stats = engine.drive(drivers[group])
+    if replica[1] > 1:
+        mine = set(engine.runnable) | (set(engine.ledger.rejected) if replica[0] == 0 else set())
+        return gather_report(ctx, ([r for r in engine.ledger.records() if r.id in mine], stats, engine.log or []),
+                             world_size)
     if stats is None:
         return None
     return build_report(plan.schedule.policy.value, engine.ledger.records(), plan.estimate.latency_len,
@@ -83,7 +90,9 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
 class RunnerEngine:
     """Executes one group's driver: the actions of ``exegpt.policies.base`` on the group's pipeline."""
 
-    def __init__(self, ctx: RunContext, group: str, rt: StageRuntime, pipe: Pipeline, t0_ns: int):
+    def __init__(self, ctx: RunContext, group: str, rt: StageRuntime, pipe: Pipeline, t0_ns: int,
+                 replica: tuple[int, int] = (0, 1)):
+        """``replica``: (this replica, replicas): the driver serves its share of the requests (``exegpt.replicas``)."""
         self.ctx, self.group, self.rt, self.pipe, self.t0_ns = ctx, group, rt, pipe, t0_ns
         reqs = ctx.requests
         if [r.id for r in reqs] != list(range(len(reqs))):
@@ -93,7 +102,7 @@ class RunnerEngine:
                              ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos and group != ENCODE, eos_of(ctx, rt.tokenizer), ctx.keep_tokens,
                              track_tokens=True)
-        self.runnable = self.ledger.runnable
+        self.runnable = route(self.ledger.runnable, replica[1])[replica[0]]
         self.arrive = self.ledger.arrival[self.runnable]
         self.taken = 0  # runnable requests a prefill took, in arrival order
         self.row_req: list[int] = []  # the request each cache row holds
@@ -159,9 +168,9 @@ class RunnerEngine:
 
     def execute(self, action):
         if isinstance(action, Prefill):
-            return self._prefill(list(action.rids), action.parts, action.resume)
+            return self._prefill(list(action.rids), action.parts, action.resume, action.sp)
         if isinstance(action, Chunk):
-            return self._chunks(action.items, action.parts)
+            return self._chunks(action.items, action.parts, action.sp)
         if isinstance(action, Decode):
             return self._decode(action)
         if isinstance(action, Compact):
@@ -199,7 +208,7 @@ class RunnerEngine:
             self.row_req = [self.row_req[i] for i in keep]
         return None
 
-    def _prefill(self, rids: list[int], parts: int, resume: bool = False) -> None:
+    def _prefill(self, rids: list[int], parts: int, resume: bool = False, sp: bool = False) -> None:
         if resume:  # recompute: the prompt and every generated token but the last, which the next decode feeds
             if self.group == ENCODE or any(r in self.row_req for r in rids):
                 raise ExeGPTError(f"resume prefill of requests {rids[:8]} that hold rows or on an encode group")
@@ -221,7 +230,7 @@ class RunnerEngine:
             self.ledger.started(ids, self.now())
             self.pipe.submit(Command(PREFILL, _i64([first_row + i for i in mb]),
                                      seq_lens=_i64([len(prompts[r]) for r in ids]),
-                                     ids=_i64([t for r in ids for t in prompts[r]]), req=_i64(ids)))
+                                     ids=_i64([t for r in ids for t in prompts[r]]), req=_i64(ids), sp=sp))
         for mb in mbs:
             toks = self.pipe.collect()
             if not resume:
@@ -229,7 +238,7 @@ class RunnerEngine:
         self.row_req += rids
         return None
 
-    def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int) -> None:
+    def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int, sp: bool = False) -> None:
         """Prompt chunks (request, start, length) into their rows (a new row at start 0), pipelined; a chunk that
         ends its prompt gives the request's first token."""
         self._take([r for r, s, _ in items if s == 0])
@@ -240,7 +249,7 @@ class RunnerEngine:
             self.ledger.started([r for r, s, _ in mb if s == 0], self.now())
             self.pipe.submit(Command(CHUNK, _i64([row_of[r] for r, _, _ in mb]), seq_lens=_i64([m for _, _, m in mb]),
                                      ids=_i64([t for r, s, m in mb for t in self.prompts[r][s:s + m]]),
-                                     req=_i64([s for _, s, _ in mb])))
+                                     req=_i64([s for _, s, _ in mb]), sp=sp))
         for mb in mbs:
             toks = self.pipe.collect().tolist()
             t = self.now()
@@ -290,11 +299,12 @@ class RunnerEngine:
             led = self.ledger
             pos = [int(led.inp[r] + led.gen[r] - 1) for r in self.row_req]
         return tuple(run_decode(self.pipe, self.ledger, mbs, self.row_req, self.now, action.max_iters,
-                                action.drop_finished, pos, self.max_len))
+                                action.drop_finished, pos, self.max_len, action.sp))
 
 
 def run_decode(pipe: Pipeline, ledger: Ledger, mbs: list[list[int]], row_req: list[int], clock, max_iters: int,
-               drop_finished: bool = True, row_pos: list[int] | None = None, max_len: int = 0) -> list[int]:
+               drop_finished: bool = True, row_pos: list[int] | None = None, max_len: int = 0, sp: bool = False
+               ) -> list[int]:
     """Decode micro-batches of cache rows, pipelined: a micro-batch's next iteration is submitted as soon as its
     tokens are back, for up to ``max_iters`` iterations each.
 
@@ -311,7 +321,8 @@ def run_decode(pipe: Pipeline, ledger: Ledger, mbs: list[list[int]], row_req: li
 
     def submit(j: int) -> None:
         rows = mbs[j]
-        pipe.submit(Command(OP_DECODE, _i64(rows), ids=_i64([ledger.last(row_req[r]) for r in rows]), batch=j))
+        pipe.submit(Command(OP_DECODE, _i64(rows), ids=_i64([ledger.last(row_req[r]) for r in rows]), batch=j,
+                            sp=sp))
         order.append(j)
 
     def pending() -> bool:

@@ -44,6 +44,8 @@ class Command:
     """Encode-batch or micro-batch number."""
     time_ns: int = 0
     """WAA: when the encode batch started (ns since the run's start)."""
+    sp: bool = False
+    """Compute commands of a Shift Parallelism stage: run in its base (Ulysses) configuration."""
 
 
 def _i64(x) -> Tensor:
@@ -63,7 +65,7 @@ def inline_bytes(dim: int, dtype: torch.dtype) -> int:
 
 def send_command(comm: Comm, cmd: Command, hidden: Tensor | None, dst: int, inline: int) -> None:
     """One message of at most ``inline`` bytes: the header ``[op, n, T, has_seq, has_req, batch, time_ns,
-    hidden_rows]``, the int64 meta (rows, seq_lens, req, ids) and the hidden states; what exceeds ``inline``
+    hidden_rows, sp]``, the int64 meta (rows, seq_lens, req, ids) and the hidden states; what exceeds ``inline``
     follows on ``TAG_BULK``. NCCL needs equal counts, so on GPUs the first message is padded to ``inline``.
 
     NOTE: one message, into a receive the peer posted beforehand (``CommandInbox``). gloo moves a message only once
@@ -76,7 +78,7 @@ def send_command(comm: Comm, cmd: Command, hidden: Tensor | None, dst: int, inli
     ids = cmd.ids if hidden is None else None
     parts = [cmd.rows] + [t for t in (cmd.seq_lens, cmd.req, ids) if t is not None]
     header = [cmd.op, cmd.rows.numel(), 0 if ids is None else ids.numel(), cmd.seq_lens is not None,
-              cmd.req is not None, cmd.batch, cmd.time_ns, 0 if hidden is None else hidden.shape[0]]
+              cmd.req is not None, cmd.batch, cmd.time_ns, 0 if hidden is None else hidden.shape[0], cmd.sp]
     msg = torch.cat([_i64(header)] + [_i64(p) for p in parts]).view(torch.uint8).to(comm.device)
     if hidden is not None:
         msg = torch.cat([msg, hidden.contiguous().view(torch.uint8).reshape(-1)])
@@ -104,7 +106,7 @@ class CommandInbox:
         """The next command and its hidden states (None without). After STOP nothing more is posted."""
         buf = (self._posted or self._post()).wait()
         h = buf[:8 * HEADER].view(torch.long).tolist()
-        op, n, T, has_seq, has_req, batch, time_ns, hidden_rows = h
+        op, n, T, has_seq, has_req, batch, time_ns, hidden_rows, sp = h
         meta_bytes = 8 * (n + n * has_seq + n * has_req + T)
         total = 8 * HEADER + meta_bytes + hidden_rows * self.dim * self.dtype.itemsize
         if total > self.inline:  # received before the next post: NCCL matches a pair's messages in order
@@ -120,7 +122,7 @@ class CommandInbox:
             hidden = buf[8 * HEADER + meta_bytes:total].view(self.dtype).view(hidden_rows, self.dim)
         # parts: rows, seq_lens, req, ids
         cmd = Command(op, parts[0], parts[1] if has_seq else None, parts[3] if T else None,
-                      parts[2] if has_req else None, batch, time_ns)
+                      parts[2] if has_req else None, batch, time_ns, bool(sp))
         return cmd, hidden
 
 
@@ -161,12 +163,13 @@ class StageRuntime:
         out = None
         if cmd.op in COMPUTE:
             x = (cmd.ids if self.model.embed else hidden).to(self.comm.device)
+            mode = {"sp": True} if cmd.sp else {}  # a Shift Parallelism stage's base mode (runner.ulysses)
             if cmd.op == PREFILL:
-                out = self.model.prefill(x, cmd.seq_lens, cmd.rows)
+                out = self.model.prefill(x, cmd.seq_lens, cmd.rows, **mode)
             elif cmd.op == CHUNK:
-                out = self.model.prefill(x, cmd.seq_lens, cmd.rows, starts=cmd.req)
+                out = self.model.prefill(x, cmd.seq_lens, cmd.rows, starts=cmd.req, **mode)
             else:
-                out = self.model.decode(x, cmd.rows)
+                out = self.model.decode(x, cmd.rows, **mode)
         elif cmd.op == COMPACT:
             self.model.cache.compact(cmd.rows)
         elif cmd.op == MOVE:
@@ -310,12 +313,17 @@ class RunContext:
         return next(s for s in self.layout if rank in s.ranks)
 
 
-def make_tp_groups(layout: tuple[StageRanks, ...]) -> dict[int, object]:
-    """One process group per TP stage, keyed by its leader; every rank creates them in the same order."""
+def make_tp_groups(layout: tuple[StageRanks, ...], rank: int) -> dict[int, object]:
+    """One process group per TP stage, keyed by its leader, and for a Shift Parallelism stage (``Stage.sp`` > 1)
+    its ``runner.ulysses.ShiftGroups`` (``rank``'s place in it); every rank creates them in the same order."""
+    from .ulysses import make_groups
+
     groups = {}
     if dist.is_initialized():
         for s in layout:
-            if len(s.ranks) > 1:
+            if s.stage.sp > 1:
+                groups[s.leader] = make_groups(s.stage.sp, len(s.ranks) // s.stage.sp, s.leader, rank - s.leader)
+            elif len(s.ranks) > 1:
                 groups[s.leader] = dist.new_group(list(s.ranks))
     return groups
 
@@ -345,7 +353,11 @@ def build_stage_model(ctx: RunContext, rank: int, device: torch.device, groups: 
         _LAST_BUILT.clear()  # at most one model held between runs
         model, _, tok = load_model(ctx.model, DTYPES[ctx.dtype], device, layers=sr.layers, embed=sr.first,
                                    head=sr.last, seed=ctx.seed)
-        if len(sr.ranks) > 1:
+        if sr.stage.sp > 1:
+            from .ulysses import ShiftModel
+
+            model = ShiftModel(model, groups[sr.leader])
+        elif len(sr.ranks) > 1:
             apply_tp(model, rank - sr.leader, len(sr.ranks), groups[sr.leader])
         else:
             _LAST_BUILT[key] = (model, tok)

@@ -34,6 +34,9 @@ class Prefill:
     resume: bool = False
     """Recompute requests a preemption evicted: prefill each one's prompt and every token it generated but the
     last, and record no token (the last one is the next decode's input)."""
+    sp: bool = False
+    """Shift Parallelism: run in the stages' base configuration (Ulysses sequence parallelism, ``Stage.sp``)
+    instead of as TP over their devices. Stages without one (``sp`` 1) run TP either way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,8 @@ class Chunk:
 
     items: tuple[tuple[int, int, int], ...]
     parts: int = 1
+    sp: bool = False
+    """As ``Prefill.sp``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,8 @@ class Decode:
     micro_batches: tuple[tuple[int, ...], ...]
     max_iters: int = 1
     drop_finished: bool = True
+    sp: bool = False
+    """As ``Prefill.sp``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ExeGPTError
-from ..memory import activation_bytes, stage_weight_bytes
+from ..memory import activation_bytes, stage_weights
 from ..problem import Problem
 from ..rules import SteadyMarker, split_even
 from ..schedule import Policy, check_tp, one_pipeline_roles, stage_degrees, with_tp_defaults
@@ -90,7 +90,7 @@ def pool_tokens(prob: Problem, stages, step_tokens: float, reserved_tokens: floa
     over the KV bytes a token adds there; the smallest stage bounds the pipeline."""
     m, p, out = prob.model, len(stages), math.inf
     for i, st in enumerate(stages):
-        w = stage_weight_bytes(m, st.tp, st.n_layers, st.n_enc_layers, i == 0, i == p - 1)
+        w = stage_weights(m, st, i == 0, i == p - 1)
         per_token = m.kv_bytes_per_token(st.tp) * st.n_layers
         free = prob.capacity_bytes - w - float(activation_bytes(m, st.tp, step_tokens)) - per_token * reserved_tokens
         out = min(out, max(0.0, free) / per_token if per_token else math.inf)

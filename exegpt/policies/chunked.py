@@ -115,10 +115,12 @@ cache_rows = cb.cache_rows
 
 # --- driver -------------------------------------------------------------------------------------------
 
-def drivers(plan) -> dict:
-    """The one driver of a chunked-prefill plan, on the ``main`` group."""
+def drivers(plan, sp_at=None) -> dict:
+    """The one driver of a chunked-prefill plan, on the ``main`` group. ``sp_at(tokens)``: whether a forward of
+    that many tokens runs in the stage's base (SP) mode (Shift Parallelism, ``exegpt.policies.shift``)."""
     s = plan.schedule
     pool_blocks = cb.pool_blocks(plan)
+    sp_at = sp_at or (lambda tokens: False)
 
     def drive(view: View):
         p, size = view.num_stages, s.block_size
@@ -149,7 +151,8 @@ def drivers(plan) -> dict:
             budget = s.token_budget
             if decoding:
                 t = view.now()
-                steps = yield Decode(tuple(tuple(mb) for mb in split_even(decoding, p)), 1)
+                steps = yield Decode(tuple(tuple(mb) for mb in split_even(decoding, p)), 1,
+                                     sp=sp_at(len(decoding)))
                 dec.append((view.now() - t, steps[0] if steps else 0))
                 budget -= len(decoding)
             # Preempted requests come back whole (recomputed) when the pool and S allow.
@@ -159,7 +162,8 @@ def drivers(plan) -> dict:
                     <= pool_blocks:
                 back.append(preempted.popleft())
             if back:
-                yield Prefill(tuple(back), min(p, len(back)), resume=True)
+                tokens = sum(view.input_len(r) + view.generated(r) - 1 for r in back)
+                yield Prefill(tuple(back), min(p, len(back)), resume=True, sp=sp_at(tokens))
                 decoding += back
             # Then the chunks: prompts under way, oldest first, then new requests while S and the pool allow.
             items, free = [], pool_blocks - held()
@@ -186,7 +190,7 @@ def drivers(plan) -> dict:
                 steady.end(view.now())
             if items:
                 t = view.now()
-                yield Chunk(tuple(items), min(p, len(items)))
+                yield Chunk(tuple(items), min(p, len(items)), sp=sp_at(sum(c for _, _, c in items)))
                 enc.append(view.now() - t)
                 for r, start, c in items:
                     if start + c == view.input_len(r):

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 BOX_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
 """The policies with a sound box bound (the paper's; their search is exact)."""
-ALL_POLICIES = BOX_POLICIES + (Policy.CB, Policy.CHUNKED, Policy.DISAGG)
+ALL_POLICIES = BOX_POLICIES + (Policy.CB, Policy.CHUNKED, Policy.DISAGG, Policy.SHIFT)
 """Every policy but static batching: searched by default under every SLO form; under the paper's bound the box
 policies exactly, the others on a grid of their estimates, and under forms (b) and (c) on the simulated engine."""
 VERIFY_ATTEMPTS = 6

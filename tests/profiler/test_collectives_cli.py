@@ -13,7 +13,8 @@ from profiler.collectives import measure_collectives
 def test_gloo_collectives_with_two_processes():
     res = measure_collectives((1, 2), (64, 1 << 16), device="cpu", dtype="fp32", quick=True, probe_model="tiny")
     kinds = {(t.kernel, t.tp) for t in res.tables}
-    assert kinds == {(Kernel.ALLREDUCE, 2), (Kernel.SEND_RECV, 1), (Kernel.KV_HANDOFF, 1)}
+    assert kinds == {(Kernel.ALLREDUCE, 2), (Kernel.ALLTOALL, 2), (Kernel.ALLGATHER, 2), (Kernel.SEND_RECV, 1),
+                     (Kernel.KV_HANDOFF, 1)}
     for t in res.tables:
         assert t.extrapolate and t.xs == (64.0, 65536.0)
         assert all(0 < s < 1.0 for s in t.seconds)

@@ -1,0 +1,180 @@
+"""Shift Parallelism (Arctic Inference): each replica of P = SP x TP devices runs every step either in its base
+configuration (Ulysses sequence parallelism over SP, TP within) or shifted to TP over all P devices, whichever
+the step's size calls for, over one KV cache laid out alike in both modes (``runner.ulysses``).
+
+Knobs: ``sp`` and ``tp`` (the base configuration; ``sp`` 1 is plain TP over P), ``threshold`` (a step of at least
+this many tokens runs in the base mode, a smaller one shifted; Arctic's code defaults to 512, its docs say 256),
+``replicas`` (independent copies of the replica, data parallelism; each request goes to one, round robin in
+arrival order), and the step scheduler's ``token_budget``, ``max_num_seqs`` and ``block_size``: chunked prefill
+(``exegpt.policies.chunked``), as Arctic runs on vLLM's. The four configurations the Shift Parallelism paper
+compares are points of this one policy: TP (``sp`` 1, one replica), DP (``sp`` = ``tp`` = 1, P replicas), SP
+(``threshold`` 1: every step in the base mode) and Shift.
+
+Each device holds both weight shards (W / TP + W / P, Arctic's two models); the KV pool is what is left. Our
+engines run a step's decodes and its prompt chunks as two forwards (as chunked prefill does here), so each
+forward is switched on its own token count.
+
+The estimate is chunked prefill's at TP = P, per replica, times the replicas (approximate: prefills that run in
+the base mode are priced as TP); the base mode's gains are seen on the simulated engine, which prices every step
+in its mode (``CostModel.encode_layer`` with ``sp``), and the SLO forms that search on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ExeGPTError
+from ..problem import Problem
+from ..schedule import Policy
+from ..stages import Layout, Stage, Terms
+from ..memory import stage_weights
+from . import cb, chunked
+
+NAMES = (Policy.SHIFT,)
+
+DEFAULT_THRESHOLD = 512
+"""Arctic Inference's ``shift_parallel_threshold`` default in code (tokens per step)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShiftSchedule:
+    """Shift Parallelism: ``replicas`` copies of an (``sp``, ``tp``) replica, a step of at least ``threshold``
+    tokens in the base mode, chunked prefill of ``token_budget`` tokens a step and ``max_num_seqs`` requests."""
+
+    token_budget: int
+    max_num_seqs: int
+    sp: int
+    tp: int
+    threshold: int
+    """Step tokens at or over which a step runs in the base (SP) configuration."""
+    replicas: int
+    num_gpus: int
+    block_size: int = 16
+    policy: Policy = Policy.SHIFT
+
+    def __post_init__(self):
+        for name in ("sp", "tp", "replicas", "max_num_seqs", "block_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ExeGPTError(f"shift: {name}={v!r} must be a whole number >= 1")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 1:
+            raise ExeGPTError(f"shift: threshold={self.threshold!r} must be a whole number of step tokens >= 1 "
+                              f"(steps of at least that many tokens run in the base SP configuration)")
+        if not isinstance(self.token_budget, int) or self.token_budget <= self.max_num_seqs:
+            raise ExeGPTError(f"shift: token_budget={self.token_budget!r} must exceed max_num_seqs="
+                              f"{self.max_num_seqs}, or a step full of decodes leaves no token for a prompt chunk")
+        if self.replicas * self.sp * self.tp != self.num_gpus:
+            raise ExeGPTError(f"shift: replicas={self.replicas} x sp={self.sp} x tp={self.tp} must equal the "
+                              f"{self.num_gpus} devices")
+
+    @property
+    def ranks(self) -> int:
+        """Devices of one replica (P = SP x TP)."""
+        return self.sp * self.tp
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return (self.ranks,)
+
+
+def head_degrees(prob: Problem) -> list[int]:
+    """Replica sizes P that split the model's query and KV heads evenly."""
+    m = prob.model
+    return [p for p in range(1, m.n_kv_heads + 1) if m.n_heads % p == 0 and m.n_kv_heads % p == 0]
+
+
+def check(prob: Problem, s: ShiftSchedule) -> None:
+    """One line for a replica the model or profile cannot run: heads, encoder-decoder, missing tables."""
+    m, p = prob.model, s.ranks
+    if m.is_encoder_decoder:
+        raise ExeGPTError(f"shift: Shift Parallelism runs decoder-only models, not {m.name}")
+    if p not in head_degrees(prob):
+        raise ExeGPTError(f"shift: sp={s.sp} x tp={s.tp} = {p} devices do not split {m.name}'s {m.n_heads} query "
+                          f"and {m.n_kv_heads} KV heads evenly; SP x TP must be one of {head_degrees(prob)}")
+    for t in sorted({p, s.tp}):
+        if (why := prob.tp_problem(t)) is not None:
+            raise ExeGPTError(f"shift: {why}")
+    if s.sp > 1 and not (prob.profile.has("alltoall", s.sp) or prob.profile.has("allreduce", s.sp)):
+        raise ExeGPTError(f"shift: profile {prob.profile.id} has no all-to-all (nor all-reduce) table for a group "
+                          f"of {s.sp} devices; sequence parallelism needs one (profile the collectives at that size)")
+
+
+def layout(prob: Problem, s: ShiftSchedule) -> Layout | None:
+    """One replica: a single whole-model stage of P devices with its SP degree (None: the weights do not fit)."""
+    check(prob, s)
+    stage = Stage("both", s.ranks, 0, prob.model.n_layers, sp=s.sp)
+    if stage_weights(prob.model, stage, True, True) >= prob.capacity_bytes:
+        return None
+    return Layout(Policy.SHIFT, s.ranks, s.ranks, s.ranks, s.ranks, (stage,))
+
+
+def estimate_detail(prob: Problem, lay: Layout, s: ShiftSchedule) -> tuple[Terms, int]:
+    """Chunked prefill's terms for one replica at TP = P, the throughput times the replicas (module docstring)."""
+    one = chunked.ChunkedSchedule(s.token_budget, s.max_num_seqs, s.ranks, s.ranks, s.ranks, s.block_size)
+    t, latency_len = chunked.estimate_detail(prob.with_devices(s.ranks), lay, one)
+    return Terms(t.thr * s.replicas, t.lat, t.ok, t.t_enc, t.t_dec, t.bd, t.mem, t.refill, t.kv_tokens,
+                 t.extra), latency_len
+
+
+spaces = cb.spaces  # no box function: a grid of schedules (``candidates``)
+
+
+def candidates(prob: Problem, tps: list[int], grid: int) -> list[ShiftSchedule]:
+    """On two devices or more, every replica size P that splits the heads and the devices (the rest replicas): TP
+    over P, and with P > 1
+    the base (P, 1) at thresholds 1 (always SP), 256, 512 and 2048; S geometric up to 256, a budget 2048 above
+    S."""
+    n = prob.cluster.count
+    seqs = sorted({int(x) for x in np.round(np.geomspace(1, 256, grid))})
+    out = []
+    if n == 1:
+        return out  # one device: chunked prefill itself (``exegpt.policies.chunked``)
+    for p in head_degrees(prob):
+        if n % p or p not in tps:
+            continue
+        grids = [(1, p, DEFAULT_THRESHOLD)] + ([(p, 1, t) for t in (1, 256, 512, 2048)] if p > 1 else [])
+        out += [ShiftSchedule(sq + 2048, sq, sp, tp, thr, n // p, n) for sp, tp, thr in grids for sq in seqs]
+    return out
+
+
+def parse(policy, fields: dict, num_gpus: int) -> ShiftSchedule:
+    """A schedule from CLI fields (``sp``, ``tp``, ``threshold``, ``replicas``, ``token_budget``,
+    ``max_num_seqs``, ``block_size``); by default one replica of every device in the base (SP, 1), threshold 512,
+    S = 64, T = 2048."""
+    fields.setdefault("replicas", 1)
+    fields.setdefault("tp", 1)
+    fields.setdefault("sp", max(1, num_gpus // (fields["replicas"] * fields["tp"])))
+    fields.setdefault("threshold", DEFAULT_THRESHOLD)
+    fields.setdefault("max_num_seqs", 64)
+    fields.setdefault("token_budget", 2048)
+    return ShiftSchedule(num_gpus=num_gpus, **fields)
+
+
+def describe(s: ShiftSchedule) -> str:
+    """``shift SP4xTP2 >=512 T=2112 S=64``, ``TP8``, ``DP8`` (the replicas as ``DPxR`` otherwise)."""
+    if s.sp == 1:
+        head = f"TP{s.tp}" if s.tp > 1 or s.replicas == 1 else "DP"
+    else:
+        head = f"SP{s.sp}xTP{s.tp} " + ("always" if s.threshold == 1 else f">={s.threshold}")
+    dp = "" if s.replicas == 1 else (f"{s.replicas}" if head == "DP" else f" DPx{s.replicas}")
+    return f"shift {head}{dp} T={s.token_budget} S={s.max_num_seqs}"
+
+
+def stage_roles(s: ShiftSchedule) -> tuple[tuple[str, int], ...]:
+    return (("both", s.ranks),)
+
+
+def from_fields(fields: dict) -> ShiftSchedule:
+    return ShiftSchedule(**fields)
+
+
+cache_rows = cb.cache_rows
+
+
+def drivers(plan) -> dict:
+    """Chunked prefill's driver, each forward in the base mode when its tokens reach the threshold. With
+    replicas, each replica runs it on its own requests (the engines route them, ``exegpt.replicas``)."""
+    s = plan.schedule
+    return chunked.drivers(plan, sp_at=lambda tokens: s.sp > 1 and tokens >= s.threshold)
