@@ -23,6 +23,8 @@ def layout_for(prob: Problem, s: Schedule) -> Layout:
     if s.num_gpus != prob.cluster.count:
         raise ExeGPTError(f"schedule uses {s.num_gpus} devices but the cluster has {prob.cluster.count}")
     module = policy_module(s.policy)
+    if hasattr(module, "check"):  # the policy's own one-line reasons first (e.g. Shift Parallelism's degrees)
+        module.check(prob, s)
     for t in sorted({t for _, t in module.stage_roles(s)}):
         if (why := prob.tp_problem(t)) is not None:
             raise ExeGPTError(why)

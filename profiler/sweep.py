@@ -58,7 +58,7 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, TimingStats, time_interleaved, 
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 12
+METHOD_VERSION = 13
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
 ``handoff_on_compute``; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
 decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``;
@@ -67,7 +67,7 @@ called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concur
 9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``, and the token axis holding
 the backend's row breaks, ``runner.cpu_kernels.row_breaks``; 10: the WAA lockstep, ``Profile.waa_period_factor``;
 11: the two-rank concurrency measured by WAA runs; 12: prefill attends causally without a padding mask,
-``runner.model.prefill_step``), so cached profiles of an older method are measured again."""
+``runner.model.prefill_step``; 13: all-to-all and all-gather tables, ``runner.ulysses``), so cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond it the point is

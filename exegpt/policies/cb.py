@@ -115,7 +115,8 @@ def estimate_detail(prob: Problem, lay: Layout, s: CBSchedule) -> tuple[Terms, i
     be, nd = (running / k, 1) if running >= k else (1.0, max(1, min(prob.max_decode_iters, round(k / running))))
     t = rra.box(prob, lay, be, be, nd, nd, detail=True)
     ok = np.asarray(t.ok) & (pool // s.block_size >= -(-longest // s.block_size))  # the longest request fits
-    return Terms(t.thr, t.lat, ok, t.t_enc, t.t_dec, t.bd, t.mem, t.refill, pool, t.extra), prob.latency_len
+    return Terms(t.thr, t.lat, ok, t.t_enc, t.t_dec, t.bd, t.mem, t.refill, pool, dict(t.extra, encode_batch=be)), \
+        prob.latency_len
 
 
 def spaces(prob: Problem, policy, tps: list[int], space) -> list:

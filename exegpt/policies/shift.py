@@ -14,9 +14,10 @@ Each device holds both weight shards (W / TP + W / P, Arctic's two models); the 
 engines run a step's decodes and its prompt chunks as two forwards (as chunked prefill does here), so each
 forward is switched on its own token count.
 
-The estimate is chunked prefill's at TP = P, per replica, times the replicas (approximate: prefills that run in
-the base mode are priced as TP); the base mode's gains are seen on the simulated engine, which prices every step
-in its mode (``CostModel.encode_layer`` with ``sp``), and the SLO forms that search on it.
+The estimate is chunked prefill's for one replica (continuous batching's steady cycle: a prefill of B_E prompts,
+then decode iterations of the running rows), with the prefill, the decode iteration and the bound-length request's
+iterations each priced in the mode its tokens select, and the throughput times the replicas. It is approximate (a
+steady batch, not the step-by-step mix); the simulated engine prices every forward in its own mode.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from ..errors import ExeGPTError
 from ..problem import Problem
 from ..schedule import Policy
-from ..stages import Layout, Stage, Terms
+from ..stages import Layout, Stage, Terms, decode_times, encode_times
 from ..memory import stage_weights
 from . import cb, chunked
 
@@ -111,11 +112,28 @@ def layout(prob: Problem, s: ShiftSchedule) -> Layout | None:
 
 
 def estimate_detail(prob: Problem, lay: Layout, s: ShiftSchedule) -> tuple[Terms, int]:
-    """Chunked prefill's terms for one replica at TP = P, the throughput times the replicas (module docstring)."""
+    """Chunked prefill's terms for one replica, each phase in its mode, the throughput times the replicas (module
+    docstring)."""
+    sub = prob.with_devices(s.ranks)
     one = chunked.ChunkedSchedule(s.token_budget, s.max_num_seqs, s.ranks, s.ranks, s.ranks, s.block_size)
-    t, latency_len = chunked.estimate_detail(prob.with_devices(s.ranks), lay, one)
-    return Terms(t.thr * s.replicas, t.lat, t.ok, t.t_enc, t.t_dec, t.bd, t.mem, t.refill, t.kv_tokens,
-                 t.extra), latency_len
+    t, latency_len = chunked.estimate_detail(sub, lay, one)
+    thr, lat, ok, t_enc, t_dec = t.thr, t.lat, np.asarray(t.ok), t.t_enc, t.t_dec
+    if s.sp > 1:  # TP-mode terms -> each in the mode its tokens select (one stage: the stage time is the phase's)
+        be, rows_q, t_dec_q = t.extra["encode_batch"], t.extra["rows_q"], t.extra["t_dec_q"]
+        iters = (be / thr - t_enc) / t_dec  # decode iterations a cycle runs
+        phases = (lat - sub.k_q * t_dec_q) / t_enc  # prefills the bound-length request waits through
+        t_enc, ok1 = _phase(sub, lay, encode_times, be, be * sub.stats.in_mean >= s.threshold)
+        t_dec, ok2 = _phase(sub, lay, decode_times, t.bd, t.bd >= s.threshold)
+        t_dec_q, ok3 = _phase(sub, lay, decode_times, rows_q, rows_q >= s.threshold)
+        thr, lat, ok = be / (t_enc + iters * t_dec), phases * t_enc + sub.k_q * t_dec_q, ok & ok1 & ok2 & ok3
+    return Terms(thr * s.replicas, lat, ok, t_enc, t_dec, t.bd, t.mem, t.refill, t.kv_tokens, t.extra), latency_len
+
+
+def _phase(prob: Problem, lay: Layout, times, size, base) -> tuple[np.ndarray, np.ndarray]:
+    """A one-stage phase of ``size`` prompts or rows in the base mode where ``base``, else TP."""
+    tp_t, tp_ok = times(prob, lay.stages, size)
+    sp_t, sp_ok = times(prob, lay.stages, size, base=True)
+    return np.where(base, sp_t[0], tp_t[0]), np.where(base, sp_ok, tp_ok)
 
 
 spaces = cb.spaces  # no box function: a grid of schedules (``candidates``)

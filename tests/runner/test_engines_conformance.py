@@ -79,3 +79,28 @@ def test_a_cut_short_run_accounts_for_every_request():
     # Deterministic under a seed; a different seed draws other requests.
     assert run_simulated(plan, prof, num_requests=200, seed=1, arrivals=Arrivals.poisson(400.0)) == full
     assert run_simulated(plan, prof, num_requests=200, seed=2, arrivals=Arrivals.poisson(400.0)) != full
+
+
+def test_shift_parallelism_configurations_on_two_ranks():
+    """Shift (both modes), DP and TP on two gloo ranks: the simulated engine's decisions, every request
+    finished, and the greedy tokens of a one-rank run of the same requests."""
+    from exegpt.policies.shift import ShiftSchedule
+    from runner.run import run_plans
+
+    torch.set_num_threads(1)
+    prof = Profile.load(PROFILE)
+    scheds = [ShiftSchedule(40, 6, 2, 1, 16, 1, 2, block_size=8), ShiftSchedule(40, 6, 1, 1, 16, 2, 2, block_size=8),
+              ShiftSchedule(40, 6, 1, 2, 16, 1, 2, block_size=8), ChunkedSchedule(40, 6, 1, 0, 1, block_size=8)]
+    plans = []
+    for s in scheds:
+        plan = evaluate_schedule(s, W, profile=prof, devices=f"{s.num_gpus}xcpu")
+        plans.append(dataclasses.replace(plan, estimate=dataclasses.replace(plan.estimate, kv_tokens=200.0)))
+    reps = run_plans(plans, "tiny", num_requests=30, seed=5, log_decisions=True, keep_tokens=True)
+    ref = {r.id: r.tokens for r in reps[-1].requests}
+    for plan, rep in zip(plans[:-1], reps):
+        sim = run_simulated(plan, prof, num_requests=30, seed=5, log_decisions=True)
+        assert rep.num_finished == sim.num_finished == 30 and rep.num_ranks == 2
+        assert rep.decisions and rep.decisions == sim.decisions
+        assert {r.id: r.tokens for r in rep.requests} == ref
+    modes = {"sp=True" in d for d in reps[0].decisions if "Decode" in d or "Chunk" in d}
+    assert modes == {True, False}

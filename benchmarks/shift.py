@@ -1,0 +1,161 @@
+"""Shift Parallelism against its pure configurations (TP, DP, SP) under arrivals: simulated on an 8-GPU profile,
+executed on two CPU ranks with the simulated prediction beside each measured number.
+
+    python -m benchmarks.shift [--requests 1500] [--speedup 4] [--cpu-model small] [--cpu-requests 60]
+                               [--skip-cpu] [--plot docs/shift.png]
+
+Simulated (``exegpt.sim``, the shipped H100 data): Llama-2-13B (fp16; with TP = 1 a replica holds the whole model)
+on 8xH100, the first ``--requests`` requests of the shipped Azure LLM code trace (prompts clipped to the
+model's context), arriving (1) at the trace's own timestamps sped up ``--speedup`` times (bursty), (2) by Poisson
+at the same mean rate (steady), (3) all at once (peak throughput), and (4) one at a time (the latency of a lone
+request). Configurations, each one replica scheduler of the same knobs (chunked prefill, S = 256 requests, a
+budget of 8192 + S tokens a step): TP8; DP8 (eight one-device replicas, round robin); SP8 (Ulysses for every
+step); Shift (SP8 base, TP8 for steps under ``--threshold`` tokens).
+
+Executed (``runner``, gloo): the same four on two CPU ranks (TP2, DP2, SP2, Shift) with the ``--cpu-model``
+preset and its cached CPU profile (``profiler.loop.cached_profile``), on the trace scaled to CPU-sized lengths,
+bursty and steady; each cell is the measured value / the simulated prediction on the same requests.
+SmolLM2-135M's 9 query and 3 KV heads split over 1 or 3 ranks only, so two ranks run a preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+from exegpt import Arrivals, Workload, evaluate_schedule, run_simulated
+from exegpt.policies.shift import ShiftSchedule
+
+GPU_MODEL, GPU_DEVICES = "llama-2-13b", "8xH100"
+CONFIGS = ("TP", "DP", "SP", "Shift")
+
+
+def schedules(n: int, seqs: int, budget: int, threshold: int) -> dict[str, ShiftSchedule]:
+    """The four configurations on ``n`` devices."""
+    return {"TP": ShiftSchedule(budget, seqs, 1, n, threshold, 1, n),
+            "DP": ShiftSchedule(budget, seqs, 1, 1, threshold, n, n),
+            "SP": ShiftSchedule(budget, seqs, n, 1, 1, 1, n),
+            "Shift": ShiftSchedule(budget, seqs, n, 1, threshold, 1, n)}
+
+
+def _ms(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x * 1e3:.0f}" if x >= 0.1 else f"{x * 1e3:.1f}"
+
+
+def simulated_table(requests: int, speedup: float, threshold: int) -> tuple[str, dict]:
+    w = Workload.trace("azure_code").within_context(4096, how="clip")[0]
+    t = np.asarray(w.arrivals_s[:requests])
+    rate = (len(t) - 1) / (t[-1] - t[0]) * speedup
+    regimes = {"bursty": Arrivals.trace(speedup), "steady": Arrivals.poisson(rate), "peak": None,
+               "alone": Arrivals.poisson(rate / 1000)}
+    rows, out = [], {}
+    for name, s in schedules(8, 256, 8192 + 256, threshold).items():
+        plan = evaluate_schedule(s, w, model=GPU_MODEL, devices=GPU_DEVICES)
+        res = {}
+        for regime, arr in regimes.items():
+            n = 64 if regime == "alone" else requests
+            res[regime] = run_simulated(plan, num_requests=n, arrivals=arr)
+        out[name] = res
+        b, st, pk, lo = res["bursty"], res["steady"], res["peak"], res["alone"]
+        rows.append(f"| {name} | {_ms(b.ttft.p50)} / {_ms(b.ttft.p99)} | {_ms(b.tpot.p50)} | "
+                    f"{_ms(st.ttft.p50)} / {_ms(st.ttft.p99)} | {_ms(st.tpot.p50)} | "
+                    f"{pk.throughput_tok_s:,.0f} | {_ms(lo.ttft.p50)} | {_ms(lo.tpot.p50)} |")
+    head = (f"Simulated: {GPU_MODEL} on {GPU_DEVICES}, Azure code trace ({requests} requests; bursty: its timestamps "
+            f"x{speedup:g}, steady: Poisson {rate:.1f}/s), Shift threshold {threshold} tokens. TTFT p50 / p99 and "
+            f"TPOT p50 in ms; peak: every request at once, output tok/s; alone: one request at a time.\n\n"
+            "| config | bursty TTFT | bursty TPOT | steady TTFT | steady TPOT | peak tok/s | alone TTFT | alone TPOT |\n"
+            "|---|---|---|---|---|---|---|---|")
+    return "\n".join([head] + rows), out
+
+
+def verdict(res: dict) -> str:
+    """Whether the paper's qualitative result holds: Shift's TTFT near SP's, its TPOT near TP's, its peak
+    throughput between TP's and DP's."""
+    tt = {k: v["bursty"].ttft.p50 for k, v in res.items()}
+    tp = {k: v["bursty"].tpot.p50 for k, v in res.items()}
+    pk = {k: v["peak"].throughput_tok_s for k, v in res.items()}
+    lines = [f"- Shift's bursty TTFT p50 {tt['Shift'] / tt['SP']:.2f}x SP's ({tt['Shift'] / tt['TP']:.2f}x TP's, "
+             f"{tt['Shift'] / tt['DP']:.2f}x DP's)",
+             f"- Shift's bursty TPOT p50 {tp['Shift'] / tp['TP']:.2f}x TP's ({tp['Shift'] / tp['SP']:.2f}x SP's)",
+             f"- peak throughput: Shift {pk['Shift'] / pk['TP']:.2f}x TP's and {pk['Shift'] / pk['DP']:.2f}x DP's "
+             f"(SP {pk['SP'] / pk['TP']:.2f}x TP's)"]
+    return "\n".join(lines)
+
+
+def cpu_table(model: str, requests: int, threshold: int, rounds: int) -> str:
+    """The four configurations executed on two CPU ranks, measured / simulated."""
+    from profiler.loop import CPU_TRACE, cached_profile
+    from runner.run import run_plans
+
+    prof = cached_profile(model, tp_degrees=(1, 2))
+    w = CPU_TRACE
+    longest = w.max_total_len
+    scheds = schedules(2, 16, 16 + longest, threshold)
+    plans = {k: evaluate_schedule(s, w, profile=prof, devices="2xcpu") for k, s in scheds.items()}
+    t = np.asarray(Workload.trace("azure_conv").arrivals_s[:requests])
+    base_rate = (len(t) - 1) / (t[-1] - t[0])
+    rows = []
+    for regime in ("bursty", "steady"):
+        rate = 4.0  # requests a second on two CPU ranks
+        arr = Arrivals.trace(rate / base_rate) if regime == "bursty" else Arrivals.poisson(rate)
+        meas = {k: [] for k in plans}
+        for _ in range(rounds):  # interleaved: the machine's speed drifts between minutes
+            reps = run_plans(list(plans.values()), model, trace=w, num_requests=requests, arrivals=arr, seed=0)
+            for k, r in zip(plans, reps):
+                meas[k].append(r)
+        for k, plan in plans.items():
+            sim = run_simulated(plan, prof, num_requests=requests, arrivals=arr, seed=0)
+            med = {f: float(np.median([getattr(r, f).p50 if f != "throughput_tok_s" else r.throughput_tok_s
+                                       for r in meas[k]])) for f in ("ttft", "tpot", "throughput_tok_s")}
+            rows.append(f"| {regime} | {k} | {_ms(med['ttft'])} / {_ms(sim.ttft.p50)} | "
+                        f"{_ms(med['tpot'])} / {_ms(sim.tpot.p50)} | {med['throughput_tok_s']:.0f} / "
+                        f"{sim.throughput_tok_s:.0f} |")
+    head = (f"Executed on 2 CPU ranks ({model}, azure_conv scaled, {requests} requests at 4/s; Shift threshold "
+            f"{threshold}; median of {rounds} interleaved rounds): measured / simulated.\n\n"
+            "| arrivals | config | TTFT p50 ms | TPOT p50 ms | tok/s |\n|---|---|---|---|---|")
+    return "\n".join([head] + rows)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--speedup", type=float, default=4.0)
+    ap.add_argument("--threshold", type=int, default=512)
+    ap.add_argument("--cpu-model", default="small")
+    ap.add_argument("--cpu-requests", type=int, default=60)
+    ap.add_argument("--cpu-threshold", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--plot", default=None, help="write the simulated TTFT/TPOT/throughput figure here (PNG)")
+    a = ap.parse_args(argv)
+    table, res = simulated_table(a.requests, a.speedup, a.threshold)
+    print(table + "\n\n" + verdict(res) + "\n")
+    if a.plot:
+        plot(res, a.plot)
+    if not a.skip_cpu:
+        print(cpu_table(a.cpu_model, a.cpu_requests, a.cpu_threshold, a.rounds))
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    x = np.arange(len(res))
+    for ax, (title, f) in zip(axes, (("TTFT p50, bursty (ms)", lambda r: r["bursty"].ttft.p50 * 1e3),
+                                     ("TPOT p50, bursty (ms)", lambda r: r["bursty"].tpot.p50 * 1e3),
+                                     ("peak throughput (k tok/s)", lambda r: r["peak"].throughput_tok_s / 1e3))):
+        ax.bar(x, [f(r) for r in res.values()], color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"])
+        ax.set_xticks(x, list(res))
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{GPU_MODEL} on {GPU_DEVICES}, Azure code trace (simulated)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
