@@ -65,8 +65,8 @@ def simulated_table(requests: int, speedup: float, threshold: int) -> tuple[str,
     head = (f"Simulated: {GPU_MODEL} on {GPU_DEVICES}, Azure code trace ({requests} requests; bursty: its timestamps "
             f"x{speedup:g}, steady: Poisson {rate:.1f}/s), Shift threshold {threshold} tokens. TTFT p50 / p99 and "
             f"TPOT p50 in ms; peak: every request at once, output tok/s; alone: one request at a time.\n\n"
-            "| config | bursty TTFT | bursty TPOT | steady TTFT | steady TPOT | peak tok/s | alone TTFT | alone TPOT |\n"
-            "|---|---|---|---|---|---|---|---|")
+            "| config | bursty TTFT | bursty TPOT | steady TTFT | steady TPOT | peak tok/s | alone TTFT | alone TPOT "
+            "|\n|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + rows), out
 
 

@@ -24,7 +24,8 @@ MODEL, DEVICES = "llama-2-13b", "8xH100"
 
 
 def four(threshold: int = 512) -> dict[str, ShiftSchedule]:
-    return {"TP": ShiftSchedule(2304, 256, 1, 8, threshold, 1, 8), "DP": ShiftSchedule(2304, 256, 1, 1, threshold, 8, 8),
+    return {"TP": ShiftSchedule(2304, 256, 1, 8, threshold, 1, 8),
+            "DP": ShiftSchedule(2304, 256, 1, 1, threshold, 8, 8),
             "SP": ShiftSchedule(2304, 256, 8, 1, 1, 1, 8), "Shift": ShiftSchedule(2304, 256, 8, 1, threshold, 1, 8)}
 
 
