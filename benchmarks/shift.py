@@ -144,14 +144,16 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
     x = np.arange(len(res))
-    for ax, (title, f) in zip(axes, (("TTFT p50, bursty (ms)", lambda r: r["bursty"].ttft.p50 * 1e3),
-                                     ("TPOT p50, bursty (ms)", lambda r: r["bursty"].tpot.p50 * 1e3),
-                                     ("peak throughput (k tok/s)", lambda r: r["peak"].throughput_tok_s / 1e3))):
+    panels = (("TTFT p50, one request at a time (ms)", lambda r: r["alone"].ttft.p50 * 1e3),
+              ("TPOT p50, one request at a time (ms)", lambda r: r["alone"].tpot.p50 * 1e3),
+              ("TTFT p50, steady arrivals (ms)", lambda r: r["steady"].ttft.p50 * 1e3),
+              ("peak throughput (k output tok/s)", lambda r: r["peak"].throughput_tok_s / 1e3))
+    for ax, (title, f) in zip(axes, panels):
         ax.bar(x, [f(r) for r in res.values()], color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"])
         ax.set_xticks(x, list(res))
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
     fig.suptitle(f"{GPU_MODEL} on {GPU_DEVICES}, Azure code trace (simulated)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

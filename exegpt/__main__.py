@@ -126,8 +126,8 @@ def _print_plan(plan: Plan, title: str = "plan"):
         ("encode stage / decode step", f"{e.encode_stage_s * 1e3:.2f} ms / {e.decode_step_s * 1e3:.2f} ms"),
         ("decode batch B_D", f"{e.decode_batch:.1f}"),
         ("peak memory per device", f"{max(e.memory_bytes) / 2**30:.2f} GiB of {e.memory_capacity_bytes / 2**30:.1f}"),
-        ("stages", "  ".join(f"[{s.role} tp{s.tp} L{s.first_layer}-{s.first_layer + s.n_layers - 1}]"
-                             for s in plan.stages)),
+        ("stages", "  ".join(f"[{s.role} tp{s.tp}{f' sp{s.sp}' if s.sp > 1 else ''} "
+                             f"L{s.first_layer}-{s.first_layer + s.n_layers - 1}]" for s in plan.stages)),
         ("search", f"{plan.search.method}: {plan.search.candidates_evaluated} candidates of "
                    f"{plan.search.space_size} in {plan.search.wall_s:.3f} s"),
     ]

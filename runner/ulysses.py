@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
+from runner import cpu_kernels
 from runner.model import Transformer, split_qkv
 from runner.step import Step
 from runner.tp import apply_tp
@@ -191,9 +192,15 @@ class ShiftModel(nn.Module):
         mine = recv.view(sp * per, -1)[:T]  # [T, (Hs + 2 Hks) D] in token order
         grid = mine.view(n, S, -1) if valid is None else mine.new_zeros(n, S, mine.shape[-1]).index_put_(
             (valid,), mine)
-        q, k, v = split_qkv(grid, step, Hs, Hks, D)
-        y = attn.core(q, k, v, step, self.base.cache, layer)  # [n, Hs, S, D]
-        y = y.transpose(1, 2).reshape(n, S, Hs * D)
+        cache = self.base.cache
+        if attn.fused_decode(grid, step, cache):  # the CPU decode kernel: RoPE, cache write, attention in one call
+            y = cpu_kernels.attn_decode(grid, step.cos, step.sin, step.pos, step.rows, cache.k[layer], cache.v[layer],
+                                        Hs, Hks, attn.softmax_scale,
+                                        step.kernel_args[0] if step.kernel_args is not None else None)
+        else:
+            q, k, v = split_qkv(grid, step, Hs, Hks, D)
+            y = attn.core(q, k, v, step, cache, layer)  # [n, Hs, S, D]
+            y = y.transpose(1, 2).reshape(n, S, Hs * D)
         y = y.reshape(n * S, -1) if valid is None else y[valid]  # [T, Hs D]
         if per * sp > T:
             y = torch.cat([y, y.new_zeros(per * sp - T, y.shape[-1])])
