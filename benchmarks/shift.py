@@ -2,7 +2,7 @@
 executed on two CPU ranks with the simulated prediction beside each measured number.
 
     python -m benchmarks.shift [--requests 1500] [--speedup 4] [--cpu-model small] [--cpu-requests 60]
-                               [--skip-cpu] [--plot docs/shift.png]
+                               [--skip-cpu] [--refresh-profile] [--plot docs/shift.png]
 
 Simulated (``exegpt.sim``, the shipped H100 data): Llama-2-13B (fp16; with TP = 1 a replica holds the whole model)
 on 8xH100, the first ``--requests`` requests of the shipped Azure LLM code trace (prompts clipped to the
@@ -84,12 +84,12 @@ def verdict(res: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_table(model: str, requests: int, threshold: int, rounds: int) -> str:
+def cpu_table(model: str, requests: int, threshold: int, rounds: int, refresh: bool = False) -> str:
     """The four configurations executed on two CPU ranks, measured / simulated."""
     from profiler.loop import CPU_TRACE, cached_profile
     from runner.run import run_plans
 
-    prof = cached_profile(model, tp_degrees=(1, 2))
+    prof = cached_profile(model, tp_degrees=(1, 2), refresh=refresh)
     w = CPU_TRACE
     longest = w.max_total_len
     scheds = schedules(2, 16, 16 + longest, threshold)
@@ -128,6 +128,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu-threshold", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--refresh-profile", action="store_true", help="profile the CPU model again (not the cached one)")
     ap.add_argument("--plot", default=None, help="write the simulated TTFT/TPOT/throughput figure here (PNG)")
     a = ap.parse_args(argv)
     table, res = simulated_table(a.requests, a.speedup, a.threshold)
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     if a.plot:
         plot(res, a.plot)
     if not a.skip_cpu:
-        print(cpu_table(a.cpu_model, a.cpu_requests, a.cpu_threshold, a.rounds))
+        print(cpu_table(a.cpu_model, a.cpu_requests, a.cpu_threshold, a.rounds, a.refresh_profile))
 
 
 def plot(res: dict, path: str) -> None:

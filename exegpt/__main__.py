@@ -339,10 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-micro-batch", type=int, default=256)
     sw.set_defaults(fn=cmd_sweep)
 
-    pl = sub.add_parser("plot", help="draw a figure to a PNG: frontier, lengths or timeline")
-    pl.add_argument("figure", choices=("frontier", "lengths", "timeline"),
+    pl = sub.add_parser("plot", help="draw a figure to a PNG: frontier, lengths, timeline or profile")
+    pl.add_argument("figure", choices=("frontier", "lengths", "timeline", "profile"),
                     help="frontier: every policy's throughput against the bound; lengths: the workload's "
-                         "distributions; timeline: a plan's requests over time on the simulated engine")
+                         "distributions; timeline: a plan's requests over time on the simulated engine; profile: "
+                         "the kernel curves of --profile P.json (default: the built-in one of --model on --devices)")
     _add_workload(pl)
     _add_target(pl)
     pl.add_argument("--bounds", type=_number, nargs="+", help="frontier: the bounds (default: 12 from the smallest "
@@ -369,6 +370,13 @@ def cmd_plot(a) -> int:
         fig = plot.timeline_figure(report, max_requests=a.requests)
     elif a.figure == "lengths":
         fig = plot.lengths_figure(_workload(a), a.quantile)
+    elif a.figure == "profile":
+        from .gpu_data import builtin_profile
+        from .problem import DEFAULT_MODEL, offered_cluster
+
+        prof = Profile.load(a.profile) if a.profile else builtin_profile(a.model or DEFAULT_MODEL,
+                                                                          offered_cluster(a.devices).device)
+        fig = plot.profile_figure(prof)
     else:
         w, target = _workload(a), _target(a)
         bounds = a.bounds

@@ -3,7 +3,10 @@
 
   * ``frontier_figure``: the best throughput under each latency bound, every policy, and the optimizer's pick;
   * ``lengths_figure``: a workload's input and output length distributions, the bound's quantile marked;
-  * ``timeline_figure``: a run's requests over time (queued, prefilling, decoding), from a ``RunReport``.
+  * ``timeline_figure``: a run's requests over time (queued, prefilling, decoding), from a ``RunReport``;
+  * ``profile_figure``: a ``Profile``'s curves, per TP degree: attention against context, the rest of a layer
+    against tokens, and the collectives against message size;
+  * ``fidelity_figure``: predicted against measured values, with the parity line and an error band.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from .errors import ExeGPTError, InfeasibleBoundError
 from .workload import Workload
 
 POLICY_GROUPS = (("RRA", ("rra",)), ("WAA", ("waa_c", "waa_m")), ("continuous batching", ("cb",)),
-                 ("chunked prefill", ("chunked",)), ("disaggregation", ("disagg",)))
+                 ("chunked prefill", ("chunked",)), ("disaggregation", ("disagg",)),
+                 ("Shift Parallelism", ("shift",)))
 
 
 def _plt():
@@ -46,7 +50,7 @@ def frontier_figure(dist: Workload, bounds_s, ax=None, **target):
     plt = _plt()
     bounds = np.asarray(list(bounds_s), dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4.4)) if ax is None else (ax.figure, ax)
-    styles = iter(("o-", "s-", "^--", "x--", "D--"))
+    styles = iter(("o-", "s-", "^--", "x--", "D--", "P-."))
     for name, policies in POLICY_GROUPS:
         ys = [_best(lambda: find_schedule(dist, b, policies=list(policies), **target)) for b in bounds]
         if not np.all(np.isnan(ys)):
@@ -111,6 +115,70 @@ def timeline_figure(report, max_requests: int = 80):
     fig.legend(handles=[Patch(color="0.8", label="queued"), Patch(color="C1", label="prefill (to the first token)"),
                         Patch(color="C0", label="decode")], loc="upper center", ncol=3, fontsize=8,
                bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout()
+    return fig
+
+
+def profile_figure(profile, batches=(1, 8, 64), tp_degrees=None):
+    """Three panels of one profile, a line per TP degree (and per batch for attention): decode attention against
+    the context, the rest of a layer (``dense_encode``) against its tokens, and the collectives against the
+    message size (log-log)."""
+    from .profile import Kernel
+
+    plt = _plt()
+    tps = tuple(tp_degrees or profile.tp_degrees())
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    ctx = np.unique(np.geomspace(16, profile.max_coord(Kernel.ATTN_DECODE, 1, 1) if math.isfinite(
+        profile.max_coord(Kernel.ATTN_DECODE, 1, 1)) else 4096, 40).round())
+    for i, tp in enumerate(tps):
+        for j, b in enumerate(batches):
+            if profile.has(Kernel.ATTN_DECODE, tp):
+                t, ok = profile.lookup(Kernel.ATTN_DECODE, tp, np.full(ctx.shape, float(b)), ctx)
+                axes[0].plot(ctx[ok], t[ok] * 1e3, color=f"C{i}", ls=("-", "--", ":")[j % 3],
+                             label=f"TP{tp}, batch {b}")
+        if profile.has(Kernel.DENSE_ENCODE, tp):
+            hi = profile.max_coord(Kernel.DENSE_ENCODE, tp)
+            tok = np.unique(np.geomspace(1, hi if math.isfinite(hi) else 8192, 50).round())
+            axes[1].plot(tok, profile.lookup(Kernel.DENSE_ENCODE, tp, tok)[0] * 1e3, color=f"C{i}", label=f"TP{tp}")
+    sizes = np.geomspace(64, 64 << 20, 40)
+    for i, (kernel, tp) in enumerate(sorted({(t.kernel, t.tp) for t in profile.tables if t.kernel in (
+            Kernel.ALLREDUCE, Kernel.ALLTOALL, Kernel.ALLGATHER, Kernel.SEND_RECV)}, key=lambda x: (x[0].value, x[1]))):
+        axes[2].plot(sizes, profile.lookup(kernel, tp, sizes)[0] * 1e3, color=f"C{i}",
+                     label=kernel.value + (f" {tp} ranks" if kernel is not Kernel.SEND_RECV else ""))
+    axes[0].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer",
+                title="decode attention, one step")
+    axes[1].set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per layer",
+                title="rest of a prefill layer (dense)")
+    axes[2].set(xscale="log", yscale="log", xlabel="message (bytes)", ylabel="ms", title="collectives")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"profile {profile.id} ({profile.source}, {profile.dtype})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def fidelity_figure(predicted, measured, labels=None, band: float | None = None, what: str = "throughput (seq/s)"):
+    """Measured against predicted values, one point each (``labels`` annotate them), the parity line and, with
+    ``band`` (a fraction, e.g. the machine's noise floor), the band of +- that error around it."""
+    plt = _plt()
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    if p.shape != m.shape or p.ndim != 1 or not len(p):
+        raise ExeGPTError(f"predicted and measured must be equal-length lists of numbers, got {p.shape} and {m.shape}")
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    lo, hi = min(p.min(), m.min()) * 0.8, max(p.max(), m.max()) * 1.2
+    line = np.array([lo, hi])
+    ax.plot(line, line, color="black", lw=1, label="measured = predicted")
+    if band:
+        ax.fill_between(line, line * (1 - band), line * (1 + band), color="0.85",
+                        label=f"+-{band * 100:.0f} % (noise floor)")
+    ax.scatter(p, m, color="C0", zorder=3)
+    for x, y, text in zip(p, m, labels or ()):
+        ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    err = np.abs(m - p) / p
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"predicted {what}", ylabel=f"measured {what}",
+           title=f"mean error {err.mean() * 100:.1f} %, max {err.max() * 100:.1f} % ({len(p)} runs)")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 

@@ -164,7 +164,11 @@ class StageRuntime:
         if cmd.op in COMPUTE:
             x = (cmd.ids if self.model.embed else hidden).to(self.comm.device)
             mode = {"sp": True} if cmd.sp else {}  # a Shift Parallelism stage's base mode (runner.ulysses)
-            if cmd.op == PREFILL:
+            if cmd.op == PREFILL and hasattr(self.model, "encode"):  # T5: the encoder, then the decoder's start
+                self.model.encode(x, cmd.seq_lens, cmd.rows)
+                start = torch.full((cmd.rows.numel(),), self.model.decoder_start_id, dtype=torch.long, device=x.device)
+                out = self.model.prefill(start, torch.ones_like(cmd.seq_lens), cmd.rows)
+            elif cmd.op == PREFILL:
                 out = self.model.prefill(x, cmd.seq_lens, cmd.rows, **mode)
             elif cmd.op == CHUNK:
                 out = self.model.prefill(x, cmd.seq_lens, cmd.rows, starts=cmd.req, **mode)
@@ -305,6 +309,8 @@ class RunContext:
     progress: bool = False
     log_decisions: bool = False
     batch_invariant: bool = False
+    encoder_decoder: bool = False
+    """A T5 model (``runner.t5``): one rank, each prefill the encoder and the decoder's first step."""
 
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]
@@ -346,6 +352,10 @@ def build_stage_model(ctx: RunContext, rank: int, device: torch.device, groups: 
 
     sr = ctx.stage_of(rank)
     key = (ctx.model, ctx.dtype, str(device), sr.layers, sr.first, sr.last, ctx.seed)
+    if ctx.encoder_decoder:  # T5 loads whole; its cross-attention cache holds the longest prompt
+        model, _, tok = load_model(ctx.model, DTYPES[ctx.dtype], device, seed=ctx.seed)
+        model.setup_cache(max_rows, max_len, max_src_len=max((r.input_len for r in ctx.requests), default=1))
+        return model.eval(), tok
     if len(sr.ranks) == 1 and key in _LAST_BUILT:
         model, tok = _LAST_BUILT[key]
         model.cache = None

@@ -19,7 +19,7 @@ from exegpt.arrivals import Arrivals
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS
 from exegpt.plan import Plan
-from exegpt.policies import policy_module
+from exegpt.policies import REGISTRY, policy_module
 from exegpt.report import RunReport
 from exegpt.stages import Stage
 from exegpt.workload import Workload
@@ -193,7 +193,12 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
     policy_module(plan.schedule.policy)
     args = model_args(model)
     if args.family == "t5":
-        raise ExeGPTError("the plan executors run decoder-only models (llama, opt); T5 is not supported")
+        module = policy_module(plan.schedule.policy)
+        if not getattr(module, "ENCODER_DECODER", False) or plan.schedule.num_gpus != 1:
+            runs = [p for p, m in REGISTRY.items() if getattr(m, "ENCODER_DECODER", False)]
+            raise ExeGPTError(f"T5 runs one-device plans of {' or '.join(runs)} on the runner (whole prompts, "
+                              f"one rank); this plan is {plan.schedule.policy.value} on {plan.schedule.num_gpus} "
+                              f"devices")
     plan = dataclasses.replace(plan, stages=remap_stages(plan.stages, args.n_layers))
     check_stages(plan)
     for s in plan.stages:
@@ -208,7 +213,7 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
                       cache_len=cache_len_of(plan, args.max_seq_len), stop_at_eos=opts.stop_at_eos,
                       eos_id=opts.eos_id, keep_tokens=opts.keep_tokens, seed=opts.seed, fault=opts.fault,
                       progress=opts.progress, log_decisions=opts.log_decisions,
-                      batch_invariant=opts.batch_invariant)
+                      batch_invariant=opts.batch_invariant, encoder_decoder=args.family == "t5")
 
 
 def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]

@@ -48,6 +48,8 @@ from ..stages import Layout, Terms, fits, pipeline_decode, pipeline_phases, plac
 from .base import MAIN, Decode, DriverStats, Prefill, View, WaitArrival, drop_finished
 
 NAMES = (Policy.RRA,)
+ENCODER_DECODER = True
+"""Its driver runs encoder-decoder models on the runner: whole prompts only (no chunks, no recomputation)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,8 @@ from ..stages import Layout, Terms, fits, pipeline_phases, place_stages, stage_m
 from .base import MAIN, Compact, Decode, DriverStats, Prefill, View, WaitArrival
 
 NAMES = (Policy.STATIC,)
+ENCODER_DECODER = True
+"""Its driver runs encoder-decoder models on the runner: whole prompts only (no chunks, no recomputation)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,6 +114,21 @@ def test_static_tokens_match_reference(requests, reference, batch):
     assert rep.decode_batch == pytest.approx(rows / sum(iters))
 
 
+def test_t5_plans_of_rra_and_static_match_the_reference():
+    """T5 (``tiny-t5``) on one rank: each prefill runs the encoder and the decoder's first step; RRA and static
+    batching give every request its greedy tokens. Other policies and more ranks are one line each."""
+    t5, args, _ = load_model("tiny-t5")
+    reqs = make_requests(WORKLOAD, 10, vocab_size=args.vocab_size, seed=4)
+    ref = {r.id: greedy_reference(t5, list(r.prompt), r.output_len) for r in reqs}
+    stages = (Stage("both", 1, 0, 2, 0, 2),)
+    plans = [make_plan(RRASchedule(3, 4, 1, 0, 1), stages), make_plan(StaticSchedule(4, 1, 1), stages)]
+    for rep in run_plans(plans, "tiny-t5", requests=reqs, keep_tokens=True):
+        assert_complete(rep, reqs, ref)
+    with pytest.raises(ExeGPTError, match=r"T5 runs one-device plans of rra or static on the runner .* this plan is "
+                                          r"cb on 1 devices"):
+        run_plan(make_plan(CBSchedule(4, 64, 1, 0, 1), stages), "tiny-t5", requests=reqs)
+
+
 def test_static_keeps_finished_rows_rra_drops_them(requests):
     """Static computes every row until the longest request ends; RRA's rows drop out when done."""
     static = run_plan(make_plan(StaticSchedule(len(requests), 1, 1)), "tiny", requests=requests)

@@ -1,0 +1,64 @@
+"""Every command of the README's command-line tour runs as printed (in a scratch folder, on small settings: fewer
+requests, smaller searches, a cheaper profiler grid), so the README cannot drift from the software."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "tests" / "data" / "tiny-cpu.json"
+CHEAP_PROFILER = ["--max-seq", "16", "--max-batch", "2", "--max-tokens", "8", "--no-collectives", "--no-progress",
+                  "--threads", "1"]
+
+
+def tour() -> list[str]:
+    """The lines of the README's ``Command line:`` block."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"Command line:\n\n```bash\n(.*?)```", text, re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def _cheaper(argv: list[str]) -> list[str]:
+    """Small settings: at most 24 requests a run, searches on the simulated engine of 100 requests and 4 candidates,
+    a frontier of two bounds."""
+    out = list(argv)
+    for i, a in enumerate(out[:-1]):
+        if a == "--requests":
+            out[i + 1] = str(min(int(out[i + 1]), 24))
+    if any(a in out for a in ("--ttft", "--completion")):
+        out += ["--sim-requests", "100", "--max-simulated", "4"]
+    if out[1:3] == ["plot", "frontier"]:
+        out += ["--bounds", "4", "8"]
+    return out
+
+
+def test_every_command_of_the_readme_tour_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from exegpt.__main__ import main as exegpt_main
+    from profiler.__main__ import main as profiler_main
+    from runner.__main__ import main as runner_main
+
+    monkeypatch.chdir(tmp_path)
+    commands = tour()
+    assert len(commands) >= 12 and any(c.startswith("python -m runner") for c in commands)
+    for line in commands:
+        argv = _cheaper(shlex.split(line, comments=True))
+        if argv[0] == "exegpt":
+            code = exegpt_main(argv[1:])
+        elif argv[:3] == ["python", "-m", "profiler"]:
+            code = profiler_main(argv[3:] + CHEAP_PROFILER)
+            shutil.copy(PROFILE, argv[argv.index("-o") + 1])  # the plans below need its collectives too
+        elif argv[:3] == ["python", "-m", "runner"]:
+            code = runner_main(argv[3:] + ["--no-progress"])
+        else:
+            raise AssertionError(f"the README's tour holds a command this test does not know: {line}")
+        assert code == 0, line
+    out = capsys.readouterr().out
+    assert "requests: 24 finished, 0 failed" in out
+    for png in ("frontier.png", "lengths.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
