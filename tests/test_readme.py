@@ -39,6 +39,7 @@ def _cheaper(argv: list[str]) -> list[str]:
 
 def test_every_command_of_the_readme_tour_runs(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
+    from exegpt import Profile
     from exegpt.__main__ import main as exegpt_main
     from profiler.__main__ import main as profiler_main
     from runner.__main__ import main as runner_main
@@ -52,7 +53,10 @@ def test_every_command_of_the_readme_tour_runs(tmp_path, monkeypatch, capsys):
             code = exegpt_main(argv[1:])
         elif argv[:3] == ["python", "-m", "profiler"]:
             code = profiler_main(argv[3:] + CHEAP_PROFILER)
-            shutil.copy(PROFILE, argv[argv.index("-o") + 1])  # the plans below need its collectives too
+            out = argv[argv.index("-o") + 1]
+            prof = Profile.load(out)
+            assert prof.model == "tiny" and prof.tp_degrees() == (1, 2)
+            shutil.copy(PROFILE, out)  # the plans below need its collectives too
         elif argv[:3] == ["python", "-m", "runner"]:
             code = runner_main(argv[3:] + ["--no-progress"])
         else:

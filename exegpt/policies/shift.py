@@ -37,6 +37,8 @@ NAMES = (Policy.SHIFT,)
 
 DEFAULT_THRESHOLD = 512
 """Arctic Inference's ``shift_parallel_threshold`` default in code (tokens per step)."""
+THRESHOLDS = (1, 128, DEFAULT_THRESHOLD)
+"""The thresholds the grid search tries: always SP, and two step sizes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,18 +143,17 @@ spaces = cb.spaces  # no box function: a grid of schedules (``candidates``)
 
 def candidates(prob: Problem, tps: list[int], grid: int) -> list[ShiftSchedule]:
     """On two devices or more, every replica size P that splits the heads and the devices (the rest replicas): TP
-    over P, and with P > 1
-    the base (P, 1) at thresholds 1 (always SP), 256, 512 and 2048; S geometric up to 256, a budget 2048 above
-    S."""
+    over P, and with P > 1 the base (P, 1) at ``THRESHOLDS``; S geometric from 4 to 256 (half the grid's points), a
+    budget 2048 tokens above S."""
     n = prob.cluster.count
-    seqs = sorted({int(x) for x in np.round(np.geomspace(1, 256, grid))})
+    seqs = sorted({int(x) for x in np.round(np.geomspace(4, 256, max(2, (grid + 1) // 2)))})
     out = []
     if n == 1:
         return out  # one device: chunked prefill itself (``exegpt.policies.chunked``)
     for p in head_degrees(prob):
         if n % p or p not in tps:
             continue
-        grids = [(1, p, DEFAULT_THRESHOLD)] + ([(p, 1, t) for t in (1, 256, 512, 2048)] if p > 1 else [])
+        grids = [(1, p, DEFAULT_THRESHOLD)] + ([(p, 1, t) for t in THRESHOLDS] if p > 1 else [])
         out += [ShiftSchedule(sq + 2048, sq, sp, tp, thr, n // p, n) for sp, tp, thr in grids for sq in seqs]
     return out
 

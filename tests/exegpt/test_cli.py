@@ -77,10 +77,20 @@ def test_sweep_and_simulate(capsys):
     (["plan", "--task", "S", "--bound", "9.8", "--verify", "-2"], "verify_requests=-2 must be a whole number >= 0"),
     (["plan", "--task", "S", "--bound", "9.8", "--verify", "5", "--exhaustive"], "drop --exhaustive or --verify"),
 ])
-def test_bad_arguments_exit_2_with_one_line(args, match):
-    r = subprocess.run([sys.executable, "-m", "exegpt", *args], capture_output=True, text=True)
-    assert r.returncode == 2
-    assert match in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+def test_bad_arguments_exit_2_with_one_line(args, match, capsys):
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_process_exits_2_with_one_line():
+    r = subprocess.run([sys.executable, "-m", "exegpt", "plan", "--task", "S", "--bound", "abc"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'abc' is not a number" in r.stderr
 
 
 def test_figures_draw_what_they_say(tmp_path, capsys):

