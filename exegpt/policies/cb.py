@@ -239,10 +239,11 @@ def drivers(plan) -> dict:
                 continue
             active = [r for r in running if not view.done(r)]
             if not active:
-                if not view.waiting() and view.more_to_come():
+                # This step's snapshot (``queue``): a request arriving since is taken by the next step.
+                if not queue and view.more_to_come():
                     yield WaitArrival()
-                elif view.waiting() or preempted:
-                    r = (list(preempted) + view.waiting())[0]
+                elif queue:
+                    r = queue[0]
                     raise ExeGPTError(f"continuous batching: request {r} needs {blocks(r)} KV blocks of {size} "
                                       f"tokens and the pool holds {pool}")
                 continue

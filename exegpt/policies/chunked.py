@@ -199,9 +199,12 @@ def drivers(plan, sp_at=None) -> dict:
                     else:
                         prefilling[r] = start + c
             elif not decoding and not back:
-                if view.more_to_come() and not view.waiting():
-                    yield WaitArrival()
-                elif view.waiting() or preempted:
+                # Read off this step's snapshot: on the runner a request may arrive after it, and is then
+                # taken by the next step (the simulated engine's clock stands still within a step).
+                if not waiting and not preempted:
+                    if view.more_to_come():
+                        yield WaitArrival()
+                else:
                     raise ExeGPTError(f"chunked prefill: the KV pool of {pool_blocks} blocks of {size} tokens holds "
                                       f"no waiting request")
         return DriverStats(tuple(enc), tuple(dec), steady.window(view.now()))
