@@ -128,8 +128,10 @@ def profile_figure(profile, batches=(1, 8, 64), tp_degrees=None):
     plt = _plt()
     tps = tuple(tp_degrees or profile.tp_degrees())
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    ctx = np.unique(np.geomspace(16, profile.max_coord(Kernel.ATTN_DECODE, 1, 1) if math.isfinite(
-        profile.max_coord(Kernel.ATTN_DECODE, 1, 1)) else 4096, 40).round())
+    def top(kernel, tp, axis):  # the table's last measured size (its range, not its extrapolation)
+        return next(t for t in profile.tables if t.kernel is kernel and t.tp == tp).grid()[axis][-1]
+
+    ctx = np.unique(np.geomspace(1, top(Kernel.ATTN_DECODE, 1, 1), 40).round())
     for i, tp in enumerate(tps):
         for j, b in enumerate(batches):
             if profile.has(Kernel.ATTN_DECODE, tp):
@@ -137,8 +139,7 @@ def profile_figure(profile, batches=(1, 8, 64), tp_degrees=None):
                 axes[0].plot(ctx[ok], t[ok] * 1e3, color=f"C{i}", ls=("-", "--", ":")[j % 3],
                              label=f"TP{tp}, batch {b}")
         if profile.has(Kernel.DENSE_ENCODE, tp):
-            hi = profile.max_coord(Kernel.DENSE_ENCODE, tp)
-            tok = np.unique(np.geomspace(1, hi if math.isfinite(hi) else 8192, 50).round())
+            tok = np.unique(np.geomspace(1, top(Kernel.DENSE_ENCODE, tp, 0), 50).round())
             axes[1].plot(tok, profile.lookup(Kernel.DENSE_ENCODE, tp, tok)[0] * 1e3, color=f"C{i}", label=f"TP{tp}")
     sizes = np.geomspace(64, 64 << 20, 40)
     for i, (kernel, tp) in enumerate(sorted({(t.kernel, t.tp) for t in profile.tables if t.kernel in (
