@@ -128,6 +128,7 @@ def profile_figure(profile, batches=(1, 8, 64), tp_degrees=None):
     plt = _plt()
     tps = tuple(tp_degrees or profile.tp_degrees())
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+
     def top(kernel, tp, axis):  # the table's last measured size (its range, not its extrapolation)
         return next(t for t in profile.tables if t.kernel is kernel and t.tp == tp).grid()[axis][-1]
 
