@@ -144,9 +144,11 @@ spaces = cb.spaces  # no box function: a grid of schedules (``candidates``)
 def candidates(prob: Problem, tps: list[int], grid: int) -> list[ShiftSchedule]:
     """On two devices or more, every replica size P that splits the heads and the devices (the rest replicas): TP
     over P, and with P > 1 the base (P, 1) at ``THRESHOLDS``; S geometric from 4 to 256 (half the grid's points), a
-    budget 2048 tokens above S."""
+    budget of S plus 8192 tokens or the longest prompt: whole prompts a step, as Arctic serves with a budget of
+    131072 tokens (its artifact), so that a step's mode follows its requests, not its chunking."""
     n = prob.cluster.count
     seqs = sorted({int(x) for x in np.round(np.geomspace(4, 256, max(2, (grid + 1) // 2)))})
+    budget = max(8192, prob.workload.input_len.max)  # whole prompts a step, as Arctic's large budget
     out = []
     if n == 1:
         return out  # one device: chunked prefill itself (``exegpt.policies.chunked``)
@@ -154,7 +156,7 @@ def candidates(prob: Problem, tps: list[int], grid: int) -> list[ShiftSchedule]:
         if n % p or p not in tps:
             continue
         grids = [(1, p, DEFAULT_THRESHOLD)] + ([(p, 1, t) for t in THRESHOLDS] if p > 1 else [])
-        out += [ShiftSchedule(sq + 2048, sq, sp, tp, thr, n // p, n) for sp, tp, thr in grids for sq in seqs]
+        out += [ShiftSchedule(sq + budget, sq, sp, tp, thr, n // p, n) for sp, tp, thr in grids for sq in seqs]
     return out
 
 
