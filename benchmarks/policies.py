@@ -80,8 +80,8 @@ def table1(quick: bool) -> None:
     print("## Table 1: throughput (seq/s, estimated) at each bound, every policy")
     print(f"{'model/devices':<18} {'workload':<26} {'bound s':>7} {'RRA':>7} {'WAA':>7} {'static':>7} {'CB':>7} "
           f"{'chunk':>7} {'disagg':>7} {'shift':>7} {'pick':>7} {'/static':>7} {'/base':>6}  {'optimizer':<40} pick")
-    gains_static, gains_base, wins = [], [], {}
     for model, devices in SETTINGS[:1] if quick else SETTINGS:
+        gains_static, gains_base, wins = [], [], {}
         workloads = [Workload.task(t) for t in (("S", "C1") if quick else ("S", "T", "G", "C1", "C2"))]
         if not quick:
             workloads += [fitting(Workload.trace(t), model) for t in ("arxiv", "azure_conv", "azure_code")]
@@ -113,11 +113,11 @@ def table1(quick: bool) -> None:
                 print(f"{model + '/' + devices:<18} {w.name[:26]:<26} {b:>7.2f} {rra[0]:>7.2f} {waa[0]:>7.2f} "
                       f"{static[0]:>7.2f} " + "".join(f"{base[p][0]:>7.2f} " for p in BASELINES) +
                       f"{pick[0]:>7.2f} {gs:>7.2f} {gb:>6.2f}  {opt[1]:<40} {pick[1]}")
-    if gains_static:
-        print(f"pick / static: mean {np.mean(gains_static):.2f}x, max {max(gains_static):.2f}x over "
-              f"{len(gains_static)} cells; pick / best baseline: mean {np.mean(gains_base):.2f}x, min "
-              f"{min(gains_base):.2f}x; a baseline wins {sum(wins.values())} cells ({wins}); the optimizer "
-              f"takes the best of all in every cell")
+        if gains_static:
+            print(f"{model}/{devices}: pick / static: mean {np.mean(gains_static):.2f}x, max {max(gains_static):.2f}x "
+                  f"over {len(gains_static)} cells; pick / best baseline: mean {np.mean(gains_base):.2f}x, min "
+                  f"{min(gains_base):.2f}x, max {max(gains_base):.2f}x over {len(gains_base)} cells; a baseline wins "
+                  f"{sum(wins.values())} ({wins}); the optimizer takes the best of all in every cell")
 
 
 def table2(quick: bool) -> None:

@@ -2,15 +2,16 @@
 executed on two CPU ranks with the simulated prediction beside each measured number.
 
     python -m benchmarks.shift [--requests 1500] [--speedup 4] [--cpu-model small] [--cpu-requests 60]
-                               [--skip-cpu] [--refresh-profile] [--plot docs/shift.png]
+                               [--skip-cpu] [--skip-goodput] [--refresh-profile] [--plot docs/shift.png]
 
 Simulated (``exegpt.sim``, the shipped H100 data): Llama-2-13B (fp16; with TP = 1 a replica holds the whole model)
 on 8xH100, the first ``--requests`` requests of the shipped Azure LLM code trace (prompts clipped to the
 model's context), arriving (1) at the trace's own timestamps sped up ``--speedup`` times (bursty), (2) by Poisson
 at the same mean rate (steady), (3) all at once (peak throughput), and (4) one at a time (the latency of a lone
-request). Configurations, each one replica scheduler of the same knobs (chunked prefill, S = 256 requests, a
-budget of 8192 + S tokens a step): TP8; DP8 (eight one-device replicas, round robin); SP8 (Ulysses for every
-step); Shift (SP8 base, TP8 for steps under ``--threshold`` tokens).
+request); then goodput under two p90 TTFT / TPOT SLOs for each, and the optimizer's pick over the Shift policy's
+grid (thresholds, degrees, replicas, S). Configurations, each one replica scheduler of the same knobs (chunked
+prefill, S = 256 requests, a budget of 8192 + S tokens a step): TP8; DP8 (eight one-device replicas, round robin);
+SP8 (Ulysses for every step); Shift (SP8 base, TP8 for steps under ``--threshold`` tokens).
 
 Executed (``runner``, gloo): the same four on two CPU ranks (TP2, DP2, SP2, Shift) with the ``--cpu-model``
 preset and its cached CPU profile (``profiler.loop.cached_profile``), on the trace scaled to CPU-sized lengths,
@@ -25,7 +26,7 @@ import math
 
 import numpy as np
 
-from exegpt import Arrivals, Workload, evaluate_schedule, run_simulated
+from exegpt import Arrivals, RequestSLO, Workload, evaluate_schedule, find_schedule, run_simulated
 from exegpt.policies.shift import ShiftSchedule
 
 GPU_MODEL, GPU_DEVICES = "llama-2-13b", "8xH100"
@@ -84,6 +85,33 @@ def verdict(res: dict) -> str:
     return "\n".join(lines)
 
 
+GOODPUT_SLOS = (RequestSLO(ttft_s=0.08, tpot_s=0.012, percentile=90), RequestSLO(ttft_s=0.5, tpot_s=0.025,
+                                                                                 percentile=90))
+
+
+def goodput_table(requests: int, threshold: int) -> str:
+    """Goodput (the highest rate at the trace's own timestamps that keeps p90 TTFT and TPOT) of the four, and the
+    optimizer's pick over the Shift policy's grid, under an interactive SLO and a looser one."""
+    from exegpt.policies import describe
+    from exegpt.search.goodput import SimulatedSearch, goodput
+
+    w = Workload.trace("azure_code").within_context(4096, how="clip")[0]
+    opts = SimulatedSearch(num_requests=requests, arrivals="trace")
+    rows = []
+    for slo in GOODPUT_SLOS:
+        cells = []
+        for name, s in schedules(8, 256, 8192 + 256, threshold).items():
+            plan = evaluate_schedule(s, w, model=GPU_MODEL, devices=GPU_DEVICES)
+            cells.append(f"{goodput(plan, slo, options=opts)[0]:.2f}")
+        pick = find_schedule(w, slo, model=GPU_MODEL, devices=GPU_DEVICES, policies=["shift"],
+                             simulated=SimulatedSearch(num_requests=requests, arrivals="trace", max_simulated=8))
+        rows.append(f"| {slo.describe()} | " + " | ".join(cells) +
+                    f" | {describe(pick.schedule)}: {pick.slo_check.goodput_rps:.2f} |")
+    return (f"Goodput (requests/s at the trace's own timestamps, sped up or slowed down; {GPU_MODEL} on "
+            f"{GPU_DEVICES}; simulated):\n\n| SLO | " + " | ".join(CONFIGS) + " | optimizer's pick, shift grid |\n|" +
+            "---|" * (len(CONFIGS) + 2) + "\n" + "\n".join(rows))
+
+
 def cpu_table(model: str, requests: int, threshold: int, rounds: int, refresh: bool = False) -> str:
     """The four configurations executed on two CPU ranks, measured / simulated."""
     from profiler.loop import CPU_TRACE, cached_profile
@@ -128,11 +156,14 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu-threshold", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--skip-goodput", action="store_true")
     ap.add_argument("--refresh-profile", action="store_true", help="profile the CPU model again (not the cached one)")
     ap.add_argument("--plot", default=None, help="write the simulated TTFT/TPOT/throughput figure here (PNG)")
     a = ap.parse_args(argv)
     table, res = simulated_table(a.requests, a.speedup, a.threshold)
     print(table + "\n\n" + verdict(res) + "\n")
+    if not a.skip_goodput:
+        print(goodput_table(400, a.threshold) + "\n")
     if a.plot:
         plot(res, a.plot)
     if not a.skip_cpu:
