@@ -119,3 +119,17 @@ def test_figures_draw_what_they_say(tmp_path, capsys):
     assert main(["plot", "timeline", "--plan", str(out), "--requests", "20", "-o", str(tmp_path / "t.png")]) == 0
     assert main(["plot", "lengths", "--task", "S", "-o", str(tmp_path / "l.png")]) == 0
     assert (tmp_path / "t.png").stat().st_size > 10_000 and (tmp_path / "l.png").stat().st_size > 10_000
+    # A profile's curves: a line per TP degree and batch, within each table's measured range; the collectives.
+    prof = make_profile()
+    fig = plot.profile_figure(prof, batches=(1, 8))
+    attn, dense, comm = fig.axes
+    assert len(attn.get_lines()) == 2 * len(prof.tp_degrees()) and len(dense.get_lines()) == len(prof.tp_degrees())
+    top = max(t.ys[-1] for t in prof.tables if t.kernel.value == "attn_decode")
+    assert max(max(line.get_xdata()) for line in attn.get_lines()) <= top
+    assert any("allreduce" in line.get_label() for line in comm.get_lines())
+    # Predicted against measured: the points, the parity line, the noise band, the errors in the title.
+    fig = plot.fidelity_figure([10.0, 20.0], [11.0, 18.0], labels=["a", "b"], band=0.3)
+    ax = fig.axes[0]
+    assert ax.collections and "mean error 10.0 %, max 10.0 %" in ax.get_title()
+    with pytest.raises(ExeGPTError, match="equal-length lists"):
+        plot.fidelity_figure([1.0], [1.0, 2.0])
