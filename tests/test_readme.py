@@ -24,14 +24,14 @@ def tour() -> list[str]:
 
 
 def _cheaper(argv: list[str]) -> list[str]:
-    """Small settings: at most 24 requests a run, searches on the simulated engine of 100 requests and 4 candidates,
+    """Small settings: at most 24 requests a run, searches on the simulated engine of 100 requests and 2 candidates,
     a frontier of two bounds."""
     out = list(argv)
     for i, a in enumerate(out[:-1]):
         if a == "--requests":
             out[i + 1] = str(min(int(out[i + 1]), 24))
     if any(a in out for a in ("--ttft", "--completion")):
-        out += ["--sim-requests", "100", "--max-simulated", "4"]
+        out += ["--sim-requests", "100", "--max-simulated", "2"]
     if out[1:3] == ["plot", "frontier"]:
         out += ["--bounds", "4", "8"]
     return out
