@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
+from exegpt.policies.shift import split_degrees
 from runner import cpu_kernels
 from runner.model import Transformer, split_qkv
 from runner.step import Step
@@ -41,11 +42,6 @@ def shift_order(sp: int, tp: int) -> list[int]:
     return [s * tp + t for t in range(tp) for s in range(sp)]
 
 
-def valid_degrees(n_heads: int, n_kv_heads: int, limit: int = 64) -> list[int]:
-    """Rank counts that split both head counts evenly (the SP x TP products a model allows)."""
-    return [p for p in range(1, min(limit, n_kv_heads) + 1) if n_heads % p == 0 and n_kv_heads % p == 0]
-
-
 def check_degrees(sp: int, tp: int, n_heads: int, n_kv_heads: int, name: str = "the model") -> None:
     """One line when SP x TP does not split ``name``'s heads evenly, naming the degrees that do."""
     for what, v in (("sp", sp), ("tp", tp)):
@@ -54,7 +50,7 @@ def check_degrees(sp: int, tp: int, n_heads: int, n_kv_heads: int, name: str = "
     p = sp * tp
     if n_heads % p or n_kv_heads % p:
         raise ExeGPTError(f"sp={sp} x tp={tp} = {p} ranks do not split {name}'s {n_heads} query and {n_kv_heads} KV "
-                          f"heads evenly; SP x TP must be one of {valid_degrees(n_heads, n_kv_heads)}")
+                          f"heads evenly; SP x TP must be one of {split_degrees(n_heads, n_kv_heads)}")
 
 
 @dataclass(frozen=True)

@@ -82,10 +82,14 @@ class ShiftSchedule:
         return (self.ranks,)
 
 
+def split_degrees(n_heads: int, n_kv_heads: int) -> list[int]:
+    """Rank counts that split both head counts evenly (the SP x TP products a model allows)."""
+    return [p for p in range(1, n_kv_heads + 1) if n_heads % p == 0 and n_kv_heads % p == 0]
+
+
 def head_degrees(prob: Problem) -> list[int]:
     """Replica sizes P that split the model's query and KV heads evenly."""
-    m = prob.model
-    return [p for p in range(1, m.n_kv_heads + 1) if m.n_heads % p == 0 and m.n_kv_heads % p == 0]
+    return split_degrees(prob.model.n_heads, prob.model.n_kv_heads)
 
 
 def check(prob: Problem, s: ShiftSchedule) -> None:
