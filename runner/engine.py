@@ -102,6 +102,7 @@ class RunnerEngine:
                              ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos and group != ENCODE, eos_of(ctx, rt.tokenizer), ctx.keep_tokens,
                              track_tokens=True)
+        self.replica = replica
         self.runnable = route(self.ledger.runnable, replica[1])[replica[0]]
         self.arrive = self.ledger.arrival[self.runnable]
         self.taken = 0  # runnable requests a prefill took, in arrival order
@@ -146,8 +147,9 @@ class RunnerEngine:
 
     def drive(self, driver):
         """Runs ``driver`` to its end; returns its ``DriverStats`` (None from a driver that returns none)."""
-        if self.ctx.progress and self.group != ENCODE:
-            self.bar = progress_bar(len(self.ledger), "requests", "req", initial=len(self.ledger.rejected))
+        if self.ctx.progress and self.group != ENCODE and self.replica[0] == 0:  # replica 0's share, with the rejected
+            self.bar = progress_bar(len(self.runnable) + len(self.ledger.rejected), "requests", "req",
+                                    initial=len(self.ledger.rejected))
             self.ledger.on_finish = self.bar.update
         gen, result = driver(self), None
         while True:
