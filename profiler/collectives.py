@@ -7,7 +7,7 @@ gloo on CPU, NCCL (plus gloo for host tensors) on GPUs, one GPU per rank. Kernel
 
 - ``allreduce(bytes)`` at ``tp = group size``: an in-place SUM all-reduce of a ``bytes`` message; the slowest
   rank's median (every rank must finish before the layer goes on). On a CPU, the slowest rank's mean with
-  every rank computing between all-reduces, as a TP layer does (``_time_loaded_allreduce``).
+  every rank computing between all-reduces, as a TP layer does (``_time_loaded_collective``).
 - ``alltoall(bytes)`` and ``allgather(bytes)`` at ``tp = group size``: Ulysses sequence parallelism's collectives
   (``runner.ulysses``): ``all_to_all_single`` of a ``bytes`` send buffer split equally over the ranks, and
   ``all_gather_single`` of ``bytes`` from each rank; measured like the all-reduce.
@@ -223,11 +223,11 @@ def _worker(rank: int, world: int, store: str, out: str, device_type: str, dtype
                 op = kernel.value
                 if device.type == "cpu":
                     result[op] = _pool_tail(_sweep_sizes(
-                        lambda b: _reduce_max(_time_loaded_allreduce(b, tdtype, device, repeat, op), device,
+                        lambda b: _reduce_max(_time_loaded_collective(b, tdtype, device, repeat, op), device,
                                               mean=True), sizes_bytes, device))
                 else:
                     result[op] = _sweep_sizes(
-                        lambda b: _reduce_max(_time_allreduce(b, tdtype, device, repeat, op), device), sizes_bytes,
+                        lambda b: _reduce_max(_time_collective(b, tdtype, device, repeat, op), device), sizes_bytes,
                         device)
         if point_to_point:
             # Only ranks 0 and 1 talk; rank 0's clock is the one reported (and shared, so all ranks agree).
@@ -320,23 +320,23 @@ def _collective(op: str, nbytes: int, dtype: torch.dtype, device: torch.device):
     return lambda: dist.all_gather_single(dst, src)
 
 
-def _time_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int, op: str = "allreduce"
-                    ) -> TimingStats:
+def _time_collective(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int, op: str = "allreduce"
+                     ) -> TimingStats:
     call = _collective(op, nbytes, dtype, device)
     # Ranks enter every repetition together, so that a rank's time is the collective, not its wait for others.
     return time_region(call, warmup=WARMUP, repeat=repeat, device=device, setup=dist.barrier)
 
 
-def _time_loaded_allreduce(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int,
-                           op: str = "allreduce") -> TimingStats:
-    """An all-reduce as a TP layer on a shared CPU makes it: every rank computes ``TP_BUSY_S``, then all-reduces,
-    with no barrier between repetitions. This rank's statistics; the table keeps the slowest rank's **mean**
-    (``_reduce_max(..., mean=True)``).
+def _time_loaded_collective(nbytes: int, dtype: torch.dtype, device: torch.device, repeat: int,
+                            op: str = "allreduce") -> TimingStats:
+    """A collective ``op`` (``_collective``) as a TP or SP layer on a shared CPU makes it: every rank computes
+    ``TP_BUSY_S``, then calls it, with no barrier between repetitions. This rank's statistics; the table keeps the
+    slowest rank's **mean** (``_reduce_max(..., mean=True)``).
 
     NOTE: on the 2-core development VM two TP ranks' all-reduces inside a decode run took 0.6-0.9 ms median and
     1.6-1.8 ms mean (p90 ~4 ms) against ~0.3 ms back to back between barriers: gloo runs each collective on
     its worker thread and moves the bytes on its device thread, and each wake-up waits for a core that the
-    ranks' compute holds. A TP step pays the mean, so that is what the profile keeps (``_time_allreduce``, the
+    ranks' compute holds. A TP step pays the mean, so that is what the profile keeps (``_time_collective``, the
     idle measurement, is what GPUs get).
     """
     call = _collective(op, nbytes, dtype, device)
@@ -366,7 +366,7 @@ LOADED_BUSY_S = 1e-3
 """How long the sending stage computes after each timed hand-off (``_time_loaded_hop``)."""
 
 TP_BUSY_S = 2e-4
-"""How long each rank computes between timed all-reduces (``_time_loaded_allreduce``): about one half-layer of
+"""How long each rank computes between timed all-reduces (``_time_loaded_collective``): about one half-layer of
 a small model's decode step on a CPU."""
 
 LOADED_HOPS = 200
