@@ -28,19 +28,24 @@ def is_encoder_decoder(model: nn.Module) -> bool:
     return hasattr(model, "encode")
 
 
-def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> Tensor:
-    """Runs prompts into cache ``rows`` and returns each one's first generated token ``[n]``.
+def prompt_logits(model: nn.Module, ids: Tensor, seq_lens: Tensor, rows, **kw) -> Tensor:
+    """Runs packed prompts ``ids`` ``[T]`` of ``seq_lens`` (CPU ``[n]``) into cache ``rows``; the logits of each
+    one's first generated token ``[n, vocab]`` (a pipeline stage without the head: its hidden states, as
+    ``prefill`` returns them). Encoder-decoder models encode the prompts and start their decoders
+    from ``decoder_start_id``; ``kw`` goes to a decoder-only model's ``prefill`` (``runner.ulysses``' ``sp``)."""
+    if is_encoder_decoder(model):
+        model.encode(ids, seq_lens, rows)
+        start = torch.full((seq_lens.numel(),), model.decoder_start_id, dtype=torch.long, device=ids.device)
+        return model.prefill(start, torch.ones_like(seq_lens), rows)
+    return model.prefill(ids, seq_lens, rows, **kw)
 
-    Encoder-decoder models encode the prompts and start their decoders from ``decoder_start_id``.
-    """
+
+def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> Tensor:
+    """Runs prompts into cache ``rows`` and returns each one's first generated token ``[n]`` (``prompt_logits``)."""
     device = _device(model)
     ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)  # [T]
     seq_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # [n]
-    if is_encoder_decoder(model):
-        model.encode(ids, seq_lens, rows)
-        start = torch.full((len(prompts),), model.decoder_start_id, dtype=torch.long, device=device)
-        return sample(model.prefill(start, torch.ones_like(seq_lens), rows))
-    return sample(model.prefill(ids, seq_lens, rows))
+    return sample(prompt_logits(model, ids, seq_lens, rows))
 
 
 def decode_step(model: nn.Module, tokens: Tensor, rows: Sequence[int] | Tensor) -> Tensor:

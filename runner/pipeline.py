@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, StageRanks
+from .generate import prompt_logits
 
 PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE, CHUNK = 1, 2, 3, 4, 5, 6, 7, 8
 COMPUTE = (PREFILL, DECODE, CHUNK)
@@ -164,12 +165,8 @@ class StageRuntime:
         if cmd.op in COMPUTE:
             x = (cmd.ids if self.model.embed else hidden).to(self.comm.device)
             mode = {"sp": True} if cmd.sp else {}  # a Shift Parallelism stage's base mode (runner.ulysses)
-            if cmd.op == PREFILL and hasattr(self.model, "encode"):  # T5: the encoder, then the decoder's start
-                self.model.encode(x, cmd.seq_lens, cmd.rows)
-                start = torch.full((cmd.rows.numel(),), self.model.decoder_start_id, dtype=torch.long, device=x.device)
-                out = self.model.prefill(start, torch.ones_like(cmd.seq_lens), cmd.rows)
-            elif cmd.op == PREFILL:
-                out = self.model.prefill(x, cmd.seq_lens, cmd.rows, **mode)
+            if cmd.op == PREFILL:  # (T5: the encoder, then the decoder's first step)
+                out = prompt_logits(self.model, x, cmd.seq_lens, cmd.rows, **mode)
             elif cmd.op == CHUNK:
                 out = self.model.prefill(x, cmd.seq_lens, cmd.rows, starts=cmd.req, **mode)
             else:
