@@ -236,13 +236,7 @@ class CostModel:
         b = np.asarray(batch, dtype=float)
         if sp > 1:  # Ulysses: the dense work on this rank's share of the real tokens, attention on P ranks' heads
             tokens = b * self.stats.in_mean
-            if self.padded:
-                bb, s = np.broadcast_arrays(b[..., None], self.stats.in_lengths)
-                attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, bb, s)
-                attn, ok2 = (attn * self.stats.max_input_pmf(b)).sum(-1), ok2.all(-1)
-            else:
-                attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
-                attn, ok2 = attn @ self.stats.in_probs, ok2.all(-1)
+            attn, ok2 = self._prompt_attention(tp, b)
             dense, ok1 = self._get(Kernel.DENSE_ENCODE, tp // sp, np.ceil(tokens / sp))
             comm, ok3 = self.ulysses_comm(sp, tp, tokens)
             return dense + attn + comm, ok1 & ok2 & ok3
@@ -255,13 +249,21 @@ class CostModel:
             ar, ok3 = self._ar(tp, bb * s)
             t = (dense + attn + 2 * ar) * self.stats.max_input_pmf(b)
             return t.sum(-1), (ok1 & ok2 & ok3).all(-1)
-        else:  # E_S[attn_encode(B, S)]: the expected attention of prompts of random lengths
-            tokens = b * self.stats.in_mean
-            attn, ok2 = self._get(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
-            attn, ok2 = attn @ self.stats.in_probs, ok2.all(-1)
+        tokens = b * self.stats.in_mean
+        attn, ok2 = self._prompt_attention(tp, b)
         dense, ok1 = self._get(Kernel.DENSE_ENCODE, tp, tokens)
         ar, ok3 = self._ar(tp, tokens)
         return dense + attn + 2 * ar, ok1 & ok2 & ok3
+
+    def _prompt_attention(self, tp: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One layer's attention of ``b`` prompts drawn from the input distribution: over their longest's
+        distribution when the backend pads, else E_S[attn_encode(B, S)] over prompts of random lengths."""
+        if self.padded:
+            bb, s = np.broadcast_arrays(b[..., None], self.stats.in_lengths)
+            attn, ok = self._get(Kernel.ATTN_ENCODE, tp, bb, s)
+            return (attn * self.stats.max_input_pmf(b)).sum(-1), ok.all(-1)
+        attn, ok = self._get(Kernel.ATTN_ENCODE, tp, b[..., None], self.stats.in_lengths)
+        return attn @ self.stats.in_probs, ok.all(-1)
 
     def prefix_attention(self, tp: int, queries, ctx) -> tuple[np.ndarray, np.ndarray]:
         """One layer's attention of a prompt chunk's ``queries`` over the ``ctx`` keys its row held before it
