@@ -238,11 +238,14 @@ class Attention(nn.Module):
                 and (step.mask is None or step.mask.dtype == torch.bool) and step.pos is not None
                 and cpu_kernels.usable(x, any_rows=True) and not numerics.on())
 
-    def decode_core(self, qkv: Tensor, step: Step, cache: KVCache, layer: int) -> Tensor:
+    def decode_core(self, qkv: Tensor, step: Step, cache: KVCache, layer: int,
+                    heads: tuple[int, int] | None = None) -> Tensor:
         """The fused decode core: ``wqkv``'s output ``[n, 1, (H + 2 Hkv) D]`` -> attention output ``[n, 1, H D]``
-        (RoPE, cache write at each row's position, attention over its prefix)."""
+        (RoPE, cache write at each row's position, attention over its prefix). ``heads``: (H, Hkv) when ``qkv``
+        holds other heads than this module's (``runner.ulysses``' share of them after its all-to-all)."""
+        H, Hkv = heads or (self.n_heads, self.n_kv_heads)
         return cpu_kernels.attn_decode(qkv, step.cos, step.sin, step.pos, step.rows, cache.k[layer], cache.v[layer],
-                                       self.n_heads, self.n_kv_heads, self.softmax_scale,
+                                       H, Hkv, self.softmax_scale,
                                        step.kernel_args[0] if step.kernel_args is not None else None)
 
     @property

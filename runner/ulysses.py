@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
 from exegpt.policies.shift import split_degrees
-from runner import cpu_kernels
 from runner.model import Transformer, split_qkv
 from runner.step import Step
 from runner.tp import apply_tp
@@ -156,21 +155,15 @@ class ShiftModel(nn.Module):
         """The base model's layers over ``h`` ``[n, S, dim]`` (every rank holds it; ``valid`` marks the real
         tokens): this rank's T/SP tokens through every layer, then every token's hidden state gathered back."""
         n, S, dim = h.shape
-        sp, group = self.g.sp, self.g.sp_group
-        packed = h.reshape(n * S, dim) if valid is None else h[valid]  # [T, dim], in token order
+        packed = _packed(h, valid)  # [T, dim], in token order
         T = packed.shape[0]
-        per = -(-T // sp)  # tokens per rank, the last padded
-        if per * sp > T:
-            packed = torch.cat([packed, packed.new_zeros(per * sp - T, dim)])
-        x = packed[self.g.s * per:(self.g.s + 1) * per].contiguous()  # this rank's tokens [per, dim]
+        per = -(-T // self.g.sp)  # tokens per rank, the last padded
+        x = _padded(packed, per * self.g.sp)[self.g.s * per:(self.g.s + 1) * per].contiguous()  # [per, dim]
         for i, block in enumerate(self.base.layers.values()):
             x = self._layer(block, x, step, i, valid, (n, S, T, per))
-        out = x.new_empty(per * sp, dim)
-        dist.all_gather_single(out, x, group=group)  # every token's hidden state, in token order
-        full = h.new_zeros(n, S, dim)
-        if valid is None:
-            return out[:T].view(n, S, dim)
-        return full.index_put_((valid,), out[:T])
+        out = x.new_empty(per * self.g.sp, dim)
+        dist.all_gather_single(out, x, group=self.g.sp_group)  # every token's hidden state, in token order
+        return _grid(out[:T], valid, n, S)
 
     def _layer(self, block, x: Tensor, step: Step, layer: int, valid: Tensor | None, shape) -> Tensor:
         """One base-mode layer over this rank's tokens ``x`` ``[per, dim]``."""
@@ -185,23 +178,34 @@ class ShiftModel(nn.Module):
         send = send.transpose(0, 1).contiguous()  # [sp, per, C]: head chunk j goes to SP rank j
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)  # [sp, per, C]: every rank's tokens, this rank's heads
-        mine = recv.view(sp * per, -1)[:T]  # [T, (Hs + 2 Hks) D] in token order
-        grid = mine.view(n, S, -1) if valid is None else mine.new_zeros(n, S, mine.shape[-1]).index_put_(
-            (valid,), mine)
+        grid = _grid(recv.view(sp * per, -1)[:T], valid, n, S)  # [n, S, (Hs + 2 Hks) D]: every token, my heads
         cache = self.base.cache
         if attn.fused_decode(grid, step, cache):  # the CPU decode kernel: RoPE, cache write, attention in one call
-            y = cpu_kernels.attn_decode(grid, step.cos, step.sin, step.pos, step.rows, cache.k[layer], cache.v[layer],
-                                        Hs, Hks, attn.softmax_scale,
-                                        step.kernel_args[0] if step.kernel_args is not None else None)
+            y = attn.decode_core(grid, step, cache, layer, self.heads)
         else:
             q, k, v = split_qkv(grid, step, Hs, Hks, D)
             y = attn.core(q, k, v, step, cache, layer)  # [n, Hs, S, D]
             y = y.transpose(1, 2).reshape(n, S, Hs * D)
-        y = y.reshape(n * S, -1) if valid is None else y[valid]  # [T, Hs D]
-        if per * sp > T:
-            y = torch.cat([y, y.new_zeros(per * sp - T, y.shape[-1])])
+        y = _padded(_packed(y, valid), sp * per).contiguous()  # [sp * per, Hs D]
         back = torch.empty_like(y)
-        dist.all_to_all_single(back, y.contiguous(), group=group)  # [sp * per, Hs D]: own tokens, head chunk j
+        dist.all_to_all_single(back, y, group=group)  # [sp * per, Hs D]: own tokens, head chunk j
         y = back.view(sp, per, Hs * D).transpose(0, 1).reshape(per, sp * Hs * D)  # heads in TP-shard order
         x = attn.out(y, residual=x)
         return block.feed_forward(block.ffn_norm(x), residual=x)
+
+
+def _packed(t: Tensor, valid: Tensor | None) -> Tensor:
+    """``t`` ``[n, S, C]`` -> its real tokens ``[T, C]`` in token order (``valid``: the mask of them; None: all)."""
+    return t.reshape(-1, t.shape[-1]) if valid is None else t[valid]
+
+
+def _grid(packed: Tensor, valid: Tensor | None, n: int, S: int) -> Tensor:
+    """``_packed``'s inverse: ``[T, C]`` -> ``[n, S, C]``, zeros where ``valid`` is False."""
+    if valid is None:
+        return packed.view(n, S, -1)
+    return packed.new_zeros(n, S, packed.shape[-1]).index_put_((valid,), packed)
+
+
+def _padded(t: Tensor, rows: int) -> Tensor:
+    """``t`` with zero rows appended up to ``rows`` (Ulysses' equal shares)."""
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
