@@ -190,6 +190,11 @@ class CostModel:
             return z, np.ones(np.shape(tokens), dtype=bool)
         return self._get(Kernel.ALLREDUCE, tp, self.model.activation_bytes(np.asarray(tokens, float)))
 
+    def has_all_to_all(self, group: int) -> bool:
+        """Whether all-to-alls in a group of ``group`` devices can be priced: their own table, or the all-reduce
+        table they are derived from (``_a2a``)."""
+        return self.profile.has(Kernel.ALLTOALL, group) or self.profile.has(Kernel.ALLREDUCE, group)
+
     def _a2a(self, group: int, nbytes) -> tuple[np.ndarray, np.ndarray]:
         """An all-to-all of ``nbytes`` sent by each rank of ``group`` (module docstring)."""
         nbytes = np.asarray(nbytes, dtype=float)

@@ -103,7 +103,7 @@ def check(prob: Problem, s: ShiftSchedule) -> None:
     for t in sorted({p, s.tp}):
         if (why := prob.tp_problem(t)) is not None:
             raise ExeGPTError(f"shift: {why}")
-    if s.sp > 1 and not (prob.profile.has("alltoall", s.sp) or prob.profile.has("allreduce", s.sp)):
+    if s.sp > 1 and not prob.cost.has_all_to_all(s.sp):
         raise ExeGPTError(f"shift: profile {prob.profile.id} has no all-to-all (nor all-reduce) table for a group "
                           f"of {s.sp} devices; sequence parallelism needs one (profile the collectives at that size)")
 
