@@ -67,7 +67,8 @@ called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concur
 9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``, and the token axis holding
 the backend's row breaks, ``runner.cpu_kernels.row_breaks``; 10: the WAA lockstep, ``Profile.waa_period_factor``;
 11: the two-rank concurrency measured by WAA runs; 12: prefill attends causally without a padding mask,
-``runner.model.prefill_step``; 13: all-to-all and all-gather tables, ``runner.ulysses``), so cached profiles of an older method are measured again."""
+``runner.model.prefill_step``; 13: all-to-all and all-gather tables, ``runner.ulysses``), so cached profiles of an
+older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond it the point is
