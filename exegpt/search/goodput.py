@@ -5,7 +5,8 @@ Both run on the simulated engine (``exegpt.sim``). Candidates come from the same
 searches (every policy, TP degree, device split and device count), on a geometric grid of each knob, and are
 simulated best estimate first. The estimate's saturated throughput bounds what a schedule can reach (goodput is
 a rate the schedule keeps up with), so a candidate is skipped once its estimate, times ``PRUNE_SLACK`` for the
-estimate's own error, cannot beat the best found.
+estimate's own error, cannot beat the best found; under (c), a candidate is run first at the best goodput its policy
+reached so far, and searched further only if it keeps the SLO there (one run instead of a bisection for most).
 """
 
 from __future__ import annotations
@@ -68,47 +69,53 @@ class SimulatedSearch:
             raise ExeGPTError(f"rate_tolerance={self.rate_tolerance!r} must be in (0, 1)")
 
 
-def goodput(plan: Plan, slo: RequestSLO, profile=None, options: SimulatedSearch = SimulatedSearch()
-            ) -> tuple[float, RunReport | None]:
+def goodput(plan: Plan, slo: RequestSLO, profile=None, options: SimulatedSearch = SimulatedSearch(),
+            holds_at: tuple[float, RunReport] | None = None) -> tuple[float, RunReport | None]:
     """The highest Poisson arrival rate (requests/s) at which ``plan`` keeps ``slo`` on the simulated engine, and
     the run at that rate (0 and None when even a trickle of requests misses it). Bisection between a rate that
-    holds and one that does not, starting from the plan's estimated saturated throughput."""
+    holds and one that does not, starting from the plan's estimated saturated throughput, or above ``holds_at``
+    (a rate and its run known to keep the SLO)."""
     cap = plan.estimate.throughput_seq_s
     if not cap > 0 or not math.isfinite(cap):
         raise ExeGPTError(f"plan has no finite estimated throughput ({cap!r}) to search a rate around")
 
-    trace_rate = _trace_rate(plan.workload) if options.arrivals == "trace" else 0.0
-
-    def run(rate: float) -> RunReport:
-        n = max(options.num_requests, min(MAX_REQUESTS, math.ceil(options.span_ttfts * rate * slo.ttft_s)))
-        if trace_rate:
-            n = min(n, len(plan.workload.pairs))
-            return run_simulated(plan, profile, n, options.seed, arrivals=Arrivals.trace(rate / trace_rate))
-        return run_simulated(plan, profile, n, options.seed, arrivals=Arrivals.poisson(rate))
-
-    lo, lo_rep = 0.0, None
-    hi = cap
-    rep = run(hi)
+    lo, lo_rep = holds_at if holds_at is not None else (0.0, None)
+    hi = cap if cap > lo else 2 * lo
+    rep = run_at(plan, slo, hi, profile, options)
     while slo.holds(rep):  # keeps up even at the estimated capacity: look higher
         lo, lo_rep = hi, rep
         if hi > 16 * cap:
             return lo, lo_rep
         hi *= 2
-        rep = run(hi)
-    if lo == 0.0:
-        trickle = cap / 64
-        rep = run(trickle)
-        if not slo.holds(rep):
+        rep = run_at(plan, slo, hi, profile, options)
+    while lo == 0.0:  # misses at its capacity: step down by 4x to a rate that holds, or give up at a trickle
+        if hi <= cap / 64:
             return 0.0, None
-        lo, lo_rep = trickle, rep
+        rate = hi / 4
+        rep = run_at(plan, slo, rate, profile, options)
+        if slo.holds(rep):
+            lo, lo_rep = rate, rep
+        else:
+            hi = rate
     while hi - lo > options.rate_tolerance * hi:
         mid = (lo + hi) / 2
-        rep = run(mid)
+        rep = run_at(plan, slo, mid, profile, options)
         if slo.holds(rep):
             lo, lo_rep = mid, rep
         else:
             hi = mid
     return lo, lo_rep
+
+
+def run_at(plan: Plan, slo: RequestSLO, rate: float, profile, options: SimulatedSearch) -> RunReport:
+    """One simulated run of ``plan`` with requests arriving at ``rate`` (requests/s), long enough for an overload
+    to show in TTFT (``SimulatedSearch.span_ttfts``)."""
+    n = max(options.num_requests, min(MAX_REQUESTS, math.ceil(options.span_ttfts * rate * slo.ttft_s)))
+    if options.arrivals == "trace":
+        speedup = rate / _trace_rate(plan.workload)
+        return run_simulated(plan, profile, min(n, len(plan.workload.pairs)), options.seed,
+                             arrivals=Arrivals.trace(speedup))
+    return run_simulated(plan, profile, n, options.seed, arrivals=Arrivals.poisson(rate))
 
 
 def _trace_rate(w) -> float:
@@ -140,7 +147,14 @@ def search_simulated(cands: list, slo: CompletionSLO | RequestSLO, profile, opti
             break  # sorted by estimate: no later candidate can beat the best either
         plan = make_plan(SearchStats("simulated", simulated, 0.0))
         simulated += 1
-        value, check = _evaluate(plan, slo, profile, options)
+        holds_at = None
+        if reached[policy] > 0 and isinstance(slo, RequestSLO):  # one run at its policy's best rate so far
+            rate = reached[policy] * (1 + options.rate_tolerance)  # decides whether the candidate can beat it
+            rep = run_at(plan, slo, rate, profile, options)
+            if not slo.holds(rep):
+                continue
+            holds_at = (rate, rep)
+        value, check = _evaluate(plan, slo, profile, options, holds_at)
         if check.holds:
             reached[policy] = max(reached[policy], value)
         if check.holds and (best is None or value > best[0]):
@@ -155,15 +169,15 @@ def search_simulated(cands: list, slo: CompletionSLO | RequestSLO, profile, opti
     return dataclasses.replace(plan, search=stats, slo=slo, slo_check=check)
 
 
-def _evaluate(plan: Plan, slo, profile, options: SimulatedSearch) -> tuple[float, SLOCheck]:
+def _evaluate(plan: Plan, slo, profile, options: SimulatedSearch, holds_at=None) -> tuple[float, SLOCheck]:
     """(the value to maximise, the check) of one plan: (b) its simulated throughput at saturation if it keeps the
-    bound; (c) its goodput."""
+    bound; (c) its goodput (searched above ``holds_at``, a rate and run known to keep it)."""
     if isinstance(slo, CompletionSLO):
         rep = run_simulated(plan, profile, options.num_requests, options.seed)
         check = SLOCheck("completion", slo.describe(), slo.holds(rep), slo.margin(rep), (slo.achieved(rep),),
                          engine="simulated", num_requests=options.num_requests)
         return rep.throughput_seq_s, check
-    rate, rep = goodput(plan, slo, profile, options)
+    rate, rep = goodput(plan, slo, profile, options, holds_at)
     if rep is None:  # misses even at a trickle: report that run
         rep = run_simulated(plan, profile, options.num_requests, options.seed,
                             arrivals=Arrivals.poisson(plan.estimate.throughput_seq_s / 64))
