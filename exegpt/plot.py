@@ -1,7 +1,8 @@
 """Figures of plans, workloads and runs: functions that take library objects and return a matplotlib Figure
 (``exegpt plot`` draws them to files). matplotlib is imported on first use (``pip install -e '.[plot]'``).
 
-  * ``frontier_figure``: the best throughput under each latency bound, every policy, and the optimizer's pick;
+  * ``frontier_figure``: the best throughput under each latency bound, every policy, and the optimizer's pick
+    (``frontier_plot`` draws such curves from plans already found);
   * ``lengths_figure``: a workload's input and output length distributions, the bound's quantile marked;
   * ``timeline_figure``: a run's requests over time (queued, prefilling, decoding), from a ``RunReport``;
   * ``profile_figure``: a ``Profile``'s curves, per TP degree: attention against context, the rest of a layer
@@ -41,27 +42,48 @@ def _best(fn) -> float:
         return math.nan
 
 
-def frontier_figure(dist: Workload, bounds_s, ax=None, **target):
-    """Throughput (estimated) against the latency bound for each policy alone, static batching, and
-    ``find_schedule`` over all of them (the thick line). ``target``: ``model``, ``devices``, ``profile``; ``ax``:
-    draw into these axes (of a larger figure) instead of a new figure."""
+def frontier_figure(dist: Workload, bounds_s, ax=None, groups=POLICY_GROUPS, **target):
+    """Throughput (estimated) against the latency bound for each group of policies alone (``groups``: (label,
+    policy names) pairs), static batching, and the optimizer's pick over all of them (the thick line: at each
+    bound the best of the groups, which is what ``find_schedule`` over their union returns). ``target``:
+    ``model``, ``devices``, ``profile``; ``ax``: draw into these axes (of a larger figure) instead of a new
+    figure."""
     from .search.optimize import find_schedule, static_schedule
 
+    bounds = np.asarray(list(bounds_s), dtype=float)
+    curves = {name: [_best(lambda: find_schedule(dist, b, policies=list(policies), **target)) for b in bounds]
+              for name, policies in groups}
+    pick = np.fmax.reduce(np.array(list(curves.values())), axis=0) if curves else None
+    curves["static batching (longest output)"] = [_best(lambda: static_schedule(dist, b, **target)) for b in bounds]
+    where = " on ".join(str(target[k]) for k in ("model", "devices") if target.get(k))
+    return frontier_plot(bounds, curves, pick, ax=ax,
+                         title=f"{where + ', ' if where else ''}{dist.name}: best throughput under each bound "
+                               "(estimates)")
+
+
+def frontier_plot(bounds_s, curves: dict, pick=None, ax=None, title: str = ""):
+    """Draw throughput against the latency bound from values already computed: ``curves`` maps a label to one
+    value per bound (a ``Plan``, a throughput in seq/s, or None / NaN where nothing meets the bound); ``pick`` the
+    optimizer's choice, drawn as the thick line. Curves with no value at any bound are left out."""
     plt = _plt()
     bounds = np.asarray(list(bounds_s), dtype=float)
+
+    def values(seq):
+        ys = [math.nan if v is None else getattr(getattr(v, "estimate", None), "throughput_seq_s", v) for v in seq]
+        if len(ys) != len(bounds):
+            raise ExeGPTError(f"a curve has {len(ys)} values for {len(bounds)} bounds")
+        return np.asarray(ys, dtype=float)
+
     fig, ax = plt.subplots(figsize=(7, 4.4)) if ax is None else (ax.figure, ax)
-    styles = iter(("o-", "s-", "^--", "x--", "D--", "P-."))
-    for name, policies in POLICY_GROUPS:
-        ys = [_best(lambda: find_schedule(dist, b, policies=list(policies), **target)) for b in bounds]
+    styles = iter(("o-", "s-", "^--", "x--", "D--", "P-.", "v:", "*-", "h--"))
+    for label, seq in curves.items():
+        ys = values(seq)
         if not np.all(np.isnan(ys)):
-            ax.plot(bounds, ys, next(styles), ms=4, label=name)
-    ax.plot(bounds, [_best(lambda: static_schedule(dist, b, **target)) for b in bounds], "v:", ms=4,
-            label="static batching (longest output)")
-    ax.plot(bounds, [_best(lambda: find_schedule(dist, b, **target)) for b in bounds], "-", color="black", lw=4,
-            alpha=0.2, label="find_schedule (the pick)")
-    where = " on ".join(str(target[k]) for k in ("model", "devices") if target.get(k))
+            ax.plot(bounds, ys, "v:" if label.startswith("static") else next(styles), ms=4, label=label)
+    if pick is not None:
+        ax.plot(bounds, values(pick), "-", color="black", lw=4, alpha=0.2, label="find_schedule (the pick)")
     ax.set(xscale="log", xlabel="latency bound on the quantile-length output (s)", ylabel="throughput (seq/s)",
-           title=f"{where + ', ' if where else ''}{dist.name}: best throughput under each bound (estimates)")
+           title=title)
     _plain_log_ticks(ax)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "tests" / "data" / "tiny-cpu.json"
+PAPER = ["rra", "waa_c", "waa_m"]
 CHEAP_PROFILER = ["--max-seq", "16", "--max-batch", "2", "--max-tokens", "8", "--no-collectives", "--no-progress",
                   "--threads", "1"]
 
@@ -66,3 +67,46 @@ def test_every_command_of_the_readme_tour_runs(tmp_path, monkeypatch, capsys):
     assert "requests: 24 finished, 0 failed" in out
     for png in ("frontier.png", "lengths.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+def python_tour() -> str:
+    """The README's ``Using it`` Python block."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"## Using it\n\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_readme_python_tour_runs(tmp_path, monkeypatch):
+    """The README's Python block runs as printed, in a scratch folder whose ``trace.csv`` is a shipped trace, on
+    small settings: searches over the paper's policies and continuous batching in a smaller space, simulated runs
+    of at most 300 requests, and the simulated searches of SLO forms (b) and (c) on 100 requests and 2
+    candidates."""
+    import gzip
+
+    import exegpt
+    from exegpt.search.goodput import SimulatedSearch
+
+    monkeypatch.chdir(tmp_path)
+    with gzip.open(ROOT / "exegpt" / "data" / "traces" / "azure_conv.csv.gz") as f:
+        (tmp_path / "trace.csv").write_bytes(f.read())
+    small = dict(space=exegpt.SearchSpace(max_encode_batch=32, max_micro_batch=32))
+    calls = []
+
+    def smaller(fn, **fixed):
+        def call(*args, **kw):
+            calls.append(fn.__name__)
+            return fn(*args, **{**fixed, **kw})
+        return call
+
+    monkeypatch.setattr(exegpt, "find_schedule", smaller(exegpt.find_schedule, **small, policies=PAPER + ["cb"],
+                                                         simulated=SimulatedSearch(num_requests=100, max_simulated=2)))
+    monkeypatch.setattr(exegpt, "exhaustive_schedule", smaller(exegpt.exhaustive_schedule, **small,
+                                                               policies=PAPER))
+    real_run = exegpt.run_simulated
+    monkeypatch.setattr(exegpt, "run_simulated", lambda plan, **kw: real_run(
+        plan, **{**kw, "num_requests": min(kw.get("num_requests", 300), 300)}))
+    scope: dict = {}
+    exec(compile(python_tour(), "README.md", "exec"), scope)
+    assert calls.count("find_schedule") == 4 and calls.count("exhaustive_schedule") == 1
+    assert scope["plan"].slo_check.holds and scope["plan"].slo_check.goodput_rps > 0
+    assert scope["best"].estimate.throughput_seq_s > 0 and scope["r"].num_requests == 300
+    assert (tmp_path / "plan.json").exists()
