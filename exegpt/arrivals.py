@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import MAX_REQUESTS
 from .errors import ExeGPTError
 from .workload import Workload
 
@@ -120,8 +121,10 @@ def sample_lengths(workload: Workload, n: int, seed: int = 0, joint: bool = True
 def request_stream(workload: Workload, n: int, seed: int = 0, arrivals: Arrivals | None = None,
                    joint: bool = True) -> RequestStream:
     """``n`` requests of ``workload`` arriving by ``arrivals`` (default: all at once), deterministic in ``seed``."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ExeGPTError(f"number of requests {n!r} must be a whole number >= 1")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_REQUESTS:
+        raise ExeGPTError(f"number of requests {n!r} must be a whole number in [1, {MAX_REQUESTS:,}]")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ExeGPTError(f"seed {seed!r} must be a whole number >= 0")
     arrivals = arrivals or Arrivals.all_at_once()
     if arrivals.kind == "trace":
         if workload.arrivals_s is None:

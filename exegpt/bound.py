@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import ExeGPTError
+from .jsonfile import known_fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class LatencyBound:
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyBound:
+        known_fields(d, ("form", "bound_s", "length_quantile"), "a latency bound")
         b = d.get("bound_s")
         return cls(math.inf if b is None else float(b), float(d.get("length_quantile", 0.99)))
 

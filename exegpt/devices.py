@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .checks import MAX_DEVICES, whole
 from .errors import ExeGPTError
 
 GiB = 1024 ** 3
@@ -57,8 +58,7 @@ class Cluster:
     count: int
 
     def __post_init__(self):
-        if self.count < 1:
-            raise ExeGPTError(f"device count {self.count!r} must be >= 1")
+        whole(self.count, "device count", 1, MAX_DEVICES)
 
     @property
     def label(self) -> str:
@@ -82,8 +82,8 @@ def parse_cluster(devices: str | Cluster, known: dict[str, DeviceSpec] | None = 
     if not m:
         raise ExeGPTError(f"devices {devices!r} not understood; expected COUNTxNAME such as 4xA40")
     count, name = int(m.group(1)), m.group(2)
-    if count < 1:
-        raise ExeGPTError(f"device count in {devices!r} must be >= 1")
+    if not 1 <= count <= MAX_DEVICES:
+        raise ExeGPTError(f"device count in {devices!r} must be in [1, {MAX_DEVICES:,}]")
     for key, spec in (known or {}).items():
         if key.lower() == name.lower():
             return Cluster(spec, count)

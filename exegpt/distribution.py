@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, stats
 
+from .checks import MAX_TOKENS, number, whole
 from .errors import ExeGPTError
+from .jsonfile import known_fields
 
 _SUM_TOL = 1e-6
 
@@ -31,6 +33,9 @@ class Distribution:
                 raise ExeGPTError(f"sequence length {x!r} is not a whole number of tokens >= 1")
         if any(b <= a for a, b in zip(self.lengths, self.lengths[1:])):
             raise ExeGPTError(f"lengths must be strictly increasing, got {self.lengths[:8]}...")
+        if self.lengths[-1] > MAX_TOKENS:
+            raise ExeGPTError(f"sequence length {self.lengths[-1]:,} is above the {MAX_TOKENS:,} tokens any model "
+                              f"holds")
         for p in self.probs:
             if not np.isfinite(p) or p < 0:
                 raise ExeGPTError(f"probability {p!r} is not a finite number >= 0")
@@ -58,9 +63,10 @@ class Distribution:
             raise ExeGPTError("cannot build a length distribution from zero samples")
         if not np.issubdtype(arr.dtype, np.number):
             raise ExeGPTError(f"length samples must be numbers, got dtype {arr.dtype}")
-        bad = arr[(arr < 1) | (arr != np.round(arr))]
+        bad = arr[(arr < 1) | (arr != np.round(arr)) | (arr > MAX_TOKENS)]
         if bad.size:
-            raise ExeGPTError(f"sequence length {bad[0]!r} is not a whole number of tokens >= 1")
+            raise ExeGPTError(f"sequence length {bad[0].item()!r} is not a whole number of tokens in "
+                              f"[1, {MAX_TOKENS:,}]")
         values, counts = np.unique(arr.astype(np.int64), return_counts=True)
         return cls(tuple(int(v) for v in values), tuple(float(c) for c in counts / counts.sum()))
 
@@ -68,13 +74,11 @@ class Distribution:
     def truncated_normal(cls, mean: float, std: float, max_len: int) -> Distribution:
         """The paper's length model: a normal(mean, std) truncated below at 0 and above at ``max_len``,
         discretised on 1..max_len (length ``n`` takes the mass of ``(n - 1, n]``)."""
-        if not (np.isfinite(mean) and mean > 0):
-            raise ExeGPTError(f"mean length {mean!r} must be a number > 0")
-        if not (np.isfinite(std) and std >= 0):
-            raise ExeGPTError(f"length std {std!r} must be a number >= 0")
-        if int(max_len) != max_len or max_len < 1:
-            raise ExeGPTError(f"max length {max_len!r} must be a whole number >= 1")
-        max_len = int(max_len)
+        mean = number(mean, "mean length", lo=0, lo_open=True)
+        std = number(std, "length std", lo=0)
+        max_len = whole(max_len, "max length", 1, MAX_TOKENS)
+        if mean > max_len:
+            raise ExeGPTError(f"mean length {mean:g} is above the max length {max_len}; expected max >= mean")
         if std == 0:
             n = min(max(int(round(mean)), 1), max_len)
             return cls((n,), (1.0,))
@@ -162,6 +166,7 @@ class Distribution:
 
     @classmethod
     def from_dict(cls, d: dict) -> Distribution:
+        known_fields(d, ("lengths", "probs"), "a distribution")
         try:
             return cls(tuple(int(x) for x in d["lengths"]), tuple(float(p) for p in d["probs"]))
         except (KeyError, TypeError) as e:
@@ -192,5 +197,6 @@ def fit_truncated_normal(samples, max_len: int | None = None) -> tuple[float, fl
         return -float(np.dot(p, np.log(np.maximum(mass, 1e-300)))) + float(np.log(max(total, 1e-300)))
 
     m, sd = lengths.mean(), float(np.sqrt(max(lengths.moment(2) - lengths.mean() ** 2, 0.25)))
-    res = optimize.minimize(nll, x0=[m, np.log(sd)], method="Nelder-Mead", options=dict(xatol=1e-4, fatol=1e-9))
+    res = optimize.minimize(nll, x0=[m, np.log(sd)], method="Nelder-Mead", options=dict(xatol=1e-4, fatol=1e-9),
+                            bounds=[(1e-3, top), (None, None)])  # the mean a truncated normal may have
     return float(res.x[0]), float(np.exp(res.x[1])), top

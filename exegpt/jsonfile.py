@@ -41,3 +41,15 @@ class JSONFile:
         except OSError as e:
             raise ExeGPTError(f"cannot read {cls._what} {str(path)!r}: {e.strerror}") from None
         return cls.from_json(text)
+
+
+def known_fields(d, fields, what: str) -> dict:
+    """``d`` if it is a JSON object whose keys are all among ``fields``; else one line naming the unknown keys,
+    so that a misspelt field is refused rather than dropped."""
+    if not isinstance(d, dict):
+        raise ExeGPTError(f"{what} must be a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ExeGPTError(f"{what} has unknown field{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; expected some of {', '.join(sorted(fields))}")
+    return d

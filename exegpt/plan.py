@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from .bound import LatencyBound
 from .errors import ExeGPTError
-from .jsonfile import JSONFile
+from .jsonfile import JSONFile, known_fields
 from .policies import schedule_from_dict
 from .schedule import schedule_to_dict
 from .slo import slo_from_dict
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from .policies import Schedule
 
 PLAN_SCHEMA = 1
+PLAN_FIELDS = ("schema", "schedule", "estimate", "bound", "profile_id", "model", "devices", "workload", "stages",
+               "search", "slo", "slo_check")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class SLOCheck:
 
     @classmethod
     def from_dict(cls, d: dict) -> SLOCheck:
+        known_fields(d, [f.name for f in fields(cls)], "a plan's slo_check")
         return cls(d["form"], d["description"], bool(d["holds"]), _den(d["margin"]),
                    tuple(_den(x) for x in d["achieved"]), _den(d.get("goodput_rps")), d.get("engine", "estimate"),
                    int(d.get("num_requests", 0)))
@@ -161,6 +164,7 @@ class Plan(JSONFile):
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
+        known_fields(d, PLAN_FIELDS, "plan JSON")
         if d.get("schema") != PLAN_SCHEMA:
             raise ExeGPTError(f"plan schema {d.get('schema')!r} is not supported; expected {PLAN_SCHEMA}")
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bound import LatencyBound, as_bound
+from .checks import number
 from .cost import CostModel, WorkloadStats
 from .devices import Cluster, DeviceSpec, parse_cluster
 from .errors import ExeGPTError
@@ -53,8 +54,7 @@ class Problem:
     @classmethod
     def build(cls, workload: Workload, bound: LatencyBound, profile: Profile, model: ModelShape,
               cluster: Cluster, memory_fraction: float = MEMORY_FRACTION) -> Problem:
-        if not 0 < memory_fraction <= 1:
-            raise ExeGPTError(f"memory_fraction {memory_fraction!r} must be in (0, 1]")
+        number(memory_fraction, "memory_fraction", 0, 1, lo_open=True)
         if profile.kv_dtype is not None and profile.kv_dtype != (model.kv_dtype or model.dtype):
             model = dataclasses.replace(model, kv_dtype=profile.kv_dtype)  # the backend's cache, as profiled
         copies = {"packed_dtype": profile.packed_weight_dtype or "", "panel_dtype": profile.panel_weight_dtype or ""}

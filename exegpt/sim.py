@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from .arrivals import Arrivals, request_stream
+from .checks import instance
 from .cost import CostModel
 from .errors import ExeGPTError
 from .ledger import Ledger
@@ -63,6 +64,7 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
     the requests not finished by then fail, those never started as still queued. ``log_decisions``: keep every
     driver action in ``RunReport.decisions``.
     """
+    instance(plan, Plan, "plan", "a Plan (find_schedule's result, or Plan.load(path))")
     if not horizon_s > 0:
         raise ExeGPTError(f"horizon_s={horizon_s!r} must be > 0 seconds (inf: run every request)")
     if lengths is None:

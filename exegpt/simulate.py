@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from .bound import LatencyBound
+from .checks import instance
 from .errors import ExeGPTError
 from .memory import MEMORY_FRACTION
 from .plan import Estimate
@@ -20,6 +21,8 @@ from .workload import Workload
 
 
 def layout_for(prob: Problem, s: Schedule) -> Layout:
+    instance(s, Schedule, "schedule", "a policy's schedule (RRASchedule, WAASchedule, CBSchedule, ...; a Plan's is "
+             "plan.schedule)")
     if s.num_gpus != prob.cluster.count:
         raise ExeGPTError(f"schedule uses {s.num_gpus} devices but the cluster has {prob.cluster.count}")
     module = policy_module(s.policy)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .bound import LatencyBound
 from .errors import ExeGPTError
+from .jsonfile import known_fields
 
 
 class RunReport(Protocol):
@@ -120,10 +121,12 @@ SLO = LatencyBound | CompletionSLO | RequestSLO
 
 
 def slo_from_dict(d: dict) -> SLO:
-    form = d.get("form")
+    form = d.get("form") if isinstance(d, dict) else None
     if form == "completion":
+        known_fields(d, ("form", "bound_s", "share"), "a completion SLO")
         return CompletionSLO(float(d["bound_s"]), float(d.get("share", 0.99)))
     if form == "request":
+        known_fields(d, ("form", "ttft_s", "tpot_s", "percentile"), "a request SLO")
         return RequestSLO(float(d["ttft_s"]), float(d["tpot_s"]), float(d.get("percentile", 90.0)))
     return LatencyBound.from_dict(d)
 

@@ -18,6 +18,7 @@ import numpy as np
 from . import traces
 from .distribution import Distribution
 from .errors import ExeGPTError
+from .jsonfile import known_fields
 
 # The paper's Table 3: input (mean, std, max) and output (mean, std, max) in tokens.
 TASKS: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]] = {
@@ -60,8 +61,7 @@ class Workload:
     def truncated_normal(cls, input: tuple[float, float, int], output: tuple[float, float, int],
                          name: str = "truncated_normal") -> Workload:
         """From (mean, std, max) in tokens for input and output, as in the paper's Table 3."""
-        return cls(Distribution.truncated_normal(*_triple(input, "input")),
-                   Distribution.truncated_normal(*_triple(output, "output")), name=name)
+        return cls(_normal(input, "input"), _normal(output, "output"), name=name)
 
     @classmethod
     def task(cls, name: str) -> Workload:
@@ -189,6 +189,7 @@ class Workload:
 
     @classmethod
     def from_dict(cls, d: dict) -> Workload:
+        known_fields(d, ("name", "input_len", "output_len", "pairs", "arrivals_s"), "a workload")
         try:
             pairs = d.get("pairs")
             return cls(Distribution.from_dict(d["input_len"]), Distribution.from_dict(d["output_len"]),
@@ -197,13 +198,18 @@ class Workload:
                        arrivals_s=None if d.get("arrivals_s") is None else tuple(float(t) for t in d["arrivals_s"]))
         except KeyError as e:
             raise ExeGPTError(f"a workload needs 'input_len' and 'output_len', missing {e}") from None
+        except ExeGPTError:
+            raise
         except (TypeError, ValueError) as e:
             raise ExeGPTError(f"a workload's pairs must be [input, output] lengths: {e}") from None
 
 
-def _triple(t, what: str) -> tuple[float, float, int]:
+def _normal(t, what: str) -> Distribution:
     try:
         mean, std, max_len = t
     except (TypeError, ValueError):
         raise ExeGPTError(f"{what} must be (mean, std, max) tokens, got {t!r}") from None
-    return float(mean), float(std), max_len
+    try:
+        return Distribution.truncated_normal(mean, std, max_len)
+    except ExeGPTError as e:
+        raise ExeGPTError(f"{what}: {e}") from None

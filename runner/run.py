@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from exegpt.arrivals import Arrivals
+from exegpt.checks import instance
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS
 from exegpt.plan import Plan
@@ -155,6 +156,8 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
               ) -> list[RunReport | None]:
     """``run_plan`` for several plans, one after the other; plans needing the same number of ranks share one
     set of processes (process start-up dominates short runs). Arguments as in ``run_plan``."""
+    for p in plans:
+        instance(p, Plan, "plan", "a Plan (find_schedule's result, or Plan.load(path))")
     try:
         opts = dataclasses.replace(options or RunOptions(), **overrides)
     except TypeError as e:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import number
 from ..errors import ExeGPTError, InfeasibleBoundError
 from ..memory import MEMORY_FRACTION
 from ..plan import Plan, SearchStats, SLOCheck
@@ -215,14 +216,15 @@ class SearchOptions:
     verify_requests: int = 0
 
     def __post_init__(self):
-        if not 0 <= self.latency_margin < 1:
-            raise ExeGPTError(f"latency_margin {self.latency_margin!r} must be in [0, 1)")
+        number(self.latency_margin, "latency_margin", 0, 1)
+        if self.latency_margin == 1:
+            raise ExeGPTError(f"latency_margin {self.latency_margin!r} must be in [0, 1) (the share of the bound held "
+                              "back)")
         v = self.verify_requests
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ExeGPTError(f"verify_requests={v!r} must be a whole number >= 0 (0: no replay)")
-        if self.eps_throughput < 0 or self.eps_latency < 0:
-            raise ExeGPTError(f"tolerances must be >= 0, got eps_throughput={self.eps_throughput}, "
-                              f"eps_latency={self.eps_latency}")
+        number(self.eps_throughput, "eps_throughput", lo=0)
+        number(self.eps_latency, "eps_latency", lo=0)
 
 
 def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:

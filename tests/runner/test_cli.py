@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from exegpt import Estimate, LatencyBound, Plan, RRASchedule, Stage, Workload
+from exegpt import Estimate, ExeGPTError, LatencyBound, Plan, RRASchedule, Stage, Workload
+from runner import run_plan
 from runner.__main__ import main
 from exegpt.report import FAILED, RunReport
 
@@ -67,6 +68,8 @@ def test_trace_with_over_long_requests(plan_file, tmp_path, capsys):
     (["--plan", "PLAN", "--report", "/nonexistent/dir/r.json"], "does not exist"),
     (["--plan", "PLAN", "--arrivals", "poisson:0"], "arrival rate 0.0 requests/s must be a finite number > 0"),
     (["--plan", "PLAN", "--arrivals", "trace"], "has no timestamps to replay"),
+    (["--plan", "PLAN", "--requests", "1000000000"], "number of requests 1000000000 must be a whole number in [1, "),
+    (["--plan", "PLAN", "--seed", "-1"], "seed -1 must be a whole number >= 0"),
 ])
 def test_bad_arguments_exit_2_with_one_line(plan_file, capsys, argv, needle):
     argv = [str(plan_file) if a == "PLAN" else a for a in argv]
@@ -79,6 +82,9 @@ def test_bad_plan_json(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["--plan", str(bad)]) == 2
     assert "not valid JSON" in _one_error_line(capsys)
+    with pytest.raises(ExeGPTError, match=r"plan must be a Plan \(find_schedule's result, or Plan.load\(path\)\), "
+                                          r"got str 'plan.json'"):
+        run_plan("plan.json")
 
 
 def test_module_entry_point_bad_args():
