@@ -6,7 +6,11 @@
 Requests are drawn (seeded) from the plan's workload, or from a trace's (input, output) pairs with --trace
 (a CSV file or a built-in trace name). If the plan was made for a model with a different layer count, each
 pipeline's layer split is scaled proportionally to --model (see ``runner.run.remap_stages``). Under torchrun
-every rank runs this command; the rank holding the report prints and writes it.
+every rank runs this command; the rank holding the report prints and writes it. Across machines, one torchrun
+agent per machine, each with one process per device:
+
+    torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        -m runner --plan plan.json --model tiny --report report.json
 
 Exit codes: 0 done, 1 a rank failed or timed out, 2 bad arguments (one line on stderr).
 """
@@ -46,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0, help="seed of requests and random weights (default 0)")
     p.add_argument("--stop-at-eos", action="store_true", help="end a request at EOS (default: forced length)")
+    p.add_argument("--keep-tokens", action="store_true", help="keep every request's generated tokens in the report")
     p.add_argument("--batch-invariant", action="store_true",
                    help="every request's tokens independent of its batch, in any precision, slower (CPU ranks)")
     p.add_argument("--timeout", type=float, default=3600.0, help="wall-clock limit in seconds (default 3600)")
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             report = run_plan(plan, args.model, num_requests=args.requests, trace=trace, seed=args.seed,
                               dtype=args.dtype, stop_at_eos=args.stop_at_eos, timeout_s=args.timeout,
                               progress=progress, arrivals=arrivals,
-                              batch_invariant=args.batch_invariant)
+                              batch_invariant=args.batch_invariant, keep_tokens=args.keep_tokens)
         except RankFailedError as e:
             print(f"exegpt-run: run failed: {e}", file=sys.stderr)
             return 1
