@@ -135,3 +135,14 @@ def test_requests_over_the_cache_budget_fail_and_the_rest_run_in_order():
         [(q.input_len, q.output_len, q.finish_s) for q in alone.requests]
     fields = ("throughput_seq_s", "latency_s", "encode_stage_s", "decode_step_s", "decode_batch", "makespan_s")
     assert all(getattr(r, f) == getattr(alone, f) for f in fields)
+
+
+def test_a_flood_of_20000_requests_loses_none():
+    """20,000 requests at once: each finished exactly once (``python -m benchmarks.floods`` measures the memory
+    this takes against a tenth of the load, on this engine and on the runner)."""
+    from exegpt import find_schedule
+
+    plan = find_schedule(Workload.task("S"), 20.0, devices="1xA100", policies=["rra"])
+    rep = run_simulated(plan, num_requests=20_000)
+    assert rep.num_finished == 20_000 and rep.num_failed == 0
+    assert sorted(r.id for r in rep.requests) == list(range(20_000))
