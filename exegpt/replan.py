@@ -1,0 +1,213 @@
+"""Re-planning a running plan when its workload drifts, in two steps.
+
+1. The cheap move: the best schedule the running engine can switch to between phases without moving weights or
+   cache, on the plan's own layout (the policy module's ``retune_space``: RRA's B_E and N_D within the cache rows
+   it holds, WAA's B_m), for the workload fitted to what the monitor saw, under the plan's bound (or, where no
+   point keeps it, the lowest latency the layout reaches). A branch and bound over one small space: milliseconds.
+2. The full re-plan: ``find_schedule`` over every policy and layout for the same workload, reported beside the
+   cheap move with its estimated gain, so that a user can decide whether a redeploy is worth it.
+
+``DriftControl`` is what a policy's driver consults between phases (``exegpt.policies.driver_groups(plan,
+control)``): it feeds the requests that finished to the monitor (``exegpt.drift``), starts the re-plan at an alarm
+and hands the driver the plan in force. Both engines run it: the simulated engine (``exegpt.sim``) re-plans at the
+phase boundary where the drift is detected (no simulated time passes: runs stay deterministic); the runner
+(``runner.engine``) re-plans on a thread while its driver runs on, and the move applies at the first phase boundary
+after it is ready.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .distribution import Distribution
+from .drift import Alarm, DriftEvent, DriftMonitor, MonitorOptions
+from .errors import ExeGPTError, InfeasibleBoundError
+from .plan import Plan, SearchStats, SLOCheck
+from .policies import describe, policy_module
+from .profile import Profile
+from .search.bnb import branch_and_bound
+from .search.optimize import find_schedule
+from .sim import plan_problem
+from .simulate import estimate
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class DriftOptions:
+    """Whether and how a run watches its workload and re-plans (``run_simulated(drift=...)``,
+    ``runner.run_plan(drift=...)``)."""
+
+    monitor: MonitorOptions = MonitorOptions()
+    profile: Profile | None = None
+    """The profile to re-plan with: the one the plan was made with (default: the built-in profile of its model and
+    devices)."""
+    replan: bool = True
+    """Apply the cheap move; False: detect and report only (a baseline)."""
+    full_replan: bool = True
+    """Also run the full re-plan and report its gain."""
+
+    def __post_init__(self):
+        if not isinstance(self.monitor, MonitorOptions):
+            raise ExeGPTError(f"drift monitor options must be a MonitorOptions, got {type(self.monitor).__name__}")
+
+
+def rescaled(dist: Distribution, factor: float, max_len: int) -> Distribution:
+    """``dist`` with every length times ``factor``, each mass split between the two whole lengths around its new
+    length (the mean scales exactly, no length is left without mass), at most ``max_len``."""
+    x = dist.lengths_array * factor
+    lo = np.floor(x)
+    w = x - lo
+    lengths = np.clip(np.concatenate([lo, lo + 1]), 1, max_len).astype(np.int64)
+    probs = np.concatenate([dist.probs_array * (1 - w), dist.probs_array * w])
+    values, inv = np.unique(lengths, return_inverse=True)
+    mass = np.zeros(len(values))
+    np.add.at(mass, inv, probs)
+    return Distribution.from_pmf(values, mass / mass.sum())
+
+
+def fitted_workload(workload: Workload, alarm: Alarm) -> Workload:
+    """The plan's workload with the alarmed marginal rescaled to the mean the monitor saw after the change, within
+    the plan's longest lengths (its KV-cache budget per sequence)."""
+    inp, out = workload.input_len, workload.output_len
+    if alarm.marginal == "input":
+        inp = rescaled(inp, alarm.input_mean / inp.mean(), inp.max)
+    else:
+        out = rescaled(out, alarm.output_mean / out.mean(), out.max)
+    return Workload(inp, out, name=f"{workload.name} (drifted)")
+
+
+def cheap_move(plan: Plan, workload: Workload, profile: Profile | None = None) -> Plan:
+    """The best plan for ``workload`` that keeps ``plan``'s layout, weights and cache (module docstring, step 1);
+    its ``slo_check`` says whether it keeps the bound.
+
+    Raises:
+        ExeGPTError: the policy has no cheap move, or no point of its space fits.
+    """
+    t0 = time.perf_counter()
+    module = policy_module(plan.schedule.policy)
+    if not hasattr(module, "retune_space"):
+        raise ExeGPTError(f"policy {plan.schedule.policy.value} has no cheap move; drift re-planning runs RRA and "
+                          f"WAA plans")
+    prob, lay = plan_problem(dataclasses.replace(plan, workload=workload), profile)
+    space = module.retune_space(prob, lay, plan)
+    res = branch_and_bound([space], prob.bound.bound_s)
+    if res.point is None:  # no point keeps the bound on this layout: the lowest latency it reaches
+        res = branch_and_bound([space], math.inf, minimize_latency=True)
+    if res.point is None:
+        raise ExeGPTError(f"no {describe(plan.schedule)} variant fits its layout for workload {workload.name!r}")
+    s = module.retuned(plan.schedule, res.point)
+    est = estimate(prob, lay, s)
+    b = prob.bound
+    check = SLOCheck("quantile_length", f"the p{b.length_quantile * 100:g}-length output ({est.latency_len} tokens) "
+                     f"within {b.bound_s:g} s", est.latency_s <= b.bound_s,
+                     (b.bound_s - est.latency_s) / b.bound_s if math.isfinite(b.bound_s) else math.inf,
+                     (est.latency_s,))
+    stats = SearchStats("cheap_move", res.candidates_evaluated, time.perf_counter() - t0, space.size)
+    return dataclasses.replace(plan, schedule=s, estimate=est, workload=workload, search=stats, slo_check=check)
+
+
+def full_replan(plan: Plan, workload: Workload, profile: Profile | None = None) -> Plan | None:
+    """The best plan of any policy and layout for ``workload`` under ``plan``'s bound, model and devices (None: no
+    schedule keeps the bound)."""
+    try:
+        return find_schedule(workload, plan.bound, model=plan.model, devices=plan.devices, profile=profile)
+    except InfeasibleBoundError:
+        return None
+
+
+def _done(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class DriftControl:
+    """The monitor and the re-planner of one driver (module docstring)."""
+
+    def __init__(self, plan: Plan, options: DriftOptions, order, background: bool = False):
+        """``order``: the ids of the requests the driver serves, in admission order. ``background``: re-plan on a
+        thread (the runner) instead of at the phase boundary of the alarm (the simulated engine)."""
+        self.plan, self.options = plan, options
+        self.monitor = DriftMonitor(plan.workload, options.monitor)
+        self.position = {int(r): i for i, r in enumerate(order)}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="replan") if background else None
+        self._events: list[DriftEvent] = []
+        self._move: Future | None = None  # the cheap move being found: (plan, event)
+        self._full: list[tuple[int, Future]] = []  # (event index, full re-plan) not yet folded into the events
+
+    def between_phases(self, view, rids) -> Plan:
+        """Reads which of ``rids`` have finished (each once: the driver frees their rows next), starts a re-plan
+        on an alarm, and returns the plan in force (a finished re-plan's cheap move from now on)."""
+        for r in rids:
+            if view.done(r):
+                alarm = self.monitor.observe(self.position[r], view.input_len(r), view.generated(r))
+                if alarm is not None:
+                    self._alarm(alarm, float(view.now()))
+        if self._move is not None and self._move.done():
+            plan, event = self._move.result()
+            self._move = None
+            self.plan = plan
+            self._events.append(dataclasses.replace(event, applied_s=float(view.now())))
+            self._start_full(len(self._events) - 1, plan.workload)
+        return self.plan
+
+    def _alarm(self, alarm: Alarm, now: float) -> None:
+        fitted = fitted_workload(self.monitor.workload, alarm)
+        self.monitor.reset(fitted)  # from here the monitor tests against what the re-plan plans for
+        if not self.options.replan or self._move is not None:
+            self._events.append(self._event(alarm, now, fitted)[1])
+            return
+        self._move = self._submit(self._event, alarm, now, fitted)
+
+    def _submit(self, fn, *args) -> Future:
+        return self._pool.submit(fn, *args) if self._pool is not None else _done(fn(*args))
+
+    def _event(self, alarm: Alarm, now: float, fitted: Workload) -> tuple[Plan | None, DriftEvent]:
+        """The event of an alarm, and the cheap move when re-planning."""
+        prof = self.options.profile
+        t0 = time.perf_counter()
+        prob, lay = plan_problem(dataclasses.replace(self.plan, workload=fitted), prof)
+        old = estimate(prob, lay, self.plan.schedule)
+        event = DriftEvent(now, alarm.observed, alarm.change_at, alarm.marginal, alarm.p_value,
+                           fitted.input_len.mean() / self.plan.workload.input_len.mean(),
+                           fitted.output_len.mean() / self.plan.workload.output_len.mean(),
+                           describe(self.plan.schedule), "", self.plan.bound.bound_s, old.latency_s,
+                           old.throughput_seq_s)
+        if not self.options.replan:
+            return None, event
+        moved = cheap_move(self.plan, fitted, prof)
+        return moved, dataclasses.replace(event, after=describe(moved.schedule), new_latency_s=moved.estimate.latency_s,
+                                          new_throughput_seq_s=moved.estimate.throughput_seq_s,
+                                          move_s=time.perf_counter() - t0)
+
+    def _start_full(self, index: int, workload: Workload) -> None:
+        if self.options.full_replan:
+            self._full.append((index, self._submit(self._timed_full, workload)))
+
+    def _timed_full(self, workload: Workload) -> tuple[Plan | None, float]:
+        t0 = time.perf_counter()
+        return full_replan(self.plan, workload, self.options.profile), time.perf_counter() - t0
+
+    def finish(self) -> tuple[DriftEvent, ...]:
+        """The run's drift events, once every re-plan started has ended (a move found after the driver's last phase
+        is reported, never applied)."""
+        if self._move is not None:
+            _, event = self._move.result()
+            self._events.append(event)
+            self._move = None
+        for index, fut in self._full:
+            plan, wall = fut.result()
+            if plan is not None:
+                self._events[index] = dataclasses.replace(
+                    self._events[index], full=describe(plan.schedule),
+                    full_throughput_seq_s=plan.estimate.throughput_seq_s, full_s=wall)
+        self._full = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        return tuple(self._events)
