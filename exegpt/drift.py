@@ -88,8 +88,11 @@ class MonitorOptions:
 
 @dataclass(frozen=True, slots=True)
 class Alarm:
-    """A detected drift."""
+    """A detected drift ('drift'), or the refit that follows one once the window holds only requests read after it
+    ('refit'): a test fires when its sample happens to be extreme, so the means read at a drift alarm lean that way;
+    the refit reads a whole window that had no say in the alarm."""
 
+    kind: str
     observed: int
     """Requests (in admission order) the monitor had read when it alarmed."""
     marginal: str
@@ -113,17 +116,23 @@ class DriftMonitor:
         self._pending: dict[int, tuple[int, int]] = {}  # finished requests waiting for an earlier one
         self.observed = 0  # the next admission position to enter the window
         self._since_test = 0
+        self._refit: tuple[int, str] | None = None  # (position, marginal) of the refit due after a drift alarm
         self.reset(workload)
 
-    def reset(self, workload: Workload) -> None:
-        """Test against ``workload`` from now on (after a re-plan), with an empty window."""
+    def reset(self, workload: Workload, alarm: Alarm | None = None) -> None:
+        """Test against ``workload`` from now on (after a re-plan). The window keeps the requests from ``alarm``'s
+        change on (none without an alarm); after a drift alarm, a refit is due once a whole window of requests after
+        the alarm has been read (they did not choose when the test fired)."""
         o = self.options
         rng = np.random.default_rng(o.seed)
         self.workload = workload
         self.reference = (workload.input_len.sample(o.reference_size, rng),
                           workload.output_len.sample(o.reference_size, rng))
-        self._window: list[tuple[int, int]] = []
+        first = self.observed - len(getattr(self, "_window", ()))  # the position of the window's oldest request
+        self._window = self._window[max(0, alarm.change_at - first):] if alarm is not None else []
         self._since_test = 0
+        if alarm is not None:
+            self._refit = (alarm.observed + o.window, alarm.marginal) if alarm.kind == "drift" else None
 
     def observe(self, position: int, input_len: int, output_len: int) -> Alarm | None:
         """The request admitted at ``position`` (0, 1, ... in admission order) finished with these lengths (tokens);
@@ -144,7 +153,9 @@ class DriftMonitor:
             self._since_test += 1
             if len(self._window) > self.options.window:
                 del self._window[0]
-            if alarm is None and self._since_test >= self.options.step and len(self._window) >= \
+            if alarm is None and self._refit is not None and self.observed >= self._refit[0]:
+                alarm = self._refit_alarm()
+            elif alarm is None and self._since_test >= self.options.step and len(self._window) >= \
                     self.options.min_samples:
                 self._since_test = 0
                 alarm = self._test()
@@ -177,8 +188,15 @@ class DriftMonitor:
             return None
         k = self._change_point(x[:, i], self.reference[i])
         after = x[k:]
-        return Alarm(self.observed, MARGINALS[i], p, stat, self.observed - len(x) + k, float(after[:, 0].mean()),
-                     float(after[:, 1].mean()), len(after))
+        return Alarm("drift", self.observed, MARGINALS[i], p, stat, self.observed - len(x) + k,
+                     float(after[:, 0].mean()), float(after[:, 1].mean()), len(after))
+
+    def _refit_alarm(self) -> Alarm:
+        x = self.samples()
+        i = MARGINALS.index(self._refit[1])
+        stat, p = self._test_one(x[:, i], self.reference[i])
+        return Alarm("refit", self.observed, MARGINALS[i], p, stat, self.observed - len(x), float(x[:, 0].mean()),
+                     float(x[:, 1].mean()), len(x))
 
     def _change_point(self, values: np.ndarray, reference: np.ndarray) -> int:
         """The split of the window whose newer part departs most from ``reference``: the largest KS distance times
@@ -198,9 +216,11 @@ class DriftMonitor:
 
 @dataclass(frozen=True, slots=True)
 class DriftEvent:
-    """One detected drift in a run and what the re-planner (``exegpt.replan``) made of it. Times are the run's clock
-    (seconds from its start); estimates are on the fitted workload."""
+    """One detected drift in a run, or the refit after one (``Alarm.kind``), and what the re-planner
+    (``exegpt.replan``) made of it. Times are the run's clock (seconds from its start); estimates are on the fitted
+    workload."""
 
+    kind: str
     detected_s: float
     observed: int
     """Requests (in admission order) the monitor had read at the alarm."""
@@ -210,7 +230,7 @@ class DriftEvent:
     p_value: float
     input_ratio: float
     output_ratio: float
-    """Fitted mean length over the plan's (input, output)."""
+    """Fitted mean length over the one the run was planned for (input, output)."""
     before: str
     """The schedule in force before (``policies.describe``)."""
     after: str

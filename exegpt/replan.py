@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .distribution import Distribution
-from .drift import Alarm, DriftEvent, DriftMonitor, MonitorOptions
+from .drift import MARGINALS, Alarm, DriftEvent, DriftMonitor, MonitorOptions
 from .errors import ExeGPTError, InfeasibleBoundError
 from .plan import Plan, SearchStats, SLOCheck
 from .policies import describe, policy_module
@@ -71,15 +71,34 @@ def rescaled(dist: Distribution, factor: float, max_len: int) -> Distribution:
     return Distribution.from_pmf(values, mass / mass.sum())
 
 
-def fitted_workload(workload: Workload, alarm: Alarm) -> Workload:
-    """The plan's workload with the alarmed marginal rescaled to the mean the monitor saw after the change, within
-    the plan's longest lengths (its KV-cache budget per sequence)."""
-    inp, out = workload.input_len, workload.output_len
-    if alarm.marginal == "input":
-        inp = rescaled(inp, alarm.input_mean / inp.mean(), inp.max)
-    else:
-        out = rescaled(out, alarm.output_mean / out.mean(), out.max)
-    return Workload(inp, out, name=f"{workload.name} (drifted)")
+def fitted_workload(current: Workload, base: Workload, alarm: Alarm) -> Workload:
+    """``current`` with the alarmed marginal replaced by ``base``'s (the plan's own) rescaled to the mean the monitor
+    saw, within ``base``'s longest lengths (the plan's KV-cache budget per sequence)."""
+    i = MARGINALS.index(alarm.marginal)
+    dists = [current.input_len, current.output_len]
+    src = (base.input_len, base.output_len)[i]
+    dists[i] = rescaled(src, (alarm.input_mean, alarm.output_mean)[i] / src.mean(), src.max)
+    return Workload(*dists, name=f"{base.name} (drifted)")
+
+
+def _retune(plan: Plan, workload: Workload, profile: Profile | None):
+    """The policy module of ``plan``, its problem and layout for ``workload``, and its cheap-move space there."""
+    module = policy_module(plan.schedule.policy)
+    if not hasattr(module, "retune_space"):
+        raise ExeGPTError(f"policy {plan.schedule.policy.value} has no cheap move; drift re-planning runs RRA and "
+                          f"WAA plans")
+    prob, lay = plan_problem(dataclasses.replace(plan, workload=workload), profile)
+    return module, prob, lay, module.retune_space(prob, lay, plan)
+
+
+def in_force(plan: Plan, workload: Workload, profile: Profile | None = None) -> tuple[float, float]:
+    """(throughput seq/s, bound-length latency s) estimated for ``plan``'s schedule serving ``workload`` on its
+    layout. A knob past its space's limit acts as the limit (an N_D beyond the longest output's decode
+    iterations runs as many)."""
+    module, _, _, space = _retune(plan, workload, profile)
+    p = np.clip(np.asarray(module.retune_point(plan.schedule)), space.lo, space.hi)[None, :]
+    thr, lat, _ = space.fn(p, p)
+    return float(np.ravel(thr)[0]), float(np.ravel(lat)[0])
 
 
 def cheap_move(plan: Plan, workload: Workload, profile: Profile | None = None) -> Plan:
@@ -90,12 +109,7 @@ def cheap_move(plan: Plan, workload: Workload, profile: Profile | None = None) -
         ExeGPTError: the policy has no cheap move, or no point of its space fits.
     """
     t0 = time.perf_counter()
-    module = policy_module(plan.schedule.policy)
-    if not hasattr(module, "retune_space"):
-        raise ExeGPTError(f"policy {plan.schedule.policy.value} has no cheap move; drift re-planning runs RRA and "
-                          f"WAA plans")
-    prob, lay = plan_problem(dataclasses.replace(plan, workload=workload), profile)
-    space = module.retune_space(prob, lay, plan)
+    module, prob, lay, space = _retune(plan, workload, profile)
     res = branch_and_bound([space], prob.bound.bound_s)
     if res.point is None:  # no point keeps the bound on this layout: the lowest latency it reaches
         res = branch_and_bound([space], math.inf, minimize_latency=True)
@@ -134,61 +148,71 @@ class DriftControl:
         """``order``: the ids of the requests the driver serves, in admission order. ``background``: re-plan on a
         thread (the runner) instead of at the phase boundary of the alarm (the simulated engine)."""
         self.plan, self.options = plan, options
+        self.base = plan.workload  # what the run was planned for
         self.monitor = DriftMonitor(plan.workload, options.monitor)
         self.position = {int(r): i for i, r in enumerate(order)}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="replan") if background else None
         self._events: list[DriftEvent] = []
-        self._move: Future | None = None  # the cheap move being found: (plan, event)
+        self._move: Future | None = None  # the cheap move being found: (plan, event, fitted workload)
         self._full: list[tuple[int, Future]] = []  # (event index, full re-plan) not yet folded into the events
 
     def between_phases(self, view, rids) -> Plan:
         """Reads which of ``rids`` have finished (each once: the driver frees their rows next), starts a re-plan
         on an alarm, and returns the plan in force (a finished re-plan's cheap move from now on)."""
+        now = float(view.now())
         for r in rids:
             if view.done(r):
                 alarm = self.monitor.observe(self.position[r], view.input_len(r), view.generated(r))
                 if alarm is not None:
-                    self._alarm(alarm, float(view.now()))
-        if self._move is not None and self._move.done():
-            plan, event = self._move.result()
-            self._move = None
-            self.plan = plan
-            self._events.append(dataclasses.replace(event, applied_s=float(view.now())))
-            self._start_full(len(self._events) - 1, plan.workload)
+                    self._apply(now)
+                    self._alarm(alarm, now)
+        self._apply(now)
         return self.plan
 
+    def _apply(self, now: float) -> None:
+        """Takes the cheap move when it is ready."""
+        if self._move is None or not self._move.done():
+            return
+        plan, event, fitted = self._move.result()
+        self._move = None
+        if plan is not None:
+            self.plan = plan
+            event = dataclasses.replace(event, applied_s=now)
+        self._events.append(event)
+        if self.options.full_replan:
+            self._full.append((len(self._events) - 1, self._submit(self._timed_full, fitted)))
+
     def _alarm(self, alarm: Alarm, now: float) -> None:
-        fitted = fitted_workload(self.monitor.workload, alarm)
-        self.monitor.reset(fitted)  # from here the monitor tests against what the re-plan plans for
-        if not self.options.replan or self._move is not None:
-            self._events.append(self._event(alarm, now, fitted)[1])
+        fitted = fitted_workload(self.monitor.workload, self.base, alarm)
+        self.monitor.reset(fitted, alarm)  # from here the monitor tests against what the re-plan plans for
+        if not self.options.replan or self._move is not None:  # a move still being found: this one is reported
+            self._events.append(self._event(alarm, now, fitted, move=False)[1])
             return
         self._move = self._submit(self._event, alarm, now, fitted)
 
     def _submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args) if self._pool is not None else _done(fn(*args))
 
-    def _event(self, alarm: Alarm, now: float, fitted: Workload) -> tuple[Plan | None, DriftEvent]:
-        """The event of an alarm, and the cheap move when re-planning."""
+    def _event(self, alarm: Alarm, now: float, fitted: Workload, move: bool = True
+               ) -> tuple[Plan | None, DriftEvent, Workload]:
+        """The event of an alarm, the cheap move (None: not asked for, or none fits the layout) and the fitted
+        workload."""
         prof = self.options.profile
         t0 = time.perf_counter()
-        prob, lay = plan_problem(dataclasses.replace(self.plan, workload=fitted), prof)
-        old = estimate(prob, lay, self.plan.schedule)
-        event = DriftEvent(now, alarm.observed, alarm.change_at, alarm.marginal, alarm.p_value,
-                           fitted.input_len.mean() / self.plan.workload.input_len.mean(),
-                           fitted.output_len.mean() / self.plan.workload.output_len.mean(),
-                           describe(self.plan.schedule), "", self.plan.bound.bound_s, old.latency_s,
-                           old.throughput_seq_s)
-        if not self.options.replan:
-            return None, event
-        moved = cheap_move(self.plan, fitted, prof)
+        thr, lat = in_force(self.plan, fitted, prof)
+        event = DriftEvent(alarm.kind, now, alarm.observed, alarm.change_at, alarm.marginal, alarm.p_value,
+                           fitted.input_len.mean() / self.base.input_len.mean(),
+                           fitted.output_len.mean() / self.base.output_len.mean(),
+                           describe(self.plan.schedule), "", self.plan.bound.bound_s, lat, thr)
+        if not move:
+            return None, event, fitted
+        try:
+            moved = cheap_move(self.plan, fitted, prof)
+        except ExeGPTError:  # nothing on this layout fits the fitted workload: the plan stays, the full re-plan says
+            return None, dataclasses.replace(event, move_s=time.perf_counter() - t0), fitted
         return moved, dataclasses.replace(event, after=describe(moved.schedule), new_latency_s=moved.estimate.latency_s,
                                           new_throughput_seq_s=moved.estimate.throughput_seq_s,
-                                          move_s=time.perf_counter() - t0)
-
-    def _start_full(self, index: int, workload: Workload) -> None:
-        if self.options.full_replan:
-            self._full.append((index, self._submit(self._timed_full, workload)))
+                                          move_s=time.perf_counter() - t0), fitted
 
     def _timed_full(self, workload: Workload) -> tuple[Plan | None, float]:
         t0 = time.perf_counter()
@@ -198,8 +222,7 @@ class DriftControl:
         """The run's drift events, once every re-plan started has ended (a move found after the driver's last phase
         is reported, never applied)."""
         if self._move is not None:
-            _, event = self._move.result()
-            self._events.append(event)
+            self._events.append(self._move.result()[1])
             self._move = None
         for index, fut in self._full:
             plan, wall = fut.result()

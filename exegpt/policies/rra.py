@@ -235,6 +235,11 @@ def retune_space(prob: Problem, lay: Layout, plan) -> Space:
     return Space(fn, (1, 1), (max(1, rows - 1), prob.max_decode_iters))
 
 
+def retune_point(s: RRASchedule) -> tuple[int, ...]:
+    """The schedule's point in ``retune_space``."""
+    return s.encode_batch, s.decode_iters
+
+
 def retuned(s: RRASchedule, point: tuple[int, ...]) -> RRASchedule:
     """The schedule at a point of ``retune_space``."""
     return dataclasses.replace(s, encode_batch=int(point[0]), decode_iters=int(point[1]))

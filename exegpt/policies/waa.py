@@ -359,6 +359,11 @@ def retune_space(prob: Problem, lay: Layout, plan) -> Space:
     return Space(fn, (1,), (max(1, bm_max),))
 
 
+def retune_point(s: WAASchedule) -> tuple[int, ...]:
+    """The schedule's point in ``retune_space``."""
+    return (s.micro_batch,)
+
+
 def retuned(s: WAASchedule, point: tuple[int, ...]) -> WAASchedule:
     """The schedule at a point of ``retune_space``."""
     return dataclasses.replace(s, micro_batch=int(point[0]))
