@@ -264,3 +264,28 @@ class DriftEvent:
     @property
     def new_keeps_bound(self) -> bool:
         return self.new_latency_s <= self.bound_s
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """What a run measured over a stretch of its requests (by admission position)."""
+
+    num_requests: int
+    num_finished: int
+    throughput_seq_s: float
+    """Completions per second between the stretch's 10 % and 90 % completion times (``rules.steady_rate``)."""
+    latency_s: float
+    """The worst time from encode start to each request's own bound-length token (``latency_len_token_s``;
+    ``run_simulated(latency_lens=...)`` sets that length per request), NaN when none reached it."""
+
+
+def segment(records, ids) -> Segment:
+    """The ``Segment`` of a run's request ``records`` (``RunReport.requests``) whose ids are in ``ids``."""
+    from .rules import steady_rate
+
+    want = set(int(i) for i in ids)
+    mine = [r for r in records if r.id in want]
+    done = [r for r in mine if r.finished]
+    lat = [r.latency_len_token_s - r.encode_start_s for r in done if r.latency_len_token_s is not None]
+    return Segment(len(mine), len(done), steady_rate(np.sort([r.finish_s for r in done])),
+                   max(lat) if lat else math.nan)

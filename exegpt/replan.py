@@ -51,10 +51,15 @@ class DriftOptions:
     """Apply the cheap move; False: detect and report only (a baseline)."""
     full_replan: bool = True
     """Also run the full re-plan and report its gain."""
+    latency_margin: float = 0.0
+    """Re-plan against ``bound * (1 - margin)``, room for the estimate's error, as ``find_schedule``'s."""
 
     def __post_init__(self):
         if not isinstance(self.monitor, MonitorOptions):
             raise ExeGPTError(f"drift monitor options must be a MonitorOptions, got {type(self.monitor).__name__}")
+        if isinstance(self.latency_margin, bool) or not isinstance(self.latency_margin, (int, float)) or \
+                not 0 <= self.latency_margin < 1:
+            raise ExeGPTError(f"drift latency_margin={self.latency_margin!r} must be in [0, 1)")
 
 
 def rescaled(dist: Distribution, factor: float, max_len: int) -> Distribution:
@@ -101,16 +106,16 @@ def in_force(plan: Plan, workload: Workload, profile: Profile | None = None) -> 
     return float(np.ravel(thr)[0]), float(np.ravel(lat)[0])
 
 
-def cheap_move(plan: Plan, workload: Workload, profile: Profile | None = None) -> Plan:
-    """The best plan for ``workload`` that keeps ``plan``'s layout, weights and cache (module docstring, step 1);
-    its ``slo_check`` says whether it keeps the bound.
+def cheap_move(plan: Plan, workload: Workload, profile: Profile | None = None, latency_margin: float = 0.0) -> Plan:
+    """The best plan for ``workload`` that keeps ``plan``'s layout, weights and cache (module docstring, step 1),
+    searched under ``bound * (1 - latency_margin)``; its ``slo_check`` says whether it keeps the bound.
 
     Raises:
         ExeGPTError: the policy has no cheap move, or no point of its space fits.
     """
     t0 = time.perf_counter()
     module, prob, lay, space = _retune(plan, workload, profile)
-    res = branch_and_bound([space], prob.bound.bound_s)
+    res = branch_and_bound([space], prob.bound.bound_s * (1 - latency_margin))
     if res.point is None:  # no point keeps the bound on this layout: the lowest latency it reaches
         res = branch_and_bound([space], math.inf, minimize_latency=True)
     if res.point is None:
@@ -126,11 +131,13 @@ def cheap_move(plan: Plan, workload: Workload, profile: Profile | None = None) -
     return dataclasses.replace(plan, schedule=s, estimate=est, workload=workload, search=stats, slo_check=check)
 
 
-def full_replan(plan: Plan, workload: Workload, profile: Profile | None = None) -> Plan | None:
-    """The best plan of any policy and layout for ``workload`` under ``plan``'s bound, model and devices (None: no
-    schedule keeps the bound)."""
+def full_replan(plan: Plan, workload: Workload, profile: Profile | None = None, latency_margin: float = 0.0
+                ) -> Plan | None:
+    """The best plan of any policy and layout for ``workload`` under ``plan``'s bound (with the margin), model and
+    devices (None: no schedule keeps it)."""
     try:
-        return find_schedule(workload, plan.bound, model=plan.model, devices=plan.devices, profile=profile)
+        return find_schedule(workload, plan.bound, model=plan.model, devices=plan.devices, profile=profile,
+                             latency_margin=latency_margin)
     except InfeasibleBoundError:
         return None
 
@@ -207,7 +214,7 @@ class DriftControl:
         if not move:
             return None, event, fitted
         try:
-            moved = cheap_move(self.plan, fitted, prof)
+            moved = cheap_move(self.plan, fitted, prof, self.options.latency_margin)
         except ExeGPTError:  # nothing on this layout fits the fitted workload: the plan stays, the full re-plan says
             return None, dataclasses.replace(event, move_s=time.perf_counter() - t0), fitted
         return moved, dataclasses.replace(event, after=describe(moved.schedule), new_latency_s=moved.estimate.latency_s,
@@ -216,7 +223,8 @@ class DriftControl:
 
     def _timed_full(self, workload: Workload) -> tuple[Plan | None, float]:
         t0 = time.perf_counter()
-        return full_replan(self.plan, workload, self.options.profile), time.perf_counter() - t0
+        return full_replan(self.plan, workload, self.options.profile, self.options.latency_margin), \
+            time.perf_counter() - t0
 
     def finish(self) -> tuple[DriftEvent, ...]:
         """The run's drift events, once every re-plan started has ended (a move found after the driver's last phase
