@@ -11,8 +11,8 @@
 control)``): it feeds the requests that finished to the monitor (``exegpt.drift``), starts the re-plan at an alarm
 and hands the driver the plan in force. Both engines run it: the simulated engine (``exegpt.sim``) re-plans at the
 phase boundary where the drift is detected (no simulated time passes: runs stay deterministic); the runner
-(``runner.engine``) re-plans on a thread while its driver runs on, and the move applies at the first phase boundary
-after it is ready.
+(``runner.engine``) finds the cheap move on a thread while its driver runs on, and the move applies at the first
+phase boundary after it is ready. Both run the full re-plans once the driver has finished (``finish``).
 """
 
 from __future__ import annotations
@@ -60,6 +60,17 @@ class DriftOptions:
         if isinstance(self.latency_margin, bool) or not isinstance(self.latency_margin, (int, float)) or \
                 not 0 <= self.latency_margin < 1:
             raise ExeGPTError(f"drift latency_margin={self.latency_margin!r} must be in [0, 1)")
+
+    def __reduce__(self):
+        # The profile travels as its JSON fields: a Profile holds interpolating functions that do not pickle, and the
+        # runner sends these options to its ranks.
+        return _options, (self.monitor, None if self.profile is None else self.profile.to_dict(), self.replan,
+                          self.full_replan, self.latency_margin)
+
+
+def _options(monitor: MonitorOptions, profile: dict | None, replan: bool, full_replan: bool, margin: float
+             ) -> DriftOptions:
+    return DriftOptions(monitor, None if profile is None else Profile.from_dict(profile), replan, full_replan, margin)
 
 
 def rescaled(dist: Distribution, factor: float, max_len: int) -> Distribution:
@@ -161,7 +172,11 @@ class DriftControl:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="replan") if background else None
         self._events: list[DriftEvent] = []
         self._move: Future | None = None  # the cheap move being found: (plan, event, fitted workload)
-        self._full: list[tuple[int, Future]] = []  # (event index, full re-plan) not yet folded into the events
+        # NOTE: the full re-plan is advice for a redeploy; it runs once the driver has finished. Run beside the
+        # driver it took the cores for its whole search (0.2-2 s): on a thread (the interpreter lock) and in a
+        # process of its own at the lowest priority alike, on two shared cores the tiny model's driver, whose steps
+        # take a millisecond, then served the requests in flight 5-14x slower than their bound.
+        self._full: list[tuple[int, Workload]] = []  # (event index, fitted workload) of the full re-plans due
 
     def between_phases(self, view, rids) -> Plan:
         """Reads which of ``rids`` have finished (each once: the driver frees their rows next), starts a re-plan
@@ -187,7 +202,7 @@ class DriftControl:
             event = dataclasses.replace(event, applied_s=now)
         self._events.append(event)
         if self.options.full_replan:
-            self._full.append((len(self._events) - 1, self._submit(self._timed_full, fitted)))
+            self._full.append((len(self._events) - 1, fitted))
 
     def _alarm(self, alarm: Alarm, now: float) -> None:
         fitted = fitted_workload(self.monitor.workload, self.base, alarm)
@@ -221,19 +236,16 @@ class DriftControl:
                                           new_throughput_seq_s=moved.estimate.throughput_seq_s,
                                           move_s=time.perf_counter() - t0), fitted
 
-    def _timed_full(self, workload: Workload) -> tuple[Plan | None, float]:
-        t0 = time.perf_counter()
-        return full_replan(self.plan, workload, self.options.profile, self.options.latency_margin), \
-            time.perf_counter() - t0
-
     def finish(self) -> tuple[DriftEvent, ...]:
-        """The run's drift events, once every re-plan started has ended (a move found after the driver's last phase
-        is reported, never applied)."""
+        """The run's drift events, with their full re-plans (run here) and every move started (one found after the
+        driver's last phase is reported, never applied)."""
         if self._move is not None:
             self._events.append(self._move.result()[1])
             self._move = None
-        for index, fut in self._full:
-            plan, wall = fut.result()
+        for index, fitted in self._full:
+            t0 = time.perf_counter()
+            plan = full_replan(self.plan, fitted, self.options.profile, self.options.latency_margin)
+            wall = time.perf_counter() - t0
             if plan is not None:
                 self._events[index] = dataclasses.replace(
                     self._events[index], full=describe(plan.schedule),

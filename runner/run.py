@@ -134,6 +134,9 @@ class RunOptions:
     batch_invariant: bool = False
     """Every request's tokens independent of what it is batched with, in any precision, at a cost in speed
     (``runner.numerics``)."""
+    latency_lens: tuple[int, ...] | None = None
+    """Per request, the output length whose token time its record keeps (``latency_len_token_s``; default: the
+    plan's bound length), as ``run_simulated(latency_lens=...)``."""
     drift: DriftOptions | None = None
     """Watch the lengths served and re-plan live when they drift (``exegpt.replan``; RRA and WAA, one replica):
     the report's ``drift`` says what was detected and applied."""
@@ -223,7 +226,8 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
                       cache_len=cache_len_of(plan, args.max_seq_len), stop_at_eos=opts.stop_at_eos,
                       eos_id=opts.eos_id, keep_tokens=opts.keep_tokens, seed=opts.seed, fault=opts.fault,
                       progress=opts.progress, log_decisions=opts.log_decisions,
-                      batch_invariant=opts.batch_invariant, encoder_decoder=args.family == "t5", drift=opts.drift)
+                      batch_invariant=opts.batch_invariant, encoder_decoder=args.family == "t5", drift=opts.drift,
+                      latency_lens=None if opts.latency_lens is None else tuple(int(x) for x in opts.latency_lens))
 
 
 def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]
