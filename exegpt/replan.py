@@ -133,11 +133,7 @@ def cheap_move(plan: Plan, workload: Workload, profile: Profile | None = None, l
         raise ExeGPTError(f"no {describe(plan.schedule)} variant fits its layout for workload {workload.name!r}")
     s = module.retuned(plan.schedule, res.point)
     est = estimate(prob, lay, s)
-    b = prob.bound
-    check = SLOCheck("quantile_length", f"the p{b.length_quantile * 100:g}-length output ({est.latency_len} tokens) "
-                     f"within {b.bound_s:g} s", est.latency_s <= b.bound_s,
-                     (b.bound_s - est.latency_s) / b.bound_s if math.isfinite(b.bound_s) else math.inf,
-                     (est.latency_s,))
+    check = SLOCheck.of_bound(prob.bound, est)
     stats = SearchStats("cheap_move", res.candidates_evaluated, time.perf_counter() - t0, space.size)
     return dataclasses.replace(plan, schedule=s, estimate=est, workload=workload, search=stats, slo_check=check)
 
