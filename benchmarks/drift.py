@@ -13,8 +13,9 @@ times. Latency: the worst time from encode start to a request's own bound length
 distribution it came from) over the bound; above 1 breaks it.
 
 Settings: simulated (``exegpt.sim``) on the shipped GPU data, OPT-13B on 4xA40 under 1.5x the smallest bound RRA
-(task S) or WAA-C (task C1) meets; simulated and executed (``runner``, one CPU rank) with the ``tiny`` preset and
-its shipped CPU profile (``tests/data/tiny-cpu.json``), the tests' workload and plan. Executed runs repeat
+(task S) or WAA-C (task C1) meets, planned and re-planned with a 15 % latency margin; simulated and executed (``runner``, one CPU rank) with the ``tiny`` preset and
+its shipped CPU profile (``tests/data/tiny-cpu.json``), the tests' workload and plan (re-planned with a 3 % margin).
+Executed runs repeat
 ``--rounds`` times, the two runs of a pair interleaved; cells are medians, and the noise floor is the spread of the
 'before' throughput, the same requests under the same plan in every run.
 """
@@ -31,11 +32,14 @@ import numpy as np
 from exegpt import Profile, RRASchedule, Workload, evaluate_schedule, find_schedule, run_simulated, \
     smallest_feasible_bound
 from exegpt.drift import DriftMonitor, MonitorOptions, segment
-from exegpt.replan import DriftOptions, fitted_workload, rescaled
+from exegpt.replan import DriftOptions, rescaled
 
 SHIFTS = (1.15, 0.7)
 TINY_PROFILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny-cpu.json"
 TINY_WORKLOAD = Workload.truncated_normal(input=(24, 8, 48), output=(32, 4, 64), name="tiny")
+GPU_MARGIN = 0.15
+"""The simulated engine's worst bound-length latency ran 14 % past the estimate's on task S (RRA, OPT-13B)."""
+TINY_MARGIN = 0.03
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class Setting:
     profile: Profile | None
     engine: str
     """'simulated' or 'runner'."""
+    margin: float
+    """The latency margin of the plan and of its re-plans (``find_schedule(latency_margin=...)``)."""
 
 
 def settings(gpu: bool, cpu: bool) -> list[Setting]:
@@ -53,13 +59,13 @@ def settings(gpu: bool, cpu: bool) -> list[Setting]:
         for task, policy in (("S", "rra"), ("C1", "waa_c")):
             w = Workload.task(task)
             bound = 1.5 * smallest_feasible_bound(w, policies=[policy])
-            out.append(Setting(f"OPT-13B 4xA40 {task}", find_schedule(w, bound, policies=[policy]), None,
-                               "simulated"))
+            plan = find_schedule(w, bound, policies=[policy], latency_margin=GPU_MARGIN)
+            out.append(Setting(f"OPT-13B 4xA40 {task}", plan, None, "simulated", GPU_MARGIN))
     prof = Profile.load(TINY_PROFILE)
     plan = evaluate_schedule(RRASchedule(36, 41, 1, 0, 1), TINY_WORKLOAD, 0.0681, profile=prof, devices="1xcpu")
-    out.append(Setting("tiny 1xcpu", plan, prof, "simulated"))
+    out.append(Setting("tiny 1xcpu", plan, prof, "simulated", TINY_MARGIN))
     if cpu:
-        out.append(Setting("tiny 1xcpu", plan, prof, "runner"))
+        out.append(Setting("tiny 1xcpu", plan, prof, "runner", TINY_MARGIN))
     return out
 
 
@@ -73,7 +79,7 @@ def drifting(w: Workload, factor: float, n: int, seed: int = 1) -> tuple[np.ndar
 
 
 def run(s: Setting, pairs: np.ndarray, lens: np.ndarray, replan: bool):
-    opts = DriftOptions(profile=s.profile, replan=replan, full_replan=replan)
+    opts = DriftOptions(profile=s.profile, replan=replan, full_replan=replan, latency_margin=s.margin)
     if s.engine == "simulated":
         return run_simulated(s.plan, s.profile, lengths=pairs, latency_lens=lens, drift=opts)
     import torch
@@ -161,10 +167,9 @@ def false_alarms(num: int) -> str:
         x = w.sample(num, np.random.default_rng(11), joint=False)
         alarms = 0
         for i, (a, b) in enumerate(x):
-            alarm = m.observe(i, int(a), int(b))
-            if alarm is not None:
-                alarms += alarm.kind == "drift"
-                m.reset(fitted_workload(m.workload, w, alarm), alarm)
+            if m.observe(i, int(a), int(b)) is not None:
+                alarms += 1
+                m.reset(w)  # against the plan's lengths again (no refit: the rate is stated for those)
         rows.append(f"| {w.name} | {num} | {alarms} | {opts.alpha * num / opts.window:.2f} |")
     return "\n".join(rows)
 

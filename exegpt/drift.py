@@ -234,14 +234,15 @@ class DriftEvent:
     before: str
     """The schedule in force before (``policies.describe``)."""
     after: str
-    """The cheap move: the schedule applied without moving weights ('' when not re-planning)."""
+    """The cheap move: the schedule applied without moving weights ('' none: not re-planning, nothing fits the
+    layout, or the plan keeps the bound and the move adds less than ``DriftOptions.min_gain``)."""
     bound_s: float
     old_latency_s: float
     old_throughput_seq_s: float
     """The schedule in force, estimated on the fitted workload."""
     new_latency_s: float = math.nan
     new_throughput_seq_s: float = math.nan
-    """The cheap move, estimated on the fitted workload."""
+    """The cheap move found, estimated on the fitted workload (also when not applied)."""
     move_s: float = math.nan
     """Wall seconds to fit the workload and find the cheap move."""
     applied_s: float = math.nan

@@ -53,6 +53,9 @@ class DriftOptions:
     """Also run the full re-plan and report its gain."""
     latency_margin: float = 0.0
     """Re-plan against ``bound * (1 - margin)``, room for the estimate's error, as ``find_schedule``'s."""
+    min_gain: float = 0.05
+    """Move only when the plan in force breaks the bound (with the margin) on the fitted workload, or when the move
+    adds at least this share of throughput."""
 
     def __post_init__(self):
         if not isinstance(self.monitor, MonitorOptions):
@@ -60,17 +63,18 @@ class DriftOptions:
         if isinstance(self.latency_margin, bool) or not isinstance(self.latency_margin, (int, float)) or \
                 not 0 <= self.latency_margin < 1:
             raise ExeGPTError(f"drift latency_margin={self.latency_margin!r} must be in [0, 1)")
+        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or not self.min_gain >= 0:
+            raise ExeGPTError(f"drift min_gain={self.min_gain!r} must be a number >= 0")
 
     def __reduce__(self):
         # The profile travels as its JSON fields: a Profile holds interpolating functions that do not pickle, and the
         # runner sends these options to its ranks.
         return _options, (self.monitor, None if self.profile is None else self.profile.to_dict(), self.replan,
-                          self.full_replan, self.latency_margin)
+                          self.full_replan, self.latency_margin, self.min_gain)
 
 
-def _options(monitor: MonitorOptions, profile: dict | None, replan: bool, full_replan: bool, margin: float
-             ) -> DriftOptions:
-    return DriftOptions(monitor, None if profile is None else Profile.from_dict(profile), replan, full_replan, margin)
+def _options(monitor: MonitorOptions, profile: dict | None, *rest) -> DriftOptions:
+    return DriftOptions(monitor, None if profile is None else Profile.from_dict(profile), *rest)
 
 
 def rescaled(dist: Distribution, factor: float, max_len: int) -> Distribution:
@@ -224,13 +228,18 @@ class DriftControl:
                            describe(self.plan.schedule), "", self.plan.bound.bound_s, lat, thr)
         if not move:
             return None, event, fitted
+        o = self.options
         try:
-            moved = cheap_move(self.plan, fitted, prof, self.options.latency_margin)
+            moved = cheap_move(self.plan, fitted, prof, o.latency_margin)
         except ExeGPTError:  # nothing on this layout fits the fitted workload: the plan stays, the full re-plan says
             return None, dataclasses.replace(event, move_s=time.perf_counter() - t0), fitted
-        return moved, dataclasses.replace(event, after=describe(moved.schedule), new_latency_s=moved.estimate.latency_s,
-                                          new_throughput_seq_s=moved.estimate.throughput_seq_s,
-                                          move_s=time.perf_counter() - t0), fitted
+        event = dataclasses.replace(event, new_latency_s=moved.estimate.latency_s,
+                                    new_throughput_seq_s=moved.estimate.throughput_seq_s,
+                                    move_s=time.perf_counter() - t0)
+        if lat <= self.plan.bound.bound_s * (1 - o.latency_margin) and \
+                moved.estimate.throughput_seq_s < (1 + o.min_gain) * thr:
+            return None, event, fitted  # the plan keeps the bound and the move adds too little to be worth a change
+        return moved, dataclasses.replace(event, after=describe(moved.schedule)), fitted
 
     def finish(self) -> tuple[DriftEvent, ...]:
         """The run's drift events, with their full re-plans (run here) and every move started (one found after the

@@ -116,6 +116,14 @@ def test_waa_retunes_its_micro_batch_and_a_policy_without_a_cheap_move_says_so()
     moved = cheap_move(plan, w2, prof)
     assert drift.after == f"WAA-C B_E=3 B_m={moved.schedule.micro_batch} TP1x0 1+1" and moved.stages == plan.stages
     assert moved.schedule.micro_batch != 8 and moved.estimate.throughput_seq_s >= in_force(plan, w2, prof)[0]
+    # -30 % under the B_m tuned for W, which keeps the bound: a move that adds less than min_gain is found,
+    # reported and not taken.
+    tuned = cheap_move(plan, W, prof)
+    assert tuned.slo_check.holds and plan.estimate.latency_s > 3 * BOUND_S  # B_m = 8 broke it
+    pairs, _ = shifted(0.7)
+    rep = run_simulated(tuned, prof, lengths=pairs, drift=DriftOptions(profile=prof, full_replan=False, min_gain=9.0))
+    kept = rep.drift[0]
+    assert kept.old_keeps_bound and kept.after == "" and kept.new_throughput_seq_s > 0 and np.isnan(kept.applied_s)
     static = evaluate_schedule(StaticSchedule(8, 1, 1), W, profile=prof, devices="1xcpu")
     with pytest.raises(ExeGPTError, match="policy static has no drift re-planning; the policies with a cheap move "
                                           "are rra, waa_c, waa_m"):
