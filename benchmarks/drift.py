@@ -100,7 +100,8 @@ def measure(reps: dict, n: int, bound_s: float) -> dict:
         return out
     e = drift[0]
     t_shift = min(r.encode_start_s for r in reps[True].requests if r.id >= h)
-    split = min([r.id for r in reps[True].requests if e.applied_s <= r.encode_start_s] or [n])
+    at = e.applied_s if math.isfinite(e.applied_s) else e.detected_s  # a move not taken: from the alarm on
+    split = min([r.id for r in reps[True].requests if at <= r.encode_start_s] or [n])
     out.update(read=e.observed - h, delay_s=e.detected_s - t_shift, move=e, split=split)
     for k, rep in reps.items():
         for name, ids in (("before", range(h)), ("during", range(h, split)), ("after", range(split, n))):
@@ -140,7 +141,7 @@ def table(gpu: bool, cpu: bool, n_gpu: int, n_cpu: int, rounds: int) -> str:
                          for i in (0, 1)]
                 full = f"{e.full} ({fmt(e.full_gain)}x, {fmt(e.full_s, 2)})" if k and e.full else ""
                 lines.append(
-                    f"| {label} | {factor - 1:+.0%} | {'yes: ' + e.after if k else 'no'} | "
+                    f"| {label} | {factor - 1:+.0%} | {('yes: ' + (e.after or 'none worth it')) if k else 'no'} | "
                     f"{m['read']} / {fmt(m['delay_s'])} | {' / '.join(fmt(x) for x in cells[0])} | "
                     f"{' / '.join(fmt(x) for x in cells[1])} | {fmt(e.move_s * 1e3) if k else ''} | {full} |")
             lost = sum(v for r in results for v in r["lost"].values())

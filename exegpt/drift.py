@@ -117,6 +117,7 @@ class DriftMonitor:
         self.observed = 0  # the next admission position to enter the window
         self._since_test = 0
         self._refit: tuple[int, str] | None = None  # (position, marginal) of the refit due after a drift alarm
+        self._window: list[tuple[int, int]] = []  # (input, output) of consecutive admissions, oldest first
         self.reset(workload)
 
     def reset(self, workload: Workload, alarm: Alarm | None = None) -> None:
@@ -128,7 +129,7 @@ class DriftMonitor:
         self.workload = workload
         self.reference = (workload.input_len.sample(o.reference_size, rng),
                           workload.output_len.sample(o.reference_size, rng))
-        first = self.observed - len(getattr(self, "_window", ()))  # the position of the window's oldest request
+        first = self.observed - len(self._window)  # the position of the window's oldest request
         self._window = self._window[max(0, alarm.change_at - first):] if alarm is not None else []
         self._since_test = 0
         if alarm is not None:
@@ -194,6 +195,7 @@ class DriftMonitor:
     def _refit_alarm(self) -> Alarm:
         x = self.samples()
         i = MARGINALS.index(self._refit[1])
+        self._refit = None
         stat, p = self._test_one(x[:, i], self.reference[i])
         return Alarm("refit", self.observed, MARGINALS[i], p, stat, self.observed - len(x), float(x[:, 0].mean()),
                      float(x[:, 1].mean()), len(x))
