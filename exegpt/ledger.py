@@ -37,7 +37,7 @@ def reject_reason(input_len: int, output_len: int, max_seq_len: float, cache_len
 class Ledger:
     """Per-request state in arrays (the simulated engine updates whole micro-batches at once)."""
 
-    def __init__(self, lengths, arrival_s, latency_len: int, max_seq_len: float = math.inf,
+    def __init__(self, lengths, arrival_s, latency_len, max_seq_len: float = math.inf,
                  cache_len: float = math.inf, stop_at_eos: bool = False, eos_id: int | None = None,
                  keep_tokens: bool = False, track_tokens: bool = False):
         lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
@@ -50,7 +50,13 @@ class Ledger:
         self.arrival = np.asarray(arrival_s, dtype=float).reshape(-1)
         if len(self.arrival) != n or (np.diff(self.arrival) < 0).any():
             raise ExeGPTError("arrival times must be one per request, in non-decreasing order")
-        self.latency_len, self.stop_at_eos, self.eos_id = latency_len, stop_at_eos, eos_id
+        self.stop_at_eos, self.eos_id = stop_at_eos, eos_id
+        self.latency_len = np.asarray(latency_len, dtype=np.int64)
+        """The output length whose token time each request keeps (``at_len``): one for all, or one per request."""
+        if self.latency_len.shape not in ((), (n,)):
+            raise ExeGPTError(f"latency lengths must be one number or one per request ({n}), got shape "
+                              f"{self.latency_len.shape}")
+        self.latency_len = np.broadcast_to(self.latency_len, (n,))
         self.rejected = {i: why for i in range(n)
                          if (why := reject_reason(int(self.inp[i]), int(self.out[i]), max_seq_len, cache_len))}
         self.runnable = [i for i in range(n) if i not in self.rejected]
@@ -94,7 +100,7 @@ class Ledger:
         self.gen[rids] += 1
         g = self.gen[rids]
         self.first[rids[g == 1]] = t
-        self.at_len[rids[g == self.latency_len]] = t
+        self.at_len[rids[g == self.latency_len[rids]]] = t
         end = g >= self.out[rids]
         if toks is not None:
             toks = np.asarray(toks, dtype=np.int64)

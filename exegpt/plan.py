@@ -107,6 +107,14 @@ class SLOCheck:
                 "goodput_rps": _num(self.goodput_rps), "engine": self.engine, "num_requests": self.num_requests}
 
     @classmethod
+    def of_bound(cls, bound: LatencyBound, est: Estimate) -> SLOCheck:
+        """The check of form (a), the paper's bound, on an estimate."""
+        return cls("quantile_length", f"the p{bound.length_quantile * 100:g}-length output ({est.latency_len} tokens) "
+                   f"within {bound.bound_s:g} s", est.latency_s <= bound.bound_s,
+                   (bound.bound_s - est.latency_s) / bound.bound_s if math.isfinite(bound.bound_s) else math.inf,
+                   (est.latency_s,))
+
+    @classmethod
     def from_dict(cls, d: dict) -> SLOCheck:
         known_fields(d, [f.name for f in fields(cls)], "a plan's slo_check")
         return cls(d["form"], d["description"], bool(d["holds"]), _den(d["margin"]),

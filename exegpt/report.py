@@ -158,15 +158,18 @@ class RunReport(JSONFile):
     estimate: Estimate | None = None
     """The plan's prediction, for comparison."""
     requests: tuple[RequestRecord, ...] = field(default=(), repr=False)
+    drift: tuple = field(default=(), repr=False)
+    """The drifts the run detected and what was re-planned (``exegpt.drift.DriftEvent``), when it watched for them."""
     _what = "report"
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("requests", "estimate")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("requests", "estimate", "drift")}
         d = {k: ({a: _enc(b) for a, b in asdict(v).items()} if isinstance(v, Percentiles) else _enc(v))
              for k, v in d.items()}
         d["schema"] = REPORT_SCHEMA
         d["estimate"] = None if self.estimate is None else {k: _enc(v) for k, v in asdict(self.estimate).items()}
         d["requests"] = [{k: _enc(v) for k, v in asdict(r).items()} for r in self.requests]
+        d["drift"] = [{k: _enc(v) for k, v in asdict(e).items()} for e in self.drift]
         return d
 
     @classmethod
@@ -190,6 +193,9 @@ class RunReport(JSONFile):
                 if k in d:
                     d[k] = Percentiles(**{a: _dec(b) for a, b in d[k].items()})
             d["decisions"] = tuple(d.get("decisions", ()))
+            from .drift import DriftEvent  # the monitor's module, imported only when a report is read
+
+            d["drift"] = tuple(DriftEvent(**{k: _dec(v) for k, v in e.items()}) for e in d.get("drift", ()))
             return cls(**d, estimate=est, requests=reqs)
         except (KeyError, TypeError) as e:
             raise ExeGPTError(f"report JSON is missing or has a wrong field: {e}") from None
@@ -237,7 +243,7 @@ _PERCENTILE_FIELDS = ("queue", "ttft", "tpot", "e2e")
 def build_report(policy: str, records: list[RequestRecord], latency_len: int, encode_times_s: list[float],
                  decode_iters: list[tuple[float, int]], num_ranks: int = 1,
                  estimate: Estimate | None = None, steady: SteadyWindow | None = None,
-                 engine: str = "runner", decisions: tuple[str, ...] = ()) -> RunReport:
+                 engine: str = "runner", decisions: tuple[str, ...] = (), drift: tuple = ()) -> RunReport:
     """Aggregate per-request records and phase timings into a RunReport.
 
     Args:
@@ -247,6 +253,7 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
             throughput is their count over its length and the encode and decode figures are its phases'
             (the plan estimates the steady state); otherwise the 10 %..90 % completion window and the whole run.
             Latency is always over every request.
+        drift: the run's drift events (``exegpt.drift.DriftEvent``).
     """
     records = sorted(records, key=lambda r: r.id)
     done = [r for r in records if r.status == FINISHED]
@@ -279,7 +286,7 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
         engine=engine, decisions=tuple(decisions), makespan_s=makespan,
         overall_seq_s=overall, steady_start_s=window[0], steady_end_s=window[1], num_finished=len(done),
         num_failed=len(records) - len(done), num_ranks=num_ranks,
-        estimate=estimate, requests=tuple(records))
+        estimate=estimate, requests=tuple(records), drift=tuple(drift))
 
 
 def _enc(v):

@@ -52,7 +52,7 @@ DEFAULT_REQUESTS = 600
 
 def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int = DEFAULT_REQUESTS, seed: int = 0,
                   lengths=None, arrivals: Arrivals | None = None, arrival_s=None, horizon_s: float = math.inf,
-                  log_decisions: bool = False) -> RunReport:
+                  log_decisions: bool = False, drift=None, latency_lens=None) -> RunReport:
     """Runs ``plan`` on the simulated engine, costed with ``profile`` (the profile its estimate came from; by
     default the built-in profile of its model and devices, as ``find_schedule``'s default).
 
@@ -62,7 +62,10 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
     Requests longer than the plan's KV-cache budget per sequence (its workload's longest prompt plus longest
     output) fail on admission, as in the runner. ``horizon_s``: stop there (a driver starts no action past it);
     the requests not finished by then fail, those never started as still queued. ``log_decisions``: keep every
-    driver action in ``RunReport.decisions``.
+    driver action in ``RunReport.decisions``. ``drift``: an ``exegpt.replan.DriftOptions``: watch the lengths served
+    and re-plan when they drift (``RunReport.drift``; one replica). ``latency_lens``: per request, the output length
+    whose token time its record keeps (``latency_len_token_s``; default: the plan's bound length), e.g. the bound
+    length of the distribution each request came from in a drift study.
     """
     instance(plan, Plan, "plan", "a Plan (find_schedule's result, or Plan.load(path))")
     if not horizon_s > 0:
@@ -76,7 +79,8 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
                           f"{lengths.shape} with least value {lengths.min() if lengths.size else None}")
     arrival_s = np.zeros(len(lengths)) if arrival_s is None else np.asarray(arrival_s, dtype=float)
     prob, lay = plan_problem(plan, profile)
-    ledger = Ledger(lengths, arrival_s, plan.estimate.latency_len, cache_len=plan.workload.max_total_len)
+    ledger = Ledger(lengths, arrival_s, plan.estimate.latency_len if latency_lens is None else latency_lens,
+                    cache_len=plan.workload.max_total_len)
     if not ledger.runnable:
         raise ExeGPTError(f"every one of the {len(lengths)} requests exceeds the plan's KV-cache budget of "
                           f"{plan.workload.max_total_len} tokens per sequence (its workload's longest prompt plus "
@@ -84,15 +88,23 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
     replicas = replicas_of(plan)
     if replicas > 1 and not spans_ranks(lay.stages):  # one-rank replicas computing back to back, side by side
         prob = dataclasses.replace(prob, cost=dataclasses.replace(prob.cost, slowdown=prob.concurrency))
-    stats, log = [], []
+    if drift is not None and replicas > 1:
+        raise ExeGPTError(f"drift re-planning runs one replica; the plan has {replicas}")
+    stats, log, events = [], [], ()
     for serves in route(ledger.runnable, replicas):
-        engine = SimEngine(prob, lay, plan, ledger, horizon_s, [] if log_decisions else None, serves)
+        control = None
+        if drift is not None:
+            from .replan import DriftControl  # it plans with the search, which runs this engine
+
+            control = DriftControl(plan, drift, serves)
+        engine = SimEngine(prob, lay, plan, ledger, horizon_s, [] if log_decisions else None, serves, control)
         stats.append(engine.run())
         log += engine.log or []
+        events = control.finish() if control is not None else events
     stats = merge_stats(stats)
     return build_report(plan.schedule.policy.value, ledger.records(), plan.estimate.latency_len,
                         list(stats.encode_s), list(stats.decode), plan.schedule.num_gpus, plan.estimate,
-                        stats.steady, engine="simulated", decisions=tuple(log))
+                        stats.steady, engine="simulated", decisions=tuple(log), drift=events)
 
 
 def plan_problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:
@@ -158,10 +170,11 @@ class SimEngine:
     """Runs a plan's drivers (``exegpt.policies``) on simulated time."""
 
     def __init__(self, prob: Problem, lay: Layout, plan: Plan, ledger: Ledger, horizon_s: float = math.inf,
-                 log: list | None = None, serves: list[int] | None = None):
+                 log: list | None = None, serves: list[int] | None = None, control=None):
         """``serves``: the runnable requests this engine's drivers serve (one replica's, ``exegpt.replicas``;
-        None: all)."""
+        None: all). ``control``: the drift re-planner the drivers consult (``exegpt.replan.DriftControl``)."""
         self.prob, self.lay, self.plan, self.ledger = prob, lay, plan, ledger
+        self.control = control
         self.horizon_s, self.log = horizon_s, log
         self.runnable = np.asarray(ledger.runnable if serves is None else serves, dtype=np.int64)
         self.arrive = ledger.arrival[self.runnable]
@@ -188,7 +201,7 @@ class SimEngine:
     # --- the loop -----------------------------------------------------------------------------------------
 
     def run(self) -> DriverStats:
-        groups = driver_groups(self.plan)
+        groups = driver_groups(self.plan, self.control)
         order = {ENCODE: 0, MAIN: 1, DECODE: 2}
         drivers = []
         for g, fn in groups.items():

@@ -21,6 +21,7 @@ from exegpt.ledger import Ledger
 from exegpt.policies import driver_groups, policy_module
 from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, EndHandOffs, Evict, Merge, \
     Merged, Peek, Prefill, WaitArrival, decision
+from exegpt.replan import DriftControl
 from exegpt.replicas import route
 from exegpt.report import RunReport, build_report
 from exegpt.rules import split_even
@@ -75,7 +76,12 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
         return gather_report(ctx, None, world_size) if replica[1] > 1 else None
     engine = RunnerEngine(ctx, group, rt, Pipeline(rt, stages[-1].leader, returns_tokens=group != ENCODE), t0,
                           replica)
+    control = None
+    if ctx.drift is not None and group != ENCODE:  # the driver that sees requests finish; re-plans on a thread
+        control = DriftControl(plan, ctx.drift, engine.runnable, background=True)
+        drivers = driver_groups(plan, control)
     stats = engine.drive(drivers[group])
+    events = control.finish() if control is not None else ()
     if replica[1] > 1:
         mine = set(engine.runnable) | (set(engine.ledger.rejected) if replica[0] == 0 else set())
         return gather_report(ctx, ([r for r in engine.ledger.records() if r.id in mine], stats, engine.log or []),
@@ -84,7 +90,7 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
         return None
     return build_report(plan.schedule.policy.value, engine.ledger.records(), plan.estimate.latency_len,
                         list(stats.encode_s), list(stats.decode), world_size, plan.estimate, stats.steady,
-                        decisions=tuple(engine.log or ()))
+                        decisions=tuple(engine.log or ()), drift=events)
 
 
 class RunnerEngine:
@@ -99,7 +105,8 @@ class RunnerEngine:
             raise ExeGPTError("request ids must be 0, 1, ... in order (runner.requests.make_requests)")
         self.prompts = [r.prompt for r in reqs]
         self.ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
-                             ctx.plan.estimate.latency_len, ctx.max_seq_len, ctx.cache_len,
+                             ctx.plan.estimate.latency_len if ctx.latency_lens is None else ctx.latency_lens,
+                             ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos and group != ENCODE, eos_of(ctx, rt.tokenizer), ctx.keep_tokens,
                              track_tokens=True)
         self.replica = replica

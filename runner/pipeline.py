@@ -308,6 +308,10 @@ class RunContext:
     batch_invariant: bool = False
     encoder_decoder: bool = False
     """A T5 model (``runner.t5``): one rank, each prefill the encoder and the decoder's first step."""
+    latency_lens: tuple[int, ...] | None = None
+    """Per request, the output length whose token time its record keeps (default: the plan's bound length)."""
+    drift: object | None = None
+    """``exegpt.replan.DriftOptions``: the driver of the group that finishes requests re-plans live on drift."""
 
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]

@@ -21,6 +21,8 @@ from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS
 from exegpt.plan import Plan
 from exegpt.policies import REGISTRY, policy_module
+from exegpt.replan import DriftOptions
+from exegpt.replicas import replicas_of
 from exegpt.report import RunReport
 from exegpt.stages import Stage
 from exegpt.workload import Workload
@@ -133,6 +135,12 @@ class RunOptions:
     batch_invariant: bool = False
     """Every request's tokens independent of what it is batched with, in any precision, at a cost in speed
     (``runner.numerics``)."""
+    latency_lens: tuple[int, ...] | None = None
+    """Per request, the output length whose token time its record keeps (``latency_len_token_s``; default: the
+    plan's bound length), as ``run_simulated(latency_lens=...)``."""
+    drift: DriftOptions | None = None
+    """Watch the lengths served and re-plan live when they drift (``exegpt.replan``; RRA and WAA, one replica):
+    the report's ``drift`` says what was detected and applied."""
 
 
 def run_plan(plan: Plan, model: str = "tiny", requests: tuple[Request, ...] | None = None,
@@ -208,6 +216,11 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
         if args.n_heads % s.tp or args.n_kv_heads % s.tp:
             raise ExeGPTError(f"stage TP degree {s.tp} must divide the model's n_heads={args.n_heads} and "
                               f"n_kv_heads={args.n_kv_heads}")
+    if opts.drift is not None:
+        if not isinstance(opts.drift, DriftOptions):
+            raise ExeGPTError(f"drift must be an exegpt.replan.DriftOptions, got {type(opts.drift).__name__}")
+        if replicas_of(plan) > 1:
+            raise ExeGPTError(f"drift re-planning runs one replica; the plan has {replicas_of(plan)}")
     if requests is None:
         requests = make_requests(trace if trace is not None else plan.workload, opts.num_requests, args.vocab_size,
                                  opts.seed, arrivals=opts.arrivals)
@@ -216,7 +229,8 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
                       cache_len=cache_len_of(plan, args.max_seq_len), stop_at_eos=opts.stop_at_eos,
                       eos_id=opts.eos_id, keep_tokens=opts.keep_tokens, seed=opts.seed, fault=opts.fault,
                       progress=opts.progress, log_decisions=opts.log_decisions,
-                      batch_invariant=opts.batch_invariant, encoder_decoder=args.family == "t5")
+                      batch_invariant=opts.batch_invariant, encoder_decoder=args.family == "t5", drift=opts.drift,
+                      latency_lens=None if opts.latency_lens is None else tuple(int(x) for x in opts.latency_lens))
 
 
 def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]

@@ -42,9 +42,16 @@ def policy_module(name) -> ModuleType:
         raise ExeGPTError(f"unknown policy: {name!r}; registered: {', '.join(REGISTRY)}") from None
 
 
-def driver_groups(plan) -> dict:
-    """``{group: driver}`` of a plan's policy."""
-    return policy_module(plan.schedule.policy).drivers(plan)
+def driver_groups(plan, control=None) -> dict:
+    """``{group: driver}`` of a plan's policy; ``control``: the drift re-planner its drivers consult between phases
+    (``exegpt.replan.DriftControl``; the policies with a cheap move, ``retune_space``, take one)."""
+    module = policy_module(plan.schedule.policy)
+    if control is None:
+        return module.drivers(plan)
+    if not hasattr(module, "retune_space"):
+        raise ExeGPTError(f"policy {plan.schedule.policy.value} has no drift re-planning; the policies with a cheap "
+                          f"move are {', '.join(p for p, m in REGISTRY.items() if hasattr(m, 'retune_space'))}")
+    return module.drivers(plan, control)
 
 
 def describe(s) -> str:

@@ -34,6 +34,7 @@ nothing waiting, it waits for the next arrival.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,12 +168,14 @@ def from_fields(fields: dict) -> RRASchedule:
 
 # --- driver -------------------------------------------------------------------------------------------
 
-def drivers(plan) -> dict:
-    """The one driver of an RRA plan, on the ``main`` group."""
-    s = plan.schedule
-    target, rows = rra_refill_target(plan), rra_cache_rows(plan)
+def drivers(plan, control=None) -> dict:
+    """The one driver of an RRA plan, on the ``main`` group. With ``control`` (``exegpt.replan.DriftControl``), each
+    encode phase first shows it the requests that finished and takes the plan it holds: a re-planned B_E and N_D
+    apply from that phase on, to the rows in flight too (the cache keeps its rows)."""
+    rows = rra_cache_rows(plan)
 
     def drive(view: View):
+        s, target = plan.schedule, rra_refill_target(plan)
         p = view.num_stages
         alive: list[int] = []  # the requests in cache rows, in row order
         enc: list[float] = []
@@ -181,6 +184,9 @@ def drivers(plan) -> dict:
         while alive or view.waiting() or view.more_to_come():
             # Encode phase: free the finished rows, then refill toward the target decode batch.
             t_phase = view.now()
+            if control is not None:  # between phases: the drift monitor reads what finished; a plan change applies
+                now = control.between_phases(view, alive)
+                s, target = now.schedule, min(rra_refill_target(now), rows)
             before = len(alive)
             alive = yield from drop_finished(view, alive)
             finished = before - len(alive)
@@ -213,3 +219,27 @@ def drivers(plan) -> dict:
 
 def cache_rows(plan, group: str) -> int:
     return rra_cache_rows(plan)
+
+
+# --- drift: the cheap move ----------------------------------------------------------------------------
+
+def retune_space(prob: Problem, lay: Layout, plan) -> Space:
+    """What a running RRA plan can change between phases without moving weights or cache (``exegpt.replan``): B_E
+    and N_D on its layout, within the cache rows it holds (``ceil(refill) + B_E``, the box's smallest)."""
+    rows = rra_cache_rows(plan)
+
+    def fn(lo, hi):
+        d = box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1], detail=True)
+        return d.thr, d.lat, d.ok & (np.ceil(d.refill) + lo[:, 0] <= rows)
+
+    return Space(fn, (1, 1), (max(1, rows - 1), prob.max_decode_iters))
+
+
+def retune_point(s: RRASchedule) -> tuple[int, ...]:
+    """The schedule's point in ``retune_space``."""
+    return s.encode_batch, s.decode_iters
+
+
+def retuned(s: RRASchedule, point: tuple[int, ...]) -> RRASchedule:
+    """The schedule at a point of ``retune_space``."""
+    return dataclasses.replace(s, encode_batch=int(point[0]), decode_iters=int(point[1]))

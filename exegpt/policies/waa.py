@@ -33,6 +33,7 @@ iteration of every active row in micro-batches of B_m rows. The prefill's token 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,19 +293,24 @@ def encoder(take):
     return encode
 
 
-def drivers(plan) -> dict:
-    """The encode driver and the decode driver of a WAA plan."""
+def drivers(plan, control=None) -> dict:
+    """The encode driver and the decode driver of a WAA plan. With ``control`` (``exegpt.replan.DriftControl``), the
+    decode driver shows it the requests that finished before each iteration and takes the plan it holds: a
+    re-planned B_m applies from that iteration on (B_E, the groups and the cache stay)."""
     s = plan.schedule
     rows = waa_cache_rows(plan)
     encode = encoder(lambda view, waiting: tuple(waiting[:s.encode_batch]))
 
     def decode(view: View):
+        micro_batch = s.micro_batch
         alive: list[int] = []  # the requests in cache rows, in row order
         enc: list[float] = []
         dec: list[tuple[float, int]] = []
         steady = SteadyMarker(enc, dec)
         merged, ended = 0, False
         while True:
+            if control is not None:  # between iterations: the drift monitor reads what finished; a plan change applies
+                micro_batch = control.between_phases(view, alive).schedule.micro_batch
             alive = yield from drop_finished(view, alive)
             # One batch joins per decode iteration: wait for it whenever it has room and is coming.
             if not ended and len(alive) + s.encode_batch <= rows and \
@@ -327,7 +333,7 @@ def drivers(plan) -> dict:
             t = view.now()
             if len(active) >= plan.estimate.decode_batch:
                 steady.begin(t)
-            steps = yield Decode(tuple(tuple(mb) for mb in split_by(active, s.micro_batch)), 1)
+            steps = yield Decode(tuple(tuple(mb) for mb in split_by(active, micro_batch)), 1)
             dec.append((view.now() - t, steps[0]))
         return DriverStats(tuple(enc), tuple(dec), steady.window(view.now()))
 
@@ -336,3 +342,28 @@ def drivers(plan) -> dict:
 
 def cache_rows(plan, group: str) -> int:
     return waa_cache_rows(plan) if group == DECODE else plan.schedule.encode_batch
+
+
+# --- drift: the cheap move ----------------------------------------------------------------------------
+
+def retune_space(prob: Problem, lay: Layout, plan) -> Space:
+    """What a running WAA plan can change between decode iterations without moving weights or cache
+    (``exegpt.replan``): B_m, at its B_E and on its layout."""
+    be = float(plan.schedule.encode_batch)
+    bm_max = int(min(waa_cache_rows(plan), prob.max_batch(Kernel.ATTN_DECODE)))
+
+    def fn(lo, hi):
+        b = np.full(len(lo), be)
+        return box(prob, lay, b, b, lo[:, 0], hi[:, 0])
+
+    return Space(fn, (1,), (max(1, bm_max),))
+
+
+def retune_point(s: WAASchedule) -> tuple[int, ...]:
+    """The schedule's point in ``retune_space``."""
+    return (s.micro_batch,)
+
+
+def retuned(s: WAASchedule, point: tuple[int, ...]) -> WAASchedule:
+    """The schedule at a point of ``retune_space``."""
+    return dataclasses.replace(s, micro_batch=int(point[0]))
