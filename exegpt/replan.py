@@ -66,6 +66,12 @@ class DriftOptions:
         if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or not self.min_gain >= 0:
             raise ExeGPTError(f"drift min_gain={self.min_gain!r} must be a number >= 0")
 
+    def control(self, plan: Plan, order, background: bool = False) -> DriftControl:
+        """The monitor and re-planner of one driver under these options (``DriftControl``). The simulated engine
+        builds its control through this method, so that it needs no import of this module, which plans with the
+        search that runs that engine."""
+        return DriftControl(plan, self, order, background)
+
     def __reduce__(self):
         # The profile travels as its JSON fields: a Profile holds interpolating functions that do not pickle, and the
         # runner sends these options to its ranks.

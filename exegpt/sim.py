@@ -88,15 +88,15 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
     replicas = replicas_of(plan)
     if replicas > 1 and not spans_ranks(lay.stages):  # one-rank replicas computing back to back, side by side
         prob = dataclasses.replace(prob, cost=dataclasses.replace(prob.cost, slowdown=prob.concurrency))
+    if drift is not None and not callable(getattr(drift, "control", None)):
+        raise ExeGPTError(f"drift must be an exegpt.replan.DriftOptions, got {type(drift).__name__}")
     if drift is not None and replicas > 1:
         raise ExeGPTError(f"drift re-planning runs one replica; the plan has {replicas}")
     stats, log, events = [], [], ()
     for serves in route(ledger.runnable, replicas):
         control = None
         if drift is not None:
-            from .replan import DriftControl  # it plans with the search, which runs this engine
-
-            control = DriftControl(plan, drift, serves)
+            control = drift.control(plan, serves)
         engine = SimEngine(prob, lay, plan, ledger, horizon_s, [] if log_decisions else None, serves, control)
         stats.append(engine.run())
         log += engine.log or []
