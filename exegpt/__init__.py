@@ -11,6 +11,7 @@ from .search.optimize import (SearchSpace, evaluate_schedule, exhaustive_schedul
                               smallest_feasible_bound, static_schedule)
 from .plan import Estimate, Plan, SearchStats
 from .profile import Kernel, Profile, ProfileTable
+from .replan import DriftOptions
 from .report import Percentiles, RequestRecord, RunReport
 from .schedule import Policy
 from .sim import run_simulated
@@ -20,7 +21,7 @@ from .simulate import simulate
 from .workload import Workload
 
 __all__ = [
-    "Arrivals", "CompletionSLO", "RequestSLO", "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate",
+    "Arrivals", "CompletionSLO", "DriftOptions", "RequestSLO", "Cluster", "DEVICES", "DeviceSpec", "Distribution", "Estimate",
     "ExeGPTError", "InfeasibleBoundError", "Kernel", "LatencyBound", "MODELS", "ModelShape", "Plan", "Policy",
     "Profile", "ProfileRangeError", "ProfileTable", "Percentiles", "RequestRecord", "RRASchedule", "RunReport",
     "Schedule", "SearchStats", "Stage", "StaticSchedule", "WAASchedule", "Workload", "get_model", "parse_cluster",

@@ -106,7 +106,7 @@ def test_the_readme_python_tour_runs(tmp_path, monkeypatch):
         plan, **{**kw, "num_requests": min(kw.get("num_requests", 300), 300)}))
     scope: dict = {}
     exec(compile(python_tour(), "README.md", "exec"), scope)
-    assert calls.count("find_schedule") == 4 and calls.count("exhaustive_schedule") == 1
+    assert calls.count("find_schedule") == 5 and calls.count("exhaustive_schedule") == 1
     assert scope["plan"].slo_check.holds and scope["plan"].slo_check.goodput_rps > 0
     assert scope["best"].estimate.throughput_seq_s > 0 and scope["r"].num_requests == 300
     assert (tmp_path / "plan.json").exists()
