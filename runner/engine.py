@@ -21,7 +21,6 @@ from exegpt.ledger import Ledger
 from exegpt.policies import driver_groups, policy_module
 from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, EndHandOffs, Evict, Merge, \
     Merged, Peek, Prefill, WaitArrival, decision
-from exegpt.replan import DriftControl
 from exegpt.replicas import route
 from exegpt.report import RunReport, build_report
 from exegpt.rules import split_even
@@ -78,7 +77,7 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
                           replica)
     control = None
     if ctx.drift is not None and group != ENCODE:  # the driver that sees requests finish; re-plans on a thread
-        control = DriftControl(plan, ctx.drift, engine.runnable, background=True)
+        control = ctx.drift.control(plan, engine.runnable, background=True)
         drivers = driver_groups(plan, control)
     stats = engine.drive(drivers[group])
     events = control.finish() if control is not None else ()
