@@ -229,7 +229,7 @@ def exit_rank() -> NoReturn:
 
     NOTE: under load, a torch 2.13 rank that used gloo now and then aborts *after* its work, while the
     interpreter finalizes ('terminate called without an active exception', SIGABRT; in about one of three
-    runs of the runner tests on the 2-core development machine, before this). Forked children end with
+    runs of the runner tests on two loaded cores without this). Forked children end with
     ``os._exit`` too; spawned ones otherwise run the finalizers.
     """
     sys.stdout.flush()
