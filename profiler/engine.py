@@ -27,17 +27,21 @@ rows ran at 0.68-0.82x their predicted decode step.)
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import logging
 import math
 import statistics
+import time
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import nnls
 
 from exegpt import Kernel, Policy, Profile, ProfileTable, RRASchedule, WAASchedule, Workload, evaluate_schedule
 from exegpt.cost import WorkloadStats
-from exegpt.models import MODELS
+from exegpt.models import DTYPE_BYTES, MODELS
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +80,45 @@ def _tabulate(fit: tuple[float, float, float], xs, ys) -> tuple[tuple[float, ...
     return tuple(tuple(a + b * x + c * x * y for y in ys) for x in xs)
 
 
-def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, schedules=SCHEDULES,
-                     prompts=PROMPTS, max_seq_len: int | None = None) -> Profile:
-    """``profile`` with ``engine_encode`` and ``engine_decode`` tables measured through the runner's executor.
+ENGINE_MEMORY_BYTES = 2 ** 30
+"""Most KV-cache bytes one calibration run may allocate (budgeted): larger runs are left out, their rows
+extrapolated along the fitted line."""
+RUN_START_S = 1.0
+"""Seconds a run takes beyond its requests' predicted time (building the model, the warm-up)."""
+RUN_SLACK = 1.5
+"""Measured over predicted seconds a calibration run is priced at (the executor's own work the run measures)."""
+RUN_MAX_S = 8.0
+"""Longest priced run a budgeted calibration makes (longer ones are left out: the fitted line extends to their
+rows)."""
 
-    ``max_seq_len``: the model's context (default: the preset's, else unbounded), to skip prompt levels that do
-    not fit.
-    """
-    from runner.run import run_plan
 
-    kernels = dataclasses.replace(profile, tables=tuple(t for t in profile.tables if t.kernel not in
-                                                        (Kernel.ENGINE_ENCODE, Kernel.ENGINE_DECODE)))
+@dataclass(frozen=True, slots=True)
+class CalibrationRun:
+    """One planned run of ``calibrate_engine``: a plan, its requests, its priced seconds and KV-cache bytes."""
+
+    prompt_mean: int
+    plan: object
+    num_requests: int
+    cost_s: float
+    kv_bytes: float
+
+
+def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS, max_seq_len: int | None = None,
+              budget_s: float | None = None, memory_bytes: float = ENGINE_MEMORY_BYTES
+              ) -> tuple[list[CalibrationRun], list[CalibrationRun]]:
+    """The calibration runs to make and those left out: every (prompt level, schedule) whose estimate is finite;
+    with ``budget_s``, per prompt level the runs of the fewest and the most decode rows whose KV cache fits
+    ``memory_bytes`` and whose priced seconds ``RUN_MAX_S`` (the ends of the fitted line), the costliest dropped while their priced seconds exceed the
+    budget (at least one run is kept)."""
+    kernels = _kernels_only(profile)
     devices = f"1x{profile.device}"
     if max_seq_len is None:
         max_seq_len = MODELS[spec].max_seq_len if spec in MODELS else 1 << 30
     levels = [m for m in prompts if 2 * m + OUTPUT[2] <= max_seq_len
               and 2 * m <= kernels.max_coord(Kernel.ATTN_ENCODE, 1, 1)] or [min(prompts)]
-    points = []
+    runs = []
     for m in levels:
         w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
-        stats = WorkloadStats.of(w)
         for be, nd in schedules:
             plan = evaluate_schedule(RRASchedule(be, nd or w.output_len.max - 1, 1, 0, 1), w, profile=kernels,
                                      devices=devices)
@@ -103,15 +126,76 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
             if not (math.isfinite(e.decode_step_s) and math.isfinite(e.encode_stage_s)):
                 continue
             n_req = max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24)
-            rep = run_plan(plan, spec, num_requests=n_req, seed=seed, dtype=dtype)
-            n = e.decode_batch
-            # The lengths the cost model asks the tables at (the batch's longest where the runner pads).
-            prompt = float(stats.prompt_len(be, kernels.padded_batches))
-            ctx = float(stats.context_len(n, kernels.padded_decode))
-            points.append({"encode_batch": be, "decode_iters": plan.schedule.decode_iters, "requests": n_req,
-                           "prompt": prompt, "decode_rows": n, "context": ctx, "measured_rows": rep.decode_batch,
-                           "decode_meas_s": rep.decode_step_s, "decode_kernels_s": e.decode_step_s,
-                           "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": e.encode_stage_s})
+            kv = (e.decode_batch + be) * min(w.max_total_len, max_seq_len) * _kv_bytes_per_token(profile, spec)
+            runs.append(CalibrationRun(m, plan, n_req, RUN_START_S + RUN_SLACK * n_req / e.throughput_seq_s, kv))
+    if budget_s is None:
+        return runs, []
+    chosen = []
+    for m in levels:  # per prompt level its fewest and most decode rows that fit the memory: the fit's ends
+        fits = sorted((r for r in runs if r.prompt_mean == m and r.kv_bytes <= memory_bytes
+                       and r.cost_s <= RUN_MAX_S), key=lambda r: r.plan.estimate.decode_batch)
+        chosen += list({id(r): r for r in fits[:1] + fits[-1:]}.values())
+    while len(chosen) > 1 and sum(r.cost_s for r in chosen) > budget_s:
+        chosen.remove(max(chosen, key=lambda r: r.cost_s))
+    return chosen, [r for r in runs if all(r is not c for c in chosen)]
+
+
+def _kernels_only(profile: Profile) -> Profile:
+    return dataclasses.replace(profile, tables=tuple(t for t in profile.tables if t.kernel not in
+                                                     (Kernel.ENGINE_ENCODE, Kernel.ENGINE_DECODE)))
+
+
+def _kv_bytes_per_token(profile: Profile, spec: str) -> float:
+    """KV-cache bytes of one token over every layer of the runner's cache for ``spec``."""
+    from runner.run import model_args
+
+    a = model_args(spec)
+    return a.n_layers * 2 * a.n_kv_heads * a.head_dim * DTYPE_BYTES[profile.kv_dtype or profile.dtype]
+
+
+def release_memory() -> None:
+    """Hands freed memory back to the system after a run (glibc keeps freed arenas otherwise, and the resident
+    size grows run after run)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, schedules=SCHEDULES,
+                     prompts=PROMPTS, max_seq_len: int | None = None, budget_s: float | None = None,
+                     on_run=None) -> Profile:
+    """``profile`` with ``engine_encode`` and ``engine_decode`` tables measured through the runner's executor.
+
+    ``max_seq_len``: the model's context (default: the preset's, else unbounded), to skip prompt levels that do
+    not fit. ``budget_s``: seconds the runs may take (``plan_runs``); None: every run. ``on_run(done, total)``:
+    told after every run.
+    """
+    from runner.run import run_plan
+
+    kernels = _kernels_only(profile)
+    chosen, left_out = plan_runs(profile, spec, schedules, prompts, max_seq_len, budget_s)
+    points = []
+    for k, r in enumerate(chosen):
+        plan, e, be = r.plan, r.plan.estimate, r.plan.schedule.encode_batch
+        stats = WorkloadStats.of(plan.workload)
+        t0 = time.perf_counter()
+        rep = run_plan(plan, spec, num_requests=r.num_requests, seed=seed, dtype=dtype)
+        release_memory()
+        wall_s = time.perf_counter() - t0
+        n = e.decode_batch
+        # The lengths the cost model asks the tables at (the batch's longest where the runner pads).
+        prompt = float(stats.prompt_len(be, kernels.padded_batches))
+        ctx = float(stats.context_len(n, kernels.padded_decode))
+        points.append({"encode_batch": be, "decode_iters": plan.schedule.decode_iters, "requests": r.num_requests,
+                       "prompt": prompt, "decode_rows": n, "context": ctx, "measured_rows": rep.decode_batch,
+                       "decode_meas_s": rep.decode_step_s, "decode_kernels_s": e.decode_step_s,
+                       "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": e.encode_stage_s,
+                       "priced_s": r.cost_s, "wall_s": wall_s})
+        if on_run is not None:
+            on_run(k + 1, len(chosen))
+    levels = sorted({r.prompt_mean for r in chosen})
     enc_fit = _fit([(p["encode_batch"], p["prompt"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
                     for p in points])
     dec_fit = _fit([(p["decode_rows"], p["context"], p["decode_meas_s"] - p["decode_kernels_s"],
@@ -125,6 +209,7 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
                        "prediction of the plan, fitted by non-negative least squares of relative error to "
                        "a + b n + c n L (n rows, L the padded prompt or context)",
              "prompt_means": list(levels), "output": list(OUTPUT), "turnovers": TURNOVERS,
+             "budget_s": budget_s, "left_out": [f"prompt {r.prompt_mean}: {r.plan.schedule}" for r in left_out],
              "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}
     log.info("engine overhead fits (a, b, c): encode %s, decode %s", enc_fit, dec_fit)
     return dataclasses.replace(profile, tables=tables, provenance=profile.provenance | {"engine": facts})
@@ -154,7 +239,8 @@ def waa_concurrency(estimate, run) -> float:
     return 1.0 + extra / (2 * min(t_e, t_d))
 
 
-def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, runs: int = 3) -> Profile:
+def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, runs: int = 3,
+                  turnovers: int = TURNOVERS) -> Profile:
     """``profile`` with the two-rank ``rank_concurrency`` and the ``waa_period_factor`` measured by running WAA plans
     (``WAA_SCHEDULES`` in turn) through the runner on two ranks, ``runs`` runs of ~10 s each on 2 CPU cores.
 
@@ -181,9 +267,10 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
     for r in range(runs):
         schedule = WAA_SCHEDULES[r % len(WAA_SCHEDULES)]
         plan = evaluate_schedule(schedule, w, profile=plain, devices=devices)
-        n_req = max(math.ceil(TURNOVERS * plan.estimate.decode_batch), 48)
+        n_req = max(math.ceil(turnovers * plan.estimate.decode_batch), 48)
         points.append((schedule, plan.estimate, run_plan(plan, spec, num_requests=n_req, seed=seed + r, dtype=dtype),
                        n_req))
+        release_memory()
     concurrency = max(1.0, statistics.median(waa_concurrency(e, rep) for _, e, rep, _ in points))
     measured = dataclasses.replace(plain, rank_concurrency=tuple(sorted(plain.rank_concurrency + ((2, concurrency),))))
     ratios = []
@@ -202,3 +289,17 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
     log.info("WAA concurrency %.3f (probe %.3f), period factor %.3f", concurrency, profile.concurrency(2), raw)
     return dataclasses.replace(measured, waa_period_factor=max(1.0, raw),
                                provenance=profile.provenance | {"waa_period": facts})
+
+
+WAA_START_S = 8.0
+"""Seconds a WAA calibration run takes beyond its requests' predicted time (two fresh ranks, their models)."""
+
+
+def waa_run_cost_s(profile: Profile, index: int = 0, turnovers: int = TURNOVERS) -> float:
+    """Priced seconds of ``calibrate_waa``'s run ``index`` (its plan's predicted time, as ``plan_runs`` prices)."""
+    m = WAA_PROMPT
+    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
+    e = evaluate_schedule(WAA_SCHEDULES[index % len(WAA_SCHEDULES)], w, profile=profile,
+                          devices=f"2x{profile.device}").estimate
+    n_req = max(math.ceil(turnovers * e.decode_batch), 48)
+    return WAA_START_S + RUN_SLACK * n_req / e.throughput_seq_s
