@@ -88,8 +88,9 @@ RUN_START_S = 1.0
 RUN_SLACK = 1.5
 """Measured over predicted seconds a calibration run is priced at (the executor's own work the run measures)."""
 RUN_MAX_S = 8.0
-"""Longest priced run a budgeted calibration makes (longer ones are left out: the fitted line extends to their
-rows)."""
+"""Longest priced run a budgeted calibration makes, or ``RUN_MAX_FACTOR`` times the cheapest run where that is
+longer (a larger model's runs all take longer); longer ones are left out: the fitted line extends to their rows."""
+RUN_MAX_FACTOR = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +105,13 @@ class CalibrationRun:
 
 
 def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS, max_seq_len: int | None = None,
-              budget_s: float | None = None, memory_bytes: float = ENGINE_MEMORY_BYTES
+              budget_s: float | None = None, memory_bytes: float = ENGINE_MEMORY_BYTES, start_s: float = RUN_START_S
               ) -> tuple[list[CalibrationRun], list[CalibrationRun]]:
     """The calibration runs to make and those left out: every (prompt level, schedule) whose estimate is finite;
     with ``budget_s``, per prompt level the runs of the fewest and the most decode rows whose KV cache fits
-    ``memory_bytes`` and whose priced seconds ``RUN_MAX_S`` (the ends of the fitted line), the costliest dropped while their priced seconds exceed the
-    budget (at least one run is kept)."""
+    ``memory_bytes`` and whose priced seconds are within ``RUN_MAX_S`` (the ends of the fitted line), the costliest dropped while their priced seconds exceed the
+    budget (at least one run is kept). ``start_s``: seconds a run takes beyond its requests (at least
+    ``RUN_START_S``)."""
     kernels = _kernels_only(profile)
     devices = f"1x{profile.device}"
     if max_seq_len is None:
@@ -127,13 +129,15 @@ def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS,
                 continue
             n_req = max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24)
             kv = (e.decode_batch + be) * min(w.max_total_len, max_seq_len) * _kv_bytes_per_token(profile, spec)
-            runs.append(CalibrationRun(m, plan, n_req, RUN_START_S + RUN_SLACK * n_req / e.throughput_seq_s, kv))
+            runs.append(CalibrationRun(m, plan, n_req, max(start_s, RUN_START_S) + RUN_SLACK * n_req / e.throughput_seq_s, kv))
     if budget_s is None:
         return runs, []
     chosen = []
+    small = [r for r in runs if r.kv_bytes <= memory_bytes] or runs[:1]
+    cap = max(RUN_MAX_S, RUN_MAX_FACTOR * min((r.cost_s for r in small), default=0.0))
     for m in levels:  # per prompt level its fewest and most decode rows that fit the memory: the fit's ends
-        fits = sorted((r for r in runs if r.prompt_mean == m and r.kv_bytes <= memory_bytes
-                       and r.cost_s <= RUN_MAX_S), key=lambda r: r.plan.estimate.decode_batch)
+        fits = sorted((r for r in small if r.prompt_mean == m and r.cost_s <= cap),
+                      key=lambda r: r.plan.estimate.decode_batch)
         chosen += list({id(r): r for r in fits[:1] + fits[-1:]}.values())
     while len(chosen) > 1 and sum(r.cost_s for r in chosen) > budget_s:
         chosen.remove(max(chosen, key=lambda r: r.cost_s))
@@ -165,17 +169,17 @@ def release_memory() -> None:
 
 def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, schedules=SCHEDULES,
                      prompts=PROMPTS, max_seq_len: int | None = None, budget_s: float | None = None,
-                     on_run=None) -> Profile:
+                     on_run=None, start_s: float = RUN_START_S) -> Profile:
     """``profile`` with ``engine_encode`` and ``engine_decode`` tables measured through the runner's executor.
 
     ``max_seq_len``: the model's context (default: the preset's, else unbounded), to skip prompt levels that do
     not fit. ``budget_s``: seconds the runs may take (``plan_runs``); None: every run. ``on_run(done, total)``:
-    told after every run.
+    told after every run. ``start_s``: a run's seconds beyond its requests, for ``plan_runs``.
     """
     from runner.run import run_plan
 
     kernels = _kernels_only(profile)
-    chosen, left_out = plan_runs(profile, spec, schedules, prompts, max_seq_len, budget_s)
+    chosen, left_out = plan_runs(profile, spec, schedules, prompts, max_seq_len, budget_s, start_s=start_s)
     points = []
     for k, r in enumerate(chosen):
         plan, e, be = r.plan, r.plan.estimate, r.plan.schedule.encode_batch
@@ -196,6 +200,8 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
         if on_run is not None:
             on_run(k + 1, len(chosen))
     levels = sorted({r.prompt_mean for r in chosen})
+    if not points:
+        return profile
     enc_fit = _fit([(p["encode_batch"], p["prompt"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
                     for p in points])
     dec_fit = _fit([(p["decode_rows"], p["context"], p["decode_meas_s"] - p["decode_kernels_s"],
@@ -295,11 +301,12 @@ WAA_START_S = 8.0
 """Seconds a WAA calibration run takes beyond its requests' predicted time (two fresh ranks, their models)."""
 
 
-def waa_run_cost_s(profile: Profile, index: int = 0, turnovers: int = TURNOVERS) -> float:
-    """Priced seconds of ``calibrate_waa``'s run ``index`` (its plan's predicted time, as ``plan_runs`` prices)."""
+def waa_run_cost_s(profile: Profile, index: int = 0, turnovers: int = TURNOVERS, load_s: float = 0.0) -> float:
+    """Priced seconds of ``calibrate_waa``'s run ``index`` (its plan's predicted time, as ``plan_runs`` prices;
+    ``load_s``: the seconds the ranks take to load the model, beyond ``WAA_START_S``)."""
     m = WAA_PROMPT
     w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
     e = evaluate_schedule(WAA_SCHEDULES[index % len(WAA_SCHEDULES)], w, profile=profile,
                           devices=f"2x{profile.device}").estimate
     n_req = max(math.ceil(turnovers * e.decode_batch), 48)
-    return WAA_START_S + RUN_SLACK * n_req / e.throughput_seq_s
+    return WAA_START_S + load_s + RUN_SLACK * n_req / e.throughput_seq_s

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,13 @@ class KernelPhase:
     candidates: list[Candidates] = field(default_factory=list)
     plans: list[TablePlan] = field(default_factory=list)
     runs: list[TableRun] = field(default_factory=list)
+    shard: L.LayerShard | None = None
+    """The layer shard being timed (kept from the probe for tp=1's tables)."""
+    head: object = None
+    """The LM head (kept from the probe for its table and the step overhead)."""
+    load_s: float = 0.0
+    """Seconds building the probe's layer shard and head took: about what loading the whole model for a run of
+    the executor costs beyond its requests (the weights' file is read and parsed each time)."""
     padded_decode: bool = True
     """Whether the shard's decode attention attends every row over the step's longest context
     (``profiler.layer.own_prefix_decode`` false), found on the first shard built."""
@@ -75,9 +83,14 @@ class KernelPhase:
         head = candidates(Kernel.LM_HEAD, 1, (g.batches,), t.args, elem, kv, t.args.vocab_size)
         self.candidates.insert(2, head)
 
-    def probe(self, shard: L.LayerShard, head) -> None:
+    def probe(self) -> None:
         """Times two points of each kernel at tp=1 briefly (``PROBE_REPEAT`` calls) into the cost model: the
         cheapest (its per-call overhead) and the one nearest ``PROBE_WORK`` FLOPs (its rate)."""
+        t = self.target
+        t0 = time.perf_counter()
+        shard = self.shard = self._build_shard(1)
+        head = self.head = L.build_head(t.spec, dtype=t.torch_dtype, device=t.device)
+        self.load_s = time.perf_counter() - t0
         for c in self.candidates:
             if c.tp != 1:
                 continue
@@ -114,29 +127,35 @@ class KernelPhase:
         """Measures table after table until ``deadline_s`` on ``clock`` (the rest of a table past it is fitted),
         re-planning the remaining tables before each one (budgeted)."""
         t = self.target
-        shard = head = None
         for i, c in enumerate(self.candidates):
             if not math.isinf(deadline_s) and i > 0:
                 self.plans[i:] = select_points(self.candidates[i:], self.cost, max(0.0, deadline_s - clock.spent_s()))
             kernel = Kernel(c.kernel)
-            if kernel is Kernel.LM_HEAD:
-                head = L.build_head(t.spec, dtype=t.torch_dtype, device=t.device)
-            elif shard is None or shard.tp != c.tp:
-                shard = None
-                shard = L.build_layer_shard(t.spec, c.tp, dtype=t.torch_dtype, device=t.device, max_rows=2,
-                                            max_len=2)
-                if i == 0:
-                    self.padded_decode = not L.own_prefix_decode(shard)
+            if kernel is Kernel.LM_HEAD and self.head is None:
+                self.head = L.build_head(t.spec, dtype=t.torch_dtype, device=t.device)
+            elif kernel is not Kernel.LM_HEAD and (self.shard is None or self.shard.tp != c.tp):
+                self.shard = None  # one shard at a time
+                self.shard = self._build_shard(c.tp)
+            if i == 0:
+                self.padded_decode = not L.own_prefix_decode(self.shard)
             run = TableRun(self.plans[i], extrapolate_encode=t.grid.seqs[-1] >= t.max_prompt)
             self.runs.append(run)
             if kernel is not Kernel.LM_HEAD:
-                _dense_cache(shard, t, kernel)
+                _dense_cache(self.shard, t, kernel)
 
             def go_on() -> bool:
                 on_point(c.name)
                 return clock.spent_s() < deadline_s
 
-            measure_table(run, region_of(shard, kernel, head), self.repeat, t.device, self.cost, go_on)
+            measure_table(run, region_of(self.shard, kernel, self.head), self.repeat, t.device, self.cost, go_on)
+
+    def _build_shard(self, tp: int) -> L.LayerShard:
+        t = self.target
+        return L.build_layer_shard(t.spec, tp, dtype=t.torch_dtype, device=t.device, max_rows=2, max_len=2)
+
+    def release(self) -> None:
+        """Drops the shard and head (their memory) once the tables and the step overhead are measured."""
+        self.shard = self.head = None
 
     def tables(self) -> tuple[list[ProfileTable], dict, dict]:
         """The tables measured so far (a started table's unmeasured cells fitted), every fit's facts by table name,

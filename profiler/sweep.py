@@ -46,26 +46,24 @@ import math
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from exegpt.errors import ExeGPTError
-from exegpt.models import MODELS, ModelShape
+from exegpt.models import ModelShape
 from exegpt.profile import REQUIRED, Kernel, Profile
 from exegpt.workload import Workload
 from runner import cpu_kernels
 from runner.generate import decode_step as runner_decode_step
-from runner.model import ModelArgs
 from runner.weights import load_model
 
 from . import layer as L
 from .budget import MIN_POINTS, PHASE_SHARES, Clock, CostModel, format_duration, parse_duration
-from .collectives import TORCH_DTYPES, CollectiveResult, measure_collectives
-from .device import describe_device, resolve_device
-from .grid import FULL_MAX_BATCH, FULL_MAX_BYTES, FULL_MAX_TOKENS, QUICK_MAX_BATCH, QUICK_MAX_BYTES, \
-    QUICK_MAX_TOKENS, Grid, fitting_batch, make_grid
+from .collectives import CollectiveResult, measure_collectives
+from .device import describe_device
+from .grid import Grid
 from .kernels import KernelPhase
+from .target import Target, _kv_dtype, _packed_weight_dtype, _panel_weight_dtype, resolve_target  # noqa: F401
 from .timer import QUICK_REPEAT, REPEAT, WARMUP, time_interleaved
 
 log = logging.getLogger(__name__)
@@ -92,184 +90,10 @@ STEP_OVERHEAD_CONTEXT = 16
 """Context of the rows of that decode step."""
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """The resolved inputs of one sweep."""
-
-    spec: str
-    """What ``runner.weights.load_model`` loads."""
-    name: str
-    """The profile's model name (an ``exegpt.models.MODELS`` key where one matches)."""
-    args: ModelArgs
-    device: torch.device
-    dtype: str
-    tp_degrees: tuple[int, ...]
-    grid: Grid
-    quick: bool
-    max_prompt: int = 0
-    """The longest prompt a request can have (the workload's, else the model's context): ``attn_encode``
-    extrapolates in batch when its seq axis reaches it."""
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
-
-
-# --- phase 1: inputs ------------------------------------------------------------------------------
-
-
-def resolve_target(model_spec: str | ModelShape, tp_degrees=(1,), quick: bool = False, dtype: str | None = None,
-                   device: str | torch.device | None = None, grid: Grid | None = None,
-                   max_seq: int | None = None, max_batch: int | None = None,
-                   max_tokens: int | None = None, workload: Workload | None = None,
-                   fit_memory: bool = False) -> Target:
-    """Check every input and resolve defaults; one-line ``ExeGPTError`` on bad input. Loads no weights.
-
-    ``workload``: the lengths the profile must cover (the default grid's attention axes stop at its longest
-    prompt and context); ``fit_memory``: the default grid's batch axis stops at the largest batch whose KV cache
-    fits this device's memory at the grid's longest context (a budgeted sweep)."""
-    if isinstance(model_spec, ModelShape):
-        if model_spec.name not in MODELS:
-            raise ExeGPTError(f"model shape {model_spec.name!r} is not a preset; the profiler builds presets, "
-                              f"HF folders or 'smollm2'")
-        model_spec = model_spec.name
-    if not isinstance(model_spec, str) or not model_spec:
-        raise ExeGPTError(f"model {model_spec!r} must be a preset name, an HF checkpoint folder or 'smollm2'")
-    spec = model_spec.lower() if model_spec.lower() in MODELS else model_spec
-    dev = resolve_device(device)
-    if spec in MODELS and MODELS[spec].is_encoder_decoder:
-        raise ExeGPTError(f"the profiler times decoder-only llama/opt models; {spec!r} is an encoder-decoder (T5) "
-                          f"model, not supported yet")
-    # No layers, no embedding, no head: just the args (and the one-line error of an unknown model).
-    _, args, _ = load_model(spec, layers=(0, 0), embed=False, head=False)
-    if args.family not in ("llama", "opt"):
-        raise ExeGPTError(f"the profiler times decoder-only llama/opt models; {spec!r} is family {args.family!r}")
-    dtype = _resolve_dtype(spec, dtype, dev)
-    degrees = _resolve_tp(args, tp_degrees)
-    for name, v in (("max_seq", max_seq), ("max_batch", max_batch), ("max_tokens", max_tokens)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ExeGPTError(f"{name} {v!r} must be an integer >= 1")
-    prompt_cap = context_cap = min(args.max_seq_len, max_seq or args.max_seq_len)
-    if workload is not None:
-        if not isinstance(workload, Workload):
-            raise ExeGPTError(f"workload must be an exegpt.Workload, got {type(workload).__name__}")
-        if workload.max_total_len > args.max_seq_len:
-            raise ExeGPTError(f"workload {workload.name or ''} reaches {workload.max_total_len} tokens (prompt "
-                              f"{workload.input_len.max} + output {workload.output_len.max}), longer than "
-                              f"{args.name or spec}'s context of {args.max_seq_len}; expected requests within "
-                              f"the context (exegpt's --max-context clip or drop)".replace("workload  ", "workload "))
-        prompt_cap, context_cap = min(prompt_cap, workload.input_len.max), min(context_cap, workload.max_total_len)
-    if grid is None:
-        from runner.cpu_kernels import row_breaks
-
-        if fit_memory and max_batch is None:
-            max_batch = _fitting_batch(args, dtype, dev, context_cap, quick)
-        grid = make_grid(_shape_for_grid(args, context_cap), quick=quick, max_batch=max_batch,
-                         max_tokens=max_tokens, breaks=row_breaks(TORCH_DTYPES[dtype], dev), max_seq=prompt_cap,
-                         max_context=context_cap,
-                         max_bytes=_largest_message(args, dtype, max_tokens, quick) if fit_memory else None)
-    elif not isinstance(grid, Grid):
-        raise ExeGPTError(f"grid must be a profiler.grid.Grid, got {type(grid).__name__}")
-    if grid.max_len > args.max_seq_len:
-        raise ExeGPTError(f"grid length {grid.max_len} exceeds the model's max_seq_len={args.max_seq_len}")
-    max_prompt = min(args.max_seq_len, workload.input_len.max) if workload is not None else args.max_seq_len
-    return Target(spec=spec, name=_profile_name(spec, args), args=args, device=dev, dtype=dtype,
-                  tp_degrees=degrees, grid=grid, quick=quick, max_prompt=max_prompt)
-
-
-def _fitting_batch(args: ModelArgs, dtype: str, dev: torch.device, context: int, quick: bool) -> int:
-    """The largest batch (at most the quick / full grid's) whose KV cache of ``context`` tokens a row fits this
-    device's free memory beside the weights (and the CPU runner's packed copies of them)."""
-    from runner.model import cache_dtype
-
-    info = describe_device(dev)
-    elem = TORCH_DTYPES[dtype].itemsize
-    kv_elem = cache_dtype(TORCH_DTYPES[dtype], dev).itemsize
-    kv_per_token = args.n_layers * 2 * args.n_kv_heads * args.head_dim * kv_elem
-    layer = args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim + args.n_heads * args.head_dim * args.dim \
-        + (3 if args.gated_ffn else 2) * args.dim * args.ffn_dim
-    copies = 3 if dev.type == "cpu" else 1  # the weights, oneDNN's packed copy, the decode kernels' panels
-    weights = (copies * args.n_layers * layer + 2 * args.vocab_size * args.dim) * elem
-    return fitting_batch(info.available_bytes, weights, kv_per_token, context,
-                         QUICK_MAX_BATCH if quick else FULL_MAX_BATCH)
-
-
-def _largest_message(args: ModelArgs, dtype: str, max_tokens: int | None, quick: bool) -> int:
-    """The largest message the solver asks the collective tables for inside the grid: the hidden states of the
-    dense tables' most tokens (larger hand-offs extrapolate linearly: bandwidth-bound)."""
-    tokens = max_tokens or (QUICK_MAX_TOKENS if quick else FULL_MAX_TOKENS)
-    return int(min(QUICK_MAX_BYTES if quick else FULL_MAX_BYTES, tokens * args.dim * TORCH_DTYPES[dtype].itemsize))
-
-
-def _kv_dtype(t: Target) -> str | None:
-    """The runner's KV-cache dtype for this target when it is not the model's (fp32 for half precision on CPU)."""
-    from runner.model import cache_dtype
-
-    kv = cache_dtype(t.torch_dtype, t.device)
-    return None if kv == t.torch_dtype else _dtype_name(kv)
-
-
-def _packed_weight_dtype(t: Target) -> str | None:
-    """The dtype of the runner's prepacked copy of the Linear weights for this target (None: it keeps none)."""
-    from runner.linear import packed_weight_dtype
-
-    packed = packed_weight_dtype(t.torch_dtype, t.device)
-    return None if packed is None else _dtype_name(packed)
-
-
-def _panel_weight_dtype(t: Target) -> str | None:
-    """The dtype of the runner's CPU kernels' panel copy of the Linear weights for this target (None: none)."""
-    from runner.cpu_kernels import panel_dtype
-
-    panels = panel_dtype(t.torch_dtype, t.device)
-    return None if panels is None else _dtype_name(panels)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    """The profile's name of a torch dtype ('fp32', 'bf16', 'fp16')."""
-    return next(k for k, v in TORCH_DTYPES.items() if v == dtype)
-
-
-def _resolve_dtype(spec: str, dtype: str | None, dev: torch.device) -> str:
-    if dtype is None:
-        # CPUs run fp32 (the CPU presets' precision; bf16 matmuls on CPU are emulated on many parts);
-        # GPUs the model's serving precision.
-        return "fp32" if dev.type == "cpu" else (MODELS[spec].dtype if spec in MODELS else "bf16")
-    if dtype not in TORCH_DTYPES:
-        raise ExeGPTError(f"dtype {dtype!r} unknown; expected one of {', '.join(TORCH_DTYPES)}")
-    return dtype
-
-
-def _resolve_tp(args: ModelArgs, tp_degrees) -> tuple[int, ...]:
-    try:
-        degrees = tuple(tp_degrees)
-    except TypeError:
-        degrees = (tp_degrees,)
-    if not degrees:
-        raise ExeGPTError("no TP degree given; expected e.g. (1,) or (1, 2)")
-    for tp in degrees:
-        L.check_tp(args, tp)
-    return tuple(sorted(set(degrees)))
-
-
-def _shape_for_grid(args: ModelArgs, max_seq_len: int) -> ModelShape:
-    return ModelShape(name=args.name or "model", family=args.family, n_layers=args.n_layers, dim=args.dim,
-                      n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, ffn_dim=args.ffn_dim,
-                      vocab_size=args.vocab_size, max_seq_len=max_seq_len, head_dim=args.head_dim)
-
-
-def _profile_name(spec: str, args: ModelArgs) -> str:
-    if spec in MODELS:
-        return spec
-    if args.name in MODELS:
-        return args.name
-    return Path(args.name).name if args.name else (Path(spec).name or spec)
-
-
 # --- phase 3: step overhead -----------------------------------------------------------
 
 
-def measure_step_overhead(t: Target, repeat: int) -> dict:
+def measure_step_overhead(t: Target, repeat: int, head=None) -> dict:
     """Seconds of one runner decode step (``runner.generate.decode_step`` + the host copy of the tokens) of a
     ``STEP_OVERHEAD_LAYERS``-layer model at batch 1, minus its kernels (per-layer attention + rest, LM head),
     all timed round-robin so they share the machine's load; the minimum over repetitions of each."""
@@ -285,7 +109,7 @@ def measure_step_overhead(t: Target, repeat: int) -> dict:
         return runner_decode_step(model, ids, rows).tolist()
 
     shard = L.build_layer_shard(t.spec, 1, dtype=t.torch_dtype, device=t.device, max_rows=1, max_len=ctx)
-    head = L.build_head(t.spec, dtype=t.torch_dtype, device=t.device)
+    head = head if head is not None else L.build_head(t.spec, dtype=t.torch_dtype, device=t.device)
     fns = [step, L.attn_decode_region(shard, 1, ctx)[0], L.dense_decode_region(shard, 1)[0],
            L.lm_head_region(head, 1)[0]]
     s_step, s_attn, s_dense, s_head = time_interleaved(fns, repeat=max(3 * repeat, 30), device=t.device)
@@ -416,9 +240,7 @@ def _run(t: Target, o: SweepOptions) -> Profile:
     try:
         kernel_end = PHASE_SHARES["kernels"] * o.budget_s if budgeted else math.inf
         if budgeted:  # Phase 2a: price the points on this machine, then plan and say what will be measured.
-            shard = L.build_layer_shard(t.spec, 1, dtype=t.torch_dtype, device=t.device, max_rows=1, max_len=1)
-            s.kernels.probe(shard, L.build_head(t.spec, dtype=t.torch_dtype, device=t.device))
-            del shard
+            s.kernels.probe()
         flops_cap = CPU_ATTN_FLOPS_BUDGET[o.quick] if t.device.type == "cpu" else None
         s.kernels.plan(kernel_end - clock.spent_s(), flops_cap)
         s.sizes, s.coll_note = _collective_sizes(t, o)
@@ -435,7 +257,8 @@ def _run(t: Target, o: SweepOptions) -> Profile:
         # Phase 2: the kernel tables, then phase 3: the step overhead.
         s.kernels.measure(clock, kernel_end, tick)
         tick("step overhead")
-        s.overhead = measure_step_overhead(t, repeat)
+        s.overhead = measure_step_overhead(t, repeat, s.kernels.head)
+        s.kernels.release()
         # Phase 4: collectives in spawned process groups.
         if s.sizes:
             tick("collectives")
@@ -510,12 +333,13 @@ def _calibrate(prof: Profile, s: _Sweep, on_run) -> Profile:
     engine_s = left * (1 - WAA_RESERVE) if two_ranks else left
     try:
         prof = calibrate_engine(prof, t.spec, t.dtype, o.seed, max_seq_len=t.args.max_seq_len,
-                                budget_s=None if o.budget_s is None else engine_s, on_run=on_run)
+                                budget_s=None if o.budget_s is None else engine_s, on_run=on_run,
+                                start_s=s.kernels.load_s)
         if two_ranks:
             runs, turnovers = 3, TURNOVERS
             if o.budget_s is not None:  # one run of two turnovers (the first plan), where the time left holds it
                 turnovers = BUDGET_WAA_TURNOVERS
-                runs = int(waa_run_cost_s(prof, 0, turnovers) <= s.clock.left_s())
+                runs = int(waa_run_cost_s(prof, 0, turnovers, s.kernels.load_s) <= s.clock.left_s())
             if runs:
                 prof = calibrate_waa(prof, t.spec, t.dtype, o.seed, runs=runs, turnovers=turnovers)
             else:
