@@ -34,11 +34,16 @@ MIN_POINTS = 4
 POINT_SETUP_S = 2e-3
 """Seconds of building one point's inputs and bookkeeping, beyond its timed calls."""
 RETRY_FACTOR = 1.25
+LONG_CALL_S, LONG_CALLS = 0.25, 4
+"""A call priced above ``LONG_CALL_S`` seconds is made ``LONG_CALLS`` times (``profiler.tables.LONG_CALL_S``)."""
 """Expected share of re-timed calls (noisy points and spikes are timed again)."""
 PRIOR_CALL_S = {"cpu": 3e-5, "cuda": 1e-5}
 """Fixed seconds per call before any is measured."""
 PRIOR_RATE = {"cpu": 1e10, "cuda": 1e13}
 """FLOP/s before any call is measured."""
+MAX_POINT_SHARE = 0.1
+"""Largest share of the kernel phase's time one point may take (beyond a table's minimum): a single costly point
+would stake the budget on the price of one call."""
 MEMORY_CAP_BYTES = 2 ** 30
 """Most bytes one measured point may allocate (its KV cache and attention inputs); larger points are fitted."""
 
@@ -122,8 +127,11 @@ class CostModel:
         return a + work / rate
 
     def point_s(self, kernel: str, work: float) -> float:
-        """Seconds to measure one point: its calls (warm-up and repeats, some re-timed) and its setup."""
-        return RETRY_FACTOR * self.calls_per_point * self.call_s(kernel, work) + POINT_SETUP_S
+        """Seconds to measure one point: its calls (warm-up and repeats, some re-timed; fewer for a long call,
+        ``profiler.tables.LONG_CALL_S``) and its setup."""
+        call = self.call_s(kernel, work)
+        calls = LONG_CALLS if call > LONG_CALL_S else RETRY_FACTOR * self.calls_per_point
+        return calls * call + POINT_SETUP_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +173,8 @@ class TablePlan:
 
 def select_points(tables: list[Candidates], cost: CostModel, allot_s: float) -> list[TablePlan]:
     """Per table its ``MIN_POINTS`` cheapest points, then the cheapest points over all tables while their summed
-    cost fits ``allot_s`` seconds; points above ``MEMORY_CAP_BYTES`` only as a table's minimum."""
+    cost fits ``allot_s`` seconds; points above ``MEMORY_CAP_BYTES`` or ``MAX_POINT_SHARE`` of ``allot_s`` only as a
+    table's minimum."""
     chosen: list[set[int]] = []
     spent = 0.0
     rest = []
@@ -175,7 +184,8 @@ def select_points(tables: list[Candidates], cost: CostModel, allot_s: float) -> 
         keep = set(order[:MIN_POINTS])
         chosen.append(keep)
         spent += sum(costs[i] for i in keep)
-        rest += [(costs[i], t, i) for i in order[MIN_POINTS:] if c.memory_bytes[i] <= MEMORY_CAP_BYTES]
+        rest += [(costs[i], t, i) for i in order[MIN_POINTS:]
+                 if c.memory_bytes[i] <= MEMORY_CAP_BYTES and costs[i] <= MAX_POINT_SHARE * allot_s]
     for s, t, i in sorted(rest):
         if spent + s > allot_s:
             break

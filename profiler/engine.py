@@ -56,6 +56,10 @@ PROMPTS = (16, 64, 160)
 do not fit the model's context with the output are skipped."""
 OUTPUT = (40, 20, 80)
 """Output lengths (mean, std, max): rows finish at different iterations, as in real batches."""
+BUDGET_OUTPUT = (12, 6, 24)
+"""Output lengths of a budgeted calibration's runs: rows turn over in a few steps, so that a run reaches and
+measures its steady decode batch in a few dozen steps, not hundreds (a 30-layer model's step takes tens of
+milliseconds on a CPU)."""
 TURNOVERS = 3
 """Requests per point, in refill batches: one to fill the decode batch, then steady turnover (at least 8 B_E and
 24 requests, so that the steady window holds the report's minimum of finished requests)."""
@@ -80,7 +84,7 @@ def _tabulate(fit: tuple[float, float, float], xs, ys) -> tuple[tuple[float, ...
     return tuple(tuple(a + b * x + c * x * y for y in ys) for x in xs)
 
 
-ENGINE_MEMORY_BYTES = 2 ** 30
+ENGINE_MEMORY_BYTES = 2 ** 29
 """Most KV-cache bytes one calibration run may allocate (budgeted): larger runs are left out, their rows
 extrapolated along the fitted line."""
 RUN_START_S = 1.0
@@ -116,12 +120,15 @@ def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS,
     devices = f"1x{profile.device}"
     if max_seq_len is None:
         max_seq_len = MODELS[spec].max_seq_len if spec in MODELS else 1 << 30
-    levels = [m for m in prompts if 2 * m + OUTPUT[2] <= max_seq_len
+    levels = [m for m in prompts if 2 * m + (OUTPUT if budget_s is None else BUDGET_OUTPUT)[2] <= max_seq_len
               and 2 * m <= kernels.max_coord(Kernel.ATTN_ENCODE, 1, 1)] or [min(prompts)]
     runs = []
+    output = OUTPUT if budget_s is None else BUDGET_OUTPUT
     for m in levels:
-        w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
+        w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=output, name="calibration")
         for be, nd in schedules:
+            if budget_s is not None and not 0 < nd < output[2]:
+                continue  # one query to its end, or more iterations than the longest output: too long a run
             plan = evaluate_schedule(RRASchedule(be, nd or w.output_len.max - 1, 1, 0, 1), w, profile=kernels,
                                      devices=devices)
             e = plan.estimate
@@ -180,14 +187,23 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
 
     kernels = _kernels_only(profile)
     chosen, left_out = plan_runs(profile, spec, schedules, prompts, max_seq_len, budget_s, start_s=start_s)
-    points = []
+    points, overrun = [], 1.0
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     for k, r in enumerate(chosen):
         plan, e, be = r.plan, r.plan.estimate, r.plan.schedule.encode_batch
+        # Each run priced again by how far the runs so far overran their prices; one that no longer fits the time
+        # left is left out (the first run is always made).
+        if deadline is not None and points and r.cost_s * overrun > deadline - time.monotonic():
+            left_out.append(r)
+            continue
         stats = WorkloadStats.of(plan.workload)
         t0 = time.perf_counter()
         rep = run_plan(plan, spec, num_requests=r.num_requests, seed=seed, dtype=dtype)
         release_memory()
         wall_s = time.perf_counter() - t0
+        overrun = max(overrun, wall_s / r.cost_s)
+        log.info("engine run %d/%d %s, %d requests: %.1f s (priced %.1f s)", k + 1, len(chosen), plan.schedule,
+                 r.num_requests, wall_s, r.cost_s)
         n = e.decode_batch
         # The lengths the cost model asks the tables at (the batch's longest where the runner pads).
         prompt = float(stats.prompt_len(be, kernels.padded_batches))
@@ -214,8 +230,9 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
                        "prompts around each mean, mixed outputs; residual = measured phase time - kernel "
                        "prediction of the plan, fitted by non-negative least squares of relative error to "
                        "a + b n + c n L (n rows, L the padded prompt or context)",
-             "prompt_means": list(levels), "output": list(OUTPUT), "turnovers": TURNOVERS,
-             "budget_s": budget_s, "left_out": [f"prompt {r.prompt_mean}: {r.plan.schedule}" for r in left_out],
+             "prompt_means": list(levels), "output": list(OUTPUT if budget_s is None else BUDGET_OUTPUT),
+             "turnovers": TURNOVERS,
+             "budget_s": budget_s, "overrun": overrun, "left_out": [f"prompt {r.prompt_mean}: {r.plan.schedule}" for r in left_out],
              "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}
     log.info("engine overhead fits (a, b, c): encode %s, decode %s", enc_fit, dec_fit)
     return dataclasses.replace(profile, tables=tables, provenance=profile.provenance | {"engine": facts})
@@ -246,7 +263,7 @@ def waa_concurrency(estimate, run) -> float:
 
 
 def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, runs: int = 3,
-                  turnovers: int = TURNOVERS) -> Profile:
+                  turnovers: int = TURNOVERS, output: tuple = OUTPUT) -> Profile:
     """``profile`` with the two-rank ``rank_concurrency`` and the ``waa_period_factor`` measured by running WAA plans
     (``WAA_SCHEDULES`` in turn) through the runner on two ranks, ``runs`` runs of ~10 s each on 2 CPU cores.
 
@@ -267,7 +284,7 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
     plain = dataclasses.replace(profile, waa_period_factor=1.0,
                                 rank_concurrency=tuple((r, f) for r, f in profile.rank_concurrency if r != 2))
     m = WAA_PROMPT
-    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
+    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=output, name="calibration")
     devices = f"2x{profile.device}"
     points = []
     for r in range(runs):
@@ -284,7 +301,7 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
         e = evaluate_schedule(schedule, w, profile=measured, devices=devices).estimate
         ratios.append(period_over_longer(schedule.encode_batch, rep) / period_over_longer(schedule.encode_batch, e))
     raw = statistics.median(ratios)
-    facts = {"schedules": [str(s) for s, *_ in points], "prompt_mean": m, "output": list(OUTPUT),
+    facts = {"schedules": [str(s) for s, *_ in points], "prompt_mean": m, "output": list(output),
              "requests": [n for *_, n in points],
              "encode_meas_s": [rep.encode_stage_s for _, _, rep, _ in points],
              "encode_plain_s": [e.encode_stage_s for _, e, _, _ in points],
@@ -301,11 +318,12 @@ WAA_START_S = 8.0
 """Seconds a WAA calibration run takes beyond its requests' predicted time (two fresh ranks, their models)."""
 
 
-def waa_run_cost_s(profile: Profile, index: int = 0, turnovers: int = TURNOVERS, load_s: float = 0.0) -> float:
+def waa_run_cost_s(profile: Profile, index: int = 0, turnovers: int = TURNOVERS, load_s: float = 0.0,
+                   output: tuple = OUTPUT) -> float:
     """Priced seconds of ``calibrate_waa``'s run ``index`` (its plan's predicted time, as ``plan_runs`` prices;
     ``load_s``: the seconds the ranks take to load the model, beyond ``WAA_START_S``)."""
     m = WAA_PROMPT
-    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
+    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=output, name="calibration")
     e = evaluate_schedule(WAA_SCHEDULES[index % len(WAA_SCHEDULES)], w, profile=profile,
                           devices=f"2x{profile.device}").estimate
     n_req = max(math.ceil(turnovers * e.decode_batch), 48)

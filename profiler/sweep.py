@@ -267,7 +267,11 @@ def _run(t: Target, o: SweepOptions) -> Profile:
         prof = _assemble(s, partial=False)
         # Phases 6, 7: the executor, by running plans.
         if o.engine:
-            prof = _calibrate(prof, s, lambda k, n: bar.set_postfix_str(f"engine run {k}/{n} | {clock.status()}"))
+            def on_run(k: int, n: int) -> None:
+                bar.set_postfix_str(f"engine run {k}/{n} | {clock.status()}")
+                bar.update(0)  # a line now and then off a terminal
+
+            prof = _calibrate(prof, s, on_run)
     except ProfileInterrupted:
         raise
     except KeyboardInterrupt:
@@ -325,7 +329,7 @@ def _plan_lines(s: _Sweep) -> list[str]:
 def _calibrate(prof: Profile, s: _Sweep, on_run) -> Profile:
     """Phases 6 and 7 within the time left (all of it without a budget); a Ctrl-C keeps what phases 2-5 made,
     marked partial."""
-    from .engine import TURNOVERS, calibrate_engine, calibrate_waa, waa_run_cost_s
+    from .engine import BUDGET_OUTPUT, OUTPUT, TURNOVERS, calibrate_engine, calibrate_waa, waa_run_cost_s
 
     t, o = s.t, s.o
     two_ranks = s.coll is not None and (t.device.type == "cpu" or torch.cuda.device_count() >= 2)
@@ -336,12 +340,14 @@ def _calibrate(prof: Profile, s: _Sweep, on_run) -> Profile:
                                 budget_s=None if o.budget_s is None else engine_s, on_run=on_run,
                                 start_s=s.kernels.load_s)
         if two_ranks:
-            runs, turnovers = 3, TURNOVERS
-            if o.budget_s is not None:  # one run of two turnovers (the first plan), where the time left holds it
-                turnovers = BUDGET_WAA_TURNOVERS
-                runs = int(waa_run_cost_s(prof, 0, turnovers, s.kernels.load_s) <= s.clock.left_s())
+            runs, turnovers, output = 3, TURNOVERS, OUTPUT
+            if o.budget_s is not None:  # one short run (the first plan), where the time left holds it
+                turnovers, output = BUDGET_WAA_TURNOVERS, BUDGET_OUTPUT
+                overrun = prof.provenance.get("engine", {}).get("overrun", 1.0)  # the engine runs' measured / priced
+                cost = waa_run_cost_s(prof, 0, turnovers, s.kernels.load_s, output)
+                runs = int(overrun * cost <= s.clock.left_s())
             if runs:
-                prof = calibrate_waa(prof, t.spec, t.dtype, o.seed, runs=runs, turnovers=turnovers)
+                prof = calibrate_waa(prof, t.spec, t.dtype, o.seed, runs=runs, turnovers=turnovers, output=output)
             else:
                 prof = dataclasses.replace(prof, provenance=prof.provenance | {
                     "waa_period": "not measured: the budget held no WAA run"})

@@ -17,28 +17,31 @@ import torch
 from exegpt.profile import Kernel, ProfileTable
 
 from . import layer as L
-from .budget import Candidates, CostModel, TablePlan
+from .budget import LONG_CALL_S, Candidates, CostModel, TablePlan
 from .fit import Fit, fill_table
-from .timer import TimingStats, time_region
+from .timer import WARMUP, TimingStats, time_region
 
 NOISY_SPREAD = 0.5
 """A point whose spread (p90 - p10) exceeds this fraction of its median is timed once more."""
 SPIKE = 1.3
 """A measured point more than this factor above a point with more work (larger along any axis) is noise."""
 DESPIKE_PASSES = 2
+LONG_WARMUP, LONG_REPEAT = 1, 3
+"""Calls of a point priced above ``profiler.budget.LONG_CALL_S`` seconds (not re-timed as a spike either): its own
+noise is small against its length, and each call costs a share of the budget."""
 DENSE_CACHE_LEN = 512
 """Cache positions of the shard while its dense tables are timed (a long prefill's tokens are split into prompts
 of at most this many: the rest of a layer depends only on the token count)."""
 
 
 def measure(fn: Callable[[], object], setup: Callable[[], object] | None, repeat: int,
-            device: torch.device) -> TimingStats:
+            device: torch.device, warmup: int = WARMUP) -> TimingStats:
     """``time_region``, retried once with twice the repeats when the first try was noisy; the try with the lower
     median is kept (background load only ever adds time, and the monotone envelope of a table would spread a
     spike to every larger size)."""
-    s = time_region(fn, setup=setup, repeat=repeat, device=device)
+    s = time_region(fn, setup=setup, repeat=repeat, device=device, warmup=warmup)
     if s.spread_s > NOISY_SPREAD * s.median_s:
-        s2 = time_region(fn, setup=setup, repeat=2 * repeat, device=device)
+        s2 = time_region(fn, setup=setup, repeat=2 * repeat, device=device, warmup=warmup)
         s = min(s, s2, key=lambda x: x.median_s)
     return s
 
@@ -163,22 +166,29 @@ def measure_table(run: TableRun, region: Callable[..., L.Region], repeat: int, d
     slower than a neighbour with more work are re-timed (background load; the lower median is kept)."""
     c = run.plan.candidates
     work = dict(zip(c.index, c.work))
+    long = set()
     for n, idx in enumerate(run.plan.measure):
         coords = tuple(c.axes[k][i] for k, i in enumerate(idx))
-        s = measure(*region(*coords), repeat, device)
+        if cost.call_s(c.kernel, work[idx]) > LONG_CALL_S:
+            long.add(idx)
+            s = measure(*region(*coords), LONG_REPEAT, device, warmup=LONG_WARMUP)
+        else:
+            s = measure(*region(*coords), repeat, device)
         run.stats[idx] = s
         cost.observe(c.kernel, work[idx], s.median_s)
         if not on_point() and n + 1 >= min(len(run.plan.measure), 4):
             break
-    _despike(run, region, repeat, device)
+    _despike(run, region, repeat, device, long)
 
 
-def _despike(run: TableRun, region, repeat: int, device: torch.device) -> None:
+def _despike(run: TableRun, region, repeat: int, device: torch.device, skip: set = frozenset()) -> None:
     axes = run.plan.candidates.axes
     for _ in range(DESPIKE_PASSES):
         med, _, _ = run.arrays()
         bad = []
         for idx in run.stats:
+            if idx in skip:
+                continue
             for axis in range(med.ndim):
                 nxt = list(idx)
                 nxt[axis] += 1
