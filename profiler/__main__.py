@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         out = check_output(args.output)
         from .budget import DEFAULT_BUDGET_S, parse_duration
 
-        budget = None if (args.budget or "").lower() == "none" else parse_duration(args.budget) \
-            if args.budget is not None else None
+        unbudgeted = (args.budget or "").lower() == "none"
+        budget = parse_duration(args.budget) if args.budget is not None and not unbudgeted else None
         workload = resolve_workload(args.workload, args.trace)
         from .device import resolve_device  # torch import after the cheap checks
         from .sweep import ProfileInterrupted, profile_model
 
-        if args.budget is None:
+        if args.budget is None:  # the device's default
             budget = DEFAULT_BUDGET_S.get(resolve_device(args.device).type, DEFAULT_BUDGET_S["cpu"])
         try:
             profile = profile_model(args.model, tp_degrees=tuple(args.tp), quick=args.quick, dtype=args.dtype,

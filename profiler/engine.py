@@ -56,6 +56,8 @@ PROMPTS = (16, 64, 160)
 do not fit the model's context with the output are skipped."""
 OUTPUT = (40, 20, 80)
 """Output lengths (mean, std, max): rows finish at different iterations, as in real batches."""
+BUDGET_TURNOVERS = 2
+"""Refill batches of requests of a budgeted calibration run (at least 4 B_E and 16 requests)."""
 BUDGET_OUTPUT = (12, 6, 24)
 """Output lengths of a budgeted calibration's runs: rows turn over in a few steps, so that a run reaches and
 measures its steady decode batch in a few dozen steps, not hundreds (a 30-layer model's step takes tens of
@@ -114,7 +116,7 @@ def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS,
     """The calibration runs to make and those left out: every (prompt level, schedule) whose estimate is finite;
     with ``budget_s``, per prompt level the runs of the fewest and the most decode rows whose KV cache fits
     ``memory_bytes`` and whose priced seconds are within ``RUN_MAX_S`` (the ends of the fitted line), the costliest dropped while their priced seconds exceed the
-    budget (at least one run is kept). ``start_s``: seconds a run takes beyond its requests (at least
+    budget (none where even one does not fit: the profile then has no engine tables). ``start_s``: seconds a run takes beyond its requests (at least
     ``RUN_START_S``)."""
     kernels = _kernels_only(profile)
     devices = f"1x{profile.device}"
@@ -134,7 +136,8 @@ def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS,
             e = plan.estimate
             if not (math.isfinite(e.decode_step_s) and math.isfinite(e.encode_stage_s)):
                 continue
-            n_req = max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24)
+            n_req = (max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24) if budget_s is None else
+                     max(math.ceil(BUDGET_TURNOVERS * e.refill_batch), 4 * be, 16))
             kv = (e.decode_batch + be) * min(w.max_total_len, max_seq_len) * _kv_bytes_per_token(profile, spec)
             runs.append(CalibrationRun(m, plan, n_req, max(start_s, RUN_START_S) + RUN_SLACK * n_req / e.throughput_seq_s, kv))
     if budget_s is None:
@@ -146,7 +149,7 @@ def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS,
         fits = sorted((r for r in small if r.prompt_mean == m and r.cost_s <= cap),
                       key=lambda r: r.plan.estimate.decode_batch)
         chosen += list({id(r): r for r in fits[:1] + fits[-1:]}.values())
-    while len(chosen) > 1 and sum(r.cost_s for r in chosen) > budget_s:
+    while chosen and sum(r.cost_s for r in chosen) > budget_s:
         chosen.remove(max(chosen, key=lambda r: r.cost_s))
     return chosen, [r for r in runs if all(r is not c for c in chosen)]
 
@@ -192,8 +195,8 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
     for k, r in enumerate(chosen):
         plan, e, be = r.plan, r.plan.estimate, r.plan.schedule.encode_batch
         # Each run priced again by how far the runs so far overran their prices; one that no longer fits the time
-        # left is left out (the first run is always made).
-        if deadline is not None and points and r.cost_s * overrun > deadline - time.monotonic():
+        # left is left out.
+        if deadline is not None and r.cost_s * overrun > deadline - time.monotonic():
             left_out.append(r)
             continue
         stats = WorkloadStats.of(plan.workload)
@@ -217,7 +220,9 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
             on_run(k + 1, len(chosen))
     levels = sorted({r.prompt_mean for r in chosen})
     if not points:
-        return profile
+        note = f"not measured: the cheapest run was priced {min((r.cost_s for r in chosen + left_out), default=0):.0f} s, " \
+               f"the budget left {budget_s or 0:.0f} s"
+        return dataclasses.replace(profile, provenance=profile.provenance | {"engine": note})
     enc_fit = _fit([(p["encode_batch"], p["prompt"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
                     for p in points])
     dec_fit = _fit([(p["decode_rows"], p["context"], p["decode_meas_s"] - p["decode_kernels_s"],
@@ -231,7 +236,7 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
                        "prediction of the plan, fitted by non-negative least squares of relative error to "
                        "a + b n + c n L (n rows, L the padded prompt or context)",
              "prompt_means": list(levels), "output": list(OUTPUT if budget_s is None else BUDGET_OUTPUT),
-             "turnovers": TURNOVERS,
+             "turnovers": TURNOVERS if budget_s is None else BUDGET_TURNOVERS,
              "budget_s": budget_s, "overrun": overrun, "left_out": [f"prompt {r.prompt_mean}: {r.plan.schedule}" for r in left_out],
              "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}
     log.info("engine overhead fits (a, b, c): encode %s, decode %s", enc_fit, dec_fit)

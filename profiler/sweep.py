@@ -147,8 +147,11 @@ class SweepOptions:
 
 COLLECTIVE_START_S = 8.0
 """Seconds of a collective group beyond its message sizes (two fresh interpreters, the rank slowdown probe)."""
-COLLECTIVE_SIZE_S = 2.5
-"""Seconds per message size of a group (every collective, loaded, at that size)."""
+COLLECTIVE_SIZE_S = 2.0
+"""Seconds per message size of a group (every collective, loaded, at that size), beyond its bytes."""
+COLLECTIVE_BYTE_S = 2.5e-6
+"""Seconds per byte of one message size of a group: the hundreds of loaded hops and collectives at that size (on
+2 CPU cores a group of two took about 45 s at 16 MiB, 2-3 s at 1 MiB and below)."""
 MIN_COLLECTIVE_SIZES = 3
 BUDGET_WAA_TURNOVERS = 2
 """Turnovers of a budgeted sweep's one WAA run (``profiler.engine.calibrate_waa``)."""
@@ -300,7 +303,7 @@ def _collective_sizes(t: Target, o: SweepOptions) -> tuple[tuple[int, ...], str 
 
 
 def _collective_s(groups: int, sizes: tuple[int, ...]) -> float:
-    return groups * (COLLECTIVE_START_S + COLLECTIVE_SIZE_S * len(sizes))
+    return groups * (COLLECTIVE_START_S + sum(COLLECTIVE_SIZE_S + COLLECTIVE_BYTE_S * b for b in sizes))
 
 
 def _check_budget(s: _Sweep) -> None:
@@ -343,7 +346,8 @@ def _calibrate(prof: Profile, s: _Sweep, on_run) -> Profile:
             runs, turnovers, output = 3, TURNOVERS, OUTPUT
             if o.budget_s is not None:  # one short run (the first plan), where the time left holds it
                 turnovers, output = BUDGET_WAA_TURNOVERS, BUDGET_OUTPUT
-                overrun = prof.provenance.get("engine", {}).get("overrun", 1.0)  # the engine runs' measured / priced
+                engine = prof.provenance.get("engine")
+                overrun = engine.get("overrun", 1.0) if isinstance(engine, dict) else 1.0  # measured / priced
                 cost = waa_run_cost_s(prof, 0, turnovers, s.kernels.load_s, output)
                 runs = int(overrun * cost <= s.clock.left_s())
             if runs:
