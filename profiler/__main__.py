@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the lengths to cover: a paper task (S, T, G, C1, C2), a built-in trace (arxiv, azure_conv, "
                         "azure_code) or a workload JSON; the attention axes stop at its longest prompt and context")
     p.add_argument("--trace", default=None, metavar="FILE", help="the lengths to cover, from a trace file")
-    p.add_argument("--quick", action="store_true", help="quick grid (powers of two) and fewer repetitions (always, under a budget)")
+    p.add_argument("--quick", action="store_true",
+                   help="quick grid (powers of two) and fewer repetitions (always, under a budget)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="default: fp32 on CPU, the model's serving precision on GPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default cuda when available")
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                                     workload=workload, report=lambda line: print(line, file=sys.stderr))
         except ProfileInterrupted as e:
             if e.profile is None:
-                print("error: interrupted before every table a profile needs had a point; nothing saved", file=sys.stderr)
+                print("error: interrupted before every table a profile needs had a point; nothing saved",
+                      file=sys.stderr)
                 return 130
             e.profile.save(out)
             print(f"interrupted: wrote a partial profile to {out} ({len(e.profile.tables)} tables, the rest of each "

@@ -60,8 +60,8 @@ def parse_duration(text: str | float | int) -> float:
         parts = re.fullmatch(r"((\d+(\.\d*)?)([smh]))+|\d+(\.\d*)?", s)
         if not parts:
             raise ExeGPTError(f"budget {text!r} is not a duration; expected e.g. 300, 90s, 5m, 1m30s or 1h")
-        seconds = float(s) if s[-1].isdigit() else sum(float(v) * _UNITS[u]
-                                                         for v, _, u in re.findall(r"(\d+(\.\d*)?)([smh])", s))
+        parts = re.findall(r"(\d+(\.\d*)?)([smh])", s)
+        seconds = float(s) if s[-1].isdigit() else sum(float(v) * _UNITS[u] for v, _, u in parts)
     if not math.isfinite(seconds) or seconds <= 0:
         raise ExeGPTError(f"budget {text!r} must be a duration > 0, e.g. 5m")
     return seconds

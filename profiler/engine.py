@@ -114,9 +114,10 @@ def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS,
               budget_s: float | None = None, memory_bytes: float = ENGINE_MEMORY_BYTES, start_s: float = RUN_START_S
               ) -> tuple[list[CalibrationRun], list[CalibrationRun]]:
     """The calibration runs to make and those left out: every (prompt level, schedule) whose estimate is finite;
-    with ``budget_s``, per prompt level the runs of the fewest and the most decode rows whose KV cache fits
-    ``memory_bytes`` and whose priced seconds are within ``RUN_MAX_S`` (the ends of the fitted line), the costliest dropped while their priced seconds exceed the
-    budget (none where even one does not fit: the profile then has no engine tables). ``start_s``: seconds a run takes beyond its requests (at least
+    with ``budget_s``, per prompt level the runs of the fewest, the middle and the most decode rows whose KV cache fits
+    ``memory_bytes`` and whose priced seconds are within ``RUN_MAX_S`` (the ends and middle of the fitted line),
+    the costliest dropped while their priced seconds exceed the budget (none where even one does not fit: the
+    profile then has no engine tables). ``start_s``: seconds a run takes beyond its requests (at least
     ``RUN_START_S``)."""
     kernels = _kernels_only(profile)
     devices = f"1x{profile.device}"
@@ -139,16 +140,17 @@ def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS,
             n_req = (max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24) if budget_s is None else
                      max(math.ceil(BUDGET_TURNOVERS * e.refill_batch), 4 * be, 16))
             kv = (e.decode_batch + be) * min(w.max_total_len, max_seq_len) * _kv_bytes_per_token(profile, spec)
-            runs.append(CalibrationRun(m, plan, n_req, max(start_s, RUN_START_S) + RUN_SLACK * n_req / e.throughput_seq_s, kv))
+            cost = max(start_s, RUN_START_S) + RUN_SLACK * n_req / e.throughput_seq_s
+            runs.append(CalibrationRun(m, plan, n_req, cost, kv))
     if budget_s is None:
         return runs, []
     chosen = []
     small = [r for r in runs if r.kv_bytes <= memory_bytes] or runs[:1]
     cap = max(RUN_MAX_S, RUN_MAX_FACTOR * min((r.cost_s for r in small), default=0.0))
-    for m in levels:  # per prompt level its fewest and most decode rows that fit the memory: the fit's ends
+    for m in levels:  # per prompt level its fewest, middle and most decode rows that fit: the fit's ends and middle
         fits = sorted((r for r in small if r.prompt_mean == m and r.cost_s <= cap),
                       key=lambda r: r.plan.estimate.decode_batch)
-        chosen += list({id(r): r for r in fits[:1] + fits[-1:]}.values())
+        chosen += list({id(r): r for r in fits[:1] + fits[len(fits) // 2:len(fits) // 2 + 1] + fits[-1:]}.values())
     while chosen and sum(r.cost_s for r in chosen) > budget_s:
         chosen.remove(max(chosen, key=lambda r: r.cost_s))
     return chosen, [r for r in runs if all(r is not c for c in chosen)]
@@ -220,8 +222,8 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
             on_run(k + 1, len(chosen))
     levels = sorted({r.prompt_mean for r in chosen})
     if not points:
-        note = f"not measured: the cheapest run was priced {min((r.cost_s for r in chosen + left_out), default=0):.0f} s, " \
-               f"the budget left {budget_s or 0:.0f} s"
+        cheapest = min((r.cost_s for r in chosen + left_out), default=0.0)
+        note = f"not measured: the cheapest run was priced {cheapest:.0f} s, the budget left {budget_s or 0:.0f} s"
         return dataclasses.replace(profile, provenance=profile.provenance | {"engine": note})
     enc_fit = _fit([(p["encode_batch"], p["prompt"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
                     for p in points])
@@ -237,7 +239,8 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
                        "a + b n + c n L (n rows, L the padded prompt or context)",
              "prompt_means": list(levels), "output": list(OUTPUT if budget_s is None else BUDGET_OUTPUT),
              "turnovers": TURNOVERS if budget_s is None else BUDGET_TURNOVERS,
-             "budget_s": budget_s, "overrun": overrun, "left_out": [f"prompt {r.prompt_mean}: {r.plan.schedule}" for r in left_out],
+             "budget_s": budget_s, "overrun": overrun,
+             "left_out": [f"prompt {r.prompt_mean}: {r.plan.schedule}" for r in left_out],
              "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}
     log.info("engine overhead fits (a, b, c): encode %s, decode %s", enc_fit, dec_fit)
     return dataclasses.replace(profile, tables=tables, provenance=profile.provenance | {"engine": facts})

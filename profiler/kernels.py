@@ -192,4 +192,3 @@ def _dense_cache(shard: L.LayerShard, t, kernel: Kernel) -> None:
         if c is None or c.max_rows != rows or c.max_len != length:
             shard.model.cache = None
             shard.model.setup_cache(rows, length)
-

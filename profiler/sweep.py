@@ -77,9 +77,9 @@ called with packed weights, ``runner.cpu_kernels.LayerPack``; 8: the rank concur
 9: decode batches above 8 rows on the weights' panels, ``Profile.panel_weight_dtype``, and the token axis holding
 the backend's row breaks, ``runner.cpu_kernels.row_breaks``; 10: the WAA lockstep, ``Profile.waa_period_factor``;
 11: the two-rank concurrency measured by WAA runs; 12: prefill attends causally without a padding mask,
-``runner.model.prefill_step``; 13: all-to-all and all-gather tables, ``runner.ulysses``; 14: points priced and chosen within a time budget, the rest
-fitted, ``profiler.budget``, and the engine calibration's runs sized to it), so cached profiles of an older method
-are measured again."""
+``runner.model.prefill_step``; 13: all-to-all and all-gather tables, ``runner.ulysses``; 14: points priced and
+chosen within a time budget, the rest fitted, ``profiler.budget``, and the engine calibration's runs sized to it), so
+cached profiles of an older method are measured again."""
 
 CPU_ATTN_FLOPS_BUDGET = {True: 2e10, False: 2e11}
 """Without a budget: largest attention work (FLOPs) measured per point on a CPU, for quick / full grids; beyond
@@ -319,7 +319,8 @@ def _plan_lines(s: _Sweep) -> list[str]:
     """What the budgeted sweep will measure and fit, said before it starts."""
     b = s.o.budget_s
     lines = [f"budget {format_duration(b)} ({s.clock.status()} after pricing the points): kernel tables "
-             f"{format_duration(PHASE_SHARES['kernels'] * b)}, collectives {format_duration(PHASE_SHARES['collectives'] * b)}, "
+             f"{format_duration(PHASE_SHARES['kernels'] * b)}, "
+             f"collectives {format_duration(PHASE_SHARES['collectives'] * b)}, "
              f"engine calibration the rest"]
     g = s.t.grid
     lines.append(f"  grid: batch <= {g.batches[-1]}, prompt <= {g.seqs[-1]}, context <= {g.contexts[-1]}, "
