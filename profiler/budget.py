@@ -68,7 +68,9 @@ def parse_duration(text: str | float | int) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """``75.3`` -> ``1m15s``; under a minute ``42s`` (or ``4.2s``)."""
+    """``75.3`` -> ``1m15s``; under a minute ``42s`` (or ``4.2s``, ``0.05s``)."""
+    if seconds < 1:
+        return f"{seconds:.2g}s"
     if seconds < 10:
         return f"{seconds:.1f}s"
     m, s = divmod(int(round(seconds)), 60)
