@@ -116,6 +116,16 @@ def _bound(value: float, quantile: float) -> LatencyBound:
     return LatencyBound(value, quantile)
 
 
+def _note_extrapolation(plan: Plan, profile: Profile | None) -> None:
+    """Says when the plan's estimate read a measured profile's fitted cells or beyond its grid."""
+    if profile is not None and profile.source == "measured":
+        from .extrapolation import extrapolation_note
+
+        note = extrapolation_note(plan, profile)
+        if note:
+            print(f"  note: {note}")
+
+
 def _print_plan(plan: Plan, title: str = "plan"):
     e = plan.estimate
     print(f"{title}: {describe(plan.schedule)}   [{plan.model} on {plan.devices}, profile {plan.profile_id}]")
@@ -187,6 +197,7 @@ def cmd_plan(a) -> int:
                              device_counts=a.device_counts,
                              simulated=SimulatedSearch(num_requests=a.sim_requests, max_simulated=a.max_simulated))
         _print_plan(plan)
+        _note_extrapolation(plan, target["profile"])
         if a.out:
             plan.save(a.out)
             print(f"wrote {a.out}")
@@ -199,6 +210,7 @@ def cmd_plan(a) -> int:
         raise ExeGPTError("--verify replays the pick of the branch-and-bound search; drop --exhaustive or --verify")
     plan = fn(w, bound, **kw)
     _print_plan(plan)
+    _note_extrapolation(plan, target["profile"])
     given = offered_cluster(a.devices, target["profile"])
     if plan.schedule.num_gpus < given.count:
         print(f"  uses {plan.schedule.num_gpus} of the {given.count} devices: more would be slower under this bound "

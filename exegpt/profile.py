@@ -39,7 +39,9 @@ smallest size (a fractional micro-batch of 0.5 rows costs what 1 row costs: an u
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -112,6 +114,10 @@ class ProfileTable:
     """Whether lookups beyond the last grid point extend the last segment linearly."""
     spread_s: tuple | None = None
     """Optional spread (p90 - p10) with the same shape as ``seconds``."""
+    fitted: tuple | None = None
+    """Optional flags with the same shape as ``seconds``: True where the cell was not measured but filled from a
+    least-squares fit of the measured cells (``profiler.fit``; its form and held-out error are in the profile's
+    provenance under ``fits``). None: every cell measured."""
 
     def __post_init__(self):
         object.__setattr__(self, "kernel", _kernel(self.kernel))
@@ -139,6 +145,15 @@ class ProfileTable:
         if not np.all(np.isfinite(s)) or np.any(s < 0):
             bad = s[~np.isfinite(s) | (s < 0)].ravel()[0]
             raise ExeGPTError(f"{where}: seconds holds {bad!r}; expected finite times >= 0 (a hole?)")
+        if self.fitted is not None:
+            f = np.asarray(self.fitted)
+            if f.shape != shape or f.dtype != bool:
+                raise ExeGPTError(f"{where}: fitted must be true/false flags of shape {shape}, got {f.shape}")
+            object.__setattr__(self, "fitted", _tuplify(f.tolist()))
+
+    def fitted_mask(self) -> np.ndarray | None:
+        """``fitted`` as a boolean array, or None when every cell was measured."""
+        return None if self.fitted is None else np.asarray(self.fitted, dtype=bool)
 
     def grid(self) -> tuple[np.ndarray, ...]:
         if self.ys:
@@ -162,6 +177,8 @@ class ProfileTable:
             d["ys"] = list(self.ys)
         if self.spread_s is not None:
             d["spread_s"] = _listify(self.spread_s)
+        if self.fitted is not None:
+            d["fitted"] = _boolify(self.fitted)
         return d
 
     @classmethod
@@ -169,9 +186,20 @@ class ProfileTable:
         try:
             return cls(kernel=d["kernel"], tp=int(d["tp"]), xs=tuple(d["xs"]), ys=tuple(d.get("ys", ())),
                        seconds=_tuplify(d["seconds"]), extrapolate=bool(d.get("extrapolate", False)),
-                       spread_s=_tuplify(d["spread_s"]) if d.get("spread_s") is not None else None)
+                       spread_s=_tuplify(d["spread_s"]) if d.get("spread_s") is not None else None,
+                       fitted=_tuplify(d["fitted"]) if d.get("fitted") is not None else None)
         except KeyError as e:
             raise ExeGPTError(f"profile table {d.get('kernel', '?')!r} misses field {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ExtrapolatedReads:
+    """Lookups of one table that did not read measured cells alone (``Profile.extrapolated_reads``)."""
+
+    fitted: int = 0
+    """Points whose interpolation weighs a cell filled from a fit."""
+    beyond: int = 0
+    """Points beyond the table's grid (its last segment extended linearly)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,6 +262,7 @@ class Profile(JSONFile):
     provenance: dict = field(default_factory=dict)
     """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
     _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+    _watchers: list = field(init=False, repr=False, compare=False, default_factory=list)
 
     def __post_init__(self):
         if not self.tables:
@@ -265,6 +294,54 @@ class Profile(JSONFile):
     @property
     def id(self) -> str:
         return f"{self.model}@{self.device}"
+
+    @property
+    def partial(self) -> bool:
+        """Whether the profiler was interrupted before it finished (``provenance["partial"]``): the tables it had
+        not measured are filled from fits of what it had."""
+        return bool(self.provenance.get("partial", False))
+
+    def fit_error(self, kernel: Kernel, tp: int = 1) -> float | None:
+        """The held-out relative error of the fit that filled ``kernel``'s unmeasured cells at ``tp``
+        (``provenance["fits"]``), or None when none was recorded."""
+        fit = self.provenance.get("fits", {}).get(f"{_kernel(kernel).value} tp={tp}", {})
+        err = fit.get("held_out_error")
+        return None if err is None else float(err)
+
+    @contextlib.contextmanager
+    def extrapolated_reads(self):
+        """While open, count the lookups that read a cell filled by a fit (``ProfileTable.fitted``) or lie beyond
+        a table's measured grid: yields a dict ``(kernel, tp) -> ExtrapolatedReads`` that fills as lookups run."""
+        seen: dict = {}
+        self._watchers.append(seen)
+        try:
+            yield seen
+        finally:
+            self._watchers.remove(seen)
+
+    def _note_reads(self, table: ProfileTable, pts: list[np.ndarray], ok: np.ndarray) -> None:
+        """Adds the in-range points of one lookup that read fitted cells or lie beyond the grid to every open
+        ``extrapolated_reads``."""
+        grids = table.grid()
+        beyond = np.zeros(ok.shape, dtype=bool)
+        for p, grid in zip(pts, grids):
+            beyond |= p > grid[-1]
+        fitted = np.zeros(ok.shape, dtype=bool)
+        mask = table.fitted_mask()
+        if mask is not None and mask.any():
+            nodes = []  # per axis, the grid nodes a piecewise-linear lookup weighs (one on a node, else two)
+            for p, grid in zip(pts, grids):
+                q = np.clip(p, grid[0], grid[-1])
+                lo = np.clip(np.searchsorted(grid, q, side="right") - 1, 0, len(grid) - 1)
+                nodes.append((lo, np.minimum(lo + (q > grid[lo]), len(grid) - 1)))
+            for corner in itertools.product(*nodes):
+                fitted |= mask[corner]
+        n_fitted, n_beyond = int((fitted & ok).sum()), int((beyond & ok & ~fitted).sum())
+        if n_fitted or n_beyond:
+            key = (table.kernel, table.tp)
+            for seen in self._watchers:
+                r = seen.get(key, ExtrapolatedReads())
+                seen[key] = ExtrapolatedReads(r.fitted + n_fitted, r.beyond + n_beyond)
 
     def slowdown(self, ranks: int) -> float:
         """``rank_slowdown`` at ``ranks`` ranks computing at once: the entry of the most ranks measured up to
@@ -325,6 +402,8 @@ class Profile(JSONFile):
             hi = np.inf if table.extrapolate else grid[-1]
             ok &= p <= hi
             clipped.append(np.clip(p, grid[0], hi))
+        if self._watchers:
+            self._note_reads(table, pts, ok)
         out = interp(*(c.ravel() for c in clipped)).reshape(pts[0].shape)
         return np.maximum(out, 0.0), ok
 
@@ -412,6 +491,10 @@ def today() -> str:
 
 def _listify(x):
     return [_listify(v) for v in x] if isinstance(x, (tuple, list, np.ndarray)) else float(x)
+
+
+def _boolify(x):
+    return [_boolify(v) for v in x] if isinstance(x, (tuple, list)) else bool(x)
 
 
 def _tuplify(x):

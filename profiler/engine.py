@@ -27,17 +27,21 @@ rows ran at 0.68-0.82x their predicted decode step.)
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import logging
 import math
 import statistics
+import time
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import nnls
 
 from exegpt import Kernel, Policy, Profile, ProfileTable, RRASchedule, WAASchedule, Workload, evaluate_schedule
 from exegpt.cost import WorkloadStats
-from exegpt.models import MODELS
+from exegpt.models import DTYPE_BYTES, MODELS
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,12 @@ PROMPTS = (16, 64, 160)
 do not fit the model's context with the output are skipped."""
 OUTPUT = (40, 20, 80)
 """Output lengths (mean, std, max): rows finish at different iterations, as in real batches."""
+BUDGET_TURNOVERS = 2
+"""Refill batches of requests of a budgeted calibration run (at least 4 B_E and 16 requests)."""
+BUDGET_OUTPUT = (12, 6, 24)
+"""Output lengths of a budgeted calibration's runs: rows turn over in a few steps, so that a run reaches and
+measures its steady decode batch in a few dozen steps, not hundreds (a 30-layer model's step takes tens of
+milliseconds on a CPU)."""
 TURNOVERS = 3
 """Requests per point, in refill batches: one to fill the decode batch, then steady turnover (at least 8 B_E and
 24 requests, so that the steady window holds the report's minimum of finished requests)."""
@@ -76,42 +86,145 @@ def _tabulate(fit: tuple[float, float, float], xs, ys) -> tuple[tuple[float, ...
     return tuple(tuple(a + b * x + c * x * y for y in ys) for x in xs)
 
 
-def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, schedules=SCHEDULES,
-                     prompts=PROMPTS, max_seq_len: int | None = None) -> Profile:
-    """``profile`` with ``engine_encode`` and ``engine_decode`` tables measured through the runner's executor.
+ENGINE_MEMORY_BYTES = 2 ** 29
+"""Most KV-cache bytes one calibration run may allocate (budgeted): larger runs are left out, their rows
+extrapolated along the fitted line."""
+RUN_START_S = 1.0
+"""Seconds a run takes beyond its requests' predicted time (building the model, the warm-up)."""
+RUN_SLACK = 1.5
+"""Measured over predicted seconds a calibration run is priced at (the executor's own work the run measures)."""
+RUN_MAX_S = 8.0
+"""Longest priced run a budgeted calibration makes, or ``RUN_MAX_FACTOR`` times the cheapest run where that is
+longer (a larger model's runs all take longer); longer ones are left out: the fitted line extends to their rows."""
+RUN_MAX_FACTOR = 4.0
 
-    ``max_seq_len``: the model's context (default: the preset's, else unbounded), to skip prompt levels that do
-    not fit.
-    """
-    from runner.run import run_plan
 
-    kernels = dataclasses.replace(profile, tables=tuple(t for t in profile.tables if t.kernel not in
-                                                        (Kernel.ENGINE_ENCODE, Kernel.ENGINE_DECODE)))
+@dataclass(frozen=True, slots=True)
+class CalibrationRun:
+    """One planned run of ``calibrate_engine``: a plan, its requests, its priced seconds and KV-cache bytes."""
+
+    prompt_mean: int
+    plan: object
+    num_requests: int
+    cost_s: float
+    kv_bytes: float
+
+
+def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS, max_seq_len: int | None = None,
+              budget_s: float | None = None, memory_bytes: float = ENGINE_MEMORY_BYTES, start_s: float = RUN_START_S
+              ) -> tuple[list[CalibrationRun], list[CalibrationRun]]:
+    """The calibration runs to make and those left out: every (prompt level, schedule) whose estimate is finite;
+    with ``budget_s``, per prompt level the runs of the fewest, the middle and the most decode rows whose KV cache fits
+    ``memory_bytes`` and whose priced seconds are within ``RUN_MAX_S`` (the ends and middle of the fitted line),
+    the costliest dropped while their priced seconds exceed the budget (none where even one does not fit: the
+    profile then has no engine tables). ``start_s``: seconds a run takes beyond its requests (at least
+    ``RUN_START_S``)."""
+    kernels = _kernels_only(profile)
     devices = f"1x{profile.device}"
     if max_seq_len is None:
         max_seq_len = MODELS[spec].max_seq_len if spec in MODELS else 1 << 30
-    levels = [m for m in prompts if 2 * m + OUTPUT[2] <= max_seq_len
+    levels = [m for m in prompts if 2 * m + (OUTPUT if budget_s is None else BUDGET_OUTPUT)[2] <= max_seq_len
               and 2 * m <= kernels.max_coord(Kernel.ATTN_ENCODE, 1, 1)] or [min(prompts)]
-    points = []
+    runs = []
+    output = OUTPUT if budget_s is None else BUDGET_OUTPUT
     for m in levels:
-        w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
-        stats = WorkloadStats.of(w)
+        w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=output, name="calibration")
         for be, nd in schedules:
+            if budget_s is not None and not 0 < nd < output[2]:
+                continue  # one query to its end, or more iterations than the longest output: too long a run
             plan = evaluate_schedule(RRASchedule(be, nd or w.output_len.max - 1, 1, 0, 1), w, profile=kernels,
                                      devices=devices)
             e = plan.estimate
             if not (math.isfinite(e.decode_step_s) and math.isfinite(e.encode_stage_s)):
                 continue
-            n_req = max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24)
-            rep = run_plan(plan, spec, num_requests=n_req, seed=seed, dtype=dtype)
-            n = e.decode_batch
-            # The lengths the cost model asks the tables at (the batch's longest where the runner pads).
-            prompt = float(stats.prompt_len(be, kernels.padded_batches))
-            ctx = float(stats.context_len(n, kernels.padded_decode))
-            points.append({"encode_batch": be, "decode_iters": plan.schedule.decode_iters, "requests": n_req,
-                           "prompt": prompt, "decode_rows": n, "context": ctx, "measured_rows": rep.decode_batch,
-                           "decode_meas_s": rep.decode_step_s, "decode_kernels_s": e.decode_step_s,
-                           "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": e.encode_stage_s})
+            n_req = (max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24) if budget_s is None else
+                     max(math.ceil(BUDGET_TURNOVERS * e.refill_batch), 4 * be, 16))
+            kv = (e.decode_batch + be) * min(w.max_total_len, max_seq_len) * _kv_bytes_per_token(profile, spec)
+            cost = max(start_s, RUN_START_S) + RUN_SLACK * n_req / e.throughput_seq_s
+            runs.append(CalibrationRun(m, plan, n_req, cost, kv))
+    if budget_s is None:
+        return runs, []
+    chosen = []
+    small = [r for r in runs if r.kv_bytes <= memory_bytes] or runs[:1]
+    cap = max(RUN_MAX_S, RUN_MAX_FACTOR * min((r.cost_s for r in small), default=0.0))
+    for m in levels:  # per prompt level its fewest, middle and most decode rows that fit: the fit's ends and middle
+        fits = sorted((r for r in small if r.prompt_mean == m and r.cost_s <= cap),
+                      key=lambda r: r.plan.estimate.decode_batch)
+        chosen += list({id(r): r for r in fits[:1] + fits[len(fits) // 2:len(fits) // 2 + 1] + fits[-1:]}.values())
+    while chosen and sum(r.cost_s for r in chosen) > budget_s:
+        chosen.remove(max(chosen, key=lambda r: r.cost_s))
+    return chosen, [r for r in runs if all(r is not c for c in chosen)]
+
+
+def _kernels_only(profile: Profile) -> Profile:
+    return dataclasses.replace(profile, tables=tuple(t for t in profile.tables if t.kernel not in
+                                                     (Kernel.ENGINE_ENCODE, Kernel.ENGINE_DECODE)))
+
+
+def _kv_bytes_per_token(profile: Profile, spec: str) -> float:
+    """KV-cache bytes of one token over every layer of the runner's cache for ``spec``."""
+    from runner.run import model_args
+
+    a = model_args(spec)
+    return a.n_layers * 2 * a.n_kv_heads * a.head_dim * DTYPE_BYTES[profile.kv_dtype or profile.dtype]
+
+
+def release_memory() -> None:
+    """Hands freed memory back to the system after a run (glibc keeps freed arenas otherwise, and the resident
+    size grows run after run)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, schedules=SCHEDULES,
+                     prompts=PROMPTS, max_seq_len: int | None = None, budget_s: float | None = None,
+                     on_run=None, start_s: float = RUN_START_S) -> Profile:
+    """``profile`` with ``engine_encode`` and ``engine_decode`` tables measured through the runner's executor.
+
+    ``max_seq_len``: the model's context (default: the preset's, else unbounded), to skip prompt levels that do
+    not fit. ``budget_s``: seconds the runs may take (``plan_runs``); None: every run. ``on_run(done, total)``:
+    told after every run. ``start_s``: a run's seconds beyond its requests, for ``plan_runs``.
+    """
+    from runner.run import run_plan
+
+    kernels = _kernels_only(profile)
+    chosen, left_out = plan_runs(profile, spec, schedules, prompts, max_seq_len, budget_s, start_s=start_s)
+    points, overrun = [], 1.0
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    for k, r in enumerate(chosen):
+        plan, e, be = r.plan, r.plan.estimate, r.plan.schedule.encode_batch
+        # Each run priced again by how far the runs so far overran their prices; one that no longer fits the time
+        # left is left out.
+        if deadline is not None and r.cost_s * overrun > deadline - time.monotonic():
+            left_out.append(r)
+            continue
+        stats = WorkloadStats.of(plan.workload)
+        t0 = time.perf_counter()
+        rep = run_plan(plan, spec, num_requests=r.num_requests, seed=seed, dtype=dtype)
+        release_memory()
+        wall_s = time.perf_counter() - t0
+        overrun = max(overrun, wall_s / r.cost_s)
+        log.info("engine run %d/%d %s, %d requests: %.1f s (priced %.1f s)", k + 1, len(chosen), plan.schedule,
+                 r.num_requests, wall_s, r.cost_s)
+        n = e.decode_batch
+        # The lengths the cost model asks the tables at (the batch's longest where the runner pads).
+        prompt = float(stats.prompt_len(be, kernels.padded_batches))
+        ctx = float(stats.context_len(n, kernels.padded_decode))
+        points.append({"encode_batch": be, "decode_iters": plan.schedule.decode_iters, "requests": r.num_requests,
+                       "prompt": prompt, "decode_rows": n, "context": ctx, "measured_rows": rep.decode_batch,
+                       "decode_meas_s": rep.decode_step_s, "decode_kernels_s": e.decode_step_s,
+                       "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": e.encode_stage_s,
+                       "priced_s": r.cost_s, "wall_s": wall_s})
+        if on_run is not None:
+            on_run(k + 1, len(chosen))
+    levels = sorted({r.prompt_mean for r in chosen})
+    if not points:
+        cheapest = min((r.cost_s for r in chosen + left_out), default=0.0)
+        note = f"not measured: the cheapest run was priced {cheapest:.0f} s, the budget left {budget_s or 0:.0f} s"
+        return dataclasses.replace(profile, provenance=profile.provenance | {"engine": note})
     enc_fit = _fit([(p["encode_batch"], p["prompt"], p["encode_meas_s"] - p["encode_kernels_s"], p["encode_meas_s"])
                     for p in points])
     dec_fit = _fit([(p["decode_rows"], p["context"], p["decode_meas_s"] - p["decode_kernels_s"],
@@ -124,7 +237,10 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
                        "prompts around each mean, mixed outputs; residual = measured phase time - kernel "
                        "prediction of the plan, fitted by non-negative least squares of relative error to "
                        "a + b n + c n L (n rows, L the padded prompt or context)",
-             "prompt_means": list(levels), "output": list(OUTPUT), "turnovers": TURNOVERS,
+             "prompt_means": list(levels), "output": list(OUTPUT if budget_s is None else BUDGET_OUTPUT),
+             "turnovers": TURNOVERS if budget_s is None else BUDGET_TURNOVERS,
+             "budget_s": budget_s, "overrun": overrun,
+             "left_out": [f"prompt {r.prompt_mean}: {r.plan.schedule}" for r in left_out],
              "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}
     log.info("engine overhead fits (a, b, c): encode %s, decode %s", enc_fit, dec_fit)
     return dataclasses.replace(profile, tables=tables, provenance=profile.provenance | {"engine": facts})
@@ -154,7 +270,8 @@ def waa_concurrency(estimate, run) -> float:
     return 1.0 + extra / (2 * min(t_e, t_d))
 
 
-def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, runs: int = 3) -> Profile:
+def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 0, runs: int = 3,
+                  turnovers: int = TURNOVERS, output: tuple = OUTPUT) -> Profile:
     """``profile`` with the two-rank ``rank_concurrency`` and the ``waa_period_factor`` measured by running WAA plans
     (``WAA_SCHEDULES`` in turn) through the runner on two ranks, ``runs`` runs of ~10 s each on 2 CPU cores.
 
@@ -175,15 +292,16 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
     plain = dataclasses.replace(profile, waa_period_factor=1.0,
                                 rank_concurrency=tuple((r, f) for r, f in profile.rank_concurrency if r != 2))
     m = WAA_PROMPT
-    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=OUTPUT, name="calibration")
+    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=output, name="calibration")
     devices = f"2x{profile.device}"
     points = []
     for r in range(runs):
         schedule = WAA_SCHEDULES[r % len(WAA_SCHEDULES)]
         plan = evaluate_schedule(schedule, w, profile=plain, devices=devices)
-        n_req = max(math.ceil(TURNOVERS * plan.estimate.decode_batch), 48)
+        n_req = max(math.ceil(turnovers * plan.estimate.decode_batch), 48)
         points.append((schedule, plan.estimate, run_plan(plan, spec, num_requests=n_req, seed=seed + r, dtype=dtype),
                        n_req))
+        release_memory()
     concurrency = max(1.0, statistics.median(waa_concurrency(e, rep) for _, e, rep, _ in points))
     measured = dataclasses.replace(plain, rank_concurrency=tuple(sorted(plain.rank_concurrency + ((2, concurrency),))))
     ratios = []
@@ -191,7 +309,7 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
         e = evaluate_schedule(schedule, w, profile=measured, devices=devices).estimate
         ratios.append(period_over_longer(schedule.encode_batch, rep) / period_over_longer(schedule.encode_batch, e))
     raw = statistics.median(ratios)
-    facts = {"schedules": [str(s) for s, *_ in points], "prompt_mean": m, "output": list(OUTPUT),
+    facts = {"schedules": [str(s) for s, *_ in points], "prompt_mean": m, "output": list(output),
              "requests": [n for *_, n in points],
              "encode_meas_s": [rep.encode_stage_s for _, _, rep, _ in points],
              "encode_plain_s": [e.encode_stage_s for _, e, _, _ in points],
@@ -202,3 +320,19 @@ def calibrate_waa(profile: Profile, spec: str, dtype: str = "fp32", seed: int = 
     log.info("WAA concurrency %.3f (probe %.3f), period factor %.3f", concurrency, profile.concurrency(2), raw)
     return dataclasses.replace(measured, waa_period_factor=max(1.0, raw),
                                provenance=profile.provenance | {"waa_period": facts})
+
+
+WAA_START_S = 8.0
+"""Seconds a WAA calibration run takes beyond its requests' predicted time (two fresh ranks, their models)."""
+
+
+def waa_run_cost_s(profile: Profile, index: int = 0, turnovers: int = TURNOVERS, load_s: float = 0.0,
+                   output: tuple = OUTPUT) -> float:
+    """Priced seconds of ``calibrate_waa``'s run ``index`` (its plan's predicted time, as ``plan_runs`` prices;
+    ``load_s``: the seconds the ranks take to load the model, beyond ``WAA_START_S``)."""
+    m = WAA_PROMPT
+    w = Workload.truncated_normal(input=(m, m / 3, 2 * m), output=output, name="calibration")
+    e = evaluate_schedule(WAA_SCHEDULES[index % len(WAA_SCHEDULES)], w, profile=profile,
+                          devices=f"2x{profile.device}").estimate
+    n_req = max(math.ceil(turnovers * e.decode_batch), 48)
+    return WAA_START_S + load_s + RUN_SLACK * n_req / e.throughput_seq_s

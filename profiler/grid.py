@@ -118,10 +118,11 @@ class Grid:
 
 
 def make_grid(shape: ModelShape, quick: bool = False, max_batch: int | None = None,
-              max_tokens: int | None = None, max_bytes: int | None = None, breaks: tuple[int, ...] = ()) -> Grid:
-    """The default grid for ``shape``: attention axes up to ``shape.max_seq_len``, batches up to 128 (quick)
-    or 256 (full), tokens up to 4096 / 16384 (dense tables extrapolate linearly beyond), messages up to
-    16 MiB / 256 MiB.
+              max_tokens: int | None = None, max_bytes: int | None = None, breaks: tuple[int, ...] = (),
+              max_seq: int | None = None, max_context: int | None = None) -> Grid:
+    """The default grid for ``shape``: attention axes up to ``shape.max_seq_len`` (or ``max_seq`` prompt tokens and
+    ``max_context`` context tokens, what a workload reaches), batches up to 128 (quick) or 256 (full), tokens up
+    to 4096 / 16384 (dense tables extrapolate linearly beyond), messages up to 16 MiB / 256 MiB.
 
     ``breaks``: token counts where the backend changes how it computes a layer (``runner.cpu_kernels.row_breaks``:
     the last count of one way and the first of the next). They join the token axis, so that interpolation never
@@ -133,14 +134,29 @@ def make_grid(shape: ModelShape, quick: bool = False, max_batch: int | None = No
     max_batch = max_batch or (QUICK_MAX_BATCH if quick else FULL_MAX_BATCH)
     max_tokens = max_tokens or (QUICK_MAX_TOKENS if quick else FULL_MAX_TOKENS)
     max_bytes = max_bytes or (QUICK_MAX_BYTES if quick else FULL_MAX_BYTES)
-    # Sequence axes are sparse even in the full grid: attention is smooth (linear / quadratic) in length.
-    seqs = quick_sizes(shape.max_seq_len)
-    if not quick:
-        seqs = tuple(sorted(set(seqs) | {3 * s // 2 for s in seqs if s >= 16 and 3 * s // 2 < shape.max_seq_len}))
+
+    def lengths(hi: int) -> tuple[int, ...]:
+        # Sequence axes are sparse even in the full grid: attention is smooth (linear / quadratic) in length.
+        out = quick_sizes(hi)
+        if not quick:
+            out = tuple(sorted(set(out) | {3 * s // 2 for s in out if s >= 16 and 3 * s // 2 < hi}))
+        return out
+
     tokens = sizes(max_tokens)
     tokens = tuple(sorted(set(tokens) | {b for b in breaks if 1 <= b < tokens[-1]}))
-    return Grid(batches=sizes(max_batch), seqs=seqs, contexts=seqs, tokens=tokens,
+    return Grid(batches=sizes(max_batch), seqs=lengths(min(max_seq or shape.max_seq_len, shape.max_seq_len)),
+                contexts=lengths(min(max_context or shape.max_seq_len, shape.max_seq_len)), tokens=tokens,
                 bytes=bytes_sizes(max_bytes, quick))
+
+
+def fitting_batch(memory_bytes: float, weights_bytes: float, kv_bytes_per_token: float, context: int,
+                  limit: int) -> int:
+    """The largest batch (at most ``limit``, at least 1) whose KV cache of ``context`` tokens a row fits in
+    ``memory_bytes`` beside the weights: a larger batch is one no plan on this device can run."""
+    free = memory_bytes - weights_bytes
+    if free <= 0 or kv_bytes_per_token <= 0:
+        return 1 if free <= 0 else limit
+    return int(max(1, min(limit, free // (kv_bytes_per_token * context))))
 
 
 def tp_degrees_for(shape: ModelShape, limit: int = 8) -> tuple[int, ...]:

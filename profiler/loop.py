@@ -172,16 +172,20 @@ def _median(xs: list[float]) -> float:
 
 
 def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, refresh: bool = False,
-                   progress: bool = True, device: str | None = None) -> Profile:
+                   progress: bool = True, device: str | None = None, budget_s: float | None = -1.0) -> Profile:
     """The profile of ``model`` on ``device`` (default: CUDA when present, else the CPU, where ``run_and_compare``
-    runs): loaded from the cache when the same model, TP degrees, grid, torch version, device, thread count and
-    profiler method (``METHOD_VERSION``) were profiled before, else measured and cached."""
+    runs): loaded from the cache when the same model, TP degrees, grid, budget, torch version, device, thread count
+    and profiler method (``METHOD_VERSION``) were profiled before, else measured and cached. ``budget_s``: the
+    sweep's time budget (default -1: ``profiler.budget.DEFAULT_BUDGET_S`` of the device; None: the whole grid)."""
+    from .budget import DEFAULT_BUDGET_S
     from .device import describe_device
     from .sweep import METHOD_VERSION, profile_model
 
     dev = describe_device(device)
+    if budget_s is not None and budget_s < 0:
+        budget_s = DEFAULT_BUDGET_S.get(dev.kind, DEFAULT_BUDGET_S["cpu"])
     key = json.dumps([model, list(tp_degrees), quick, torch.__version__, dev.model, THREADS, platform.node(),
-                      METHOD_VERSION, cpu_kernels.config()])
+                      METHOD_VERSION, cpu_kernels.config()] + ([] if budget_s is None else [budget_s]))
     path = CACHE_DIR / f"profile-{model}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
     if path.is_file() and not refresh:
         try:
@@ -189,7 +193,7 @@ def cached_profile(model: str = "tiny", tp_degrees=(1, 2), quick: bool = True, r
         except ExeGPTError:
             log.warning("ignoring unreadable cached profile %s", path)
     prof = profile_model(model, tp_degrees=tuple(tp_degrees), quick=quick, device=device, progress=progress,
-                         threads=THREADS)
+                         threads=THREADS, budget_s=budget_s)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         prof.save(path)

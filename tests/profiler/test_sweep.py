@@ -65,23 +65,33 @@ def test_tables_have_spreads_and_axes(tiny_profile):
     assert not enc.extrapolate  # the grid's seq axis stops below max_seq_len: no quadratic guesswork
 
 
-def test_cpu_budget_scales_large_attention_points():
+def test_points_over_the_cpu_flops_cap_are_fitted_and_flagged():
+    """Attention points over the CPU FLOP cap are not run: the cheapest MIN_POINTS are, and the rest are filled by
+    the fit (linear in batch along a column), flagged in the table, the fit's held-out error in the provenance."""
     shape = get_model("tiny")
-    grid = Grid(batches=(1, 2, 4), seqs=(shape.max_seq_len,), contexts=(1,), tokens=(1,), bytes=(16,))
+    grid = Grid(batches=(1, 2, 4, 8, 16, 32), seqs=(shape.max_seq_len,), contexts=(1,), tokens=(1,), bytes=(16,))
     from profiler import sweep
 
     old = sweep.CPU_ATTN_FLOPS_BUDGET[True]
-    sweep.CPU_ATTN_FLOPS_BUDGET[True] = 1.0  # every point beyond batch 1 is scaled, not run
+    sweep.CPU_ATTN_FLOPS_BUDGET[True] = 1.0  # every point beyond the table's minimum is fitted, not run
     try:
         p = profile_model("tiny", quick=True, grid=grid, collectives=False, progress=False, threads=1,
                           engine=False)  # the kernel grid alone
     finally:
         sweep.CPU_ATTN_FLOPS_BUDGET[True] = old
     enc = next(t for t in p.tables if t.kernel is Kernel.ATTN_ENCODE)
-    col = [row[0] for row in enc.seconds]
-    assert col[1] == pytest.approx(2 * col[0]) and col[2] == pytest.approx(4 * col[0])
+    assert [row[0] for row in enc.fitted] == [False] * 4 + [True] * 2
+    col = np.array([row[0] for row in enc.seconds])
+    # on a line a + b B (a, b >= 0) fitted to the three largest measured batches (2, 4, 8): about twice batch 8
+    b = (col[5] - col[4]) / 16
+    assert b > 0 and col[4] - 16 * b >= -1e-12
+    assert col[4] == pytest.approx(2 * col[3], rel=0.35)
     assert enc.extrapolate  # the seq axis reaches max_seq_len: only the batch axis can be exceeded
-    assert p.provenance["tp1_scaled_points"]["attn_encode"] == 2
+    fit = p.provenance["fits"]["attn_encode tp=1"]
+    assert fit["held_out_error"] >= 0 and fit["fitted_cells"] == 2
+    assert p.fit_error(Kernel.ATTN_ENCODE, 1) == fit["held_out_error"]
+    back = Profile.from_json(p.to_json())  # the flags survive JSON
+    assert next(t for t in back.tables if t.kernel is Kernel.ATTN_ENCODE).fitted == enc.fitted
 
 
 @pytest.mark.parametrize("kwargs,match", [
