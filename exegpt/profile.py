@@ -49,10 +49,15 @@ import numpy as np
 from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
 from .errors import ExeGPTError, ProfileRangeError
-from .jsonfile import JSONFile
+from .jsonfile import JSONFile, known_fields
 from .models import DTYPE_BYTES
 
 SCHEMA = 1
+PROFILE_FIELDS = ("schema", "model", "device", "dtype", "source", "step_overhead_s", "padded_batches", "padded_decode",
+                  "handoff_on_compute", "device_memory_bytes", "kv_dtype", "packed_weight_dtype", "panel_weight_dtype",
+                  "rank_slowdown", "rank_concurrency", "waa_period_factor", "provenance", "tables")
+"""The fields of a profile JSON (``Profile.to_dict``); any other is refused by name."""
+TABLE_FIELDS = ("kernel", "tp", "axes", "xs", "ys", "seconds", "extrapolate", "spread_s", "fitted")
 
 
 class Kernel(str, Enum):
@@ -183,6 +188,7 @@ class ProfileTable:
 
     @classmethod
     def from_dict(cls, d: dict) -> ProfileTable:
+        known_fields(d, TABLE_FIELDS, f"profile table {d.get('kernel', '?') if isinstance(d, dict) else ''!r}")
         try:
             return cls(kernel=d["kernel"], tp=int(d["tp"]), xs=tuple(d["xs"]), ys=tuple(d.get("ys", ())),
                        seconds=_tuplify(d["seconds"]), extrapolate=bool(d.get("extrapolate", False)),
@@ -431,6 +437,7 @@ class Profile(JSONFile):
     def from_dict(cls, d: dict) -> Profile:
         if not isinstance(d, dict):
             raise ExeGPTError(f"a profile must be a JSON object, got {type(d).__name__}")
+        known_fields(d, PROFILE_FIELDS, "profile JSON")
         if d.get("schema") != SCHEMA:
             raise ExeGPTError(f"profile schema {d.get('schema')!r} is not supported; expected {SCHEMA}")
         try:

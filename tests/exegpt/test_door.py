@@ -67,3 +67,19 @@ def test_a_plan_json_with_an_unknown_field_is_refused_naming_it(plan):
             Plan.from_dict(d)
         del where["colour"]
     assert Plan.from_dict(d) == plan
+
+
+def test_a_profile_json_with_an_unknown_field_is_refused_naming_it():
+    from pathlib import Path
+
+    from exegpt import Profile
+
+    d = Profile.load(Path(__file__).parents[1] / "data" / "tiny-cpu.json").to_dict()
+    assert Profile.from_dict(d).to_dict() == d
+    d["tabels"] = []
+    with pytest.raises(ExeGPTError, match=r"profile JSON has unknown field 'tabels'; expected some of "):
+        Profile.from_dict(d)
+    del d["tabels"]
+    d["tables"][0]["secnds"] = []
+    with pytest.raises(ExeGPTError, match=r"profile table '\w+' has unknown field 'secnds'"):
+        Profile.from_dict(d)
