@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -50,6 +50,10 @@ class Problem:
     """E[k]: decode iterations per query."""
     phase_iters: PhaseLengths
     """phase_iters(B_E, N_D): decode iterations an RRA phase runs on average (at most N_D; ``exegpt.phases``)."""
+    memo: dict = field(default_factory=dict, repr=False)
+    """What the fixed parts alone determine (profile, model, workload, memory), computed once and shared by the
+    problem's ``with_devices`` copies: layer placements, keyed by what they depend on (``stages.place_stages``)."""
+
     @classmethod
     def build(cls, workload: Workload, bound: LatencyBound, profile: Profile, model: ModelShape,
               cluster: Cluster, memory_fraction: float = MEMORY_FRACTION) -> Problem:

@@ -33,6 +33,7 @@ iteration of every active row in micro-batches of B_m rows. The prefill's token 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +45,8 @@ from ..profile import Kernel
 from ..rules import SteadyMarker, split_by, waa_cache_rows
 from ..schedule import Policy, check_tp, stage_degrees, with_tp_defaults
 from ..search.bnb import Space
-from ..stages import Layout, Terms, concurrent_times, decode_times, encode_times, fits, place_stages, \
-    spans_ranks, stage_memory, tp_gpu_counts
+from ..stages import Layout, Terms, concurrent_times, decode_times, encode_times, fits, grid_above, layer_floor_s, \
+    layer_per_row_s, place_stages, rows_fit, spans_ranks, stage_memory, tp_gpu_counts
 from .base import DECODE, ENCODE, AwaitCredit, Decode, DriverStats, EndHandOffs, Merge, Prefill, View, \
     WaitArrival, drop_finished
 
@@ -202,6 +203,27 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = F
     return thr, lat, ok
 
 
+def prebound(prob: Problem, lay: Layout, be_max: int, bm_max: int) -> tuple[float, float]:
+    """A cheap (throughput upper, latency lower) bound of a whole (B_E, B_m) space, from per-layer costs alone:
+    ``box``'s per-query bound (the slowest decode stage's per-row cost E[k] times, no micro-batch larger than B_m
+    or than the rows the decode group caches; the slowest encode stage's per-prompt cost; the hand-off's) at the
+    space's largest B_E and B_m, and k_q decode iterations of every decode layer at the least rows."""
+    enc_st, dec_st = lay.group("encode"), lay.group("decode")
+    enc = prob.model.is_encoder_decoder
+    ek = float(np.dot(prob.stats.k_lengths, prob.stats.k_probs))
+    bm = float(grid_above(max(min(float(bm_max), rows_fit(prob, dec_st)), 1e-9)))
+    be = float(grid_above(be_max))
+    hand = float(prob.bound_cost.kv_handoff(np.array([float(be_max)]))[0][0]) / be_max
+    on_compute, coupling = prob.profile.handoff_on_compute, prob.profile.waa_period_factor
+    dec_pq = ek * max(s.n_layers * layer_per_row_s(prob, s.tp, "decode", bm) for s in dec_st) + \
+        (hand if on_compute else 0.0)
+    enc_pq = max((s.n_enc_layers if enc else s.n_layers) * layer_per_row_s(prob, s.tp, "encode", be)
+                 for s in enc_st)
+    per_query = coupling * max(dec_pq, enc_pq, hand)
+    return (1 / per_query if per_query > 0 else math.inf), \
+        max(prob.k_q, 0) * coupling * sum(s.n_layers * layer_floor_s(prob, s.tp) for s in dec_st)
+
+
 def layout(prob: Problem, s: WAASchedule) -> Layout | None:
     return layout_of(prob, s.policy, s.tp, s.tp_gpus, s.encode_gpus)
 
@@ -233,7 +255,8 @@ def spaces(prob: Problem, policy, tps: list[int], space) -> list[tuple[Layout, S
                 if lay is None:
                     continue
                 fn = (lambda lay: lambda lo, hi: box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]))(lay)
-                out.append((lay, Space(fn, (1, 1), (be_max, bm_max), adm)))
+                pre = (lambda lay: lambda: prebound(prob, lay, be_max, bm_max))(lay)
+                out.append((lay, Space(fn, (1, 1), (be_max, bm_max), adm, pre)))
     return out
 
 
