@@ -51,11 +51,17 @@ class SearchSpace:
     """Largest B_E considered."""
     max_micro_batch: int = 256
     """Largest WAA decode micro-batch B_m considered."""
+    waa_split: str = "rule"
+    """How WAA splits the devices between its encode and decode groups: 'rule', the paper's (the floor or ceiling of
+    the compute share for WAA-C, of the memory share for WAA-M, at each B_E); 'searched', every split for every
+    B_E (WAA-C and WAA-M are then the same space), so that a forced device count gets the best split it allows."""
 
     def __post_init__(self):
         for f in ("max_encode_batch", "max_micro_batch"):
             if int(getattr(self, f)) != getattr(self, f) or getattr(self, f) < 1:
                 raise ExeGPTError(f"{f}={getattr(self, f)!r} must be an integer >= 1")
+        if self.waa_split not in ("rule", "searched"):
+            raise ExeGPTError(f"waa_split={self.waa_split!r} must be 'rule' or 'searched'")
 
 
 # --- layouts and spaces -----------------------------------------------------------------------
