@@ -191,8 +191,14 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = F
         full, _ = decode_times(prob, dec_st, bm_hi, None, prob.bound_cost)
         enc_hi, _ = encode_times(prob, enc_st, be_hi, prob.bound_cost)
         hand_hi, _ = prob.bound_cost.kv_handoff(be_hi)
-        dec_pq = ek * np.maximum.reduce(full) / bm_hi + (hand_hi / be_hi if on_compute else 0.0)
-        per_query = coupling * np.maximum(np.maximum(dec_pq, np.maximum.reduce(enc_hi) / be_hi), hand_hi / be_hi)
+        # And one micro-batch of r <= B_m rows passes every decode stage in turn within an iteration of at most M
+        # of them: per query E[k] sum_s t_s(r) / (M r), M at most the box's most micro-batches.
+        m_top = np.maximum(1, np.ceil(be_hi * ek / bm_lo))
+        dec_pq = ek * np.maximum(np.maximum.reduce(full), sum(full) / m_top) / bm_hi + \
+            (hand_hi / be_hi if on_compute else 0.0)
+        # And HANDOFF_DEPTH batches per encode latency and hand-off (the period's last term).
+        enc_pq = np.maximum(np.maximum.reduce(enc_hi), (sum(enc_hi) + hand_hi) / HANDOFF_DEPTH) / be_hi
+        per_query = coupling * np.maximum(np.maximum(dec_pq, enc_pq), hand_hi / be_hi)
         with np.errstate(divide="ignore"):
             thr = np.minimum(thr, 1 / per_query)
     # Encode start to merge: the encoder starts a batch when the merge HANDOFF_DEPTH batches before it sends its
@@ -213,8 +219,9 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = F
 def prebound(prob: Problem, lay: Layout, be_max: int, bm_max: int) -> tuple[float, float]:
     """A cheap (throughput upper, latency lower) bound of a whole (B_E, B_m) space, from per-layer costs alone:
     ``box``'s per-query bound (the slowest decode stage's per-row cost E[k] times, no micro-batch larger than B_m
-    or than the rows the decode group caches; the slowest encode stage's per-prompt cost; the hand-off's) at the
-    space's largest B_E and B_m, and k_q decode iterations of every decode layer at the least rows."""
+    or than the rows the decode group caches; the slowest encode stage's per-prompt cost, and the encode latency's
+    and hand-off's over HANDOFF_DEPTH; the hand-off's) at the space's largest B_E and B_m, and k_q decode iterations
+    of every decode layer at the least rows."""
     enc_st, dec_st = lay.group("encode"), lay.group("decode")
     enc = prob.model.is_encoder_decoder
     ek = float(np.dot(prob.stats.k_lengths, prob.stats.k_probs))
@@ -225,8 +232,8 @@ def prebound(prob: Problem, lay: Layout, be_max: int, bm_max: int) -> tuple[floa
     on_compute, coupling = prob.profile.handoff_on_compute, prob.profile.waa_period_factor
     dec_pq = ek * max(s.n_layers * layer_per_row_s(prob, s.tp, "decode", bm) for s in dec_st) + \
         (hand if on_compute else 0.0)
-    enc_pq = max((s.n_enc_layers if enc else s.n_layers) * layer_per_row_s(prob, s.tp, "encode", be)
-                 for s in enc_st)
+    enc_s = [(s.n_enc_layers if enc else s.n_layers) * layer_per_row_s(prob, s.tp, "encode", be) for s in enc_st]
+    enc_pq = max(max(enc_s), (sum(enc_s) + hand) / HANDOFF_DEPTH)
     per_query = coupling * max(dec_pq, enc_pq, hand)
     return (1 / per_query if per_query > 0 else math.inf), \
         max(prob.k_q, 0) * coupling * sum(s.n_layers * layer_floor_s(prob, s.tp) for s in dec_st)

@@ -285,7 +285,7 @@ def test_profiled_kv_dtype_counts_the_cache_at_the_backends_precision():
     from exegpt.models import MODELS
     from exegpt.profile import Profile
 
-    from .conftest import make_profile, tiny_cpu_profile
+    from .conftest import make_profile
 
     w = Workload.task("S")
     prof = make_profile()
@@ -312,7 +312,7 @@ def test_profiled_packed_weights_count_once_more_in_weight_memory():
     from exegpt.models import MODELS
     from exegpt.profile import Profile
 
-    from .conftest import make_profile, tiny_cpu_profile
+    from .conftest import make_profile
 
     w = Workload.task("S")
     prof = make_profile()
