@@ -44,9 +44,9 @@ class Space:
     """Optional: whether a box holds any admissible point (e.g. WAA's split rule); points that are not
     admissible are infeasible."""
     prebound: Callable[[], tuple[float, float]] | None = None
-    """Optional: a cheap (throughput upper, latency lower) bound of the whole space, no tighter than ``fn`` at its
-    root box: the space's root is evaluated (and its layout priced) only once this bound is popped from the queue,
-    so that spaces the incumbent or the latency bound already rules out cost one call of this and nothing more."""
+    """Optional: a cheap (throughput upper, latency lower) bound of every point of the space that fits: the space's
+    root box is evaluated only once this bound is popped from the queue, so that a space the incumbent or the
+    latency bound already rules out costs one call of this and nothing more."""
 
     @property
     def size(self) -> int:

@@ -37,13 +37,14 @@ def _case(seed: int):
 
 
 SPACE = SearchSpace(max_encode_batch=40, max_micro_batch=48)
+SEARCHED_SPLIT = (1, 10, 22, 27)  # cases of 3 and 4 devices, WAA searched on every split
 
 
 @pytest.mark.parametrize("seed", range(32))  # every combination of the case rules (period 24) at least once
 def test_search_equals_exhaustive(seed):
     model, devices, w, profile = _case(seed)
     rng = np.random.default_rng(1000 + seed)
-    space = SPACE if seed % 5 else dataclasses.replace(SPACE, waa_split="searched")
+    space = dataclasses.replace(SPACE, waa_split="searched") if seed in SEARCHED_SPLIT else SPACE
     kw = dict(model=model, devices=devices, profile=profile, space=space, policies=BOX_POLICIES)
     try:
         exhaustive_schedule(w, math.inf, **kw)
