@@ -295,7 +295,7 @@ def layer_per_row_s(prob: Problem, tp: int, role: str, rows: float) -> float:
     """A lower bound on the seconds per row of one layer at TP degree ``tp`` in a batch of at most ``rows`` rows
     (prompts for ``role`` 'encode'): the batching envelope's per-row cost at ``rows``, which never grows with the
     batch, times the least rank slowdown (memoised; pass ``rows`` through ``grid_above`` to share it)."""
-    key = ("per_row", tp, role, float(rows))
+    key = ("per_row", tp, role, float(rows), prob.slowdown)
     if key not in prob.memo:
         c, r = prob.bound_cost, np.array([float(rows)])
         t = c.encode_layer(tp, r)[0] if role == "encode" else c.decode_layer(tp, r)[0]
@@ -306,7 +306,7 @@ def layer_per_row_s(prob: Problem, tp: int, role: str, rows: float) -> float:
 def layer_floor_s(prob: Problem, tp: int) -> float:
     """A lower bound on the seconds of one decode step of one layer at TP degree ``tp``, however few its rows
     (costs never fall as rows grow; memoised)."""
-    key = ("floor", tp)
+    key = ("floor", tp, prob.slowdown)
     if key not in prob.memo:
         prob.memo[key] = float(prob.cost.decode_layer(tp, np.full(1, 1e-9))[0][0]) * min(1.0, prob.slowdown)
     return prob.memo[key]
