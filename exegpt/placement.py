@@ -1,4 +1,4 @@
-"""Layer placement: how many contiguous layers each pipeline stage holds (CP-SAT).
+"""Layer placement: how many contiguous layers each pipeline stage holds.
 
 Stages differ (partial TP makes some stages TP groups that run a layer faster and hold more
 memory; the last stage also runs the LM head), so an even split is not balanced. We solve
@@ -7,14 +7,20 @@ memory; the last stage also runs the LM head), so an even split is not balanced.
     subject to sum_s n_s = L,  n_s >= 1,
                n_s * layer_bytes[s] + fixed_bytes[s] <= capacity  (weights fit each device)
 
-with OR-tools CP-SAT (one worker: deterministic). Runs of identical stages are one variable each,
-their layers spread evenly with the remainder on the earliest stages. Results are cached: a search
-asks for the same few placements thousands of times.
+exactly, by a threshold search on the bottleneck: a bottleneck T is reachable iff every stage can hold at least one
+layer within T (and its memory) and together they hold at least L, which only gets easier as T grows; so the
+optimum is the least T among the values n * layer_s[s] + fixed_s[s] that is reachable (a bisection over them).
+Stages then take as many layers as T allows, and the layers over L come off the slowest stages first (the most
+balanced of the optimal placements). Runs of identical stages are one class, their layers spread evenly with the
+remainder on the earliest stages. Times are compared as integers (relative to the fastest stage) so that ties are
+exact; results are cached: a search asks for the same placements across device counts and layouts.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+
+import numpy as np
 
 _TIME_UNITS = 10_000  # per-layer times scaled to integers relative to the fastest stage
 
@@ -37,7 +43,7 @@ def place_layers(n_layers: int, layer_s, fixed_s, layer_bytes, fixed_bytes,
 @lru_cache(maxsize=4096)
 def _solve(n_layers: int, t: tuple, f: tuple, wb: tuple, fb: tuple, cap: int) -> tuple[int, ...] | None:
     """Identical stages form one class (a run of equal (time, fixed, bytes) stages); a min-max optimum
-    spreads a class's layers evenly, so CP-SAT decides only each class's largest per-stage count."""
+    spreads a class's layers evenly, so only each class's total is decided."""
     classes: list[list[int]] = []
     for s in range(len(t)):
         if classes and (t[s], f[s], wb[s], fb[s]) == (t[classes[-1][0]], f[classes[-1][0]], wb[classes[-1][0]],
@@ -60,41 +66,36 @@ def _solve(n_layers: int, t: tuple, f: tuple, wb: tuple, fb: tuple, cap: int) ->
 
 def _solve_classes(n_layers: int, t: tuple, f: tuple, wb: tuple, fb: tuple, size: tuple,
                    cap: int) -> tuple[int, ...] | None:
-    from ortools.sat.python import cp_model  # imported lazily: 0.7 s, and only the search needs it
-
-    n_stages = len(t)
-    # Upper bounds on layers per stage from memory; infeasible if the stage cannot hold one layer.
-    others = sum(size) - 1
-    hi = [n_layers - others if wb[s] == 0 else min(n_layers - others, (cap - fb[s]) // wb[s])
-          for s in range(n_stages)]
-    if min(hi) < 1 or sum(h * c for h, c in zip(hi, size)) < n_layers:
+    """Layers of each class (``size[s]`` identical stages) at the least bottleneck (module doc)."""
+    t_, f_, size_ = (np.array(x, dtype=np.int64) for x in (t, f, size))
+    # Most layers one stage of each class holds: memory, and a layer left for every other stage.
+    others = int(size_.sum()) - 1
+    hi = np.array([n_layers - others if wb[s] == 0 else min(n_layers - others, (cap - fb[s]) // wb[s])
+                   for s in range(len(t))], dtype=np.int64)
+    if hi.min() < 1 or int((hi * size_).sum()) < n_layers:
         return None
 
-    def build():
-        model = cp_model.CpModel()
-        # peak[s]: layers on the fullest stage of class s; total[s]: layers on the whole class.
-        peak = [model.new_int_var(1, hi[s], f"peak_{s}") for s in range(n_stages)]
-        n = [model.new_int_var(size[s], hi[s] * size[s], f"layers_{s}") for s in range(n_stages)]
-        bottleneck = model.new_int_var(0, max(t) * n_layers + max(f), "bottleneck")
-        # Every layer is placed exactly once.
-        model.add(sum(n) == n_layers)
-        # An even spread puts at most ceil(total / size) layers on one stage of a class.
-        for s in range(n_stages):
-            model.add(n[s] <= peak[s] * size[s])
-            model.add(n[s] >= (peak[s] - 1) * size[s] + 1)
-        # The bottleneck is at least every stage's time.
-        for s in range(n_stages):
-            model.add(bottleneck >= peak[s] * t[s] + f[s])
-        return model, n, bottleneck
+    def caps(T):  # layers per stage of each class within bottleneck T (and memory)
+        return np.minimum(hi, (T - f_) // t_)
 
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1  # deterministic, and the model is tiny
-    solver.parameters.max_time_in_seconds = 5.0
-    model, n, bottleneck = build()
-    model.minimize(bottleneck)
-    if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return None
-    return tuple(int(solver.value(x)) for x in n)
+    def reachable(T) -> bool:
+        c = caps(T)
+        return bool(c.min() >= 1 and (c * size_).sum() >= n_layers)
+
+    # The optimum is a stage time n * t + f: bisect the sorted candidates for the least reachable one.
+    cand = np.unique(np.concatenate([np.arange(1, h + 1) * ts + fs for h, ts, fs in zip(hi, t_, f_)]))
+    lo, up = 0, len(cand) - 1  # cand[up] is reachable: every stage at its memory limit holds >= L
+    while lo < up:
+        mid = (lo + up) // 2
+        if reachable(cand[mid]):
+            up = mid
+        else:
+            lo = mid + 1
+    n = caps(cand[lo]) * size_
+    # Take the layers over L off the slowest stage first (ties: the earliest class), keeping one per stage.
+    for _ in range(int(n.sum()) - n_layers):
+        n[int(np.argmax(np.where(n > size_, -(-n // size_) * t_ + f_, -1)))] -= 1
+    return tuple(int(x) for x in n)
 
 
 def bottleneck_s(counts, layer_s, fixed_s) -> float:

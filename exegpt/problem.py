@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,6 +51,11 @@ class Problem:
     """E[k]: decode iterations per query."""
     phase_iters: PhaseLengths
     """phase_iters(B_E, N_D): decode iterations an RRA phase runs on average (at most N_D; ``exegpt.phases``)."""
+    memo: dict = field(default_factory=dict, init=False, repr=False)
+    """What the fixed parts alone determine (profile, model, workload, memory, cost models), computed once and shared
+    by the problem's ``with_devices`` copies only (any other ``dataclasses.replace`` starts an empty one): layer
+    placements and stage costs, keyed by what they depend on (``stages.place_stages``, ``stages._shared``)."""
+
     @classmethod
     def build(cls, workload: Workload, bound: LatencyBound, profile: Profile, model: ModelShape,
               cluster: Cluster, memory_fraction: float = MEMORY_FRACTION) -> Problem:
@@ -79,8 +84,10 @@ class Problem:
                    float(np.dot(k, p)), PhaseLengths(k, p, phases))
 
     def with_devices(self, count: int) -> Problem:
-        """The same problem on ``count`` of the cluster's devices."""
-        return dataclasses.replace(self, cluster=Cluster(self.cluster.device, count))
+        """The same problem on ``count`` of the cluster's devices (sharing its ``memo``)."""
+        sub = dataclasses.replace(self, cluster=Cluster(self.cluster.device, count))
+        object.__setattr__(sub, "memo", self.memo)
+        return sub
 
     # Every plan of a problem runs on all its cluster's devices: the factors measured at that many ranks.
     @functools.cached_property

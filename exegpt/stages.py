@@ -92,25 +92,46 @@ class Layout:
         return tuple(s for s in self.stages if s.role in (role, "both"))
 
 
+def _layer_s(prob: Problem, tp: int, role: str) -> float:
+    """Seconds of one layer at TP degree ``tp``, the per-layer time placements balance (memoised)."""
+    key = ("layer_s", tp, role)
+    if key not in prob.memo:
+        cost = prob.cost
+        prob.memo[key] = float((cost.encode_layer(tp, 1.0) if role == "encode" else
+                                cost.decode_layer(tp, _REF_ROWS))[0])
+    return prob.memo[key]
+
+
 def _place(prob: Problem, degrees: tuple[int, ...], role: str, n_layers: int, encoder: bool) -> tuple[int, ...] | None:
-    """Layers per stage for one group of stages, balanced on per-layer time (CP-SAT, cached)."""
-    cost, model = prob.cost, prob.model
-    tps = sorted(set(degrees))
-    if not all(prob.profile.supports_tp(t) for t in tps):
+    """Layers per stage for one group of stages, balanced on per-layer time (``placement``)."""
+    if not all(prob.profile.supports_tp(t) for t in set(degrees)):
         return None
-    if role == "encode":
-        per = {t: float(cost.encode_layer(t, 1.0)[0]) for t in tps}
-    else:
-        per = {t: float(cost.decode_layer(t, _REF_ROWS)[0]) for t in tps}
-    head = float(prob.profile.seconds(Kernel.LM_HEAD, 1, _REF_ROWS))
-    last = len(degrees) - 1
+    model, last = prob.model, len(degrees) - 1
+    key = ("place_terms", encoder)
+    if key not in prob.memo:  # what the placement weighs per TP degree (and per end of the pipeline)
+        prob.memo[key] = ({}, float(prob.profile.seconds(Kernel.LM_HEAD, 1, _REF_ROWS)))
+    per, head = prob.memo[key]
+    for t in set(degrees):
+        if t not in per:
+            per[t] = (model.encoder_layer_bytes(t) if encoder else model.layer_bytes(t),
+                      {(f, l): stage_weight_bytes(model, t, 0, 0, f, l) for f in (False, True) for l in (False, True)})
     fixed_s = [head if (s == last and not encoder) else 0.0 for s in range(len(degrees))]
-    per_bytes = [model.encoder_layer_bytes(t) if encoder else model.layer_bytes(t) for t in degrees]
-    fixed_bytes = [stage_weight_bytes(model, t, 0, 0, s == 0, s == last) for s, t in enumerate(degrees)]
-    return place_layers(n_layers, [per[t] for t in degrees], fixed_s, per_bytes, fixed_bytes, prob.capacity_bytes)
+    per_bytes = [per[t][0] for t in degrees]
+    fixed_bytes = [per[t][1][s == 0, s == last] for s, t in enumerate(degrees)]
+    return place_layers(n_layers, [_layer_s(prob, t, role) for t in degrees], fixed_s, per_bytes, fixed_bytes,
+                        prob.capacity_bytes)
 
 
 def place_stages(prob: Problem, degrees: tuple[int, ...], role: str) -> tuple[Stage, ...] | None:
+    """The stages of one group of TP ``degrees`` in ``role``, their layers placed (None: the weights do not fit);
+    memoised on the problem, whose device count they do not depend on."""
+    key = ("stages", tuple(degrees), role)
+    if key not in prob.memo:
+        prob.memo[key] = _stages(prob, tuple(degrees), role)
+    return prob.memo[key]
+
+
+def _stages(prob: Problem, degrees: tuple[int, ...], role: str) -> tuple[Stage, ...] | None:
     model = prob.model
     if model.is_encoder_decoder and role in ("encode", "decode"):
         # T5 under WAA: the encode group holds the encoder, the decode group the decoder.
@@ -170,17 +191,42 @@ def group_cost(prob: Problem, stages: tuple[Stage, ...], cost: CostModel | None)
     return dataclasses.replace(cost, slowdown=prob.slowdown)
 
 
+_SHARED_MAX_POINTS = 64  # batches of at most this many points are shared between layouts (``_shared``)
+_SHARED_MAX_ENTRIES = 200_000  # and the shared costs are dropped when they grow past this many
+
+
+def _shared(prob: Problem, given: CostModel | None, cost: CostModel, kind: tuple, batch, compute):
+    """``compute()``, the cost of one kind of stage at ``batch``, computed once per problem: the search bounds
+    thousands of layouts of the same few kinds of stage at the same few small batches (a box's corners). Only the
+    problem's own cost models are shared (the simulated engine's per-batch ones are not), and only small batches."""
+    if not (isinstance(batch, np.ndarray) and batch.size <= _SHARED_MAX_POINTS) or \
+            not (given is None or given is prob.cost or given is prob.bound_cost):
+        return compute()
+    memo = prob.memo.setdefault("stage_costs", {})
+    if len(memo) > _SHARED_MAX_ENTRIES:
+        memo.clear()
+    key = (kind, given is prob.bound_cost, cost.slowdown, batch.dtype.str, batch.shape, batch.tobytes())
+    if key not in memo:
+        out = compute()
+        for a in out:
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False  # shared: a caller that changed it in place would change every layout
+        memo[key] = out
+    return memo[key]
+
+
 def encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostModel | None = None,
                  base: bool = False):
     """Per-stage encode seconds (a list of arrays) and the combined in-range mask (``base``: Shift Parallelism's
     stages in their base (SP) mode; else TP)."""
-    cost = group_cost(prob, stages, cost)
+    given, cost = cost, group_cost(prob, stages, cost)
     memo = {}  # stages repeat (48 devices are a handful of distinct stages): compute each kind once
     times, ok = [], True
     for i, s in enumerate(stages):
         key = (s.tp, s.n_layers, s.n_enc_layers, i == len(stages) - 1, i == 0, s.sp if base else 1)
         if key not in memo:
-            memo[key] = cost.stage_encode(*key[:4], batch, first=key[4], sp=key[5])
+            memo[key] = _shared(prob, given, cost, ("encode",) + key, batch, lambda key=key: cost.stage_encode(
+                *key[:4], batch, first=key[4], sp=key[5]))
         t, o = memo[key]
         times.append(t)
         ok = ok & o
@@ -190,13 +236,15 @@ def encode_times(prob: Problem, stages: tuple[Stage, ...], batch, cost: CostMode
 def decode_times(prob: Problem, stages: tuple[Stage, ...], rows, ctx: float | None = None,
                  cost: CostModel | None = None, base: bool = False):
     """Per-stage seconds of one decode step (``base``: as in ``encode_times``)."""
-    cost = group_cost(prob, stages, cost)
+    given, cost = cost, group_cost(prob, stages, cost)
     memo = {}
     times, ok = [], True
     for i, s in enumerate(stages):
         key = (s.tp, s.n_layers, i == len(stages) - 1, i == 0, s.sp if base else 1)
         if key not in memo:
-            memo[key] = cost.stage_decode(*key[:3], rows, ctx, first=key[3], sp=key[4])
+            compute = (lambda key=key: cost.stage_decode(*key[:3], rows, ctx, first=key[3], sp=key[4]))
+            memo[key] = compute() if not (ctx is None or isinstance(ctx, float)) else \
+                _shared(prob, given, cost, ("decode", ctx) + key, rows, compute)
         t, o = memo[key]
         times.append(t)
         ok = ok & o
@@ -224,6 +272,50 @@ def stage_memory(prob: Problem, stages: tuple[Stage, ...], rows, encode_tokens, 
         memo[key] = w + kv + activation_bytes(m, s.tp, encode_tokens)
         out.append(memo[key])
     return out
+
+
+def rows_fit(prob: Problem, stages: tuple[Stage, ...]) -> float:
+    """The most cache rows every stage of the group can hold beside its weights (activations aside): a bound on
+    the rows any schedule of the group that fits decodes at once (memoised)."""
+    key = ("rows_fit", stages)
+    if key not in prob.memo:
+        w = stage_memory(prob, stages, 0.0, 0.0)
+        row = [a - b for a, b in zip(stage_memory(prob, stages, 1.0, 0.0), w)]
+        prob.memo[key] = float(min((prob.capacity_bytes - a) / b if b > 0 else np.inf for a, b in zip(w, row)))
+    return prob.memo[key]
+
+
+def grid_above(x):
+    """The least power of 2^(1/4) at or above ``x``: a bound's batch rounded up, so that the layouts it is taken
+    for share their stage costs (``_shared``) at the price of a looser (never an unsound) per-row cost."""
+    return 2.0 ** (np.ceil(4 * np.log2(np.maximum(np.asarray(x, float), 1e-9))) / 4)
+
+
+def layer_per_row_s(prob: Problem, tp: int, role: str, rows: float) -> float:
+    """A lower bound on the seconds per row of one layer at TP degree ``tp`` in a batch of at most ``rows`` rows
+    (prompts for ``role`` 'encode'): the batching envelope's per-row cost at ``rows``, which never grows with the
+    batch, times the least rank slowdown (memoised; pass ``rows`` through ``grid_above`` to share it)."""
+    key = ("per_row", tp, role, float(rows), prob.slowdown)
+    if key not in prob.memo:
+        c, r = prob.bound_cost, np.array([float(rows)])
+        t = c.encode_layer(tp, r)[0] if role == "encode" else c.decode_layer(tp, r)[0]
+        prob.memo[key] = float(t[0]) / float(rows) * min(1.0, prob.slowdown)
+    return prob.memo[key]
+
+
+def layer_floor_s(prob: Problem, tp: int) -> float:
+    """A lower bound on the seconds of one decode step of one layer at TP degree ``tp``, however few its rows
+    (costs never fall as rows grow; memoised)."""
+    key = ("floor", tp, prob.slowdown)
+    if key not in prob.memo:
+        prob.memo[key] = float(prob.cost.decode_layer(tp, np.full(1, 1e-9))[0][0]) * min(1.0, prob.slowdown)
+    return prob.memo[key]
+
+
+def max_decode_rows(prob: Problem, stages: tuple[Stage, ...]) -> float:
+    """The most rows one decode step of a stage of the group may compute within the profiled range."""
+    return min(prob.profile.max_coord(k, s.tp, 0) for s in stages for k in (Kernel.DENSE_DECODE, Kernel.ATTN_DECODE)
+               if prob.profile.has(k, s.tp))
 
 
 def fits(prob: Problem, mem: list) -> np.ndarray:

@@ -44,8 +44,8 @@ from ..problem import Problem
 from ..rules import SteadyMarker, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, split_even
 from ..schedule import Policy, check_tp, one_pipeline_roles, stage_degrees, with_tp_defaults
 from ..search.bnb import Space
-from ..stages import Layout, Terms, fits, pipeline_decode, pipeline_phases, place_stages, stage_memory, \
-    tp_gpu_counts
+from ..stages import Layout, Terms, fits, grid_above, layer_floor_s, layer_per_row_s, max_decode_rows, \
+    pipeline_decode, pipeline_phases, place_stages, rows_fit, stage_memory, tp_gpu_counts
 from .base import MAIN, Decode, DriverStats, Prefill, View, WaitArrival, drop_finished
 
 NAMES = (Policy.RRA,)
@@ -104,6 +104,15 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool = F
         # size), so the throughput of any B_E in the box is at most that at the box's largest B_E.
         t_enc_hi, t_dec_hi, _ = pipeline_phases(prob, stages, be_hi, be_hi * ratio, prob.bound_cost)
         thr = be_hi / (t_enc_hi + it_lo * t_dec_hi)
+        # Per encoded query a phase decodes E[k] rows: at least E[k] times the per-row decode cost of the largest
+        # decode batch the box holds (B_E E[k] / I at its least I), which the memory (every stage caches every
+        # row) and the profiled range cap too.
+        p = len(stages)
+        bd_cap = np.minimum(be_hi * prob.mean_iters / it_lo,
+                            min(rows_fit(prob, stages), p * max_decode_rows(prob, stages)))
+        bd_cap = np.maximum(bd_cap, 1e-9)
+        t_dec_cap, _, _ = pipeline_decode(prob, stages, bd_cap, prob.bound_cost)
+        thr = np.minimum(thr, 1 / (t_enc_hi / be_hi + prob.mean_iters * t_dec_cap / bd_cap))
     bd = be_lo * ratio
     phases = np.maximum(1, np.ceil(prob.k_q / nd_hi))
     # The bound-length query's iterations run beside more rows than the phase's mean (``QueryRows``).
@@ -118,6 +127,23 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, nd_lo, nd_hi, detail: bool = F
     if detail:
         return Terms(thr, lat, ok, t_enc, t_dec, bd, mem, refill, extra=dict(rows_q=rows_q, t_dec_q=t_dec_q))
     return thr, lat, ok
+
+
+def prebound(prob: Problem, lay: Layout, be_max: int) -> tuple[float, float]:
+    """A cheap (throughput upper, latency lower) bound of a whole (B_E, N_D) space, from per-layer costs alone.
+    Per encoded query the encode phase costs at least its slowest stage's per-prompt cost (P micro-batches of at
+    most B_E / P prompts pass it) and the phase's decode iterations E[k] times the slowest stage's per-row cost
+    (micro-batches of at most the rows the memory caches, over P); the bound-length query's k_q decode iterations
+    at least every layer at the least rows (costs never fall as rows grow)."""
+    stages, p = lay.stages, len(lay.stages)
+    enc = prob.model.is_encoder_decoder
+    bd = min(be_max * prob.mean_iters / float(prob.phase_iters(1, 1)), rows_fit(prob, stages),
+             p * max_decode_rows(prob, stages))
+    b_enc, b_dec = float(grid_above(be_max / p)), float(grid_above(max(bd, 1e-9) / p))
+    per_query = max((s.n_enc_layers if enc else s.n_layers) * layer_per_row_s(prob, s.tp, "encode", b_enc)
+                    for s in stages) + \
+        prob.mean_iters * max(s.n_layers * layer_per_row_s(prob, s.tp, "decode", b_dec) for s in stages)
+    return 1 / per_query, prob.k_q * sum(s.n_layers * layer_floor_s(prob, s.tp) for s in stages)
 
 
 def layout(prob: Problem, s: RRASchedule) -> Layout | None:
@@ -142,7 +168,8 @@ def spaces(prob: Problem, policy, tps: list[int], space) -> list[tuple[Layout, S
             lay = layout_of(prob, t, g)
             if lay is not None:
                 fn = (lambda lay: lambda lo, hi: box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]))(lay)
-                out.append((lay, Space(fn, (1, 1), (space.max_encode_batch, prob.max_decode_iters))))
+                pre = (lambda lay: lambda: prebound(prob, lay, space.max_encode_batch))(lay)
+                out.append((lay, Space(fn, (1, 1), (space.max_encode_batch, prob.max_decode_iters), prebound=pre)))
     return out
 
 

@@ -2,7 +2,8 @@
 disjoint devices, running at once.
 
 Knobs: B_E (``encode_batch``), B_m (``micro_batch``), TP degree and the devices using it, and the split of the
-devices between the groups (WAA-C balances the groups' compute, WAA-M their memory). The estimate:
+devices between the groups (WAA-C balances the groups' compute, WAA-M their memory: the paper's rule, at each B_E;
+with ``SearchSpace(waa_split='searched')`` every split is searched). The estimate:
 
 WAA (paper §4.2, §6):
   * encode group (E devices) and decode group (D devices) run concurrently; one encode batch enters
@@ -34,6 +35,7 @@ iteration of every active row in micro-batches of B_m rows. The prefill's token 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +47,8 @@ from ..profile import Kernel
 from ..rules import SteadyMarker, split_by, waa_cache_rows
 from ..schedule import Policy, check_tp, stage_degrees, with_tp_defaults
 from ..search.bnb import Space
-from ..stages import Layout, Terms, concurrent_times, decode_times, encode_times, fits, place_stages, \
-    spans_ranks, stage_memory, tp_gpu_counts
+from ..stages import Layout, Terms, concurrent_times, decode_times, encode_times, fits, grid_above, layer_floor_s, \
+    layer_per_row_s, place_stages, rows_fit, spans_ranks, stage_memory, tp_gpu_counts
 from .base import DECODE, ENCODE, AwaitCredit, Decode, DriverStats, EndHandOffs, Merge, Prefill, View, \
     WaitArrival, drop_finished
 
@@ -176,16 +178,28 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = F
     # The encoder starts a batch only when the merge HANDOFF_DEPTH batches back has sent its credit, and a batch
     # merges no sooner than its encode latency and hand-off after its start: that many batches per that time.
     period = np.maximum(period, coupling * (t_enc_lat + hand) / HANDOFF_DEPTH)
+    point = np.array_equal(be_lo, be_hi) and np.array_equal(bm_lo, bm_hi)
+    if not point:
+        # No B_E that fits caches more rows (B_E (E[k] + 1)) than the decode group holds beside its weights, and no
+        # micro-batch is larger than the decode batch: the box's largest B_E and B_m that can fit.
+        be_hi = np.minimum(be_hi, np.maximum(np.floor(rows_fit(prob, dec_st) / (ek + 1)), be_lo))
+        bm_hi = np.minimum(bm_hi, np.maximum(be_hi * ek, bm_lo))
     thr = be_hi / period
-    if not (np.array_equal(be_lo, be_hi) and np.array_equal(bm_lo, bm_hi)):
+    if not point:
         # Per-query bound: a decode iteration costs at least B_D max_s t_s(B_m)/B_m (no micro-batch
         # exceeds B_m and per-row cost never grows with batch size), the encode interval and the
         # hand-off at least their per-query cost at the box's largest B_E.
         full, _ = decode_times(prob, dec_st, bm_hi, None, prob.bound_cost)
         enc_hi, _ = encode_times(prob, enc_st, be_hi, prob.bound_cost)
         hand_hi, _ = prob.bound_cost.kv_handoff(be_hi)
-        dec_pq = ek * np.maximum.reduce(full) / bm_hi + (hand_hi / be_hi if on_compute else 0.0)
-        per_query = coupling * np.maximum(np.maximum(dec_pq, np.maximum.reduce(enc_hi) / be_hi), hand_hi / be_hi)
+        # And one micro-batch of r <= B_m rows passes every decode stage in turn within an iteration of at most M
+        # of them: per query E[k] sum_s t_s(r) / (M r), M at most the box's most micro-batches.
+        m_top = np.maximum(1, np.ceil(be_hi * ek / bm_lo))
+        dec_pq = ek * np.maximum(np.maximum.reduce(full), sum(full) / m_top) / bm_hi + \
+            (hand_hi / be_hi if on_compute else 0.0)
+        # And HANDOFF_DEPTH batches per encode latency and hand-off (the period's last term).
+        enc_pq = np.maximum(np.maximum.reduce(enc_hi), (sum(enc_hi) + hand_hi) / HANDOFF_DEPTH) / be_hi
+        per_query = coupling * np.maximum(np.maximum(dec_pq, enc_pq), hand_hi / be_hi)
         with np.errstate(divide="ignore"):
             thr = np.minimum(thr, 1 / per_query)
     # Encode start to merge: the encoder starts a batch when the merge HANDOFF_DEPTH batches before it sends its
@@ -203,6 +217,29 @@ def box(prob: Problem, lay: Layout, be_lo, be_hi, bm_lo, bm_hi, detail: bool = F
     return thr, lat, ok
 
 
+def prebound(prob: Problem, lay: Layout, be_max: int, bm_max: int) -> tuple[float, float]:
+    """A cheap (throughput upper, latency lower) bound of a whole (B_E, B_m) space, from per-layer costs alone:
+    ``box``'s per-query bound (the slowest decode stage's per-row cost E[k] times, no micro-batch larger than B_m
+    or than the rows the decode group caches; the slowest encode stage's per-prompt cost, and the encode latency's
+    and hand-off's over HANDOFF_DEPTH; the hand-off's) at the space's largest B_E and B_m, and k_q decode iterations
+    of every decode layer at the least rows."""
+    enc_st, dec_st = lay.group("encode"), lay.group("decode")
+    enc = prob.model.is_encoder_decoder
+    ek = float(np.dot(prob.stats.k_lengths, prob.stats.k_probs))
+    be_fit = max(min(float(be_max), np.floor(rows_fit(prob, dec_st) / (ek + 1))), 1.0)
+    bm = float(grid_above(max(min(float(bm_max), be_fit * ek), 1e-9)))
+    be = float(grid_above(be_fit))
+    hand = float(prob.bound_cost.kv_handoff(np.array([be]))[0][0]) / be
+    on_compute, coupling = prob.profile.handoff_on_compute, prob.profile.waa_period_factor
+    dec_pq = ek * max(s.n_layers * layer_per_row_s(prob, s.tp, "decode", bm) for s in dec_st) + \
+        (hand if on_compute else 0.0)
+    enc_s = [(s.n_enc_layers if enc else s.n_layers) * layer_per_row_s(prob, s.tp, "encode", be) for s in enc_st]
+    enc_pq = max(max(enc_s), (sum(enc_s) + hand) / HANDOFF_DEPTH)
+    per_query = coupling * max(dec_pq, enc_pq, hand)
+    return (1 / per_query if per_query > 0 else math.inf), \
+        max(prob.k_q, 0) * coupling * sum(s.n_layers * layer_floor_s(prob, s.tp) for s in dec_st)
+
+
 def layout(prob: Problem, s: WAASchedule) -> Layout | None:
     return layout_of(prob, s.policy, s.tp, s.tp_gpus, s.encode_gpus)
 
@@ -214,27 +251,34 @@ def estimate_detail(prob: Problem, lay: Layout, s: WAASchedule) -> tuple[Terms, 
 
 
 def spaces(prob: Problem, policy, tps: list[int], space) -> list[tuple[Layout, Space]]:
-    """One search space of (B_E, B_m) per TP configuration and encode-device count the split rule allows."""
+    """One search space of (B_E, B_m) per TP configuration and encode-device count: those the split rule allows
+    (``space.waa_split`` 'rule', each admitting the B_E whose rule gives it), or every one ('searched')."""
     n = prob.cluster.count
     if n < 2:
         return []  # WAA needs an encode and a decode device
     be_max = space.max_encode_batch
     bm_max = int(min(space.max_micro_batch, prob.max_batch(Kernel.ATTN_DECODE)))
-    lo_split, hi_split = split_options(prob, policy, np.arange(1, be_max + 1))
+    if space.waa_split == "searched":
+        splits = {ne: None for ne in range(1, n)}
+    else:
+        lo_split, hi_split = split_options(prob, policy, np.arange(1, be_max + 1))
+        splits = {}
+        for ne in sorted(set(lo_split) | set(hi_split)):
+            allowed = (lo_split == ne) | (hi_split == ne)       # allowed[b - 1]: B_E = b may use ne
+            prefix = np.concatenate([[0], np.cumsum(allowed)])
+            splits[int(ne)] = (lambda prefix: lambda lo, hi: prefix[hi[:, 0]] - prefix[lo[:, 0] - 1] > 0)(prefix)
     out = []
-    for ne in sorted(set(lo_split) | set(hi_split)):
-        allowed = (lo_split == ne) | (hi_split == ne)       # allowed[b - 1]: B_E = b may use ne
-        prefix = np.concatenate([[0], np.cumsum(allowed)])
-        adm = (lambda prefix: lambda lo, hi: prefix[hi[:, 0]] - prefix[lo[:, 0] - 1] > 0)(prefix)
+    for ne, adm in splits.items():
         for t in tps:
             for g in tp_gpu_counts(n, t):
                 if t > 1 and (min(g, ne) % t or (g - min(g, ne)) % t):
                     continue  # a TP group would straddle the encode/decode boundary
-                lay = layout_of(prob, policy, t, g, int(ne))
+                lay = layout_of(prob, policy, t, g, ne)
                 if lay is None:
                     continue
                 fn = (lambda lay: lambda lo, hi: box(prob, lay, lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]))(lay)
-                out.append((lay, Space(fn, (1, 1), (be_max, bm_max), adm)))
+                pre = (lambda lay: lambda: prebound(prob, lay, be_max, bm_max))(lay)
+                out.append((lay, Space(fn, (1, 1), (be_max, bm_max), adm, pre)))
     return out
 
 

@@ -7,17 +7,22 @@ latency and fit. Several spaces (one per policy and device layout) share one bes
 so the best schedule found in any layout prunes all the others.
 
 Rules (one comment each in the code):
-  * split the popped box along its longest side (the paper's fallback rule, used in n-D);
+  * a space with a cheap ``prebound`` enters the queue as that bound, its root evaluated only when popped;
+  * split the popped box into ``fanout`` parts along every side (one evaluation bounds all the children; the
+    paper halves the longest side, which takes more, smaller evaluations to reach the same boxes);
   * drop a box whose lowest latency already violates the bound (+ eps_latency x bound);
   * drop a box that cannot fit (memory, profiled range) even at its smallest point;
   * drop a box whose best throughput cannot beat the incumbent by more than eps_throughput;
   * enumerate boxes of at most ``leaf`` points directly.
 With exact (sound) box bounds and zero tolerances the result is the exhaustive optimum; positive
 tolerances trade that guarantee for speed where bounds are only approximate (paper §5.1).
+Where no point meets the bound, the search goes on from the boxes the bound dropped for the lowest-latency point
+(the smallest feasible bound the error names) instead of searching the spaces again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -38,6 +43,10 @@ class Space:
     admissible: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     """Optional: whether a box holds any admissible point (e.g. WAA's split rule); points that are not
     admissible are infeasible."""
+    prebound: Callable[[], tuple[float, float]] | None = None
+    """Optional: a cheap (throughput upper, latency lower) bound of every point of the space that fits: the space's
+    root box is evaluated only once this bound is popped from the queue, so that a space the incumbent or the
+    latency bound already rules out costs one call of this and nothing more."""
 
     @property
     def size(self) -> int:
@@ -55,6 +64,9 @@ class SearchResult:
     bounds_evaluated: int
     boxes_pruned: int
     wall_s: float
+    fastest: SearchResult | None = None
+    """Where nothing meets the bound: the lowest-latency point of the spaces (the smallest feasible bound; space
+    None if nothing fits), found by going on from the boxes the bound dropped (``branch_and_bound``)."""
 
     @property
     def candidates_evaluated(self) -> int:
@@ -70,16 +82,46 @@ def _eval(space: Space, lo: np.ndarray, hi: np.ndarray):
     return thr, lat, ok
 
 
+_ROOT = None  # the box of a queue entry whose space's root is not evaluated yet (its ``prebound``)
+
+
 def branch_and_bound(spaces: list[Space], bound_s: float, eps_throughput: float = 0.0, eps_latency: float = 0.0,
-                     minimize_latency: bool = False, leaf: int = 16, batch: int = 16) -> SearchResult:
+                     minimize_latency: bool = False, leaf: int = 16, batch: int = 16,
+                     fanout: int = 4) -> SearchResult:
     """Best point of ``spaces``: the highest throughput with latency <= bound_s, or with
-    ``minimize_latency`` the lowest latency of any point that fits (the bound is ignored)."""
+    ``minimize_latency`` the lowest latency of any point that fits (the bound is ignored). Where no point meets
+    the bound, the result's ``fastest`` is the lowest-latency point, searched on from what the bound dropped."""
     t0 = time.perf_counter()
-    lat_limit = math.inf if minimize_latency else bound_s * (1 + eps_latency)
-    best = (-math.inf, None, None, math.inf)  # (score, space, point, latency)
+    counts = [0, 0, 0]  # points, bounds evaluated, boxes pruned
+    dropped: list = []  # (latency lower bound, space, lo, hi) of boxes that fit but violate the latency bound
+    res = _search(spaces, [], bound_s * (1 + eps_latency), bound_s, eps_throughput, minimize_latency, leaf, batch,
+                  fanout, counts, dropped)
+    fastest = None
+    if res[1] is None and not minimize_latency:
+        # Nothing meets the bound: the lowest latency is that of a point evaluated already or inside a dropped box.
+        fastest = _result(spaces, _search(spaces, dropped, math.inf, math.inf, 0.0, True, leaf, batch, fanout,
+                                          counts, None, res[4]), counts, t0)
+    return dataclasses.replace(_result(spaces, res, counts, t0), fastest=fastest)
+
+
+def _result(spaces, res, counts, t0) -> SearchResult:
+    _, si, point, lat, _ = res
+    if si is None:
+        return SearchResult(None, None, 0.0, math.inf, *counts, time.perf_counter() - t0)
+    thr = float(np.ravel(spaces[si].fn(np.array([point]), np.array([point]))[0])[0])
+    return SearchResult(si, point, thr, lat, *counts, time.perf_counter() - t0)
+
+
+def _search(spaces, seeds, lat_limit, bound_s, eps_throughput, minimize_latency, leaf, batch, fanout, counts,
+            dropped, fastest_seen=None):
+    """The best-first search (module doc). ``seeds``: (latency lower bound, space, lo, hi) boxes to start from
+    (none: every space's root); ``dropped`` collects the boxes the latency bound drops; returns (score, space,
+    point, latency, the lowest-latency fitting point evaluated as (-latency, space, point, latency))."""
+    none = (-math.inf, None, None, math.inf)
+    fastest = fastest_seen or none  # the lowest-latency fitting point evaluated, as (-latency, space, point, latency)
+    best = fastest if minimize_latency else none  # (score, space, point, latency)
     heap: list = []
     tie = itertools.count()
-    n_points = n_bounds = n_pruned = 0
 
     def beaten(up):
         # The incumbent, padded by the throughput tolerance (nothing beats -inf padding).
@@ -89,34 +131,51 @@ def branch_and_bound(spaces: list[Space], bound_s: float, eps_throughput: float 
     def score(thr, lat):
         return -lat if minimize_latency else thr
 
-    def keep(up, lat_lo, ok):
-        # Drop boxes that cannot fit, whose lowest latency violates the bound, or that cannot beat
-        # the incumbent (by more than the throughput tolerance).
-        return ok & (lat_lo <= lat_limit) & ~beaten(up)
+    def queue(si, up, lat, lo, hi):
+        # Drop boxes whose lowest latency violates the bound (kept aside while nothing meets it) or that cannot
+        # beat the incumbent (by more than the throughput tolerance).
+        if lat > lat_limit:
+            counts[2] += 1
+            if dropped is not None:
+                dropped.append((lat, si, lo, hi))
+        elif beaten(up):
+            counts[2] += 1
+        else:
+            heapq.heappush(heap, (-up, next(tie), si, lo, hi))
 
     def push(si, los, his):
-        nonlocal n_bounds, n_pruned
         thr, lat, ok = _eval(spaces[si], los, his)
-        n_bounds += len(los)
+        counts[1] += len(los)
         up = score(thr, lat)
-        mask = keep(up, lat, ok)
-        n_pruned += int((~mask).sum())
-        for i in np.flatnonzero(mask):
-            heapq.heappush(heap, (-float(up[i]), next(tie), si, tuple(los[i]), tuple(his[i])))
+        counts[2] += int((~ok).sum())  # drop boxes that cannot fit
+        for i in np.flatnonzero(ok):
+            queue(si, float(up[i]), float(lat[i]), tuple(los[i]), tuple(his[i]))
 
     def enumerate_points(si, pts):
-        nonlocal best, n_points
+        nonlocal best, fastest
         thr, lat, ok = _eval(spaces[si], pts, pts)
-        n_points += len(pts)
-        feasible = ok & (lat <= (math.inf if minimize_latency else bound_s))
+        counts[0] += len(pts)
+        if ok.any():
+            i = int(np.argmin(np.where(ok, lat, np.inf)))
+            if -lat[i] > fastest[0]:
+                fastest = (-float(lat[i]), si, tuple(int(v) for v in pts[i]), float(lat[i]))
+        feasible = ok & (lat <= bound_s)
         if feasible.any():
             sc = np.where(feasible, score(thr, lat), -np.inf)
             i = int(np.argmax(sc))
             if sc[i] > best[0]:
                 best = (float(sc[i]), si, tuple(int(v) for v in pts[i]), float(lat[i]))
 
-    for si, sp in enumerate(spaces):
-        push(si, np.array([sp.lo]), np.array([sp.hi]))
+    if seeds:
+        for lat, si, lo, hi in seeds:
+            queue(si, -lat if minimize_latency else math.inf, lat, lo, hi)
+    else:
+        for si, sp in enumerate(spaces):
+            if sp.prebound is None:
+                push(si, np.array([sp.lo]), np.array([sp.hi]))
+            else:
+                up, lat = sp.prebound()
+                queue(si, score(up, lat), lat, _ROOT, _ROOT)
 
     while heap:
         popped = []
@@ -124,32 +183,36 @@ def branch_and_bound(spaces: list[Space], bound_s: float, eps_throughput: float 
             neg_up, _, si, lo, hi = heapq.heappop(heap)
             # Drop boxes that the incumbent found since they were queued already beats.
             if beaten(-neg_up):
-                n_pruned += 1
+                counts[2] += 1
                 continue
             popped.append((si, lo, hi))
         children: dict[int, list] = {}
         leaves: dict[int, list] = {}
         for si, lo, hi in popped:
+            if lo is _ROOT:  # a space's cheap bound came first: now its root box
+                children.setdefault(si, []).append((spaces[si].lo, spaces[si].hi))
+                continue
             sizes = [b - a + 1 for a, b in zip(lo, hi)]
             if int(np.prod(sizes)) <= leaf:
                 leaves.setdefault(si, []).append(_points(lo, hi))
                 continue
-            # Split along the longest side.
-            ax = int(np.argmax(sizes))
-            mid = (lo[ax] + hi[ax]) // 2
-            hi1 = list(hi); hi1[ax] = mid
-            lo2 = list(lo); lo2[ax] = mid + 1
-            children.setdefault(si, []).extend([(lo, tuple(hi1)), (tuple(lo2), hi)])
+            children.setdefault(si, []).extend(_split(lo, hi, fanout))
         for si, pts in leaves.items():
             enumerate_points(si, np.concatenate(pts))
         for si, boxes in children.items():
             push(si, np.array([b[0] for b in boxes]), np.array([b[1] for b in boxes]))
+    return best + (fastest,)
 
-    score_, si, point, lat = best
-    if si is None:
-        return SearchResult(None, None, 0.0, math.inf, n_points, n_bounds, n_pruned, time.perf_counter() - t0)
-    thr = float(np.ravel(spaces[si].fn(np.array([point]), np.array([point]))[0])[0])
-    return SearchResult(si, point, thr, lat, n_points, n_bounds, n_pruned, time.perf_counter() - t0)
+
+def _split(lo, hi, fanout: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The box cut into ``fanout`` near-equal parts along every side (fewer where a side is shorter): one
+    evaluation then bounds all the children, a few levels above where halving would reach."""
+    cuts = []
+    for a, b in zip(lo, hi):
+        k = min(fanout, b - a + 1)
+        edges = [a + (b - a + 1) * i // k for i in range(k + 1)]
+        cuts.append([(edges[i], edges[i + 1] - 1) for i in range(k)])
+    return [(tuple(c[0] for c in combo), tuple(c[1] for c in combo)) for combo in itertools.product(*cuts)]
 
 
 def _points(lo, hi) -> np.ndarray:

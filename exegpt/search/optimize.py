@@ -52,11 +52,17 @@ class SearchSpace:
     """Largest B_E considered."""
     max_micro_batch: int = 256
     """Largest WAA decode micro-batch B_m considered."""
+    waa_split: str = "rule"
+    """How WAA splits the devices between its encode and decode groups: 'rule', the paper's (the floor or ceiling of
+    the compute share for WAA-C, of the memory share for WAA-M, at each B_E); 'searched', every split for every
+    B_E (WAA-C and WAA-M are then the same space), so that a forced device count gets the best split it allows."""
 
     def __post_init__(self):
         for f in ("max_encode_batch", "max_micro_batch"):
             if int(getattr(self, f)) != getattr(self, f) or getattr(self, f) < 1:
                 raise ExeGPTError(f"{f}={getattr(self, f)!r} must be an integer >= 1")
+        if self.waa_split not in ("rule", "searched"):
+            raise ExeGPTError(f"waa_split={self.waa_split!r} must be 'rule' or 'searched'")
 
 
 # --- layouts and spaces -----------------------------------------------------------------------
@@ -347,8 +353,9 @@ def _solve_boxed(prob: Problem, policies: list[Policy], opts: SearchOptions, pro
         # The pick's worst bound-length request missed: search again below the estimate it had, by the ratio.
         search_bound_s = min(search_bound_s, plan.estimate.latency_s) * bound_s / worst
     # The lowest-latency schedule by estimate: what the infeasibility error names and, with verification, the last
-    # resort, replayed once for both.
-    fastest = branch_and_bound(spaces, math.inf, minimize_latency=True)
+    # resort, replayed once for both. The search that found nothing under the bound went on for it; else one more.
+    fastest = res.fastest if res.space is None and res.fastest is not None else \
+        branch_and_bound(spaces, math.inf, minimize_latency=True)
     replayed_s = math.nan
     if verify_requests and fastest.space is not None:
         plan = _plan_at(layouts, fastest, stats(fastest.candidates_evaluated))
@@ -367,8 +374,9 @@ def _solve_boxed(prob: Problem, policies: list[Policy], opts: SearchOptions, pro
 def _each_policy(layouts, policies: list[Policy], bound_s: float, opts: SearchOptions, reached: dict
                  ) -> SearchResult:
     """A branch and bound over each policy's spaces alone; records each one's best throughput in ``reached`` (0:
-    none meets the bound) and returns the best of them, its space indexed among all of ``layouts``."""
-    best, evaluated, bounds, pruned, wall = None, 0, 0, 0, 0.0
+    none meets the bound) and returns the best of them, its space indexed among all of ``layouts`` (where none
+    meets the bound, with the lowest-latency point of them all as ``fastest``)."""
+    best, fastest, evaluated, bounds, pruned, wall = None, None, 0, 0, 0, 0.0
     for p in policies:
         idx = [i for i, (_, lay, _) in enumerate(layouts) if lay.policy is p]
         r = branch_and_bound([layouts[i][2] for i in idx], bound_s, opts.eps_throughput, opts.eps_latency)
@@ -376,9 +384,13 @@ def _each_policy(layouts, policies: list[Policy], bound_s: float, opts: SearchOp
         pruned, wall = pruned + r.boxes_pruned, wall + r.wall_s
         reached[p.value] = r.throughput if r.space is not None else 0.0
         if r.space is not None and (best is None or r.throughput > best.throughput):
-            best = dataclasses.replace(r, space=idx[r.space])
+            best = dataclasses.replace(r, space=idx[r.space], fastest=None)
+        f = r.fastest
+        if f is not None and f.space is not None and (fastest is None or f.latency < fastest.latency):
+            fastest = dataclasses.replace(f, space=idx[f.space])
     if best is None:
-        return SearchResult(None, None, 0.0, math.inf, evaluated, bounds, pruned, wall)
+        return SearchResult(None, None, 0.0, math.inf, evaluated, bounds, pruned, wall,
+                            fastest or SearchResult(None, None, 0.0, math.inf, 0, 0, 0, 0.0))
     return dataclasses.replace(best, points_evaluated=evaluated, bounds_evaluated=bounds, boxes_pruned=pruned,
                                wall_s=wall)
 

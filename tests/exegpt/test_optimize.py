@@ -167,7 +167,7 @@ def test_monotonicity_statistics_are_reported():
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_cp_sat_placement_equals_brute_force(seed):
+def test_placement_equals_brute_force(seed):
     rng = np.random.default_rng(seed)
     n_layers, n_stages = int(rng.integers(4, 13)), int(rng.integers(2, 5))
     layer_s = list(rng.uniform(0.5, 2.0, n_stages))
@@ -285,7 +285,7 @@ def test_profiled_kv_dtype_counts_the_cache_at_the_backends_precision():
     from exegpt.models import MODELS
     from exegpt.profile import Profile
 
-    from .conftest import make_profile, tiny_cpu_profile
+    from .conftest import make_profile
 
     w = Workload.task("S")
     prof = make_profile()
@@ -312,7 +312,7 @@ def test_profiled_packed_weights_count_once_more_in_weight_memory():
     from exegpt.models import MODELS
     from exegpt.profile import Profile
 
-    from .conftest import make_profile, tiny_cpu_profile
+    from .conftest import make_profile
 
     w = Workload.task("S")
     prof = make_profile()
@@ -417,3 +417,24 @@ def test_verified_infeasible_bound_names_one_the_replay_keeps():
 def test_bad_verify_requests_is_named(bad):
     with pytest.raises(ExeGPTError, match=rf"verify_requests={bad!r} must be a whole number >= 0"):
         find_schedule(VERIFY_W, 4.0, profile=make_profile(), devices="1xA40", verify_requests=bad)
+
+
+def test_a_searched_waa_split_keeps_waa_when_every_device_is_used():
+    """GPT-3 341B on 48xA40, task S at 4x its smallest bound: the paper's split rule (the floor or ceiling of the
+    memory share at each B_E) leaves WAA-M no plan on all 48 devices, though it has one on 44; with the split
+    searched, all 48 devices do at least as well as the rule on 44, and the split is one the rule never allows."""
+    w = Workload.task("S")
+    kw = dict(model="gpt3-341b", devices="48xA40", policies=["waa_m"])
+    rule, searched = SearchSpace(16, 32), SearchSpace(16, 32, waa_split="searched")
+    with pytest.raises(InfeasibleBoundError):
+        find_schedule(w, 46.33, device_counts=(48,), space=rule, **kw)
+    on44 = find_schedule(w, 46.33, device_counts=(44,), space=rule, **kw)
+    on48 = find_schedule(w, 46.33, device_counts=(48,), space=searched, **kw)
+    assert on48.schedule.num_gpus == 48 and on48.estimate.latency_s <= 46.33
+    assert on48.estimate.throughput_seq_s >= on44.estimate.throughput_seq_s
+    from exegpt.policies.waa import split_options
+    prob = problem(w, 46.33, model="gpt3-341b", devices="48xA40")
+    lo, hi = split_options(prob, Policy.WAA_M, np.array([on48.schedule.encode_batch]))
+    assert on48.schedule.encode_gpus not in (int(lo[0]), int(hi[0]))
+    with pytest.raises(ExeGPTError, match="waa_split='even' must be 'rule' or 'searched'"):
+        SearchSpace(waa_split="even")

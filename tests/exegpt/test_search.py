@@ -1,6 +1,7 @@
 """The search returns the exhaustive optimum of the same space (randomized cases), and the generic
 branch and bound is exact on closed-form fakes."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -36,13 +37,15 @@ def _case(seed: int):
 
 
 SPACE = SearchSpace(max_encode_batch=40, max_micro_batch=48)
+SEARCHED_SPLIT = (1, 10, 22, 27)  # cases of 3 and 4 devices, WAA searched on every split
 
 
 @pytest.mark.parametrize("seed", range(32))  # every combination of the case rules (period 24) at least once
 def test_search_equals_exhaustive(seed):
     model, devices, w, profile = _case(seed)
     rng = np.random.default_rng(1000 + seed)
-    kw = dict(model=model, devices=devices, profile=profile, space=SPACE, policies=BOX_POLICIES)
+    space = dataclasses.replace(SPACE, waa_split="searched") if seed in SEARCHED_SPLIT else SPACE
+    kw = dict(model=model, devices=devices, profile=profile, space=space, policies=BOX_POLICIES)
     try:
         exhaustive_schedule(w, math.inf, **kw)
     except InfeasibleBoundError:
@@ -74,6 +77,26 @@ def test_infeasible_bound_names_the_smallest_feasible_bound():
     # ... and that bound is feasible.
     plan = find_schedule(w, e.value.smallest_feasible_s * (1 + 1e-9), profile=p, devices="4xA40")
     assert plan.estimate.latency_s <= fastest * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("model,devices,counts,split", [("opt-13b", "4xA40", None, "searched"),
+                                                        ("t5-11b", "8xA40", (8,), "rule"),
+                                                        ("gpt3-39b", "8xA100", (6, 8), "searched")])
+def test_prebounds_hold_every_point_of_their_space(model, devices, counts, split):
+    """A space's cheap prebound (what the search queues before pricing its layout) is at least the throughput of
+    every point that fits and at most the latency of every one, on every space of every device count."""
+    from exegpt.problem import problem
+    from exegpt.search.bnb import grid_values
+    from exegpt.search.optimize import all_spaces
+    prob = problem(Workload.task("C1"), math.inf, model=model, devices=devices)
+    checked = 0
+    for _, _, sp in all_spaces(prob, space=SearchSpace(16, 24, waa_split=split), device_counts=counts):
+        up, lat_lo = sp.prebound()
+        _, thr, lat, ok = grid_values(sp)
+        if ok.any():
+            assert thr[ok].max() <= up * (1 + 1e-12) and lat[ok].min() >= lat_lo * (1 - 1e-12)
+            checked += 1
+    assert checked > 3
 
 
 def test_smallest_bound_equals_exhaustive_minimum_latency():
