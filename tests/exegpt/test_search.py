@@ -25,8 +25,9 @@ def _case(seed: int):
     if seed % 3 == 0:
         w = Workload.task(str(rng.choice(["S", "C1"])))
     else:
-        w = Workload.truncated_normal(input=(rng.uniform(16, 300), rng.uniform(5, 200), int(rng.integers(64, 600))),
-                                      output=(rng.uniform(4, 60), rng.uniform(1, 40), int(rng.integers(8, 120))),
+        inp = (rng.uniform(16, 300), rng.uniform(5, 200), int(rng.integers(64, 600)))
+        out = (rng.uniform(4, 60), rng.uniform(1, 40), int(rng.integers(8, 120)))
+        w = Workload.truncated_normal(*((m, s, max(mx, math.ceil(m))) for m, s, mx in (inp, out)),  # max >= mean
                                       name=f"random{seed}")
     if seed % 2 == 0:
         profile = make_profile(model, device, tps=[t for t in tps if t <= n], seed=seed, noise=0.15,
