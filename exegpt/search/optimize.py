@@ -52,17 +52,19 @@ class SearchSpace:
     """Largest B_E considered."""
     max_micro_batch: int = 256
     """Largest WAA decode micro-batch B_m considered."""
-    waa_split: str = "rule"
+    waa_split: str = "auto"
     """How WAA splits the devices between its encode and decode groups: 'rule', the paper's (the floor or ceiling of
     the compute share for WAA-C, of the memory share for WAA-M, at each B_E); 'searched', every split for every
-    B_E (WAA-C and WAA-M are then the same space), so that a forced device count gets the best split it allows."""
+    B_E (WAA-C and WAA-M are then the same space), so that a forced device count gets the best split it allows;
+    'auto': searched where the device counts are given (``device_counts``: a user who must use them), the rule
+    where every count is searched (the counts the rule leaves idle are searched instead)."""
 
     def __post_init__(self):
         for f in ("max_encode_batch", "max_micro_batch"):
             if int(getattr(self, f)) != getattr(self, f) or getattr(self, f) < 1:
                 raise ExeGPTError(f"{f}={getattr(self, f)!r} must be an integer >= 1")
-        if self.waa_split not in ("rule", "searched"):
-            raise ExeGPTError(f"waa_split={self.waa_split!r} must be 'rule' or 'searched'")
+        if self.waa_split not in ("auto", "rule", "searched"):
+            raise ExeGPTError(f"waa_split={self.waa_split!r} must be 'auto', 'rule' or 'searched'")
 
 
 # --- layouts and spaces -----------------------------------------------------------------------
@@ -188,6 +190,8 @@ def all_spaces(prob: Problem, policies=BOX_POLICIES, tp_degrees=None, space: Sea
     degrees above a count; if no count fits, the error of the largest count is raised."""
     out, errors = [], {}
     n = prob.cluster.count
+    if space.waa_split == "auto":
+        space = dataclasses.replace(space, waa_split="rule" if device_counts is None else "searched")
     for c in _device_counts(prob, device_counts):
         sub = prob if c == n else prob.with_devices(c)
         tps = tp_degrees

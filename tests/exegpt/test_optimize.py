@@ -422,19 +422,22 @@ def test_bad_verify_requests_is_named(bad):
 def test_a_searched_waa_split_keeps_waa_when_every_device_is_used():
     """GPT-3 341B on 48xA40, task S at 4x its smallest bound: the paper's split rule (the floor or ceiling of the
     memory share at each B_E) leaves WAA-M no plan on all 48 devices, though it has one on 44; with the split
-    searched, all 48 devices do at least as well as the rule on 44, and the split is one the rule never allows."""
+    searched, all 48 devices do at least as well as the rule on 44, and the split is one the rule never allows. The
+    default searches the split wherever the device counts are forced."""
     w = Workload.task("S")
     kw = dict(model="gpt3-341b", devices="48xA40", policies=["waa_m"])
-    rule, searched = SearchSpace(16, 32), SearchSpace(16, 32, waa_split="searched")
+    rule, searched = SearchSpace(16, 32, waa_split="rule"), SearchSpace(16, 32, waa_split="searched")
     with pytest.raises(InfeasibleBoundError):
         find_schedule(w, 46.33, device_counts=(48,), space=rule, **kw)
     on44 = find_schedule(w, 46.33, device_counts=(44,), space=rule, **kw)
     on48 = find_schedule(w, 46.33, device_counts=(48,), space=searched, **kw)
     assert on48.schedule.num_gpus == 48 and on48.estimate.latency_s <= 46.33
     assert on48.estimate.throughput_seq_s >= on44.estimate.throughput_seq_s
+    default = find_schedule(w, 46.33, device_counts=(48,), space=SearchSpace(16, 32), **kw)
+    assert default.schedule == on48.schedule
     from exegpt.policies.waa import split_options
     prob = problem(w, 46.33, model="gpt3-341b", devices="48xA40")
     lo, hi = split_options(prob, Policy.WAA_M, np.array([on48.schedule.encode_batch]))
     assert on48.schedule.encode_gpus not in (int(lo[0]), int(hi[0]))
-    with pytest.raises(ExeGPTError, match="waa_split='even' must be 'rule' or 'searched'"):
+    with pytest.raises(ExeGPTError, match="waa_split='even' must be 'auto', 'rule' or 'searched'"):
         SearchSpace(waa_split="even")
