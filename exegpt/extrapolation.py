@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from .plan import Plan
 from .profile import ExtrapolatedReads, Kernel, Profile
+from .search.optimize import evaluate_schedule
 
 
 def plan_reads(plan: Plan, profile: Profile) -> dict[tuple[Kernel, int], ExtrapolatedReads]:
     """The lookups of ``plan``'s estimate on ``profile`` that read fitted cells or lie beyond a grid, per
     (kernel, tp); empty when it read measured cells only."""
-    from .search.optimize import evaluate_schedule  # the search imports this package's modules
-
     with profile.extrapolated_reads() as seen:
         evaluate_schedule(plan.schedule, plan.workload, plan.bound, devices=plan.devices, profile=profile)
     return dict(seen)
