@@ -312,6 +312,9 @@ class RunContext:
     """Per request, the output length whose token time its record keeps (default: the plan's bound length)."""
     drift: object | None = None
     """``exegpt.replan.DriftOptions``: the driver of the group that finishes requests re-plans live on drift."""
+    shared_weights: str | None = None
+    """Processes sharing one device (Splitwiser): the file every rank maps its whole model from
+    (``runner.colocate``)."""
 
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]
@@ -352,6 +355,12 @@ def build_stage_model(ctx: RunContext, rank: int, device: torch.device, groups: 
     from .weights import load_model
 
     sr = ctx.stage_of(rank)
+    if ctx.shared_weights is not None:  # one copy mapped into every process of the device
+        from .colocate import load_shared
+
+        model, tok = load_shared(ctx.shared_weights)
+        model.setup_cache(max_rows, max_len)
+        return model.to(device), tok
     key = (ctx.model, ctx.dtype, str(device), sr.layers, sr.first, sr.last, ctx.seed)
     if ctx.encoder_decoder:  # T5 loads whole; its cross-attention cache holds the longest prompt
         model, _, tok = load_model(ctx.model, DTYPES[ctx.dtype], device, seed=ctx.seed)
