@@ -163,11 +163,15 @@ def estimate_detail(prob: Problem, lay: Layout, s: SplitwiserSchedule) -> tuple[
     lat = te + hand + prob.k_q * td
     m = prob.model
     weights = stage_weights(m, dec_st[0], True, True)  # once: both processes map one copy
-    mem = [weights + activation_bytes(m, 1, s.max_prefill_tokens) + activation_bytes(m, 1, s.max_num_seqs) +
-           m.kv_bytes_per_token(1) * m.n_layers * (pool + in_flight + s.max_prefill_tokens)]
+    kv_token = m.kv_bytes_per_token(1) * m.n_layers
+    # The peak the schedule needs: both processes' activations, S rows of the longest request's KV, the batches
+    # in flight; the paged pool takes what is left (``kv_tokens``).
+    mem = [weights + activation_bytes(m, 1, s.max_prefill_tokens + s.max_num_seqs) +
+           kv_token * (s.max_num_seqs * prob.workload.max_total_len + in_flight + s.max_prefill_tokens)]
+    pool = pool_tokens(prob, dec_st, s.max_prefill_tokens + s.max_num_seqs, in_flight + s.max_prefill_tokens)
     blocks = pool // s.block_size
     batch_blocks = -(-s.max_prefill_tokens // s.block_size) + s.max_num_seqs
-    ok = np.asarray(ok_e & ok_h & ok_d) & (blocks >= batch_blocks) & \
+    ok = np.asarray(ok_e & ok_h & ok_d) & (mem[0] <= prob.capacity_bytes) & (blocks >= batch_blocks) & \
         (blocks >= -(-prob.workload.max_total_len // s.block_size)) & (weights < prob.capacity_bytes)
     return Terms(thr, lat, ok, te, td, running, mem, None, pool, dict(prefill_batch=bp)), prob.latency_len
 
