@@ -36,13 +36,16 @@ class InterferenceOptions:
     context_len: int = 40
     window_s: float = 0.3
     """Seconds each point loops (at least 3 steps)."""
+    repeats: int = 3
+    """Passes over every point, interleaved (a point is the median of its passes): the machine's drift hits every
+    point alike."""
     base_threads: int = 1
     """Threads of the kernel tables' condition: one, as the runner's ranks compute."""
 
 
 def _points(opts: InterferenceOptions, base: int) -> list[tuple[int, int, int, int]]:
-    """(prefill threads or 0 = idle, decode threads or 0, batch, split index or -1 for the base) to time, in
-    order: both processes walk the same list."""
+    """(prefill threads or 0 = idle, decode threads or 0, batch, split index or -1 for the base) to time, once
+    (``measure`` walks the list ``repeats`` times): both processes walk the same list."""
     out = []
     for b in opts.batches:
         out += [(base, 0, b, -1), (0, base, b, -1)]
@@ -108,15 +111,16 @@ def measure(model: str, opts: InterferenceOptions = InterferenceOptions(), dtype
             raise ExeGPTError(f"thread split {kp}+{kd} exceeds the device's {cores} cores")
     base = opts.base_threads
     points = _points(opts, base)
+    walk = points * opts.repeats
     path = share_weights(model, DTYPES[dtype], seed)
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(r, path, opts, points, barrier, results)) for r in (PREFILL, DECODE)]
+    procs = [ctx.Process(target=_worker, args=(r, path, opts, walk, barrier, results)) for r in (PREFILL, DECODE)]
     try:
         for p in procs:
             p.start()
         got = {}
-        deadline = time.monotonic() + 60 + 4 * len(points) * opts.window_s
+        deadline = time.monotonic() + 120 + 4 * len(walk) * opts.window_s
         while len(got) < 2:
             if not results.empty():
                 role, out = results.get()
@@ -133,7 +137,8 @@ def measure(model: str, opts: InterferenceOptions = InterferenceOptions(), dtype
             if p.is_alive():
                 p.kill()
         Path(path).unlink(missing_ok=True)
-    pre, dec = got[PREFILL], got[DECODE]
+    n = len(points)  # a point: the median of its passes
+    pre, dec = ([float(np.median(got[r][j::n])) for j in range(n)] for r in (PREFILL, DECODE))
     nb = len(opts.batches)
 
     def pick(which, split, mode):  # mode: 0 prefill alone, 1 decode alone, 2 both
