@@ -92,6 +92,54 @@ def ratios(out: dict) -> str:
     return "\n".join(lines)
 
 
+def _map_worker(path: str, prefill: bool, barrier, results) -> None:
+    from runner.colocate import load_shared, weight_residency
+
+    torch.set_num_threads(1)
+    model, _ = load_shared(path)
+    model.setup_cache(16, 64)
+    with torch.inference_mode():
+        if prefill:  # 16 rows: the prefill process's oneDNN-packed copy, if the model's weights are large enough
+            model.prefill(torch.arange(16 * 32) % model.args.vocab_size, torch.full((16,), 32), torch.arange(16))
+        else:
+            model.prefill(torch.arange(32) % model.args.vocab_size, torch.full((4,), 8), torch.arange(4))
+            model.decode(torch.arange(4), torch.arange(4))
+        sum(float(p.sum()) for p in model.parameters())  # every weight page read
+    barrier.wait()  # both map the file now
+    results.put((prefill, weight_residency(path)))
+    barrier.wait()
+
+
+def weight_memory(model: str) -> str:
+    """What the two processes hold of the shared weights, from their ``/proc/self/smaps``."""
+    import multiprocessing as mp
+    from pathlib import Path
+
+    from runner.colocate import share_weights
+
+    path = share_weights(model, torch.float32, 0)
+    try:
+        size = Path(path).stat().st_size
+        ctx = mp.get_context("spawn")
+        barrier, results = ctx.Barrier(2), ctx.SimpleQueue()
+        procs = [ctx.Process(target=_map_worker, args=(path, pre, barrier, results)) for pre in (True, False)]
+        for p in procs:
+            p.start()
+        got = dict(results.get() for _ in procs)
+        for p in procs:
+            p.join(60)
+    finally:
+        Path(path).unlink(missing_ok=True)
+    mb = 2 ** 20
+    rows = [f"| {'prefill' if pre else 'decode'} | {g['rss_bytes'] / mb:.1f} | {g['pss_bytes'] / mb:.1f} | "
+            f"{g['private_bytes'] / mb:.1f} | {g['process_rss_bytes'] / mb:.0f} |" for pre, g in got.items()]
+    pss = sum(g["pss_bytes"] for g in got.values())
+    return (f"Weights of {model} ({size / mb:.1f} MiB file, fp32) in the two processes, MiB:\n\n"
+            "| process | weights resident | weights, proportional share | weights, private | process RSS |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) +
+            f"\n\nThe proportional shares add up to {pss / mb:.1f} MiB: {pss / size:.2f} copies of the weights.")
+
+
 def main(argv=None) -> None:
     from profiler.interference import InterferenceOptions, measure as measure_pairs, table as pair_table
     from profiler.loop import cached_profile
@@ -101,14 +149,20 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", default=None, help="a profile JSON (default: the cached CPU profile of --model)")
+    ap.add_argument("--refresh-profile", action="store_true", help="re-measure the cached profile first")
+    ap.add_argument("--save-profile", default=None, help="write the profile with the interference measured")
     ap.add_argument("--skip", nargs="*", default=(), help="configurations to leave out, e.g. 'splitwiser 2+2'")
     a = ap.parse_args(argv)
-    prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False)
+    print(weight_memory(a.model) + "\n")
+    prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False,
+                                                                    refresh=a.refresh_profile)
     w = WORKLOADS[a.model]
     ctx = int(w.input_len.mean() + w.output_len.mean() / 2)
-    inter = measure_pairs(a.model, InterferenceOptions(batches=(1, 4, 16), prompt_len=int(w.input_len.mean()),
-                                              context_len=ctx, window_s=0.5))
+    opts = InterferenceOptions(batches=(1, 4, 16), prompt_len=int(w.input_len.mean()), context_len=ctx, window_s=0.5)
+    inter = measure_pairs(a.model, opts)
     prof = dataclasses.replace(prof, phase_interference=inter)
+    if a.save_profile:
+        prof.save(a.save_profile)
     print(f"Interference measured ({a.model}, prompts of {inter.prompt_len} tokens, decode context {ctx}; scale: "
           f"alone on the split over one thread alone; kappa: beside the other phase over alone, minus 1):\n")
     print(pair_table(inter) + "\n")

@@ -190,6 +190,8 @@ class SimEngine:
         # Two processes on one device (Splitwiser): each step priced on its share, slowed while the other computes.
         pricing = getattr(policy_module(plan.schedule.policy), "phase_pricing", None)
         self.pricing = None if pricing is None else pricing(prob, plan.schedule)
+        if self.pricing is not None:  # its measured interference stands for WAA's lockstep calibration
+            self.coupling = 1.0
         self.drivers: list[_Driver] = []
         # WAA state: the encode group's stages, its compute intervals, its batches and the decode group's merges.
         self.free = np.zeros(len(self.stages[ENCODE]))

@@ -36,7 +36,7 @@ class InterferenceOptions:
     context_len: int = 40
     window_s: float = 0.3
     """Seconds each point loops (at least 3 steps)."""
-    repeats: int = 3
+    repeats: int = 5
     """Passes over every point, interleaved (a point is the median of its passes): the machine's drift hits every
     point alike."""
     base_threads: int = 1
@@ -137,8 +137,26 @@ def measure(model: str, opts: InterferenceOptions = InterferenceOptions(), dtype
             if p.is_alive():
                 p.kill()
         Path(path).unlink(missing_ok=True)
-    n = len(points)  # a point: the median of its passes
-    pre, dec = ([float(np.median(got[r][j::n])) for j in range(n)] for r in (PREFILL, DECODE))
+    # Each pass's ratios (a split alone over the base, beside over alone) from points timed moments apart, then
+    # their medians over the passes: the machine's drift between passes cancels. Stored as times whose ratios are
+    # those medians.
+    n = len(points)
+    pre, dec = [], []
+    for role, out in ((PREFILL, pre), (DECODE, dec)):
+        passes = np.asarray(got[role], dtype=float).reshape(opts.repeats, n)
+        med = np.median(passes, axis=0)
+        for j, (kp, kd, b, i) in enumerate(points):
+            threads = (kp, kd)[role]
+            if not threads or i == -1:
+                out.append(float(med[j]))
+                continue
+            base_j = points.index((base, 0, b, -1) if role == PREFILL else (0, base, b, -1))
+            alone_j = points.index((kp, 0, b, i) if role == PREFILL else (0, kd, b, i))
+            if j == alone_j:
+                out.append(float(med[base_j] * np.median(passes[:, j] / passes[:, base_j])))
+            else:  # beside
+                alone = med[base_j] * np.median(passes[:, alone_j] / passes[:, base_j])
+                out.append(float(alone * np.median(passes[:, j] / passes[:, alone_j])))
     nb = len(opts.batches)
 
     def pick(which, split, mode):  # mode: 0 prefill alone, 1 decode alone, 2 both

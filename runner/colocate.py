@@ -34,19 +34,6 @@ def device_cores() -> int:
         return os.cpu_count() or 1
 
 
-def check_shares(schedule, cores: int | None = None) -> None:
-    """One line for a share the device cannot give (shares are validated as percents by the schedule; a thread
-    count is what a CPU can exceed)."""
-    from exegpt.policies.base import DECODE, ENCODE
-    from exegpt.policies.splitwiser import threads
-
-    cores = device_cores() if cores is None else cores
-    for group, name in ((ENCODE, "prefill"), (DECODE, "decode")):
-        share = schedule.share(group)
-        if not 1 <= share <= 100 or threads(share, cores) > cores:
-            raise ExeGPTError(f"splitwiser: {name}_share={share}% exceeds the device ({cores} cores)")
-
-
 def check_device() -> None:
     """Refuses a GPU: two ranks on one GPU are not built (see the module's docstring)."""
     if torch.cuda.is_available():

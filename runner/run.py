@@ -176,11 +176,9 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
     worlds = [_num_ranks(p) for p in plans]
     shared = [i for i, p in enumerate(plans) if getattr(policy_module(p.schedule.policy), "SHARES_WEIGHTS", False)]
     if shared and not torchrun_env():  # one copy of the weights mapped into the processes of the device
-        from .colocate import check_device, check_shares, share_weights
+        from .colocate import check_device, share_weights
 
         check_device()
-        for i in shared:
-            check_shares(plans[i].schedule)
         path = share_weights(model, DTYPES[opts.dtype], opts.seed)
         ctxs = [dataclasses.replace(c, shared_weights=path) if i in shared else c for i, c in enumerate(ctxs)]
         try:
