@@ -101,9 +101,9 @@ def _map_worker(path: str, prefill: bool, barrier, results) -> None:
     with torch.inference_mode():
         if prefill:  # 16 rows: the prefill process's oneDNN-packed copy, if the model's weights are large enough
             model.prefill(torch.arange(16 * 32) % model.args.vocab_size, torch.full((16,), 32), torch.arange(16))
-        else:
-            model.prefill(torch.arange(32) % model.args.vocab_size, torch.full((4,), 8), torch.arange(4))
-            model.decode(torch.arange(4), torch.arange(4))
+        else:  # decode steps only, as the decode process runs (its KV comes by hand-off)
+            for _ in range(4):
+                model.decode(torch.arange(4), torch.arange(4))
         sum(float(p.sum()) for p in model.parameters())  # every weight page read
     barrier.wait()  # both map the file now
     results.put((prefill, weight_residency(path)))
@@ -151,6 +151,7 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", default=None, help="a profile JSON (default: the cached CPU profile of --model)")
     ap.add_argument("--refresh-profile", action="store_true", help="re-measure the cached profile first")
     ap.add_argument("--save-profile", default=None, help="write the profile with the interference measured")
+    ap.add_argument("--splits", nargs="*", default=["1+1", "2+2"], help="thread splits the interference covers")
     ap.add_argument("--skip", nargs="*", default=(), help="configurations to leave out, e.g. 'splitwiser 2+2'")
     a = ap.parse_args(argv)
     print(weight_memory(a.model) + "\n")
@@ -158,7 +159,8 @@ def main(argv=None) -> None:
                                                                     refresh=a.refresh_profile)
     w = WORKLOADS[a.model]
     ctx = int(w.input_len.mean() + w.output_len.mean() / 2)
-    opts = InterferenceOptions(batches=(1, 4, 16), prompt_len=int(w.input_len.mean()), context_len=ctx, window_s=0.5)
+    splits = tuple(tuple(int(x) for x in sp.split("+")) for sp in a.splits)
+    opts = InterferenceOptions(splits, (1, 4, 16), int(w.input_len.mean()), ctx, window_s=0.5)
     inter = measure_pairs(a.model, opts)
     prof = dataclasses.replace(prof, phase_interference=inter)
     if a.save_profile:
