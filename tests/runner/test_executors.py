@@ -20,7 +20,7 @@ from exegpt.policies.chunked import ChunkedSchedule
 from exegpt.policies.disagg import DisaggSchedule
 from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, StaticSchedule, WAASchedule, Workload
 from runner import numerics
-from runner.dist import RankFailedError
+from runner.dist import Fault, RankFailedError
 from runner.generate import greedy_reference
 from exegpt.report import FAILED, FINISHED
 from runner.requests import Request, make_requests, requests_from_pairs
@@ -279,7 +279,7 @@ def test_two_ranks_tokens_match_reference(requests, reference):
 def test_rank_failure_stops_run_naming_rank(requests):
     t = time.monotonic()
     with pytest.raises(RankFailedError, match="rank 1") as e:
-        run_plan(make_plan(RRASchedule(4, 3, 1, 0, 2), PP2), "tiny", requests=requests, fault=(1, 3),
+        run_plan(make_plan(RRASchedule(4, 3, 1, 0, 2), PP2), "tiny", requests=requests, fault=Fault(1, 3),
                  timeout_s=60)
     assert e.value.rank == 1
     assert "injected fault" in str(e.value)
