@@ -113,7 +113,11 @@ def estimate_detail(prob: Problem, lay: Layout, s: CBSchedule) -> tuple[Terms, i
     # E[k] / running iterations when fewer than one finishes.
     k = max(prob.mean_iters, 1.0)
     be, nd = (running / k, 1) if running >= k else (1.0, max(1, min(prob.max_decode_iters, round(k / running))))
-    t = rra.box(prob, lay, be, be, nd, nd, detail=True)
+    memo = prob.memo.setdefault("cb_terms", {})  # schedules whose caps give the same running batch share it
+    key = (prob.cluster.count, lay.stages, be, nd)
+    if key not in memo:
+        memo[key] = rra.box(prob, lay, be, be, nd, nd, detail=True)
+    t = memo[key]
     ok = np.asarray(t.ok) & (pool // s.block_size >= -(-longest // s.block_size))  # the longest request fits
     return Terms(t.thr, t.lat, ok, t.t_enc, t.t_dec, t.bd, t.mem, t.refill, pool, dict(t.extra, encode_batch=be)), \
         prob.latency_len
