@@ -47,7 +47,7 @@ def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device
 
 def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device, sink) -> RunReport | None:
     plan = ctx.plan
-    drivers = driver_groups(plan)
+    drivers = driver_groups(plan, stop=ctx.steady_stop)
     module = policy_module(plan.schedule.policy)
     ctx, replica, groups = replica_of(ctx, rank, world_size)
     group = ctx.stage_of(rank).pipeline

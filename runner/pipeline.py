@@ -312,6 +312,8 @@ class RunContext:
     """Per request, the output length whose token time its record keeps (default: the plan's bound length)."""
     drift: object | None = None
     """``exegpt.replan.DriftOptions``: the driver of the group that finishes requests re-plans live on drift."""
+    steady_stop: object | None = None
+    """``exegpt.rules.SteadyStop``: end the run once its steady window holds what it asks (measurement runs)."""
 
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]
