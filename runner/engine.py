@@ -109,8 +109,7 @@ class RunnerEngine:
             raise ExeGPTError("request ids must be 0, 1, ... in order (runner.requests.make_requests)")
         self.prompts = [r.prompt for r in reqs]
         self.ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
-                             ctx.plan.estimate.latency_len if ctx.latency_lens is None else ctx.latency_lens,
-                             ctx.max_seq_len, ctx.cache_len,
+                             ctx.kept_lens, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos and group != ENCODE, eos_of(ctx, rt.tokenizer), ctx.keep_tokens,
                              track_tokens=True)
         self.replica = replica

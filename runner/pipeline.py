@@ -315,6 +315,11 @@ class RunContext:
     steady_stop: object | None = None
     """``exegpt.rules.SteadyStop``: end the run once its steady window holds what it asks (measurement runs)."""
 
+    @property
+    def kept_lens(self):
+        """The output length whose token time each request's record keeps: ``latency_lens``, else the bound's."""
+        return self.plan.estimate.latency_len if self.latency_lens is None else self.latency_lens
+
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]
 

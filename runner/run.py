@@ -286,8 +286,7 @@ class _Partial:
             return self.reports[i]
         plan, reqs = ctx.plan, ctx.requests
         ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
-                        plan.estimate.latency_len if ctx.latency_lens is None else ctx.latency_lens,
-                        ctx.max_seq_len, ctx.cache_len)
+                        ctx.kept_lens, ctx.max_seq_len, ctx.cache_len)
         done = self.records.get(i, {})
         why = f"the run failed before this request finished: {error}"
         records = [done.get(r, None) or ledger.record(r, why) for r in range(len(reqs))]
