@@ -457,3 +457,11 @@ def test_each_policys_best_on_request_and_the_same_pick_without():
         alone = find_schedule(w, 7.6, devices="4xA40", policies=[p])
         assert reached[p] == alone.estimate.throughput_seq_s
     assert max(reached.values()) == plan.estimate.throughput_seq_s
+
+
+def test_the_default_policy_set_plans_an_encoder_decoder_model():
+    """Every registered policy is searched by default; those that cannot run T5 (Shift Parallelism's Ulysses)
+    offer no candidates instead of failing the search."""
+    plan = find_schedule(Workload.task("S"), 20.0, model="t5-11b", devices="2xA40")
+    assert plan.model == "t5-11b" and plan.estimate.latency_s <= 20.0
+    assert plan.schedule.policy.value != "shift"
