@@ -363,10 +363,11 @@ def build_stage_model(ctx: RunContext, rank: int, device: torch.device, groups: 
 
     sr = ctx.stage_of(rank)
     if ctx.shared_weights is not None:  # one copy mapped into every process of the device
-        from .colocate import load_shared
+        from .colocate import load_shared, warm_up
 
         model, tok = load_shared(ctx.shared_weights)
         model.setup_cache(max_rows, max_len)
+        warm_up(model, max_rows, max_len)
         return model.to(device), tok
     key = (ctx.model, ctx.dtype, str(device), sr.layers, sr.first, sr.last, ctx.seed)
     if ctx.encoder_decoder:  # T5 loads whole; its cross-attention cache holds the longest prompt
