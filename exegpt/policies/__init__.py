@@ -32,8 +32,8 @@ REGISTRY: dict[str, ModuleType] = {
     name.value: module for module in (rra, waa, static, cb, chunked, disagg, shift, splitwiser)
     for name in module.NAMES}
 
-Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule | ShiftSchedule | \
-    SplitwiserSchedule
+Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule | ShiftSchedule \
+    | SplitwiserSchedule
 
 
 def policy_module(name) -> ModuleType:
