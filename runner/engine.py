@@ -46,8 +46,12 @@ def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device
 
 def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
     plan = ctx.plan
-    drivers = driver_groups(plan)
     module = policy_module(plan.schedule.policy)
+    if hasattr(module, "RUNNER"):  # a policy with an executor of its own (PipeInfer's asynchronous runs)
+        import importlib
+
+        return importlib.import_module(module.RUNNER).run_policy(ctx, rank, world_size, device)
+    drivers = driver_groups(plan)
     ctx, replica, groups = replica_of(ctx, rank, world_size)
     group = ctx.stage_of(rank).pipeline
     if group not in drivers:

@@ -221,6 +221,11 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
             raise ExeGPTError(f"drift must be an exegpt.replan.DriftOptions, got {type(opts.drift).__name__}")
         if replicas_of(plan) > 1:
             raise ExeGPTError(f"drift re-planning runs one replica; the plan has {replicas_of(plan)}")
+    module = policy_module(plan.schedule.policy)
+    if hasattr(module, "RUNNER"):  # the policy's executor checks what it needs (PipeInfer: its drafter)
+        import importlib
+
+        importlib.import_module(module.RUNNER).check_context(plan, model, args)
     if requests is None:
         requests = make_requests(trace if trace is not None else plan.workload, opts.num_requests, args.vocab_size,
                                  opts.seed, arrivals=opts.arrivals)

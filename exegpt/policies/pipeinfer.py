@@ -38,6 +38,8 @@ from ..stages import Layout, Terms, encode_times, place_stages
 from .base import MAIN, DriverStats, WaitArrival
 
 NAMES = (Policy.PIPEINFER,)
+RUNNER = "runner.pipeinfer"
+"""The runner's executor of this policy (its own asynchronous runs and cancellations; a name, not an import)."""
 DRAFT_KINDS = ("ngram", "layers", "model")
 
 
