@@ -91,6 +91,8 @@ class RequestTimeline:
     token_s: list[float]
     """When each generated token was committed (the first is the prefill's)."""
     counts: SpecCounts
+    tokens: list[int]
+    """The generated tokens (symbolic: the target's are the positions)."""
     layers_computed: int = 0
     layers_aborted: int = 0
     """Layers a cancellation saved on runs it stopped mid-way or before they started."""
@@ -154,7 +156,7 @@ class _Timeline:
                 break
         if self.head is None or not self.head.done:
             raise ExeGPTError("the simulated speculation timeline stalled before the request finished")
-        return RequestTimeline(self.ttft, self.token_s, self.head.counts, *self.layers)
+        return RequestTimeline(self.ttft, self.token_s, self.head.counts, self.head.generated, *self.layers)
 
     # --- the head ----------------------------------------------------------------------------------
 
@@ -202,11 +204,11 @@ class _Timeline:
         if run is not None:
             t = self.launch(run, t)
         if h.wants_draft():
-            version, chain, room = h.ask_draft()
+            ask, chain, room = h.ask_draft()
             start = max(t + self.c.hop(), self.drafter_free)
             tokens = self.draft(len(chain), min(room, self.opts.n_draft))
             self.drafter_free = start + self.c.draft_s + len(tokens) * self.c.draft_tok_s
-            self.push(self.drafter_free + self.c.hop(), "draft", version, tokens)
+            self.push(self.drafter_free + self.c.hop(), "draft", ask, tokens)
 
     def draft(self, at: int, k: int) -> list[int]:
         """Up to ``k`` tokens for positions ``at, at + 1, ...`` by the acceptance model (-1: a wrong token)."""

@@ -85,12 +85,13 @@ class SpecHead:
     ctx: list[int] = field(default_factory=list)
     runs: deque = field(default_factory=deque)
     counts: SpecCounts = field(default_factory=SpecCounts)
-    version: int = 0
-    """Bumped whenever the speculated chain changes other than by a launch (a commit past it, a cancellation):
-    a draft made from an older version is stale."""
+    asks: int = 0
+    """Draft requests made (each reply names the one it answers)."""
     draft_pending: bool = False
-    draft_empty_at: int = -1
-    """Version at which the drafter found nothing confident to propose (no new request until it changes)."""
+    _asked: list = field(default_factory=list)
+    """The chain the outstanding draft continues."""
+    _empty: list | None = None
+    """A chain the drafter had nothing confident to propose for (no new request until the chain changes)."""
     _next_id: int = 0
 
     def __post_init__(self):
@@ -125,27 +126,35 @@ class SpecHead:
 
     def wants_draft(self) -> bool:
         """Whether to ask the drafter for a draft of the current chain now."""
-        if self.mode == "plain" or self.draft_pending or self.done or self.draft_empty_at == self.version:
+        if self.mode == "plain" or self.draft_pending or self.done or self._empty == self.chain():
             return False
         if self.mode == "sync":
             return not self.runs and self._room() > 0
         return self._spec_in_flight() < self.depth and self._room() > 0
 
     def ask_draft(self) -> tuple[int, list[int], int]:
-        """Marks a draft request outstanding; returns (its version, the context to continue, most tokens)."""
+        """Marks a draft request outstanding; returns (its id, the context to continue, most tokens)."""
         self.draft_pending = True
-        chain = self.chain()
-        return self.version, chain, max(1, len(self.prompt) + self.output_len - len(chain))
+        self.asks += 1
+        self._asked = self.chain()
+        return self.asks, list(self._asked), max(1, len(self.prompt) + self.output_len - len(self._asked))
 
-    def on_draft(self, version: int, tokens) -> Run | None:
-        """A draft came back; returns the run to launch from it now (None: none, or not yet)."""
+    def on_draft(self, ask: int, tokens) -> Run | None:
+        """The draft of request ``ask`` came back; returns the run to launch from it now (None: none). A draft
+        whose context the chain has since grown past (a bonus committed) is used from there if it guessed the
+        new tokens; one a cancellation made stale is dropped."""
+        if ask != self.asks:
+            return None
         self.draft_pending = False
-        tokens = tuple(int(t) for t in tokens)
-        if version != self.version:
+        tokens, asked, chain = [int(t) for t in tokens], self._asked, self.chain()
+        grown = chain[len(asked):]
+        if chain[:len(asked)] != asked or tokens[:len(grown)] != grown:
             self.counts.drafts_dropped += 1
             return None
+        tokens = tokens[len(grown):]
         if not tokens:
-            self.draft_empty_at = self.version
+            if not grown:
+                self._empty = chain
             return self.plain_run() if self.mode == "sync" else None
         if self.mode == "sync" or not self.runs:  # nothing in flight feeds the last committed token: this run does
             return self._launch(self.ctx[-1:] + list(tokens), len(self.ctx) - 1, True)
@@ -192,13 +201,13 @@ class SpecHead:
             committed.append(run.tokens[i])
         committed.append(targets[-1])  # the bonus
         committed = self._commit(committed)
+        if self.runs and self.done:
+            return committed, self._cancel_all()  # speculation past the request's end
         if self.runs:
             c.verified += 1
-            if self.done or self.runs[0].tokens[0] != self.ctx[-1]:
+            if self.runs[0].tokens[0] != self.ctx[-1]:
                 return committed, self._cancel_all()
             c.accepted += 1
-        else:
-            self.version += 1  # the chain grew by the bonus alone
         return committed, []
 
     def _commit(self, tokens: list[int]) -> list[int]:
@@ -211,5 +220,4 @@ class SpecHead:
         gone = list(self.runs)
         self.runs.clear()
         self.counts.cancelled += len(gone)
-        self.version += 1
         return gone

@@ -208,6 +208,7 @@ def _serve_drafter(ctx: RunContext, device: torch.device, delay_ns: int) -> None
         drafter = ModelDrafter(model.eval(), s.cutoff, ctx.cache_len + s.n_draft + 1)
     comm = Comm(device)
     size = 6 + ctx.cache_len
+    fault = ctx.fault[1] if ctx.fault is not None and ctx.fault[0] == s.stages else None
     calls, tokens, busy = 0, 0, 0.0
     while True:
         msg = comm.recv((size,), torch.long, 0, TAG_DRAFT_REQ)
@@ -215,6 +216,8 @@ def _serve_drafter(ctx: RunContext, device: torch.device, delay_ns: int) -> None
         if kind_ == STOP:
             break
         _wait_until(sent + delay_ns)
+        if fault is not None and calls >= fault:
+            raise RuntimeError(f"injected fault on the drafter's rank {s.stages} after {calls} drafts")
         t = time.perf_counter()
         out = drafter.draft(msg[6:6 + n].tolist(), k)
         busy += time.perf_counter() - t

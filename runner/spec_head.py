@@ -83,9 +83,9 @@ class Head:
     def run(self) -> RunReport:
         threads = []
         if self.S > 1:
-            threads.append(threading.Thread(target=self._receive_results, daemon=True))
+            threads.append(threading.Thread(target=self._receiving, args=(self._receive_results,), daemon=True))
         if self.s.mode != "plain":
-            threads.append(threading.Thread(target=self._receive_drafts, daemon=True))
+            threads.append(threading.Thread(target=self._receiving, args=(self._receive_drafts,), daemon=True))
         for t in threads:
             t.start()
         gen, result = driver_groups(self.ctx.plan)[MAIN](self), None
@@ -119,7 +119,7 @@ class Head:
         led.started([rid], self.now())
         pre = self._launch(Run(-1, 0, tuple(prompt), False), n_out=1)
         while True:
-            kind, *data = self.events.get()
+            kind, *data = self._next_event()
             if kind == "result" and data[0] == pre:
                 break
         self.inflight.clear()
@@ -128,7 +128,7 @@ class Head:
         head = SpecHead(tuple(prompt), data[1][0], int(led.out[rid]), self.s.mode, self.s.depth)
         self._act(head, rid)
         while not head.done and not led.done(rid):
-            kind, *data = self.events.get()
+            kind, *data = self._next_event()
             if kind == "result":
                 run = self.inflight.pop(data[0], None)
                 if run is None:
@@ -140,16 +140,22 @@ class Head:
                         break
                 self._cancel(cancelled)
             else:
-                req, version, tokens = data
+                req, ask, tokens = data
                 if req != rid:
                     continue
-                self._count_draft(version, tokens)
-                run = head.on_draft(version, tokens)
+                self._count_draft(ask, tokens)
+                run = head.on_draft(ask, tokens)
                 if run is not None:
                     self._launch(run)
             self._act(head, rid)
         self._cancel(list(head.runs))
         self.counts.add(head.counts)
+
+    def _next_event(self) -> tuple:
+        ev = self.events.get()
+        if ev[0] == "error":
+            raise RuntimeError(f"rank 0: a receive failed: {ev[1]}")
+        return ev
 
     def _act(self, head: SpecHead, rid: int) -> None:
         """What the head's state calls for: the non-speculative run, a draft request."""
@@ -157,19 +163,19 @@ class Head:
         if run is not None:
             self._launch(run)
         if head.wants_draft():
-            version, chain, room = head.ask_draft()
+            ask, chain, room = head.ask_draft()
             k = min(room, self.s.n_draft)
-            self.asked[version] = k
+            self.asked[ask] = k
             msg = torch.zeros(6 + self.ctx.cache_len, dtype=torch.long)
-            msg[:6] = _i64([0, rid, version, k, len(chain), time.perf_counter_ns()])
+            msg[:6] = _i64([0, rid, ask, k, len(chain), time.perf_counter_ns()])
             msg[6:6 + len(chain)] = _i64(chain)
             self.comm.send([msg], self.S, TAG_DRAFT_REQ)
 
-    def _count_draft(self, version: int, tokens: list[int]) -> None:
+    def _count_draft(self, ask: int, tokens: list[int]) -> None:
         c = self.draft_calls
         c[0] += 1
         c[1] += len(tokens)
-        c[2] += len(tokens) < self.asked.pop(version, 0)
+        c[2] += len(tokens) < self.asked.pop(ask, 0)
 
     def _launch(self, run: Run, n_out: int | None = None) -> int:
         """Stage 0 computes ``run`` here and passes it on; returns its global id."""
@@ -198,6 +204,14 @@ class Head:
 
     # --- receive threads --------------------------------------------------------------------------------
 
+    def _receiving(self, loop) -> None:
+        """Runs a receive loop; a failure (a peer died) reaches the head as an event instead of leaving it
+        waiting."""
+        try:
+            loop()
+        except Exception as e:  # noqa: BLE001 - handed to the head, which raises it
+            self.events.put(("error", f"{type(e).__name__}: {e}"))
+
     def _receive_results(self) -> None:
         size = self.stage.res_len
         while True:
@@ -213,11 +227,11 @@ class Head:
         size = 4 + self.s.n_draft
         while True:
             buf = self.comm.recv((size,), torch.long, self.S, TAG_DRAFT)
-            req, version, n, sent = buf[:4].tolist()
+            req, ask, n, sent = buf[:4].tolist()
             if req < 0:
                 return
             _wait_until(sent + self.stage.delay_ns)
-            self.events.put(("draft", req, version, buf[4:4 + n].tolist()))
+            self.events.put(("draft", req, ask, buf[4:4 + n].tolist()))
 
     def _shutdown(self, threads) -> dict:
         """Stops every rank and gathers what each counted."""

@@ -104,3 +104,23 @@ def test_shift_parallelism_configurations_on_two_ranks():
         assert {r.id: r.tokens for r in rep.requests} == ref
     modes = {"sp=True" in d for d in reps[0].decisions if "Decode" in d or "Chunk" in d}
     assert modes == {True, False}
+
+
+def test_pipeinfer_decides_alike_and_decodes_greedily():
+    """PipeInfer (one target stage and a prompt-lookup drafter, two ranks): the same driver decisions as the
+    simulated engine, and each request's tokens those of the target alone."""
+    from exegpt.policies.pipeinfer import PipeInferSchedule
+    from runner.generate import greedy_reference
+    from runner.requests import make_requests
+    from runner.weights import load_model
+
+    torch.set_num_threads(1)
+    prof = Profile.load(PROFILE)
+    plan = evaluate_schedule(PipeInferSchedule("pipeinfer", 1, 2, n_draft=4, draft="ngram:1"), W, profile=prof,
+                             devices="2xcpu")
+    rep = run_plan(plan, "tiny", num_requests=3, seed=4, log_decisions=True, keep_tokens=True)
+    sim = run_simulated(plan, prof, num_requests=3, seed=4, log_decisions=True)
+    assert rep.num_finished == sim.num_finished == 3 and rep.decisions == sim.decisions
+    model, args, _ = load_model("tiny", seed=4)
+    for r in make_requests(W, 3, args.vocab_size, 4):
+        assert rep.requests[r.id].tokens == tuple(greedy_reference(model, list(r.prompt), r.output_len))
