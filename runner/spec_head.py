@@ -261,14 +261,9 @@ def speculation_stats(counts: SpecCounts, stages, drafter, draft_calls, hops) ->
     out["acceptance"] = counts.acceptance
     names = ("runs", "skipped", "aborted", "rolled_back", "layers", "layers_saved")
     out["stages"] = [{k: int(v) for k, v in zip(names, st[:6])} for st in stages]
-    base, tok = [], []
-    for st in stages:
-        n, sb, stt, sbb, sbt = st[6:11]
-        den = n * sbb - sb * sb
-        slope = max(0.0, (n * sbt - sb * stt) / den) if n > 1 and den > 1e-9 else 0.0
-        base.append(float((stt - slope * sb) / n) if n else 0.0)
-        tok.append(float(slope))
-    out["stage_base_s"], out["stage_tok_s"] = base, tok
+    out["stage_sums"] = [[float(x) for x in st[6:11]] for st in stages]
+    fits = [fit_line(st[6:11]) for st in stages]
+    out["stage_base_s"], out["stage_tok_s"] = [f[0] for f in fits], [f[1] for f in fits]
     out["hop_s"] = float(np.median(hops)) if hops else 0.0
     if drafter is not None:
         calls, tokens, busy, fed = drafter
@@ -277,3 +272,14 @@ def speculation_stats(counts: SpecCounts, stages, drafter, draft_calls, hops) ->
         back, toks, stops = draft_calls
         out["stop_p"] = stops / (toks + stops) if toks + stops else 0.0
     return out
+
+
+def fit_line(sums) -> tuple[float, float]:
+    """(base, per-token) seconds: least squares of a stage's decode runs from their sums (n, Σb, Σt, Σb², Σbt),
+    which add up over runs; the slope is 0 when every run had the same size."""
+    n, sb, st, sbb, sbt = (float(x) for x in sums)
+    if not n:
+        return 0.0, 0.0
+    den = n * sbb - sb * sb
+    slope = max(0.0, (n * sbt - sb * st) / den) if n > 1 and den > 1e-9 * n * n else 0.0
+    return (st - slope * sb) / n, slope

@@ -185,20 +185,38 @@ def spaces(prob: Problem, policy, tp_degrees, space) -> list:
 
 def candidates(prob: Problem, tps: list[int], grid: int, base: PipeInferSchedule | None = None
                ) -> list[PipeInferSchedule]:
-    """PipeInfer's knobs over the devices there are (``stages`` = devices - 1, the drafter on the last): draft
-    lengths 1 to 8, cutoffs 0 to 0.6, depths 1 to the stages; ``base`` gives the drafter, the acceptance model and
-    the link (default: prompt lookup, alpha 0.5)."""
+    """The knobs over the devices there are: plain decoding over all of them or all but one; PipeInfer and sync
+    over all but the drafter's, draft lengths 1 to 8, depths 1 and the stages. ``base`` gives the drafter, its
+    cutoff, the acceptance model measured at that cutoff, and the link (default: prompt lookup, alpha 0.5)."""
     n = prob.cluster.count
-    if n < 2 or n - 1 > prob.model.n_layers:
+    if n - 1 > prob.model.n_layers:
         return []
-    base = base or PipeInferSchedule("pipeinfer", n - 1, n)
-    out = []
+    base = base or PipeInferSchedule("pipeinfer", max(1, n - 1), max(2, n))
+    out = [dataclasses.replace(base, mode="plain", stages=m, num_gpus=m) for m in (n, n - 1) if m >= 1]
+    if n < 2:
+        return out
     for k in (1, 2, 4, 8):
-        for c in (0.0, 0.3, 0.6):
-            for d in sorted({1, n - 1}):
-                out.append(dataclasses.replace(base, mode="pipeinfer", stages=n - 1, num_gpus=n, n_draft=k,
-                                               cutoff=c, depth=d))
+        out.append(dataclasses.replace(base, mode="sync", stages=n - 1, num_gpus=n, n_draft=k, depth=1))
+        for d in sorted({1, n - 1}):
+            out.append(dataclasses.replace(base, mode="pipeinfer", stages=n - 1, num_gpus=n, n_draft=k, depth=d))
     return out
+
+
+def best_schedule(prob: Problem, base: PipeInferSchedule) -> tuple[PipeInferSchedule, list]:
+    """The candidates' schedule whose requests finish soonest on the simulated timeline (one request at a time:
+    the highest throughput), with every (seconds a request, schedule) tried: whether speculation pays for this
+    drafter, acceptance model and link, and with which knobs."""
+    from ..simulate import estimate
+
+    tried = []
+    for s in candidates(prob, [1], 0, base):
+        lay = layout(prob, s)
+        if lay is not None:
+            tried.append((1.0 / estimate(prob, lay, s).throughput_seq_s, s))
+    tried.sort(key=lambda x: (x[0], describe(x[1])))
+    if not tried:
+        raise ExeGPTError(f"pipeinfer: no schedule of {prob.model.name} fits {prob.cluster.label}")
+    return tried[0][1], tried
 
 
 def parse(policy, fields: dict, num_gpus: int) -> PipeInferSchedule:

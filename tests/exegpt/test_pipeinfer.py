@@ -4,6 +4,8 @@ simulated engine, and bad knobs get one line each."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import pytest
 from exegpt import Profile, Workload, evaluate_schedule, run_simulated
 from exegpt.errors import ExeGPTError
 from exegpt.policies import describe, schedule_from_dict
-from exegpt.policies.pipeinfer import PipeInferSchedule, candidates
+from exegpt.policies.pipeinfer import PipeInferSchedule, best_schedule
+from exegpt.problem import problem
 from exegpt.schedule import schedule_to_dict
 from exegpt.spec_sim import Acceptance, SpecCosts, SpecOptions, simulate_request
 from exegpt.speculation import SpecHead
@@ -100,13 +103,21 @@ def test_on_the_simulated_engine_and_json():
     assert rep.num_finished == 6 and rep.decisions == tuple(f"main Speculate(rid={i})" for i in range(6))
     assert all(r.first_token_s >= r.encode_start_s for r in rep.requests)
     assert plan.estimate.decode_step_s > 0 and plan.estimate.throughput_seq_s > 0
-    assert len(candidates(plan_prob(plan, prof), [1], 4)) == 24
 
 
-def plan_prob(plan, prof):
-    from exegpt.sim import plan_problem
-
-    return plan_problem(plan, prof)[0]
+def test_the_search_decides_when_speculation_pays():
+    """On a slow link, a drafter the target never agrees with: plain decoding (PipeInfer at best matches it);
+    one it agrees with 9 times in 10: speculation, PipeInfer over sync where hops dominate (tiny's 2 layers: 3
+    plain stages do not fit)."""
+    prob = problem(Workload.truncated_normal(input=(24, 10, 48), output=(16, 8, 40)), math.inf, model="tiny",
+                   devices="3xcpu", profile=Profile.load(PROFILE))
+    slow = PipeInferSchedule("pipeinfer", 2, 3, alpha=0.0, link_delay_s=0.01)
+    best, tried = best_schedule(prob, slow)
+    assert len(tried) == 13 and {s.mode for _, s in tried} == {"plain", "sync", "pipeinfer"}
+    plain = min(t for t, s in tried if s.mode == "plain")
+    assert tried[0][0] >= 0.97 * plain and min(t for t, s in tried if s.mode == "sync") > plain
+    best, tried = best_schedule(prob, dataclasses.replace(slow, alpha=0.9))
+    assert best.mode == "pipeinfer" and tried[0][0] < 0.5 * plain
 
 
 @pytest.mark.parametrize("fields,words", [
