@@ -150,10 +150,10 @@ def main() -> None:
                       f"{1 / itl:6.1f} {ttft * 1e3:6.0f} / {sim[m][1] * 1e3:5.0f} | "
                       f"{x_plain[0]:4.2f} / {x_plain[1]:4.2f} {x_sync[0]:4.2f} / {x_sync[1]:4.2f} | "
                       f"{acc_s:>6} {canc:>6} {noise:5.2f}")
-            print(f"   measured: hop {costs.hop_s * 1e3:.2f} ms, stage s = "
-                  + ", ".join(f"{b * 1e3:.1f} + {t * 1e3:.2f}/tok ms" for b, t in zip(costs.stage_base_s,
-                                                                                   costs.stage_tok_s))
-                  + f", draft {costs.draft_tok_s * 1e3:.2f} ms/tok, alpha {acc.alpha:.2f}, stop {acc.stop_p:.2f}")
+            lines = ", ".join(f"{b * 1e3:.1f} + {t * 1e3:.2f}/tok ms"
+                              for b, t in zip(costs.stage_base_s, costs.stage_tok_s))
+            print(f"   measured: hop {costs.hop_s * 1e3:.2f} ms, stage s = {lines}"
+                  f", draft {costs.draft_tok_s * 1e3:.2f} ms/tok, alpha {acc.alpha:.2f}, stop {acc.stop_p:.2f}")
     print("cells: measured / simulated")
 
 

@@ -115,6 +115,7 @@ class Head:
         if rid != self.runnable[self.taken] or self.taken >= self.arrived():
             raise ExeGPTError(f"pipeinfer serves arrived requests in arrival order, got {rid}")
         self.taken += 1
+        self.gid_of.clear()
         led, prompt = self.ledger, self.prompts[rid]
         led.started([rid], self.now())
         pre = self._launch(Run(-1, 0, tuple(prompt), False), n_out=1)

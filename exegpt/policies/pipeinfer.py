@@ -11,7 +11,8 @@ Knobs: ``n_draft`` (most tokens a draft proposes), ``cutoff`` (the drafter stops
 under it: the top-1 probability of a model drafter, the share of the n-gram's continuations of a prompt-lookup
 drafter), ``depth`` (speculative runs in flight at most), ``draft`` (``ngram:N`` prompt lookup on the last N
 tokens; ``layers:N`` the target's first N layers with its head (self-speculation); ``model:NAME`` another model of
-the same vocabulary), ``stages`` (target stages; their layer split is the placement's, balanced on layer time).
+the same vocabulary), ``stages`` (target stages) and ``split`` (layers per stage; by default the placement's,
+balanced on layer time). Tree width is 1: each draft is one chain (PipeInfer's narrow trees, at their narrowest).
 Not knobs but what the simulation needs: the acceptance model ``alpha`` and ``stop_p`` (per drafted token: the
 probability the target agrees, and that the drafter's confidence falls under the cutoff), measured by the runner
 for the drafter and cutoff (``RunReport.speculation``), and ``link_delay_s``, the delay added to every hop (the
@@ -34,7 +35,7 @@ from ..problem import Problem
 from ..schedule import Policy
 from ..spec_sim import Acceptance, SpecCosts, SpecOptions, simulate_request
 from ..speculation import MODES
-from ..stages import Layout, Terms, encode_times, place_stages
+from ..stages import Layout, Stage, Terms, encode_times, place_stages
 from .base import MAIN, DriverStats, WaitArrival
 
 NAMES = (Policy.PIPEINFER,)
@@ -65,9 +66,17 @@ class PipeInferSchedule:
     alpha: float = 0.5
     stop_p: float = 0.0
     link_delay_s: float = 0.0
+    split: tuple[int, ...] = ()
+    """Layers per target stage (PipeInfer's ``--mpi-layer-split``); empty: the placement's, balanced on layer
+    time."""
     policy: Policy = Policy.PIPEINFER
 
     def __post_init__(self):
+        object.__setattr__(self, "split", tuple(self.split))  # JSON gives a list
+        if self.split and (len(self.split) != self.stages or
+                           any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.split)):
+            raise ExeGPTError(f"pipeinfer: split={self.split!r} must give each of the {self.stages} stages a whole "
+                              f"number of layers >= 1")
         if self.mode not in MODES:
             raise ExeGPTError(f"pipeinfer: mode={self.mode!r} must be one of {', '.join(MODES)}")
         for name in ("stages", "depth"):
@@ -117,7 +126,14 @@ def layout(prob: Problem, s: PipeInferSchedule) -> Layout | None:
         raise ExeGPTError(f"pipeinfer: speculative decoding here runs decoder-only models, not {prob.model.name}")
     if s.stages > prob.model.n_layers:
         return None
-    stages = place_stages(prob, (1,) * s.stages, "both")
+    if s.split:
+        if sum(s.split) != prob.model.n_layers:
+            raise ExeGPTError(f"pipeinfer: split={s.split} covers {sum(s.split)} layers; {prob.model.name} has "
+                              f"{prob.model.n_layers}")
+        starts = np.cumsum((0,) + s.split[:-1])
+        stages = tuple(Stage("both", 1, int(a), n) for a, n in zip(starts, s.split))
+    else:
+        stages = place_stages(prob, (1,) * s.stages, "both")
     return None if stages is None else Layout(Policy.PIPEINFER, 1, 0, 0, 0, stages)
 
 

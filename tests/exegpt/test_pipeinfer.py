@@ -103,6 +103,9 @@ def test_on_the_simulated_engine_and_json():
     assert rep.num_finished == 6 and rep.decisions == tuple(f"main Speculate(rid={i})" for i in range(6))
     assert all(r.first_token_s >= r.encode_start_s for r in rep.requests)
     assert plan.estimate.decode_step_s > 0 and plan.estimate.throughput_seq_s > 0
+    uneven = dataclasses.replace(s, split=(1, 1))
+    assert schedule_from_dict(schedule_to_dict(uneven)) == uneven
+    assert [st.n_layers for st in evaluate_schedule(uneven, w, profile=prof, devices="3xcpu").stages] == [1, 1]
 
 
 def test_the_search_decides_when_speculation_pays():
@@ -124,7 +127,7 @@ def test_the_search_decides_when_speculation_pays():
     (dict(n_draft=0), "draft length n_draft=0"), (dict(cutoff=1.5), "cutoff=1.5"),
     (dict(cutoff=-0.1), "cutoff=-0.1"), (dict(draft="ngrams:2"), "draft='ngrams:2'"),
     (dict(depth=0), "depth=0"), (dict(mode="async"), "mode='async'"), (dict(num_gpus=2), "num_gpus=2"),
-    (dict(alpha=2.0), "alpha=2.0")])
+    (dict(alpha=2.0), "alpha=2.0"), (dict(split=(3,)), "split=(3,)")])
 def test_bad_knobs_get_one_line(fields, words):
     with pytest.raises(ExeGPTError) as e:
         PipeInferSchedule(**{"mode": "pipeinfer", "stages": 2, "num_gpus": 3, **fields})
