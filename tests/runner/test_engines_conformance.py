@@ -106,21 +106,38 @@ def test_shift_parallelism_configurations_on_two_ranks():
     assert modes == {True, False}
 
 
-def test_pipeinfer_decides_alike_and_decodes_greedily():
-    """PipeInfer (one target stage and a prompt-lookup drafter, two ranks): the same driver decisions as the
-    simulated engine, and each request's tokens those of the target alone."""
+
+def test_pipeinfer_decides_alike_decodes_greedily_and_cancels():
+    """PipeInfer and synchronous speculation on two target stages and a drafter (three gloo ranks), draft lengths
+    1 to 8: the simulated engine's driver decisions; every request's tokens the target's greedy tokens; with a
+    drafter the target mostly rejects (a one-layer self-draft of a random model), runs cancelled in flight and
+    their KV rolled back on every stage; with the target as its own drafter, every draft accepted."""
     from exegpt.policies.pipeinfer import PipeInferSchedule
     from runner.generate import greedy_reference
     from runner.requests import make_requests
+    from runner.run import run_plans
     from runner.weights import load_model
 
     torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
-    plan = evaluate_schedule(PipeInferSchedule("pipeinfer", 1, 2, n_draft=4, draft="ngram:1"), W, profile=prof,
-                             devices="2xcpu")
-    rep = run_plan(plan, "tiny", num_requests=3, seed=4, log_decisions=True, keep_tokens=True)
-    sim = run_simulated(plan, prof, num_requests=3, seed=4, log_decisions=True)
-    assert rep.num_finished == sim.num_finished == 3 and rep.decisions == sim.decisions
-    model, args, _ = load_model("tiny", seed=4)
-    for r in make_requests(W, 3, args.vocab_size, 4):
-        assert rep.requests[r.id].tokens == tuple(greedy_reference(model, list(r.prompt), r.output_len))
+    w, n, seed = Workload.truncated_normal(input=(24, 10, 48), output=(20, 8, 40)), 3, 3
+    scheds = [PipeInferSchedule("sync", 2, 3, n_draft=1, draft="layers:1"),
+              PipeInferSchedule("pipeinfer", 2, 3, n_draft=8, depth=2, draft="layers:1", link_delay_s=0.002),
+              PipeInferSchedule("pipeinfer", 2, 3, n_draft=4, cutoff=0.02, depth=2, draft="model:tiny")]
+    plans = [evaluate_schedule(s, w, profile=prof, devices="3xcpu") for s in scheds]
+    reps = run_plans(plans, "tiny", num_requests=n, seed=seed, keep_tokens=True, log_decisions=True)
+    model, args, _ = load_model("tiny", seed=seed)
+    ref = {r.id: tuple(greedy_reference(model, list(r.prompt), r.output_len))
+           for r in make_requests(w, n, args.vocab_size, seed)}
+    for s, plan, rep in zip(scheds, plans, reps):
+        sp = rep.speculation
+        sim = run_simulated(plan, prof, num_requests=n, seed=seed, log_decisions=True)
+        assert rep.num_finished == sim.num_finished == n and rep.decisions == sim.decisions
+        assert {r.id: r.tokens for r in rep.requests} == ref, (s, sp)
+        assert 0 <= sp["accepted"] <= sp["verified"] <= sp["drafted"] and sp["runs"] >= sp["spec_runs"] > 0
+    rejecting = reps[1].speculation
+    assert rejecting["cancelled"] > 0 and rejecting["acceptance"] < 0.9
+    assert all(st["rolled_back"] > 0 for st in rejecting["stages"])  # rejected KV reset on every stage
+    later = rejecting["stages"][1]  # every run reaches it: computed, skipped, or stopped mid-way (timing decides)
+    assert later["runs"] + later["skipped"] + later["aborted"] == rejecting["runs"] + n
+    assert reps[2].speculation["acceptance"] == 1.0 and reps[0].speculation["cancelled"] == 0
