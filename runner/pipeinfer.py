@@ -59,7 +59,9 @@ def check_context(plan, model: str, target_args) -> None:
                               f"target {model!r} {target_args.vocab_size}; a drafter must share the target's")
 
 
-def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
+def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device, sink=None) -> RunReport | None:
+    """This rank's part of a run (``runner.engine.run_policy``'s; ``sink`` gets each finished request's record on
+    rank 0)."""
     s = ctx.plan.schedule
     if world_size != s.num_gpus:
         raise ExeGPTError(f"pipeinfer: {s.mode} over {s.stages} stages needs {s.num_gpus} ranks, got {world_size}")
@@ -75,7 +77,7 @@ def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device
         return None
     from .spec_head import Head
 
-    return Head(ctx, stage, tok, t0).run()
+    return Head(ctx, stage, tok, t0, sink).run()
 
 
 def _wait_until(ns: int) -> None:

@@ -28,7 +28,9 @@ from .pipeline import RunContext, eos_of
 class Head:
     """Rank 0: stage 0, the driver and the decisions."""
 
-    def __init__(self, ctx: RunContext, stage, tokenizer, t0_ns: int):
+    def __init__(self, ctx: RunContext, stage, tokenizer, t0_ns: int, sink=None):
+        """``sink``: called with the records of the requests as each finishes, so that they outlive a failure of
+        the run (``runner.dist.publish``)."""
         s = ctx.plan.schedule
         self.ctx, self.stage, self.s, self.t0_ns = ctx, stage, s, t0_ns
         self.comm, self.S = stage.comm, s.stages
@@ -51,6 +53,9 @@ class Head:
         self.draft_calls = [0, 0, 0]  # drafts back, tokens in them, drafts that stopped short of what was asked
         self.asked: dict[int, int] = {}
         self.log: list[str] | None = [] if ctx.log_decisions else None
+        self.sink = sink
+        if sink is not None:
+            self.ledger.finish_log = []
 
     # --- the View of exegpt.policies.base ---------------------------------------------------------------
 
@@ -125,7 +130,7 @@ class Head:
                 break
         self.inflight.clear()
         if led.token(rid, data[1][0], self.now()):
-            return
+            return self._stream()
         head = SpecHead(tuple(prompt), data[1][0], int(led.out[rid]), self.s.mode, self.s.depth)
         self._act(head, rid)
         while not head.done and not led.done(rid):
@@ -151,6 +156,13 @@ class Head:
             self._act(head, rid)
         self._cancel(list(head.runs))
         self.counts.add(head.counts)
+        self._stream()
+
+    def _stream(self) -> None:
+        """The records of the requests finished since the last call, to the sink."""
+        if self.sink is not None and self.ledger.finish_log:
+            self.sink([self.ledger.record(i) for i in self.ledger.finish_log])
+            self.ledger.finish_log.clear()
 
     def _next_event(self) -> tuple:
         ev = self.events.get()
