@@ -160,6 +160,9 @@ class RunReport(JSONFile):
     requests: tuple[RequestRecord, ...] = field(default=(), repr=False)
     drift: tuple = field(default=(), repr=False)
     """The drifts the run detected and what was re-planned (``exegpt.drift.DriftEvent``), when it watched for them."""
+    speculation: dict = field(default_factory=dict, repr=False, compare=False)
+    """Speculative decoding's counts (``runner.spec_head.speculation_stats``): runs, cancellations, acceptance,
+    KV rolled back, each stage's and the drafter's work."""
     _what = "report"
 
     def to_dict(self) -> dict:

@@ -35,7 +35,7 @@ from .cost import CostModel
 from .errors import ExeGPTError
 from .ledger import Ledger
 from .plan import Plan
-from .policies import driver_groups
+from .policies import driver_groups, policy_module
 from .policies.waa import HANDOFF_DEPTH
 from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, DriverStats, EndHandOffs, Evict, \
     Merge, Merged, Peek, Prefill, WaitArrival, decision
@@ -304,6 +304,9 @@ class SimEngine:
         if isinstance(action, EndHandOffs):
             self.ended = True
             return None
+        module = policy_module(self.plan.schedule.policy)
+        if hasattr(module, "simulate"):  # a policy's own action (PipeInfer's ``Speculate``), priced by the policy
+            return module.simulate(self, d, action)
         raise ExeGPTError(f"the simulated engine cannot execute {action!r}")
 
     def _take(self, rids) -> None:

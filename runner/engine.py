@@ -47,8 +47,12 @@ def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device
 
 def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device, sink) -> RunReport | None:
     plan = ctx.plan
-    drivers = driver_groups(plan, stop=ctx.steady_stop)
     module = policy_module(plan.schedule.policy)
+    if hasattr(module, "RUNNER"):  # a policy with an executor of its own (PipeInfer's asynchronous runs)
+        import importlib
+
+        return importlib.import_module(module.RUNNER).run_policy(ctx, rank, world_size, device, sink)
+    drivers = driver_groups(plan, stop=ctx.steady_stop)
     ctx, replica, groups = replica_of(ctx, rank, world_size)
     group = ctx.stage_of(rank).pipeline
     if group not in drivers:

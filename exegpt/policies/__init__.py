@@ -18,19 +18,21 @@ from types import ModuleType
 
 from ..errors import ExeGPTError
 from ..schedule import Policy, policy_of
-from . import cb, chunked, disagg, rra, shift, static, waa
+from . import cb, chunked, disagg, pipeinfer, rra, shift, static, waa
 from .cb import CBSchedule
 from .chunked import ChunkedSchedule
 from .disagg import DisaggSchedule
+from .pipeinfer import PipeInferSchedule
 from .rra import RRASchedule
 from .shift import ShiftSchedule
 from .static import StaticSchedule
 from .waa import WAASchedule
 
 REGISTRY: dict[str, ModuleType] = {
-    name.value: module for module in (rra, waa, static, cb, chunked, disagg, shift) for name in module.NAMES}
+    name.value: module for module in (rra, waa, static, cb, chunked, disagg, shift, pipeinfer) for name in module.NAMES}
 
-Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule | ShiftSchedule
+Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule | ShiftSchedule \
+    | PipeInferSchedule
 
 
 def policy_module(name) -> ModuleType:
