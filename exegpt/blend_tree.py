@@ -131,7 +131,7 @@ class PromptTree:
             stack.extend(reversed(n.children.values()))
         return out
 
-    def estimate_outputs(self, prompts_len: dict[int, int], sampled: dict[int, int]) -> dict[int, float]:
+    def estimate_outputs(self, sampled: dict[int, int]) -> dict[int, float]:
         """Each request's output estimate: the mean sampled output of the smallest subtree around it holding a
         sample (BlendServe §5: a subtree without one borrows its siblings'), the pool's mean at worst."""
         for n in reversed(self.nodes()):  # children first

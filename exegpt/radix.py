@@ -14,7 +14,7 @@ same calls in the same order, so they hold the same tree.
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import ExeGPTError
 
@@ -170,9 +170,10 @@ class PrefixCache:
     the pool), ``publish``-es its prompt when its last chunk is prefilled and is ``release``-d when its row is
     freed (finished or preempted)."""
 
-    def __init__(self, capacity: int, prompts: Sequence[Sequence[int]]):
+    def __init__(self, capacity: int, prompt: Callable[[int], Sequence[int]]):
+        """``prompt(rid)``: the prompt token ids of request ``rid``."""
         self.tree = RadixCache(capacity)
-        self.prompts = prompts
+        self.prompt = prompt
         self.held: dict[int, int] = {}  # request -> leading prompt tokens it holds locked
         self.hit_tokens = 0
         """Prompt tokens read from the cache instead of prefilled."""
@@ -180,7 +181,7 @@ class PrefixCache:
     def cached(self, rid: int) -> int:
         """Leading prompt tokens of ``rid`` the cache holds, at most all but the last (whose logits give the first
         token)."""
-        p = self.prompts[rid]
+        p = self.prompt(rid)
         return min(self.tree.match_len(p), len(p) - 1)
 
     def admit(self, rid: int, start: int) -> list[int]:
@@ -189,7 +190,7 @@ class PrefixCache:
         if start != self.cached(rid):
             raise ExeGPTError(f"request {rid}: a chunk starts at {start} and the prefix cache holds "
                               f"{self.cached(rid)} of its prompt")
-        prefix = self.prompts[rid][:start]
+        prefix = self.prompt(rid)[:start]
         nodes = self.tree.path(prefix)
         self.tree.lock(prefix)
         self.held[rid] = start
@@ -198,7 +199,7 @@ class PrefixCache:
 
     def publish(self, rid: int) -> list[tuple[int, list[int]]]:
         """``rid``'s whole prompt is in its row: cache it; returns the segments (start, slots) to save."""
-        p = self.prompts[rid]
+        p = self.prompt(rid)
         nodes, segments = self.tree.insert(p)
         kept = sum(len(n.key) for n in nodes)  # all of the prompt, or what the pool had room for
         self.tree.lock(p[:kept])
@@ -209,4 +210,4 @@ class PrefixCache:
     def release(self, rid: int) -> None:
         n = self.held.pop(rid, 0)
         if n:
-            self.tree.unlock(self.prompts[rid][:n])
+            self.tree.unlock(self.prompt(rid)[:n])
