@@ -35,7 +35,8 @@ from .cost import CostModel
 from .errors import ExeGPTError
 from .ledger import Ledger
 from .plan import Plan
-from .policies import driver_groups, prefix_cache
+from .models import get_model
+from .policies import driver_groups, policy_module, prefix_cache
 from .policies.waa import HANDOFF_DEPTH
 from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, DriverStats, EndHandOffs, Evict, \
     Merge, Merged, Peek, Prefill, WaitArrival, decision
@@ -74,6 +75,9 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
     if lengths is None:
         stream = request_stream(plan.workload, num_requests, seed, arrivals)
         lengths, arrival_s = stream.lengths, stream.arrival_s
+        if prompts is None and hasattr(policy_module(plan.schedule.policy), "prefix_cache_tokens"):
+            vocab = get_model(plan.model).vocab_size  # the prompt ids runner.requests.make_requests draws
+            prompts = [tuple(int(t) for t in stream.rng.integers(0, vocab, size=int(i))) for i, _ in lengths]
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.ndim != 2 or lengths.shape[1] != 2 or not len(lengths) or (lengths < 1).any():
         raise ExeGPTError(f"lengths must be (input, output) pairs of at least 1 token each, got shape "
