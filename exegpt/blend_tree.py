@@ -49,6 +49,16 @@ def machine_kappa(model: str, devices: str) -> float:
     return 2.0 * m.params() / (flop_per_byte * m.kv_bytes_per_token() * m.n_layers)
 
 
+def profile_kappa(profile, tp: int = 1) -> float:
+    """``kappa`` as a profile prices it: a prompt token's GEMM seconds (a prefill of 2048 tokens, per token) over
+    one KV token's decode-attention seconds (64 rows at a context of 1024, per KV token), per layer: the device's
+    real efficiencies instead of its peaks."""
+    tokens, batch, ctx = 2048.0, 64.0, 1024.0
+    gemm = float(profile.seconds("dense_encode", tp, tokens)) / tokens
+    read = float(profile.seconds("attn_decode", tp, batch, ctx)) / (batch * ctx)
+    return gemm / read
+
+
 def request_costs(p, d, kappa: float) -> tuple[np.ndarray, np.ndarray]:
     """(Comp, Mem) of requests with prompts ``p`` and outputs ``d`` (arrays or numbers)."""
     p, d = np.asarray(p, dtype=float), np.asarray(d, dtype=float)

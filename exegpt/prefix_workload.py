@@ -5,7 +5,8 @@ prefixes: few-shot templates (a long instruction with examples, then one questio
 preamble shared by a larger group) and multi-turn conversations (each turn's prompt is the previous turn's prompt,
 its answer and a new message). ``shared_prefix_pool`` draws such a pool: requests are compute-heavy (long prompt,
 short output) or memory-heavy (short prompt, long output); the share of memory-heavy ones sets the pool's compute
-density and the prefixes' length the sharing ratio, both fitted to the targets by bisection. ``random_prompt_pool``
+density and the prefixes' length the sharing ratio, both fitted to the targets by bisection. The requests of one
+group (one task) are of one class. ``random_prompt_pool``
 is the control: a workload's (or trace's) lengths with uniformly random prompts (almost no sharing), the requests
 ``runner.requests.make_requests`` draws for the same seed.
 
@@ -92,8 +93,9 @@ def shared_prefix_pool(opts: PoolOptions) -> PrefixPool:
     """A pool of ``opts.num_requests`` requests fitted to ``opts.sharing`` and ``opts.density``."""
     n, g, L = opts.num_requests, opts.group_size, opts.max_len
     rng = np.random.default_rng(opts.seed)
-    u_class, u_p, u_d = rng.random(n), rng.random(n), rng.random(n)
-    # Groups of consecutive requests; conversations only where sharing is high enough to hold them.
+    u_p, u_d = rng.random(n), rng.random(n)
+    # Groups of consecutive requests; conversations only where sharing is high enough to hold them. A group is one
+    # task, so its requests are of one class: a template's answers are alike (all short, or all long).
     weights = np.array([0.45, 0.35, 0.2]) if opts.sharing >= 0.2 else np.array([0.55, 0.45, 0.0])
     groups, i = [], 0
     while i < n:
@@ -101,12 +103,16 @@ def shared_prefix_pool(opts: PoolOptions) -> PrefixPool:
         size = min(n - i, 2 * g if kind == "system" else g)
         groups.append((kind, list(range(i, i + size))))
         i += size
+    # Memory-heavy: the requests with ``u_class < f``: whole groups in a random order, one member at a time.
+    u_class = np.empty(n)
+    for rank, (_, members) in zip(rng.permutation(len(groups)), groups):
+        u_class[members] = (rank + (np.arange(len(members)) + 0.5) / len(members)) / len(groups)
 
-    def lengths(f: float) -> tuple[np.ndarray, np.ndarray]:
-        heavy = u_class < f  # memory-heavy: short prompt, long output
-        p = np.where(heavy, 0.10 + 0.15 * u_p, 0.55 + 0.3 * u_p) * L
-        d = np.where(heavy, 0.45 + 0.3 * u_d, 0.01 + 0.04 * u_d) * L
-        return np.maximum(p.astype(int), 4), np.maximum(d.astype(int), 1)
+    def lengths(f: float, z: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        heavy = u_class < f  # memory-heavy: short prompt, long output (``z`` times)
+        p = np.maximum((np.where(heavy, 0.10 + 0.15 * u_p, 0.55 + 0.3 * u_p) * L).astype(int), 4)
+        d = np.where(heavy, (0.45 + 0.3 * u_d) * z, 0.01 + 0.04 * u_d) * L
+        return p, np.clip(d.astype(int), 1, L - p)
 
     def structure(x: float, p: np.ndarray) -> list[tuple[str, list[int], int]]:
         """Per group: kind, members (conversations: by prompt length) and the shared prefix (templates)."""
@@ -129,8 +135,8 @@ def shared_prefix_pool(opts: PoolOptions) -> PrefixPool:
                 total += int(own.max()) + int(np.sum(p[members] - own))
         return total
 
-    def measures(x: float, f: float) -> tuple[float, float]:
-        p, d = lengths(f)
+    def measures(x: float, f: float, z: float = 1.0) -> tuple[float, float]:
+        p, d = lengths(f, z)
         dist = distinct(x, p)
         mem = float(np.sum(p * d + d * d / 2.0))
         return 1.0 - dist / p.sum(), opts.kappa * (dist + d.sum()) / mem
@@ -139,7 +145,9 @@ def shared_prefix_pool(opts: PoolOptions) -> PrefixPool:
     for _ in range(3):  # the two measures depend a little on each other: alternate
         x = _bisect(lambda v: measures(v, f)[0] - opts.sharing, 0.0, 1.0)
         f = _bisect(lambda v: opts.density - measures(x, v)[1], 0.0, 1.0)
-    p, d = lengths(f)
+    # The share of memory-heavy groups moves the density in steps; their outputs' length closes the gap.
+    z = _bisect(lambda v: opts.density - measures(x, f, v)[1], 0.6, 1.3)
+    p, d = lengths(f, z)
     prompts: list[tuple[int, ...]] = [()] * n
     for kind, members, a in structure(x, p):
         if kind == "multi-turn":  # each turn extends the one before

@@ -3,8 +3,8 @@
 Each edge holds a run of token ids and, per token, the slot of a KV pool that holds its keys and values (a page
 of one token). A request whose prompt starts with a cached path reads those slots instead of prefilling them; a
 request that finishes its prompt publishes it, so the next one with the same prefix finds it. The nodes a request
-reads or published are locked (a reference count per node) while it holds a cache row; eviction takes the least
-recently used unlocked leaves first, so it never drops a prefix a running request still reads.
+reads are locked (a reference count per node) until its prompt is in; eviction takes the least recently used
+unlocked leaves first, so it never drops a prefix a running request still reads.
 
 Pure bookkeeping, no tensors: the runner moves KV between its rows and the pool by the slots given here
 (``runner.prefix_pool``); the simulated engine prices the cached tokens as not prefilled. Both engines make the
@@ -164,11 +164,13 @@ def _common(key: tuple[int, ...], tokens: Sequence[int], i: int) -> int:
 
 
 class PrefixCache:
-    """What an engine keeps for a run with prefix caching: the tree and which nodes each request holds.
+    """What an engine keeps for a run with prefix caching: the tree and the prefix each request holds.
 
-    A request is ``admit``-ted when a prompt chunk first takes a row for it (it reads ``cached(rid)`` tokens from
-    the pool), ``publish``-es its prompt when its last chunk is prefilled and is ``release``-d when its row is
-    freed (finished or preempted)."""
+    A request is ``admit``-ted when a prompt chunk first takes a row for it: its row gets the ``cached(rid)``
+    tokens the pool holds, and it holds (locks) that prefix while the rest of its prompt is prefilled, maybe over
+    several steps; when its last chunk is in it ``publish``-es its prompt (extending the prefix it holds, which
+    eviction therefore cannot have dropped) and lets go. A row holds its own copy, so a decoding request reads
+    nothing from the pool. ``release``: a request's row was freed (preempted) before its prompt was in."""
 
     def __init__(self, capacity: int, prompt: Callable[[int], Sequence[int]]):
         """``prompt(rid)``: the prompt token ids of request ``rid``."""
@@ -199,12 +201,8 @@ class PrefixCache:
 
     def publish(self, rid: int) -> list[tuple[int, list[int]]]:
         """``rid``'s whole prompt is in its row: cache it; returns the segments (start, slots) to save."""
-        p = self.prompt(rid)
-        nodes, segments = self.tree.insert(p)
-        kept = sum(len(n.key) for n in nodes)  # all of the prompt, or what the pool had room for
-        self.tree.lock(p[:kept])
-        self.release(rid)
-        self.held[rid] = kept
+        _, segments = self.tree.insert(self.prompt(rid))  # all of the prompt, or what the pool has room for
+        self.release(rid)  # its row holds its own copy from here on
         return segments
 
     def release(self, rid: int) -> None:

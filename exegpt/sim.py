@@ -139,6 +139,7 @@ class _Driver:
         self.finished = False
         self.pending = None  # the action it yielded last, whose result it gets next
         self.credits = 0  # credits taken (the encode driver of WAA)
+        self.last, self.last_s = None, None  # the action before and its seconds (``Chunk.overlap``)
 
 
 class _View:
@@ -256,7 +257,9 @@ class SimEngine:
                 stats = stop.value if stop.value is not None else stats
                 continue
             d.pending = action
+            t_before = d.t
             d.result = self._execute(d, action)
+            d.last, d.last_s = action, d.t - t_before
         if stats is None:
             raise ExeGPTError(f"policy {self.plan.schedule.policy.value}: no driver returned its statistics")
         return stats
@@ -316,7 +319,10 @@ class SimEngine:
                 for r, s, _ in action.items:
                     if r in new:
                         self.prefix.admit(r, s)
-            d.t = self._chunks(action.items, action.parts, d.t, action.sp, set(new))
+            t0 = d.t
+            if action.overlap and isinstance(d.last, Decode) and d.last_s is not None:
+                t0 -= d.last_s  # alongside the decode iteration it follows: the step ends with the longer one
+            d.t = max(d.t, self._chunks(action.items, action.parts, t0, action.sp, set(new)))
             if self.prefix is not None:
                 for r, s, m in action.items:
                     if s + m == self.ledger.inp[r]:

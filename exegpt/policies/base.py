@@ -53,6 +53,9 @@ class Chunk:
     parts: int = 1
     sp: bool = False
     """As ``Prefill.sp``."""
+    overlap: bool = False
+    """Priced by the simulated engine as run alongside the decode iteration just before it (NanoFlow's operator
+    overlap: the step takes the longer of the two); the runner runs them one after the other."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ The pool is known in advance (offline; throughput is the objective). Every step 
 prefix cache (``exegpt.radix``) of ``prefix_tokens`` tokens: a new request's row starts with what the cache holds
 of its prompt and only the rest is prefilled. What differs is which waiting request comes next (``order``):
   * ``blend`` (BlendServe): a fraction ``sample_frac`` of the pool runs first (the sampled requests lead the
-    admissions) and their output lengths estimate every subtree's; the prompt tree (``exegpt.blend_tree``) is then
+    admissions; meanwhile the rest goes depth first) and their output lengths estimate every subtree's, once half
+    of them are done (a running one counts with what it generated so far) and again once all are; the prompt tree (``exegpt.blend_tree``) is then
     sorted by density at every node and split where recomputing a prefix costs at most ``split_t`` tokens, and a
     dual scan admits from both ends of that order: compute-heavy from the left, memory-heavy from the right, each
     side's share of the KV pool chosen so the running batch's density is the pool's (Alg. 3);
@@ -14,10 +15,11 @@ of its prompt and only the rest is prefilled. What differs is which waiting requ
     sharing; NanoFlow-Balance);
   * ``fcfs``: arrival order (vLLM).
 A new request whose prompt shares a prefix, not yet cached, with one being prefilled waits for that one to finish
-its prompt (SGLang's in-batch prefix rule), so the prefix is computed once.
+its prompt, the scan taking the next request instead (SGLang's in-batch prefix rule), so the prefix is computed
+once.
 
 Knobs: ``order``, ``sample_frac``, ``split_t``, ``max_num_seqs`` (S, the batch size), ``token_budget``,
-``prefix_tokens``, ``block_size``, TP (RRA's layouts). The estimate is chunked prefill's; the policy is searched on
+``prefix_tokens``, ``block_size``, ``overlap`` (simulated only), TP (RRA's layouts). The estimate is chunked prefill's; the policy is searched on
 the simulated engine (``candidates``).
 """
 
@@ -61,6 +63,9 @@ class BlendSchedule:
     prefix_tokens: int = 8192
     """Tokens the prefix cache holds (0: none)."""
     block_size: int = 16
+    overlap: bool = False
+    """Simulated engine: price a step's prompt chunks as overlapped with its decode iteration (``Chunk.overlap``,
+    NanoFlow's operator overlap BlendServe runs on); the runner runs them one after the other."""
     policy: Policy = Policy.BLEND
 
     def __post_init__(self):
@@ -132,7 +137,8 @@ def parse(policy, fields: dict, num_gpus: int) -> BlendSchedule:
 
 def describe(s: BlendSchedule) -> str:
     knobs = f" p_s={s.sample_frac:g} t={s.split_t:g}" if s.order in ("blend", "density") else ""
-    return f"BlendServe-{s.order}{knobs} T={s.token_budget} S={s.max_num_seqs} TP{s.tp}x{s.tp_gpus}"
+    return f"BlendServe-{s.order}{knobs} T={s.token_budget} S={s.max_num_seqs} TP{s.tp}x{s.tp_gpus}" \
+        + (" overlap" if s.overlap else "")
 
 
 stage_roles = one_pipeline_roles
@@ -152,11 +158,13 @@ def prefix_cache_tokens(plan) -> int:
 
 # --- driver -------------------------------------------------------------------------------------------
 
-def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    k, n = 0, min(len(a), len(b))
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
+LOOKAHEAD = 64
+"""Requests a scan looks past for one whose prefix is not being prefilled (SGLang's in-batch prefix rule)."""
+
+
+def _shares(a: tuple[int, ...], b: tuple[int, ...], k: int) -> bool:
+    """Whether ``a`` and ``b`` share their first ``k`` tokens."""
+    return len(a) >= k and len(b) >= k and a[0] == b[0] and a[:k] == b[:k]
 
 
 class _Queue:
@@ -180,11 +188,13 @@ class _Queue:
         kind = self.s.order
         if est is None and kind in ("blend", "density"):
             kind = "dfs"  # until the sampled outputs are in
-        prompts = {r: view.prompt(r) for r in waiting if r not in self.sampled}
+        prompts = {r: view.prompt(r) for r in waiting}
         mean = float(np.mean(list(est.values()))) if est else 1.0
         guess = {r: (est or {}).get(r, mean) for r in prompts}  # a late arrival: the pool's mean
         o = make_order(kind, prompts, guess, self.kappa, self.s.split_t)
-        self.seq = deque(self.sampled_waiting(view) + list(o.rids))
+        first = self.sampled_waiting(view)
+        taken = set(first)
+        self.seq = deque(first + [r for r in o.rids if r not in taken])
         self.info = {r: (d, f) for r, d, f in zip(o.rids, o.density, o.footprint)}
         self.comp, self.mem = dict(zip(o.rids, o.comp)), dict(zip(o.rids, o.mem))
         self.known = set(waiting)
@@ -224,6 +234,7 @@ def drivers(plan) -> dict:
         steady = SteadyMarker(enc, dec)
         q = _Queue(s, kappa)
         est: dict[int, float] | None = None
+        seen = 0  # sampled requests finished at the last estimate
         side_mem = [0.0, 0.0]
 
         def held() -> int:
@@ -239,7 +250,12 @@ def drivers(plan) -> dict:
                 q.refresh(view)
             elif set(waiting) - q.known:
                 q.refresh(view, est)
-            if est is None and q.sampled and all(view.done(r) for r in q.sampled):
+            finished = sum(view.done(r) for r in q.sampled)
+            if q.sampled and finished > seen and (2 * finished >= len(q.sampled) > 2 * seen
+                                                  or finished == len(q.sampled)):
+                # Half the sample is in, then all of it: estimate from it (a sampled request still running has
+                # generated at least as many tokens as it has so far) and reorder what still waits.
+                seen = finished
                 sampled = {r: view.generated(r) for r in q.sampled}
                 rest = view.waiting()
                 est = PromptTree([view.prompt(r) for r in rest + q.sampled], rest + q.sampled).estimate_outputs(sampled)
@@ -291,16 +307,20 @@ def drivers(plan) -> dict:
                 i = int(np.argmin(use))
                 if math.isinf(use[i]):
                     break
-                r = q.seq[0] if i == 0 else q.seq[-1]
-                prompt = view.prompt(r)
-                m = view.cached_prefix(r)
-                if s.prefix_tokens and any(_common(prompt, other) >= m + size for other in pending):
-                    stuck[i] = True  # its prefix is being prefilled: next step, from the cache
+                for j in range(min(LOOKAHEAD, len(q.seq))):
+                    at = j if i == 0 else len(q.seq) - 1 - j
+                    r = q.seq[at]
+                    prompt, m = view.prompt(r), view.cached_prefix(r)
+                    # Its prefix is being prefilled: it waits (it reads it from the cache next step).
+                    if not s.prefix_tokens or not any(_shares(prompt, o, m + size) for o in pending):
+                        break
+                else:
+                    stuck[i] = True
                     continue
                 c = min(budget, view.input_len(r) - m)
                 if blocks(m + c) > free:
                     break
-                (q.seq.popleft if i == 0 else q.seq.pop)()
+                del q.seq[at]
                 items.append((r, m, c))
                 pending.append(prompt)
                 budget -= c
@@ -315,7 +335,7 @@ def drivers(plan) -> dict:
                 steady.end(view.now())
             if items:
                 t = view.now()
-                yield Chunk(tuple(items), min(p, len(items)))
+                yield Chunk(tuple(items), min(p, len(items)), overlap=s.overlap and bool(decoding))
                 enc.append(view.now() - t)
                 for r, start, c in items:
                     if start + c == view.input_len(r):

@@ -33,15 +33,14 @@ def planted(seed: int = 0):
 def test_radix_cache_keeps_what_running_requests_read_and_evicts_lru():
     prompts = planted()
     cache = PrefixCache(60, lambda r: prompts[r])
-    running: list[int] = []
+    prefilling: list[int] = []  # admitted, prompts not yet in: they hold the prefix they started from
     for r in range(len(prompts)):
         cache.admit(r, cache.cached(r))
-        cache.publish(r)
-        running.append(r)
-        if len(running) > 3:
-            cache.release(running.pop(0))
+        prefilling.append(r)
+        if len(prefilling) > 3:
+            cache.publish(prefilling.pop(0))  # inserting evicts what no request holds
         cache.tree.check()
-        for q in running:  # eviction never dropped a prefix a running request holds
+        for q in prefilling:  # eviction never dropped a prefix a running request still reads
             assert cache.tree.match_len(prompts[q][:cache.held[q]]) == cache.held[q]
     assert cache.tree.evicted > 0 and cache.hit_tokens > 0
     # Least recently used first: of two unlocked leaves the one untouched longest goes.

@@ -1,0 +1,150 @@
+"""BlendServe's order against arrival order (FCFS, vLLM), DFS (SGLang: prefix sharing only) and a density-only order
+(NanoFlow-Balance: no sharing) on four offline pools: compute density 1.4 and 0.9, prefix sharing 35 % and 5 %
+(BlendServe's traces #1-#4), simulated at GPU scale and executed on the CPU with the simulated prediction beside.
+
+    python -m benchmarks.blendserve [--requests 600] [--cpu-requests 64] [--cpu-models tiny smollm2] [--rounds 2]
+                                    [--skip-cpu] [--skip-search]
+
+Simulated (``exegpt.sim``, the shipped A100 data): Llama-2-7B (fp16) on one A100, ``--requests`` requests of each
+pool (``exegpt.prefix_workload``; prompt plus output at most 2048 tokens), every order with the same knobs (chunked
+prefill, S = 256 requests, a budget of 2048 + S tokens a step, blocks of 16) and a radix prefix cache of a quarter of
+the KV pool. Throughput is BlendServe's: prompt and output tokens over the makespan; ``shared`` the prompt tokens
+the cache skipped over those a perfect cache skips (the pool's optimal sharing). ``searched``: the best of the
+blend's knobs (sampling fraction, split threshold, batch size) on the simulated engine.
+
+Executed (``runner``, one CPU rank, fp32): the same orders on ``--cpu-requests`` requests of the same four mixes at
+CPU-sized lengths (prompt plus output at most 160 tokens), each model with its cached CPU profile
+(``profiler.loop.cached_profile``); each cell is measured tok/s, and the simulated engine's prediction on the same
+requests. Rounds run every order once each, interleaved; ``noise`` is the largest spread between rounds of one
+cell, the floor any measured difference must clear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+import numpy as np
+
+from exegpt import Workload, evaluate_schedule, run_simulated
+from exegpt.blend_tree import ORDERS, machine_kappa
+from exegpt.policies.blendserve import BlendSchedule
+from exegpt.prefix_workload import PoolOptions, shared_prefix_pool
+
+GPU_MODEL, GPU_DEVICES = "llama-2-7b", "1xA100"
+MIXES = {"#1 rho1.4 s35%": (1.4, 0.35), "#2 rho0.9 s35%": (0.9, 0.35), "#3 rho1.4 s5%": (1.4, 0.05),
+         "#4 rho0.9 s5%": (0.9, 0.05)}
+RUNNER_NAMES = {"smollm2": "smollm2-135m"}
+
+
+def tokens_per_s(pool, rep) -> float:
+    return float(pool.lengths.sum() / rep.makespan_s) if rep.makespan_s > 0 else math.nan
+
+
+def shared(pool, rep) -> float:
+    optimal = pool.sharing * pool.lengths[:, 0].sum()
+    return rep.cached_tokens / optimal if optimal else math.nan
+
+
+def plan_for(schedule: BlendSchedule, pool, kv_tokens: float | None = None, **where):
+    plan = evaluate_schedule(schedule, Workload.from_pairs(pool.lengths.tolist(), name="pool"), **where)
+    if kv_tokens is not None:
+        plan = dataclasses.replace(plan, estimate=dataclasses.replace(plan.estimate, kv_tokens=kv_tokens))
+    return plan
+
+
+def simulated_table(requests: int, search: bool) -> str:
+    kappa = machine_kappa(GPU_MODEL, GPU_DEVICES)
+    rows = ["| pool | engine | sharing | density | " + " | ".join(ORDERS[::-1]) + " | blend / FCFS | blend / DFS |"
+            + (" searched (knobs) |" if search else ""),
+            "|---|---|---|---|" + "---|" * (len(ORDERS) + 2) + ("---|" if search else "")]
+    for (name, (rho, s)), overlap in [(m, o) for m in MIXES.items() for o in (False, True)]:
+        pool = shared_prefix_pool(PoolOptions(requests, s, rho, kappa, 2048, 32000, seed=7))
+        base = plan_for(BlendSchedule(2048 + 256, 256, 1, 0, 1), pool, model=GPU_MODEL, devices=GPU_DEVICES)
+        cache = int(base.estimate.kv_tokens // 4)
+        res = {}
+        for order in ORDERS[::-1]:
+            sched = BlendSchedule(2048 + 256, 256, 1, 0, 1, order=order, sample_frac=0.01, split_t=1024.0,
+                                  prefix_tokens=cache, overlap=overlap)
+            rep = run_simulated(plan_for(sched, pool, model=GPU_MODEL, devices=GPU_DEVICES), lengths=pool.lengths,
+                                prompts=pool.prompts)
+            res[order] = (tokens_per_s(pool, rep), shared(pool, rep))
+        cells = [f"{res[o][0]:,.0f} tok/s, {res[o][1]:.0%} shared" for o in ORDERS[::-1]]
+        row = (f"| {name} | {'overlapped' if overlap else 'sequential'} | {pool.sharing:.0%} | {pool.density:.2f} | " + " | ".join(cells)
+               + f" | {res['blend'][0] / res['fcfs'][0]:.3f}x | {res['blend'][0] / res['dfs'][0]:.3f}x |")
+        if search and overlap:
+            best = None
+            for frac in (0.01, 0.05):
+                for split in (0.0, 1024.0, 4096.0):
+                    for seqs in (128, 256):
+                        sched = BlendSchedule(2048 + seqs, seqs, 1, 0, 1, "blend", frac, split, cache,
+                                              overlap=True)
+                        rep = run_simulated(plan_for(sched, pool, model=GPU_MODEL, devices=GPU_DEVICES),
+                                            lengths=pool.lengths, prompts=pool.prompts)
+                        thr = tokens_per_s(pool, rep)
+                        if best is None or thr > best[0]:
+                            best = (thr, f"p_s={frac:g} t={split:g} S={seqs}")
+            row += f" {best[0]:,.0f} tok/s ({best[1]}; {best[0] / res['fcfs'][0]:.3f}x FCFS) |"
+        elif search:
+            row += " |"
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def cpu_table(models: list[str], requests: int, rounds: int) -> str:
+    from profiler.loop import cached_profile
+    from runner.requests import requests_of
+    from runner.run import run_plans
+
+    rows = ["| model | pool | sharing | density | " + " | ".join(ORDERS[::-1]) + " | blend / FCFS | noise |",
+            "|---|---|---|---|" + "---|" * (len(ORDERS) + 2)]
+    for model in models:
+        name = RUNNER_NAMES.get(model, model)
+        prof = cached_profile(model, tp_degrees=(1,), progress=False)
+        kappa = machine_kappa(name, "1xcpu")
+        for mix, (rho, s) in MIXES.items():
+            pool = shared_prefix_pool(PoolOptions(requests, s, rho, kappa, 160, 10000, seed=7))
+            plans = [plan_for(BlendSchedule(128 + 16, 16, 1, 0, 1, order=o, sample_frac=0.05, split_t=64.0,
+                                            prefix_tokens=512, block_size=16), pool, kv_tokens=1536.0,
+                              profile=prof, devices="1xcpu") for o in ORDERS[::-1]]
+            measured = {o: [] for o in ORDERS}
+            for _ in range(rounds):
+                for o, rep in zip(ORDERS[::-1], run_plans(plans, model, requests=requests_of(pool))):
+                    measured[o].append((tokens_per_s(pool, rep), shared(pool, rep)))
+            sims = {o: tokens_per_s(pool, run_simulated(p, prof, lengths=pool.lengths, prompts=pool.prompts))
+                    for o, p in zip(ORDERS[::-1], plans)}
+            med = {o: float(np.median([m for m, _ in measured[o]])) for o in ORDERS}
+            noise = max((max(m for m, _ in v) - min(m for m, _ in v)) / med[o] for o, v in measured.items())
+            cells = [f"{med[o]:,.0f} / {sims[o]:,.0f} ({measured[o][0][1]:.0%})" for o in ORDERS[::-1]]
+            rows.append(f"| {model} | {mix} | {pool.sharing:.0%} | {pool.density:.2f} | " + " | ".join(cells)
+                        + f" | {med['blend'] / med['fcfs']:.3f}x (sim {sims['blend'] / sims['fcfs']:.3f}x) | "
+                        f"{noise:.1%} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--cpu-requests", type=int, default=64)
+    ap.add_argument("--cpu-models", nargs="+", default=["tiny", "smollm2"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--skip-search", action="store_true")
+    a = ap.parse_args()
+    if not a.skip_sim:
+        print(f"Simulated: {GPU_MODEL} on {GPU_DEVICES}, {a.requests} requests a pool (tok/s, prompt tokens the "
+              f"cache skipped / a perfect cache's)\n")
+        print(simulated_table(a.requests, not a.skip_search))
+    if not a.skip_cpu:
+        import torch
+
+        torch.set_num_threads(1)
+        print(f"\nExecuted on one CPU rank: measured / simulated tok/s (shared), {a.cpu_requests} requests a pool, "
+              f"median of {a.rounds} interleaved rounds\n")
+        print(cpu_table(a.cpu_models, a.cpu_requests, a.rounds))
+
+
+if __name__ == "__main__":
+    main()
