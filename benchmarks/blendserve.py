@@ -7,10 +7,12 @@
 
 Simulated (``exegpt.sim``, the shipped A100 data): Llama-2-7B (fp16) on one A100, ``--requests`` requests of each
 pool (``exegpt.prefix_workload``; prompt plus output at most 2048 tokens), every order with the same knobs (chunked
-prefill, S = 256 requests, a budget of 2048 + S tokens a step, blocks of 16) and a radix prefix cache of a quarter of
-the KV pool. Throughput is BlendServe's: prompt and output tokens over the makespan; ``shared`` the prompt tokens
-the cache skipped over those a perfect cache skips (the pool's optimal sharing). ``searched``: the best of the
-blend's knobs (sampling fraction, split threshold, batch size) on the simulated engine.
+prefill, S = 256 requests, a budget of 2048 + S tokens a step, blocks of 16, a sample of 5 % of the pool) and a
+radix prefix cache of a quarter of the KV pool; each once with the engine running a step's decode and prompt chunks
+one after the other (``sequential``, what the runner does) and once overlapped (NanoFlow's engine, BlendServe's
+backend; ``BlendSchedule.overlap``). Throughput is BlendServe's: prompt and output tokens over the makespan;
+``shared`` the prompt tokens the cache skipped over those a perfect cache skips (the pool's optimal sharing).
+``searched``: the best of the blend's knobs (sampling fraction, split threshold, batch size) on the simulated engine.
 
 Executed (``runner``, one CPU rank, fp32): the same orders on ``--cpu-requests`` requests of the same four mixes at
 CPU-sized lengths (prompt plus output at most 160 tokens), each model with its cached CPU profile
@@ -28,14 +30,13 @@ import math
 import numpy as np
 
 from exegpt import Workload, evaluate_schedule, run_simulated
-from exegpt.blend_tree import ORDERS, machine_kappa
+from exegpt.blend_tree import ORDERS, machine_kappa, profile_kappa
 from exegpt.policies.blendserve import BlendSchedule
 from exegpt.prefix_workload import PoolOptions, shared_prefix_pool
 
 GPU_MODEL, GPU_DEVICES = "llama-2-7b", "1xA100"
 MIXES = {"#1 rho1.4 s35%": (1.4, 0.35), "#2 rho0.9 s35%": (0.9, 0.35), "#3 rho1.4 s5%": (1.4, 0.05),
          "#4 rho0.9 s5%": (0.9, 0.05)}
-RUNNER_NAMES = {"smollm2": "smollm2-135m"}
 
 
 def tokens_per_s(pool, rep) -> float:
@@ -65,17 +66,18 @@ def simulated_table(requests: int, search: bool) -> str:
         cache = int(base.estimate.kv_tokens // 4)
         res = {}
         for order in ORDERS[::-1]:
-            sched = BlendSchedule(2048 + 256, 256, 1, 0, 1, order=order, sample_frac=0.01, split_t=1024.0,
+            sched = BlendSchedule(2048 + 256, 256, 1, 0, 1, order=order, sample_frac=0.05, split_t=1024.0,
                                   prefix_tokens=cache, overlap=overlap)
             rep = run_simulated(plan_for(sched, pool, model=GPU_MODEL, devices=GPU_DEVICES), lengths=pool.lengths,
                                 prompts=pool.prompts)
             res[order] = (tokens_per_s(pool, rep), shared(pool, rep))
         cells = [f"{res[o][0]:,.0f} tok/s, {res[o][1]:.0%} shared" for o in ORDERS[::-1]]
-        row = (f"| {name} | {'overlapped' if overlap else 'sequential'} | {pool.sharing:.0%} | {pool.density:.2f} | " + " | ".join(cells)
+        engine = "overlapped" if overlap else "sequential"
+        row = (f"| {name} | {engine} | {pool.sharing:.0%} | {pool.density:.2f} | " + " | ".join(cells)
                + f" | {res['blend'][0] / res['fcfs'][0]:.3f}x | {res['blend'][0] / res['dfs'][0]:.3f}x |")
         if search and overlap:
             best = None
-            for frac in (0.01, 0.05):
+            for frac in (0.05, 0.2):
                 for split in (0.0, 1024.0, 4096.0):
                     for seqs in (128, 256):
                         sched = BlendSchedule(2048 + seqs, seqs, 1, 0, 1, "blend", frac, split, cache,
@@ -100,13 +102,12 @@ def cpu_table(models: list[str], requests: int, rounds: int) -> str:
     rows = ["| model | pool | sharing | density | " + " | ".join(ORDERS[::-1]) + " | blend / FCFS | noise |",
             "|---|---|---|---|" + "---|" * (len(ORDERS) + 2)]
     for model in models:
-        name = RUNNER_NAMES.get(model, model)
         prof = cached_profile(model, tp_degrees=(1,), progress=False)
-        kappa = machine_kappa(name, "1xcpu")
+        kappa = profile_kappa(prof)
         for mix, (rho, s) in MIXES.items():
             pool = shared_prefix_pool(PoolOptions(requests, s, rho, kappa, 160, 10000, seed=7))
-            plans = [plan_for(BlendSchedule(128 + 16, 16, 1, 0, 1, order=o, sample_frac=0.05, split_t=64.0,
-                                            prefix_tokens=512, block_size=16), pool, kv_tokens=1536.0,
+            plans = [plan_for(BlendSchedule(128 + 16, 16, 1, 0, 1, order=o, sample_frac=0.1, split_t=64.0,
+                                            prefix_tokens=512, block_size=16, kappa=kappa), pool, kv_tokens=1536.0,
                               profile=prof, devices="1xcpu") for o in ORDERS[::-1]]
             measured = {o: [] for o in ORDERS}
             for _ in range(rounds):

@@ -29,11 +29,11 @@ from .shift import ShiftSchedule
 from .static import StaticSchedule
 from .waa import WAASchedule
 
-REGISTRY: dict[str, ModuleType] = {
-    name.value: module for module in (rra, waa, static, cb, chunked, disagg, shift, blendserve) for name in module.NAMES}
+_MODULES = (rra, waa, static, cb, chunked, disagg, shift, blendserve)
+REGISTRY: dict[str, ModuleType] = {name.value: module for module in _MODULES for name in module.NAMES}
 
-Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule | ShiftSchedule \
-    | BlendSchedule
+Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule \
+    | ShiftSchedule | BlendSchedule
 
 
 def policy_module(name) -> ModuleType:

@@ -6,10 +6,11 @@ prefix cache (``exegpt.radix``) of ``prefix_tokens`` tokens: a new request's row
 of its prompt and only the rest is prefilled. What differs is which waiting request comes next (``order``):
   * ``blend`` (BlendServe): a fraction ``sample_frac`` of the pool runs first (the sampled requests lead the
     admissions; meanwhile the rest goes depth first) and their output lengths estimate every subtree's, once half
-    of them are done (a running one counts with what it generated so far) and again once all are; the prompt tree (``exegpt.blend_tree``) is then
-    sorted by density at every node and split where recomputing a prefix costs at most ``split_t`` tokens, and a
-    dual scan admits from both ends of that order: compute-heavy from the left, memory-heavy from the right, each
-    side's share of the KV pool chosen so the running batch's density is the pool's (Alg. 3);
+    of them are done (a running one counts with what it generated so far) and again once all are; the prompt tree
+    (``exegpt.blend_tree``) is then sorted by density at every node and split where recomputing a prefix costs at
+    most ``split_t`` tokens, and a dual scan admits from both ends of that order: compute-heavy from the left,
+    memory-heavy from the right, each side's share of the KV pool chosen so the running batch's density is the
+    pool's (Alg. 3);
   * ``dfs``: depth first over the prompt tree (SGLang's order, prefix sharing only);
   * ``density``: the same sampling and dual scan over requests ordered by their own density (no tree, no care for
     sharing; NanoFlow-Balance);
@@ -19,8 +20,8 @@ its prompt, the scan taking the next request instead (SGLang's in-batch prefix r
 once.
 
 Knobs: ``order``, ``sample_frac``, ``split_t``, ``max_num_seqs`` (S, the batch size), ``token_budget``,
-``prefix_tokens``, ``block_size``, ``overlap`` (simulated only), TP (RRA's layouts). The estimate is chunked prefill's; the policy is searched on
-the simulated engine (``candidates``).
+``prefix_tokens``, ``block_size``, ``kappa``, ``overlap`` (simulated only), TP (RRA's layouts). The estimate is
+chunked prefill's; the policy is searched on the simulated engine (``candidates``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class BlendSchedule:
     prefix_tokens: int = 8192
     """Tokens the prefix cache holds (0: none)."""
     block_size: int = 16
+    kappa: float = 0.0
+    """The model on the device in density units (``exegpt.blend_tree``); 0: from the devices' peak FLOP/s and
+    bandwidth (``machine_kappa``); ``blend_tree.profile_kappa`` reads it off a profile."""
     overlap: bool = False
     """Simulated engine: price a step's prompt chunks as overlapped with its decode iteration (``Chunk.overlap``,
     NanoFlow's operator overlap BlendServe runs on); the runner runs them one after the other."""
@@ -84,6 +88,8 @@ class BlendSchedule:
             raise ExeGPTError(f"BlendServe: split_t={self.split_t!r} must be a finite number of tokens >= 0")
         if isinstance(self.prefix_tokens, bool) or not isinstance(self.prefix_tokens, int) or self.prefix_tokens < 0:
             raise ExeGPTError(f"BlendServe: prefix_tokens={self.prefix_tokens!r} must be a whole number >= 0")
+        if isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float)) or not 0 <= self.kappa < math.inf:
+            raise ExeGPTError(f"BlendServe: kappa={self.kappa!r} must be a finite number >= 0 (0: from the devices)")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ExeGPTError(f"BlendServe: block_size={self.block_size!r} must be a whole number >= 1")
         check_tp(self.tp, self.tp_gpus, self.num_gpus, "BlendServe")
@@ -218,7 +224,7 @@ def drivers(plan) -> dict:
     """The one driver of a BlendServe plan, on the ``main`` group."""
     s = plan.schedule
     pool_blocks = cb.pool_blocks(plan)
-    kappa = machine_kappa(plan.model, plan.devices)
+    kappa = s.kappa or machine_kappa(plan.model, plan.devices)
 
     def drive(view: View):
         p, size = view.num_stages, s.block_size
