@@ -31,6 +31,7 @@ import numpy as np
 
 from exegpt import Workload, evaluate_schedule, run_simulated
 from exegpt.blend_tree import ORDERS, machine_kappa, profile_kappa
+from exegpt.models import get_model
 from exegpt.policies.blendserve import BlendSchedule
 from exegpt.prefix_workload import PoolOptions, shared_prefix_pool
 
@@ -105,7 +106,8 @@ def cpu_table(models: list[str], requests: int, rounds: int) -> str:
         prof = cached_profile(model, tp_degrees=(1,), progress=False)
         kappa = profile_kappa(prof)
         for mix, (rho, s) in MIXES.items():
-            pool = shared_prefix_pool(PoolOptions(requests, s, rho, kappa, 160, 10000, seed=7))
+            pool = shared_prefix_pool(PoolOptions(requests, s, rho, kappa, 160, get_model(prof.model).vocab_size,
+                                                  seed=7))
             plans = [plan_for(BlendSchedule(128 + 16, 16, 1, 0, 1, order=o, sample_frac=0.1, split_t=64.0,
                                             prefix_tokens=512, block_size=16, kappa=kappa), pool, kv_tokens=1536.0,
                               profile=prof, devices="1xcpu") for o in ORDERS[::-1]]

@@ -407,12 +407,15 @@ class SimEngine:
         times = []
         for mb in mbs:
             t = self._encode_times(stages, [m for _, _, m in mb], sp)  # the chunks' own tokens
-            prefix = [(m, s) for _, s, m in mb if s > 0]  # (queries, keys before them) of continued prompts
-            if prefix:
-                q, c = np.array(prefix, dtype=float).T
-                slow = self.prob.slowdown if spans_ranks(stages) else 1.0
-                for i, st in enumerate(stages):
-                    t[i] += st.n_layers * float(np.sum(self.prob.cost.prefix_attention(st.tp, q, c)[0])) * slow
+            slow = self.prob.slowdown if spans_ranks(stages) else 1.0
+            # (queries, keys before them) of continued prompts, and of new ones starting from a cached prefix
+            cost = self.prob.cost
+            for prefix, price in (([(m, s) for r, s, m in mb if s > 0 and r not in new], cost.prefix_attention),
+                                  ([(m, s) for r, s, m in mb if s > 0 and r in new], cost.cached_prefix_attention)):
+                if prefix:
+                    q, c = np.array(prefix, dtype=float).T
+                    for i, st in enumerate(stages):
+                        t[i] += st.n_layers * float(np.sum(price(st.tp, q, c)[0])) * slow
             times.append(t)
         firsts = [[r for r, s, _ in mb if r in new] for mb in mbs]
         t_end = self._flow(stages, mbs, times, firsts, t0)
