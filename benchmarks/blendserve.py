@@ -14,10 +14,11 @@ backend; ``BlendSchedule.overlap``). Throughput is BlendServe's: prompt and outp
 ``shared`` the prompt tokens the cache skipped over those a perfect cache skips (the pool's optimal sharing).
 ``searched``: the best of the blend's knobs (sampling fraction, split threshold, batch size) on the simulated engine.
 
-Executed (``runner``, one CPU rank, fp32): the same orders on ``--cpu-requests`` requests of the same four mixes at
-CPU-sized lengths (prompt plus output at most 160 tokens), each model with its cached CPU profile
-(``profiler.loop.cached_profile``); each cell is measured tok/s, and the simulated engine's prediction on the same
-requests. Rounds run every order once each, interleaved; ``noise`` is the largest spread between rounds of one
+Executed (``runner``, one CPU rank, fp32): the same orders on ``--cpu-requests`` requests of four mixes at CPU-sized
+lengths (prompt plus output at most 256 tokens; densities 40 and 15 by the CPU's own ``kappa``, read off its
+profile: ``CPU_MIXES``), S = 16, a budget of 144 tokens, a KV pool of 2048 tokens and a cache of 512, each model with
+its cached CPU profile (``profiler.loop.cached_profile``); each cell is measured tok/s, and the simulated engine's
+prediction on the same requests. Rounds run every order once each, interleaved; ``noise`` is the largest spread between rounds of one
 cell, the floor any measured difference must clear.
 """
 
@@ -38,6 +39,10 @@ from exegpt.prefix_workload import PoolOptions, shared_prefix_pool
 GPU_MODEL, GPU_DEVICES = "llama-2-7b", "1xA100"
 MIXES = {"#1 rho1.4 s35%": (1.4, 0.35), "#2 rho0.9 s35%": (0.9, 0.35), "#3 rho1.4 s5%": (1.4, 0.05),
          "#4 rho0.9 s5%": (0.9, 0.05)}
+CPU_MIXES = {"#1' rho40 s35%": (40.0, 0.35), "#2' rho15 s35%": (15.0, 0.35), "#3' rho40 s5%": (40.0, 0.05),
+             "#4' rho15 s5%": (15.0, 0.05)}
+"""On a CPU a GEMM token costs hundreds of KV-token reads (``profile_kappa``): every pool of CPU-sized lengths is
+compute-bound, so the executed mixes are the same four at densities the CPU's lengths reach."""
 
 
 def tokens_per_s(pool, rep) -> float:
@@ -105,11 +110,11 @@ def cpu_table(models: list[str], requests: int, rounds: int) -> str:
     for model in models:
         prof = cached_profile(model, tp_degrees=(1,), progress=False)
         kappa = profile_kappa(prof)
-        for mix, (rho, s) in MIXES.items():
-            pool = shared_prefix_pool(PoolOptions(requests, s, rho, kappa, 160, get_model(prof.model).vocab_size,
+        for mix, (rho, s) in CPU_MIXES.items():
+            pool = shared_prefix_pool(PoolOptions(requests, s, rho, kappa, 256, get_model(prof.model).vocab_size,
                                                   seed=7))
             plans = [plan_for(BlendSchedule(128 + 16, 16, 1, 0, 1, order=o, sample_frac=0.1, split_t=64.0,
-                                            prefix_tokens=512, block_size=16, kappa=kappa), pool, kv_tokens=1536.0,
+                                            prefix_tokens=512, block_size=16, kappa=kappa), pool, kv_tokens=2048.0,
                               profile=prof, devices="1xcpu") for o in ORDERS[::-1]]
             measured = {o: [] for o in ORDERS}
             for _ in range(rounds):
