@@ -18,8 +18,10 @@ Executed (``runner``, one CPU rank, fp32): the same orders on ``--cpu-requests``
 lengths (prompt plus output at most 256 tokens; densities 40 and 15 by the CPU's own ``kappa``, read off its
 profile: ``CPU_MIXES``), S = 16, a budget of 144 tokens, a KV pool of 2048 tokens and a cache of 512, each model with
 its cached CPU profile (``profiler.loop.cached_profile``); each cell is measured tok/s, and the simulated engine's
-prediction on the same requests. Rounds run every order once each, interleaved; ``noise`` is the largest spread between rounds of one
-cell, the floor any measured difference must clear.
+prediction on the same requests. Rounds run every order once each, interleaved; ``noise`` is the largest spread
+between rounds of one cell, the floor any measured difference must clear.
+
+Control: the shipped Azure traces' lengths with random prompts (almost no sharing), simulated as above.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from exegpt import Workload, evaluate_schedule, run_simulated
 from exegpt.blend_tree import ORDERS, machine_kappa, profile_kappa
 from exegpt.models import get_model
 from exegpt.policies.blendserve import BlendSchedule
-from exegpt.prefix_workload import PoolOptions, shared_prefix_pool
+from exegpt.prefix_workload import PoolOptions, random_prompt_pool, shared_prefix_pool
 
 GPU_MODEL, GPU_DEVICES = "llama-2-7b", "1xA100"
 MIXES = {"#1 rho1.4 s35%": (1.4, 0.35), "#2 rho0.9 s35%": (0.9, 0.35), "#3 rho1.4 s5%": (1.4, 0.05),
@@ -100,6 +102,27 @@ def simulated_table(requests: int, search: bool) -> str:
     return "\n".join(rows)
 
 
+def control_table(requests: int) -> str:
+    """The shipped traces' lengths with random prompts (almost no sharing), sequential engine."""
+    kappa = machine_kappa(GPU_MODEL, GPU_DEVICES)
+    rows = ["| trace | sharing | density | " + " | ".join(ORDERS[::-1]) + " | blend / FCFS |",
+            "|---|---|---|" + "---|" * (len(ORDERS) + 1)]
+    for name in ("azure_conv", "azure_code"):
+        w = Workload.trace(name).within_context(2048, how="clip")[0]
+        pool = random_prompt_pool(w, requests, 32000, kappa, seed=7)
+        base = plan_for(BlendSchedule(2048 + 256, 256, 1, 0, 1), pool, model=GPU_MODEL, devices=GPU_DEVICES)
+        res = {}
+        for order in ORDERS[::-1]:
+            sched = BlendSchedule(2048 + 256, 256, 1, 0, 1, order=order, sample_frac=0.05, split_t=1024.0,
+                                  prefix_tokens=int(base.estimate.kv_tokens // 4))
+            rep = run_simulated(plan_for(sched, pool, model=GPU_MODEL, devices=GPU_DEVICES), lengths=pool.lengths,
+                                prompts=pool.prompts)
+            res[order] = tokens_per_s(pool, rep)
+        rows.append(f"| {name} | {pool.sharing:.1%} | {pool.density:.2f} | "
+                    + " | ".join(f"{res[o]:,.0f}" for o in ORDERS[::-1]) + f" | {res['blend'] / res['fcfs']:.3f}x |")
+    return "\n".join(rows)
+
+
 def cpu_table(models: list[str], requests: int, rounds: int) -> str:
     from profiler.loop import cached_profile
     from runner.requests import requests_of
@@ -140,11 +163,17 @@ def main() -> None:
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-sim", action="store_true")
     ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--only-control", action="store_true", help="the control traces' table alone")
     a = ap.parse_args()
+    if a.only_control:
+        print(control_table(a.requests))
+        return
     if not a.skip_sim:
         print(f"Simulated: {GPU_MODEL} on {GPU_DEVICES}, {a.requests} requests a pool (tok/s, prompt tokens the "
               f"cache skipped / a perfect cache's)\n")
         print(simulated_table(a.requests, not a.skip_search))
+        print("\nControl: shipped traces (clipped to 2048 tokens), random prompts, sequential engine, tok/s\n")
+        print(control_table(a.requests))
     if not a.skip_cpu:
         import torch
 
