@@ -72,6 +72,9 @@ class Ledger:
         """Each request's token ids (kept for the report, or to recompute a preempted request)."""
         self.on_finish = None
         """Optional callable(count) run when requests finish (progress bars)."""
+        self.finish_log: list[int] | None = None
+        """When a list, the ids of requests as they finish are appended to it (the runner streams their records
+        to its launcher, so a run that then fails still reports them)."""
 
     def __len__(self) -> int:
         return len(self.inp)
@@ -113,6 +116,8 @@ class Ledger:
         if end.any():
             self.finish[rids[end]] = t
             self.finished[rids[end]] = True
+            if self.finish_log is not None:
+                self.finish_log += rids[end].tolist()
             if self.on_finish is not None:
                 self.on_finish(int(end.sum()))
 
@@ -122,21 +127,21 @@ class Ledger:
         return bool(self.finished[rid])
 
     def records(self, failure: str = UNFINISHED) -> list[RequestRecord]:
-        out = []
-        for i in range(len(self)):
-            common = dict(id=i, input_len=int(self.inp[i]), output_len=int(self.out[i]),
-                          arrival_s=float(self.arrival[i]), encode_start_s=_opt(self.start[i]),
-                          first_token_s=_opt(self.first[i]), num_generated=int(self.gen[i]),
-                          latency_len_token_s=_opt(self.at_len[i]),
-                          tokens=tuple(self.tokens[i]) if self.keep_tokens else None)
-            if i in self.rejected:
-                out.append(RequestRecord(status=FAILED, reason=self.rejected[i], **common))
-            elif self.finished[i]:
-                out.append(RequestRecord(status=FINISHED, finish_s=float(self.finish[i]), **common))
-            else:
-                why = QUEUED if math.isnan(self.start[i]) and failure == UNFINISHED else failure
-                out.append(RequestRecord(status=FAILED, reason=why, **common))
-        return out
+        """Every request's record; an unfinished one fails with ``failure``."""
+        return [self.record(i, failure) for i in range(len(self))]
+
+    def record(self, i: int, failure: str = UNFINISHED) -> RequestRecord:
+        common = dict(id=i, input_len=int(self.inp[i]), output_len=int(self.out[i]),
+                      arrival_s=float(self.arrival[i]), encode_start_s=_opt(self.start[i]),
+                      first_token_s=_opt(self.first[i]), num_generated=int(self.gen[i]),
+                      latency_len_token_s=_opt(self.at_len[i]),
+                      tokens=tuple(self.tokens[i]) if self.keep_tokens else None)
+        if i in self.rejected:
+            return RequestRecord(status=FAILED, reason=self.rejected[i], **common)
+        if self.finished[i]:
+            return RequestRecord(status=FINISHED, finish_s=float(self.finish[i]), **common)
+        why = QUEUED if math.isnan(self.start[i]) and failure == UNFINISHED else failure
+        return RequestRecord(status=FAILED, reason=why, **common)
 
 
 def _opt(x: float) -> float | None:

@@ -12,6 +12,8 @@ A schedule whose peak exceeds ``memory_fraction`` of device memory is infeasible
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .models import ModelShape
@@ -34,6 +36,7 @@ def stage_weight_bytes(model: ModelShape, tp: int, n_layers: int, n_enc_layers: 
     return w
 
 
+@functools.lru_cache(maxsize=4096)  # the grid searches price the same few kinds of stage thousands of times
 def stage_weights(model: ModelShape, stage, first: bool, last: bool) -> float:
     """Weight bytes on one device of ``stage`` (an ``exegpt.stages.Stage``): its TP shard, and with Shift
     Parallelism (``stage.sp > 1``) the base configuration's shard beside it (W/TP + W/P, Arctic's two models)."""

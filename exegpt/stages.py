@@ -198,14 +198,20 @@ _SHARED_MAX_ENTRIES = 200_000  # and the shared costs are dropped when they grow
 def _shared(prob: Problem, given: CostModel | None, cost: CostModel, kind: tuple, batch, compute):
     """``compute()``, the cost of one kind of stage at ``batch``, computed once per problem: the search bounds
     thousands of layouts of the same few kinds of stage at the same few small batches (a box's corners). Only the
-    problem's own cost models are shared (the simulated engine's per-batch ones are not), and only small batches."""
-    if not (isinstance(batch, np.ndarray) and batch.size <= _SHARED_MAX_POINTS) or \
-            not (given is None or given is prob.cost or given is prob.bound_cost):
+    problem's own cost models are shared (the simulated engine's per-batch ones are not), and only scalars and small
+    batches."""
+    if isinstance(batch, (float, int, np.number)):  # a scalar (a grid point's estimate)
+        arr = np.asarray(batch)
+    elif isinstance(batch, np.ndarray) and batch.size <= _SHARED_MAX_POINTS:
+        arr = batch
+    else:
+        return compute()
+    if not (given is None or given is prob.cost or given is prob.bound_cost):
         return compute()
     memo = prob.memo.setdefault("stage_costs", {})
     if len(memo) > _SHARED_MAX_ENTRIES:
         memo.clear()
-    key = (kind, given is prob.bound_cost, cost.slowdown, batch.dtype.str, batch.shape, batch.tobytes())
+    key = (kind, given is prob.bound_cost, cost.slowdown, type(batch), arr.dtype.str, arr.shape, arr.tobytes())
     if key not in memo:
         out = compute()
         for a in out:

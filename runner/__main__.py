@@ -12,7 +12,8 @@ agent per machine, each with one process per device:
     torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
         -m runner --plan plan.json --model tiny --report report.json
 
-Exit codes: 0 done, 1 a rank failed or timed out, 2 bad arguments (one line on stderr).
+Exit codes: 0 done, 1 a rank failed, died or timed out (one line on stderr; with --report the report is still
+written: every request finished before the failure, or failed with it as the reason), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -96,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                               progress=progress, arrivals=arrivals,
                               batch_invariant=args.batch_invariant, keep_tokens=args.keep_tokens)
         except RankFailedError as e:
-            print(f"exegpt-run: run failed: {e}", file=sys.stderr)
+            partial = e.reports[0] if e.reports else None
+            where = ""
+            if partial is not None:
+                where = f"; {partial.num_finished} requests finished, {partial.num_failed} failed"
+                if args.report:
+                    partial.save(args.report)
+                    where += f"; report written to {args.report}"
+            print(f"exegpt-run: run failed: {e}{where}", file=sys.stderr)
             return 1
     except (_BadArgs, ExeGPTError) as e:
         print(f"exegpt-run: error: {e}", file=sys.stderr)

@@ -36,18 +36,19 @@ from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PR
     StageRuntime, _i64, eos_of, make_runtime, start_clock
 
 
-def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
+def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device, sink=None) -> RunReport | None:
     """This rank's part of a run of ``ctx.plan``; the rank that drives the group holding the requests' last
-    tokens returns the report."""
+    tokens returns the report. ``sink``: called with the records of requests as they finish (batched), so that
+    they outlive a failure of the run (``runner.dist.publish``)."""
     if ctx.batch_invariant:
         cpu_kernels.check_batch_invariant(device, ctx.dtype)
     with numerics.batch_invariant(ctx.batch_invariant):
-        return _run_policy(ctx, rank, world_size, device)
+        return _run_policy(ctx, rank, world_size, device, sink)
 
 
-def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device) -> RunReport | None:
+def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device, sink) -> RunReport | None:
     plan = ctx.plan
-    drivers = driver_groups(plan)
+    drivers = driver_groups(plan, stop=ctx.steady_stop)
     module = policy_module(plan.schedule.policy)
     ctx, replica, groups = replica_of(ctx, rank, world_size)
     group = ctx.stage_of(rank).pipeline
@@ -75,7 +76,7 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
         rt.serve()
         return gather_report(ctx, None, world_size) if replica[1] > 1 else None
     engine = RunnerEngine(ctx, group, rt, Pipeline(rt, stages[-1].leader, returns_tokens=group != ENCODE), t0,
-                          replica)
+                          replica, sink if group != ENCODE else None)
     control = None
     if ctx.drift is not None and group != ENCODE:  # the driver that sees requests finish; re-plans on a thread
         control = ctx.drift.control(plan, engine.runnable, background=True)
@@ -97,17 +98,20 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
 class RunnerEngine:
     """Executes one group's driver: the actions of ``exegpt.policies.base`` on the group's pipeline."""
 
+    STREAM_EVERY_S = 0.05
+    """Finished requests' records go to the sink at most this often (and at the end)."""
+
     def __init__(self, ctx: RunContext, group: str, rt: StageRuntime, pipe: Pipeline, t0_ns: int,
-                 replica: tuple[int, int] = (0, 1)):
-        """``replica``: (this replica, replicas): the driver serves its share of the requests (``exegpt.replicas``)."""
+                 replica: tuple[int, int] = (0, 1), sink=None):
+        """``replica``: (this replica, replicas): the driver serves its share of the requests (``exegpt.replicas``).
+        ``sink``: as ``run_policy``'s."""
         self.ctx, self.group, self.rt, self.pipe, self.t0_ns = ctx, group, rt, pipe, t0_ns
         reqs = ctx.requests
         if [r.id for r in reqs] != list(range(len(reqs))):
             raise ExeGPTError("request ids must be 0, 1, ... in order (runner.requests.make_requests)")
         self.prompts = [r.prompt for r in reqs]
         self.ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
-                             ctx.plan.estimate.latency_len if ctx.latency_lens is None else ctx.latency_lens,
-                             ctx.max_seq_len, ctx.cache_len,
+                             ctx.kept_lens, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos and group != ENCODE, eos_of(ctx, rt.tokenizer), ctx.keep_tokens,
                              track_tokens=True)
         self.replica = replica
@@ -123,6 +127,9 @@ class RunnerEngine:
         self.metas: deque = deque()  # decode group: posted metadata receives, oldest first
         self.bar = None
         self.log: list[str] | None = [] if ctx.log_decisions else None
+        self.sink, self.streamed_s = sink, 0.0
+        if sink is not None:
+            self.ledger.finish_log = []
         if group == DECODE:
             for _ in range(DEPTH):
                 self._post_meta()
@@ -177,12 +184,24 @@ class RunnerEngine:
             result = self.execute(action)
             if self.log is not None:
                 self.log.append(decision(self.group, action, result))
+            if self.sink is not None and self.ledger.finish_log:
+                self._stream()
+        if self.sink is not None:
+            self._stream(force=True)
         while self.metas:  # the encode ranks' END fillers
             self.metas.popleft().wait()
         self.pipe.stop()
         if self.bar is not None:
             self.bar.close()
         return stats
+
+    def _stream(self, force: bool = False) -> None:
+        """The records of the requests finished since the last call, to the sink (batched in time)."""
+        now = time.perf_counter()
+        if self.ledger.finish_log and (force or now - self.streamed_s >= self.STREAM_EVERY_S):
+            self.sink([self.ledger.record(i) for i in self.ledger.finish_log])
+            self.ledger.finish_log.clear()
+            self.streamed_s = now
 
     def execute(self, action):
         if isinstance(action, Prefill):

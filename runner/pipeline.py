@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, StageRanks
+from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, Fault, StageRanks
 from .generate import prompt_logits
 
 PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE, CHUNK = 1, 2, 3, 4, 5, 6, 7, 8
@@ -137,14 +137,14 @@ class StageRuntime:
     """
 
     def __init__(self, model, stage: StageRanks, prev_stage: StageRanks | None, next_stage: StageRanks | None,
-                 rank: int, comm: Comm, driver: int, fault_after: int | None = None):
+                 rank: int, comm: Comm, driver: int, fault: Fault | None = None):
         self.model, self.stage, self.next_stage, self.rank, self.comm = model, stage, next_stage, rank, comm
         self.prev_stage = prev_stage
         self.driver = driver
         """Rank that receives the last stage's tokens."""
         self.local_tokens: deque[Tensor] = deque()
         self.tokenizer = None
-        self.fault_after = fault_after
+        self.fault = fault
         self.num_executed = 0
         dtype = next(model.parameters()).dtype
         self.dim, self.dtype = model.args.dim, dtype
@@ -161,8 +161,8 @@ class StageRuntime:
     @torch.inference_mode()
     def process(self, cmd: Command, hidden: Tensor | None) -> None:
         """Executes ``cmd`` on this rank and passes it on (leader) to the next stage or back as tokens."""
-        if self.fault_after is not None and self.num_executed >= self.fault_after:
-            raise RuntimeError(f"injected fault on rank {self.rank} after {self.num_executed} commands")
+        if self.fault is not None:
+            self.fault.strike(self.rank, self.num_executed)
         self.num_executed += 1
         out = None
         if cmd.op in COMPUTE:
@@ -308,8 +308,8 @@ class RunContext:
     keep_tokens: bool = False
     seed: int = 0
     """Seed of random weights."""
-    fault: tuple[int, int] | None = None
-    """Test hook: (rank, n) makes ``rank`` raise after executing ``n`` commands."""
+    fault: Fault | None = None
+    """A fault to inject (``runner.dist.Fault``)."""
     progress: bool = False
     log_decisions: bool = False
     batch_invariant: bool = False
@@ -319,6 +319,13 @@ class RunContext:
     """Per request, the output length whose token time its record keeps (default: the plan's bound length)."""
     drift: object | None = None
     """``exegpt.replan.DriftOptions``: the driver of the group that finishes requests re-plans live on drift."""
+    steady_stop: object | None = None
+    """``exegpt.rules.SteadyStop``: end the run once its steady window holds what it asks (measurement runs)."""
+
+    @property
+    def kept_lens(self):
+        """The output length whose token time each request's record keeps: ``latency_lens``, else the bound's."""
+        return self.plan.estimate.latency_len if self.latency_lens is None else self.latency_lens
 
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]
@@ -392,8 +399,7 @@ def make_runtime(ctx: RunContext, rank: int, device: torch.device, groups: dict,
     prev = pipe[sr.index - 1] if sr.index > 0 else None
     nxt = pipe[sr.index + 1] if sr.index + 1 < len(pipe) else None
     model, tok = build_stage_model(ctx, rank, device, groups, max_rows, max_len)
-    fault = ctx.fault[1] if ctx.fault is not None and ctx.fault[0] == rank else None
-    rt = cls(model, sr, prev, nxt, rank, Comm(device), driver, fault_after=fault, **kw)
+    rt = cls(model, sr, prev, nxt, rank, Comm(device), driver, fault=ctx.fault, **kw)
     rt.tokenizer = tok
     return rt
 

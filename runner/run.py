@@ -20,15 +20,17 @@ from exegpt.checks import instance
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS
 from exegpt.plan import Plan
-from exegpt.policies import REGISTRY, policy_module
+from exegpt.policies import REGISTRY, driver_groups, policy_module
 from exegpt.replan import DriftOptions
 from exegpt.replicas import replicas_of
-from exegpt.report import RunReport
+from exegpt.rules import SteadyStop
+from exegpt.ledger import Ledger
+from exegpt.report import RequestRecord, RunReport, build_report
 from exegpt.stages import Stage
 from exegpt.workload import Workload
 
 from . import cpu_kernels
-from .dist import init_from_env, launch, layout, torchrun_env
+from .dist import Fault, RankFailedError, can_publish, init_from_env, launch, layout, publish, torchrun_env
 from .engine import run_policy
 from .pipeline import DTYPES, RunContext
 from .requests import Request, make_requests
@@ -128,8 +130,8 @@ class RunOptions:
     timeout_s: float = 600.0
     """Wall-clock limit of a multi-process run."""
     progress: bool = False
-    fault: tuple[int, int] | None = None
-    """Test hook, (rank, n): that rank raises after executing n commands."""
+    fault: Fault | None = None
+    """A fault to inject (``runner.dist.Fault``: a rank raises, is killed or hangs after n commands)."""
     log_decisions: bool = False
     """Keep the reporting driver's actions in ``RunReport.decisions`` (conformance with ``exegpt.sim``)."""
     batch_invariant: bool = False
@@ -141,6 +143,10 @@ class RunOptions:
     drift: DriftOptions | None = None
     """Watch the lengths served and re-plan live when they drift (``exegpt.replan``; RRA and WAA, one replica):
     the report's ``drift`` says what was detected and applied."""
+    steady_stop: SteadyStop | None = None
+    """End the run at the first phase boundary where its steady window holds what this asks (RRA; a measurement
+    run such as the profiler's engine calibration: no drain after the window; the requests still running are
+    reported failed)."""
 
 
 def run_plan(plan: Plan, model: str = "tiny", requests: tuple[Request, ...] | None = None,
@@ -190,7 +196,12 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             results = [_rank_main(0, 1, device, [ctxs[i] for i in idx], idx)]
         else:
-            results = launch(_rank_main, world, ([ctxs[i] for i in idx], idx), opts.timeout_s)
+            partial = _Partial()
+            try:
+                results = launch(_rank_main, world, ([ctxs[i] for i in idx], idx), opts.timeout_s, partial.add)
+            except RankFailedError as e:
+                e.reports = [partial.report(i, ctxs[i], str(e)) if i in idx else out[i] for i in range(len(plans))]
+                raise
         for pairs in results:
             for i, report in pairs:
                 out[i] = report
@@ -221,6 +232,9 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
             raise ExeGPTError(f"drift must be an exegpt.replan.DriftOptions, got {type(opts.drift).__name__}")
         if replicas_of(plan) > 1:
             raise ExeGPTError(f"drift re-planning runs one replica; the plan has {replicas_of(plan)}")
+    if opts.steady_stop is not None:
+        instance(opts.steady_stop, SteadyStop, "steady_stop", "an exegpt.rules.SteadyStop")
+        driver_groups(plan, stop=opts.steady_stop)  # the policy ends runs so (else one line saying which do)
     if requests is None:
         requests = make_requests(trace if trace is not None else plan.workload, opts.num_requests, args.vocab_size,
                                  opts.seed, arrivals=opts.arrivals)
@@ -230,19 +244,51 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
                       eos_id=opts.eos_id, keep_tokens=opts.keep_tokens, seed=opts.seed, fault=opts.fault,
                       progress=opts.progress, log_decisions=opts.log_decisions,
                       batch_invariant=opts.batch_invariant, encoder_decoder=args.family == "t5", drift=opts.drift,
+                      steady_stop=opts.steady_stop,
                       latency_lens=None if opts.latency_lens is None else tuple(int(x) for x in opts.latency_lens))
 
 
 def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]
                ) -> list[tuple[int, RunReport]]:
-    """Runs each plan's executor on this rank in turn; returns the (index, report) pairs this rank holds."""
+    """Runs each plan's executor on this rank in turn; returns the (index, report) pairs this rank holds. Spawned
+    ranks publish each plan's finished requests as they finish and its report when it is done (``_Partial``)."""
     import torch.distributed as dist
 
     out = []
     for i, ctx in zip(idx, ctxs):
-        report = run_policy(ctx, rank, world_size, device)
+        sink = (lambda records, i=i: publish(("records", i, records))) if can_publish() else None
+        report = run_policy(ctx, rank, world_size, device, sink)
         if report is not None:
             out.append((i, report))
+            publish(("report", i, report))
         if dist.is_initialized():
             dist.barrier()  # the next plan starts with every message of this one delivered
     return out
+
+
+class _Partial:
+    """What the ranks of a launch published: per plan, the records of finished requests and, once done, its
+    report; after a failure, each plan's report with every request not reported finished failed with the error."""
+
+    def __init__(self):
+        self.records: dict[int, dict[int, RequestRecord]] = {}
+        self.reports: dict[int, RunReport] = {}
+
+    def add(self, payload) -> None:
+        kind, i, value = payload
+        if kind == "report":
+            self.reports[i] = value
+        else:
+            self.records.setdefault(i, {}).update((r.id, r) for r in value)
+
+    def report(self, i: int, ctx: RunContext, error: str) -> RunReport:
+        if i in self.reports:
+            return self.reports[i]
+        plan, reqs = ctx.plan, ctx.requests
+        ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
+                        ctx.kept_lens, ctx.max_seq_len, ctx.cache_len)
+        done = self.records.get(i, {})
+        why = f"the run failed before this request finished: {error}"
+        records = [done.get(r, None) or ledger.record(r, why) for r in range(len(reqs))]
+        return build_report(plan.schedule.policy.value, records, plan.estimate.latency_len, [], [],
+                            plan.schedule.num_gpus, plan.estimate)

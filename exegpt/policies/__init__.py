@@ -45,10 +45,20 @@ def policy_module(name) -> ModuleType:
         raise ExeGPTError(f"unknown policy: {name!r}; registered: {', '.join(REGISTRY)}") from None
 
 
-def driver_groups(plan, control=None) -> dict:
+STEADY_STOP = ("rra",)
+"""The policies whose driver ends a measurement run at its steady window (``exegpt.rules.SteadyStop``)."""
+
+
+def driver_groups(plan, control=None, stop=None) -> dict:
     """``{group: driver}`` of a plan's policy; ``control``: the drift re-planner its drivers consult between phases
-    (``exegpt.replan.DriftControl``; the policies with a cheap move, ``retune_space``, take one)."""
+    (``exegpt.replan.DriftControl``; the policies with a cheap move, ``retune_space``, take one); ``stop``: an
+    ``exegpt.rules.SteadyStop`` (``STEADY_STOP`` policies)."""
     module = policy_module(plan.schedule.policy)
+    if stop is not None:
+        if plan.schedule.policy.value not in STEADY_STOP or control is not None:
+            raise ExeGPTError(f"a steady stop ends runs of {', '.join(STEADY_STOP)} plans without drift re-planning; "
+                              f"this plan is {plan.schedule.policy.value}")
+        return module.drivers(plan, stop=stop)
     if control is None:
         return module.drivers(plan)
     if not hasattr(module, "retune_space"):

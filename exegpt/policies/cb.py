@@ -88,6 +88,14 @@ def pool_tokens(prob: Problem, stages, step_tokens: float, reserved_tokens: floa
     """KV tokens a pipeline of ``stages`` holds in a paged pool: on each stage's devices, what is left after
     weights, the activations of ``step_tokens`` and ``reserved_tokens`` of KV held elsewhere (hand-off buffers),
     over the KV bytes a token adds there; the smallest stage bounds the pipeline."""
+    memo = prob.memo.setdefault("pool_tokens", {})  # the grid asks the same few pools thousands of times
+    key = (stages, float(step_tokens), float(reserved_tokens))
+    if key not in memo:
+        memo[key] = _pool_tokens(prob, stages, step_tokens, reserved_tokens)
+    return memo[key]
+
+
+def _pool_tokens(prob: Problem, stages, step_tokens: float, reserved_tokens: float) -> float:
     m, p, out = prob.model, len(stages), math.inf
     for i, st in enumerate(stages):
         w = stage_weights(m, st, i == 0, i == p - 1)
@@ -113,7 +121,11 @@ def estimate_detail(prob: Problem, lay: Layout, s: CBSchedule) -> tuple[Terms, i
     # E[k] / running iterations when fewer than one finishes.
     k = max(prob.mean_iters, 1.0)
     be, nd = (running / k, 1) if running >= k else (1.0, max(1, min(prob.max_decode_iters, round(k / running))))
-    t = rra.box(prob, lay, be, be, nd, nd, detail=True)
+    memo = prob.memo.setdefault("cb_terms", {})  # schedules whose caps give the same running batch share it
+    key = (prob.cluster.count, lay.stages, be, nd)
+    if key not in memo:
+        memo[key] = rra.box(prob, lay, be, be, nd, nd, detail=True)
+    t = memo[key]
     ok = np.asarray(t.ok) & (pool // s.block_size >= -(-longest // s.block_size))  # the longest request fits
     return Terms(t.thr, t.lat, ok, t.t_enc, t.t_dec, t.bd, t.mem, t.refill, pool, dict(t.extra, encode_batch=be)), \
         prob.latency_len
