@@ -13,6 +13,7 @@ import torch
 
 from exegpt import Arrivals, Policy, Profile, RRASchedule, StaticSchedule, WAASchedule, Workload, \
     evaluate_schedule, run_simulated
+from exegpt.policies.blendserve import BlendSchedule
 from exegpt.policies.cb import CBSchedule
 from exegpt.policies.chunked import ChunkedSchedule
 from exegpt.policies.disagg import DisaggSchedule
@@ -27,19 +28,20 @@ W = Workload.truncated_normal(input=(24, 10, 48), output=(16, 8, 40))
     (RRASchedule(2, 3, 1, 0, 1), "1xcpu"), (RRASchedule(4, 8, 1, 0, 1), "1xcpu"),
     (RRASchedule(3, 39, 1, 0, 1), "1xcpu"),
     (StaticSchedule(5, 1, 1), "1xcpu"), (WAASchedule(Policy.WAA_C, 2, 8, 1, 0, 1, 1), "2xcpu"),
-    (CBSchedule(8, 128, 1, 0, 1, block_size=8), "1xcpu"), (ChunkedSchedule(20, 6, 1, 0, 1, block_size=8), "1xcpu")])
+    (CBSchedule(8, 128, 1, 0, 1, block_size=8), "1xcpu"), (ChunkedSchedule(20, 6, 1, 0, 1, block_size=8), "1xcpu"),
+    (BlendSchedule(20, 6, 1, 0, 1, sample_frac=0.1, split_t=16.0, prefix_tokens=64, block_size=8), "1xcpu")])
 def test_both_engines_make_the_same_decisions(schedule, devices):
     torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
     plan = evaluate_schedule(schedule, W, profile=prof, devices=devices)
-    if isinstance(schedule, (CBSchedule, ChunkedSchedule)):  # a KV pool of 25 blocks: preemptions and recomputes
+    if isinstance(schedule, (CBSchedule, ChunkedSchedule, BlendSchedule)):  # a KV pool of 25 blocks: preemptions
         plan = dataclasses.replace(plan, estimate=dataclasses.replace(plan.estimate, kv_tokens=200.0))
     rep = run_plan(plan, "tiny", num_requests=40, seed=5, log_decisions=True)
     sim = run_simulated(plan, prof, num_requests=40, seed=5, log_decisions=True)
     assert rep.num_finished == sim.num_finished == 40
     group = "decode" if isinstance(schedule, WAASchedule) else "main"
     assert rep.decisions and rep.decisions == tuple(d for d in sim.decisions if d.startswith(group))
-    if isinstance(schedule, (CBSchedule, ChunkedSchedule)):
+    if isinstance(schedule, (CBSchedule, ChunkedSchedule, BlendSchedule)):
         assert sum("Evict" in d for d in rep.decisions) > 5 and any("resume=True" in d for d in rep.decisions)
     assert rep.decode_batch == sim.decode_batch and rep.latency_len == sim.latency_len
     assert sim.engine == "simulated" and rep.engine == "runner"
