@@ -254,6 +254,11 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
             raise ExeGPTError(f"drift must be an exegpt.replan.DriftOptions, got {type(opts.drift).__name__}")
         if replicas_of(plan) > 1:
             raise ExeGPTError(f"drift re-planning runs one replica; the plan has {replicas_of(plan)}")
+    module = policy_module(plan.schedule.policy)
+    if hasattr(module, "RUNNER"):  # the policy's executor checks what it needs (PipeInfer: its drafter)
+        import importlib
+
+        importlib.import_module(module.RUNNER).check_context(plan, model, args)
     if opts.steady_stop is not None:
         instance(opts.steady_stop, SteadyStop, "steady_stop", "an exegpt.rules.SteadyStop")
         driver_groups(plan, stop=opts.steady_stop)  # the policy ends runs so (else one line saying which do)

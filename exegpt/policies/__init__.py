@@ -17,23 +17,25 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import ExeGPTError
+from ..radix import PrefixCache
 from ..schedule import Policy, policy_of
-from . import cb, chunked, disagg, rra, shift, splitwiser, static, waa
+from . import blendserve, cb, chunked, disagg, pipeinfer, rra, shift, splitwiser, static, waa
+from .blendserve import BlendSchedule
 from .cb import CBSchedule
 from .chunked import ChunkedSchedule
 from .disagg import DisaggSchedule
+from .pipeinfer import PipeInferSchedule
 from .rra import RRASchedule
 from .shift import ShiftSchedule
 from .splitwiser import SplitwiserSchedule
 from .static import StaticSchedule
 from .waa import WAASchedule
 
-REGISTRY: dict[str, ModuleType] = {
-    name.value: module for module in (rra, waa, static, cb, chunked, disagg, shift, splitwiser)
-    for name in module.NAMES}
+_MODULES = (rra, waa, static, cb, chunked, disagg, shift, pipeinfer, blendserve, splitwiser)
+REGISTRY: dict[str, ModuleType] = {name.value: module for module in _MODULES for name in module.NAMES}
 
-Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule | ShiftSchedule \
-    | SplitwiserSchedule
+Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule \
+    | ShiftSchedule | PipeInferSchedule | BlendSchedule | SplitwiserSchedule
 
 
 def policy_module(name) -> ModuleType:
@@ -65,6 +67,14 @@ def driver_groups(plan, control=None, stop=None) -> dict:
         raise ExeGPTError(f"policy {plan.schedule.policy.value} has no drift re-planning; the policies with a cheap "
                           f"move are {', '.join(p for p, m in REGISTRY.items() if hasattr(m, 'retune_space'))}")
     return module.drivers(plan, control)
+
+
+def prefix_cache(plan, prompt) -> PrefixCache | None:
+    """The prefix cache an engine keeps for a run of ``plan`` (None: its policy has none); ``prompt(rid)``: the
+    prompt token ids of request ``rid``."""
+    tokens = getattr(policy_module(plan.schedule.policy), "prefix_cache_tokens", None)
+    n = tokens(plan) if tokens is not None else 0
+    return PrefixCache(n, prompt) if n else None
 
 
 def describe(s) -> str:
