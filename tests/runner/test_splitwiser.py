@@ -44,7 +44,7 @@ def test_two_processes_give_greedy_tokens_and_account_for_every_request():
         assert sorted(merged) == list(range(len(reqs)))  # every request's KV came through the hand-off
 
 
-def _map_and_measure(path: str, results) -> None:
+def _map_and_measure(path: str, barrier, results) -> None:
     from runner.colocate import load_shared, weight_residency
 
     torch.set_num_threads(1)
@@ -53,8 +53,9 @@ def _map_and_measure(path: str, results) -> None:
         model.setup_cache(2, 16)
         model.prefill(torch.arange(8), torch.tensor([4, 4]), torch.arange(2))
         sum(float(p.sum()) for p in model.parameters())  # every page of every weight read (the embedding's too)
+    barrier.wait()  # both have mapped and read every page
     results.put(weight_residency(path))
-    time.sleep(0.5)  # both processes map the file while the other measures
+    barrier.wait()  # neither unmaps before the other measured
 
 
 def test_the_weights_exist_once_in_memory():
@@ -66,8 +67,8 @@ def test_the_weights_exist_once_in_memory():
     try:
         size = Path(path).stat().st_size
         ctx = mp.get_context("fork")  # the children map the file afresh; fork only spares their start-up
-        results = ctx.SimpleQueue()
-        procs = [ctx.Process(target=_map_and_measure, args=(path, results)) for _ in range(2)]
+        barrier, results = ctx.Barrier(2), ctx.SimpleQueue()
+        procs = [ctx.Process(target=_map_and_measure, args=(path, barrier, results)) for _ in range(2)]
         for p in procs:
             p.start()
         got = [results.get() for _ in procs]
