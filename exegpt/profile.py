@@ -49,13 +49,15 @@ import numpy as np
 from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
 from .errors import ExeGPTError, ProfileRangeError
+from .interference import PhaseInterference
 from .jsonfile import JSONFile, known_fields
 from .models import DTYPE_BYTES
 
 SCHEMA = 1
 PROFILE_FIELDS = ("schema", "model", "device", "dtype", "source", "step_overhead_s", "padded_batches", "padded_decode",
                   "handoff_on_compute", "device_memory_bytes", "kv_dtype", "packed_weight_dtype", "panel_weight_dtype",
-                  "rank_slowdown", "rank_concurrency", "waa_period_factor", "provenance", "tables")
+                  "rank_slowdown", "rank_concurrency", "waa_period_factor", "phase_interference", "provenance",
+                  "tables")
 """The fields of a profile JSON (``Profile.to_dict``); any other is refused by name."""
 TABLE_FIELDS = ("kernel", "tp", "axes", "xs", "ys", "seconds", "extrapolate", "spread_s", "fitted")
 
@@ -265,6 +267,10 @@ class Profile(JSONFile):
     Measured by running a WAA plan through the runner (``profiler.engine.calibrate_waa``; on 2 CPU cores the period
     ran 1.24-1.49x the longer part where the estimate says 1.21x, a factor of 1.05); at least 1 (a measured ratio
     below 1 is recorded as 1, the raw value kept in the provenance); 1: not measured."""
+    phase_interference: PhaseInterference | None = None
+    """A prefill and a decode process computing at once on one device, per thread split and batch size
+    (``exegpt.interference``; ``profiler.interference``): what Splitwiser's steps are priced with. None: not
+    measured."""
     provenance: dict = field(default_factory=dict)
     """Free-form facts: torch version, threads, date, GPU clocks, efficiencies assumed."""
     _lookup: dict = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -431,6 +437,8 @@ class Profile(JSONFile):
                 "rank_slowdown": {str(r): f for r, f in self.rank_slowdown},
                 "rank_concurrency": {str(r): f for r, f in self.rank_concurrency},
                 "waa_period_factor": self.waa_period_factor, "provenance": self.provenance,
+                **({} if self.phase_interference is None else
+                   {"phase_interference": self.phase_interference.to_dict()}),
                 "tables": [t.to_dict() for t in self.tables]}
 
     @classmethod
@@ -454,6 +462,8 @@ class Profile(JSONFile):
                        rank_slowdown=_slowdown_pairs(d.get("rank_slowdown", {}), "rank_slowdown"),
                        rank_concurrency=_slowdown_pairs(d.get("rank_concurrency", {}), "rank_concurrency"),
                        waa_period_factor=d.get("waa_period_factor", 1.0),
+                       phase_interference=None if d.get("phase_interference") is None else
+                       PhaseInterference.from_dict(d["phase_interference"]),
                        provenance=d.get("provenance", {}))
         except KeyError as e:
             raise ExeGPTError(f"profile misses field {e}") from None

@@ -24,6 +24,7 @@ class Policy(str, Enum):
     SHIFT = "shift"    # Shift Parallelism (Arctic Inference): each step in SP or TP by its size; DP replicas
     PIPEINFER = "pipeinfer"  # PipeInfer: one request, asynchronous pipelined speculation, early cancellation
     BLEND = "blendserve"  # BlendServe: offline pools ordered by resource use, prefix sharing kept (radix cache)
+    SPLITWISER = "splitwiser"  # prefill and decode as two processes sharing one device and its weights
 
 
 def policy_of(value) -> Policy:

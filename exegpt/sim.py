@@ -209,6 +209,12 @@ class SimEngine:
         self.extra = {g: 0.0 if spans_ranks(self.stages[g]) else extra for g in (ENCODE, DECODE)}
         self.coupling = prob.profile.waa_period_factor if self.split else 1.0
         self.on_compute = prob.profile.handoff_on_compute
+        # Two processes on one device (Splitwiser): each step priced on its share, slowed while the other computes.
+        pricing = getattr(policy_module(plan.schedule.policy), "phase_pricing", None)
+        self.pricing = None if pricing is None else pricing(prob, plan.schedule)
+        if self.pricing is not None:  # its measured interference stands for WAA's lockstep calibration
+            self.coupling = 1.0
+        self.drivers: list[_Driver] = []
         # WAA state: the encode group's stages, its compute intervals, its batches and the decode group's merges.
         self.free = np.zeros(len(self.stages[ENCODE]))
         self.busy: list[tuple[float, float]] = []
@@ -235,6 +241,7 @@ class SimEngine:
             d = _Driver(g, None, order[g])
             d.gen = fn(_View(self, d, len(self.stages[g])))
             drivers.append(d)
+        self.drivers = drivers
         stats = None
         while True:
             ready = [(d.t, d.order, i) for i, d in enumerate(drivers) if not d.finished and self._unblock(d)]
@@ -451,7 +458,12 @@ class SimEngine:
     def _encode_batch(self, d: _Driver, rids: tuple[int, ...]) -> None:
         """One WAA encode batch through the encode stages, from the driver's clock."""
         t = [x * self.coupling for x in self._encode_times(self.stages[ENCODE], self._prompt_lens(list(rids)))]
-        t[0] += self.extra[ENCODE] * min(t[0], self.last_dec)  # the decode group computing meanwhile
+        if self.pricing is not None:  # the decode process computes through the batch unless it waits for one
+            scale, kappa = self.pricing(ENCODE, len(rids))
+            t = [x * scale for x in t]
+            t[0] += kappa * t[0] * self._decoding()
+        else:
+            t[0] += self.extra[ENCODE] * min(t[0], self.last_dec)  # the decode group computing meanwhile
         t0 = max(self.free[0], d.t)
         self.ledger.started(rids, t0)
         prev = t0
@@ -478,6 +490,11 @@ class SimEngine:
         self.merges.append(d.t)
         return Merged(rids, first - t0)
 
+    def _decoding(self) -> float:
+        """1 while the decode driver has requests to decode (it is not waiting for a hand-off), else 0."""
+        return float(any(d.group == DECODE and not d.finished and not isinstance(d.blocked, (Peek, Merge))
+                         for d in self.drivers))
+
     def _encoding_during(self, a: float, b: float) -> float:
         return sum(max(0.0, min(b, e) - max(a, s0)) for s0, e in self.busy[-HANDOFF_DEPTH - 1:])
 
@@ -502,7 +519,12 @@ class SimEngine:
             dt = self._step(stages, mbs, pos, action.sp)
             if d.group == DECODE and self.split:
                 dt *= self.coupling
-                dt += self.extra[DECODE] * self._encoding_during(d.t, d.t + dt)  # the encode group meanwhile
+                if self.pricing is not None:
+                    scale, kappa = self.pricing(DECODE, sum(len(mb) for mb in mbs))
+                    dt *= scale
+                    dt += kappa * self._encoding_during(d.t, d.t + dt)
+                else:
+                    dt += self.extra[DECODE] * self._encoding_during(d.t, d.t + dt)  # the encode group meanwhile
                 self.last_dec = dt
             d.t += dt
             steps.append(sum(len(mb) for mb in mbs))

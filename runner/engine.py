@@ -61,6 +61,10 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
                           f"{sorted(drivers)}")
     stages = ctx.stages_of(group)
     rows = module.cache_rows(plan, group)
+    if hasattr(module, "phase_pricing"):  # processes sharing one device: this one's share of it
+        from .colocate import enter_process
+
+        enter_process(plan.schedule, group)
     if group == MAIN:
         rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=stages[0].leader)
     else:

@@ -321,6 +321,9 @@ class RunContext:
     """``exegpt.replan.DriftOptions``: the driver of the group that finishes requests re-plans live on drift."""
     steady_stop: object | None = None
     """``exegpt.rules.SteadyStop``: end the run once its steady window holds what it asks (measurement runs)."""
+    shared_weights: str | None = None
+    """Processes sharing one device (Splitwiser): the file every rank maps its whole model from
+    (``runner.colocate``)."""
 
     @property
     def kept_lens(self):
@@ -366,6 +369,13 @@ def build_stage_model(ctx: RunContext, rank: int, device: torch.device, groups: 
     from .weights import load_model
 
     sr = ctx.stage_of(rank)
+    if ctx.shared_weights is not None:  # one copy mapped into every process of the device
+        from .colocate import load_shared, warm_up
+
+        model, tok = load_shared(ctx.shared_weights)
+        model.setup_cache(max_rows, max_len)
+        warm_up(model, max_rows, max_len)
+        return model.to(device), tok
     key = (ctx.model, ctx.dtype, str(device), sr.layers, sr.first, sr.last, ctx.seed)
     if ctx.encoder_decoder:  # T5 loads whole; its cross-attention cache holds the longest prompt
         model, _, tok = load_model(ctx.model, DTYPES[ctx.dtype], device, seed=ctx.seed)

@@ -179,7 +179,29 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
     if opts.batch_invariant and not torchrun_env():  # the ranks start here, on this machine's device
         cpu_kernels.check_batch_invariant(torch.device("cuda" if torch.cuda.is_available() else "cpu"), opts.dtype)
     ctxs = [_context(p, model, requests, trace, opts) for p in plans]
-    worlds = [p.schedule.num_gpus for p in plans]
+    worlds = [_num_ranks(p) for p in plans]
+    shared = [i for i, p in enumerate(plans) if getattr(policy_module(p.schedule.policy), "SHARES_WEIGHTS", False)]
+    if shared and not torchrun_env():  # one copy of the weights mapped into the processes of the device
+        from .colocate import check_device, share_weights
+
+        check_device()
+        path = share_weights(model, DTYPES[opts.dtype], opts.seed)
+        ctxs = [dataclasses.replace(c, shared_weights=path) if i in shared else c for i, c in enumerate(ctxs)]
+        try:
+            return _run_contexts(plans, ctxs, worlds, opts)
+        finally:
+            Path(path).unlink(missing_ok=True)
+    return _run_contexts(plans, ctxs, worlds, opts)
+
+
+def _num_ranks(plan: Plan) -> int:
+    """Processes a plan runs on: one per device, or the policy's own count (Splitwiser: two on one device)."""
+    module = policy_module(plan.schedule.policy)
+    return module.num_ranks(plan.schedule) if hasattr(module, "num_ranks") else plan.schedule.num_gpus
+
+
+def _run_contexts(plans: list[Plan], ctxs: list[RunContext], worlds: list[int], opts: RunOptions
+                  ) -> list[RunReport | None]:
     out: list[RunReport | None] = [None] * len(plans)
     if torchrun_env():
         rank, size, device = init_from_env(opts.timeout_s)

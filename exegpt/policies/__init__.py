@@ -19,7 +19,7 @@ from types import ModuleType
 from ..errors import ExeGPTError
 from ..radix import PrefixCache
 from ..schedule import Policy, policy_of
-from . import blendserve, cb, chunked, disagg, pipeinfer, rra, shift, static, waa
+from . import blendserve, cb, chunked, disagg, pipeinfer, rra, shift, splitwiser, static, waa
 from .blendserve import BlendSchedule
 from .cb import CBSchedule
 from .chunked import ChunkedSchedule
@@ -27,14 +27,15 @@ from .disagg import DisaggSchedule
 from .pipeinfer import PipeInferSchedule
 from .rra import RRASchedule
 from .shift import ShiftSchedule
+from .splitwiser import SplitwiserSchedule
 from .static import StaticSchedule
 from .waa import WAASchedule
 
-_MODULES = (rra, waa, static, cb, chunked, disagg, shift, pipeinfer, blendserve)
+_MODULES = (rra, waa, static, cb, chunked, disagg, shift, pipeinfer, blendserve, splitwiser)
 REGISTRY: dict[str, ModuleType] = {name.value: module for module in _MODULES for name in module.NAMES}
 
 Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule \
-    | ShiftSchedule | PipeInferSchedule | BlendSchedule
+    | ShiftSchedule | PipeInferSchedule | BlendSchedule | SplitwiserSchedule
 
 
 def policy_module(name) -> ModuleType:

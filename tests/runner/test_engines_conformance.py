@@ -17,6 +17,7 @@ from exegpt.policies.blendserve import BlendSchedule
 from exegpt.policies.cb import CBSchedule
 from exegpt.policies.chunked import ChunkedSchedule
 from exegpt.policies.disagg import DisaggSchedule
+from exegpt.policies.splitwiser import SplitwiserSchedule
 from exegpt.report import FAILED, FINISHED
 from runner.run import run_plan
 
@@ -49,7 +50,8 @@ def test_both_engines_make_the_same_decisions(schedule, devices):
 
 @pytest.mark.parametrize("schedule,devices", [(RRASchedule(3, 4, 1, 0, 1), "1xcpu"),
                                               (WAASchedule(Policy.WAA_C, 2, 8, 1, 0, 1, 1), "2xcpu"),
-                                              (DisaggSchedule(8, 96, 1, 1), "2xcpu")])
+                                              (DisaggSchedule(8, 96, 1, 1), "2xcpu"),
+                                              (SplitwiserSchedule(8, 96), "1xcpu")])
 def test_arrivals_are_honoured_by_both_engines(schedule, devices):
     """Poisson arrivals: no request starts before it arrives, each engine reports the same per-request fields."""
     torch.set_num_threads(1)

@@ -1,0 +1,178 @@
+"""Splitwiser (a prefill and a decode process sharing one device) against one process alternating the phases on
+the same device and against WAA on two devices: executed on the runner and simulated, on the same requests.
+
+    python -m benchmarks.splitwiser [--model tiny] [--requests 48] [--rounds 3] [--profile PATH]
+
+Configurations (one device = the CPU's two cores):
+  * alternate: continuous batching in one process, one thread (the phases take turns);
+  * splitwiser 1+1: the prefill process and the decode process, one thread each;
+  * splitwiser 2+2: both processes on both cores (shares 100 % + 100 %);
+  * WAA-C 1+1: ExeGPT's encode rank and decode rank, each counted as a device of its own.
+Requests: all at once (saturated) and by Poisson at 60 % of the alternating plan's simulated throughput. Each
+configuration runs ``--rounds`` times, interleaved; a cell is the median measured value / the simulated one;
+``spread`` is the measured throughput's (max - min) / median over the rounds, the noise floor. Throughput is
+every generated token over the run's makespan. The ratios against the alternating process, measured beside
+simulated, are paired within each round's machine speed; the absolute simulated values carry the speed the
+profile was measured at. The interference
+factors the simulator used are measured first, in the same run (``profiler.interference``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+import torch
+
+from exegpt import Arrivals, Policy, Profile, WAASchedule, Workload, evaluate_schedule, run_simulated
+from exegpt.policies.cb import CBSchedule
+from exegpt.policies.splitwiser import SplitwiserSchedule
+
+WORKLOADS = {"tiny": Workload.truncated_normal(input=(48, 16, 96), output=(32, 12, 64)),
+             "smollm2": Workload.truncated_normal(input=(32, 12, 64), output=(16, 6, 32))}
+
+
+def schedules(w: Workload) -> dict[str, tuple[object, str]]:
+    longest = w.input_len.max
+    return {"alternate (1 proc)": (CBSchedule(16, 2 * (longest + w.output_len.max), 1, 0, 1, block_size=16), "1xcpu"),
+            "splitwiser 1+1": (SplitwiserSchedule(16, 2 * longest, 50, 50), "1xcpu"),
+            "splitwiser 2+2": (SplitwiserSchedule(16, 2 * longest, 100, 100), "1xcpu"),
+            "WAA-C 1+1 (2 dev)": (WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), "2xcpu")}
+
+
+def _metrics(rep) -> dict[str, float]:
+    """Throughput as every generated token over the run's makespan (a short run has no steady window)."""
+    tokens = sum(r.num_generated for r in rep.requests)
+    return {"tok/s": tokens / rep.makespan_s, "TTFT": rep.ttft.p50, "TPOT": rep.tpot.p50, "e2e": rep.e2e.p50}
+
+
+def measure(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0, skip=()) -> tuple[str, dict]:
+    from runner.run import run_plan
+
+    w = WORKLOADS[model]
+    plans = {name: evaluate_schedule(s, w, profile=prof, devices=dev) for name, (s, dev) in schedules(w).items()
+             if name not in skip}
+    base = run_simulated(plans["alternate (1 proc)"], prof, num_requests=requests, seed=seed)
+    regimes = {"saturated": None, "poisson": Arrivals.poisson(0.6 * base.throughput_seq_s)}
+    rows, out = [], {}
+    for regime, arr in regimes.items():
+        got: dict[str, list] = {n: [] for n in plans}
+        for _ in range(rounds):
+            for name, plan in plans.items():  # interleaved: the machine's drift hits every configuration alike
+                torch.set_num_threads(1)
+                got[name].append(_metrics(run_plan(plan, model, num_requests=requests, seed=seed, arrivals=arr,
+                                                   timeout_s=900)))
+        for name, plan in plans.items():
+            sim = _metrics(run_simulated(plan, prof, num_requests=requests, seed=seed, arrivals=arr))
+            meas = {k: float(np.median([g[k] for g in got[name]])) for k in sim}
+            thr = [g["tok/s"] for g in got[name]]
+            spread = (max(thr) - min(thr)) / meas["tok/s"]
+            out[(regime, name)] = (meas, sim, spread)
+            cells = [f"{meas['tok/s']:.0f} / {sim['tok/s']:.0f}"] + \
+                [f"{meas[k] * 1e3:.1f} / {sim[k] * 1e3:.1f}" for k in ("TTFT", "TPOT", "e2e")]
+            rows.append(f"| {regime} | {name} | " + " | ".join(cells) + f" | {spread:.0%} |")
+    head = ("| requests | configuration | tok/s | TTFT p50 ms | TPOT p50 ms | e2e p50 ms | spread |\n"
+            "|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows), out
+
+
+def ratios(out: dict) -> str:
+    """Splitwiser against the alternating process, measured and simulated."""
+    lines = []
+    for regime in ("saturated", "poisson"):
+        alt = out[(regime, "alternate (1 proc)")]
+        for name in ("splitwiser 1+1", "splitwiser 2+2", "WAA-C 1+1 (2 dev)"):
+            if (regime, name) not in out:
+                continue
+            m, s, _ = out[(regime, name)]
+            lines.append(f"- {regime}, {name}: throughput {m['tok/s'] / alt[0]['tok/s']:.2f}x the alternating "
+                         f"process measured ({s['tok/s'] / alt[1]['tok/s']:.2f}x simulated), e2e p50 "
+                         f"{m['e2e'] / alt[0]['e2e']:.2f}x ({s['e2e'] / alt[1]['e2e']:.2f}x)")
+    return "\n".join(lines)
+
+
+def _map_worker(path: str, prefill: bool, barrier, results) -> None:
+    from runner.colocate import load_shared, weight_residency
+
+    torch.set_num_threads(1)
+    model, _ = load_shared(path)
+    model.setup_cache(16, 64)
+    with torch.inference_mode():
+        if prefill:  # 16 rows: the prefill process's oneDNN-packed copy, if the model's weights are large enough
+            model.prefill(torch.arange(16 * 32) % model.args.vocab_size, torch.full((16,), 32), torch.arange(16))
+        else:  # decode steps only, as the decode process runs (its KV comes by hand-off)
+            for _ in range(4):
+                model.decode(torch.arange(4), torch.arange(4))
+        sum(float(p.sum()) for p in model.parameters())  # every weight page read
+    barrier.wait()  # both map the file now
+    results.put((prefill, weight_residency(path)))
+    barrier.wait()
+
+
+def weight_memory(model: str) -> str:
+    """What the two processes hold of the shared weights, from their ``/proc/self/smaps``."""
+    import multiprocessing as mp
+    from pathlib import Path
+
+    from runner.colocate import share_weights
+
+    path = share_weights(model, torch.float32, 0)
+    try:
+        size = Path(path).stat().st_size
+        ctx = mp.get_context("spawn")
+        barrier, results = ctx.Barrier(2), ctx.SimpleQueue()
+        procs = [ctx.Process(target=_map_worker, args=(path, pre, barrier, results)) for pre in (True, False)]
+        for p in procs:
+            p.start()
+        got = dict(results.get() for _ in procs)
+        for p in procs:
+            p.join(60)
+    finally:
+        Path(path).unlink(missing_ok=True)
+    mb = 2 ** 20
+    rows = [f"| {'prefill' if pre else 'decode'} | {g['rss_bytes'] / mb:.1f} | {g['pss_bytes'] / mb:.1f} | "
+            f"{g['private_bytes'] / mb:.1f} | {g['process_rss_bytes'] / mb:.0f} |" for pre, g in got.items()]
+    pss = sum(g["pss_bytes"] for g in got.values())
+    return (f"Weights of {model} ({size / mb:.1f} MiB file, fp32) in the two processes, MiB:\n\n"
+            "| process | weights resident | weights, proportional share | weights, private | process RSS |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) +
+            f"\n\nThe proportional shares add up to {pss / mb:.1f} MiB: {pss / size:.2f} copies of the weights.")
+
+
+def main(argv=None) -> None:
+    from profiler.interference import InterferenceOptions, measure as measure_pairs, table as pair_table
+    from profiler.loop import cached_profile
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", choices=sorted(WORKLOADS))
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", default=None, help="a profile JSON (default: the cached CPU profile of --model)")
+    ap.add_argument("--refresh-profile", action="store_true", help="re-measure the cached profile first")
+    ap.add_argument("--save-profile", default=None, help="write the profile with the interference measured")
+    ap.add_argument("--splits", nargs="*", default=["1+1", "2+2"], help="thread splits the interference covers")
+    ap.add_argument("--skip", nargs="*", default=(), help="configurations to leave out, e.g. 'splitwiser 2+2'")
+    a = ap.parse_args(argv)
+    print(weight_memory(a.model) + "\n")
+    prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False,
+                                                                    refresh=a.refresh_profile)
+    w = WORKLOADS[a.model]
+    ctx = int(w.input_len.mean() + w.output_len.mean() / 2)
+    splits = tuple(tuple(int(x) for x in sp.split("+")) for sp in a.splits)
+    opts = InterferenceOptions(splits, (1, 4, 16), int(w.input_len.mean()), ctx, window_s=0.5)
+    inter = measure_pairs(a.model, opts)
+    prof = dataclasses.replace(prof, phase_interference=inter)
+    if a.save_profile:
+        prof.save(a.save_profile)
+    print(f"Interference measured ({a.model}, prompts of {inter.prompt_len} tokens, decode context {ctx}; scale: "
+          f"alone on the split over one thread alone; kappa: beside the other phase over alone, minus 1):\n")
+    print(pair_table(inter) + "\n")
+    table, out = measure(a.model, prof, a.requests, a.rounds, skip=tuple(a.skip))
+    print(f"Executed / simulated, {a.model}, {a.requests} requests, {a.rounds} rounds (median):\n")
+    print(table + "\n")
+    print(ratios(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Splitwiser on the runner: two processes on one device with one copy of the weights, the KV of each prefilled
+batch handed from the prefill process to the decode process; greedy tokens, conservation, a dying process."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from exegpt import Profile, Workload, evaluate_schedule
+from exegpt.policies.cb import CBSchedule
+from exegpt.policies.splitwiser import SplitwiserSchedule
+from exegpt.report import FINISHED
+from runner.dist import Fault, RankFailedError
+from runner.generate import greedy_reference
+from runner.requests import make_requests
+from runner.run import run_plan, run_plans
+from runner.weights import load_model
+
+PROFILE = Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json"
+W = Workload.truncated_normal(input=(24, 10, 48), output=(16, 8, 40))
+
+
+def test_two_processes_give_greedy_tokens_and_account_for_every_request():
+    """Splitwiser (one thread a process) beside one process alternating the phases (continuous batching): the
+    same requests, every one finished with single-request greedy decoding's tokens."""
+    torch.set_num_threads(1)
+    prof = Profile.load(PROFILE)
+    reqs = make_requests(W, 16, vocab_size=256, seed=4)
+    plans = [evaluate_schedule(s, W, profile=prof, devices="1xcpu") for s in
+             (SplitwiserSchedule(6, 96, 50, 50, block_size=8), CBSchedule(6, 96, 1, 0, 1, block_size=8))]
+    reps = run_plans(plans, "tiny", requests=reqs, keep_tokens=True, log_decisions=True, timeout_s=120)
+    model, _, _ = load_model("tiny")
+    ref = {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in reqs}
+    for rep in reps:
+        assert sorted(r.id for r in rep.requests) == list(range(len(reqs)))
+        assert all(r.status == FINISHED and list(r.tokens) == ref[r.id] for r in rep.requests)
+    for rep in reps[:1]:
+        assert rep.num_ranks == 2
+        merged = [rid for d in rep.decisions if d.startswith("decode Merge") for rid in eval(d.split("-> ")[1])]
+        assert sorted(merged) == list(range(len(reqs)))  # every request's KV came through the hand-off
+
+
+def _map_and_measure(path: str, barrier, results) -> None:
+    from runner.colocate import load_shared, weight_residency
+
+    torch.set_num_threads(1)
+    model, _ = load_shared(path)
+    with torch.inference_mode():
+        model.setup_cache(2, 16)
+        model.prefill(torch.arange(8), torch.tensor([4, 4]), torch.arange(2))
+        sum(float(p.sum()) for p in model.parameters())  # every page of every weight read (the embedding's too)
+    barrier.wait()  # both have mapped and read every page
+    results.put(weight_residency(path))
+    barrier.wait()  # neither unmaps before the other measured
+
+
+def test_the_weights_exist_once_in_memory():
+    """Two processes map the shared weight file: each holds all its pages resident, none of them privately, and
+    their proportional shares add up to one copy."""
+    from runner.colocate import share_weights
+
+    path = share_weights("tiny", torch.float32, 0)
+    try:
+        size = Path(path).stat().st_size
+        ctx = mp.get_context("fork")  # the children map the file afresh; fork only spares their start-up
+        barrier, results = ctx.Barrier(2), ctx.SimpleQueue()
+        procs = [ctx.Process(target=_map_and_measure, args=(path, barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        got = [results.get() for _ in procs]
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        Path(path).unlink(missing_ok=True)
+    weights = sum(p.numel() * p.element_size() for p in load_model("tiny")[0].parameters())
+    for g in got:
+        assert g["rss_bytes"] >= weights and g["private_bytes"] == 0, (weights, got)
+    pss = sum(g["pss_bytes"] for g in got)
+    assert weights <= pss <= size + 8192, (weights, size, got)  # one copy, shared: not two
+
+
+def test_a_process_that_dies_is_reported():
+    """The prefill process SIGKILLed mid-run: the run ends naming it, and its report holds every request, finished
+    or failed with the reason."""
+    prof = Profile.load(PROFILE)
+    plan = evaluate_schedule(SplitwiserSchedule(6, 96, block_size=8), W, profile=prof, devices="1xcpu")
+    reqs = make_requests(W, 12, vocab_size=256, seed=4)
+    t = time.monotonic()
+    with pytest.raises(RankFailedError, match=r"rank 0 died \(exit code -9, SIGKILL\)") as e:
+        run_plan(plan, "tiny", requests=reqs, fault=Fault(0, 3, "kill"), timeout_s=60)
+    assert e.value.rank == 0 and time.monotonic() - t < 70
+    [report] = e.value.reports
+    assert sorted(r.id for r in report.requests) == list(range(len(reqs)))
+    assert report.num_finished + report.num_failed == len(reqs) and report.num_failed >= 1
+    assert all(r.reason for r in report.requests if r.status != FINISHED)
