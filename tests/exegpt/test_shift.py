@@ -117,7 +117,11 @@ def test_searched_saved_and_parsed():
     (lambda: ShiftSchedule(2304, 256, 4, 1, 512, 1, 8), r"replicas=1 x sp=4 x tp=1 must equal the 8 devices"),
     (lambda: evaluate_schedule(ShiftSchedule(2304, 256, 3, 1, 512, 1, 3), W, model="llama-2-70b",
                                devices="3xH100"),
-     r"3 devices do not split llama-2-70b's 64 query and 8 KV heads evenly; SP x TP must be one of \[1, 2, 4, 8\]"),
+     r"TP degree 3 must divide llama-2-70b's 64 heads and 8 KV heads, or the profile must time that uneven split"),
+    (lambda: evaluate_schedule(ShiftSchedule(2304, 256, 16, 1, 512, 1, 16), W, model="llama-2-70b",
+                               devices="16xH100"),
+     r"16 devices do not split llama-2-70b's 64 query and 8 KV heads into whole GQA groups; SP x TP must be one of "
+     r"\[1, 2, 3, 4, 5, 6, 7, 8\]"),
     (lambda: evaluate_schedule(ShiftSchedule(64, 8, 2, 1, 16, 1, 2), Workload.task("S"), model="t5-11b",
                                devices="2xA100"), r"runs decoder-only models, not t5-11b"),
 ])
