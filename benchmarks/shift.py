@@ -1,7 +1,7 @@
 """Shift Parallelism against its pure configurations (TP, DP, SP) under arrivals: simulated on an 8-GPU profile,
 executed on two CPU ranks with the simulated prediction beside each measured number.
 
-    python -m benchmarks.shift [--requests 1500] [--speedup 4] [--cpu-model small] [--cpu-requests 60]
+    python -m benchmarks.shift [--requests 1500] [--speedup 4] [--cpu-model smollm2] [--cpu-requests 60]
                                [--skip-cpu] [--skip-goodput] [--refresh-profile] [--plot docs/shift.png]
 
 Simulated (``exegpt.sim``, the shipped H100 data): Llama-2-13B (fp16; with TP = 1 a replica holds the whole model)
@@ -13,10 +13,10 @@ grid (thresholds, degrees, replicas, S). Configurations, each one replica schedu
 prefill, S = 256 requests, a budget of 8192 + S tokens a step): TP8; DP8 (eight one-device replicas, round robin);
 SP8 (Ulysses for every step); Shift (SP8 base, TP8 for steps under ``--threshold`` tokens).
 
-Executed (``runner``, gloo): the same four on two CPU ranks (TP2, DP2, SP2, Shift) with the ``--cpu-model``
-preset and its cached CPU profile (``profiler.loop.cached_profile``), on the trace scaled to CPU-sized lengths,
-bursty and steady; each cell is the measured value / the simulated prediction on the same requests.
-SmolLM2-135M's 9 query and 3 KV heads split over 1 or 3 ranks only, so two ranks run a preset.
+Executed (``runner``, gloo): the same four on two CPU ranks (TP2, DP2, SP2, Shift) with ``--cpu-model``
+(default the pretrained SmolLM2-135M, whose 9 query and 3 KV heads go 6 + 3 and 2 + 1 over the two ranks) and
+its cached CPU profile (``profiler.loop.cached_profile``), on the trace scaled to CPU-sized lengths, bursty and
+steady; each cell is the measured value / the simulated prediction on the same requests.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--speedup", type=float, default=4.0)
     ap.add_argument("--threshold", type=int, default=512)
-    ap.add_argument("--cpu-model", default="small")
+    ap.add_argument("--cpu-model", default="smollm2")
     ap.add_argument("--cpu-requests", type=int, default=60)
     ap.add_argument("--cpu-threshold", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)

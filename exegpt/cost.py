@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import ulysses_cost
 from .models import ModelShape
 from .profile import Kernel, Profile
 from .workload import Workload
@@ -248,6 +249,8 @@ class CostModel:
         if sp > 1:  # Ulysses: the dense work on this rank's share of the real tokens, attention on P ranks' heads
             tokens = b * self.stats.in_mean
             attn, ok2 = self._prompt_attention(tp, b)
+            if ulysses_cost.has_measured(self, sp, tp):  # the profiler timed the layer: its rest, measured
+                return ulysses_cost.encode_rest(self, tp, tokens) + attn, ok2
             dense, ok1 = self._get(Kernel.DENSE_ENCODE, tp // sp, np.ceil(tokens / sp))
             comm, ok3 = self.ulysses_comm(sp, tp, tokens)
             return dense + attn + comm, ok1 & ok2 & ok3
@@ -290,8 +293,10 @@ class CostModel:
         if ctx is None:
             ctx = self.stats.context_len(r, self.padded_decode)
         if sp > 1:
-            dense, ok1 = self._get(Kernel.DENSE_DECODE, tp // sp, np.ceil(r / sp))
             attn, ok2 = self._get(Kernel.ATTN_DECODE, tp, r, np.broadcast_to(ctx, r.shape))
+            if ulysses_cost.has_measured(self, sp, tp):
+                return ulysses_cost.decode_rest(self, tp, r) + attn, ok2
+            dense, ok1 = self._get(Kernel.DENSE_DECODE, tp // sp, np.ceil(r / sp))
             comm, ok3 = self.ulysses_comm(sp, tp, r)
             return dense + attn + comm, ok1 & ok2 & ok3
         dense, ok1 = self._get(Kernel.DENSE_DECODE, tp, r)

@@ -114,8 +114,9 @@ class ShiftModel(nn.Module):
 
     def __init__(self, model: Transformer, groups: ShiftGroups):
         super().__init__()
-        if not (model.embed and model.head) or model.tp_size != 1:
-            raise ExeGPTError("Shift Parallelism runs whole, unsharded models (no pipeline stages)")
+        if model.embed != model.head or model.tp_size != 1:
+            raise ExeGPTError("Shift Parallelism runs whole, unsharded models (no pipeline stages), or a stack of "
+                              "layers with neither embedding nor head (the profiler's)")
         args = model.args
         check_degrees(groups.sp, groups.tp, args.n_heads, args.n_kv_heads, args.name or "the model")
         self.g = groups
@@ -130,8 +131,8 @@ class ShiftModel(nn.Module):
         self.chunks = tuple((k * group, k) for k in shares[groups.t])  # (H, Hkv) of SP rank j in my base shard
         self.heads = self.chunks[groups.s]  # this rank's, in both modes
 
-    embed = property(lambda self: True)
-    head = property(lambda self: True)
+    embed = property(lambda self: self.shift.embed)
+    head = property(lambda self: self.shift.head)
 
     @property
     def cache(self):
@@ -179,6 +180,12 @@ class ShiftModel(nn.Module):
         out = x.new_empty(per * self.g.sp, dim)
         dist.all_gather_single(out, x, group=self.g.sp_group)  # every token's hidden state, in token order
         return _grid(out[:T], valid, n, S)
+
+    def base_layer(self, x: Tensor, step: Step, n: int, S: int, layer: int = 0) -> Tensor:
+        """Base-mode layer ``layer`` alone over this rank's share ``x`` ``[ceil(n S / SP), dim]`` of a step of
+        ``n`` rows of ``S`` real tokens each (what ``profiler.sp_layer`` times)."""
+        block = list(self.base.layers.values())[layer]
+        return self._layer(block, x, step, layer, None, (n, S, n * S, x.shape[0]))
 
     def _layer(self, block, x: Tensor, step: Step, layer: int, valid: Tensor | None, shape) -> Tensor:
         """One base-mode layer over this rank's tokens ``x`` ``[per, dim]``. SP rank j of the base shard holds
