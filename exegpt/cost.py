@@ -216,11 +216,11 @@ class CostModel:
         m, base = self.model, tp // sp
         per = np.ceil(np.maximum(np.asarray(tokens, dtype=float), 1.0) / sp)  # tokens per rank, padded
         if m.n_kv_heads % tp == 0:
-            b = m.dtype_bytes * m.hd / base
+            b = m.activation_dtype_bytes * m.hd / base
             qkv, ok1 = self._a2a(sp, per * (m.n_heads + 2 * m.n_kv_heads) * b)
             out, ok2 = self._a2a(sp, per * m.n_heads * b)
         else:  # whole GQA groups, uneven: the rank with the most heads (ceil) receives the most and sets the pace
-            kv = sp * -(-m.n_kv_heads // tp) * m.dtype_bytes * m.hd  # as if every SP rank held that many
+            kv = sp * -(-m.n_kv_heads // tp) * m.activation_dtype_bytes * m.hd  # as if every SP rank held that many
             group = m.n_heads // m.n_kv_heads
             qkv, ok1 = self._a2a(sp, per * (group + 2) * kv)
             out, ok2 = self._a2a(sp, per * group * kv)

@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 
 from .errors import ExeGPTError
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+"""fp8: FP8 (e4m3) weights and GEMM inputs (W8A8, as vLLM serves an FP8 checkpoint); the hidden states between
+layers, and so the collectives' messages, stay bf16 (``activation_dtype_bytes``)."""
 
 
 def even_shares(n: int, p: int) -> tuple[int, ...]:
@@ -156,9 +158,14 @@ class ModelShape:
         """T5: cross-attention K/V bytes one *input* token adds to one decoder layer (0 for decoder-only)."""
         return 2 * self.n_heads * self.hd * self.kv_dtype_bytes / tp if self.is_encoder_decoder else 0.0
 
+    @property
+    def activation_dtype_bytes(self) -> int:
+        """Bytes of one element of the hidden states and attention tensors: bf16's for an FP8 model."""
+        return 2 if self.dtype == "fp8" else self.dtype_bytes
+
     def activation_bytes(self, tokens: float) -> float:
         """Bytes of the hidden states of ``tokens`` tokens (a pipeline or all-reduce message)."""
-        return tokens * self.dim * self.dtype_bytes
+        return tokens * self.dim * self.activation_dtype_bytes
 
     def valid_split(self, p: int) -> bool:
         """Whether ``p`` ranks can shard the heads in whole GQA groups (``kv_shares``): 1 <= ``p`` <= the KV

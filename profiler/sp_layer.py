@@ -11,8 +11,9 @@ output projection, MLP; not the forward's one closing all-gather, which the cost
 - ``sp_encode(tokens)`` at ``tp = world``: a prefill step of one prompt of ``tokens`` tokens;
 - ``sp_decode(batch, context)`` at ``tp = world``: a decode step of ``batch`` rows at position ``context``.
 
-Each repetition starts after a barrier; a point's time is the slowest rank's mean (a layer waits for its last
-rank at the all-to-all), as the loaded collectives are kept. One compute thread a rank, as the runner's CPU ranks.
+Each repetition starts after a barrier and runs the layer ``CHAIN`` times back to back, as a forward runs its
+layers (a barrier releases the ranks a little apart; in a forward that skew is paid once, not per layer); a
+point's time is the slowest rank's mean a layer. One compute thread a rank, as the runner's CPU ranks.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ PREFILL_TOKENS = (8, 32, 128, 512)
 """Prompt lengths of the ``sp_encode`` table (capped by the grid's tokens)."""
 DECODE_BATCHES = (1, 4, 16)
 DECODE_CONTEXTS = (32, 256)
-REPEAT_S = 0.25
+REPEAT_S = 0.5
 """Timed seconds a point gets at least (and ``MIN_REPEAT`` repetitions)."""
 MIN_REPEAT = 5
 WARMUP = 2
-SP_LAYER_S = 40.0
+CHAIN = 8
+"""Layer calls a repetition times back to back."""
+SP_LAYER_S = 60.0
 """About what the pass takes on a loaded machine (two interpreters importing torch and loading a layer, then about
 15 points of at least ``REPEAT_S``): a budgeted sweep runs it where twice that is left, before the engine
 calibration, which sizes its runs to the time left."""
@@ -132,7 +135,8 @@ def _worker(rank: int, c: dict) -> None:
 
 
 def _time(fn) -> float:
-    """The slowest rank's mean seconds of ``fn``, each call after a barrier; the ranks agree on the count."""
+    """The slowest rank's mean seconds of ``fn``, ``CHAIN`` calls after each barrier; the ranks agree on the
+    count."""
     for _ in range(WARMUP):
         dist.barrier()
         fn()
@@ -140,9 +144,10 @@ def _time(fn) -> float:
     while True:
         dist.barrier()
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        done = torch.tensor([float(len(times) >= MIN_REPEAT and sum(times) >= REPEAT_S)])
+        for _ in range(CHAIN):
+            fn()
+        times.append((time.perf_counter() - t0) / CHAIN)
+        done = torch.tensor([float(len(times) >= MIN_REPEAT and CHAIN * sum(times) >= REPEAT_S)])
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if done.item():
             break
