@@ -220,8 +220,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu-threshold", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cpu-rate", type=float, default=4.0, help="requests a second on the two CPU ranks")
-    ap.add_argument("--cpu-budget", type=float, default=-1.0,
-                    help="the CPU profile's budget in seconds (-1: the profiler's default)")
+    ap.add_argument("--cpu-budget", type=float, default=600.0,
+                    help="the CPU profile's budget in seconds (-1: the profiler's default, 300 s on a CPU)")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-goodput", action="store_true")
     ap.add_argument("--refresh-profile", action="store_true", help="profile the CPU model again (not the cached one)")
