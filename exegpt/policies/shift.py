@@ -100,7 +100,8 @@ def check(prob: Problem, s: ShiftSchedule) -> None:
         raise ExeGPTError(f"shift: Shift Parallelism runs decoder-only models, not {m.name}")
     if p not in head_degrees(prob):
         raise ExeGPTError(f"shift: sp={s.sp} x tp={s.tp} = {p} devices do not split {m.name}'s {m.n_heads} query "
-                          f"and {m.n_kv_heads} KV heads into whole GQA groups; SP x TP must be one of {head_degrees(prob)}")
+                          f"and {m.n_kv_heads} KV heads into whole GQA groups; SP x TP must be one of "
+                          f"{head_degrees(prob)}")
     for t in sorted({p, s.tp}):
         if (why := prob.tp_problem(t)) is not None:
             raise ExeGPTError(f"shift: {why}")
