@@ -57,12 +57,16 @@ def static_bounds(w: Workload, model: str, devices: str) -> list[float]:
     return [float(np.percentile(lat, q)) for q in (10, 30, 70)] + [math.inf]
 
 
+POLICIES: tuple | None = BOX_POLICIES
+"""The policies searched: the paper's (default) or None, every registered one (``--policies all``)."""
+
+
 def timed_search(model, devices, task, bound):
     """(wall s, plan or None, the error's smallest bound or None)."""
     w = Workload.task(task)
     t0 = time.perf_counter()
     try:
-        plan = find_schedule(w, bound, model=model, devices=devices, policies=BOX_POLICIES)
+        plan = find_schedule(w, bound, model=model, devices=devices, policies=POLICIES)
         return time.perf_counter() - t0, plan, None
     except InfeasibleBoundError as e:
         return time.perf_counter() - t0, None, e.smallest_feasible_s
@@ -134,7 +138,14 @@ def main():
                     help="the exhaustive reference only on clusters of at most this many devices (16 devices: ~8 "
                          "minutes a case on one core)")
     ap.add_argument("--no-forced", action="store_true", help="skip the forced device counts")
+    ap.add_argument("--policies", choices=("paper", "all"), default="paper",
+                    help="search the paper's RRA, WAA-C and WAA-M (default; the exhaustive reference covers them) or "
+                         "every registered policy (find_schedule's default; no exhaustive reference)")
     args = ap.parse_args()
+    global POLICIES
+    if args.policies == "all":
+        POLICIES = None
+        args.exhaustive_limit = 0
     clusters = CLUSTERS[:2] if args.quick else CLUSTERS
     if args.models:
         clusters = [c for c in CLUSTERS if c[0] in args.models]

@@ -205,7 +205,8 @@ def cmd_plan(a) -> int:
     fn = exhaustive_schedule if a.exhaustive else find_schedule
     kw = dict(target, policies=a.policies, tp_degrees=a.tp, space=_space(a), device_counts=a.device_counts)
     if not a.exhaustive:
-        kw.update(eps_throughput=a.eps_throughput, eps_latency=a.eps_latency, verify_requests=a.verify)
+        kw.update(eps_throughput=a.eps_throughput, eps_latency=a.eps_latency, verify_requests=a.verify,
+                  per_policy=a.per_policy)
     elif a.verify:
         raise ExeGPTError("--verify replays the pick of the branch-and-bound search; drop --exhaustive or --verify")
     plan = fn(w, bound, **kw)
@@ -313,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--max-simulated", type=int, default=24,
                      help="(b), (c): schedules simulated at most, best estimate first (default 24)")
     plan.add_argument("--policies", nargs="+", default=None,
-                      help="policies to search (default: rra waa_c waa_m under --bound, and cb too under --completion "
-                           "or --ttft/--tpot)")
+                      help="policies to search (default: every registered policy but static batching)")
+    plan.add_argument("--per-policy", action="store_true",
+                      help="under --bound, also search each policy for its own best and print them (slower)")
     plan.add_argument("--tp", type=int, nargs="+", default=None, help="TP degrees to try (default: all)")
     plan.add_argument("--device-counts", type=int, nargs="+", default=None,
                       help="how many of the devices a schedule may use (default: any count; e.g. 4 uses all of 4xA40)")

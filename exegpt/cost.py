@@ -285,6 +285,18 @@ class CostModel:
         q = np.maximum(np.asarray(queries, dtype=float), 1.0)
         return self._get(Kernel.ATTN_DECODE, tp, q, np.broadcast_to(np.asarray(ctx, dtype=float), q.shape))
 
+    def cached_prefix_attention(self, tp: int, queries, ctx) -> tuple[np.ndarray, np.ndarray]:
+        """One layer's attention of a prompt's first chunk, ``queries`` tokens, over the ``ctx`` keys a prefix cache
+        gave its row (``exegpt.radix``): the queries-by-keys part of the causal attention of a prompt of ``ctx +
+        queries`` tokens (a prefill's kernel; the chunk's attention over itself is priced with its tokens)."""
+        q = np.maximum(np.asarray(queries, dtype=float), 1.0)
+        c = np.broadcast_to(np.asarray(ctx, dtype=float), q.shape)
+        one = np.ones_like(q)
+        full, ok1 = self._get(Kernel.ATTN_ENCODE, tp, one, c + q)
+        head, ok2 = self._get(Kernel.ATTN_ENCODE, tp, one, np.maximum(c, 1.0))
+        own, ok3 = self._get(Kernel.ATTN_ENCODE, tp, one, q)
+        return np.maximum(full - head - own, 0.0), ok1 & ok2 & ok3
+
     def decode_layer(self, tp: int, rows, ctx: float | None = None, sp: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """One decoder layer, one decode step of ``rows`` rows attending ``ctx`` tokens (default: the
         steady decode batch's mean context, or its longest when the backend pads decode steps); ``sp`` > 1: in

@@ -160,6 +160,11 @@ class RunReport(JSONFile):
     requests: tuple[RequestRecord, ...] = field(default=(), repr=False)
     drift: tuple = field(default=(), repr=False)
     """The drifts the run detected and what was re-planned (``exegpt.drift.DriftEvent``), when it watched for them."""
+    speculation: dict = field(default_factory=dict, repr=False, compare=False)
+    """Speculative decoding's counts (``runner.spec_head.speculation_stats``): runs, cancellations, acceptance,
+    KV rolled back, each stage's and the drafter's work."""
+    cached_tokens: int = 0
+    """Prompt tokens read from the run's prefix cache instead of prefilled (``exegpt.radix``)."""
     _what = "report"
 
     def to_dict(self) -> dict:
@@ -243,7 +248,8 @@ _PERCENTILE_FIELDS = ("queue", "ttft", "tpot", "e2e")
 def build_report(policy: str, records: list[RequestRecord], latency_len: int, encode_times_s: list[float],
                  decode_iters: list[tuple[float, int]], num_ranks: int = 1,
                  estimate: Estimate | None = None, steady: SteadyWindow | None = None,
-                 engine: str = "runner", decisions: tuple[str, ...] = (), drift: tuple = ()) -> RunReport:
+                 engine: str = "runner", decisions: tuple[str, ...] = (), drift: tuple = (),
+                 cached_tokens: int = 0) -> RunReport:
     """Aggregate per-request records and phase timings into a RunReport.
 
     Args:
@@ -286,7 +292,7 @@ def build_report(policy: str, records: list[RequestRecord], latency_len: int, en
         engine=engine, decisions=tuple(decisions), makespan_s=makespan,
         overall_seq_s=overall, steady_start_s=window[0], steady_end_s=window[1], num_finished=len(done),
         num_failed=len(records) - len(done), num_ranks=num_ranks,
-        estimate=estimate, requests=tuple(records), drift=tuple(drift))
+        estimate=estimate, requests=tuple(records), drift=tuple(drift), cached_tokens=int(cached_tokens))
 
 
 def _enc(v):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import whole
+
 
 STEADY_LO, STEADY_HI = 0.10, 0.90
 """Without an executor's steady window, throughput is taken between the 10 % and 90 % completion times."""
@@ -99,6 +101,24 @@ class SteadyWindow:
         return inside / (self.end_s - self.start_s) if inside >= MIN_STEADY_FINISHES else None
 
 
+@dataclass(frozen=True, slots=True)
+class SteadyStop:
+    """Ends a measurement run at the first phase boundary where its steady window holds at least ``phases`` encode
+    phases and ``finishes`` requests finished inside it: what the window measures is then in, and the start-up ramp
+    is the only part of the run outside it (no drain). The requests still running are reported failed ("the run
+    ended before the request finished")."""
+
+    finishes: int = MIN_STEADY_FINISHES
+    phases: int = 2
+
+    def __post_init__(self):
+        whole(self.finishes, "steady stop finishes", MIN_STEADY_FINISHES)  # fewer: a report reads the run whole
+        whole(self.phases, "steady stop phases", 1)
+
+    def reached(self, marker: SteadyMarker, finished: int) -> bool:
+        return marker.phases() >= self.phases and finished >= self.finishes
+
+
 class SteadyMarker:
     """Helps a driver mark its ``SteadyWindow``: ``begin`` once the batch is full, ``end`` once the queue
     starves; the first call of each counts."""
@@ -115,6 +135,10 @@ class SteadyMarker:
     def end(self, t: float) -> None:
         if self._start is not None and self._end is None:
             self._end = (t, len(self._enc), len(self._dec))
+
+    def phases(self) -> int:
+        """Encode phases inside the window so far (0 before it begins)."""
+        return 0 if self._start is None else len(self._enc) - self._start[1]
 
     def window(self, t_last: float) -> SteadyWindow | None:
         """The window (ending at ``t_last`` if the queue never starved), or None if the batch never filled."""

@@ -22,6 +22,8 @@ class Policy(str, Enum):
     CHUNKED = "chunked"  # chunked prefill (Sarathi-Serve): decodes first, then prompt chunks, in a token budget
     DISAGG = "disagg"  # prefill/decode disaggregation (DistServe, Splitwise): two pools, KV moved between them
     SHIFT = "shift"    # Shift Parallelism (Arctic Inference): each step in SP or TP by its size; DP replicas
+    PIPEINFER = "pipeinfer"  # PipeInfer: one request, asynchronous pipelined speculation, early cancellation
+    BLEND = "blendserve"  # BlendServe: offline pools ordered by resource use, prefix sharing kept (radix cache)
 
 
 def policy_of(value) -> Policy:

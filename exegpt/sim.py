@@ -35,7 +35,8 @@ from .cost import CostModel
 from .errors import ExeGPTError
 from .ledger import Ledger
 from .plan import Plan
-from .policies import driver_groups
+from .models import get_model
+from .policies import driver_groups, policy_module, prefix_cache
 from .policies.waa import HANDOFF_DEPTH
 from .policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, DriverStats, EndHandOffs, Evict, \
     Merge, Merged, Peek, Prefill, WaitArrival, decision
@@ -52,7 +53,7 @@ DEFAULT_REQUESTS = 600
 
 def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int = DEFAULT_REQUESTS, seed: int = 0,
                   lengths=None, arrivals: Arrivals | None = None, arrival_s=None, horizon_s: float = math.inf,
-                  log_decisions: bool = False, drift=None, latency_lens=None) -> RunReport:
+                  log_decisions: bool = False, drift=None, latency_lens=None, prompts=None) -> RunReport:
     """Runs ``plan`` on the simulated engine, costed with ``profile`` (the profile its estimate came from; by
     default the built-in profile of its model and devices, as ``find_schedule``'s default).
 
@@ -65,7 +66,8 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
     driver action in ``RunReport.decisions``. ``drift``: an ``exegpt.replan.DriftOptions``: watch the lengths served
     and re-plan when they drift (``RunReport.drift``; one replica). ``latency_lens``: per request, the output length
     whose token time its record keeps (``latency_len_token_s``; default: the plan's bound length), e.g. the bound
-    length of the distribution each request came from in a drift study.
+    length of the distribution each request came from in a drift study. ``prompts``: each request's prompt token
+    ids (with ``lengths``), which a policy with a prefix cache matches (default: distinct prompts, nothing shared).
     """
     instance(plan, Plan, "plan", "a Plan (find_schedule's result, or Plan.load(path))")
     if not horizon_s > 0:
@@ -73,11 +75,16 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
     if lengths is None:
         stream = request_stream(plan.workload, num_requests, seed, arrivals)
         lengths, arrival_s = stream.lengths, stream.arrival_s
+        if prompts is None and hasattr(policy_module(plan.schedule.policy), "prefix_cache_tokens"):
+            vocab = get_model(plan.model).vocab_size  # the prompt ids runner.requests.make_requests draws
+            prompts = [tuple(int(t) for t in stream.rng.integers(0, vocab, size=int(i))) for i, _ in lengths]
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.ndim != 2 or lengths.shape[1] != 2 or not len(lengths) or (lengths < 1).any():
         raise ExeGPTError(f"lengths must be (input, output) pairs of at least 1 token each, got shape "
                           f"{lengths.shape} with least value {lengths.min() if lengths.size else None}")
     arrival_s = np.zeros(len(lengths)) if arrival_s is None else np.asarray(arrival_s, dtype=float)
+    if prompts is not None and [len(q) for q in prompts] != lengths[:, 0].tolist():
+        raise ExeGPTError(f"prompts must be one per request ({len(lengths)}) with the lengths' input tokens")
     prob, lay = plan_problem(plan, profile)
     ledger = Ledger(lengths, arrival_s, plan.estimate.latency_len if latency_lens is None else latency_lens,
                     cache_len=plan.workload.max_total_len)
@@ -92,19 +99,21 @@ def run_simulated(plan: Plan, profile: Profile | None = None, num_requests: int 
         raise ExeGPTError(f"drift must be an exegpt.replan.DriftOptions, got {type(drift).__name__}")
     if drift is not None and replicas > 1:
         raise ExeGPTError(f"drift re-planning runs one replica; the plan has {replicas}")
-    stats, log, events = [], [], ()
+    stats, log, events, cached = [], [], (), 0
     for serves in route(ledger.runnable, replicas):
         control = None
         if drift is not None:
             control = drift.control(plan, serves)
-        engine = SimEngine(prob, lay, plan, ledger, horizon_s, [] if log_decisions else None, serves, control)
+        engine = SimEngine(prob, lay, plan, ledger, horizon_s, [] if log_decisions else None, serves, control,
+                           prompts)
         stats.append(engine.run())
+        cached += engine.prefix.hit_tokens if engine.prefix is not None else 0
         log += engine.log or []
         events = control.finish() if control is not None else events
     stats = merge_stats(stats)
     return build_report(plan.schedule.policy.value, ledger.records(), plan.estimate.latency_len,
                         list(stats.encode_s), list(stats.decode), plan.schedule.num_gpus, plan.estimate,
-                        stats.steady, engine="simulated", decisions=tuple(log), drift=events)
+                        stats.steady, engine="simulated", decisions=tuple(log), drift=events, cached_tokens=cached)
 
 
 def plan_problem(plan: Plan, profile: Profile | None) -> tuple[Problem, Layout]:
@@ -130,6 +139,7 @@ class _Driver:
         self.finished = False
         self.pending = None  # the action it yielded last, whose result it gets next
         self.credits = 0  # credits taken (the encode driver of WAA)
+        self.last, self.last_s = None, None  # the action before and its seconds (``Chunk.overlap``)
 
 
 class _View:
@@ -145,7 +155,7 @@ class _View:
     def waiting(self) -> list[int]:
         e = self.e
         end = e.arrived_by(self.d.t)
-        return e.runnable[e.taken:end].tolist()
+        return [r for r in e.runnable[e.taken:end].tolist() if r not in e.took]
 
     def arrived(self) -> int:
         return self.e.arrived_by(self.d.t)
@@ -165,20 +175,32 @@ class _View:
     def generated(self, rid: int) -> int:
         return int(self.e.ledger.gen[rid])
 
+    def prompt(self, rid: int) -> tuple[int, ...]:
+        return self.e.prompt(rid)
+
+    def cached_prefix(self, rid: int) -> int:
+        return 0 if self.e.prefix is None else self.e.prefix.cached(rid)
+
 
 class SimEngine:
     """Runs a plan's drivers (``exegpt.policies``) on simulated time."""
 
     def __init__(self, prob: Problem, lay: Layout, plan: Plan, ledger: Ledger, horizon_s: float = math.inf,
-                 log: list | None = None, serves: list[int] | None = None, control=None):
+                 log: list | None = None, serves: list[int] | None = None, control=None, prompts=None):
         """``serves``: the runnable requests this engine's drivers serve (one replica's, ``exegpt.replicas``;
-        None: all). ``control``: the drift re-planner the drivers consult (``exegpt.replan.DriftControl``)."""
+        None: all). ``control``: the drift re-planner the drivers consult (``exegpt.replan.DriftControl``).
+        ``prompts``: the requests' prompt token ids (None: distinct made-up ones)."""
         self.prob, self.lay, self.plan, self.ledger = prob, lay, plan, ledger
         self.control = control
         self.horizon_s, self.log = horizon_s, log
         self.runnable = np.asarray(ledger.runnable if serves is None else serves, dtype=np.int64)
         self.arrive = ledger.arrival[self.runnable]
-        self.taken = 0  # runnable requests taken by a prefill, in arrival order
+        self.taken = 0  # the first runnable request (in arrival order) no prefill took
+        self.took: set[int] = set()  # requests taken out of arrival order, beyond ``taken``
+        self.done_ids: set[int] = set()  # the requests before ``taken``
+        self.serving = set(self.runnable.tolist())
+        self.prompts = prompts
+        self.prefix = prefix_cache(plan, self.prompt)
         self.padded = prob.cost.padded
         self.padded_decode = prob.cost.padded_decode
         self.stages = {MAIN: lay.stages, ENCODE: lay.group("encode"), DECODE: lay.group("decode")}
@@ -197,6 +219,11 @@ class SimEngine:
 
     def arrived_by(self, t: float) -> int:
         return int(np.searchsorted(self.arrive, t, side="right"))
+
+    def prompt(self, rid: int) -> tuple[int, ...]:
+        if self.prompts is not None:
+            return tuple(self.prompts[rid])
+        return (-1 - rid,) + (0,) * (int(self.ledger.inp[rid]) - 1)  # distinct from every other request's
 
     # --- the loop -----------------------------------------------------------------------------------------
 
@@ -230,7 +257,9 @@ class SimEngine:
                 stats = stop.value if stop.value is not None else stats
                 continue
             d.pending = action
+            t_before = d.t
             d.result = self._execute(d, action)
+            d.last, d.last_s = action, d.t - t_before
         if stats is None:
             raise ExeGPTError(f"policy {self.plan.schedule.policy.value}: no driver returned its statistics")
         return stats
@@ -279,14 +308,32 @@ class SimEngine:
                 self._take(action.rids)
             return None
         if isinstance(action, Evict):
+            if self.prefix is not None:
+                for r in action.rids:
+                    self.prefix.release(r)
             return None
         if isinstance(action, Chunk):
-            self._take([r for r, s, _ in action.items if s == 0])
-            d.t = self._chunks(action.items, action.parts, d.t, action.sp)
+            new = [r for r, s, _ in action.items if not self._taken(r)]
+            self._take(new)
+            if self.prefix is not None:
+                for r, s, _ in action.items:
+                    if r in new:
+                        self.prefix.admit(r, s)
+            t0 = d.t
+            if action.overlap and isinstance(d.last, Decode) and d.last_s is not None:
+                t0 -= d.last_s  # alongside the decode iteration it follows: the step ends with the longer one
+            d.t = max(d.t, self._chunks(action.items, action.parts, t0, action.sp, set(new)))
+            if self.prefix is not None:
+                for r, s, m in action.items:
+                    if s + m == self.ledger.inp[r]:
+                        self.prefix.publish(r)
             return None
         if isinstance(action, Decode):
             return self._decode(d, action)
         if isinstance(action, Compact):
+            if self.prefix is not None:
+                for r in [r for r in self.prefix.held if self.ledger.finished[r]]:
+                    self.prefix.release(r)
             return None
         if isinstance(action, WaitArrival):
             nxt = self.arrived_by(d.t)
@@ -304,13 +351,26 @@ class SimEngine:
         if isinstance(action, EndHandOffs):
             self.ended = True
             return None
+        module = policy_module(self.plan.schedule.policy)
+        if hasattr(module, "simulate"):  # a policy's own action (PipeInfer's ``Speculate``), priced by the policy
+            return module.simulate(self, d, action)
         raise ExeGPTError(f"the simulated engine cannot execute {action!r}")
 
+    def _taken(self, rid: int) -> bool:
+        """Whether a prefill took ``rid`` (it is runnable)."""
+        return rid in self.took or rid in self.done_ids
+
     def _take(self, rids) -> None:
-        rids = list(rids)
-        if rids != self.runnable[self.taken:self.taken + len(rids)].tolist():
-            raise ExeGPTError(f"a prefill must take the waiting requests in arrival order, got {rids[:8]}")
-        self.taken += len(rids)
+        """Marks ``rids`` taken; they must be waiting (runnable and not taken; the driver saw them arrive)."""
+        rids = [int(r) for r in rids]
+        if len(set(rids)) < len(rids) or any(r in self.took or r in self.done_ids or r not in self.serving
+                                             for r in rids):
+            raise ExeGPTError(f"a prefill must take waiting requests, got {rids[:8]}")
+        self.took.update(rids)
+        while self.taken < len(self.runnable) and int(self.runnable[self.taken]) in self.took:
+            self.took.discard(int(self.runnable[self.taken]))
+            self.done_ids.add(int(self.runnable[self.taken]))
+            self.taken += 1
 
     # --- prices ---------------------------------------------------------------------------------------------
 
@@ -340,7 +400,8 @@ class SimEngine:
             self.ledger.tokens_at(rids, t_end)
         return t_end
 
-    def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int, t0: float, sp: bool = False) -> float:
+    def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int, t0: float, sp: bool = False,
+                new: set[int] = frozenset()) -> float:
         """Prompt chunks (request, start, length) as ``parts`` pipelined micro-batches from ``t0``: each stage's
         prefill of the chunks' own tokens, plus their attention over the prefixes their rows hold
         (``CostModel.prefix_attention``)."""
@@ -349,14 +410,17 @@ class SimEngine:
         times = []
         for mb in mbs:
             t = self._encode_times(stages, [m for _, _, m in mb], sp)  # the chunks' own tokens
-            prefix = [(m, s) for _, s, m in mb if s > 0]  # (queries, keys before them) of continued prompts
-            if prefix:
-                q, c = np.array(prefix, dtype=float).T
-                slow = self.prob.slowdown if spans_ranks(stages) else 1.0
-                for i, st in enumerate(stages):
-                    t[i] += st.n_layers * float(np.sum(self.prob.cost.prefix_attention(st.tp, q, c)[0])) * slow
+            slow = self.prob.slowdown if spans_ranks(stages) else 1.0
+            # (queries, keys before them) of continued prompts, and of new ones starting from a cached prefix
+            cost = self.prob.cost
+            for prefix, price in (([(m, s) for r, s, m in mb if s > 0 and r not in new], cost.prefix_attention),
+                                  ([(m, s) for r, s, m in mb if s > 0 and r in new], cost.cached_prefix_attention)):
+                if prefix:
+                    q, c = np.array(prefix, dtype=float).T
+                    for i, st in enumerate(stages):
+                        t[i] += st.n_layers * float(np.sum(price(st.tp, q, c)[0])) * slow
             times.append(t)
-        firsts = [[r for r, s, _ in mb if s == 0] for mb in mbs]
+        firsts = [[r for r, s, _ in mb if r in new] for mb in mbs]
         t_end = self._flow(stages, mbs, times, firsts, t0)
         ends = [r for r, s, m in items if s + m == led.inp[r]]
         if ends:

@@ -11,7 +11,8 @@ step and with their context.
 Here the RRA executor is run, in this process, in the **steady state the simulator predicts**: for a few
 (B_E, N_D) schedules (``SCHEDULES``, steady decode batches of about 1 to 630 rows) on requests of mixed prompt
 lengths around a few means and mixed output lengths, each run long enough for its decode batch to reach the
-refill target and turn over (about three refill batches of requests), its steady window measured, and
+refill target and turn over (about three refill batches of requests; within a budget, stopped as soon as its steady
+window holds a few phases and ``BUDGET_STOP.finishes`` finishes), its steady window measured, and
 
     engine_encode(B_E, prompt) = measured encode phase     - kernel prediction of the plan's encode phase
     engine_decode(n, context)  = measured decode iteration - kernel prediction of the plan's decode step
@@ -42,6 +43,7 @@ from scipy.optimize import nnls
 from exegpt import Kernel, Policy, Profile, ProfileTable, RRASchedule, WAASchedule, Workload, evaluate_schedule
 from exegpt.cost import WorkloadStats
 from exegpt.models import DTYPE_BYTES, MODELS
+from exegpt.rules import MIN_STEADY_FINISHES, SteadyStop
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,11 @@ PROMPTS = (16, 64, 160)
 do not fit the model's context with the output are skipped."""
 OUTPUT = (40, 20, 80)
 """Output lengths (mean, std, max): rows finish at different iterations, as in real batches."""
-BUDGET_TURNOVERS = 2
-"""Refill batches of requests of a budgeted calibration run (at least 4 B_E and 16 requests)."""
+BUDGET_STOP = SteadyStop(finishes=MIN_STEADY_FINISHES + 4, phases=2)
+"""A budgeted calibration run ends as soon as its steady window holds this (``exegpt.rules.SteadyStop``): it runs
+the start-up ramp and a few steady phases at its row count, not its requests to completion. It is given more
+requests than it serves (three refill batches, one B_E and twice the window's finishes), so that its queue never
+runs dry before the window is in: those it never admits cost nothing."""
 BUDGET_OUTPUT = (12, 6, 24)
 """Output lengths of a budgeted calibration's runs: rows turn over in a few steps, so that a run reaches and
 measures its steady decode batch in a few dozen steps, not hundreds (a 30-layer model's step takes tens of
@@ -137,10 +142,15 @@ def plan_runs(profile: Profile, spec: str, schedules=SCHEDULES, prompts=PROMPTS,
             e = plan.estimate
             if not (math.isfinite(e.decode_step_s) and math.isfinite(e.encode_stage_s)):
                 continue
-            n_req = (max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24) if budget_s is None else
-                     max(math.ceil(BUDGET_TURNOVERS * e.refill_batch), 4 * be, 16))
+            if budget_s is None:
+                n_req = max(math.ceil(TURNOVERS * e.refill_batch), 8 * be, 24)
+                served = n_req
+            else:  # stopped at its steady window: the ramp (its refill batch, and as many again that finish
+                # while it fills) and the window's finishes are what it serves; the rest are never admitted
+                served = 2 * math.ceil(e.refill_batch) + BUDGET_STOP.finishes
+                n_req = served + math.ceil(e.refill_batch) + be + BUDGET_STOP.finishes
             kv = (e.decode_batch + be) * min(w.max_total_len, max_seq_len) * _kv_bytes_per_token(profile, spec)
-            cost = max(start_s, RUN_START_S) + RUN_SLACK * n_req / e.throughput_seq_s
+            cost = max(start_s, RUN_START_S) + RUN_SLACK * served / e.throughput_seq_s
             runs.append(CalibrationRun(m, plan, n_req, cost, kv))
     if budget_s is None:
         return runs, []
@@ -203,7 +213,8 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
             continue
         stats = WorkloadStats.of(plan.workload)
         t0 = time.perf_counter()
-        rep = run_plan(plan, spec, num_requests=r.num_requests, seed=seed, dtype=dtype)
+        rep = run_plan(plan, spec, num_requests=r.num_requests, seed=seed, dtype=dtype,
+                       steady_stop=None if budget_s is None else BUDGET_STOP)
         release_memory()
         wall_s = time.perf_counter() - t0
         overrun = max(overrun, wall_s / r.cost_s)
@@ -217,7 +228,7 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
                        "prompt": prompt, "decode_rows": n, "context": ctx, "measured_rows": rep.decode_batch,
                        "decode_meas_s": rep.decode_step_s, "decode_kernels_s": e.decode_step_s,
                        "encode_meas_s": rep.encode_stage_s, "encode_kernels_s": e.encode_stage_s,
-                       "priced_s": r.cost_s, "wall_s": wall_s})
+                       "priced_s": r.cost_s, "wall_s": wall_s, "steady": not math.isnan(rep.steady_start_s)})
         if on_run is not None:
             on_run(k + 1, len(chosen))
     levels = sorted({r.prompt_mean for r in chosen})
@@ -238,7 +249,8 @@ def calibrate_engine(profile: Profile, spec: str, dtype: str = "fp32", seed: int
                        "prediction of the plan, fitted by non-negative least squares of relative error to "
                        "a + b n + c n L (n rows, L the padded prompt or context)",
              "prompt_means": list(levels), "output": list(OUTPUT if budget_s is None else BUDGET_OUTPUT),
-             "turnovers": TURNOVERS if budget_s is None else BUDGET_TURNOVERS,
+             "runs": f"{TURNOVERS} refill batches of requests to completion" if budget_s is None else
+                     f"stopped at a steady window of {BUDGET_STOP.phases}+ phases and {BUDGET_STOP.finishes}+ finishes",
              "budget_s": budget_s, "overrun": overrun,
              "left_out": [f"prompt {r.prompt_mean}: {r.plan.schedule}" for r in left_out],
              "encode_fit_s": list(enc_fit), "decode_fit_s": list(dec_fit), "points": points}

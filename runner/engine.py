@@ -18,7 +18,7 @@ import torch
 
 from exegpt.errors import ExeGPTError
 from exegpt.ledger import Ledger
-from exegpt.policies import driver_groups, policy_module
+from exegpt.policies import driver_groups, policy_module, prefix_cache
 from exegpt.policies.base import DECODE, ENCODE, MAIN, AwaitCredit, Chunk, Compact, Decode, EndHandOffs, Evict, Merge, \
     Merged, Peek, Prefill, WaitArrival, decision
 from exegpt.replicas import route
@@ -31,7 +31,8 @@ from .handoff import DEPTH, DecodeStage, EncodeStage
 from .progress import progress_bar
 from .replicas import gather_report, replica_of
 from .kv_cache import fill_holes
-from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PREFILL, Command, Pipeline, RunContext, \
+from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PREFILL, PREFIX_LOAD, PREFIX_SAVE, \
+    Command, Pipeline, RunContext, \
     StageRuntime, _i64, eos_of, make_runtime, start_clock
 
 
@@ -47,8 +48,12 @@ def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device
 
 def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device, sink) -> RunReport | None:
     plan = ctx.plan
-    drivers = driver_groups(plan)
     module = policy_module(plan.schedule.policy)
+    if hasattr(module, "RUNNER"):  # a policy with an executor of its own (PipeInfer's asynchronous runs)
+        import importlib
+
+        return importlib.import_module(module.RUNNER).run_policy(ctx, rank, world_size, device, sink)
+    drivers = driver_groups(plan, stop=ctx.steady_stop)
     ctx, replica, groups = replica_of(ctx, rank, world_size)
     group = ctx.stage_of(rank).pipeline
     if group not in drivers:
@@ -90,7 +95,8 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
         return None
     return build_report(plan.schedule.policy.value, engine.ledger.records(), plan.estimate.latency_len,
                         list(stats.encode_s), list(stats.decode), world_size, plan.estimate, stats.steady,
-                        decisions=tuple(engine.log or ()), drift=events)
+                        decisions=tuple(engine.log or ()), drift=events,
+                        cached_tokens=engine.prefix.hit_tokens if engine.prefix is not None else 0)
 
 
 class RunnerEngine:
@@ -109,14 +115,15 @@ class RunnerEngine:
             raise ExeGPTError("request ids must be 0, 1, ... in order (runner.requests.make_requests)")
         self.prompts = [r.prompt for r in reqs]
         self.ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
-                             ctx.plan.estimate.latency_len if ctx.latency_lens is None else ctx.latency_lens,
-                             ctx.max_seq_len, ctx.cache_len,
+                             ctx.kept_lens, ctx.max_seq_len, ctx.cache_len,
                              ctx.stop_at_eos and group != ENCODE, eos_of(ctx, rt.tokenizer), ctx.keep_tokens,
                              track_tokens=True)
         self.replica = replica
         self.runnable = route(self.ledger.runnable, replica[1])[replica[0]]
         self.arrive = self.ledger.arrival[self.runnable]
-        self.taken = 0  # runnable requests a prefill took, in arrival order
+        self.taken = 0  # the first runnable request (in arrival order) no prefill took
+        self.took: set[int] = set()  # requests taken out of arrival order, beyond ``taken``
+        self.prefix = prefix_cache(ctx.plan, lambda rid: self.prompts[rid])
         self.row_req: list[int] = []  # the request each cache row holds
         self.num_stages = len(ctx.stages_of(group))
         self.max_len = ctx.cache_len
@@ -137,7 +144,7 @@ class RunnerEngine:
         return (time.perf_counter_ns() - self.t0_ns) / 1e9
 
     def waiting(self) -> list[int]:
-        return self.runnable[self.taken:self.arrived()]
+        return [r for r in self.runnable[self.taken:self.arrived()] if r not in self.took]
 
     def arrived(self) -> int:
         return int(np.searchsorted(self.arrive, self.now(), side="right"))
@@ -156,6 +163,12 @@ class RunnerEngine:
 
     def generated(self, rid: int) -> int:
         return int(self.ledger.gen[rid])
+
+    def prompt(self, rid: int) -> tuple[int, ...]:
+        return tuple(self.prompts[rid])
+
+    def cached_prefix(self, rid: int) -> int:
+        return 0 if self.prefix is None else self.prefix.cached(rid)
 
     # --- running a driver -------------------------------------------------------------------------------
 
@@ -224,13 +237,22 @@ class RunnerEngine:
         raise ExeGPTError(f"the runner cannot execute {action!r}")
 
     def _take(self, rids: list[int]) -> None:
-        if rids != self.runnable[self.taken:self.taken + len(rids)] or self.taken + len(rids) > self.arrived():
-            raise ExeGPTError(f"a prefill must take arrived requests in arrival order, got {rids[:8]}")
-        self.taken += len(rids)
+        """Marks ``rids`` taken; they must be waiting (arrived, runnable, not taken)."""
+        waiting = set(self.waiting())
+        if len(set(rids)) < len(rids) or not waiting.issuperset(rids):
+            raise ExeGPTError(f"a prefill must take waiting requests, got {rids[:8]}")
+        self.took.update(rids)
+        while self.taken < len(self.runnable) and self.runnable[self.taken] in self.took:
+            self.took.discard(self.runnable[self.taken])
+            self.taken += 1
 
     def _compact(self, keeps) -> None:
         """Frees the rows whose request ``keeps`` rejects; the others keep their order."""
         keep = fill_holes([i for i, rid in enumerate(self.row_req) if keeps(rid)])
+        if self.prefix is not None:
+            for rid in self.row_req:
+                if not keeps(rid):
+                    self.prefix.release(rid)
         if len(keep) < len(self.row_req):
             self.pipe.submit(Command(COMPACT, _i64(keep)))
             self.row_req = [self.row_req[i] for i in keep]
@@ -269,12 +291,23 @@ class RunnerEngine:
     def _chunks(self, items: tuple[tuple[int, int, int], ...], parts: int, sp: bool = False) -> None:
         """Prompt chunks (request, start, length) into their rows (a new row at start 0), pipelined; a chunk that
         ends its prompt gives the request's first token."""
-        self._take([r for r, s, _ in items if s == 0])
-        self.row_req += [r for r, s, _ in items if s == 0]
+        held = set(self.row_req)
+        new = [r for r, _, _ in items if r not in held]
+        self._take(new)
+        self.row_req += new
         row_of = {rid: i for i, rid in enumerate(self.row_req)}
+        if self.prefix is not None:  # new rows first get what the prefix cache holds of their prompts
+            got = [(r, s, self.prefix.admit(r, s)) for r, s, _ in items if r in new]
+            got = [g for g in got if g[1]]
+            if got:
+                self.pipe.submit(Command(PREFIX_LOAD, _i64([row_of[r] for r, _, _ in got]),
+                                         seq_lens=_i64([s for _, s, _ in got]),
+                                         ids=_i64([x for _, _, slots in got for x in slots]),
+                                         batch=self.prefix.tree.capacity))
+        new = set(new)
         mbs = split_even(list(items), parts)
         for mb in mbs:
-            self.ledger.started([r for r, s, _ in mb if s == 0], self.now())
+            self.ledger.started([r for r, _, _ in mb if r in new], self.now())
             self.pipe.submit(Command(CHUNK, _i64([row_of[r] for r, _, _ in mb]), seq_lens=_i64([m for _, _, m in mb]),
                                      ids=_i64([t for r, s, m in mb for t in self.prompts[r][s:s + m]]),
                                      req=_i64([s for _, s, _ in mb]), sp=sp))
@@ -284,6 +317,14 @@ class RunnerEngine:
             for (r, s, m), tok in zip(mb, toks):
                 if s + m == len(self.prompts[r]):
                     self.ledger.token(r, tok, t)
+        if self.prefix is not None:  # the prompts prefilled to their ends go into the cache
+            saves = [(row_of[r], seg) for r, s, m in items if s + m == len(self.prompts[r])
+                     for seg in self.prefix.publish(r)]
+            if saves:
+                self.pipe.submit(Command(PREFIX_SAVE, _i64([row for row, _ in saves]),
+                                         seq_lens=_i64([len(sl) for _, (_, sl) in saves]),
+                                         ids=_i64([x for _, (_, sl) in saves for x in sl]),
+                                         req=_i64([st for _, (st, _) in saves]), batch=self.prefix.tree.capacity))
         return None
 
     def _peek(self, wait: bool) -> tuple[int, ...] | None:

@@ -23,6 +23,9 @@ from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, Fault, StageRanks
 from .generate import prompt_logits
 
 PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE, CHUNK = 1, 2, 3, 4, 5, 6, 7, 8
+PREFIX_LOAD, PREFIX_SAVE = 20, 21
+"""Prefix cache (``runner.prefix_pool``): rows, lengths (``seq_lens``), slots (``ids``), positions (SAVE: ``req``);
+``batch`` the pool's slots."""
 COMPUTE = (PREFILL, DECODE, CHUNK)
 
 
@@ -173,6 +176,10 @@ class StageRuntime:
                 out = self.model.decode(x, cmd.rows, **mode)
         elif cmd.op == COMPACT:
             self.model.cache.compact(cmd.rows)
+        elif cmd.op in (PREFIX_LOAD, PREFIX_SAVE):
+            from .prefix_pool import apply
+
+            apply(self, cmd.op == PREFIX_LOAD, cmd)
         elif cmd.op == MOVE:
             half = cmd.rows.numel() // 2
             self.model.cache.move(cmd.rows[:half], cmd.rows[half:])
@@ -312,6 +319,13 @@ class RunContext:
     """Per request, the output length whose token time its record keeps (default: the plan's bound length)."""
     drift: object | None = None
     """``exegpt.replan.DriftOptions``: the driver of the group that finishes requests re-plans live on drift."""
+    steady_stop: object | None = None
+    """``exegpt.rules.SteadyStop``: end the run once its steady window holds what it asks (measurement runs)."""
+
+    @property
+    def kept_lens(self):
+        """The output length whose token time each request's record keeps: ``latency_lens``, else the bound's."""
+        return self.plan.estimate.latency_len if self.latency_lens is None else self.latency_lens
 
     def stages_of(self, pipeline: str) -> list[StageRanks]:
         return [s for s in self.layout if s.pipeline == pipeline]

@@ -71,3 +71,10 @@ def requests_from_pairs(pairs, vocab_size: int, seed: int = 0) -> tuple[Request,
             raise ExeGPTError(f"request {i}: input_len={inp!r} must be >= 1")
         out.append(Request(i, tuple(int(t) for t in rng.integers(0, vocab_size, size=int(inp))), int(o)))
     return tuple(out)
+
+
+def requests_of(pool) -> tuple[Request, ...]:
+    """The requests of an ``exegpt.prefix_workload.PrefixPool``: its prompts' token ids and output lengths, all
+    arriving at once (the same requests ``run_simulated(plan, lengths=pool.lengths, prompts=pool.prompts)``
+    serves)."""
+    return tuple(Request(i, tuple(q), int(d)) for i, (q, d) in enumerate(zip(pool.prompts, pool.outputs)))

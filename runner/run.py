@@ -20,9 +20,10 @@ from exegpt.checks import instance
 from exegpt.errors import ExeGPTError
 from exegpt.models import MODELS
 from exegpt.plan import Plan
-from exegpt.policies import REGISTRY, policy_module
+from exegpt.policies import REGISTRY, driver_groups, policy_module
 from exegpt.replan import DriftOptions
 from exegpt.replicas import replicas_of
+from exegpt.rules import SteadyStop
 from exegpt.ledger import Ledger
 from exegpt.report import RequestRecord, RunReport, build_report
 from exegpt.stages import Stage
@@ -142,6 +143,10 @@ class RunOptions:
     drift: DriftOptions | None = None
     """Watch the lengths served and re-plan live when they drift (``exegpt.replan``; RRA and WAA, one replica):
     the report's ``drift`` says what was detected and applied."""
+    steady_stop: SteadyStop | None = None
+    """End the run at the first phase boundary where its steady window holds what this asks (RRA; a measurement
+    run such as the profiler's engine calibration: no drain after the window; the requests still running are
+    reported failed)."""
 
 
 def run_plan(plan: Plan, model: str = "tiny", requests: tuple[Request, ...] | None = None,
@@ -231,6 +236,14 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
             raise ExeGPTError(f"drift must be an exegpt.replan.DriftOptions, got {type(opts.drift).__name__}")
         if replicas_of(plan) > 1:
             raise ExeGPTError(f"drift re-planning runs one replica; the plan has {replicas_of(plan)}")
+    module = policy_module(plan.schedule.policy)
+    if hasattr(module, "RUNNER"):  # the policy's executor checks what it needs (PipeInfer: its drafter)
+        import importlib
+
+        importlib.import_module(module.RUNNER).check_context(plan, model, args)
+    if opts.steady_stop is not None:
+        instance(opts.steady_stop, SteadyStop, "steady_stop", "an exegpt.rules.SteadyStop")
+        driver_groups(plan, stop=opts.steady_stop)  # the policy ends runs so (else one line saying which do)
     if requests is None:
         requests = make_requests(trace if trace is not None else plan.workload, opts.num_requests, args.vocab_size,
                                  opts.seed, arrivals=opts.arrivals)
@@ -240,6 +253,7 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
                       eos_id=opts.eos_id, keep_tokens=opts.keep_tokens, seed=opts.seed, fault=opts.fault,
                       progress=opts.progress, log_decisions=opts.log_decisions,
                       batch_invariant=opts.batch_invariant, encoder_decoder=args.family == "t5", drift=opts.drift,
+                      steady_stop=opts.steady_stop,
                       latency_lens=None if opts.latency_lens is None else tuple(int(x) for x in opts.latency_lens))
 
 
@@ -281,8 +295,7 @@ class _Partial:
             return self.reports[i]
         plan, reqs = ctx.plan, ctx.requests
         ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
-                        plan.estimate.latency_len if ctx.latency_lens is None else ctx.latency_lens,
-                        ctx.max_seq_len, ctx.cache_len)
+                        ctx.kept_lens, ctx.max_seq_len, ctx.cache_len)
         done = self.records.get(i, {})
         why = f"the run failed before this request finished: {error}"
         records = [done.get(r, None) or ledger.record(r, why) for r in range(len(reqs))]

@@ -17,20 +17,24 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import ExeGPTError
+from ..radix import PrefixCache
 from ..schedule import Policy, policy_of
-from . import cb, chunked, disagg, rra, shift, static, waa
+from . import blendserve, cb, chunked, disagg, pipeinfer, rra, shift, static, waa
+from .blendserve import BlendSchedule
 from .cb import CBSchedule
 from .chunked import ChunkedSchedule
 from .disagg import DisaggSchedule
+from .pipeinfer import PipeInferSchedule
 from .rra import RRASchedule
 from .shift import ShiftSchedule
 from .static import StaticSchedule
 from .waa import WAASchedule
 
-REGISTRY: dict[str, ModuleType] = {
-    name.value: module for module in (rra, waa, static, cb, chunked, disagg, shift) for name in module.NAMES}
+_MODULES = (rra, waa, static, cb, chunked, disagg, shift, pipeinfer, blendserve)
+REGISTRY: dict[str, ModuleType] = {name.value: module for module in _MODULES for name in module.NAMES}
 
-Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule | ShiftSchedule
+Schedule = RRASchedule | WAASchedule | StaticSchedule | CBSchedule | ChunkedSchedule | DisaggSchedule \
+    | ShiftSchedule | PipeInferSchedule | BlendSchedule
 
 
 def policy_module(name) -> ModuleType:
@@ -42,16 +46,34 @@ def policy_module(name) -> ModuleType:
         raise ExeGPTError(f"unknown policy: {name!r}; registered: {', '.join(REGISTRY)}") from None
 
 
-def driver_groups(plan, control=None) -> dict:
+STEADY_STOP = ("rra",)
+"""The policies whose driver ends a measurement run at its steady window (``exegpt.rules.SteadyStop``)."""
+
+
+def driver_groups(plan, control=None, stop=None) -> dict:
     """``{group: driver}`` of a plan's policy; ``control``: the drift re-planner its drivers consult between phases
-    (``exegpt.replan.DriftControl``; the policies with a cheap move, ``retune_space``, take one)."""
+    (``exegpt.replan.DriftControl``; the policies with a cheap move, ``retune_space``, take one); ``stop``: an
+    ``exegpt.rules.SteadyStop`` (``STEADY_STOP`` policies)."""
     module = policy_module(plan.schedule.policy)
+    if stop is not None:
+        if plan.schedule.policy.value not in STEADY_STOP or control is not None:
+            raise ExeGPTError(f"a steady stop ends runs of {', '.join(STEADY_STOP)} plans without drift re-planning; "
+                              f"this plan is {plan.schedule.policy.value}")
+        return module.drivers(plan, stop=stop)
     if control is None:
         return module.drivers(plan)
     if not hasattr(module, "retune_space"):
         raise ExeGPTError(f"policy {plan.schedule.policy.value} has no drift re-planning; the policies with a cheap "
                           f"move are {', '.join(p for p, m in REGISTRY.items() if hasattr(m, 'retune_space'))}")
     return module.drivers(plan, control)
+
+
+def prefix_cache(plan, prompt) -> PrefixCache | None:
+    """The prefix cache an engine keeps for a run of ``plan`` (None: its policy has none); ``prompt(rid)``: the
+    prompt token ids of request ``rid``."""
+    tokens = getattr(policy_module(plan.schedule.policy), "prefix_cache_tokens", None)
+    n = tokens(plan) if tokens is not None else 0
+    return PrefixCache(n, prompt) if n else None
 
 
 def describe(s) -> str:

@@ -43,12 +43,19 @@ class Prefill:
 class Chunk:
     """Prefill prompt chunks: ``items`` of (request, start, length), each the prompt tokens ``[start, start +
     length)`` after the ``start`` its row already holds (``start`` 0 takes a free row), as ``parts`` pipelined
-    micro-batches. A chunk that ends its prompt gives the request's first token. Result: None."""
+    micro-batches. A chunk that ends its prompt gives the request's first token. Result: None.
+
+    With a prefix cache (a policy's ``prefix_cache_tokens``), a request that holds no row yet takes a free row
+    holding the ``start`` = ``View.cached_prefix`` tokens the cache has of its prompt, and a chunk that ends a
+    prompt caches it (``exegpt.radix.PrefixCache``)."""
 
     items: tuple[tuple[int, int, int], ...]
     parts: int = 1
     sp: bool = False
     """As ``Prefill.sp``."""
+    overlap: bool = False
+    """Priced by the simulated engine as run alongside the decode iteration just before it (NanoFlow's operator
+    overlap: the step takes the longer of the two); the runner runs them one after the other."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +167,12 @@ class View(Protocol):
 
     def generated(self, rid: int) -> int:
         """Tokens ``rid`` has generated so far."""
+
+    def prompt(self, rid: int) -> tuple[int, ...]:
+        """``rid``'s prompt token ids (the simulated engine without given prompts: distinct made-up ones)."""
+
+    def cached_prefix(self, rid: int) -> int:
+        """Leading prompt tokens of ``rid`` the run's prefix cache holds now (0 without one)."""
 
 
 Driver = Callable[[View], Generator[Action, object, DriverStats | None]]

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import ExeGPTError
 from ..problem import Problem
-from ..rules import SteadyMarker, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, split_even
+from ..rules import SteadyMarker, SteadyStop, rra_admit, rra_cache_rows, rra_chunks, rra_refill_target, split_even
 from ..schedule import Policy, check_tp, one_pipeline_roles, stage_degrees, with_tp_defaults
 from ..search.bnb import Space
 from ..stages import Layout, Terms, fits, grid_above, layer_floor_s, layer_per_row_s, max_decode_rows, \
@@ -195,10 +195,11 @@ def from_fields(fields: dict) -> RRASchedule:
 
 # --- driver -------------------------------------------------------------------------------------------
 
-def drivers(plan, control=None) -> dict:
+def drivers(plan, control=None, stop: SteadyStop | None = None) -> dict:
     """The one driver of an RRA plan, on the ``main`` group. With ``control`` (``exegpt.replan.DriftControl``), each
     encode phase first shows it the requests that finished and takes the plan it holds: a re-planned B_E and N_D
-    apply from that phase on, to the rows in flight too (the cache keeps its rows)."""
+    apply from that phase on, to the rows in flight too (the cache keeps its rows). With ``stop``, the run ends
+    once its steady window holds what ``stop`` asks (a measurement run)."""
     rows = rra_cache_rows(plan)
 
     def drive(view: View):
@@ -208,6 +209,7 @@ def drivers(plan, control=None) -> dict:
         enc: list[float] = []
         dec: list[tuple[float, int]] = []
         steady = SteadyMarker(enc, dec)
+        steady_finished = 0  # requests finished inside the steady window
         while alive or view.waiting() or view.more_to_come():
             # Encode phase: free the finished rows, then refill toward the target decode batch.
             t_phase = view.now()
@@ -217,6 +219,10 @@ def drivers(plan, control=None) -> dict:
             before = len(alive)
             alive = yield from drop_finished(view, alive)
             finished = before - len(alive)
+            steady_finished += finished if steady.phases() else 0
+            if stop is not None and stop.reached(steady, steady_finished):
+                steady.end(t_phase)
+                break
             wanted = rra_admit(s.encode_batch, finished, len(alive), target, rows)
             waiting = view.waiting()
             if len(waiting) < wanted:

@@ -156,8 +156,8 @@ def candidates(prob: Problem, tps: list[int], grid: int) -> list[ShiftSchedule]:
     seqs = sorted({int(x) for x in np.round(np.geomspace(4, 256, max(2, (grid + 1) // 2)))})
     budget = max(8192, prob.workload.input_len.max)  # whole prompts a step, as Arctic's large budget
     out = []
-    if n == 1:
-        return out  # one device: chunked prefill itself (``exegpt.policies.chunked``)
+    if n == 1 or prob.model.is_encoder_decoder:
+        return out  # one device: chunked prefill itself (``exegpt.policies.chunked``); T5: no Ulysses over it
     for p in head_degrees(prob):
         if n % p or p not in tps:
             continue

@@ -224,6 +224,8 @@ class SearchOptions:
     latency_margin: float = 0.0
     device_counts: tuple | int | None = None
     verify_requests: int = 0
+    per_policy: bool = False
+    """Also each policy's own best (``plan.search.per_policy``): one branch and bound per box policy."""
 
     def __post_init__(self):
         number(self.latency_margin, "latency_margin", 0, 1)
@@ -248,10 +250,10 @@ def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:
     best, error, reached = None, None, {}
     if boxed:
         try:
-            # Each box policy's own best (one branch and bound apiece) where the grid policies join the search:
-            # the portfolio's report. A search of the paper's policies alone runs one branch and bound.
+            # Each box policy's own best (one branch and bound apiece) when asked for: the portfolio's report.
+            # Else one branch and bound over them all, each policy's spaces pruned by the others' incumbent.
             best, reached = _solve_boxed(prob, boxed, opts, target["profile"], t0,
-                                         len(boxed) > 1 and bool(gridded) and opts.method != "exhaustive")
+                                         len(boxed) > 1 and opts.per_policy and opts.method != "exhaustive")
         except ExeGPTError as e:  # nothing of the box policies fits or meets the bound: the grid may
             if not gridded:
                 raise
@@ -270,7 +272,7 @@ def _solve(dist, slo, target: dict, opts: SearchOptions) -> Plan:
         raise error
     best = dataclasses.replace(best, search=dataclasses.replace(
         best.search, wall_s=time.perf_counter() - t0,
-        per_policy=tuple(sorted(reached.items())) if len(policies) > 1 else ()))
+        per_policy=tuple(sorted(reached.items())) if len(policies) > 1 and opts.per_policy else ()))
     return best
 
 
@@ -421,7 +423,7 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
                   policies=None, tp_degrees=None, eps_throughput: float = 0.0, eps_latency: float = 0.0,
                   space: SearchSpace = SearchSpace(), memory_fraction: float = MEMORY_FRACTION,
                   latency_margin: float = 0.0, device_counts=None, verify_requests: int = 0,
-                  simulated: SimulatedSearch = SimulatedSearch()) -> Plan:
+                  simulated: SimulatedSearch = SimulatedSearch(), per_policy: bool = False) -> Plan:
     """The highest-throughput schedule whose bound-length output meets ``slo`` seconds.
 
     ``dist``: a Workload. ``slo``: seconds (or a LatencyBound with another length quantile), the paper's form;
@@ -431,8 +433,9 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     and whether and by what margin it holds.
     ``model``/``devices``: names such as "opt-13b" and "4xA40" (defaults: the paper's OPT-13B on 4xA40).
     ``profile``: a Profile (default: the built-in GPU profile of model on the device type).
-    ``policies``: names of ``exegpt.policies`` (default: every policy but static batching; the plan's
-    ``search.per_policy`` says what the best of each reached). ``tp_degrees``: TP degrees to try (default: all the
+    ``policies``: names of ``exegpt.policies`` (default: every policy but static batching). ``per_policy``: also
+    search each policy for its own best (``plan.search.per_policy``; slower: one branch and bound per policy with a
+    box bound instead of one over them all, pruned by each other's incumbent; simulated SLO forms report it always). ``tp_degrees``: TP degrees to try (default: all the
     profile supports). ``eps_*``: the paper's search tolerances (0 = the exact optimum).
     ``latency_margin``: plan against ``slo * (1 - margin)``, keeping room for the simulator's error when the
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
@@ -462,7 +465,7 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     policies = ALL_POLICIES if policies is None else policies
     return _solve(dist, slo, dict(model=model, devices=devices, profile=profile),
                   SearchOptions("branch_and_bound", policies, tp_degrees, eps_throughput, eps_latency, space,
-                                memory_fraction, latency_margin, device_counts, verify_requests))
+                                memory_fraction, latency_margin, device_counts, verify_requests, per_policy))
 
 
 def exhaustive_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Profile | None = None,

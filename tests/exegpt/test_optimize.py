@@ -441,3 +441,27 @@ def test_a_searched_waa_split_keeps_waa_when_every_device_is_used():
     assert on48.schedule.encode_gpus not in (int(lo[0]), int(hi[0]))
     with pytest.raises(ExeGPTError, match="waa_split='even' must be 'auto', 'rule' or 'searched'"):
         SearchSpace(waa_split="even")
+
+
+def test_each_policys_best_on_request_and_the_same_pick_without():
+    """By default one branch and bound over every box policy (no per-policy report); ``per_policy=True`` searches
+    each on its own: the same pick, and each box policy's best equal to a search of that policy alone."""
+    w = Workload.task("S")
+    plan = find_schedule(w, 7.6, devices="4xA40")
+    assert plan.search.per_policy == ()
+    each = find_schedule(w, 7.6, devices="4xA40", per_policy=True)
+    assert each.schedule == plan.schedule and each.estimate == plan.estimate
+    reached = dict(each.search.per_policy)
+    assert {"rra", "waa_c", "waa_m", "cb", "chunked", "disagg", "shift"} <= set(reached)
+    for p in ("rra", "waa_c", "waa_m"):
+        alone = find_schedule(w, 7.6, devices="4xA40", policies=[p])
+        assert reached[p] == alone.estimate.throughput_seq_s
+    assert max(reached.values()) == plan.estimate.throughput_seq_s
+
+
+def test_the_default_policy_set_plans_an_encoder_decoder_model():
+    """Every registered policy is searched by default; those that cannot run T5 (Shift Parallelism's Ulysses)
+    offer no candidates instead of failing the search."""
+    plan = find_schedule(Workload.task("S"), 20.0, model="t5-11b", devices="2xA40")
+    assert plan.model == "t5-11b" and plan.estimate.latency_s <= 20.0
+    assert plan.schedule.policy.value != "shift"

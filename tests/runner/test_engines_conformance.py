@@ -13,6 +13,7 @@ import torch
 
 from exegpt import Arrivals, Policy, Profile, RRASchedule, StaticSchedule, WAASchedule, Workload, \
     evaluate_schedule, run_simulated
+from exegpt.policies.blendserve import BlendSchedule
 from exegpt.policies.cb import CBSchedule
 from exegpt.policies.chunked import ChunkedSchedule
 from exegpt.policies.disagg import DisaggSchedule
@@ -27,19 +28,20 @@ W = Workload.truncated_normal(input=(24, 10, 48), output=(16, 8, 40))
     (RRASchedule(2, 3, 1, 0, 1), "1xcpu"), (RRASchedule(4, 8, 1, 0, 1), "1xcpu"),
     (RRASchedule(3, 39, 1, 0, 1), "1xcpu"),
     (StaticSchedule(5, 1, 1), "1xcpu"), (WAASchedule(Policy.WAA_C, 2, 8, 1, 0, 1, 1), "2xcpu"),
-    (CBSchedule(8, 128, 1, 0, 1, block_size=8), "1xcpu"), (ChunkedSchedule(20, 6, 1, 0, 1, block_size=8), "1xcpu")])
+    (CBSchedule(8, 128, 1, 0, 1, block_size=8), "1xcpu"), (ChunkedSchedule(20, 6, 1, 0, 1, block_size=8), "1xcpu"),
+    (BlendSchedule(20, 6, 1, 0, 1, sample_frac=0.1, split_t=16.0, prefix_tokens=64, block_size=8), "1xcpu")])
 def test_both_engines_make_the_same_decisions(schedule, devices):
     torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
     plan = evaluate_schedule(schedule, W, profile=prof, devices=devices)
-    if isinstance(schedule, (CBSchedule, ChunkedSchedule)):  # a KV pool of 25 blocks: preemptions and recomputes
+    if isinstance(schedule, (CBSchedule, ChunkedSchedule, BlendSchedule)):  # a KV pool of 25 blocks: preemptions
         plan = dataclasses.replace(plan, estimate=dataclasses.replace(plan.estimate, kv_tokens=200.0))
     rep = run_plan(plan, "tiny", num_requests=40, seed=5, log_decisions=True)
     sim = run_simulated(plan, prof, num_requests=40, seed=5, log_decisions=True)
     assert rep.num_finished == sim.num_finished == 40
     group = "decode" if isinstance(schedule, WAASchedule) else "main"
     assert rep.decisions and rep.decisions == tuple(d for d in sim.decisions if d.startswith(group))
-    if isinstance(schedule, (CBSchedule, ChunkedSchedule)):
+    if isinstance(schedule, (CBSchedule, ChunkedSchedule, BlendSchedule)):
         assert sum("Evict" in d for d in rep.decisions) > 5 and any("resume=True" in d for d in rep.decisions)
     assert rep.decode_batch == sim.decode_batch and rep.latency_len == sim.latency_len
     assert sim.engine == "simulated" and rep.engine == "runner"
@@ -104,3 +106,40 @@ def test_shift_parallelism_configurations_on_two_ranks():
         assert {r.id: r.tokens for r in rep.requests} == ref
     modes = {"sp=True" in d for d in reps[0].decisions if "Decode" in d or "Chunk" in d}
     assert modes == {True, False}
+
+
+
+def test_pipeinfer_decides_alike_decodes_greedily_and_cancels():
+    """PipeInfer and synchronous speculation on two target stages and a drafter (three gloo ranks), draft lengths
+    1 to 8: the simulated engine's driver decisions; every request's tokens the target's greedy tokens; with a
+    drafter the target mostly rejects (a one-layer self-draft of a random model), runs cancelled in flight and
+    their KV rolled back on every stage; with the target as its own drafter, every draft accepted."""
+    from exegpt.policies.pipeinfer import PipeInferSchedule
+    from runner.generate import greedy_reference
+    from runner.requests import make_requests
+    from runner.run import run_plans
+    from runner.weights import load_model
+
+    torch.set_num_threads(1)
+    prof = Profile.load(PROFILE)
+    w, n, seed = Workload.truncated_normal(input=(24, 10, 48), output=(20, 8, 40)), 3, 3
+    scheds = [PipeInferSchedule("sync", 2, 3, n_draft=1, draft="layers:1"),
+              PipeInferSchedule("pipeinfer", 2, 3, n_draft=8, depth=2, draft="layers:1", link_delay_s=0.002),
+              PipeInferSchedule("pipeinfer", 2, 3, n_draft=4, cutoff=0.02, depth=2, draft="model:tiny")]
+    plans = [evaluate_schedule(s, w, profile=prof, devices="3xcpu") for s in scheds]
+    reps = run_plans(plans, "tiny", num_requests=n, seed=seed, keep_tokens=True, log_decisions=True)
+    model, args, _ = load_model("tiny", seed=seed)
+    ref = {r.id: tuple(greedy_reference(model, list(r.prompt), r.output_len))
+           for r in make_requests(w, n, args.vocab_size, seed)}
+    for s, plan, rep in zip(scheds, plans, reps):
+        sp = rep.speculation
+        sim = run_simulated(plan, prof, num_requests=n, seed=seed, log_decisions=True)
+        assert rep.num_finished == sim.num_finished == n and rep.decisions == sim.decisions
+        assert {r.id: r.tokens for r in rep.requests} == ref, (s, sp)
+        assert 0 <= sp["accepted"] <= sp["verified"] <= sp["drafted"] and sp["runs"] >= sp["spec_runs"] > 0
+    rejecting = reps[1].speculation
+    assert rejecting["cancelled"] > 0 and rejecting["acceptance"] < 0.9
+    assert all(st["rolled_back"] > 0 for st in rejecting["stages"])  # rejected KV reset on every stage
+    later = rejecting["stages"][1]  # every run reaches it: computed, skipped, or stopped mid-way (timing decides)
+    assert later["runs"] + later["skipped"] + later["aborted"] == rejecting["runs"] + n
+    assert reps[2].speculation["acceptance"] == 1.0 and reps[0].speculation["cancelled"] == 0

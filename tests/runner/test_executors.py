@@ -24,7 +24,7 @@ from runner.dist import Fault, RankFailedError
 from runner.generate import greedy_reference
 from exegpt.report import FAILED, FINISHED
 from runner.requests import Request, make_requests, requests_from_pairs
-from exegpt.rules import rra_refill_target as refill_target
+from exegpt.rules import SteadyStop, rra_refill_target as refill_target
 from runner.run import check_stages, remap_stages, run_plan, run_plans
 from runner.weights import load_model
 
@@ -87,6 +87,25 @@ def test_rra_tokens_match_reference(requests, reference, encode_batch, decode_it
     # The refill rule never lets the decode batch grow past round(decode_batch).
     assert 0 < rep.decode_batch <= refill_target(plan)
     assert rep.throughput_seq_s > 0 and rep.decode_step_s > 0 and rep.encode_stage_s > 0
+
+
+def test_a_steady_stop_ends_the_run_once_its_window_is_in(model):
+    """A measurement run (``SteadyStop``): it ends at the first phase boundary whose steady window holds 2 phases
+    and 20 finishes; the window is the report's, the requests still running or queued are failed with a reason, the
+    finished ones carry their greedy tokens. Only RRA plans end so."""
+    reqs = make_requests(WORKLOAD, 90, vocab_size=256, seed=4)
+    plan = make_plan(RRASchedule(2, 2, 1, 0, 1), decode_batch=6.0)
+    rep = run_plan(plan, "tiny", requests=reqs, keep_tokens=True, steady_stop=SteadyStop())
+    done = [r for r in rep.requests if r.status == FINISHED]
+    assert_complete(rep, reqs, {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in reqs
+                                if r.id in {d.id for d in done}})
+    assert 20 <= len(done) < 40 and rep.num_failed == 90 - len(done)
+    assert rep.steady_start_s < rep.steady_end_s <= max(r.finish_s for r in done) + 1.0
+    assert sum(rep.steady_start_s <= r.finish_s <= rep.steady_end_s for r in done) >= 20
+    with pytest.raises(ExeGPTError, match="steady stop finishes 5 must be a whole number >= 20"):
+        SteadyStop(finishes=5)
+    with pytest.raises(ExeGPTError, match="a steady stop ends runs of rra plans"):
+        run_plan(make_plan(StaticSchedule(5, 1, 1)), "tiny", requests=reqs, steady_stop=SteadyStop())
 
 
 def test_rra_refills_as_many_as_finished(model):

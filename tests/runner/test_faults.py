@@ -4,6 +4,7 @@ with its greedy tokens) or failed with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from exegpt import Policy, Stage, WAASchedule
+from exegpt import Policy, Profile, RRASchedule, Stage, WAASchedule, evaluate_schedule
 from exegpt.policies.cb import CBSchedule
 from exegpt.policies.disagg import DisaggSchedule
+from exegpt.policies.shift import ShiftSchedule
 from exegpt.report import FAILED, RunReport
 from runner.dist import Fault, RankFailedError
 from runner.generate import greedy_reference
@@ -25,9 +27,10 @@ from runner.requests import Request, make_requests, requests_from_pairs
 from runner.run import run_plan
 from runner.weights import load_model
 
-from tests.runner.test_executors import WORKLOAD, assert_complete, make_plan
+from tests.runner.test_executors import PP2, WORKLOAD, assert_complete, make_plan
 
 SPLIT = (Stage("encode", 1, 0, 2), Stage("decode", 1, 0, 2))
+PROFILE = Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json"
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +53,33 @@ def _failed_with(report: RunReport, error: str) -> dict[int, str]:
     return {r.id: r.reason for r in report.requests if r.status == FAILED and error in r.reason}
 
 
+def _plan(policy: str):
+    if policy == "shift":  # SP 2 for steps of 16 tokens or more, TP 2 under: a rank dies between collectives
+        plan = evaluate_schedule(ShiftSchedule(40, 6, 2, 1, 16, 1, 2, block_size=8), WORKLOAD,
+                                 profile=Profile.load(PROFILE), devices="2xcpu")
+        return dataclasses.replace(plan, estimate=dataclasses.replace(plan.estimate, kv_tokens=200.0))
+    schedule, stages = {"disagg": (DisaggSchedule(6, 40, 1, 1, block_size=4), SPLIT),
+                        "waa": (WAASchedule(Policy.WAA_C, 3, 2, 1, 0, 1, 1), SPLIT),
+                        "rra": (RRASchedule(4, 3, 1, 0, 2), PP2)}[policy]
+    return make_plan(schedule, stages)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("policy,schedule,fault,timeout_s,error", [
+@pytest.mark.parametrize("policy,fault,timeout_s,error", [
     # The decode group's driver (rank 1) holds the report: what it finished reached the launcher before it died.
-    ("disagg", DisaggSchedule(6, 40, 1, 1, block_size=4), Fault(1, 20, "kill"), 60, "rank 1 died (exit code -9, SIGKILL)"),
+    ("disagg", Fault(1, 20, "kill"), 60, "rank 1 died (exit code -9, SIGKILL)"),
     # The encoder stops after its third command: the decode group waits for a batch that never comes.
-    ("waa", WAASchedule(Policy.WAA_C, 3, 2, 1, 0, 1, 1), Fault(0, 3, "hang"), 8, "run exceeded 8 s"),
+    ("waa", Fault(0, 3, "hang"), 8, "run exceeded 8 s"),
+    # The pipeline's first stage, which also drives it and holds the report.
+    ("rra", Fault(0, 12, "kill"), 60, "rank 0 died (exit code -9, SIGKILL)"),
+    # Shift Parallelism: its peer waits in an all-to-all or all-reduce that can never complete.
+    ("shift", Fault(1, 10, "kill"), 60, "rank 1 died (exit code -9, SIGKILL)"),
 ])
-def test_a_failed_run_reports_every_request(policy, schedule, fault, timeout_s, error, requests_and_one_too_long,
-                                            reference):
+def test_a_failed_run_reports_every_request(policy, fault, timeout_s, error, requests_and_one_too_long, reference):
     reqs = requests_and_one_too_long
     t = time.monotonic()
     with pytest.raises(RankFailedError) as e:
-        run_plan(make_plan(schedule, SPLIT), "tiny", requests=reqs, fault=fault, timeout_s=timeout_s,
-                 keep_tokens=True)
+        run_plan(_plan(policy), "tiny", requests=reqs, fault=fault, timeout_s=timeout_s, keep_tokens=True)
     assert time.monotonic() - t < timeout_s + 10  # the stated limit, and the teardown
     assert error in str(e.value)
     [report] = e.value.reports
