@@ -1,8 +1,9 @@
 """Shift Parallelism against its pure configurations (TP, DP, SP) under arrivals: simulated on an 8-GPU profile,
 executed on two CPU ranks with the simulated prediction beside each measured number.
 
-    python -m benchmarks.shift [--requests 1500] [--speedup 4] [--cpu-model small] [--cpu-requests 60]
-                               [--skip-cpu] [--skip-goodput] [--refresh-profile] [--plot docs/shift.png]
+    python -m benchmarks.shift [--requests 1500] [--speedup 4] [--gpu 13b 70b-fp8] [--cpu-model smollm2]
+                               [--cpu-requests 60] [--cpu-rate 4] [--cpu-budget 600] [--skip-cpu]
+                               [--skip-goodput] [--refresh-profile] [--plot docs/shift.png]
 
 Simulated (``exegpt.sim``, the shipped H100 data): Llama-2-13B (fp16; with TP = 1 a replica holds the whole model)
 on 8xH100, the first ``--requests`` requests of the shipped Azure LLM code trace (prompts clipped to the
@@ -11,18 +12,22 @@ at the same mean rate (steady), (3) all at once (peak throughput), and (4) one a
 request); then goodput under two p90 TTFT / TPOT SLOs for each, and the optimizer's pick over the Shift policy's
 grid (thresholds, degrees, replicas, S). Configurations, each one replica scheduler of the same knobs (chunked
 prefill, S = 256 requests, a budget of 8192 + S tokens a step): TP8; DP8 (eight one-device replicas, round robin);
-SP8 (Ulysses for every step); Shift (SP8 base, TP8 for steps under ``--threshold`` tokens).
+SP8 (Ulysses for every step); Shift (SP8 base, TP8 for steps under ``--threshold`` tokens). A second simulated
+setting (``--gpu 70b-fp8``) is the paper's own as far as a roofline prices it: Llama-2-70B's shape in FP8 on
+8xH200 (``fp8_70b`` says what it assumes); goodput and the plot are the first setting's.
 
-Executed (``runner``, gloo): the same four on two CPU ranks (TP2, DP2, SP2, Shift) with the ``--cpu-model``
-preset and its cached CPU profile (``profiler.loop.cached_profile``), on the trace scaled to CPU-sized lengths,
-bursty and steady; each cell is the measured value / the simulated prediction on the same requests.
-SmolLM2-135M's 9 query and 3 KV heads split over 1 or 3 ranks only, so two ranks run a preset.
+Executed (``runner``, gloo): the same four on two CPU ranks (TP2, DP2, SP2, Shift) with ``--cpu-model``
+(default the pretrained SmolLM2-135M, whose 9 query and 3 KV heads go 6 + 3 and 2 + 1 over the two ranks) and
+its cached CPU profile (``profiler.loop.cached_profile``), on the trace scaled to CPU-sized lengths, bursty and
+steady; each cell is the measured value / the simulated prediction on the same requests.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,6 +36,37 @@ from exegpt.policies.shift import ShiftSchedule
 
 GPU_MODEL, GPU_DEVICES = "llama-2-13b", "8xH100"
 CONFIGS = ("TP", "DP", "SP", "Shift")
+
+
+@dataclass(frozen=True)
+class GpuSetting:
+    """A simulated setting: the model (name or shape), the devices and the profile (None: the shipped data)."""
+
+    label: str
+    model: object
+    devices: str
+    roofline: bool = False
+    speedup: float | None = None
+    """The trace's speed-up for this setting (None: ``--speedup``)."""
+
+    def profile(self):
+        from exegpt.roofline import roofline_profile
+
+        return roofline_profile(self.model, self.devices.split("x", 1)[1]) if self.roofline else None
+
+
+def fp8_70b() -> GpuSetting:
+    """The paper's setting as far as a roofline prices it: Llama-2-70B's shape (64 query and 8 KV heads, as
+    Llama-3.3-70B's; its 32000-token vocabulary, not 128256) with FP8 weights and GEMM inputs at Hopper's FP8 peak,
+    attention, KV cache, hidden states and collectives in bf16 (``exegpt.roofline``, datasheet H200 numbers)."""
+    from exegpt.models import get_model
+
+    shape = dataclasses.replace(get_model("llama-2-70b").with_dtype("fp8"), kv_dtype="bf16")
+    # The trace at its own pace (2.5 requests/s): at 4x it is beyond every configuration's peak throughput.
+    return GpuSetting("llama-2-70b fp8 (roofline)", shape, "8xH200", roofline=True, speedup=1.0)
+
+
+SETTINGS = {"13b": lambda: GpuSetting(f"{GPU_MODEL} fp16 (shipped data)", GPU_MODEL, GPU_DEVICES), "70b-fp8": fp8_70b}
 
 
 def schedules(n: int, seqs: int, budget: int, threshold: int) -> dict[str, ShiftSchedule]:
@@ -45,7 +81,11 @@ def _ms(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{x * 1e3:.0f}" if x >= 0.1 else f"{x * 1e3:.1f}"
 
 
-def simulated_table(requests: int, speedup: float, threshold: int) -> tuple[str, dict]:
+def simulated_table(requests: int, speedup: float, threshold: int, setting: GpuSetting | None = None
+                    ) -> tuple[str, dict]:
+    g = setting or SETTINGS["13b"]()
+    prof = g.profile()
+    speedup = g.speedup or speedup
     w = Workload.trace("azure_code").within_context(4096, how="clip")[0]
     t = np.asarray(w.arrivals_s[:requests])
     rate = (len(t) - 1) / (t[-1] - t[0]) * speedup
@@ -53,7 +93,7 @@ def simulated_table(requests: int, speedup: float, threshold: int) -> tuple[str,
                "alone": Arrivals.poisson(rate / 1000)}
     rows, out = [], {}
     for name, s in schedules(8, 256, 8192 + 256, threshold).items():
-        plan = evaluate_schedule(s, w, model=GPU_MODEL, devices=GPU_DEVICES)
+        plan = evaluate_schedule(s, w, model=g.model, devices=g.devices, profile=prof)
         res = {}
         for regime, arr in regimes.items():
             n = 64 if regime == "alone" else requests
@@ -63,7 +103,7 @@ def simulated_table(requests: int, speedup: float, threshold: int) -> tuple[str,
         rows.append(f"| {name} | {_ms(b.ttft.p50)} / {_ms(b.ttft.p99)} | {_ms(b.tpot.p50)} / {_ms(b.tpot.p99)} | "
                     f"{_ms(st.ttft.p50)} / {_ms(st.ttft.p99)} | {_ms(st.tpot.p50)} / {_ms(st.tpot.p99)} | "
                     f"{pk.throughput_tok_s:,.0f} | {_ms(lo.ttft.p50)} | {_ms(lo.tpot.p50)} |")
-    head = (f"Simulated: {GPU_MODEL} on {GPU_DEVICES}, Azure code trace ({requests} requests; bursty: its timestamps "
+    head = (f"Simulated: {g.label} on {g.devices}, Azure code trace ({requests} requests; bursty: its timestamps "
             f"x{speedup:g}, steady: Poisson {rate:.1f}/s), Shift threshold {threshold} tokens. TTFT and "
             f"TPOT p50 / p99 in ms; peak: every request at once, output tok/s; alone: one request at a time.\n\n"
             "| config | bursty TTFT | bursty TPOT | steady TTFT | steady TPOT | peak tok/s | alone TTFT | alone TPOT "
@@ -112,12 +152,14 @@ def goodput_table(requests: int, threshold: int) -> str:
             "---|" * (len(CONFIGS) + 2) + "\n" + "\n".join(rows))
 
 
-def cpu_table(model: str, requests: int, threshold: int, rounds: int, refresh: bool = False) -> str:
-    """The four configurations executed on two CPU ranks, measured / simulated."""
+def cpu_table(model: str, requests: int, threshold: int, rounds: int, refresh: bool = False, rate: float = 4.0,
+              budget_s: float = -1.0) -> str:
+    """The four configurations executed on two CPU ranks, measured / simulated (``budget_s``: the CPU profile's,
+    -1 the profiler's default)."""
     from profiler.loop import CPU_TRACE, cached_profile
     from runner.run import run_plans
 
-    prof = cached_profile(model, tp_degrees=(1, 2), refresh=refresh)
+    prof = cached_profile(model, tp_degrees=(1, 2), refresh=refresh, budget_s=budget_s)
     w = CPU_TRACE
     longest = w.max_total_len
     scheds = schedules(2, 16, 16 + longest, threshold)
@@ -126,7 +168,6 @@ def cpu_table(model: str, requests: int, threshold: int, rounds: int, refresh: b
     base_rate = (len(t) - 1) / (t[-1] - t[0])
     rows = []
     for regime in ("bursty", "steady"):
-        rate = 4.0  # requests a second on two CPU ranks
         arr = Arrivals.trace(rate / base_rate) if regime == "bursty" else Arrivals.poisson(rate)
         meas = {k: [] for k in plans}
         for _ in range(rounds):  # interleaved: the machine's speed drifts between minutes
@@ -142,11 +183,29 @@ def cpu_table(model: str, requests: int, threshold: int, rounds: int, refresh: b
                     cells.append(f"{_ms(got)} / {_ms(getattr(getattr(sim, metric), q))}")
             tok = float(np.median([r.throughput_tok_s for r in meas[k]]))
             rows.append(f"| {regime} | {k} | " + " | ".join(cells) + f" | {tok:.0f} / {sim.throughput_tok_s:.0f} |")
-    head = (f"Executed on 2 CPU ranks ({model}, azure_conv scaled, {requests} requests at 4/s; Shift threshold "
+    head = (f"Executed on 2 CPU ranks ({model}, azure_conv scaled, {requests} requests at {rate:g}/s; Shift threshold "
             f"{threshold}; median of {rounds} interleaved rounds): measured / simulated.\n\n"
             "| arrivals | config | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tok/s |\n"
             "|---|---|---|---|---|---|---|")
-    return "\n".join([head] + rows)
+    return "\n".join([head] + rows) + "\n\n" + sp_layer_table(prof)
+
+
+def sp_layer_table(prof) -> str:
+    """The profile's measured base-mode layer (``profiler.sp_layer``) beside the kernel-table composition the
+    cost model used before it (``exegpt.ulysses_cost.composed_vs_measured``)."""
+    import math
+
+    from exegpt import ulysses_cost
+    from exegpt.problem import problem
+    from profiler.loop import CPU_TRACE
+
+    prob = problem(CPU_TRACE, math.inf, profile=prof, devices="2xcpu")
+    if not ulysses_cost.has_measured(prob.cost, 2, 2):
+        return "(the profile has no measured base-mode layer)"
+    rows = [f"| {what} | {c * 1e3:.2f} | {m * 1e3:.2f} | {c / m:.2f} |"
+            for what, c, m in ulysses_cost.composed_vs_measured(prob.cost, 2)]
+    return ("One base-mode (SP 2) layer, composed from the kernel and collective tables vs measured whole "
+            "(profiler.sp_layer), ms:\n\n| step | composed | measured | ratio |\n|---|---|---|---|\n" + "\n".join(rows))
 
 
 def main(argv=None) -> None:
@@ -154,23 +213,32 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--speedup", type=float, default=4.0)
     ap.add_argument("--threshold", type=int, default=512)
-    ap.add_argument("--cpu-model", default="small")
+    ap.add_argument("--gpu", nargs="*", default=list(SETTINGS), choices=list(SETTINGS),
+                    help="simulated settings: 13b (shipped H100 data), 70b-fp8 (roofline H200)")
+    ap.add_argument("--cpu-model", default="smollm2")
     ap.add_argument("--cpu-requests", type=int, default=60)
     ap.add_argument("--cpu-threshold", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cpu-rate", type=float, default=4.0, help="requests a second on the two CPU ranks")
+    ap.add_argument("--cpu-budget", type=float, default=600.0,
+                    help="the CPU profile's budget in seconds (-1: the profiler's default, 300 s on a CPU)")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-goodput", action="store_true")
     ap.add_argument("--refresh-profile", action="store_true", help="profile the CPU model again (not the cached one)")
     ap.add_argument("--plot", default=None, help="write the simulated TTFT/TPOT/throughput figure here (PNG)")
     a = ap.parse_args(argv)
-    table, res = simulated_table(a.requests, a.speedup, a.threshold)
-    print(table + "\n\n" + verdict(res) + "\n")
+    for key in a.gpu:
+        table, res = simulated_table(a.requests, a.speedup, a.threshold, SETTINGS[key]())
+        print(table + "\n\n" + verdict(res) + "\n")
+        if key == "13b":
+            first = res
     if not a.skip_goodput:
         print(goodput_table(400, a.threshold) + "\n")
-    if a.plot:
-        plot(res, a.plot)
+    if a.plot and "13b" in a.gpu:
+        plot(first, a.plot)
     if not a.skip_cpu:
-        print(cpu_table(a.cpu_model, a.cpu_requests, a.cpu_threshold, a.rounds, a.refresh_profile))
+        print(cpu_table(a.cpu_model, a.cpu_requests, a.cpu_threshold, a.rounds, a.refresh_profile, a.cpu_rate,
+                        a.cpu_budget))
 
 
 def plot(res: dict, path: str) -> None:

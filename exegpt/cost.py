@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import ulysses_cost
 from .models import ModelShape
 from .profile import Kernel, Profile
 from .workload import Workload
@@ -214,9 +215,15 @@ class CostModel:
         SP degree ``sp``: the QKV and attention-output all-to-alls over SP, two all-reduces over tp / sp."""
         m, base = self.model, tp // sp
         per = np.ceil(np.maximum(np.asarray(tokens, dtype=float), 1.0) / sp)  # tokens per rank, padded
-        b = m.dtype_bytes * m.hd / base
-        qkv, ok1 = self._a2a(sp, per * (m.n_heads + 2 * m.n_kv_heads) * b)
-        out, ok2 = self._a2a(sp, per * m.n_heads * b)
+        if m.n_kv_heads % tp == 0:
+            b = m.activation_dtype_bytes * m.hd / base
+            qkv, ok1 = self._a2a(sp, per * (m.n_heads + 2 * m.n_kv_heads) * b)
+            out, ok2 = self._a2a(sp, per * m.n_heads * b)
+        else:  # whole GQA groups, uneven: the rank with the most heads (ceil) receives the most and sets the pace
+            kv = sp * -(-m.n_kv_heads // tp) * m.activation_dtype_bytes * m.hd  # as if every SP rank held that many
+            group = m.n_heads // m.n_kv_heads
+            qkv, ok1 = self._a2a(sp, per * (group + 2) * kv)
+            out, ok2 = self._a2a(sp, per * group * kv)
         ar, ok3 = self._ar(base, per)
         return qkv + out + 2 * ar, ok1 & ok2 & ok3
 
@@ -242,6 +249,8 @@ class CostModel:
         if sp > 1:  # Ulysses: the dense work on this rank's share of the real tokens, attention on P ranks' heads
             tokens = b * self.stats.in_mean
             attn, ok2 = self._prompt_attention(tp, b)
+            if ulysses_cost.has_measured(self, sp, tp):  # the profiler timed the layer: its rest, measured
+                return ulysses_cost.encode_rest(self, tp, tokens) + attn, ok2
             dense, ok1 = self._get(Kernel.DENSE_ENCODE, tp // sp, np.ceil(tokens / sp))
             comm, ok3 = self.ulysses_comm(sp, tp, tokens)
             return dense + attn + comm, ok1 & ok2 & ok3
@@ -296,8 +305,10 @@ class CostModel:
         if ctx is None:
             ctx = self.stats.context_len(r, self.padded_decode)
         if sp > 1:
-            dense, ok1 = self._get(Kernel.DENSE_DECODE, tp // sp, np.ceil(r / sp))
             attn, ok2 = self._get(Kernel.ATTN_DECODE, tp, r, np.broadcast_to(ctx, r.shape))
+            if ulysses_cost.has_measured(self, sp, tp):
+                return ulysses_cost.decode_rest(self, tp, r) + attn, ok2
+            dense, ok1 = self._get(Kernel.DENSE_DECODE, tp // sp, np.ceil(r / sp))
             comm, ok3 = self.ulysses_comm(sp, tp, r)
             return dense + attn + comm, ok1 & ok2 & ok3
         dense, ok1 = self._get(Kernel.DENSE_DECODE, tp, r)

@@ -30,6 +30,8 @@ class DeviceSpec:
     """Devices per node; links between nodes use ``internode_bw_bytes_s``."""
     internode_bw_bytes_s: float = 12.5e9
     """Per-device bandwidth between nodes."""
+    fp8_flops: float = 0.0
+    """Dense FP8 tensor FLOP/s (Hopper's e4m3, twice its fp16 rate); 0: the device has no FP8 tensor cores."""
 
     def __post_init__(self):
         for f in ("memory_bytes", "peak_flops", "mem_bw_bytes_s", "link_bw_bytes_s", "host_bw_bytes_s",
@@ -43,8 +45,8 @@ class DeviceSpec:
 DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
     DeviceSpec("A40", 48 * GiB, 149.7e12, 696e9, 25e9, 25e9, 8, 12.5e9),
     DeviceSpec("A100", 80 * GiB, 312e12, 2039e9, 300e9, 25e9, 8, 25e9),
-    DeviceSpec("H100", 80 * GiB, 989e12, 3350e9, 450e9, 50e9, 8, 50e9),
-    DeviceSpec("H200", 141 * GiB, 989e12, 4800e9, 450e9, 50e9, 8, 50e9),
+    DeviceSpec("H100", 80 * GiB, 989e12, 3350e9, 450e9, 50e9, 8, 50e9, fp8_flops=1979e12),
+    DeviceSpec("H200", 141 * GiB, 989e12, 4800e9, 450e9, 50e9, 8, 50e9, fp8_flops=1979e12),
     DeviceSpec("L4", 24 * GiB, 121e12, 300e9, 25e9, 25e9, 8, 12.5e9),
     DeviceSpec("A10G", 24 * GiB, 125e12, 600e9, 25e9, 25e9, 8, 12.5e9),
 )}

@@ -10,7 +10,26 @@ from dataclasses import dataclass, replace
 
 from .errors import ExeGPTError
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+"""fp8: FP8 (e4m3) weights and GEMM inputs (W8A8, as vLLM serves an FP8 checkpoint); the hidden states between
+layers, and so the collectives' messages, stay bf16 (``activation_dtype_bytes``)."""
+
+
+def even_shares(n: int, p: int) -> tuple[int, ...]:
+    """``n`` items dealt to ``p`` ranks as evenly as they go, the larger shares first (``numpy.array_split``'s
+    and ``torch.tensor_split``'s order)."""
+    q, r = divmod(n, p)
+    return (q + 1,) * r + (q,) * (p - r)
+
+
+def kv_shares(n_kv_heads: int, p: int) -> tuple[int, ...]:
+    """KV heads on each of ``p`` ranks when heads are sharded in whole GQA groups (a KV head and the query heads
+    that read it): ``n_kv_heads / p`` each when ``p`` divides it, else one more on the first ranks (SmolLM2's 3 on
+    2 ranks: 2 + 1). Needs 1 <= ``p`` <= ``n_kv_heads``."""
+    if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= n_kv_heads:
+        raise ExeGPTError(f"{p!r} ranks cannot each hold whole heads of {n_kv_heads} KV heads; expected 1 to "
+                          f"{n_kv_heads}")
+    return even_shares(n_kv_heads, p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +150,27 @@ class ModelShape:
         return self.embedding_params() * self.dtype_bytes
 
     def kv_bytes_per_token(self, tp: int = 1) -> float:
-        """KV-cache bytes one token adds to one decoder layer, on one rank of a TP group of ``tp``."""
-        return 2 * self.n_kv_heads * self.hd * self.kv_dtype_bytes / tp
+        """KV-cache bytes one token adds to one decoder layer, on the most loaded rank of a TP group of ``tp`` (whole
+        GQA groups a rank: ``ceil(n_kv_heads / tp)`` KV heads)."""
+        return float(2 * -(-self.n_kv_heads // tp) * self.hd * self.kv_dtype_bytes)
 
     def cross_kv_bytes_per_token(self, tp: int = 1) -> float:
         """T5: cross-attention K/V bytes one *input* token adds to one decoder layer (0 for decoder-only)."""
         return 2 * self.n_heads * self.hd * self.kv_dtype_bytes / tp if self.is_encoder_decoder else 0.0
 
+    @property
+    def activation_dtype_bytes(self) -> int:
+        """Bytes of one element of the hidden states and attention tensors: bf16's for an FP8 model."""
+        return 2 if self.dtype == "fp8" else self.dtype_bytes
+
     def activation_bytes(self, tokens: float) -> float:
         """Bytes of the hidden states of ``tokens`` tokens (a pipeline or all-reduce message)."""
-        return tokens * self.dim * self.dtype_bytes
+        return tokens * self.dim * self.activation_dtype_bytes
+
+    def valid_split(self, p: int) -> bool:
+        """Whether ``p`` ranks can shard the heads in whole GQA groups (``kv_shares``): 1 <= ``p`` <= the KV
+        heads, evenly or not. The degrees tensor and sequence parallelism run on."""
+        return isinstance(p, int) and 1 <= p <= self.n_kv_heads
 
     def valid_tp(self, tp: int) -> bool:
         """TP shards whole heads: ``tp`` must divide both the query and the KV head counts."""

@@ -120,9 +120,14 @@ class Problem:
 
     def tp_problem(self, t: int) -> str | None:
         """Why TP degree ``t`` cannot run this model on this profile (one line), or None."""
-        if not self.model.valid_tp(t):
+        if not (self.model.valid_tp(t) or self.model.valid_split(t) and self.profile.supports_tp(t)):
+            # an uneven split (whole GQA groups, the first ranks one more) runs where the profile timed its shard
+            uneven = ""
+            if self.model.valid_split(t):
+                uneven = f", or the profile must time that uneven split (whole GQA groups a rank); profile " \
+                         f"{self.profile.id} has TP degrees {self.profile.tp_degrees()}"
             return f"TP degree {t} must divide {self.model.name}'s {self.model.n_heads} heads and " \
-                   f"{self.model.n_kv_heads} KV heads"
+                   f"{self.model.n_kv_heads} KV heads{uneven}"
         if not self.profile.supports_tp(t):
             return f"profile {self.profile.id} has no tables at TP degree {t}; it has {self.profile.tp_degrees()}"
         return None

@@ -76,6 +76,8 @@ class Kernel(str, Enum):
     KV_HANDOFF = "kv_handoff"
     ENGINE_ENCODE = "engine_encode"
     ENGINE_DECODE = "engine_decode"
+    SP_ENCODE = "sp_encode"
+    SP_DECODE = "sp_decode"
 
 
 AXES: dict[Kernel, tuple[str, ...]] = {
@@ -92,6 +94,8 @@ AXES: dict[Kernel, tuple[str, ...]] = {
     Kernel.KV_HANDOFF: ("bytes",),
     Kernel.ENGINE_ENCODE: ("rows", "prompt"),
     Kernel.ENGINE_DECODE: ("rows", "context"),
+    Kernel.SP_ENCODE: ("tokens",),
+    Kernel.SP_DECODE: ("batch", "context"),
 }
 
 # Kernels every usable profile must have at tp=1 (attn_cross only for encoder-decoder models).
@@ -369,6 +373,10 @@ class Profile(JSONFile):
 
     def has(self, kernel: Kernel, tp: int = 1) -> bool:
         return (_kernel(kernel), tp) in self._lookup
+
+    def table(self, kernel: Kernel, tp: int = 1) -> ProfileTable:
+        """The measured table of ``kernel`` at ``tp`` (``has`` says whether there is one)."""
+        return self._lookup[(_kernel(kernel), tp)][0]
 
     def supports_tp(self, tp: int) -> bool:
         """Whether every per-layer kernel (and the all-reduce, for tp > 1) was profiled at ``tp``."""

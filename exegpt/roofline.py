@@ -22,6 +22,12 @@ Formulas (``db`` = dtype bytes, ``h``/``kvh`` = query/KV heads per rank, ``hd`` 
 * allreduce (ring, ``p`` ranks): ``2 (p-1) lat_link + 2 (p-1)/p bytes / (e_link link_bw)`` (inter-node
   bandwidth when ``p`` exceeds the node size); send_recv: ``lat_link + bytes / (e_link link_bw)``;
   kv_handoff (device -> host -> device): ``2 (lat_link + bytes / (e_host host_bw))``.
+
+An ``fp8`` model (W8A8, as vLLM serves an FP8 checkpoint) runs its GEMMs at the device's FP8 peak
+(``DeviceSpec.fp8_flops``; none on a device without FP8 tensor cores: one line) on 1-byte weights and inputs;
+attention, its q/k/v/o traffic and the collectives' messages stay bf16 (``ModelShape.activation_dtype_bytes``),
+and the KV cache is the shape's ``kv_dtype``. Norms and residual adds are priced at 1 byte an element (a few
+per cent of a layer's time at most).
 """
 
 from __future__ import annotations
@@ -135,11 +141,20 @@ def lm_head_ops(model: ModelShape) -> tuple[Op, ...]:
             Gemm("lm_head", d, v), Elementwise("sampling", "sample", 2 * v * db))
 
 
+def gemm_flops(device: DeviceSpec, dtype_bytes: int) -> float:
+    """The GEMM peak of a ``dtype_bytes`` model: FP8's (1 byte) where the device has FP8 tensor cores."""
+    if dtype_bytes != 1:
+        return device.peak_flops
+    if not device.fp8_flops > 0:
+        raise ExeGPTError(f"device {device.name} has no FP8 tensor cores (fp8_flops unset); an fp8 model needs one")
+    return device.fp8_flops
+
+
 def op_seconds(op: Op, tokens, device: DeviceSpec, eff: Efficiency, dtype_bytes: int) -> np.ndarray:
     m = np.asarray(tokens, dtype=float)
     bw = eff.memory * device.mem_bw_bytes_s
     if isinstance(op, Gemm):
-        compute = 2 * m * op.k * op.n / (eff.compute * device.peak_flops)
+        compute = 2 * m * op.k * op.n / (eff.compute * gemm_flops(device, dtype_bytes))
         memory = dtype_bytes * (op.k * op.n + m * (op.k + op.n)) / bw
         t = np.maximum(compute, memory)
     else:
@@ -156,7 +171,7 @@ def ops_seconds(ops, tokens, device, eff, dtype_bytes) -> np.ndarray:
 
 def attn_encode_seconds(model: ModelShape, device: DeviceSpec, tp: int, batch, seq, eff: Efficiency):
     b, s = np.asarray(batch, dtype=float), np.asarray(seq, dtype=float)
-    h, kvh, hd, db = model.n_heads / tp, model.n_kv_heads / tp, model.hd, model.dtype_bytes
+    h, kvh, hd, db = model.n_heads / tp, model.n_kv_heads / tp, model.hd, model.activation_dtype_bytes
     causal = 1.0 if model.is_encoder_decoder else 0.5  # T5's encoder attends both ways
     flops = 4 * b * h * hd * s * s * causal
     moved = db * b * s * (2 * h + 4 * kvh) * hd
@@ -166,7 +181,7 @@ def attn_encode_seconds(model: ModelShape, device: DeviceSpec, tp: int, batch, s
 
 def _attn_step_seconds(model, device, tp, batch, context, eff, kv_bytes_per_token):
     b, c = np.asarray(batch, dtype=float), np.asarray(context, dtype=float)
-    h, hd, db = model.n_heads / tp, model.hd, model.dtype_bytes
+    h, hd, db = model.n_heads / tp, model.hd, model.activation_dtype_bytes
     flops = 4 * b * h * hd * c
     moved = b * c * kv_bytes_per_token + db * b * 2 * h * hd
     return eff.kernel_latency_s + np.maximum(flops / (eff.attn_compute * device.peak_flops),
@@ -301,6 +316,6 @@ def _roofline_profile(model, device, tps, eff, step_overhead_s) -> Profile:
                     "attention encode causal FLOPs, decode KV bytes; ring all-reduce; kv_handoff via host",
     }
     return Profile(model=model.name, device=device.name, tables=tuple(tables), dtype=model.dtype,
-                   step_overhead_s=step_overhead_s, source="roofline",
+                   kv_dtype=model.kv_dtype or None, step_overhead_s=step_overhead_s, source="roofline",
                    device_memory_bytes=None if device.name in DEVICES else device.memory_bytes,
                    provenance=provenance)

@@ -148,9 +148,10 @@ def run_group(world: int, sizes_bytes: tuple[int, ...], *, device_type: str = "c
         return json.loads(out.read_text())
 
 
-def _launch(config: dict, tmp: Path) -> None:
-    """Start ``world`` fresh interpreters running this module's ``main`` (not ``multiprocessing.spawn``, which
-    re-imports the caller's ``__main__`` and so breaks unguarded scripts and notebooks); wait for all of them."""
+def _launch(config: dict, tmp: Path, module: str = "profiler.collectives") -> None:
+    """Start ``world`` fresh interpreters running ``module``'s ``main`` (this module's by default; not
+    ``multiprocessing.spawn``, which re-imports the caller's ``__main__`` and so breaks unguarded scripts and
+    notebooks); wait for all of them."""
     world = config["world"]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)  # so that children import this checkout
@@ -160,7 +161,7 @@ def _launch(config: dict, tmp: Path) -> None:
         log_path = tmp / f"rank{rank}.log"
         logs.append(log_path)
         with open(log_path, "w") as f:
-            procs.append(subprocess.Popen([sys.executable, "-m", "profiler.collectives", str(rank),
+            procs.append(subprocess.Popen([sys.executable, "-m", module, str(rank),
                                            json.dumps(config)], stdout=f, stderr=subprocess.STDOUT, env=env))
     failed = None
     deadline = time.monotonic() + TIMEOUT_S

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from exegpt.profile import Kernel, ProfileTable
+from exegpt.models import even_shares, kv_shares
 
 from . import layer as L
 from .budget import MIN_POINTS, Candidates, Clock, CostModel, TablePlan, format_duration, minimum_s, select_points
@@ -32,9 +33,10 @@ PROBE_WORK = {"cpu": 2e8, "cuda": 2e11}
 
 
 def shard_args(args, tp: int):
-    """Rank 0's per-rank args at TP degree ``tp`` (local heads and FFN), as ``runner.tp.apply_tp`` leaves them."""
-    return dataclasses.replace(args, n_heads=args.n_heads // tp, n_kv_heads=args.n_kv_heads // tp,
-                               ffn_dim=args.ffn_dim // tp)
+    """Rank 0's per-rank args at TP degree ``tp`` (local heads and FFN), as ``runner.tp.apply_tp`` leaves them:
+    the most loaded rank where ``tp`` does not divide the KV heads (it sets a step's pace)."""
+    kv, ffn = kv_shares(args.n_kv_heads, tp)[0], even_shares(args.ffn_dim, tp)[0]
+    return dataclasses.replace(args, n_heads=kv * (args.n_heads // args.n_kv_heads), n_kv_heads=kv, ffn_dim=ffn)
 
 
 def all_points(c: Candidates, flops_cap: float | None) -> TablePlan:

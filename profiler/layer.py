@@ -81,15 +81,13 @@ class LayerShard:
 
 
 def check_tp(args: ModelArgs, tp: int) -> None:
-    """One-line ``ExeGPTError`` unless ``tp`` shards whole heads and the FFN evenly."""
+    """One-line ``ExeGPTError`` unless ``tp`` ranks can each hold whole GQA groups (``runner.tp.apply_tp``)."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ExeGPTError(f"TP degree {tp!r} must be an integer >= 1")
-    if args.n_heads % tp or args.n_kv_heads % tp or args.ffn_dim % tp:
-        valid = [d for d in range(1, args.n_heads + 1)
-                 if not (args.n_heads % d or args.n_kv_heads % d or args.ffn_dim % d)]
+    if tp > args.n_kv_heads:
         raise ExeGPTError(f"TP degree {tp} does not divide the heads of {args.name or args.family} "
-                          f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, ffn_dim={args.ffn_dim}); "
-                          f"valid degrees: {', '.join(map(str, valid))}")
+                          f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}) into whole GQA groups a rank; "
+                          f"valid degrees: {', '.join(map(str, range(1, args.n_kv_heads + 1)))}")
 
 
 def build_layer_shard(spec: str, tp: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -98,7 +96,7 @@ def build_layer_shard(spec: str, tp: int, *, dtype: torch.dtype = torch.float32,
 
     Args:
         spec: what ``runner.weights.load_model`` accepts (preset name, HF folder, ``"smollm2"``).
-        tp: TP degree; must divide the query and KV head counts and the FFN width.
+        tp: TP degree, 1 to the KV heads (rank 0 holds the largest share where it does not divide them).
         max_rows, max_len: KV-cache geometry (rows, positions) the timed regions need.
     """
     model, full_args, _ = load_model(spec, dtype=dtype, device=device, layers=(0, 1), embed=False, head=False,

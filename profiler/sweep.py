@@ -18,7 +18,8 @@ Phases (``profile_model``):
    of the tokens).
 4. **Collectives** (``profiler.collectives``): all-reduce per TP degree, send_recv and kv_handoff, in spawned
    process groups, over message sizes up to what the solver sends (the dense tables' most tokens of hidden
-   states); skipped, with a note, when the budget cannot hold them.
+   states); skipped, with a note, when the budget cannot hold them. With two CPU ranks, Shift Parallelism's
+   base-mode layer timed whole (``profiler.sp_layer``: ``sp_encode``, ``sp_decode``).
 5. **The Profile**, with provenance (model, device, dtype, torch version, threads, date, grid, budget, fits).
 6. **The executor** (``profiler.engine.calibrate_engine``, ``engine=True``): RRA plans run through the runner,
    the residual over the kernel tables tabulated as ``engine_encode`` / ``engine_decode``; the runs sized to the
@@ -60,6 +61,7 @@ from runner.weights import load_model
 from . import layer as L
 from .budget import MIN_POINTS, PHASE_SHARES, Clock, CostModel, format_duration, parse_duration
 from .collectives import CollectiveResult, measure_collectives
+from .sp_layer import SP_LAYER_S, measure_sp_layer, points_for
 from .device import describe_device
 from .grid import Grid
 from .kernels import KernelPhase
@@ -68,7 +70,7 @@ from .timer import QUICK_REPEAT, REPEAT, WARMUP, time_interleaved
 
 log = logging.getLogger(__name__)
 
-METHOD_VERSION = 14
+METHOD_VERSION = 15
 """Bumped whenever what the profiler measures changes (2: steady-state engine calibration and
 ``handoff_on_compute``; 3: the CPU decode kernels of ``runner.cpu_kernels``; 4: the rest of a fused
 decode layer timed as one call; 5: a fused decode core timed with every row at the context, ``padded_decode``;
@@ -229,6 +231,7 @@ class _Sweep:
     coll: CollectiveResult | None = None
     coll_note: str | None = None
     sizes: tuple[int, ...] = ()
+    sp_tables: tuple = ()
 
 
 def _run(t: Target, o: SweepOptions) -> Profile:
@@ -267,6 +270,12 @@ def _run(t: Target, o: SweepOptions) -> Profile:
             tick("collectives")
             s.coll = measure_collectives(t.tp_degrees, s.sizes, device=t.device.type, dtype=t.dtype, quick=o.quick,
                                          probe_model=t.spec)
+            if _sp_layer_wanted(t) and (not budgeted or clock.left_s() > 2 * SP_LAYER_S):
+                # Phase 4b: Shift Parallelism's base-mode layer, timed whole on two ranks (from the engine's share)
+                tick("sp layer")
+                g = t.grid
+                s.sp_tables = measure_sp_layer(t.spec, 2, points_for(g.tokens[-1], g.batches[-1], g.contexts[-1]),
+                                               t.dtype)
         prof = _assemble(s, partial=False)
         # Phases 6, 7: the executor, by running plans.
         if o.engine:
@@ -302,6 +311,12 @@ def _collective_sizes(t: Target, o: SweepOptions) -> tuple[tuple[int, ...], str 
     return sizes, None if sizes == t.grid.bytes else f"messages up to {sizes[-1]} bytes (the budget's)"
 
 
+def _sp_layer_wanted(t: Target) -> bool:
+    """Whether the sweep times Shift Parallelism's base-mode layer (``profiler.sp_layer``): on a CPU, with two
+    ranks among the TP degrees, for a model whose KV heads split over them."""
+    return t.device.type == "cpu" and 2 in t.tp_degrees and t.args.n_kv_heads >= 2
+
+
 def _collective_s(groups: int, sizes: tuple[int, ...]) -> float:
     return groups * (COLLECTIVE_START_S + sum(COLLECTIVE_SIZE_S + COLLECTIVE_BYTE_S * b for b in sizes))
 
@@ -327,6 +342,8 @@ def _plan_lines(s: _Sweep) -> list[str]:
                  f"tokens <= {g.tokens[-1]} (beyond: fitted / extrapolated)")
     lines += [f"  {line}" for line in s.kernels.describe()]
     lines.append(f"  collectives: {s.coll_note or f'{len(s.sizes)} message sizes up to {s.sizes[-1]} bytes'}")
+    if s.sizes and _sp_layer_wanted(s.t):
+        lines.append("  Shift Parallelism's base-mode layer on 2 ranks: prefill and decode steps (profiler.sp_layer)")
     return lines
 
 
@@ -376,6 +393,7 @@ def _assemble(s: _Sweep, partial: bool) -> Profile | None:
     coll_facts: dict = {}
     slowdown: tuple = ()
     concurrency: tuple = ()
+    tables += list(s.sp_tables)
     if s.coll is not None:
         tables += list(s.coll.tables)
         coll_facts = {"backends": s.coll.facts, "skipped": s.coll.skipped, "rank_slowdown": s.coll.rank_slowdown,

@@ -246,9 +246,13 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
     plan = dataclasses.replace(plan, stages=remap_stages(plan.stages, args.n_layers))
     check_stages(plan)
     for s in plan.stages:
-        if args.n_heads % s.tp or args.n_kv_heads % s.tp:
+        if s.tp > args.n_kv_heads:
             raise ExeGPTError(f"stage TP degree {s.tp} must divide the model's n_heads={args.n_heads} and "
-                              f"n_kv_heads={args.n_kv_heads}")
+                              f"n_kv_heads={args.n_kv_heads} into whole GQA groups a rank: 1 to "
+                              f"{args.n_kv_heads} ranks")
+        if args.n_kv_heads % s.tp and any(x.role != "both" for x in plan.stages):
+            raise ExeGPTError(f"stage TP degree {s.tp} splits {args.n_kv_heads} KV heads unevenly; a plan that hands "
+                              f"KV between stages needs TP degrees that divide them")
     if opts.drift is not None:
         if not isinstance(opts.drift, DriftOptions):
             raise ExeGPTError(f"drift must be an exegpt.replan.DriftOptions, got {type(opts.drift).__name__}")

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
+from exegpt.models import even_shares, kv_shares
 
 
 def free_port() -> int:
@@ -52,61 +53,81 @@ def all_reduce(x: Tensor, group: dist.ProcessGroup | None = None, world_size: in
     return x
 
 
-def _shard_rows(linear: nn.Linear, sizes: list[int], rank: int, world_size: int) -> None:
-    """Column-parallel: keeps this rank's slice of each output block of ``sizes`` (q/k/v-aware for a fused wqkv)."""
-    parts = linear.weight.data.split(sizes, dim=0)  # [out_i, in]
-    linear.weight = nn.Parameter(torch.cat([p.tensor_split(world_size, dim=0)[rank] for p in parts]),
+def _shard_rows(linear: nn.Linear, blocks: list[tuple[int, ...]], rank: int) -> None:
+    """Column-parallel: keeps this rank's slice of each output block (q, k and v of a fused wqkv); ``blocks``: per
+    block, every rank's rows of it."""
+    parts = linear.weight.data.split([sum(b) for b in blocks], dim=0)  # [out_i, in]
+    linear.weight = nn.Parameter(torch.cat([p.split(b, dim=0)[rank] for p, b in zip(parts, blocks)]),
                                  requires_grad=False)
     if linear.bias is not None:
-        bparts = linear.bias.data.split(sizes)
-        linear.bias = nn.Parameter(torch.cat([b.tensor_split(world_size)[rank] for b in bparts]),
+        bparts = linear.bias.data.split([sum(b) for b in blocks])
+        linear.bias = nn.Parameter(torch.cat([p.split(b)[rank] for p, b in zip(bparts, blocks)]),
                                    requires_grad=False)
     linear.out_features = linear.weight.shape[0]
 
 
-def _shard_cols(linear: nn.Linear, rank: int, world_size: int) -> None:
-    """Row-parallel: keeps this rank's input slice; the bias stays on rank 0 only, so the all-reduce adds it once."""
-    linear.weight = nn.Parameter(linear.weight.data.tensor_split(world_size, dim=1)[rank].contiguous(),
-                                 requires_grad=False)
+def _shard_cols(linear: nn.Linear, sizes: tuple[int, ...], rank: int) -> None:
+    """Row-parallel: keeps this rank's input slice (``sizes``: every rank's); the bias stays on rank 0 only, so
+    the all-reduce adds it once."""
+    linear.weight = nn.Parameter(linear.weight.data.split(sizes, dim=1)[rank].contiguous(), requires_grad=False)
     if linear.bias is not None and rank != 0:
         linear.bias = nn.Parameter(torch.zeros_like(linear.bias), requires_grad=False)
     linear.in_features = linear.weight.shape[1]
 
 
-def apply_tp(model: nn.Module, rank: int, world_size: int, group: dist.ProcessGroup | None = None) -> nn.Module:
+def head_split(args, world_size: int, kv_split: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Every rank's KV heads at TP degree ``world_size``: ``kv_split`` when given (it must cover the KV heads),
+    else whole GQA groups as even as they go (``exegpt.models.kv_shares``)."""
+    if kv_split is None:
+        if not 1 <= world_size <= args.n_kv_heads:
+            raise ExeGPTError(f"TP degree {world_size} must divide n_kv_heads={args.n_kv_heads} into whole GQA "
+                              f"groups (a KV head and its {args.n_heads // args.n_kv_heads} query heads) a rank: "
+                              f"1 to {args.n_kv_heads} ranks")
+        return kv_shares(args.n_kv_heads, world_size)
+    kv_split = tuple(kv_split)
+    if len(kv_split) != world_size or sum(kv_split) != args.n_kv_heads or min(kv_split) < 1:
+        raise ExeGPTError(f"kv_split {kv_split} must give each of {world_size} ranks >= 1 of the "
+                          f"{args.n_kv_heads} KV heads")
+    return kv_split
+
+
+def apply_tp(model: nn.Module, rank: int, world_size: int, group: dist.ProcessGroup | None = None,
+             kv_split: tuple[int, ...] | None = None) -> nn.Module:
     """Shards ``model`` (a ``runner.model.Transformer``) for ``rank`` of a TP group of ``world_size``, in place.
 
     Column split of ``wqkv`` (per q/k/v block), ``w1`` and ``w3``; row split of ``wo`` and ``w2``; the embedding and
-    LM head stay whole. ``model.args`` becomes a new ``ModelArgs`` with the local head and FFN counts. Any existing
-    KV cache is dropped: call ``setup_cache`` afterwards.
+    LM head stay whole. Heads go in whole GQA groups: ``kv_split`` (every rank's KV heads) or, by default, as even
+    as they go, the first ranks holding one more where ``world_size`` does not divide the KV heads (SmolLM2's 3 KV
+    and 9 query heads on 2 ranks: 2 + 1 and 6 + 3); the FFN width likewise. ``model.args`` becomes a new
+    ``ModelArgs`` with this rank's head and FFN counts. Any existing KV cache is dropped: call ``setup_cache``
+    afterwards (it sizes the cache to this rank's KV heads).
 
     Raises:
-        ExeGPTError: ``world_size`` does not divide the head counts or the FFN width.
+        ExeGPTError: a rank would hold no whole GQA group (``world_size`` above the KV heads).
     """
     args = model.args
     if world_size < 1 or not 0 <= rank < world_size:
         raise ExeGPTError(f"bad TP rank/world size: {rank=} {world_size=}")
-    if args.n_heads % world_size or args.n_kv_heads % world_size or args.ffn_dim % world_size:
-        raise ExeGPTError(f"TP degree {world_size} must divide n_heads={args.n_heads}, "
-                          f"n_kv_heads={args.n_kv_heads} and ffn_dim={args.ffn_dim}")
+    kv = head_split(args, world_size, kv_split)
     if not hasattr(model, "layers") or args.family == "t5":
         raise ExeGPTError(f"apply_tp supports decoder-only llama/opt models, not family {args.family!r}")
     if world_size == 1:
         return model
-    local = dataclasses.replace(args, n_heads=args.n_heads // world_size, n_kv_heads=args.n_kv_heads // world_size,
-                                ffn_dim=args.ffn_dim // world_size)
-    q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    group_size, D = args.n_heads // args.n_kv_heads, args.head_dim
+    q_rows, kv_rows = tuple(k * group_size * D for k in kv), tuple(k * D for k in kv)
+    ffn = even_shares(args.ffn_dim, world_size)
+    local = dataclasses.replace(args, n_heads=kv[rank] * group_size, n_kv_heads=kv[rank], ffn_dim=ffn[rank])
     with torch.no_grad():
         for block in model.layers.values():
-            attn, ffn = block.attention, block.feed_forward
-            _shard_rows(attn.wqkv, [q_out, kv_out, kv_out], rank, world_size)
-            _shard_cols(attn.wo, rank, world_size)
+            attn, ff = block.attention, block.feed_forward
+            _shard_rows(attn.wqkv, [q_rows, kv_rows, kv_rows], rank)
+            _shard_cols(attn.wo, q_rows, rank)
             attn.n_heads, attn.n_kv_heads = local.n_heads, local.n_kv_heads
-            _shard_rows(ffn.w1, [args.ffn_dim], rank, world_size)
-            if ffn.w3 is not None:
-                _shard_rows(ffn.w3, [args.ffn_dim], rank, world_size)
-            _shard_cols(ffn.w2, rank, world_size)
-            for m in (attn, ffn):
+            _shard_rows(ff.w1, [ffn], rank)
+            if ff.w3 is not None:
+                _shard_rows(ff.w3, [ffn], rank)
+            _shard_cols(ff.w2, ffn, rank)
+            for m in (attn, ff):
                 m.tp_group, m.tp_size = group, world_size
     model.args = local
     model.tp_rank, model.tp_size = rank, world_size

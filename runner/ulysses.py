@@ -15,8 +15,10 @@ at (s, t) of the grid ``arange(P).reshape(SP, TP)`` holds TP shard t and, within
 the shift model gives it shard ``t * SP + s`` of P. So one cache serves both and a step may run in either mode.
 Weights: each rank keeps the base shard (W/TP) and the shift shard (W/P), as Arctic's two models do.
 
-gloo (torch 2.13) implements ``all_to_all_single`` (equal and unequal splits), list-form ``all_to_all`` and
-``all_gather_single`` (``all_gather_into_tensor``); the equal-split forms are used, as on NCCL.
+Heads go in whole GQA groups (``exegpt.models.kv_shares``): where P does not divide the KV heads the first ranks
+hold one group more (SmolLM2's 3 KV heads on 2 ranks: 2 + 1), and the all-to-alls take per-rank split sizes.
+gloo (torch 2.13) and NCCL implement ``all_to_all_single`` with unequal splits, and ``all_gather_single``
+(``all_gather_into_tensor``); the tokens stay split evenly, so the gather's shares are equal.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from exegpt.errors import ExeGPTError
+from exegpt.models import kv_shares
 from exegpt.policies.shift import split_degrees
 from runner.model import Transformer, split_qkv
 from runner.step import Step
@@ -42,14 +45,22 @@ def shift_order(sp: int, tp: int) -> list[int]:
 
 
 def check_degrees(sp: int, tp: int, n_heads: int, n_kv_heads: int, name: str = "the model") -> None:
-    """One line when SP x TP does not split ``name``'s heads evenly, naming the degrees that do."""
+    """One line when SP x TP ranks cannot each hold whole GQA groups of ``name``'s heads, naming the degrees that
+    can."""
     for what, v in (("sp", sp), ("tp", tp)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ExeGPTError(f"{what}={v!r} must be a whole number >= 1")
     p = sp * tp
-    if n_heads % p or n_kv_heads % p:
+    if p not in split_degrees(n_heads, n_kv_heads):
         raise ExeGPTError(f"sp={sp} x tp={tp} = {p} ranks do not split {name}'s {n_heads} query and {n_kv_heads} KV "
-                          f"heads evenly; SP x TP must be one of {split_degrees(n_heads, n_kv_heads)}")
+                          f"heads into whole GQA groups; SP x TP must be one of {split_degrees(n_heads, n_kv_heads)}")
+
+
+def grid_shares(sp: int, tp: int, n_kv_heads: int) -> tuple[tuple[int, ...], ...]:
+    """KV heads of every grid rank, ``[t][s]``: the shift model's shares of P (``kv_shares``), shard ``t * sp + s``
+    at (s, t), so that base shard t (the sum over s) holds the same heads as the shift shards t * sp .. + sp - 1."""
+    shares = kv_shares(n_kv_heads, sp * tp)
+    return tuple(shares[t * sp:(t + 1) * sp] for t in range(tp))
 
 
 @dataclass(frozen=True)
@@ -103,20 +114,25 @@ class ShiftModel(nn.Module):
 
     def __init__(self, model: Transformer, groups: ShiftGroups):
         super().__init__()
-        if not (model.embed and model.head) or model.tp_size != 1:
-            raise ExeGPTError("Shift Parallelism runs whole, unsharded models (no pipeline stages)")
+        if model.embed != model.head or model.tp_size != 1:
+            raise ExeGPTError("Shift Parallelism runs whole, unsharded models (no pipeline stages), or a stack of "
+                              "layers with neither embedding nor head (the profiler's)")
         args = model.args
         check_degrees(groups.sp, groups.tp, args.n_heads, args.n_kv_heads, args.name or "the model")
         self.g = groups
         p = groups.sp * groups.tp
+        shares = grid_shares(groups.sp, groups.tp, args.n_kv_heads)
         self.shift = apply_tp(copy.deepcopy(model) if groups.sp > 1 else model, groups.shift_index, p,
-                              groups.shift_group)
-        self.base = apply_tp(model, groups.t, groups.tp, groups.tp_group) if groups.sp > 1 else None
+                              groups.shift_group, kv_split=tuple(k for col in shares for k in col))
+        self.base = apply_tp(model, groups.t, groups.tp, groups.tp_group,
+                             kv_split=tuple(sum(col) for col in shares)) if groups.sp > 1 else None
         self.args = self.shift.args
-        self.heads = (args.n_heads // p, args.n_kv_heads // p)  # per rank, in both modes
+        group = args.n_heads // args.n_kv_heads
+        self.chunks = tuple((k * group, k) for k in shares[groups.t])  # (H, Hkv) of SP rank j in my base shard
+        self.heads = self.chunks[groups.s]  # this rank's, in both modes
 
-    embed = property(lambda self: True)
-    head = property(lambda self: True)
+    embed = property(lambda self: self.shift.embed)
+    head = property(lambda self: self.shift.head)
 
     @property
     def cache(self):
@@ -165,20 +181,31 @@ class ShiftModel(nn.Module):
         dist.all_gather_single(out, x, group=self.g.sp_group)  # every token's hidden state, in token order
         return _grid(out[:T], valid, n, S)
 
+    def base_layer(self, x: Tensor, step: Step, n: int, S: int, layer: int = 0) -> Tensor:
+        """Base-mode layer ``layer`` alone over this rank's share ``x`` ``[ceil(n S / SP), dim]`` of a step of
+        ``n`` rows of ``S`` real tokens each (what ``profiler.sp_layer`` times)."""
+        block = list(self.base.layers.values())[layer]
+        return self._layer(block, x, step, layer, None, (n, S, n * S, x.shape[0]))
+
     def _layer(self, block, x: Tensor, step: Step, layer: int, valid: Tensor | None, shape) -> Tensor:
-        """One base-mode layer over this rank's tokens ``x`` ``[per, dim]``."""
+        """One base-mode layer over this rank's tokens ``x`` ``[per, dim]``. SP rank j of the base shard holds
+        ``self.chunks[j]`` heads: equal shares when SP x TP divides the KV heads, else whole GQA groups, more on the
+        first ranks (the all-to-alls' splits differ then)."""
         n, S, T, per = shape
         sp, group = self.g.sp, self.g.sp_group
         attn = block.attention
         Hs, Hks = self.heads
         D = attn.head_dim
         qkv = attn.wqkv(block.attention_norm(x))  # [per, (H/TP + 2 Hkv/TP) D]: this rank's TP shard of heads
-        q, k, v = qkv.split([sp * Hs * D, sp * Hks * D, sp * Hks * D], dim=-1)
-        send = torch.cat([q.view(per, sp, Hs * D), k.view(per, sp, Hks * D), v.view(per, sp, Hks * D)], dim=-1)
-        send = send.transpose(0, 1).contiguous()  # [sp, per, C]: head chunk j goes to SP rank j
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)  # [sp, per, C]: every rank's tokens, this rank's heads
-        grid = _grid(recv.view(sp * per, -1)[:T], valid, n, S)  # [n, S, (Hs + 2 Hks) D]: every token, my heads
+        qs, ks = [h * D for h, _ in self.chunks], [hk * D for _, hk in self.chunks]
+        q, k, v = qkv.split([sum(qs), sum(ks), sum(ks)], dim=-1)
+        # head chunk j (its q, k and v for this rank's tokens) goes to SP rank j: [per, C_j] each, in rank order
+        parts = [torch.cat(c, dim=-1).reshape(-1) for c in zip(q.split(qs, -1), k.split(ks, -1), v.split(ks, -1))]
+        send = torch.cat(parts)
+        C = (Hs + 2 * Hks) * D
+        recv = send.new_empty(sp * per * C)  # every rank's tokens, this rank's heads: [sp, per, C]
+        dist.all_to_all_single(recv, send, [per * C] * sp, [p.numel() for p in parts], group=group)
+        grid = _grid(recv.view(sp * per, C)[:T], valid, n, S)  # [n, S, (Hs + 2 Hks) D]: every token, my heads
         cache = self.base.cache
         if attn.fused_decode(grid, step, cache):  # the CPU decode kernel: RoPE, cache write, attention in one call
             y = attn.decode_core(grid, step, cache, layer, self.heads)
@@ -186,10 +213,11 @@ class ShiftModel(nn.Module):
             q, k, v = split_qkv(grid, step, Hs, Hks, D)
             y = attn.core(q, k, v, step, cache, layer)  # [n, Hs, S, D]
             y = y.transpose(1, 2).reshape(n, S, Hs * D)
-        y = _padded(_packed(y, valid), sp * per).contiguous()  # [sp * per, Hs D]
-        back = torch.empty_like(y)
-        dist.all_to_all_single(back, y, group=group)  # [sp * per, Hs D]: own tokens, head chunk j
-        y = back.view(sp, per, Hs * D).transpose(0, 1).reshape(per, sp * Hs * D)  # heads in TP-shard order
+        y = _padded(_packed(y, valid), sp * per).contiguous()  # [sp * per, Hs D]: rank j's tokens are rows j
+        back = y.new_empty(per * sum(qs))
+        dist.all_to_all_single(back, y.view(-1), [per * c for c in qs], [per * Hs * D] * sp, group=group)
+        # own tokens, head chunk j from SP rank j -> [per, H/TP D] in the TP shard's head order
+        y = torch.cat([b.view(per, c) for b, c in zip(back.split([per * c for c in qs]), qs)], dim=-1)
         x = attn.out(y, residual=x)
         return block.feed_forward(block.ffn_norm(x), residual=x)
 

@@ -83,12 +83,13 @@ class ShiftSchedule:
 
 
 def split_degrees(n_heads: int, n_kv_heads: int) -> list[int]:
-    """Rank counts that split both head counts evenly (the SP x TP products a model allows)."""
-    return [p for p in range(1, n_kv_heads + 1) if n_heads % p == 0 and n_kv_heads % p == 0]
+    """Rank counts that can each hold whole GQA groups (the SP x TP products a model allows): 1 to the KV heads,
+    evenly where they divide them, else the first ranks one group more (``exegpt.models.kv_shares``)."""
+    return list(range(1, n_kv_heads + 1)) if n_kv_heads >= 1 and n_heads % n_kv_heads == 0 else []
 
 
 def head_degrees(prob: Problem) -> list[int]:
-    """Replica sizes P that split the model's query and KV heads evenly."""
+    """Replica sizes P whose ranks can each hold whole GQA groups of the model's heads (``split_degrees``)."""
     return split_degrees(prob.model.n_heads, prob.model.n_kv_heads)
 
 
@@ -99,7 +100,8 @@ def check(prob: Problem, s: ShiftSchedule) -> None:
         raise ExeGPTError(f"shift: Shift Parallelism runs decoder-only models, not {m.name}")
     if p not in head_degrees(prob):
         raise ExeGPTError(f"shift: sp={s.sp} x tp={s.tp} = {p} devices do not split {m.name}'s {m.n_heads} query "
-                          f"and {m.n_kv_heads} KV heads evenly; SP x TP must be one of {head_degrees(prob)}")
+                          f"and {m.n_kv_heads} KV heads into whole GQA groups; SP x TP must be one of "
+                          f"{head_degrees(prob)}")
     for t in sorted({p, s.tp}):
         if (why := prob.tp_problem(t)) is not None:
             raise ExeGPTError(f"shift: {why}")

@@ -337,8 +337,8 @@ def test_profiled_packed_weights_count_once_more_in_weight_memory():
     assert dataclasses.replace(m, packed_dtype="fp32", panel_dtype="bf16").weight_bytes_per_param == 2 + 4 + 2
     with pytest.raises(ExeGPTError, match="packed_weight_dtype 'int3' unknown"):
         dataclasses.replace(prof, packed_weight_dtype="int3")
-    with pytest.raises(ExeGPTError, match="panel_weight_dtype 'fp8' unknown"):
-        dataclasses.replace(prof, panel_weight_dtype="fp8")
+    with pytest.raises(ExeGPTError, match="panel_weight_dtype 'fp4' unknown"):
+        dataclasses.replace(prof, panel_weight_dtype="fp4")
 
 
 def test_waa_hand_off_on_compute_adds_to_the_decode_groups_period():

@@ -98,3 +98,24 @@ def test_custom_device_records_its_memory():
     dev = DeviceSpec("MyGPU", 24 * GiB, 100e12, 1e12, 50e9, 25e9)
     p = roofline_profile("llama-2-7b", dev, tp_degrees=(1,))
     assert p.device == "MyGPU" and p.device_memory_bytes == 24 * GiB
+
+
+def test_fp8_prices_gemms_at_the_fp8_peak_and_the_rest_in_bf16():
+    """An FP8 model (W8A8) on Hopper: its layers' GEMMs at twice the fp16 peak reading 1-byte weights; the KV
+    cache (bf16), the attention and the hidden states as the fp16 model's; no FP8 tensor cores, one line."""
+    import dataclasses
+
+    from exegpt.models import get_model
+
+    m16 = get_model("llama-2-70b")
+    m8 = dataclasses.replace(m16.with_dtype("fp8"), kv_dtype="bf16")
+    p16, p8 = roofline_profile(m16, "H200"), roofline_profile(m8, "H200")
+    t16, _ = p16.lookup(Kernel.DENSE_ENCODE, 8, [1.0, 16384.0])  # weight-bound (kernel latencies weigh in), compute
+    t8, _ = p8.lookup(Kernel.DENSE_ENCODE, 8, [1.0, 16384.0])
+    assert t8[0] < 0.75 * t16[0] and 0.45 < t8[1] / t16[1] < 0.6
+    a16, _ = p16.lookup(Kernel.ATTN_DECODE, 8, 16.0, 2048.0)
+    a8, _ = p8.lookup(Kernel.ATTN_DECODE, 8, 16.0, 2048.0)
+    assert float(a8) == pytest.approx(float(a16)) and p8.kv_dtype == "bf16"
+    assert m8.activation_bytes(10) == m16.activation_bytes(10) and m8.layer_bytes() == m16.layer_bytes() / 2
+    with pytest.raises(ExeGPTError, match="device A100 has no FP8 tensor cores"):
+        roofline_profile(m8, "A100")

@@ -117,7 +117,11 @@ def test_searched_saved_and_parsed():
     (lambda: ShiftSchedule(2304, 256, 4, 1, 512, 1, 8), r"replicas=1 x sp=4 x tp=1 must equal the 8 devices"),
     (lambda: evaluate_schedule(ShiftSchedule(2304, 256, 3, 1, 512, 1, 3), W, model="llama-2-70b",
                                devices="3xH100"),
-     r"3 devices do not split llama-2-70b's 64 query and 8 KV heads evenly; SP x TP must be one of \[1, 2, 4, 8\]"),
+     r"TP degree 3 must divide llama-2-70b's 64 heads and 8 KV heads, or the profile must time that uneven split"),
+    (lambda: evaluate_schedule(ShiftSchedule(2304, 256, 16, 1, 512, 1, 16), W, model="llama-2-70b",
+                               devices="16xH100"),
+     r"16 devices do not split llama-2-70b's 64 query and 8 KV heads into whole GQA groups; SP x TP must be one of "
+     r"\[1, 2, 3, 4, 5, 6, 7, 8\]"),
     (lambda: evaluate_schedule(ShiftSchedule(64, 8, 2, 1, 16, 1, 2), Workload.task("S"), model="t5-11b",
                                devices="2xA100"), r"runs decoder-only models, not t5-11b"),
 ])
@@ -137,3 +141,58 @@ def test_no_all_to_all_is_one_line():
     with pytest.raises(ExeGPTError, match=r"has no all-to-all \(nor all-reduce\) table for a group of 4 devices"):
         evaluate_schedule(ShiftSchedule(2304, 256, 4, 2, 512, 1, 8), W, model="llama-2-70b", devices=DEVICES,
                           profile=prof)
+
+
+def test_uneven_heads_price_the_most_loaded_rank():
+    """SmolLM2's 9 query and 3 KV heads on 2 ranks go 6 + 3 and 2 + 1: the degrees allowed, the KV bytes of the
+    rank with 2 KV heads, and all-to-alls priced as if every rank held its 2 KV and 6 query heads."""
+    from exegpt.models import MODELS, kv_shares
+    from exegpt.policies.shift import split_degrees
+    from exegpt.problem import problem
+
+    smol = MODELS["smollm2-135m"]
+    assert split_degrees(9, 3) == [1, 2, 3] and kv_shares(3, 2) == (2, 1) and kv_shares(40, 8) == (5,) * 8
+    assert smol.kv_bytes_per_token(2) == smol.kv_bytes_per_token(1) * 2 / 3
+    assert smol.valid_split(2) and not smol.valid_tp(2) and not smol.valid_split(4)
+    prob = problem(W, math.inf, model=MODEL, devices=DEVICES)
+    a2a = ProfileTable(Kernel.ALLTOALL, 2, (1.0, 1e12), (), (1e-9, 1e3), extrapolate=True)  # 1 ns a byte
+    cost = dataclasses.replace(prob.cost, model=smol,
+                               profile=dataclasses.replace(prob.profile, tables=prob.profile.tables + (a2a,)))
+    per, elems = 10, smol.hd * smol.dtype_bytes
+    got, ok = cost.ulysses_comm(2, 2, 2 * per)
+    # each rank's send buffers: its tokens' q, k, v, then attention outputs, for SP = 2 ranks' worth of its heads
+    assert ok and got == pytest.approx(1e-9 * per * 2 * ((6 + 2 + 2) + 6) * elems)
+
+
+def test_measured_base_mode_layer_replaces_the_composition():
+    """With ``sp_encode`` / ``sp_decode`` tables (the profiler's timed Ulysses layer), a base-mode layer costs its
+    measured rest (the measurement less its attention, linear in tokens) plus the step's own attention; without
+    them, the kernel-table composition."""
+    from exegpt import ulysses_cost
+    from exegpt.problem import problem
+
+    prob = problem(W, math.inf, model=MODEL, devices=DEVICES)
+    cost = prob.cost
+    toks, rows, ctxs = np.array([64.0, 512.0, 2048.0]), np.array([1.0, 16.0, 64.0]), np.array([128.0, 1024.0])
+    attn_e, _ = cost._get(Kernel.ATTN_ENCODE, 8, np.ones(3), toks)
+    b, c = np.meshgrid(rows, ctxs, indexing="ij")
+    attn_d, _ = cost._get(Kernel.ATTN_DECODE, 8, b, c)
+    enc = ProfileTable(Kernel.SP_ENCODE, 8, tuple(toks), (), tuple(attn_e + 1e-6 * toks), extrapolate=True)
+    dec = ProfileTable(Kernel.SP_DECODE, 8, tuple(rows), tuple(ctxs), tuple(map(tuple, attn_d + 2e-5 * b)),
+                       extrapolate=True)
+    measured = dataclasses.replace(cost, profile=dataclasses.replace(prob.profile,
+                                                                     tables=prob.profile.tables + (enc, dec)))
+    assert ulysses_cost.has_measured(measured, 8, 8) and not ulysses_cost.has_measured(cost, 8, 8)
+    assert not ulysses_cost.has_measured(measured, 4, 8)  # a (4, 2) base: composed
+    r = np.array([1.0, 30.0, 200.0])
+    want, _ = cost._get(Kernel.ATTN_DECODE, 8, r, np.full(3, 500.0))
+    got, ok = measured.decode_layer(8, r, ctx=500.0, sp=8)
+    assert ok.all() and got == pytest.approx(want + 2e-5 * r)
+    composed, _ = cost.decode_layer(8, r, ctx=500.0, sp=8)
+    assert not np.allclose(composed, got)
+    batch = np.array([1.0, 4.0])
+    attn, _ = cost._prompt_attention(8, batch)
+    got, ok = measured.encode_layer(8, batch, sp=8)
+    assert ok.all() and got == pytest.approx(attn + 1e-6 * batch * cost.stats.in_mean)
+    points = ulysses_cost.composed_vs_measured(measured, 8)
+    assert len(points) == 3 + 6 and all(m > 0 and c > 0 for _, c, m in points)

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from exegpt.errors import ExeGPTError
 from runner.dist import exit_rank
 from runner.tp import free_port, init_dist
-from runner.ulysses import ShiftGroups, ShiftModel, check_degrees, make_groups, shift_order
+from runner.ulysses import ShiftGroups, ShiftModel, check_degrees, grid_shares, make_groups, shift_order
 from runner.weights import _build, _finish, load_model
 
 PROMPTS = [[5, 17, 42, 7, 99], [3, 1], [250, 8, 8, 8, 8, 8, 8, 13]]
@@ -112,19 +112,24 @@ def test_modes_switch_per_step_on_two_and_four_ranks(tmp_path):
         _check(naive, want)
 
 
-def test_smollm2_three_ranks(tmp_path, smollm2):
-    """SmolLM2-135M has 9 query and 3 KV heads: SP = 3 is the smallest degree above one that splits them."""
+def test_smollm2_two_ranks_uneven_heads(tmp_path, smollm2):
+    """SmolLM2-135M's 9 query and 3 KV heads on two ranks: whole GQA groups, 6 + 3 query and 2 + 1 KV heads a
+    rank, in SP 2 (uneven all-to-alls, modes alternating both ways) and in TP 2 (uneven shards)."""
     saved = str(tmp_path / "smollm2.pt")
     torch.save((smollm2[1], smollm2[0].state_dict()), saved)
-    got = _run(3, [(saved, 3, 1, False, ["alternate"])], tmp_path)
+    got = _run(2, [(saved, 2, 1, False, PATTERNS), (saved, 1, 2, False, ["alternate"])], tmp_path)
     want = script(smollm2[0], [False] * (3 + STEPS), lambda f, *a, sp: f(*a))
-    _check(got[(saved, 3, 1, False, "alternate")], want)
+    for key in [(saved, 2, 1, False, p) for p in PATTERNS] + [(saved, 1, 2, False, "alternate")]:
+        _check(got[key], want)
 
 
 def test_degrees_and_order():
     assert shift_order(2, 2) == [0, 2, 1, 3] and shift_order(4, 1) == [0, 1, 2, 3]
-    with pytest.raises(ExeGPTError, match=r"do not split smollm2-135m's 9 query and 3 KV heads evenly; "
-                                          r"SP x TP must be one of \[1, 3\]"):
-        check_degrees(2, 1, 9, 3, "smollm2-135m")
+    with pytest.raises(ExeGPTError, match=r"do not split smollm2-135m's 9 query and 3 KV heads into whole GQA "
+                                          r"groups; SP x TP must be one of \[1, 2, 3\]"):
+        check_degrees(2, 2, 9, 3, "smollm2-135m")
+    check_degrees(2, 1, 9, 3, "smollm2-135m")  # 2 + 1 KV heads
+    assert grid_shares(2, 1, 3) == ((2, 1),) and grid_shares(1, 2, 3) == ((2,), (1,))
+    assert grid_shares(2, 2, 4) == ((1, 1), (1, 1))
     with pytest.raises(ExeGPTError, match="sp=0 must be a whole number >= 1"):
         check_degrees(0, 1, 4, 2)
