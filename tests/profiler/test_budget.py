@@ -135,3 +135,18 @@ def test_ctrl_c_saves_a_partial_profile(tmp_path, monkeypatch, capsys):
     assert prof.partial and prof.provenance["partial"] is True
     assert not prof.has(Kernel.ENGINE_DECODE)  # interrupted before the executor's calibration
     assert prof.seconds(Kernel.ATTN_ENCODE, 1, 8, 64) > 0
+
+
+def test_engine_residual_fits_no_more_terms_than_its_runs_tell_apart():
+    """One calibration run gives a per-step cost only (not three unknowns fitted to one point), two a per-row cost
+    too, three or more the per-row-per-token term as well; exact residuals are recovered."""
+    from profiler.engine import _fit
+
+    def run(n, L):  # (rows, length, residual, measured) of a + b n + c n L with a = 2 ms, b = 0.3 ms, c = 1 us
+        r = 2e-3 + 3e-4 * n + 1e-6 * n * L
+        return (n, L, r, 5 * r)
+
+    assert _fit([run(16, 100)]) == pytest.approx((2e-3 + 3e-4 * 16 + 1e-6 * 1600, 0.0, 0.0))
+    a, b, c = _fit([run(4, 100), run(16, 100)])
+    assert c == 0.0 and a + b * 16 == pytest.approx(run(16, 100)[2])
+    assert _fit([run(4, 100), run(16, 100), run(64, 50), run(16, 400)]) == pytest.approx((2e-3, 3e-4, 1e-6))
