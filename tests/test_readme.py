@@ -65,7 +65,7 @@ def test_every_command_of_the_readme_tour_runs(tmp_path, monkeypatch, capsys):
         assert code == 0, line
     out = capsys.readouterr().out
     assert "requests: 24 finished, 0 failed" in out
-    for png in ("frontier.png", "lengths.png"):
+    for png in ("frontier.png", "profile.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 
 
