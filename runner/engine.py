@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections import deque
 
-import numpy as np
 import torch
 
 from exegpt.errors import ExeGPTError
@@ -30,6 +29,7 @@ from .dist import TAG_CREDIT, TAG_META
 from .handoff import DEPTH, DecodeStage, EncodeStage
 from .progress import progress_bar
 from .replicas import gather_report, replica_of
+from .view import WallClockView
 from .kv_cache import fill_holes
 from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PREFILL, PREFIX_LOAD, PREFIX_SAVE, \
     Command, Pipeline, RunContext, \
@@ -103,11 +103,8 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
                         cached_tokens=engine.prefix.hit_tokens if engine.prefix is not None else 0)
 
 
-class RunnerEngine:
+class RunnerEngine(WallClockView):
     """Executes one group's driver: the actions of ``exegpt.policies.base`` on the group's pipeline."""
-
-    STREAM_EVERY_S = 0.05
-    """Finished requests' records go to the sink at most this often (and at the end)."""
 
     def __init__(self, ctx: RunContext, group: str, rt: StageRuntime, pipe: Pipeline, t0_ns: int,
                  replica: tuple[int, int] = (0, 1), sink=None):
@@ -135,38 +132,14 @@ class RunnerEngine:
         self.metas: deque = deque()  # decode group: posted metadata receives, oldest first
         self.bar = None
         self.log: list[str] | None = [] if ctx.log_decisions else None
-        self.sink, self.streamed_s = sink, 0.0
+        self.sink = sink
         if sink is not None:
             self.ledger.finish_log = []
         if group == DECODE:
             for _ in range(DEPTH):
                 self._post_meta()
 
-    # --- the View of exegpt.policies.base --------------------------------------------------------------
-
-    def now(self) -> float:
-        return (time.perf_counter_ns() - self.t0_ns) / 1e9
-
-    def waiting(self) -> list[int]:
-        return [r for r in self.runnable[self.taken:self.arrived()] if r not in self.took]
-
-    def arrived(self) -> int:
-        return int(np.searchsorted(self.arrive, self.now(), side="right"))
-
-    def num_runnable(self) -> int:
-        return len(self.runnable)
-
-    def more_to_come(self) -> bool:
-        return self.arrived() < len(self.runnable)
-
-    def done(self, rid: int) -> bool:
-        return self.ledger.done(rid)
-
-    def input_len(self, rid: int) -> int:
-        return len(self.prompts[rid])
-
-    def generated(self, rid: int) -> int:
-        return int(self.ledger.gen[rid])
+    # --- the View of exegpt.policies.base (the rest: ``WallClockView``) -------------------------------
 
     def prompt(self, rid: int) -> tuple[int, ...]:
         return tuple(self.prompts[rid])
@@ -193,23 +166,15 @@ class RunnerEngine:
             if self.log is not None:
                 self.log.append(decision(self.group, action, result))
             if self.sink is not None and self.ledger.finish_log:
-                self._stream()
+                self.stream()
         if self.sink is not None:
-            self._stream(force=True)
+            self.stream(force=True)
         while self.metas:  # the encode ranks' END fillers
             self.metas.popleft().wait()
         self.pipe.stop()
         if self.bar is not None:
             self.bar.close()
         return stats
-
-    def _stream(self, force: bool = False) -> None:
-        """The records of the requests finished since the last call, to the sink (batched in time)."""
-        now = time.perf_counter()
-        if self.ledger.finish_log and (force or now - self.streamed_s >= self.STREAM_EVERY_S):
-            self.sink([self.ledger.record(i) for i in self.ledger.finish_log])
-            self.ledger.finish_log.clear()
-            self.streamed_s = now
 
     def execute(self, action):
         if isinstance(action, Prefill):

@@ -23,9 +23,10 @@ from exegpt.speculation import Run, SpecCounts, SpecHead
 from .pipeinfer import RUN_HDR, STAGE_STATS, STOP, TAG_CANCEL, TAG_DRAFT, TAG_DRAFT_REQ, TAG_RESULT, TAG_RUN, \
     TAG_STATS, _i64, _wait_until
 from .pipeline import RunContext, eos_of
+from .view import WallClockView
 
 
-class Head:
+class Head(WallClockView):
     """Rank 0: stage 0, the driver and the decisions."""
 
     def __init__(self, ctx: RunContext, stage, tokenizer, t0_ns: int, sink=None):
@@ -37,12 +38,12 @@ class Head:
         reqs = ctx.requests
         self.prompts = [r.prompt for r in reqs]
         self.ledger = Ledger([(r.input_len, r.output_len) for r in reqs], [r.arrival_s for r in reqs],
-                             ctx.plan.estimate.latency_len if ctx.latency_lens is None else ctx.latency_lens,
+                             ctx.kept_lens,
                              ctx.max_seq_len, ctx.cache_len, ctx.stop_at_eos, eos_of(ctx, tokenizer),
                              ctx.keep_tokens, track_tokens=True)
         self.runnable = list(self.ledger.runnable)
         self.arrive = self.ledger.arrival[self.runnable]
-        self.taken = 0
+        self.taken, self.took = 0, set()  # one request at a time, in arrival order
         self.num_stages, self.max_len = self.S, ctx.cache_len
         self.events: queue.Queue = queue.Queue()
         self.counts = SpecCounts()
@@ -57,31 +58,7 @@ class Head:
         if sink is not None:
             self.ledger.finish_log = []
 
-    # --- the View of exegpt.policies.base ---------------------------------------------------------------
-
-    def now(self) -> float:
-        return (time.perf_counter_ns() - self.t0_ns) / 1e9
-
-    def waiting(self) -> list[int]:
-        return self.runnable[self.taken:self.arrived()]
-
-    def arrived(self) -> int:
-        return int(np.searchsorted(self.arrive, self.now(), side="right"))
-
-    def num_runnable(self) -> int:
-        return len(self.runnable)
-
-    def more_to_come(self) -> bool:
-        return self.arrived() < len(self.runnable)
-
-    def done(self, rid: int) -> bool:
-        return self.ledger.done(rid)
-
-    def input_len(self, rid: int) -> int:
-        return len(self.prompts[rid])
-
-    def generated(self, rid: int) -> int:
-        return int(self.ledger.gen[rid])
+    # --- the View of exegpt.policies.base: ``WallClockView`` ----------------------------------------------
 
     # --- the run ----------------------------------------------------------------------------------------
 
@@ -130,7 +107,7 @@ class Head:
                 break
         self.inflight.clear()
         if led.token(rid, data[1][0], self.now()):
-            return self._stream()
+            return self.stream(force=True)
         head = SpecHead(tuple(prompt), data[1][0], int(led.out[rid]), self.s.mode, self.s.depth)
         self._act(head, rid)
         while not head.done and not led.done(rid):
@@ -156,13 +133,7 @@ class Head:
             self._act(head, rid)
         self._cancel(list(head.runs))
         self.counts.add(head.counts)
-        self._stream()
-
-    def _stream(self) -> None:
-        """The records of the requests finished since the last call, to the sink."""
-        if self.sink is not None and self.ledger.finish_log:
-            self.sink([self.ledger.record(i) for i in self.ledger.finish_log])
-            self.ledger.finish_log.clear()
+        self.stream(force=True)
 
     def _next_event(self) -> tuple:
         ev = self.events.get()
