@@ -566,7 +566,7 @@ def _time_ping_pong(rank: int, nbytes: int, dtype: torch.dtype, device: torch.de
 
 
 if __name__ == "__main__":
-    from runner.dist import exit_rank
+    from runner.launch import exit_rank
 
     main()
     exit_rank()  # skip finalization, which can abort after a gloo group (see exit_rank)

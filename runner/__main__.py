@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         arrivals = Arrivals.parse(args.arrivals)
         plan = Plan.load(args.plan)
         trace = _trace(args.trace) if args.trace else None
-        from .dist import RankFailedError
+        from .launch import RankFailedError
         from .run import run_plan
 
         progress = args.progress if args.progress is not None else args.requests >= PROGRESS_MIN_REQUESTS

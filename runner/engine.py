@@ -39,7 +39,7 @@ from .pipeline import CHUNK, COMPACT, DECODE as OP_DECODE, END, IMPORT, MOVE, PR
 def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device, sink=None) -> RunReport | None:
     """This rank's part of a run of ``ctx.plan``; the rank that drives the group holding the requests' last
     tokens returns the report. ``sink``: called with the records of requests as they finish (batched), so that
-    they outlive a failure of the run (``runner.dist.publish``)."""
+    they outlive a failure of the run (``runner.launch.publish``)."""
     if ctx.batch_invariant:
         cpu_kernels.check_batch_invariant(device, ctx.dtype)
     with numerics.batch_invariant(ctx.batch_invariant):

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, Fault, StageRanks
+from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, StageRanks
+from .launch import Fault
 from .generate import prompt_logits
 
 PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE, CHUNK = 1, 2, 3, 4, 5, 6, 7, 8
@@ -309,7 +310,7 @@ class RunContext:
     seed: int = 0
     """Seed of random weights."""
     fault: Fault | None = None
-    """A fault to inject (``runner.dist.Fault``)."""
+    """A fault to inject (``runner.launch.Fault``)."""
     progress: bool = False
     log_decisions: bool = False
     batch_invariant: bool = False

@@ -30,7 +30,8 @@ from exegpt.stages import Stage
 from exegpt.workload import Workload
 
 from . import cpu_kernels
-from .dist import Fault, RankFailedError, can_publish, init_from_env, launch, layout, publish, torchrun_env
+from .dist import layout
+from .launch import Fault, RankFailedError, can_publish, init_from_env, launch, publish, torchrun_env
 from .engine import run_policy
 from .pipeline import DTYPES, RunContext
 from .requests import Request, make_requests
@@ -131,7 +132,7 @@ class RunOptions:
     """Wall-clock limit of a multi-process run."""
     progress: bool = False
     fault: Fault | None = None
-    """A fault to inject (``runner.dist.Fault``: a rank raises, is killed or hangs after n commands)."""
+    """A fault to inject (``runner.launch.Fault``: a rank raises, is killed or hangs after n commands)."""
     log_decisions: bool = False
     """Keep the reporting driver's actions in ``RunReport.decisions`` (conformance with ``exegpt.sim``)."""
     batch_invariant: bool = False

@@ -31,7 +31,7 @@ class Head(WallClockView):
 
     def __init__(self, ctx: RunContext, stage, tokenizer, t0_ns: int, sink=None):
         """``sink``: called with the records of the requests as each finishes, so that they outlive a failure of
-        the run (``runner.dist.publish``)."""
+        the run (``runner.launch.publish``)."""
         s = ctx.plan.schedule
         self.ctx, self.stage, self.s, self.t0_ns = ctx, stage, s, t0_ns
         self.comm, self.S = stage.comm, s.stages

@@ -46,7 +46,7 @@ class WallClockView:
 
     def stream(self, force: bool = False) -> None:
         """The records of the requests finished since the last call, to the sink (batched in time; ``force``:
-        now). A record sent survives the failure of the run (``runner.dist.publish``)."""
+        now). A record sent survives the failure of the run (``runner.launch.publish``)."""
         if self.sink is None or not self.ledger.finish_log:
             return
         now = time.perf_counter()

@@ -20,7 +20,7 @@ from exegpt.policies.chunked import ChunkedSchedule
 from exegpt.policies.disagg import DisaggSchedule
 from exegpt import Estimate, LatencyBound, Plan, Policy, RRASchedule, Stage, StaticSchedule, WAASchedule, Workload
 from runner import numerics
-from runner.dist import Fault, RankFailedError
+from runner.launch import Fault, RankFailedError
 from runner.generate import greedy_reference
 from exegpt.report import FAILED, FINISHED
 from runner.requests import Request, make_requests, requests_from_pairs
@@ -312,7 +312,7 @@ def test_ranks_that_die_at_startup_are_named_even_with_large_arguments():
     import subprocess
     import sys
 
-    script = ("from runner.dist import launch, RankFailedError\n"
+    script = ("from runner.launch import launch, RankFailedError\n"
               "try:\n"
               "    launch(print, 2, (list(range(200_000)),), timeout_s=60)\n"
               "except RankFailedError as e:\n"

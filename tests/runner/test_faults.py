@@ -21,7 +21,7 @@ from exegpt.policies.cb import CBSchedule
 from exegpt.policies.disagg import DisaggSchedule
 from exegpt.policies.shift import ShiftSchedule
 from exegpt.report import FAILED, RunReport
-from runner.dist import Fault, RankFailedError
+from runner.launch import Fault, RankFailedError
 from runner.generate import greedy_reference
 from runner.requests import Request, make_requests, requests_from_pairs
 from runner.run import run_plan

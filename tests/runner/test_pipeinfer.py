@@ -12,7 +12,7 @@ import torch
 from exegpt import Profile, Workload, evaluate_schedule
 from exegpt.errors import ExeGPTError
 from exegpt.policies.pipeinfer import PipeInferSchedule
-from runner.dist import RankFailedError
+from runner.launch import RankFailedError
 from runner.run import run_plan
 
 PROFILE = Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json"

@@ -14,7 +14,7 @@ from exegpt import Profile, Workload, evaluate_schedule
 from exegpt.policies.cb import CBSchedule
 from exegpt.policies.splitwiser import SplitwiserSchedule
 from exegpt.report import FINISHED
-from runner.dist import Fault, RankFailedError
+from runner.launch import Fault, RankFailedError
 from runner.generate import greedy_reference
 from runner.requests import make_requests
 from runner.run import run_plan, run_plans

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from exegpt.errors import ExeGPTError
 from runner.generate import greedy_batch, greedy_reference
-from runner.dist import exit_rank
+from runner.launch import exit_rank
 from runner.tp import apply_tp, free_port, init_dist
 from runner.weights import load_model
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from exegpt.errors import ExeGPTError
-from runner.dist import exit_rank
+from runner.launch import exit_rank
 from runner.tp import free_port, init_dist
 from runner.ulysses import ShiftGroups, ShiftModel, check_degrees, grid_shares, make_groups, shift_order
 from runner.weights import _build, _finish, load_model
