@@ -14,14 +14,21 @@ linear between the measured points and beyond them (the rest grows linearly in t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from .profile import Kernel
+from .profile import Kernel, Profile
 
-if TYPE_CHECKING:
-    from .cost import CostModel
+
+class CostModel(Protocol):
+    """What these functions read of an ``exegpt.cost.CostModel`` (which calls them: no import back)."""
+
+    profile: Profile
+
+    def _get(self, kernel: Kernel, tp: int, x, y=None): ...
+
+    def ulysses_comm(self, sp: int, tp: int, tokens): ...
 
 
 def has_measured(cost: CostModel, sp: int, tp: int) -> bool:

@@ -31,14 +31,11 @@ from exegpt.report import RunReport
 
 from .dist import Comm
 from .drafter import ModelDrafter, NgramDrafter
-from .pipeline import RunContext, build_stage_model, start_clock
+from .pipeline import RunContext, _i64, build_stage_model, start_clock
+from .spec_head import Head
+from .spec_wire import RUN_HDR, STAGE_STATS, STOP, TAG_CANCEL, TAG_DRAFT, TAG_DRAFT_REQ, TAG_RESULT, \
+    TAG_RUN, TAG_STATS, wait_until
 
-TAG_RUN, TAG_HIDDEN, TAG_RESULT, TAG_CANCEL, TAG_DRAFT_REQ, TAG_DRAFT, TAG_STATS = 21, 22, 23, 24, 25, 26, 27
-RUN_HDR = 6  # kind (0 run, 1 stop), run id, start, tokens, outputs wanted, send ns
-STAGE_STATS = 11
-"""A stage's counts: runs computed, runs skipped, runs aborted mid-way, KV positions rolled back, layers computed,
-layers a cancellation saved; then the sums of its decode runs' (tokens b, seconds t): n, Σb, Σt, Σb², Σbt."""
-STOP = 1
 
 
 class Cancelled(Exception):
@@ -75,19 +72,7 @@ def run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.device
     if rank != 0:
         stage.serve()
         return None
-    from .spec_head import Head
-
     return Head(ctx, stage, tok, t0, sink).run()
-
-
-def _wait_until(ns: int) -> None:
-    dt = ns - time.perf_counter_ns()
-    if dt > 0:
-        time.sleep(dt / 1e9)
-
-
-def _i64(xs) -> torch.Tensor:
-    return torch.tensor(list(xs), dtype=torch.long)
 
 
 class _Stage:
@@ -168,7 +153,7 @@ class _Stage:
             if kind == STOP:
                 break
             hidden = self.comm.recv((n_tok, dim), dtype, self.rank - 1, TAG_RUN)
-            _wait_until(sent + self.delay_ns)
+            wait_until(sent + self.delay_ns)
             if gid in self.cancelled:  # skipped before it started
                 self.stats[1] += 1
                 self.stats[5] += len(self.model.layers)
@@ -191,7 +176,7 @@ class _Stage:
             kind, lo, hi, sent = self.comm.recv((4,), torch.long, 0, TAG_CANCEL).tolist()
             if kind == STOP:
                 return
-            _wait_until(sent + self.delay_ns)
+            wait_until(sent + self.delay_ns)
             with self.lock:
                 self.cancelled.update(range(lo, hi + 1))
 
@@ -217,7 +202,7 @@ def _serve_drafter(ctx: RunContext, device: torch.device, delay_ns: int) -> None
         kind_, req, version, k, n, sent = msg[:6].tolist()
         if kind_ == STOP:
             break
-        _wait_until(sent + delay_ns)
+        wait_until(sent + delay_ns)
         if fault is not None and calls >= fault:
             raise RuntimeError(f"injected fault on the drafter's rank {s.stages} after {calls} drafts")
         t = time.perf_counter()

@@ -20,9 +20,9 @@ from exegpt.policies.pipeinfer import Speculate
 from exegpt.report import RunReport, build_report
 from exegpt.speculation import Run, SpecCounts, SpecHead
 
-from .pipeinfer import RUN_HDR, STAGE_STATS, STOP, TAG_CANCEL, TAG_DRAFT, TAG_DRAFT_REQ, TAG_RESULT, TAG_RUN, \
-    TAG_STATS, _i64, _wait_until
-from .pipeline import RunContext, eos_of
+from .pipeline import RunContext, _i64, eos_of
+from .spec_wire import RUN_HDR, STAGE_STATS, STOP, TAG_CANCEL, TAG_DRAFT, TAG_DRAFT_REQ, TAG_RESULT, TAG_RUN, \
+    TAG_STATS, wait_until
 from .view import WallClockView
 
 
@@ -203,7 +203,7 @@ class Head(WallClockView):
             gid, n, sent = buf[:3].tolist()
             if gid < 0:
                 return
-            _wait_until(sent + self.stage.delay_ns)
+            wait_until(sent + self.stage.delay_ns)
             self.hops.append((time.perf_counter_ns() - sent) / 1e9)
             self.events.put(("result", gid, buf[3:3 + n].tolist()))
 
@@ -214,7 +214,7 @@ class Head(WallClockView):
             req, ask, n, sent = buf[:4].tolist()
             if req < 0:
                 return
-            _wait_until(sent + self.stage.delay_ns)
+            wait_until(sent + self.stage.delay_ns)
             self.events.put(("draft", req, ask, buf[4:4 + n].tolist()))
 
     def _shutdown(self, threads) -> dict:

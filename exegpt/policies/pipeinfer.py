@@ -222,13 +222,12 @@ def best_schedule(prob: Problem, base: PipeInferSchedule) -> tuple[PipeInferSche
     """The candidates' schedule whose requests finish soonest on the simulated timeline (one request at a time:
     the highest throughput), with every (seconds a request, schedule) tried: whether speculation pays for this
     drafter, acceptance model and link, and with which knobs."""
-    from ..simulate import estimate
-
     tried = []
     for s in candidates(prob, [1], 0, base):
         lay = layout(prob, s)
         if lay is not None:
-            tried.append((1.0 / estimate(prob, lay, s).throughput_seq_s, s))
+            terms, _ = estimate_detail(prob, lay, s)
+            tried.append((1.0 / float(np.ravel(terms.thr)[0]), s))
     tried.sort(key=lambda x: (x[0], describe(x[1])))
     if not tried:
         raise ExeGPTError(f"pipeinfer: no schedule of {prob.model.name} fits {prob.cluster.label}")
