@@ -132,9 +132,7 @@ class RunnerEngine(WallClockView):
         self.metas: deque = deque()  # decode group: posted metadata receives, oldest first
         self.bar = None
         self.log: list[str] | None = [] if ctx.log_decisions else None
-        self.sink = sink
-        if sink is not None:
-            self.ledger.finish_log = []
+        self.stream_to(sink)
         if group == DECODE:
             for _ in range(DEPTH):
                 self._post_meta()
@@ -165,10 +163,8 @@ class RunnerEngine(WallClockView):
             result = self.execute(action)
             if self.log is not None:
                 self.log.append(decision(self.group, action, result))
-            if self.sink is not None and self.ledger.finish_log:
-                self.stream()
-        if self.sink is not None:
-            self.stream(force=True)
+            self.stream()
+        self.stream(force=True)
         while self.metas:  # the encode ranks' END fillers
             self.metas.popleft().wait()
         self.pipe.stop()

@@ -219,7 +219,7 @@ def _run_contexts(plans: list[Plan], ctxs: list[RunContext], worlds: list[int], 
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             results = [_rank_main(0, 1, device, [ctxs[i] for i in idx], idx)]
         else:
-            partial = _Partial()
+            partial = _Collected()
             try:
                 results = launch(_rank_main, world, ([ctxs[i] for i in idx], idx), opts.timeout_s, partial.add)
             except RankFailedError as e:
@@ -283,7 +283,7 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
 def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]
                ) -> list[tuple[int, RunReport]]:
     """Runs each plan's executor on this rank in turn; returns the (index, report) pairs this rank holds. Spawned
-    ranks publish each plan's finished requests as they finish and its report when it is done (``_Partial``)."""
+    ranks publish each plan's finished requests as they finish and its report when it is done (``_Collected``)."""
     import torch.distributed as dist
 
     out = []
@@ -298,7 +298,7 @@ def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunC
     return out
 
 
-class _Partial:
+class _Collected:
     """What the ranks of a launch published: per plan, the records of finished requests and, once done, its
     report; after a failure, each plan's report with every request not reported finished failed with the error."""
 

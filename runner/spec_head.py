@@ -54,9 +54,7 @@ class Head(WallClockView):
         self.draft_calls = [0, 0, 0]  # drafts back, tokens in them, drafts that stopped short of what was asked
         self.asked: dict[int, int] = {}
         self.log: list[str] | None = [] if ctx.log_decisions else None
-        self.sink = sink
-        if sink is not None:
-            self.ledger.finish_log = []
+        self.stream_to(sink)
 
     # --- the View of exegpt.policies.base: ``WallClockView`` ----------------------------------------------
 

@@ -12,12 +12,13 @@ import numpy as np
 class WallClockView:
     """Reads a run's ledger on the wall clock. The engine sets ``t0_ns`` (the run's time origin), ``ledger``,
     ``prompts``, ``runnable`` (the requests it serves, in arrival order), ``arrive`` (their arrival seconds),
-    ``taken`` (the first runnable request no prefill took), ``took`` (those taken out of arrival order beyond it),
-    ``num_stages`` and ``sink`` (``None``, or called with finished requests' records)."""
+    ``taken`` (the first runnable request no prefill took), ``took`` (those taken out of arrival order beyond it)
+    and ``num_stages``; ``stream_to`` sends finished requests' records somewhere."""
 
     STREAM_EVERY_S = 0.05
     """Finished requests' records go to the sink at most this often (and at the end)."""
 
+    sink = None
     streamed_s = 0.0
 
     def now(self) -> float:
@@ -43,6 +44,12 @@ class WallClockView:
 
     def generated(self, rid: int) -> int:
         return int(self.ledger.gen[rid])
+
+    def stream_to(self, sink) -> None:
+        """From now on the records of requests as they finish go to ``sink`` (None: nowhere)."""
+        self.sink = sink
+        if sink is not None:
+            self.ledger.finish_log = []
 
     def stream(self, force: bool = False) -> None:
         """The records of the requests finished since the last call, to the sink (batched in time; ``force``:
