@@ -219,12 +219,14 @@ def _run_contexts(plans: list[Plan], ctxs: list[RunContext], worlds: list[int], 
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             results = [_rank_main(0, 1, device, [ctxs[i] for i in idx], idx)]
         else:
-            partial = _Collected()
+            partial = _Collected()  # spawned ranks publish their reports as each plan ends, and return none
             try:
-                results = launch(_rank_main, world, ([ctxs[i] for i in idx], idx), opts.timeout_s, partial.add)
+                launch(_rank_main, world, ([ctxs[i] for i in idx], idx), opts.timeout_s, partial.add)
             except RankFailedError as e:
-                e.reports = [partial.report(i, ctxs[i], str(e)) if i in idx else out[i] for i in range(len(plans))]
+                e.reports = [partial.report(i, ctxs[i], str(e), world) if i in idx else out[i]
+                             for i in range(len(plans))]
                 raise
+            results = [list(partial.reports.items())]
         for pairs in results:
             for i, report in pairs:
                 out[i] = report
@@ -282,17 +284,19 @@ def _context(plan: Plan, model: str, requests, trace, opts: RunOptions) -> RunCo
 
 def _rank_main(rank: int, world_size: int, device: torch.device, ctxs: list[RunContext], idx: list[int]
                ) -> list[tuple[int, RunReport]]:
-    """Runs each plan's executor on this rank in turn; returns the (index, report) pairs this rank holds. Spawned
-    ranks publish each plan's finished requests as they finish and its report when it is done (``_Collected``)."""
+    """Runs each plan's executor on this rank in turn; returns the (index, report) pairs this rank holds, or, on a
+    spawned rank, publishes each plan's finished requests as they finish and its report when it is done
+    (``_Collected``)."""
     import torch.distributed as dist
 
     out = []
     for i, ctx in zip(idx, ctxs):
         sink = (lambda records, i=i: publish(("records", i, records))) if can_publish() else None
         report = run_policy(ctx, rank, world_size, device, sink)
-        if report is not None:
+        if report is not None and can_publish():
+            publish(("report", i, report))  # the launcher has it now, whatever happens to the next plan
+        elif report is not None:
             out.append((i, report))
-            publish(("report", i, report))
         if dist.is_initialized():
             dist.barrier()  # the next plan starts with every message of this one delivered
     return out
@@ -313,7 +317,7 @@ class _Collected:
         else:
             self.records.setdefault(i, {}).update((r.id, r) for r in value)
 
-    def report(self, i: int, ctx: RunContext, error: str) -> RunReport:
+    def report(self, i: int, ctx: RunContext, error: str, num_ranks: int) -> RunReport:
         if i in self.reports:
             return self.reports[i]
         plan, reqs = ctx.plan, ctx.requests
@@ -321,6 +325,6 @@ class _Collected:
                         ctx.kept_lens, ctx.max_seq_len, ctx.cache_len)
         done = self.records.get(i, {})
         why = f"the run failed before this request finished: {error}"
-        records = [done.get(r, None) or ledger.record(r, why) for r in range(len(reqs))]
-        return build_report(plan.schedule.policy.value, records, plan.estimate.latency_len, [], [],
-                            plan.schedule.num_gpus, plan.estimate)
+        records = [done.get(r) or ledger.record(r, why) for r in range(len(reqs))]
+        return build_report(plan.schedule.policy.value, records, plan.estimate.latency_len, [], [], num_ranks,
+                            plan.estimate)
