@@ -88,14 +88,6 @@ def pool_tokens(prob: Problem, stages, step_tokens: float, reserved_tokens: floa
     """KV tokens a pipeline of ``stages`` holds in a paged pool: on each stage's devices, what is left after
     weights, the activations of ``step_tokens`` and ``reserved_tokens`` of KV held elsewhere (hand-off buffers),
     over the KV bytes a token adds there; the smallest stage bounds the pipeline."""
-    memo = prob.memo.setdefault("pool_tokens", {})  # the grid asks the same few pools thousands of times
-    key = (stages, float(step_tokens), float(reserved_tokens))
-    if key not in memo:
-        memo[key] = _pool_tokens(prob, stages, step_tokens, reserved_tokens)
-    return memo[key]
-
-
-def _pool_tokens(prob: Problem, stages, step_tokens: float, reserved_tokens: float) -> float:
     m, p, out = prob.model, len(stages), math.inf
     for i, st in enumerate(stages):
         w = stage_weights(m, st, i == 0, i == p - 1)

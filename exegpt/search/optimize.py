@@ -435,8 +435,8 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     ``profile``: a Profile (default: the built-in GPU profile of model on the device type).
     ``policies``: names of ``exegpt.policies`` (default: every policy but static batching). ``per_policy``: also
     search each policy for its own best (``plan.search.per_policy``; slower: one branch and bound per policy with a
-    box bound instead of one over them all, pruned by each other's incumbent; simulated SLO forms report it always). ``tp_degrees``: TP degrees to try (default: all the
-    profile supports). ``eps_*``: the paper's search tolerances (0 = the exact optimum).
+    box bound instead of one over them all, pruned by each other's incumbent; simulated SLO forms report it always).
+    ``tp_degrees``: TP degrees to try (default: all the profile supports). ``eps_*``: the paper's search tolerances (0 = the exact optimum).
     ``latency_margin``: plan against ``slo * (1 - margin)``, keeping room for the simulator's error when the
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
     ``device_counts``: how many of the devices a schedule may use (default None: any count from 1 to all; the
