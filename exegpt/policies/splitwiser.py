@@ -18,8 +18,10 @@ prefill and one decode process.
 
 Pricing: the profile's kernel tables time one process alone with the whole device; ``Profile.phase_interference``
 (``profiler.interference``) says per batch size how much slower each phase is on its share (``scale``) and how
-much longer while the other phase computes (``kappa``). Without it, a phase is taken to run 100 / share times
-slower and the interference is the profile's two-rank concurrency (1 on GPUs): an assumption, not a measurement.
+much longer while the other phase computes (``kappa``). Without it, on a GPU of the datasheets the two factors
+come from the roofline's account of sharing (``exegpt.share_roofline``: SMs split by share, one memory system);
+elsewhere a phase is taken to run 100 / share times slower and the interference is the profile's two-rank
+concurrency. Both are assumptions, not measurements.
 
 The estimate is approximate (the policy is searched on the simulated engine): the prefill process's throughput
 at a batch of ``max_prefill_tokens / E[prompt]`` prompts and the decode process's at the running requests its caps
@@ -33,10 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..devices import DEVICES
 from ..errors import ExeGPTError
 from ..memory import activation_bytes, stage_weights
 from ..problem import Problem
 from ..schedule import Policy
+from ..share_roofline import share_factors, step_work
 from ..stages import Layout, Terms, encode_times, pipeline_decode, place_stages
 from . import disagg
 from .base import DECODE, ENCODE
@@ -126,11 +130,30 @@ def phase_pricing(prob: Problem, s: SplitwiserSchedule):
     """``price(group, rows) -> (scale, kappa)``: how much longer a step of ``rows`` of the group's phase takes on
     its share than the kernel tables say, and the fraction more it takes while the other process computes."""
     inter = prob.profile.phase_interference
+    if inter is None and prob.cluster.device.name in DEVICES:  # a GPU of the datasheets: its roofline's account
+        return _roofline_pricing(prob, s)
     if inter is None:
         kappa = prob.profile.concurrency(2) - 1.0
         return lambda group, rows: (100.0 / s.share(group), kappa)
     kp, kd = threads(s.prefill_share, inter.cores), threads(s.decode_share, inter.cores)
     return lambda group, rows: inter.factors(kp, kd, "prefill" if group == ENCODE else "decode", rows)
+
+
+def _roofline_pricing(prob: Problem, s: SplitwiserSchedule):
+    """``exegpt.share_roofline`` against the other phase at its schedule's batch: the decode process at S
+    requests, the prefill process at a full batch of mean prompts."""
+    st, m, dev = prob.stats, prob.model, prob.cluster.device
+    ctx = float(st.in_mean + prob.mean_iters / 2)
+    bp = float(np.clip(s.max_prefill_tokens / max(st.in_mean, 1.0), 1.0, s.max_num_seqs))
+    others = {ENCODE: step_work(m, dev, "decode", s.max_num_seqs, st.in_mean, ctx),
+              DECODE: step_work(m, dev, "prefill", bp, st.in_mean, ctx)}
+    mine = {ENCODE: s.prefill_share / 100, DECODE: s.decode_share / 100}
+
+    def price(group, rows):
+        me = step_work(m, dev, "prefill" if group == ENCODE else "decode", max(float(rows), 1.0), st.in_mean, ctx)
+        other = DECODE if group == ENCODE else ENCODE
+        return share_factors(me, mine[group], others[group], mine[other])
+    return price
 
 
 def estimate_detail(prob: Problem, lay: Layout, s: SplitwiserSchedule) -> tuple[Terms, int]:

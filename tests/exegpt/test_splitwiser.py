@@ -78,3 +78,26 @@ def test_shares_become_threads_and_the_optimizer_searches_the_policy():
     assert isinstance(plan.schedule, SplitwiserSchedule) and plan.estimate.throughput_seq_s > 0
     assert describe(plan.schedule).startswith("splitwiser S=")
     assert [s.role for s in plan.stages] == ["encode", "decode"]
+
+
+def test_on_one_gpu_the_phases_share_its_compute_and_bandwidth():
+    """Without a measured table, a GPU's two processes split one device (``exegpt.share_roofline``): a half share
+    halves a prefill's compute and barely touches a memory-bound decode; a decode beside a prefill slows only by
+    the bandwidth they draw together; and one device never serves more than disaggregation on two of them."""
+    from exegpt.devices import get_device
+    from exegpt.models import get_model
+    from exegpt.share_roofline import share_factors, step_work
+
+    m, d = get_model("llama-2-7b"), get_device("A100")
+    pre, dec = step_work(m, d, "prefill", 4, 512, 600), step_work(m, d, "decode", 32, 512, 600)
+    assert pre.compute_s > 4 * pre.memory_s and dec.memory_s > 4 * dec.compute_s
+    assert share_factors(pre, 0.5, dec, 0.5) == pytest.approx((2.0, 0.0))  # its half of the SMs, no slicing
+    assert share_factors(dec, 0.5, pre, 0.5)[0] == pytest.approx(1.0)  # half the SMs saturate HBM
+    assert share_factors(pre, 1.0, dec, 1.0) == pytest.approx((1.0, 1.0))  # 200 %: the SMs time-sliced
+    kd = share_factors(dec, 1.0, pre, 1.0)[1]
+    assert kd == pytest.approx(pre.demand(0.5))  # stretched by the bandwidth the prefill draws beside it
+    w = Workload.task("S")
+    plans = {p: find_schedule(w, 60.0, model="llama-2-7b", devices=dev, policies=[p])
+             for p, dev in (("splitwiser", "1xA100"), ("disagg", "2xA100"))}
+    thr = {p: run_simulated(plan, num_requests=200).throughput_seq_s for p, plan in plans.items()}
+    assert thr["splitwiser"] < 0.9 * thr["disagg"]
