@@ -1,6 +1,6 @@
 """Every policy on the same profile, workloads and bounds: ExeGPT's own schedules against the baselines.
 
-    python -m benchmarks.policies [--quick] [--table 1|2] [--plot docs/policies.png]
+    python -m benchmarks.policies [--quick] [--table 1|2|3] [--plot docs/policies.png]
 
 Table 1 (the paper's bound, form (a)): for the paper's five tasks at four bounds (1.2, 1.5, 2 and 3 times the
 smallest bound RRA or WAA meets) on OPT-13B / 4xA40 and Llama-2-7B / 2xA100, and for the three shipped traces
@@ -13,6 +13,12 @@ the best baseline (the last four), and what the optimizer picks across all of th
 Table 2 (SLO form (c)): goodput (the highest arrival rate keeping p90 TTFT and TPOT bounds) of each policy's best
 schedule, searched on the simulated engine, on the Azure conversation trace: its requests and its own timestamps,
 replayed faster or slower to find the rate; then the optimizer across all of them.
+
+Table 3 (one device): Splitwiser's two processes on one device against continuous batching in one process that
+alternates the phases on it, and against WAA and disaggregation on two devices: each policy's best schedule at
+twice the smallest bound, simulated on GPUs (the interference from ``exegpt.share_roofline``); then executed
+beside simulated on this CPU, the interference measured by the profiler in the same run
+(``benchmarks.splitwiser``).
 """
 
 from __future__ import annotations
@@ -139,6 +145,55 @@ def table2(quick: bool) -> None:
         print(f"{'/'.join(pols or ('all',)):<8} {g:>14.2f} {g / base:>8.1f}x {time.perf_counter() - t0:>9.1f}  {what}")
 
 
+ONE_DEVICE = (("llama-2-7b", "A100"), ("opt-13b", "A40"))
+
+
+def table3(quick: bool, requests: int, rounds: int) -> None:
+    """Splitwiser (two processes on one device) against one process alternating the phases on that device and
+    against WAA and disaggregation on two devices: simulated on GPUs (each policy's best schedule at the bound),
+    then executed beside simulated on the CPU with the interference the profiler measures in the same run."""
+    from exegpt.policies.splitwiser import phase_pricing
+    from exegpt.sim import run_simulated
+
+    print("\n## Table 3: one device, two processes (Splitwiser), simulated on GPUs at 2x the smallest bound")
+    print("| model/device | task | policy (devices) | est. seq/s | sim seq/s | TTFT p50 s | TPOT p50 ms | "
+          "x alternate (sim) | kappa prefill / decode | schedule |\n|---|---|---|---|---|---|---|---|---|---|")
+    for model, dev in ONE_DEVICE[:1] if quick else ONE_DEVICE:
+        for task in ("S",) if quick else ("S", "C1"):
+            w = Workload.task(task)
+            b = 2 * smallest_feasible_bound(w, model=model, devices=f"1x{dev}")
+            rows, base = [], None
+            for pols, n in ((["cb"], 1), (["splitwiser"], 1), (["waa_c", "waa_m"], 2), (["disagg"], 2)):
+                try:
+                    plan = find_schedule(w, b, model=model, devices=f"{n}x{dev}", policies=pols)
+                except (InfeasibleBoundError, ExeGPTError):
+                    rows.append((pols, n, None, None, "-"))
+                    continue
+                rep = run_simulated(plan, num_requests=300)
+                kap = "-"
+                if pols == ["splitwiser"]:
+                    prob = problem(w, b, model=model, devices=f"1x{dev}")
+                    sw = plan.schedule
+                    price = phase_pricing(prob, sw)
+                    bp = float(np.clip(sw.max_prefill_tokens / max(prob.stats.in_mean, 1.0), 1.0, sw.max_num_seqs))
+                    kap = f"{price('encode', bp)[1]:.2f} / {price('decode', sw.max_num_seqs)[1]:.2f}"
+                base = rep.throughput_seq_s if pols == ["cb"] else base
+                rows.append((pols, n, plan, rep, kap))
+            for pols, n, plan, rep, kap in rows:
+                name = f"{'/'.join(pols)} ({n})"
+                if plan is None:
+                    print(f"| {model}/{dev} | {task} | {name} | infeasible | | | | | | |")
+                    continue
+                ratio = rep.throughput_seq_s / base if base else math.nan
+                print(f"| {model}/{dev} | {task} | {name} | {plan.estimate.throughput_seq_s:.2f} | "
+                      f"{rep.throughput_seq_s:.2f} | {rep.ttft.p50:.2f} | {rep.tpot.p50 * 1e3:.1f} | {ratio:.2f}x | "
+                      f"{kap} | {describe(plan.schedule)} |")
+    from benchmarks.splitwiser import executed_with_interference
+
+    print("\n## Table 3, executed: tiny on this CPU (one device = its cores), measured / simulated\n")
+    print(executed_with_interference("tiny", requests, rounds, skip=("splitwiser 2+2",) if quick else ()))
+
+
 def figure(path: str) -> None:
     """Throughput against the bound, every policy, two settings: the frontier of each (``exegpt.plot``)."""
     import matplotlib
@@ -162,7 +217,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="two tasks, two bounds, one setting")
     p.add_argument("--plot", metavar="PNG", help="only draw every policy's throughput against the bound to PNG")
-    p.add_argument("--table", type=int, choices=(1, 2), help="only this table")
+    p.add_argument("--table", type=int, choices=(1, 2, 3), help="only this table")
+    p.add_argument("--requests", type=int, default=64, help="table 3's executed requests a run")
+    p.add_argument("--rounds", type=int, default=3, help="table 3's interleaved rounds")
     a = p.parse_args(argv)
     if a.plot:
         figure(a.plot)
@@ -171,6 +228,8 @@ def main(argv=None) -> int:
         table1(a.quick)
     if a.table in (None, 2):
         table2(a.quick)
+    if a.table in (None, 3):
+        table3(a.quick, a.requests, a.rounds)
     return 0
 
 

@@ -140,8 +140,45 @@ def weight_memory(model: str) -> str:
             f"\n\nThe proportional shares add up to {pss / mb:.1f} MiB: {pss / size:.2f} copies of the weights.")
 
 
+def interference_options(model: str, splits=((1, 1), (2, 2))):
+    """The pairs the profiler times for ``model``'s workload: its mean prompt, its mean decode context."""
+    from profiler.interference import InterferenceOptions
+
+    w = WORKLOADS[model]
+    ctx = int(w.input_len.mean() + w.output_len.mean() / 2)
+    return InterferenceOptions(tuple(splits), (1, 4, 16), int(w.input_len.mean()), ctx, window_s=0.5)
+
+
+def executed_with_interference(model: str, requests: int, rounds: int, skip=(), profile: Profile | None = None
+                               ) -> str:
+    """The interference measured now, then every configuration executed and simulated with it: one table, each
+    configuration's throughput against the alternating process (measured, simulated) and the kappa factors the
+    simulation priced its steps with (prefill / decode at the decode cap's batch)."""
+    from profiler.interference import measure as measure_pairs
+    from profiler.loop import cached_profile
+
+    prof = profile or cached_profile(model, tp_degrees=(1,), progress=False)
+    splits = [(1, 1)] + ([(2, 2)] if "splitwiser 2+2" not in skip else [])
+    inter = measure_pairs(model, interference_options(model, splits))
+    prof = dataclasses.replace(prof, phase_interference=inter)
+    _, out = measure(model, prof, requests, rounds, skip=tuple(skip))
+    lines = ["| requests | configuration | tok/s | x alternate | TTFT p50 ms | TPOT p50 ms | e2e p50 ms | "
+             "kappa prefill / decode | spread |", "|---|---|---|---|---|---|---|---|---|"]
+    for (regime, name), (m, s, spread) in out.items():
+        alt_m, alt_s, _ = out[(regime, "alternate (1 proc)")]
+        kap = "-"
+        if name.startswith("splitwiser"):
+            k = int(name[-1])
+            kap = f"{inter.factors(k, k, 'prefill', 16)[1]:.2f} / {inter.factors(k, k, 'decode', 16)[1]:.2f}"
+        cells = [f"{m['tok/s']:.0f} / {s['tok/s']:.0f}",
+                 f"{m['tok/s'] / alt_m['tok/s']:.2f} / {s['tok/s'] / alt_s['tok/s']:.2f}"] + \
+            [f"{m[k] * 1e3:.1f} / {s[k] * 1e3:.1f}" for k in ("TTFT", "TPOT", "e2e")]
+        lines.append(f"| {regime} | {name} | " + " | ".join(cells) + f" | {kap} | {spread:.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
-    from profiler.interference import InterferenceOptions, measure as measure_pairs, table as pair_table
+    from profiler.interference import measure as measure_pairs, table as pair_table
     from profiler.loop import cached_profile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -157,15 +194,14 @@ def main(argv=None) -> None:
     print(weight_memory(a.model) + "\n")
     prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False,
                                                                     refresh=a.refresh_profile)
-    w = WORKLOADS[a.model]
-    ctx = int(w.input_len.mean() + w.output_len.mean() / 2)
     splits = tuple(tuple(int(x) for x in sp.split("+")) for sp in a.splits)
-    opts = InterferenceOptions(splits, (1, 4, 16), int(w.input_len.mean()), ctx, window_s=0.5)
+    opts = interference_options(a.model, splits)
     inter = measure_pairs(a.model, opts)
     prof = dataclasses.replace(prof, phase_interference=inter)
     if a.save_profile:
         prof.save(a.save_profile)
-    print(f"Interference measured ({a.model}, prompts of {inter.prompt_len} tokens, decode context {ctx}; scale: "
+    print(f"Interference measured ({a.model}, prompts of {inter.prompt_len} tokens, decode context "
+          f"{opts.context_len}; scale: "
           f"alone on the split over one thread alone; kappa: beside the other phase over alone, minus 1):\n")
     print(pair_table(inter) + "\n")
     table, out = measure(a.model, prof, a.requests, a.rounds, skip=tuple(a.skip))
