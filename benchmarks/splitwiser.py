@@ -1,9 +1,10 @@
 """Splitwiser (a prefill and a decode process sharing one device) against one process alternating the phases on
 the same device and against WAA on two devices: executed on the runner and simulated, on the same requests.
 
-    python -m benchmarks.splitwiser [--model tiny] [--requests 48] [--rounds 3] [--profile PATH]
+    python -m benchmarks.splitwiser [--model tiny] [--requests 48] [--rounds 3] [--profile PATH] [--device-cores N]
 
-Configurations (one device = the CPU's two cores):
+Configurations (one device = the CPU's cores, or the first N of them with ``--device-cores N``; WAA's two devices
+are then 2N cores, and with N = 1 both Splitwiser processes share one core):
   * alternate: continuous batching in one process, one thread (the phases take turns);
   * splitwiser 1+1: the prefill process and the decode process, one thread each;
   * splitwiser 2+2: both processes on both cores (shares 100 % + 100 %);
@@ -20,7 +21,9 @@ factors the simulator used are measured first, in the same run (``profiler.inter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -47,7 +50,23 @@ def _metrics(rep) -> dict[str, float]:
     return {"tok/s": tokens / rep.makespan_s, "TTFT": rep.ttft.p50, "TPOT": rep.tpot.p50, "e2e": rep.e2e.p50}
 
 
-def measure(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0, skip=()) -> tuple[str, dict]:
+@contextlib.contextmanager
+def on_cores(n: int | None):
+    """This process (and the ranks it spawns, which inherit it) on the first ``n`` of its cores (None: all)."""
+    mine = sorted(os.sched_getaffinity(0))
+    if n is not None and n > len(mine):
+        raise SystemExit(f"splitwiser benchmark: {n} cores asked for, this process may use {len(mine)}")
+    os.sched_setaffinity(0, mine[:n] if n else mine)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+def measure(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0, skip=(),
+            device_cores: int | None = None) -> tuple[str, dict]:
+    """``device_cores``: cores of one device (None: every core is the one device, and WAA's two devices are two
+    ranks on those same cores); a two-device configuration gets twice as many."""
     from runner.run import run_plan
 
     w = WORKLOADS[model]
@@ -61,8 +80,10 @@ def measure(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0
         for _ in range(rounds):
             for name, plan in plans.items():  # interleaved: the machine's drift hits every configuration alike
                 torch.set_num_threads(1)
-                got[name].append(_metrics(run_plan(plan, model, num_requests=requests, seed=seed, arrivals=arr,
-                                                   timeout_s=900)))
+                n_dev = int(plan.devices.split("x")[0])
+                with on_cores(device_cores and n_dev * device_cores):
+                    got[name].append(_metrics(run_plan(plan, model, num_requests=requests, seed=seed, arrivals=arr,
+                                                       timeout_s=900)))
         for name, plan in plans.items():
             sim = _metrics(run_simulated(plan, prof, num_requests=requests, seed=seed, arrivals=arr))
             meas = {k: float(np.median([g[k] for g in got[name]])) for k in sim}
@@ -149,8 +170,8 @@ def interference_options(model: str, splits=((1, 1), (2, 2))):
     return InterferenceOptions(tuple(splits), (1, 4, 16), int(w.input_len.mean()), ctx, window_s=0.5)
 
 
-def executed_with_interference(model: str, requests: int, rounds: int, skip=(), profile: Profile | None = None
-                               ) -> str:
+def executed_with_interference(model: str, requests: int, rounds: int, skip=(), profile: Profile | None = None,
+                               device_cores: int | None = None) -> str:
     """The interference measured now, then every configuration executed and simulated with it: one table, each
     configuration's throughput against the alternating process (measured, simulated) and the kappa factors the
     simulation priced its steps with (prefill / decode at the decode cap's batch)."""
@@ -159,9 +180,10 @@ def executed_with_interference(model: str, requests: int, rounds: int, skip=(), 
 
     prof = profile or cached_profile(model, tp_degrees=(1,), progress=False)
     splits = [(1, 1)] + ([(2, 2)] if "splitwiser 2+2" not in skip else [])
-    inter = measure_pairs(model, interference_options(model, splits))
+    with on_cores(device_cores):
+        inter = measure_pairs(model, interference_options(model, splits))
     prof = dataclasses.replace(prof, phase_interference=inter)
-    _, out = measure(model, prof, requests, rounds, skip=tuple(skip))
+    _, out = measure(model, prof, requests, rounds, skip=tuple(skip), device_cores=device_cores)
     lines = ["| requests | configuration | tok/s | x alternate | TTFT p50 ms | TPOT p50 ms | e2e p50 ms | "
              "kappa prefill / decode | spread |", "|---|---|---|---|---|---|---|---|---|"]
     for (regime, name), (m, s, spread) in out.items():
@@ -190,13 +212,16 @@ def main(argv=None) -> None:
     ap.add_argument("--save-profile", default=None, help="write the profile with the interference measured")
     ap.add_argument("--splits", nargs="*", default=["1+1", "2+2"], help="thread splits the interference covers")
     ap.add_argument("--skip", nargs="*", default=(), help="configurations to leave out, e.g. 'splitwiser 2+2'")
+    ap.add_argument("--device-cores", type=int, default=None,
+                    help="cores of one device (default: all of them; WAA's two devices then share them)")
     a = ap.parse_args(argv)
     print(weight_memory(a.model) + "\n")
     prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False,
                                                                     refresh=a.refresh_profile)
     splits = tuple(tuple(int(x) for x in sp.split("+")) for sp in a.splits)
     opts = interference_options(a.model, splits)
-    inter = measure_pairs(a.model, opts)
+    with on_cores(a.device_cores):
+        inter = measure_pairs(a.model, opts)
     prof = dataclasses.replace(prof, phase_interference=inter)
     if a.save_profile:
         prof.save(a.save_profile)
@@ -204,7 +229,7 @@ def main(argv=None) -> None:
           f"{opts.context_len}; scale: "
           f"alone on the split over one thread alone; kappa: beside the other phase over alone, minus 1):\n")
     print(pair_table(inter) + "\n")
-    table, out = measure(a.model, prof, a.requests, a.rounds, skip=tuple(a.skip))
+    table, out = measure(a.model, prof, a.requests, a.rounds, skip=tuple(a.skip), device_cores=a.device_cores)
     print(f"Executed / simulated, {a.model}, {a.requests} requests, {a.rounds} rounds (median):\n")
     print(table + "\n")
     print(ratios(out))

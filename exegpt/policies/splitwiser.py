@@ -206,8 +206,8 @@ def spaces(prob: Problem, policy, tps: list[int], space) -> list:
 
 def candidates(prob: Problem, tps: list[int], grid: int) -> list[SplitwiserSchedule]:
     """A grid to simulate, on one device only: every share split of ``SHARES``, S geometric up to 256, T at the
-    workload's longest prompt and 4x that."""
-    if prob.cluster.count != 1:
+    workload's longest prompt and 4x that. Each process holds the whole model (TP 1)."""
+    if prob.cluster.count != 1 or 1 not in tps:
         return []
     longest = prob.workload.input_len.max
     seqs = sorted({int(x) for x in np.round(np.geomspace(1, 256, grid))})

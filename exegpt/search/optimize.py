@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 
 BOX_POLICIES = (Policy.RRA, Policy.WAA_C, Policy.WAA_M)
 """The policies with a sound box bound (the paper's; their search is exact)."""
-ALL_POLICIES = BOX_POLICIES + (Policy.CB, Policy.CHUNKED, Policy.DISAGG, Policy.SHIFT)
-"""Every policy but static batching: searched by default under every SLO form; under the paper's bound the box
-policies exactly, the others on a grid of their estimates, and under forms (b) and (c) on the simulated engine."""
+ALL_POLICIES = BOX_POLICIES + (Policy.CB, Policy.CHUNKED, Policy.DISAGG, Policy.SHIFT, Policy.SPLITWISER)
+"""Searched by default under every SLO form: every policy but static batching (the paper's baseline), PipeInfer
+(one request at a time: ``exegpt.policies.pipeinfer.best_schedule``) and BlendServe (offline pools with prompt
+token ids); Splitwiser where a plan has one device. Under the paper's bound the box policies exactly, the others
+on a grid of their estimates, and under forms (b) and (c) on the simulated engine."""
 VERIFY_ATTEMPTS = 6
 """Searches ``find_schedule(verify_requests=...)`` runs at most: each one whose pick's replay misses the bound is
 followed by one below that pick's estimate by the ratio of the bound to the replayed worst latency."""
@@ -433,10 +435,11 @@ def find_schedule(dist: Workload, slo, *, model=None, devices=None, profile: Pro
     and whether and by what margin it holds.
     ``model``/``devices``: names such as "opt-13b" and "4xA40" (defaults: the paper's OPT-13B on 4xA40).
     ``profile``: a Profile (default: the built-in GPU profile of model on the device type).
-    ``policies``: names of ``exegpt.policies`` (default: every policy but static batching). ``per_policy``: also
+    ``policies``: names of ``exegpt.policies`` (default ``ALL_POLICIES``). ``per_policy``: also
     search each policy for its own best (``plan.search.per_policy``; slower: one branch and bound per policy with a
     box bound instead of one over them all, pruned by each other's incumbent; simulated SLO forms report it always).
-    ``tp_degrees``: TP degrees to try (default: all the profile supports). ``eps_*``: the paper's search tolerances (0 = the exact optimum).
+    ``tp_degrees``: TP degrees to try (default: all the profile supports). ``eps_*``: the paper's search
+    tolerances (0 = the exact optimum).
     ``latency_margin``: plan against ``slo * (1 - margin)``, keeping room for the simulator's error when the
     plan is run (benchmarks/fidelity.py measures that error); the plan still records ``slo``.
     ``device_counts``: how many of the devices a schedule may use (default None: any count from 1 to all; the
