@@ -24,6 +24,7 @@ beside simulated on this CPU, the interference measured by the profiler in the s
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 
@@ -155,39 +156,41 @@ def table3(quick: bool, requests: int, rounds: int) -> None:
     from exegpt.policies.splitwiser import phase_pricing
     from exegpt.sim import run_simulated
 
-    print("\n## Table 3: one device, two processes (Splitwiser), simulated on GPUs at 2x the smallest bound")
-    print("| model/device | task | policy (devices) | est. seq/s | sim seq/s | TTFT p50 s | TPOT p50 ms | "
-          "x alternate (sim) | kappa prefill / decode | schedule |\n|---|---|---|---|---|---|---|---|---|---|")
-    for model, dev in ONE_DEVICE[:1] if quick else ONE_DEVICE:
-        for task in ("S",) if quick else ("S", "C1"):
-            w = Workload.task(task)
-            b = 2 * smallest_feasible_bound(w, model=model, devices=f"1x{dev}")
-            rows, base = [], None
-            for pols, n in ((["cb"], 1), (["splitwiser"], 1), (["waa_c", "waa_m"], 2), (["disagg"], 2)):
-                try:
-                    plan = find_schedule(w, b, model=model, devices=f"{n}x{dev}", policies=pols)
-                except (InfeasibleBoundError, ExeGPTError):
-                    rows.append((pols, n, None, None, "-"))
-                    continue
-                rep = run_simulated(plan, num_requests=300)
-                kap = "-"
-                if pols == ["splitwiser"]:
-                    prob = problem(w, b, model=model, devices=f"1x{dev}")
-                    sw = plan.schedule
-                    price = phase_pricing(prob, sw)
-                    bp = float(np.clip(sw.max_prefill_tokens / max(prob.stats.in_mean, 1.0), 1.0, sw.max_num_seqs))
-                    kap = f"{price('encode', bp)[1]:.2f} / {price('decode', sw.max_num_seqs)[1]:.2f}"
-                base = rep.throughput_seq_s if pols == ["cb"] else base
-                rows.append((pols, n, plan, rep, kap))
-            for pols, n, plan, rep, kap in rows:
-                name = f"{'/'.join(pols)} ({n})"
-                if plan is None:
-                    print(f"| {model}/{dev} | {task} | {name} | infeasible | | | | | | |")
-                    continue
-                ratio = rep.throughput_seq_s / base if base else math.nan
-                print(f"| {model}/{dev} | {task} | {name} | {plan.estimate.throughput_seq_s:.2f} | "
-                      f"{rep.throughput_seq_s:.2f} | {rep.ttft.p50:.2f} | {rep.tpot.p50 * 1e3:.1f} | {ratio:.2f}x | "
-                      f"{kap} | {describe(plan.schedule)} |")
+    print("\n## Table 3: one device, two processes (Splitwiser), simulated on GPUs at 2x the smallest bound and "
+          "at peak (no bound)")
+    print("| model/device | task | bound | policy (devices) | est. seq/s | sim seq/s | TTFT p50 s | TPOT p50 ms | "
+          "x alternate (sim) | kappa prefill / decode | schedule |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    tasks = ("S",) if quick else ("S", "C1")
+    cases = [(m, d, t) for m, d in (ONE_DEVICE[:1] if quick else ONE_DEVICE) for t in tasks]
+    for (model, dev, task), peak in itertools.product(cases, (False, True)):
+        w = Workload.task(task)
+        b = math.inf if peak else 2 * smallest_feasible_bound(w, model=model, devices=f"1x{dev}")
+        rows, base = [], None
+        for pols, n in ((["cb"], 1), (["splitwiser"], 1), (["waa_c", "waa_m"], 2), (["disagg"], 2)):
+            try:
+                plan = find_schedule(w, b, model=model, devices=f"{n}x{dev}", policies=pols)
+            except (InfeasibleBoundError, ExeGPTError):
+                rows.append((pols, n, None, None, "-"))
+                continue
+            rep = run_simulated(plan, num_requests=300)
+            kap = "-"
+            if pols == ["splitwiser"]:
+                prob = problem(w, b, model=model, devices=f"1x{dev}")
+                sw = plan.schedule
+                price = phase_pricing(prob, sw)
+                bp = float(np.clip(sw.max_prefill_tokens / max(prob.stats.in_mean, 1.0), 1.0, sw.max_num_seqs))
+                kap = f"{price('encode', bp)[1]:.2f} / {price('decode', sw.max_num_seqs)[1]:.2f}"
+            base = rep.throughput_seq_s if pols == ["cb"] else base
+            rows.append((pols, n, plan, rep, kap))
+        for pols, n, plan, rep, kap in rows:
+            name, bound = f"{'/'.join(pols)} ({n})", "peak" if peak else f"{b:.1f} s"
+            if plan is None:
+                print(f"| {model}/{dev} | {task} | {bound} | {name} | infeasible | | | | | | |")
+                continue
+            ratio = rep.throughput_seq_s / base if base else math.nan
+            print(f"| {model}/{dev} | {task} | {bound} | {name} | {plan.estimate.throughput_seq_s:.2f} | "
+                  f"{rep.throughput_seq_s:.2f} | {rep.ttft.p50:.2f} | {rep.tpot.p50 * 1e3:.1f} | {ratio:.2f}x | "
+                  f"{kap} | {describe(plan.schedule)} |")
     from benchmarks.splitwiser import executed_with_interference
 
     print("\n## Table 3, executed: tiny on this CPU, one device = one core (WAA's two devices: two cores), "
