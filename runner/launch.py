@@ -14,6 +14,7 @@ that held it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import pickle
@@ -191,6 +192,8 @@ def _spawn_entry(rank: int, world_size: int, port: int, fn: Callable, args_path:
         # Exit at once (no group teardown, which could wait on peers); the launcher names this rank.
         traceback.print_exc()
         raise
+    _TAKEN.clear()  # what the launcher shared, freed here: a CUDA IPC producer's count of users drops now, where
+    gc.collect()  # exit_rank below would skip it and leave the launcher's copy held until it exits
     results.put(_Exited(rank, out))
     results.close()
     results.join_thread()  # everything this rank put is written before the process ends
