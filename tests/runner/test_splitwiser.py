@@ -33,7 +33,8 @@ def test_two_processes_give_greedy_tokens_and_account_for_every_request():
     reqs = make_requests(W, 16, vocab_size=256, seed=4)
     plans = [evaluate_schedule(s, W, profile=prof, devices="1xcpu") for s in
              (SplitwiserSchedule(6, 96, 50, 50, block_size=8), CBSchedule(6, 96, 1, 0, 1, block_size=8))]
-    reps = run_plans(plans, "tiny", requests=reqs, keep_tokens=True, log_decisions=True, timeout_s=120)
+    reps = run_plans(plans, "tiny", requests=reqs, keep_tokens=True, log_decisions=True, timeout_s=120,
+                     colocated_device="cpu")
     model, _, _ = load_model("tiny")
     ref = {r.id: greedy_reference(model, list(r.prompt), r.output_len) for r in reqs}
     for rep in reps:
@@ -93,7 +94,7 @@ def test_a_process_that_dies_is_reported():
     reqs = make_requests(W, 12, vocab_size=256, seed=4)
     t = time.monotonic()
     with pytest.raises(RankFailedError, match=r"rank 0 died \(exit code -9, SIGKILL\)") as e:
-        run_plan(plan, "tiny", requests=reqs, fault=Fault(0, 3, "kill"), timeout_s=60)
+        run_plan(plan, "tiny", requests=reqs, fault=Fault(0, 3, "kill"), timeout_s=60, colocated_device="cpu")
     assert e.value.rank == 0 and time.monotonic() - t < 70
     [report] = e.value.reports
     assert sorted(r.id for r in report.requests) == list(range(len(reqs)))
@@ -109,7 +110,8 @@ def test_weights_and_handoff_slots_shared_by_ipc_give_greedy_tokens():
     plan = evaluate_schedule(SplitwiserSchedule(6, 96, 50, 50, block_size=8), W, profile=Profile.load(PROFILE),
                              devices="1xcpu")
     reqs = make_requests(W, 16, vocab_size=256, seed=5)
-    rep = run_plan(plan, "tiny", requests=reqs, keep_tokens=True, log_decisions=True, timeout_s=120, weights="ipc")
+    rep = run_plan(plan, "tiny", requests=reqs, keep_tokens=True, log_decisions=True, timeout_s=120, weights="ipc",
+                   colocated_device="cpu")
     model, _, _ = load_model("tiny")
     assert sorted(r.id for r in rep.requests) == list(range(len(reqs)))
     for r in rep.requests:
