@@ -72,8 +72,8 @@ stage tests 110 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/runn
     tests/runner/test_executors.py tests/profiler/test_grid_timer_device.py
 # Splitwiser on the GPU: the test prints whether an MPS daemon enforced the shares (without one the two processes
 # time-slice the GPU); then the interference profiler's GPU path, a pair of processes per MPS split, briefly.
-stage splitwiser 50 $PY -m pytest -q -s -p no:cacheprovider tests/runner/test_splitwiser.py -k on_a_gpu
-stage interference 40 $PY -c "
+stage splitwiser 60 $PY -m pytest -q -s -p no:cacheprovider tests/runner/test_splitwiser.py -k on_a_gpu
+stage interference 45 $PY -c "
 from profiler.interference import InterferenceOptions, measure, table
 from runner.colocate import colocated_device, mps_status
 print(mps_status(colocated_device(None)))
@@ -85,7 +85,7 @@ if [ -f "$PROFILE" ]; then
     DEVICE=$($PY -c "from exegpt import Profile; print(Profile.load('$PROFILE').device)")
     stage plan-measured 25 $PY -m exegpt sweep --task S --model "$MODEL" --profile "$PROFILE" --bounds 1 2 5 inf
     stage plan-modelled 25 $PY -m exegpt sweep --task S --model "$MODEL" --devices "1x$DEVICE" --bounds 1 2 5 inf
-    TAIL=60 stage fidelity 95 $PY -m benchmarks.fidelity --profile "$PROFILE" --rounds 2 \
+    TAIL=60 stage fidelity 80 $PY -m benchmarks.fidelity --profile "$PROFILE" --rounds 2 \
         --requests "${REQUESTS:-400}" --save "$OUT/fidelity.json"
 fi
 ls -l "$OUT"

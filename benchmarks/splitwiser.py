@@ -5,7 +5,10 @@ the same device and against WAA on two devices: executed on the runner and simul
 
 Configurations (one device = the CPU's two cores):
   * alternate: continuous batching in one process, one thread (the phases take turns);
-  * splitwiser 1+1: the prefill process and the decode process, one thread each;
+  * splitwiser 1+1: the prefill process and the decode process, one thread each (weights mapped from a file, KV
+    handed off by gloo messages: the CPU's default);
+  * splitwiser 1+1 ipc: the same with ``weights="ipc"``, a GPU's protocol run on the CPU (the launcher's tensors
+    in shared memory, the KV through shared hand-off slots);
   * splitwiser 2+2: both processes on both cores (shares 100 % + 100 %);
   * WAA-C 1+1: ExeGPT's encode rank and decode rank, each counted as a device of its own.
 Requests: all at once (saturated) and by Poisson at 60 % of the alternating plan's simulated throughput. Each
@@ -33,12 +36,16 @@ WORKLOADS = {"tiny": Workload.truncated_normal(input=(48, 16, 96), output=(32, 1
              "smollm2": Workload.truncated_normal(input=(32, 12, 64), output=(16, 6, 32))}
 
 
-def schedules(w: Workload) -> dict[str, tuple[object, str]]:
+def schedules(w: Workload) -> dict[str, tuple[object, str, dict]]:
+    """Per configuration: its schedule, its devices and its run options."""
     longest = w.input_len.max
-    return {"alternate (1 proc)": (CBSchedule(16, 2 * (longest + w.output_len.max), 1, 0, 1, block_size=16), "1xcpu"),
-            "splitwiser 1+1": (SplitwiserSchedule(16, 2 * longest, 50, 50), "1xcpu"),
-            "splitwiser 2+2": (SplitwiserSchedule(16, 2 * longest, 100, 100), "1xcpu"),
-            "WAA-C 1+1 (2 dev)": (WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), "2xcpu")}
+    cpu = {"colocated_device": "cpu"}
+    return {"alternate (1 proc)": (CBSchedule(16, 2 * (longest + w.output_len.max), 1, 0, 1, block_size=16), "1xcpu",
+                                   {}),
+            "splitwiser 1+1": (SplitwiserSchedule(16, 2 * longest, 50, 50), "1xcpu", cpu),
+            "splitwiser 1+1 ipc": (SplitwiserSchedule(16, 2 * longest, 50, 50), "1xcpu", {**cpu, "weights": "ipc"}),
+            "splitwiser 2+2": (SplitwiserSchedule(16, 2 * longest, 100, 100), "1xcpu", cpu),
+            "WAA-C 1+1 (2 dev)": (WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), "2xcpu", {})}
 
 
 def _metrics(rep) -> dict[str, float]:
@@ -51,8 +58,8 @@ def measure(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0
     from runner.run import run_plan
 
     w = WORKLOADS[model]
-    plans = {name: evaluate_schedule(s, w, profile=prof, devices=dev) for name, (s, dev) in schedules(w).items()
-             if name not in skip}
+    configs = {name: c for name, c in schedules(w).items() if name not in skip}
+    plans = {name: evaluate_schedule(s, w, profile=prof, devices=dev) for name, (s, dev, _) in configs.items()}
     base = run_simulated(plans["alternate (1 proc)"], prof, num_requests=requests, seed=seed)
     regimes = {"saturated": None, "poisson": Arrivals.poisson(0.6 * base.throughput_seq_s)}
     rows, out = [], {}
@@ -62,7 +69,7 @@ def measure(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0
             for name, plan in plans.items():  # interleaved: the machine's drift hits every configuration alike
                 torch.set_num_threads(1)
                 got[name].append(_metrics(run_plan(plan, model, num_requests=requests, seed=seed, arrivals=arr,
-                                                   timeout_s=900)))
+                                                   timeout_s=900, **configs[name][2])))
         for name, plan in plans.items():
             sim = _metrics(run_simulated(plan, prof, num_requests=requests, seed=seed, arrivals=arr))
             meas = {k: float(np.median([g[k] for g in got[name]])) for k in sim}
@@ -82,7 +89,7 @@ def ratios(out: dict) -> str:
     lines = []
     for regime in ("saturated", "poisson"):
         alt = out[(regime, "alternate (1 proc)")]
-        for name in ("splitwiser 1+1", "splitwiser 2+2", "WAA-C 1+1 (2 dev)"):
+        for name in ("splitwiser 1+1", "splitwiser 1+1 ipc", "splitwiser 2+2", "WAA-C 1+1 (2 dev)"):
             if (regime, name) not in out:
                 continue
             m, s, _ = out[(regime, name)]
@@ -140,6 +147,53 @@ def weight_memory(model: str) -> str:
             f"\n\nThe proportional shares add up to {pss / mb:.1f} MiB: {pss / size:.2f} copies of the weights.")
 
 
+def _ipc_worker(rank: int, world_size: int, device) -> dict:
+    import torch.distributed as dist
+
+    from runner.colocate import weight_residency
+    from runner.colocate_ipc import model_from_shared
+    from runner.launch import take_shared
+
+    torch.set_num_threads(1)
+    model, _ = model_from_shared(take_shared())
+    model.setup_cache(16, 64)
+    with torch.inference_mode():
+        if rank == 0:  # the prefill process, as in _map_worker
+            model.prefill(torch.arange(16 * 32) % model.args.vocab_size, torch.full((16,), 32), torch.arange(16))
+        else:
+            for _ in range(4):
+                model.decode(torch.arange(4), torch.arange(4))
+        sum(float(p.sum()) for p in model.parameters())
+    dist.barrier()  # both hold the weights now
+    got = weight_residency(list(model.parameters()))
+    dist.barrier()
+    return got
+
+
+def ipc_weight_memory(model: str) -> str:
+    """What two ranks that took the weights from the launcher (``weights="ipc"`` on a CPU: shared memory) hold of
+    them, and what the launcher holds once they exited."""
+    from runner.colocate import weight_residency
+    from runner.colocate_ipc import build_shared
+    from runner.launch import RankSetup, launch
+
+    shared = build_shared(model, torch.float32, torch.device("cpu"), 0, {})
+    size = sum(t.numel() * t.element_size() for t in shared.state.values())
+    got = launch(_ipc_worker, 2, (), 600, setup=RankSetup(shared=shared, backend="gloo"))
+    mine = weight_residency(list(shared.state.values()))
+    mb = 2 ** 20
+    rows = [f"| {name} | {g['rss_bytes'] / mb:.1f} | {g['pss_bytes'] / mb:.1f} | {g['private_bytes'] / mb:.1f} | "
+            f"{g['process_rss_bytes'] / mb:.0f} |" for name, g in zip(("prefill", "decode"), got)]
+    pss = sum(g["pss_bytes"] for g in got)
+    return (f"Weights of {model} ({size / mb:.1f} MiB, fp32) shared by IPC, MiB (the launcher maps them too while "
+            f"the ranks run):\n\n"
+            "| process | weights resident | weights, proportional share | weights, private | process RSS |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) +
+            f"\n\nThe ranks' proportional shares add up to {pss / mb:.1f} MiB ({pss / size:.2f} of a copy); the "
+            f"launcher, alone after they exited, holds {mine['rss_bytes'] / mb:.1f} MiB resident "
+            f"({mine['pss_bytes'] / size:.2f} copies).")
+
+
 def main(argv=None) -> None:
     from profiler.interference import InterferenceOptions, measure as measure_pairs, table as pair_table
     from profiler.loop import cached_profile
@@ -155,6 +209,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip", nargs="*", default=(), help="configurations to leave out, e.g. 'splitwiser 2+2'")
     a = ap.parse_args(argv)
     print(weight_memory(a.model) + "\n")
+    print(ipc_weight_memory(a.model) + "\n")
     prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False,
                                                                     refresh=a.refresh_profile)
     w = WORKLOADS[a.model]
