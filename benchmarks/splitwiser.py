@@ -2,6 +2,7 @@
 the same device and against WAA on two devices: executed on the runner and simulated, on the same requests.
 
     python -m benchmarks.splitwiser [--model tiny] [--requests 48] [--rounds 3] [--profile PATH]
+    python -m benchmarks.splitwiser --weights-ab [--rounds 5]   (weights="ipc" against "file" only)
 
 Configurations (one device = the CPU's two cores):
   * alternate: continuous batching in one process, one thread (the phases take turns);
@@ -147,6 +148,33 @@ def weight_memory(model: str) -> str:
             f"\n\nThe proportional shares add up to {pss / mb:.1f} MiB: {pss / size:.2f} copies of the weights.")
 
 
+def weights_ab(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0) -> str:
+    """Splitwiser 1+1 with ``weights="ipc"`` against ``"file"`` on the CPU, paired within each round (the order
+    alternating), with every request at once and under Poisson arrivals at 60 % of the plan's simulated rate: per
+    metric the median of the per-round ratios and their range, and each side's spread over the rounds."""
+    from runner.run import run_plan
+
+    w = WORKLOADS[model]
+    plan = evaluate_schedule(SplitwiserSchedule(16, 2 * w.input_len.max, 50, 50), w, profile=prof, devices="1xcpu")
+    rate = 0.6 * run_simulated(plan, prof, num_requests=requests, seed=seed).throughput_seq_s
+    rows = []
+    for regime, arr in (("saturated", None), ("poisson", Arrivals.poisson(rate))):
+        got: dict[str, list] = {"file": [], "ipc": []}
+        for r in range(rounds):
+            for mode in (("file", "ipc") if r % 2 == 0 else ("ipc", "file")):
+                torch.set_num_threads(1)
+                got[mode].append(_metrics(run_plan(plan, model, num_requests=requests, seed=seed, arrivals=arr,
+                                                   timeout_s=900, weights=mode, colocated_device="cpu")))
+        for k in ("tok/s", "TPOT", "e2e"):
+            ratio = [i[k] / f[k] for i, f in zip(got["ipc"], got["file"])]
+            spread = [(max(v) - min(v)) / float(np.median(v)) for v in
+                      ([g[k] for g in got[m]] for m in ("file", "ipc"))]
+            rows.append(f"| {regime} | {k} p50 | {np.median(ratio):.2f}x | {min(ratio):.2f}-{max(ratio):.2f}x | "
+                        f"{spread[0]:.0%} / {spread[1]:.0%} |".replace("tok/s p50", "tok/s"))
+    return ("| requests | metric | ipc / file, median | per round | spread file / ipc |\n|---|---|---|---|---|\n" +
+            "\n".join(rows))
+
+
 def _ipc_worker(rank: int, world_size: int, device) -> dict:
     import torch.distributed as dist
 
@@ -207,7 +235,13 @@ def main(argv=None) -> None:
     ap.add_argument("--save-profile", default=None, help="write the profile with the interference measured")
     ap.add_argument("--splits", nargs="*", default=["1+1", "2+2"], help="thread splits the interference covers")
     ap.add_argument("--skip", nargs="*", default=(), help="configurations to leave out, e.g. 'splitwiser 2+2'")
+    ap.add_argument("--weights-ab", action="store_true", help="only weights='ipc' against 'file', paired rounds")
     a = ap.parse_args(argv)
+    if a.weights_ab:
+        prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False)
+        print(f"Splitwiser 1+1, weights='ipc' against 'file', {a.model}, {a.requests} requests, {a.rounds} rounds:\n")
+        print(weights_ab(a.model, prof, a.requests, a.rounds))
+        return
     print(weight_memory(a.model) + "\n")
     print(ipc_weight_memory(a.model) + "\n")
     prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False,
