@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,18 +106,22 @@ def rank_env(schedule) -> tuple[dict[str, str], ...]:
 
 def mps_status(device: torch.device) -> str | None:
     """One line: whether an MPS control daemon is reachable from here (its pipe directory,
-    ``CUDA_MPS_PIPE_DIRECTORY``, default ``/tmp/nvidia-mps``, holds its ``control`` socket), so whether the
-    shares act; None on a CPU. Reads only: never starts a daemon."""
+    ``CUDA_MPS_PIPE_DIRECTORY``, default ``/tmp/nvidia-mps``, holds its ``control`` socket; a plain file left
+    behind does not count), so whether the shares act; None on a CPU. Reads only: never starts a daemon."""
     if device.type != "cuda":
         return None
     pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps")
-    if (pipe / "control").exists():
-        return f"MPS active: a control daemon answers at {pipe}; each process's share is its {MPS_VAR}"
+    try:
+        mode = (pipe / "control").stat().st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode):
+        return f"MPS active: a control daemon's socket is at {pipe}; each process's share is its {MPS_VAR}"
     return (f"MPS not active: no control daemon at {pipe} (CUDA_MPS_PIPE_DIRECTORY); the two processes "
             f"time-slice {device} and their shares are not enforced")
 
 
-def enter_process(schedule, group: str, device: torch.device | None = None) -> int:
+def enter_process(schedule, group: str) -> int:
     """Gives this process its share of the device: its thread count on a CPU (returned; the host threads of a GPU
     process); on a GPU the MPS percentage, which must be in the environment before CUDA initializes here."""
     from exegpt.policies.splitwiser import threads

@@ -195,3 +195,21 @@ def test_on_a_gpu_two_processes_give_greedy_tokens():
     assert sorted(merged) == list(range(len(reqs)))
     assert len(rep.notes) == 1 and rep.notes[0].startswith("MPS "), rep.notes
     print(rep.notes[0])
+
+
+def test_mps_status_reads_the_control_daemons_socket(tmp_path, monkeypatch):
+    """Whether MPS acts, from the daemon's socket in CUDA_MPS_PIPE_DIRECTORY (read only; nothing touches CUDA)."""
+    import socket
+
+    from runner.colocate import mps_status
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    gpu = torch.device("cuda", 0)
+    assert mps_status(torch.device("cpu")) is None
+    assert mps_status(gpu).startswith(f"MPS not active: no control daemon at {tmp_path}")
+    (tmp_path / "control").write_text("")  # a file left behind is no daemon
+    assert mps_status(gpu).startswith("MPS not active")
+    (tmp_path / "control").unlink()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "control"))
+        assert mps_status(gpu).startswith(f"MPS active: a control daemon's socket is at {tmp_path}")
