@@ -213,3 +213,53 @@ def test_mps_status_reads_the_control_daemons_socket(tmp_path, monkeypatch):
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(tmp_path / "control"))
         assert mps_status(gpu).startswith(f"MPS active: a control daemon's socket is at {tmp_path}")
+
+
+class _Recorder:
+    """A rank's messages, recorded instead of sent (``runner.dist.Comm``'s interface)."""
+
+    device, equal_counts, prepost = torch.device("cpu"), False, True
+
+    def __init__(self, events: list):
+        self.events = events
+
+    def send(self, tensors, dst, tag) -> None:
+        self.events.append(("send", tag, [t.clone() for t in tensors]))
+
+
+def test_handoff_slots_are_filled_and_settled_before_the_metadata(monkeypatch):
+    """The slot protocol in one process: the prefill side writes a batch's KV into slot batch % 2 and waits for its
+    device before it sends the metadata; the decode side copies the slot into its rows and waits before returning
+    (the engine's credit follows); the KV arrives exactly."""
+    from runner import handoff_ring
+    from runner.colocate_ipc import slot_shape
+    from runner.dist import TAG_META, layout
+    from runner.handoff_ring import RingDecodeStage, RingEncodeStage
+    from runner.pipeline import IMPORT, PREFILL, Command
+    from runner.run import remap_stages
+
+    plan = evaluate_schedule(SplitwiserSchedule(6, 96, block_size=8), W, profile=Profile.load(PROFILE),
+                             devices="1xcpu")
+    enc_sr, dec_sr = layout(remap_stages(plan.stages, 2))
+    events: list = []
+    monkeypatch.setattr(handoff_ring, "_settle", lambda device: events.append(("settle", device.type)))
+    enc_model, dec_model = load_model("tiny")[0], load_model("tiny")[0]
+    ring = tuple(torch.zeros(slot_shape(enc_model.args, 4, 10)) for _ in range(2))  # batches of 4 rows, 10 tokens
+    enc_model.setup_cache(4, 16)
+    dec_model.setup_cache(6, 32)
+    enc = RingEncodeStage(enc_model, enc_sr, None, None, 0, _Recorder(events), 1, decode_stages=[dec_sr],
+                          encode_batch=4, prompt_len=10, ring=ring)
+    dec = RingDecodeStage(dec_model, dec_sr, None, None, 1, _Recorder([]), 1, encode_stages=[enc_sr], encode_batch=4,
+                          prompt_len=10, ring=ring)
+    lens = torch.tensor([7, 10, 3])
+    cmd = Command(PREFILL, torch.arange(3), seq_lens=lens, ids=torch.randint(0, 256, (20,)), req=torch.arange(3),
+                  batch=3)
+    enc.process(cmd, None)
+    assert [e[0] for e in events] == ["settle", "send"] and events[1][1] == TAG_META  # the slot, then the metadata
+    dec.process(Command(IMPORT, torch.tensor([4, 1, 5]), seq_lens=lens, req=torch.arange(3), batch=3), None)
+    assert events[-1] == ("settle", "cpu") and ring[0].abs().sum() == 0 and ring[1].abs().sum() > 0  # slot 3 % 2
+    for i, (src, dst) in enumerate(zip(range(3), (4, 1, 5))):
+        L = int(lens[i])
+        assert torch.equal(dec_model.cache.k[:, dst, :, :L], enc_model.cache.k[:, src, :, :L])
+        assert torch.equal(dec_model.cache.v[:, dst, :, :L], enc_model.cache.v[:, src, :, :L])
+        assert int(dec_model.cache.lengths[dst]) == L
