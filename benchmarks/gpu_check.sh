@@ -2,6 +2,9 @@
 # The GPU check of issue #4, prepared to fit one device call (one H200, about 8 minutes of its 10):
 #   1. the device's facts and the CUDA paths of the tests (greedy tokens of the model and of every single-process
 #      executor on CUDA equal to CPU references, the CUDA-event timer against a synchronized clock, NVML facts),
+#   1b. Splitwiser's two processes on one GPU (weights and KV hand-off slots by CUDA IPC, gloo, MPS shares): greedy
+#      tokens equal to single-request greedy decoding on the GPU, whether MPS was active, and the interference
+#      profiler's GPU path (MPS percentages) on tiny,
 #   2. a profile of a 1B-class preset on the GPU (python -m profiler), written to $OUT,
 #   3. the paper's task S planned on that profile and on the device's roofline model (exegpt sweep),
 #   4. the fidelity table on that GPU from that profile (benchmarks/fidelity.py --profile), written to $OUT.
@@ -65,16 +68,24 @@ print(json.dumps({'name': d.name, 'model': d.model, 'memory_gib': d.memory_bytes
                   'cuda': torch.version.cuda, 'facts': d.facts}, indent=1, default=str))"
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # The runner's single-process tests run on CUDA when it is present (run_plan picks it) against CPU references.
-stage tests 120 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/runner/test_model.py \
+stage tests 110 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/runner/test_model.py \
     tests/runner/test_executors.py tests/profiler/test_grid_timer_device.py
+# Splitwiser on the GPU: the test prints whether an MPS daemon enforced the shares (without one the two processes
+# time-slice the GPU); then the interference profiler's GPU path, a pair of processes per MPS split, briefly.
+stage splitwiser 60 $PY -m pytest -q -s -p no:cacheprovider tests/runner/test_splitwiser.py -k on_a_gpu
+stage interference 45 $PY -c "
+from profiler.interference import InterferenceOptions, measure, table
+from runner.colocate import colocated_device, mps_status
+print(mps_status(colocated_device(None)))
+print(table(measure('tiny', InterferenceOptions(batches=(1, 16), repeats=2, window_s=0.1))))"
 # One torch thread, as the fidelity runs use (profiler.loop.THREADS): on a GPU it only paces the host.
-stage profile 200 $PY -m profiler --model "$MODEL" --tp 1 2 --quick --threads 1 --no-progress -o "$PROFILE"
+stage profile 185 $PY -m profiler --model "$MODEL" --tp 1 2 --quick --threads 1 --no-progress -o "$PROFILE"
 if [ -f "$PROFILE" ]; then
     # The paper's task S planned on the measured profile, then on the roofline model of the same device.
     DEVICE=$($PY -c "from exegpt import Profile; print(Profile.load('$PROFILE').device)")
-    stage plan-measured 30 $PY -m exegpt sweep --task S --model "$MODEL" --profile "$PROFILE" --bounds 1 2 5 inf
-    stage plan-modelled 30 $PY -m exegpt sweep --task S --model "$MODEL" --devices "1x$DEVICE" --bounds 1 2 5 inf
-    TAIL=60 stage fidelity 150 $PY -m benchmarks.fidelity --profile "$PROFILE" --rounds 2 \
+    stage plan-measured 25 $PY -m exegpt sweep --task S --model "$MODEL" --profile "$PROFILE" --bounds 1 2 5 inf
+    stage plan-modelled 25 $PY -m exegpt sweep --task S --model "$MODEL" --devices "1x$DEVICE" --bounds 1 2 5 inf
+    TAIL=60 stage fidelity 80 $PY -m benchmarks.fidelity --profile "$PROFILE" --rounds 2 \
         --requests "${REQUESTS:-400}" --save "$OUT/fidelity.json"
 fi
 ls -l "$OUT"

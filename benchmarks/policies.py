@@ -195,7 +195,8 @@ def table3(quick: bool, requests: int, rounds: int) -> None:
 
     print("\n## Table 3, executed: tiny on this CPU, one device = one core (WAA's two devices: two cores), "
           "measured / simulated\n")
-    print(executed_with_interference("tiny", requests, rounds, skip=("splitwiser 2+2",), device_cores=1))
+    print(executed_with_interference("tiny", requests, rounds, skip=("splitwiser 2+2", "splitwiser 1+1 ipc"),
+                                     device_cores=1))
 
 
 def figure(path: str) -> None:

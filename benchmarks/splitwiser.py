@@ -2,11 +2,15 @@
 the same device and against WAA on two devices: executed on the runner and simulated, on the same requests.
 
     python -m benchmarks.splitwiser [--model tiny] [--requests 48] [--rounds 3] [--profile PATH] [--device-cores N]
+    python -m benchmarks.splitwiser --weights-ab [--rounds 5]   (weights="ipc" against "file" only)
 
 Configurations (one device = the CPU's cores, or the first N of them with ``--device-cores N``; WAA's two devices
 are then 2N cores, and with N = 1 both Splitwiser processes share one core):
   * alternate: continuous batching in one process, one thread (the phases take turns);
-  * splitwiser 1+1: the prefill process and the decode process, one thread each;
+  * splitwiser 1+1: the prefill process and the decode process, one thread each (weights mapped from a file, KV
+    handed off by gloo messages: the CPU's default);
+  * splitwiser 1+1 ipc: the same with ``weights="ipc"``, a GPU's protocol run on the CPU (the launcher's tensors
+    in shared memory, the KV through shared hand-off slots);
   * splitwiser 2+2: both processes on both cores (shares 100 % + 100 %);
   * WAA-C 1+1: ExeGPT's encode rank and decode rank, each counted as a device of its own.
 Requests: all at once (saturated) and by Poisson at 60 % of the alternating plan's simulated throughput. Each
@@ -24,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 
 import numpy as np
 import torch
@@ -36,12 +41,16 @@ WORKLOADS = {"tiny": Workload.truncated_normal(input=(48, 16, 96), output=(32, 1
              "smollm2": Workload.truncated_normal(input=(32, 12, 64), output=(16, 6, 32))}
 
 
-def schedules(w: Workload) -> dict[str, tuple[object, str]]:
+def schedules(w: Workload) -> dict[str, tuple[object, str, dict]]:
+    """Per configuration: its schedule, its devices and its run options."""
     longest = w.input_len.max
-    return {"alternate (1 proc)": (CBSchedule(16, 2 * (longest + w.output_len.max), 1, 0, 1, block_size=16), "1xcpu"),
-            "splitwiser 1+1": (SplitwiserSchedule(16, 2 * longest, 50, 50), "1xcpu"),
-            "splitwiser 2+2": (SplitwiserSchedule(16, 2 * longest, 100, 100), "1xcpu"),
-            "WAA-C 1+1 (2 dev)": (WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), "2xcpu")}
+    cpu = {"colocated_device": "cpu"}
+    return {"alternate (1 proc)": (CBSchedule(16, 2 * (longest + w.output_len.max), 1, 0, 1, block_size=16), "1xcpu",
+                                   {}),
+            "splitwiser 1+1": (SplitwiserSchedule(16, 2 * longest, 50, 50), "1xcpu", cpu),
+            "splitwiser 1+1 ipc": (SplitwiserSchedule(16, 2 * longest, 50, 50), "1xcpu", {**cpu, "weights": "ipc"}),
+            "splitwiser 2+2": (SplitwiserSchedule(16, 2 * longest, 100, 100), "1xcpu", cpu),
+            "WAA-C 1+1 (2 dev)": (WAASchedule(Policy.WAA_C, 2, 16, 1, 0, 1, 1), "2xcpu", {})}
 
 
 def _metrics(rep) -> dict[str, float]:
@@ -70,8 +79,8 @@ def measure(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0
     from runner.run import run_plan
 
     w = WORKLOADS[model]
-    plans = {name: evaluate_schedule(s, w, profile=prof, devices=dev) for name, (s, dev) in schedules(w).items()
-             if name not in skip}
+    configs = {name: c for name, c in schedules(w).items() if name not in skip}
+    plans = {name: evaluate_schedule(s, w, profile=prof, devices=dev) for name, (s, dev, _) in configs.items()}
     base = run_simulated(plans["alternate (1 proc)"], prof, num_requests=requests, seed=seed)
     regimes = {"saturated": None, "poisson": Arrivals.poisson(0.6 * base.throughput_seq_s)}
     rows, out = [], {}
@@ -83,7 +92,7 @@ def measure(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0
                 n_dev = int(plan.devices.split("x")[0])
                 with on_cores(device_cores and n_dev * device_cores):
                     got[name].append(_metrics(run_plan(plan, model, num_requests=requests, seed=seed, arrivals=arr,
-                                                       timeout_s=900)))
+                                                       timeout_s=900, **configs[name][2])))
         for name, plan in plans.items():
             sim = _metrics(run_simulated(plan, prof, num_requests=requests, seed=seed, arrivals=arr))
             meas = {k: float(np.median([g[k] for g in got[name]])) for k in sim}
@@ -103,7 +112,7 @@ def ratios(out: dict) -> str:
     lines = []
     for regime in ("saturated", "poisson"):
         alt = out[(regime, "alternate (1 proc)")]
-        for name in ("splitwiser 1+1", "splitwiser 2+2", "WAA-C 1+1 (2 dev)"):
+        for name in ("splitwiser 1+1", "splitwiser 1+1 ipc", "splitwiser 2+2", "WAA-C 1+1 (2 dev)"):
             if (regime, name) not in out:
                 continue
             m, s, _ = out[(regime, name)]
@@ -189,14 +198,89 @@ def executed_with_interference(model: str, requests: int, rounds: int, skip=(), 
     for (regime, name), (m, s, spread) in out.items():
         alt_m, alt_s, _ = out[(regime, "alternate (1 proc)")]
         kap = "-"
-        if name.startswith("splitwiser"):
-            k = int(name[-1])
-            kap = f"{inter.factors(k, k, 'prefill', 16)[1]:.2f} / {inter.factors(k, k, 'decode', 16)[1]:.2f}"
+        split = re.search(r"(\d+)\+(\d+)", name) if name.startswith("splitwiser") else None
+        if split:
+            kp, kd = int(split.group(1)), int(split.group(2))
+            kap = f"{inter.factors(kp, kd, 'prefill', 16)[1]:.2f} / {inter.factors(kp, kd, 'decode', 16)[1]:.2f}"
         cells = [f"{m['tok/s']:.0f} / {s['tok/s']:.0f}",
                  f"{m['tok/s'] / alt_m['tok/s']:.2f} / {s['tok/s'] / alt_s['tok/s']:.2f}"] + \
             [f"{m[k] * 1e3:.1f} / {s[k] * 1e3:.1f}" for k in ("TTFT", "TPOT", "e2e")]
         lines.append(f"| {regime} | {name} | " + " | ".join(cells) + f" | {kap} | {spread:.0%} |")
     return "\n".join(lines)
+
+
+def weights_ab(model: str, prof: Profile, requests: int, rounds: int, seed: int = 0) -> str:
+    """Splitwiser 1+1 with ``weights="ipc"`` against ``"file"`` on the CPU, paired within each round (the order
+    alternating), with every request at once and under Poisson arrivals at 60 % of the plan's simulated rate: per
+    metric the median of the per-round ratios and their range, and each side's spread over the rounds."""
+    from runner.run import run_plan
+
+    w = WORKLOADS[model]
+    plan = evaluate_schedule(SplitwiserSchedule(16, 2 * w.input_len.max, 50, 50), w, profile=prof, devices="1xcpu")
+    rate = 0.6 * run_simulated(plan, prof, num_requests=requests, seed=seed).throughput_seq_s
+    rows = []
+    for regime, arr in (("saturated", None), ("poisson", Arrivals.poisson(rate))):
+        got: dict[str, list] = {"file": [], "ipc": []}
+        for r in range(rounds):
+            for mode in (("file", "ipc") if r % 2 == 0 else ("ipc", "file")):
+                torch.set_num_threads(1)
+                got[mode].append(_metrics(run_plan(plan, model, num_requests=requests, seed=seed, arrivals=arr,
+                                                   timeout_s=900, weights=mode, colocated_device="cpu")))
+        for k in ("tok/s", "TPOT", "e2e"):
+            ratio = [i[k] / f[k] for i, f in zip(got["ipc"], got["file"])]
+            spread = [(max(v) - min(v)) / float(np.median(v)) for v in
+                      ([g[k] for g in got[m]] for m in ("file", "ipc"))]
+            rows.append(f"| {regime} | {k} p50 | {np.median(ratio):.2f}x | {min(ratio):.2f}-{max(ratio):.2f}x | "
+                        f"{spread[0]:.0%} / {spread[1]:.0%} |".replace("tok/s p50", "tok/s"))
+    return ("| requests | metric | ipc / file, median | per round | spread file / ipc |\n|---|---|---|---|---|\n" +
+            "\n".join(rows))
+
+
+def _ipc_worker(rank: int, world_size: int, device) -> dict:
+    import torch.distributed as dist
+
+    from runner.colocate import weight_residency
+    from runner.colocate_ipc import model_from_shared
+    from runner.launch import take_shared
+
+    torch.set_num_threads(1)
+    model, _ = model_from_shared(take_shared())
+    model.setup_cache(16, 64)
+    with torch.inference_mode():
+        if rank == 0:  # the prefill process, as in _map_worker
+            model.prefill(torch.arange(16 * 32) % model.args.vocab_size, torch.full((16,), 32), torch.arange(16))
+        else:
+            for _ in range(4):
+                model.decode(torch.arange(4), torch.arange(4))
+        sum(float(p.sum()) for p in model.parameters())
+    dist.barrier()  # both hold the weights now
+    got = weight_residency(list(model.parameters()))
+    dist.barrier()
+    return got
+
+
+def ipc_weight_memory(model: str) -> str:
+    """What two ranks that took the weights from the launcher (``weights="ipc"`` on a CPU: shared memory) hold of
+    them, and what the launcher holds once they exited."""
+    from runner.colocate import weight_residency
+    from runner.colocate_ipc import build_shared
+    from runner.launch import RankSetup, launch
+
+    shared = build_shared(model, torch.float32, torch.device("cpu"), 0, {})
+    size = sum(t.numel() * t.element_size() for t in shared.state.values())
+    got = launch(_ipc_worker, 2, (), 600, setup=RankSetup(shared=shared, backend="gloo"))
+    mine = weight_residency(list(shared.state.values()))
+    mb = 2 ** 20
+    rows = [f"| {name} | {g['rss_bytes'] / mb:.1f} | {g['pss_bytes'] / mb:.1f} | {g['private_bytes'] / mb:.1f} | "
+            f"{g['process_rss_bytes'] / mb:.0f} |" for name, g in zip(("prefill", "decode"), got)]
+    pss = sum(g["pss_bytes"] for g in got)
+    return (f"Weights of {model} ({size / mb:.1f} MiB, fp32) shared by IPC, MiB (the launcher maps them too while "
+            f"the ranks run):\n\n"
+            "| process | weights resident | weights, proportional share | weights, private | process RSS |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) +
+            f"\n\nThe ranks' proportional shares add up to {pss / mb:.1f} MiB ({pss / size:.2f} of a copy); the "
+            f"launcher, alone after they exited, holds {mine['rss_bytes'] / mb:.1f} MiB resident "
+            f"({mine['pss_bytes'] / size:.2f} copies).")
 
 
 def main(argv=None) -> None:
@@ -214,8 +298,15 @@ def main(argv=None) -> None:
     ap.add_argument("--skip", nargs="*", default=(), help="configurations to leave out, e.g. 'splitwiser 2+2'")
     ap.add_argument("--device-cores", type=int, default=None,
                     help="cores of one device (default: all of them; WAA's two devices then share them)")
+    ap.add_argument("--weights-ab", action="store_true", help="only weights='ipc' against 'file', paired rounds")
     a = ap.parse_args(argv)
+    if a.weights_ab:
+        prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False)
+        print(f"Splitwiser 1+1, weights='ipc' against 'file', {a.model}, {a.requests} requests, {a.rounds} rounds:\n")
+        print(weights_ab(a.model, prof, a.requests, a.rounds))
+        return
     print(weight_memory(a.model) + "\n")
+    print(ipc_weight_memory(a.model) + "\n")
     prof = Profile.load(a.profile) if a.profile else cached_profile(a.model, tp_degrees=(1,), progress=False,
                                                                     refresh=a.refresh_profile)
     splits = tuple(tuple(int(x) for x in sp.split("+")) for sp in a.splits)

@@ -165,6 +165,9 @@ class RunReport(JSONFile):
     KV rolled back, each stage's and the drafter's work."""
     cached_tokens: int = 0
     """Prompt tokens read from the run's prefix cache instead of prefilled (``exegpt.radix``)."""
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """One line each about how the device ran the plan (processes sharing a GPU: whether MPS enforced their
+    shares, ``runner.colocate.mps_status``)."""
     _what = "report"
 
     def to_dict(self) -> dict:
@@ -198,6 +201,7 @@ class RunReport(JSONFile):
                 if k in d:
                     d[k] = Percentiles(**{a: _dec(b) for a, b in d[k].items()})
             d["decisions"] = tuple(d.get("decisions", ()))
+            d["notes"] = tuple(d.get("notes", ()))
             from .drift import DriftEvent  # the monitor's module, imported only when a report is read
 
             d["drift"] = tuple(DriftEvent(**{k: _dec(v) for k, v in e.items()}) for e in d.get("drift", ()))

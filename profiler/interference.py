@@ -1,10 +1,17 @@
 """The pairwise interference of a prefill process and a decode process on one device (``exegpt.interference``).
 
-Two processes map one copy of the weights (``runner.colocate``): a prefill process that prefills ``b`` prompts of
+Two processes share one copy of the weights (``runner.colocate``): a prefill process that prefills ``b`` prompts of
 ``prompt_len`` tokens again and again, and a decode process that advances ``b`` rows at a ``context_len``
-context again and again. For each thread split and batch size, each phase is timed alone (the other process
-waits) and beside the other (both loop over the same window); and once each alone with ``base_threads``, the
-kernel tables' condition. A point is the median step over its window.
+context again and again. For each split of the device and batch size, each phase is timed alone (the other process
+waits) and beside the other (both loop over the same window); and once each alone on the kernel tables'
+condition. A point is the median step over its window.
+
+On a CPU a split is thread counts, the weights a mapped file, the kernel tables' condition ``base_threads``, and
+one pair of processes walks every point. On a GPU a split is MPS percentages (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``,
+which a process takes when its CUDA initializes, so each split gets a pair of processes of its own, and the tables'
+condition, the whole GPU alone, another), the weights are the launching process's tensors by CUDA IPC, and each
+step is timed to the end of its kernels (``torch.cuda.synchronize``). Without an MPS daemon the percentages do not
+act and the two processes time-slice the GPU (``runner.colocate.mps_status``, printed by ``main``).
 
     python -m profiler.interference --model tiny --profile tests/data/tiny-cpu.json -o with-pairs.json
 """
@@ -13,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +34,15 @@ from exegpt.errors import ExeGPTError
 from exegpt.interference import PhaseInterference, PhasePair
 
 PREFILL, DECODE = 0, 1
+GPU_SPLITS = ((50, 50), (100, 100))
+"""A GPU's default splits: MPS percentages of the prefill and the decode process."""
 
 
 @dataclass(frozen=True, slots=True)
 class InterferenceOptions:
-    splits: tuple[tuple[int, int], ...] = ((1, 1), (2, 2))
-    """(prefill threads, decode threads) pairs."""
+    splits: tuple[tuple[int, int], ...] | None = None
+    """(prefill threads, decode threads) pairs on a CPU (default 1+1 and 2+2), (prefill %, decode %) MPS
+    percentages on a GPU (default ``GPU_SPLITS``)."""
     batches: tuple[int, ...] = (1, 4, 16)
     prompt_len: int = 24
     context_len: int = 40
@@ -40,29 +52,42 @@ class InterferenceOptions:
     """Passes over every point, interleaved (a point is the median of its passes): the machine's drift hits every
     point alike."""
     base_threads: int = 1
-    """Threads of the kernel tables' condition: one, as the runner's ranks compute."""
+    """Threads of the kernel tables' condition on a CPU: one, as the runner's ranks compute (on a GPU: the whole
+    device, 100 %)."""
+    device: str | None = None
+    """Where the phases run: 'cpu' or 'cuda:N'; default as the runner's colocated runs (the first GPU where CUDA
+    is available, else the CPU)."""
+    pair_per_split: bool | None = None
+    """A pair of processes for each split and one for the base, each pair walking its points ``repeats`` times:
+    a GPU's way (a process's MPS share is fixed when its CUDA starts), and its default only; on a CPU it runs the
+    GPU's walk with the CPU's weight file."""
 
 
-def _points(opts: InterferenceOptions, base: int) -> list[tuple[int, int, int, int]]:
+def _points(splits, batches, base: int) -> list[tuple[int, int, int, int]]:
     """(prefill threads or 0 = idle, decode threads or 0, batch, split index or -1 for the base) to time, once
     (``measure`` walks the list ``repeats`` times): both processes walk the same list."""
     out = []
-    for b in opts.batches:
+    for b in batches:
         out += [(base, 0, b, -1), (0, base, b, -1)]
-        for i, (kp, kd) in enumerate(opts.splits):
+        for i, (kp, kd) in enumerate(splits):
             out += [(kp, 0, b, i), (0, kd, b, i), (kp, kd, b, i)]
     return out
 
 
-def _worker(role: int, path: str, opts: InterferenceOptions, points, barrier, results) -> None:
+def _worker(role: int, source, opts: InterferenceOptions, points, barrier, results) -> None:
+    """One phase's process: walks ``points``; ``source`` is the shared weight file (CPU) or the launching
+    process's tensors (``runner.colocate_ipc.SharedModel``, CUDA IPC)."""
     from runner.colocate import load_shared
+    from runner.colocate_ipc import model_from_shared
 
-    model, _ = load_shared(path)
+    model, _ = load_shared(source) if isinstance(source, str) else model_from_shared(source)
+    device = next(model.parameters()).device
+    gpu = device.type == "cuda"
     n, P, C = max(opts.batches), opts.prompt_len, opts.context_len
     model.setup_cache(n, max(P, C) + 2)
     g = torch.Generator().manual_seed(role)
     vocab = model.args.vocab_size
-    ids = torch.randint(0, vocab, (n * max(P, C),), generator=g)
+    ids = torch.randint(0, vocab, (n * max(P, C),), generator=g).to(device)
     with torch.inference_mode():
         if role == DECODE:  # every row at its context once; each step then reset to it
             model.prefill(ids[:n * C], torch.full((n,), C, dtype=torch.long), torch.arange(n))
@@ -75,7 +100,7 @@ def _worker(role: int, path: str, opts: InterferenceOptions, points, barrier, re
             out.append(float("nan"))
             barrier.wait()
             continue
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1 if gpu else threads)  # a GPU process's share is its MPS percentage
         rows = torch.arange(b)
         tok = ids[:b].clone()
 
@@ -85,6 +110,8 @@ def _worker(role: int, path: str, opts: InterferenceOptions, points, barrier, re
             else:
                 model.decode(tok, rows)
                 model.cache.lengths[rows] = C
+            if gpu:  # the step's kernels done, not only queued
+                torch.cuda.synchronize(device)
 
         times = []
         with torch.inference_mode():
@@ -99,26 +126,33 @@ def _worker(role: int, path: str, opts: InterferenceOptions, points, barrier, re
     results.put((role, out))
 
 
-def measure(model: str, opts: InterferenceOptions = InterferenceOptions(), dtype: str = "fp32", seed: int = 0
-            ) -> PhaseInterference:
-    """Times every point of ``opts`` with two processes sharing ``model``'s weights on this machine."""
-    from runner.colocate import device_cores, share_weights
-    from runner.pipeline import DTYPES
+@contextmanager
+def _environ(values: dict[str, str]):
+    """``values`` in this process's environment for the block: what a process spawned inside it inherits."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    cores = device_cores()
-    for kp, kd in opts.splits:
-        if not (1 <= kp <= cores and 1 <= kd <= cores):
-            raise ExeGPTError(f"thread split {kp}+{kd} exceeds the device's {cores} cores")
-    base = opts.base_threads
-    points = _points(opts, base)
-    walk = points * opts.repeats
-    path = share_weights(model, DTYPES[dtype], seed)
+
+def _run_pair(source, opts: InterferenceOptions, walk, shares: tuple[int, int] | None) -> dict[int, list]:
+    """Both processes walk ``walk``; each starts with its MPS percentage of ``shares`` (GPU) in its environment,
+    so that its CUDA initializes with it. Returns each role's step times."""
+    from runner.colocate import MPS_VAR
+
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(r, path, opts, walk, barrier, results)) for r in (PREFILL, DECODE)]
+    procs = [ctx.Process(target=_worker, args=(r, source, opts, walk, barrier, results)) for r in (PREFILL, DECODE)]
     try:
-        for p in procs:
-            p.start()
+        for role, p in zip((PREFILL, DECODE), procs):
+            with _environ({MPS_VAR: str(shares[role])} if shares else {}):
+                p.start()
         got = {}
         deadline = time.monotonic() + 600 + 20 * len(walk) * opts.window_s  # a loaded host: steps slow 10x
         while len(got) < 2:
@@ -136,11 +170,47 @@ def measure(model: str, opts: InterferenceOptions = InterferenceOptions(), dtype
             p.join(5)
             if p.is_alive():
                 p.kill()
-        Path(path).unlink(missing_ok=True)
+    return got
+
+
+def measure(model: str, opts: InterferenceOptions = InterferenceOptions(), dtype: str = "fp32", seed: int = 0
+            ) -> PhaseInterference:
+    """Times every point of ``opts`` with two processes sharing ``model``'s weights on the device."""
+    from runner.colocate import colocated_device, device_cores, share_weights
+    from runner.colocate_ipc import build_shared
+    from runner.pipeline import DTYPES
+
+    device = colocated_device(opts.device)
+    gpu = device.type == "cuda"
+    cores = 100 if gpu else device_cores()
+    splits = opts.splits if opts.splits is not None else (GPU_SPLITS if gpu else ((1, 1), (2, 2)))
+    for kp, kd in splits:
+        if not (1 <= kp <= cores and 1 <= kd <= cores):
+            raise ExeGPTError(f"split {kp}+{kd} exceeds the device: " +
+                              (f"MPS percentages of {device} are 1..100" if gpu else f"{cores} cores"))
+    base = 100 if gpu else opts.base_threads
+    points = _points(splits, opts.batches, base)
+    n = len(points)
+    weights = DTYPES[dtype]
+    source = build_shared(model, weights, device, seed, {}) if gpu else share_weights(model, weights, seed)
+    try:
+        if not (gpu if opts.pair_per_split is None else opts.pair_per_split):
+            got = _run_pair(source, opts, points * opts.repeats, None)  # one pair, every point, passes interleaved
+        else:
+            got = {PREFILL: [float("nan")] * (n * opts.repeats), DECODE: [float("nan")] * (n * opts.repeats)}
+            for i, shares in [(-1, (base, base))] + list(enumerate(splits)):
+                mine = [j for j, pt in enumerate(points) if pt[3] == i]
+                part = _run_pair(source, opts, [points[j] for j in mine] * opts.repeats, shares)
+                for role in (PREFILL, DECODE):
+                    for r in range(opts.repeats):
+                        for k, j in enumerate(mine):
+                            got[role][r * n + j] = part[role][r * len(mine) + k]
+    finally:
+        if isinstance(source, str):
+            Path(source).unlink(missing_ok=True)
     # Each pass's ratios (a split alone over the base, beside over alone) from points timed moments apart, then
     # their medians over the passes: the machine's drift between passes cancels. Stored as times whose ratios are
     # those medians.
-    n = len(points)
     pre, dec = [], []
     for role, out in ((PREFILL, pre), (DECODE, dec)):
         passes = np.asarray(got[role], dtype=float).reshape(opts.repeats, n)
@@ -168,7 +238,7 @@ def measure(model: str, opts: InterferenceOptions = InterferenceOptions(), dtype
         return tuple(vals)
 
     pairs = tuple(PhasePair(kp, kd, pick(pre, i, 0), pick(dec, i, 1), pick(pre, i, 2), pick(dec, i, 2))
-                  for i, (kp, kd) in enumerate(opts.splits))
+                  for i, (kp, kd) in enumerate(splits))
     base_p = tuple(pre[j] for j, (kp, kd, b, i) in enumerate(points) if i == -1 and kp)
     base_d = tuple(dec[j] for j, (kp, kd, b, i) in enumerate(points) if i == -1 and kd)
     assert len(base_p) == len(base_d) == nb
@@ -198,8 +268,15 @@ def main(argv=None) -> None:
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--context-len", type=int, default=40)
+    ap.add_argument("--device", default=None, help="'cpu' or 'cuda:N' (default: the first GPU if any, else the CPU)")
     a = ap.parse_args(argv)
-    inter = measure(a.model, InterferenceOptions(prompt_len=a.prompt_len, context_len=a.context_len))
+    from runner.colocate import colocated_device, mps_status
+
+    status = mps_status(colocated_device(a.device))
+    if status:  # a GPU: the splits are MPS percentages, which act only under an MPS daemon
+        print(f"{status} (splits below: MPS percentages)")
+    inter = measure(a.model, InterferenceOptions(prompt_len=a.prompt_len, context_len=a.context_len,
+                                                 device=a.device))
     prof = dataclasses.replace(Profile.load(a.profile), phase_interference=inter)
     prof.save(a.output)
     print(table(inter))

@@ -27,6 +27,7 @@ from exegpt.rules import split_even
 from . import cpu_kernels, numerics
 from .dist import TAG_CREDIT, TAG_META
 from .handoff import DEPTH, DecodeStage, EncodeStage
+from .launch import take_shared
 from .progress import progress_bar
 from .replicas import gather_report, replica_of
 from .view import WallClockView
@@ -71,12 +72,17 @@ def _run_policy(ctx: RunContext, rank: int, world_size: int, device: torch.devic
         enc, dec = ctx.stages_of(ENCODE), ctx.stages_of(DECODE)
         batch = module.cache_rows(plan, ENCODE)
         prompt_len = max((r.input_len for r in ctx.requests), default=1)
+        classes, kw = (EncodeStage, DecodeStage), {}
+        if ctx.shared_ipc is not None:  # the KV through slots both processes map (runner.handoff_ring)
+            from .handoff_ring import RingDecodeStage, RingEncodeStage
+
+            classes, kw = (RingEncodeStage, RingDecodeStage), {"ring": take_shared().rings[ctx.shared_ipc]}
         if group == ENCODE:
             rt = make_runtime(ctx, rank, device, groups, batch, ctx.cache_len, driver=dec[0].leader,
-                              cls=EncodeStage, decode_stages=dec, encode_batch=batch, prompt_len=prompt_len)
+                              cls=classes[0], decode_stages=dec, encode_batch=batch, prompt_len=prompt_len, **kw)
         else:
             rt = make_runtime(ctx, rank, device, groups, rows, ctx.cache_len, driver=dec[0].leader,
-                              cls=DecodeStage, encode_stages=enc, encode_batch=batch, prompt_len=prompt_len)
+                              cls=classes[1], encode_stages=enc, encode_batch=batch, prompt_len=prompt_len, **kw)
     t0 = start_clock(device)
     if isinstance(rt, EncodeStage):
         rt.t0_ns = t0

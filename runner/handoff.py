@@ -61,7 +61,7 @@ class EncodeStage(StageRuntime):
         super().__init__(*a, **kw)
         self.decode_stages, self.encode_batch, self.t0_ns = decode_stages, encode_batch, t0_ns
         self.prompt_len = prompt_len
-        self.pad = _handoff_pad(self.model.cache.device, encode_batch, prompt_len)
+        self.pad = _handoff_pad(self.comm.device, encode_batch, prompt_len)
         self.n_kv_heads = self.model.args.n_kv_heads * len(self.stage.ranks)
         self.targets = [(r, sl) for dst in decode_stages for r in dst.ranks
                         if (sl := _kv_slice(self.stage, self.rank, dst, r, self.n_kv_heads)) is not None]
@@ -96,7 +96,7 @@ class EncodeStage(StageRuntime):
             for r, ((l0, l1), (h0, h1)) in self.targets:
                 n = 1 if self.pad is None else \
                     2 * (l1 - l0) * self.encode_batch * (h1 - h0) * self.prompt_len * cache.head_dim
-                self.comm.send([torch.zeros(n, dtype=cache.dtype, device=cache.device)], r, TAG_KV)
+                self.comm.send([torch.zeros(n, dtype=cache.dtype, device=self.comm.device)], r, TAG_KV)
 
 
 class DecodeStage(StageRuntime):
@@ -118,9 +118,9 @@ class DecodeStage(StageRuntime):
         self.sources = [(r, sl) for src in encode_stages for r in src.ranks
                         if (sl := _kv_slice(src, r, self.stage, self.rank, self.n_kv_heads)) is not None]
         self.free = deque([torch.empty(2 * (l1 - l0) * encode_batch * (h1 - h0) * prompt_len * cache.head_dim,
-                                       dtype=cache.dtype, device=cache.device)
+                                       dtype=cache.dtype, device=self.comm.device)
                            for _, ((l0, l1), (h0, h1)) in self.sources] for _ in range(DEPTH))
-        self.pad = _handoff_pad(cache.device, encode_batch, prompt_len)
+        self.pad = _handoff_pad(self.comm.device, encode_batch, prompt_len)
         self.posted: deque = deque()  # (works, buffers) of the batches posted, oldest first
         if not self.gets_meta:
             for _ in range(DEPTH):
@@ -166,7 +166,8 @@ class DecodeStage(StageRuntime):
 
 def _handoff_pad(device: torch.device, encode_batch: int, prompt_len: int) -> tuple[int, int] | None:
     """The (rows, positions) KV hand-offs are padded to: the receiver's full buffer where NCCL's receive count
-    must equal the send's; None on CPU, where gloo takes a shorter message."""
+    must equal the send's (messages on a GPU, ``device``); None where messages go through host memory (gloo),
+    which takes a shorter message, also from ranks that compute on a GPU."""
     return None if device.type == "cpu" else (encode_batch, prompt_len)
 
 

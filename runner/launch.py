@@ -13,6 +13,8 @@ that held it.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 import os
 import pickle
@@ -124,6 +126,37 @@ class _Exited:
 
 _RESULTS = None
 """The launcher's result queue, in a spawned rank (None in-process and under torchrun)."""
+_INBOX = None
+"""The launcher's queue of what it shares with the ranks (``RankSetup.shared``), in a spawned rank."""
+_TAKEN: list = []
+"""What this rank took from ``_INBOX`` (once: a rank that runs several plans reuses it)."""
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    """What ``launch`` gives each spawned rank besides its arguments.
+
+    ``env``: per rank, environment variables set first thing in the process, before anything in it can
+    initialize CUDA (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` is read when CUDA initializes). ``shared``: an object
+    the launcher hands over through a ``torch.multiprocessing`` queue, whose reductions pass tensors as shared
+    memory (CPU) or CUDA IPC handles (GPU), not as copies; a rank takes it with ``take_shared()``, after its
+    environment is set. The launcher holds ``shared`` until every rank exited: a CUDA tensor's producer must
+    outlive its consumers."""
+
+    env: tuple[dict[str, str], ...] = ()
+    shared: Any = None
+    backend: str | None = None
+    """The ranks' process group backend; None: NCCL where there are as many GPUs as ranks, else gloo. Ranks that
+    share one GPU take gloo (NCCL refuses two ranks on one device)."""
+
+
+def take_shared() -> Any:
+    """The launcher's ``RankSetup.shared`` (the same object on every call), or None where none was shared."""
+    if _INBOX is None:
+        return None
+    if not _TAKEN:
+        _TAKEN.append(_INBOX.get())
+    return _TAKEN[0]
 
 
 def can_publish() -> bool:
@@ -138,14 +171,17 @@ def publish(payload: Any) -> None:
         _RESULTS.put(_Partial(payload))
 
 
-def _spawn_entry(rank: int, world_size: int, port: int, fn: Callable, args_path: str, results, timeout_s: float):
-    global _RESULTS
-    _RESULTS = results
+def _spawn_entry(rank: int, world_size: int, port: int, fn: Callable, args_path: str, results, timeout_s: float,
+                 setup: RankSetup, inbox):
+    global _RESULTS, _INBOX
+    os.environ.update(setup.env[rank] if setup.env else {})  # before anything here initializes CUDA (below)
+    _RESULTS, _INBOX = results, inbox
     with open(args_path, "rb") as f:
         args = pickle.load(f)
     if world_size > 1:
         torch.set_num_threads(1)  # P processes share the cores; one thread each avoids oversubscription
-    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    backend = setup.backend or \
+        ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -156,6 +192,8 @@ def _spawn_entry(rank: int, world_size: int, port: int, fn: Callable, args_path:
         # Exit at once (no group teardown, which could wait on peers); the launcher names this rank.
         traceback.print_exc()
         raise
+    _TAKEN.clear()  # what the launcher shared, freed here: a CUDA IPC producer's count of users drops now, where
+    gc.collect()  # exit_rank below would skip it and leave the launcher's copy held until it exits
     results.put(_Exited(rank, out))
     results.close()
     results.join_thread()  # everything this rank put is written before the process ends
@@ -177,10 +215,11 @@ def exit_rank() -> NoReturn:
 
 
 def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 600.0,
-           on_partial: Callable[[Any], None] | None = None) -> list:
+           on_partial: Callable[[Any], None] | None = None, setup: RankSetup = RankSetup()) -> list:
     """Runs ``fn(rank, world_size, device, *args)`` in ``world_size`` spawned processes and returns the
     non-None results the ranks returned (in rank order). What ranks ``publish`` meanwhile goes to
-    ``on_partial`` as it arrives, also when the run then fails.
+    ``on_partial`` as it arrives, also when the run then fails. ``setup``: each rank's environment and what the
+    launcher shares with the ranks (``RankSetup``).
 
     Raises:
         RankFailedError: a rank raised or died (the others are terminated), or the run exceeded ``timeout_s``.
@@ -188,6 +227,14 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()  # each rank's feeder thread writes its puts: a rank never waits for the launcher
     port = free_port()
+    if setup.env and len(setup.env) != world_size:
+        raise ExeGPTError(f"launch: {len(setup.env)} rank environments for {world_size} ranks")
+    inbox = None
+    if setup.shared is not None:
+        inbox = ctx.Queue()  # written by a feeder thread: the launcher never blocks on a rank that died unread
+        inbox.cancel_join_thread()  # nor, at its exit, on what a dead rank left unread
+        for _ in range(world_size):
+            inbox.put(setup.shared)
     # The arguments (a run's requests: hundreds of KB) go through a file. multiprocessing writes each child's
     # startup payload into a pipe that it closes only afterwards, so a payload beyond the pipe's 64 KB blocks the
     # launcher for good when a child dies before reading it (measured: a launch from a script on stdin, whose
@@ -196,8 +243,10 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s:
         args_path = os.path.join(tmp, "args.pickle")
         with open(args_path, "wb") as f:
             pickle.dump(args, f, protocol=pickle.HIGHEST_PROTOCOL)
-        pctx = mp.start_processes(_spawn_entry, args=(world_size, port, fn, args_path, results, timeout_s),
-                                  nprocs=world_size, join=False, start_method="spawn")
+        spawn_args = (world_size, port, fn, args_path, results, timeout_s, dataclasses.replace(setup, shared=None),
+                      inbox)  # what is shared goes through the inbox: unpickled here it could initialize CUDA
+        pctx = mp.start_processes(_spawn_entry, args=spawn_args, nprocs=world_size, join=False,
+                                  start_method="spawn")
         return _supervise(pctx, _Reader(results), world_size, timeout_s, on_partial or (lambda payload: None))
 
 
@@ -302,4 +351,3 @@ def _first_failure(pctx, rank: int, msg: str) -> tuple[int, str]:
 def _last_line(msg: str) -> str:
     lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else msg
-

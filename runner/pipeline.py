@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .dist import HEADER, TAG_BULK, TAG_CMD, TAG_TOKENS, Comm, StageRanks
-from .launch import Fault
+from .launch import Fault, take_shared
 from .generate import prompt_logits
 
 PREFILL, DECODE, COMPACT, IMPORT, END, STOP, MOVE, CHUNK = 1, 2, 3, 4, 5, 6, 7, 8
@@ -147,9 +147,9 @@ class StageRuntime:
         self.tokenizer = None
         self.fault = fault
         self.num_executed = 0
-        dtype = next(model.parameters()).dtype
-        self.dim, self.dtype = model.args.dim, dtype
-        self.inline = inline_bytes(self.dim, dtype)
+        param = next(model.parameters())
+        self.dim, self.dtype, self.device = model.args.dim, param.dtype, param.device  # device: where it computes
+        self.inline = inline_bytes(self.dim, self.dtype)
 
     @property
     def is_leader(self) -> bool:
@@ -167,7 +167,7 @@ class StageRuntime:
         self.num_executed += 1
         out = None
         if cmd.op in COMPUTE:
-            x = (cmd.ids if self.model.embed else hidden).to(self.comm.device)
+            x = (cmd.ids if self.model.embed else hidden).to(self.device)
             mode = {"sp": True} if cmd.sp else {}  # a Shift Parallelism stage's base mode (runner.ulysses)
             if cmd.op == PREFILL:  # (T5: the encoder, then the decoder's first step)
                 out = prompt_logits(self.model, x, cmd.seq_lens, cmd.rows, **mode)
@@ -325,6 +325,9 @@ class RunContext:
     shared_weights: str | None = None
     """Processes sharing one device (Splitwiser): the file every rank maps its whole model from
     (``runner.colocate``)."""
+    shared_ipc: int | None = None
+    """Processes sharing one device by ``weights="ipc"``: the model comes from what the launcher shared
+    (``runner.colocate_ipc.SharedModel``), and this is the plan's key to its hand-off slots."""
 
     @property
     def kept_lens(self):
@@ -370,13 +373,15 @@ def build_stage_model(ctx: RunContext, rank: int, device: torch.device, groups: 
     from .weights import load_model
 
     sr = ctx.stage_of(rank)
-    if ctx.shared_weights is not None:  # one copy mapped into every process of the device
+    if ctx.shared_weights is not None or ctx.shared_ipc is not None:  # one copy shared by the device's processes
         from .colocate import load_shared, warm_up
+        from .colocate_ipc import model_from_shared
 
-        model, tok = load_shared(ctx.shared_weights)
+        # A mapped file's weights go to this rank's device; the launcher's tensors stay on the device they are on.
+        model, tok = load_shared(ctx.shared_weights) if ctx.shared_ipc is None else model_from_shared(take_shared())
         model.setup_cache(max_rows, max_len)
         warm_up(model, max_rows, max_len)
-        return model.to(device), tok
+        return (model.to(device) if ctx.shared_ipc is None else model), tok
     key = (ctx.model, ctx.dtype, str(device), sr.layers, sr.first, sr.last, ctx.seed)
     if ctx.encoder_decoder:  # T5 loads whole; its cross-attention cache holds the longest prompt
         model, _, tok = load_model(ctx.model, DTYPES[ctx.dtype], device, seed=ctx.seed)

@@ -31,7 +31,7 @@ from exegpt.workload import Workload
 
 from . import cpu_kernels
 from .dist import layout
-from .launch import Fault, RankFailedError, can_publish, init_from_env, launch, publish, torchrun_env
+from .launch import Fault, RankFailedError, RankSetup, can_publish, init_from_env, launch, publish, torchrun_env
 from .engine import run_policy
 from .pipeline import DTYPES, RunContext
 from .requests import Request, make_requests
@@ -138,6 +138,13 @@ class RunOptions:
     batch_invariant: bool = False
     """Every request's tokens independent of what it is batched with, in any precision, at a cost in speed
     (``runner.numerics``)."""
+    weights: str | None = None
+    """Processes sharing one device (Splitwiser): how they share the weights, 'file' (a mapped file in /dev/shm)
+    or 'ipc' (the launcher's tensors: CUDA IPC, shared memory on a CPU); default 'file' on a CPU, 'ipc' on a GPU
+    (``runner.colocate``)."""
+    colocated_device: str | None = None
+    """The device processes sharing one device compute on ('cpu', 'cuda:N'); default the first GPU where CUDA is
+    available, else the CPU."""
     latency_lens: tuple[int, ...] | None = None
     """Per request, the output length whose token time its record keeps (``latency_len_token_s``; default: the
     plan's bound length), as ``run_simulated(latency_lens=...)``."""
@@ -182,16 +189,15 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
     ctxs = [_context(p, model, requests, trace, opts) for p in plans]
     worlds = [_num_ranks(p) for p in plans]
     shared = [i for i, p in enumerate(plans) if getattr(policy_module(p.schedule.policy), "SHARES_WEIGHTS", False)]
-    if shared and not torchrun_env():  # one copy of the weights mapped into the processes of the device
-        from .colocate import check_device, share_weights
+    if shared and not torchrun_env():  # processes sharing one device and one copy of the weights
+        from .colocate import colocated
 
-        check_device()
-        path = share_weights(model, DTYPES[opts.dtype], opts.seed)
-        ctxs = [dataclasses.replace(c, shared_weights=path) if i in shared else c for i, c in enumerate(ctxs)]
-        try:
-            return _run_contexts(plans, ctxs, worlds, opts)
-        finally:
-            Path(path).unlink(missing_ok=True)
+        with colocated({i: ctxs[i] for i in shared}, model_args(model), DTYPES[opts.dtype], opts) as (
+                done, setups, notes):
+            ctxs = [done.get(i, c) for i, c in enumerate(ctxs)]
+            reports = _run_contexts(plans, ctxs, worlds, opts, setups)
+        return [dataclasses.replace(r, notes=r.notes + notes) if r is not None and i in shared else r
+                for i, r in enumerate(reports)]
     return _run_contexts(plans, ctxs, worlds, opts)
 
 
@@ -201,9 +207,12 @@ def _num_ranks(plan: Plan) -> int:
     return module.num_ranks(plan.schedule) if hasattr(module, "num_ranks") else plan.schedule.num_gpus
 
 
-def _run_contexts(plans: list[Plan], ctxs: list[RunContext], worlds: list[int], opts: RunOptions
-                  ) -> list[RunReport | None]:
+def _run_contexts(plans: list[Plan], ctxs: list[RunContext], worlds: list[int], opts: RunOptions,
+                  setups: dict[int, RankSetup] | None = None) -> list[RunReport | None]:
+    """Runs the plans, those needing the same processes (ranks, and ``setups``: how a plan's ranks start) in one
+    launch each."""
     out: list[RunReport | None] = [None] * len(plans)
+    setups = setups or {}
     if torchrun_env():
         rank, size, device = init_from_env(opts.timeout_s)
         if any(w != size for w in worlds):
@@ -211,8 +220,11 @@ def _run_contexts(plans: list[Plan], ctxs: list[RunContext], worlds: list[int], 
         for i, report in _rank_main(rank, size, device, ctxs, list(range(len(ctxs)))):
             out[i] = report
         return out
-    for world in dict.fromkeys(worlds):
-        idx = [i for i, w in enumerate(worlds) if w == world]
+    keys = [(w, tuple(tuple(sorted(e.items())) for e in setups[i].env) if i in setups else None)
+            for i, w in enumerate(worlds)]
+    for key in dict.fromkeys(keys):
+        world = key[0]
+        idx = [i for i, k in enumerate(keys) if k == key]
         log.info("running %d plan(s) on %d rank(s): %s", len(idx), world,
                  ", ".join(plans[i].schedule.policy.value for i in idx))
         if world == 1:
@@ -221,7 +233,8 @@ def _run_contexts(plans: list[Plan], ctxs: list[RunContext], worlds: list[int], 
         else:
             partial = _Collected()  # spawned ranks publish their reports as each plan ends, and return none
             try:
-                launch(_rank_main, world, ([ctxs[i] for i in idx], idx), opts.timeout_s, partial.add)
+                launch(_rank_main, world, ([ctxs[i] for i in idx], idx), opts.timeout_s, partial.add,
+                       setups.get(idx[0], RankSetup()))
             except RankFailedError as e:
                 e.reports = [partial.report(i, ctxs[i], str(e), world) if i in idx else out[i]
                              for i in range(len(plans))]
