@@ -74,7 +74,7 @@ def _points(splits, batches, base: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _worker(role: int, source, opts: InterferenceOptions, points, barrier, results) -> None:
+def _worker(role: int, source, opts: InterferenceOptions, points, barrier, results, timed) -> None:
     """One phase's process: walks ``points``; ``source`` is the shared weight file (CPU) or the launching
     process's tensors (``runner.colocate_ipc.SharedModel``, CUDA IPC)."""
     from runner.colocate import load_shared
@@ -92,12 +92,14 @@ def _worker(role: int, source, opts: InterferenceOptions, points, barrier, resul
         if role == DECODE:  # every row at its context once; each step then reset to it
             model.prefill(ids[:n * C], torch.full((n,), C, dtype=torch.long), torch.arange(n))
     out = []
-    for point in points:
+    for k, point in enumerate(points):
         threads = point[role]
         b = point[2]
         barrier.wait()
         if not threads:
             out.append(float("nan"))
+            with timed.get_lock():
+                timed.value += 1
             barrier.wait()
             continue
         torch.set_num_threads(1 if gpu else threads)  # a GPU process's share is its MPS percentage
@@ -121,6 +123,12 @@ def _worker(role: int, source, opts: InterferenceOptions, points, barrier, resul
                 t0 = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t0)
+            with timed.get_lock():
+                timed.value += 1
+            # Beside the other phase: go on stepping (untimed) until its timed steps are over too, so that none
+            # of them ran alone.
+            while timed.value < 2 * (k + 1):
+                step()
         out.append(float(np.median(times)))
         barrier.wait()
     results.put((role, out))
@@ -147,8 +155,9 @@ def _run_pair(source, opts: InterferenceOptions, walk, shares: tuple[int, int] |
     from runner.colocate import MPS_VAR
 
     ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(r, source, opts, walk, barrier, results)) for r in (PREFILL, DECODE)]
+    barrier, results, timed = ctx.Barrier(2), ctx.SimpleQueue(), ctx.Value("i", 0)
+    procs = [ctx.Process(target=_worker, args=(r, source, opts, walk, barrier, results, timed))
+             for r in (PREFILL, DECODE)]
     try:
         for role, p in zip((PREFILL, DECODE), procs):
             with _environ({MPS_VAR: str(shares[role])} if shares else {}):
