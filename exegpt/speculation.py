@@ -279,7 +279,6 @@ class SpecHead:
             if not grown:
                 self._empty = chain
             return self.plain_run() if self.mode == "sync" else None
-        self.counts.drafted += sum(len(b) for b in uniq)
         if self.mode == "sync" or not self.runs:  # nothing in flight feeds the last committed token: this run does
             return self._launch([self.ctx[-1:] + b for b in uniq], len(self.ctx) - 1, True)
         return self._launch(uniq, len(chain), True)
@@ -303,11 +302,11 @@ class SpecHead:
         if len(branches) > 1:
             busy = {main} | {r for run in self.runs for r in run.rows}
             have = {r: _common(rows_tok[r], prefix) for r in range(len(rows_tok)) if r not in busy}
-            free = sorted(have, key=lambda r: (-min(have[r], start), r))
+            free = sorted(have, key=lambda r: (-have[r], r))
             branches = branches[:1 + len(free)]
             for r in free[:len(branches) - 1]:
                 rows.append(r)
-                a = min(have[r], start)
+                a = have[r]
                 writes[r] = start
                 if a < start:
                     copies.append((main, r, a, start))
@@ -327,6 +326,7 @@ class SpecHead:
         c.siblings += run.width - 1
         c.copies += len(copies)
         c.copied += sum(b - a for _, _, a, b in copies)
+        c.drafted += run.fed - run.width * (start == len(self.ctx) - 1)  # the committed token is not a draft
         c.fed_positions += run.fed
         return run
 

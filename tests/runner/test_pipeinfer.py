@@ -146,3 +146,14 @@ def test_tree_rows_hold_the_chains_kv_on_every_stage():
     assert c.rescued > 0 and c.cancelled > 0 and c.copies > 0 and c.tree_runs > 0
     assert all(st.stats[3] > 0 for st in stages) and stages[0].stats[11] == c.copies > stages[1].stats[11]
     assert stages[1].stats[2] > 0  # stopped mid-way
+
+
+def test_prompt_lookup_trees_part_at_the_first_token():
+    """The trunk follows the latest occurrence of the last token; a sibling, the latest occurrence followed by
+    another token; no third when there is no third continuation; none at all without a trunk."""
+    from runner.drafter import NgramDrafter
+
+    ctx = [1, 2, 3, 1, 4, 5, 1, 2, 6, 1]  # 1 is followed by 2, 4, 2
+    assert NgramDrafter(1, 0.0).draft_tree(ctx, 2, 3) == [[2, 6], [4, 5]]
+    assert NgramDrafter(1, 0.0).draft_tree(ctx, 1, 1) == [[2]]
+    assert NgramDrafter(1, 0.9).draft_tree(ctx, 2, 3) == []  # the trunk's 2/3 under the cutoff
