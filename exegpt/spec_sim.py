@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ExeGPTError
-from .speculation import Run, SpecCounts, SpecHead, _common, cache_rows
+from .spec_run import Run, SpecCounts
+from .speculation import SpecHead, cache_rows, common_prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +304,7 @@ class _Timeline:
             if run.start > 0:
                 st.rolled_back += n - run.start
             if good >= run.start:
-                good = run.start + _common(list(br), list(range(run.start, run.start + len(br))))
+                good = run.start + common_prefix(list(br), list(range(run.start, run.start + len(br))))
             rows[r] = [run.start + len(br), good]
             ok[i] = min(ok[i], good)
 
@@ -320,7 +321,7 @@ class _Timeline:
         for s, st in enumerate(self.stages):
             for r, (n, good) in enumerate(st.rows):
                 believed = self.head.row_tokens[r]
-                right = _common(believed, list(range(len(believed))))
+                right = common_prefix(believed, list(range(len(believed))))
                 if n < len(believed) or good < right:
                     raise ExeGPTError(f"simulated stage {s}: row {r} holds {n} positions ({good} right) but the "
                                       f"head believes {len(believed)} ({right} right)")
