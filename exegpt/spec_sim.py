@@ -4,13 +4,23 @@ an acceptance model. The runner (``runner.pipeinfer``) runs the same head on rea
 
   * the head computes stage 0 itself (a launch keeps it busy for stage 0's time), as the runner's rank 0 does;
     results and drafts that come in meanwhile wait for it, and are handled in arrival order;
-  * a run of b tokens takes ``base + b * per_token`` seconds on a stage; every message (a run to the next stage,
-    the target tokens back to the head, a draft request and its reply, a cancellation) takes one hop;
+  * a run of b tokens takes ``base + b * per_token`` seconds on a stage (a tree run of w branches: b is w times
+    its longest branch, the padded micro-batch the stage computes); every message (a run to the next stage, the
+    target tokens back to the head, a draft request and its reply, a cancellation) takes one hop;
   * a cancellation reaches a stage one hop after the head sent it: a queued cancelled run is skipped, the run in
     progress stops after its current layer (the stage's time is charged up to there);
-  * the drafter serves requests in order, ``draft_s + n * draft_tok_s`` for n tokens drafted;
+  * the drafter serves requests in order, ``draft_s + n * draft_tok_s`` for n tokens drafted (every branch's);
   * acceptance: each drafted token is the target's with probability ``alpha`` (i.i.d.), and the drafter stops
     before each token with probability ``stop_p`` (its confidence under the cutoff; before the first one too).
+    A tree of width w adds w - 1 siblings to a non-empty draft, parting from it at its first token: where the
+    trunk's first token is wrong, each sibling in turn holds the target's token with probability ``rescue``
+    (none does where the trunk's is right); after it, a sibling's tokens follow ``alpha`` and ``stop_p`` as the
+    trunk's do;
+  * KV: every stage keeps each cache row's length and how many of its leading positions hold the target's KV,
+    and executes a run's row copies, its writes, the length reset before it and the rollback of an abort as the
+    runner's stages do; the last stage returns the target's token after a position only where the row's KV up to
+    it is right on every stage (else a wrong token, which the lossless check would see), and at the request's
+    end every row on every stage must hold at least what the head believes it holds.
 Tokens are symbolic: the target's token at position p is p.
 """
 
@@ -23,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ExeGPTError
-from .speculation import Run, SpecCounts, SpecHead
+from .spec_run import Run, SpecCounts
+from .speculation import SpecHead, cache_rows, common_prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +77,11 @@ class Acceptance:
 
     alpha: float
     stop_p: float = 0.0
+    rescue: float = 0.0
+    """Per sibling: the probability it holds the target's token where the trunk's first drafted token is wrong."""
 
     def __post_init__(self):
-        for name in ("alpha", "stop_p"):
+        for name in ("alpha", "stop_p", "rescue"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ExeGPTError(f"acceptance {name}={v!r} must be a probability in [0, 1]")
@@ -81,6 +94,7 @@ class SpecOptions:
     mode: str
     n_draft: int = 4
     depth: int = 1
+    width: int = 1
 
 
 @dataclass(slots=True)
@@ -96,6 +110,10 @@ class RequestTimeline:
     layers_computed: int = 0
     layers_aborted: int = 0
     """Layers a cancellation saved on runs it stopped mid-way or before they started."""
+    rolled_back: tuple[int, ...] = ()
+    """Per stage: KV positions rolled back (a row's length reset below what it held)."""
+    kv_copies: int = 0
+    """Row copies the stages executed (a cancelled run's skipped ones are not)."""
 
 
 @dataclass
@@ -103,9 +121,14 @@ class _Stage:
     queue: deque = field(default_factory=deque)
     busy: tuple | None = None  # (run, start_s, end_s, token)
     cancelled: set = field(default_factory=set)
+    rows: list = field(default_factory=list)
+    """Per KV row: [length, leading positions whose KV is the target's]."""
+    rolled_back: int = 0
 
 
 PREFILL_ID = -1
+WRONG = -10**9
+"""What the last stage returns after a position whose KV is wrong on some stage (never a target token)."""
 
 
 def simulate_request(costs: SpecCosts, acc: Acceptance, opts: SpecOptions, prompt_len: int, output_len: int,
@@ -118,11 +141,16 @@ class _Timeline:
     def __init__(self, costs: SpecCosts, acc: Acceptance, opts: SpecOptions, prompt_len: int, output_len: int,
                  rng: np.random.Generator):
         self.c, self.acc, self.opts, self.rng = costs, acc, opts, rng
+        # siblings draw from a stream of their own: the trunks are the same draws whatever the width
+        self.sib_rng = np.random.default_rng(int(rng.integers(2**62)))
         self.prompt_len, self.output_len = prompt_len, output_len
         self.S = len(costs.stage_base_s)
         self.events: list = []
         self.seq = 0
-        self.stages = [_Stage() for _ in range(self.S)]
+        n_rows = cache_rows(opts.mode, opts.width, opts.depth)
+        self.stages = [_Stage(rows=[[0, 0] for _ in range(n_rows)]) for _ in range(self.S)]
+        self.ok: dict[int, list[int]] = {}  # run id -> per branch: positions right on every stage so far
+        self.copies = 0
         self.inbox: deque = deque()
         self.head: SpecHead | None = None
         self.head_free = 0.0
@@ -156,7 +184,9 @@ class _Timeline:
                 break
         if self.head is None or not self.head.done:
             raise ExeGPTError("the simulated speculation timeline stalled before the request finished")
-        return RequestTimeline(self.ttft, self.token_s, self.head.counts, self.head.generated, *self.layers)
+        self.check_rows()
+        return RequestTimeline(self.ttft, self.token_s, self.head.counts, self.head.generated, *self.layers,
+                               tuple(st.rolled_back for st in self.stages), self.copies)
 
     # --- the head ----------------------------------------------------------------------------------
 
@@ -180,16 +210,19 @@ class _Timeline:
             self.push(self.head_free, "head")
 
     def on_result(self, run: Run, t: float) -> None:
-        targets = [p + 1 for p in range(run.start, run.end)]  # the target's token after each fed position
+        ok = self.ok.pop(run.id)
         if run.id == PREFILL_ID:
             self.ttft = t
             self.token_s.append(t)
             self.head = SpecHead(tuple(range(self.prompt_len)), self.prompt_len, self.output_len, self.opts.mode,
-                                 self.opts.depth)
+                                 self.opts.depth, self.opts.width)
             return
         if self.head.done:
             return
-        committed, cancelled = self.head.on_result(run.id, targets[-len(run.tokens):])
+        # the target's token after each fed position, where the KV up to it is right on every stage
+        targets = [p + 1 if p < good else WRONG for b, good in zip(run.branches, ok)
+                   for p in range(run.start, run.start + len(b))]
+        committed, cancelled = self.head.on_result(run.id, targets)
         self.token_s += [t] * len(committed)
         if cancelled:
             ids = {r.id for r in cancelled}
@@ -206,32 +239,92 @@ class _Timeline:
         if h.wants_draft():
             ask, chain, room = h.ask_draft()
             start = max(t + self.c.hop(), self.drafter_free)
-            tokens = self.draft(len(chain), min(room, self.opts.n_draft))
-            self.drafter_free = start + self.c.draft_s + len(tokens) * self.c.draft_tok_s
-            self.push(self.drafter_free + self.c.hop(), "draft", ask, tokens)
+            branches = self.draft(len(chain), min(room, self.opts.n_draft), self.opts.width)
+            self.drafter_free = start + self.c.draft_s + sum(map(len, branches)) * self.c.draft_tok_s
+            self.push(self.drafter_free + self.c.hop(), "draft", ask, branches)
 
-    def draft(self, at: int, k: int) -> list[int]:
-        """Up to ``k`` tokens for positions ``at, at + 1, ...`` by the acceptance model (-1: a wrong token)."""
-        out = []
-        for i in range(k):
-            if self.rng.random() < self.acc.stop_p:
+    def draft(self, at: int, k: int, width: int = 1) -> list[list[int]]:
+        """Branches of up to ``k`` tokens for positions ``at, at + 1, ...`` by the acceptance model (a wrong token
+        is negative): the trunk, then ``width - 1`` siblings parting from it at its first token."""
+        trunk = self._chain(at, 0, k)
+        if not trunk:
+            return []
+        out, found = [trunk], trunk[0] == at
+        for b in range(1, width):
+            first = -1 - b  # wrong, and unlike the trunk's and the other siblings' first tokens
+            if not found and self.sib_rng.random() < self.acc.rescue:
+                first, found = at, True
+            out.append([first] + self._chain(at, 1, k, self.sib_rng))
+        return out
+
+    def _chain(self, at: int, i: int, k: int, rng: np.random.Generator | None = None) -> list[int]:
+        rng, out = rng or self.rng, []
+        for i in range(i, k):
+            if rng.random() < self.acc.stop_p:
                 break
-            out.append(at + i if self.rng.random() < self.acc.alpha else -1)
+            out.append(at + i if rng.random() < self.acc.alpha else -1)
         return out
 
     def launch(self, run: Run, t: float) -> float:
         """Stage 0 computes ``run`` on the head's time; returns when the head is free again."""
         t0 = max(t, self.head_free)
-        self.head_free = t0 + self.c.stage_s(0, len(run.tokens))
+        self.head_free = t0 + self.c.stage_s(0, run.padded)
         self.layers[0] += self.c.stage_layers[0]
+        self.ok[run.id] = [len(b) + run.start for b in run.branches]
+        self.compute_kv(0, run)
         self.forward(0, run, self.head_free)
         return self.head_free
 
     def forward(self, s: int, run: Run, t: float) -> None:
         if s + 1 < self.S:
-            self.push(t + self.c.hop(len(run.tokens)), "arrive", s + 1, run)
+            self.push(t + self.c.hop(run.fed), "arrive", s + 1, run)
         else:
             self.push(t + (self.c.hop() if self.S > 1 else 0.0), "result", run)
+
+    # --- the stages' KV ------------------------------------------------------------------------------
+
+    def compute_kv(self, s: int, run: Run) -> None:
+        """Stage ``s`` starts computing ``run``: its row copies, then each branch row reset to the run's start and
+        written; what is right in each branch's row joins the run's record."""
+        st = self.stages[s]
+        rows = st.rows
+        for src, dst, a, b in run.copies:
+            if rows[src][0] < b or rows[dst][0] < a:
+                raise ExeGPTError(f"simulated stage {s}: run {run.id} copies positions [{a}, {b}) of row {src} "
+                                  f"(holding {rows[src][0]}) to row {dst} (holding {rows[dst][0]})")
+            st.rolled_back += rows[dst][0] - a
+            good = rows[dst][1] if rows[dst][1] < a else max(a, min(rows[src][1], b))
+            rows[dst] = [b, good]
+            self.copies += 1
+        ok = self.ok[run.id]
+        for i, (r, br) in enumerate(zip(run.rows, run.branches)):
+            n, good = rows[r]
+            if n < run.start:
+                raise ExeGPTError(f"simulated stage {s}: run {run.id} starts at {run.start} but row {r} holds {n}")
+            if run.start > 0:
+                st.rolled_back += n - run.start
+            if good >= run.start:
+                good = run.start + common_prefix(list(br), list(range(run.start, run.start + len(br))))
+            rows[r] = [run.start + len(br), good]
+            ok[i] = min(ok[i], good)
+
+    def roll_back(self, s: int, run: Run) -> None:
+        """An abort on stage ``s``: the run's rows back to its start."""
+        st = self.stages[s]
+        for r in run.rows:
+            n, good = st.rows[r]
+            st.rolled_back += max(0, n - run.start)
+            st.rows[r] = [min(n, run.start), min(good, run.start)]
+
+    def check_rows(self) -> None:
+        """At the request's end: no row on any stage holds less than the head believes it does."""
+        for s, st in enumerate(self.stages):
+            for r, (n, good) in enumerate(st.rows):
+                believed = self.head.row_tokens[r]
+                right = common_prefix(believed, list(range(len(believed))))
+                if n < len(believed) or good < right:
+                    raise ExeGPTError(f"simulated stage {s}: row {r} holds {n} positions ({good} right) but the "
+                                      f"head believes {len(believed)} ({right} right)")
 
     # --- the stages --------------------------------------------------------------------------------
 
@@ -242,7 +335,8 @@ class _Timeline:
             if run.id in st.cancelled:  # skipped before it started
                 self.layers[1] += self.c.stage_layers[s]
                 continue
-            end = t + self.c.stage_s(s, len(run.tokens))
+            self.compute_kv(s, run)
+            end = t + self.c.stage_s(s, run.padded)
             st.busy = (run, t, end, self.seq)
             self.push(end, "done", s, run, st.busy[3])
 
@@ -268,6 +362,8 @@ class _Timeline:
         done = min(n, int(np.floor((t - start) / per_layer)) + 1) if per_layer > 0 else n
         self.layers[0] += done
         self.layers[1] += n - done
+        if done < n:
+            self.roll_back(s, run)
         stop = start + done * per_layer
         st.busy = (None, start, stop, self.seq)
         self.push(stop, "done", s, None, st.busy[3])

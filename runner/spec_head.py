@@ -21,8 +21,8 @@ from exegpt.report import RunReport, build_report
 from exegpt.speculation import Run, SpecCounts, SpecHead
 
 from .pipeline import RunContext, _i64, eos_of
-from .spec_wire import RUN_HDR, STAGE_STATS, STOP, TAG_CANCEL, TAG_DRAFT, TAG_DRAFT_REQ, TAG_RESULT, TAG_RUN, \
-    TAG_STATS, wait_until
+from .spec_wire import STAGE_STATS, STOP, TAG_CANCEL, TAG_DRAFT, TAG_DRAFT_REQ, TAG_RESULT, TAG_RUN, TAG_STATS, \
+    run_hdr, wait_until
 from .view import WallClockView
 
 
@@ -106,7 +106,7 @@ class Head(WallClockView):
         self.inflight.clear()
         if led.token(rid, data[1][0], self.now()):
             return self.stream(force=True)
-        head = SpecHead(tuple(prompt), data[1][0], int(led.out[rid]), self.s.mode, self.s.depth)
+        head = SpecHead(tuple(prompt), data[1][0], int(led.out[rid]), self.s.mode, self.s.depth, self.s.width)
         self._act(head, rid)
         while not head.done and not led.done(rid):
             kind, *data = self._next_event()
@@ -114,7 +114,7 @@ class Head(WallClockView):
                 run = self.inflight.pop(data[0], None)
                 if run is None:
                     continue  # a cancelled run's, or an earlier request's
-                committed, cancelled = head.on_result(run.id, data[1][:len(run.tokens)])
+                committed, cancelled = head.on_result(run.id, data[1][:run.fed])
                 t = self.now()
                 for tok in committed:
                     if led.token(rid, tok, t):
@@ -153,22 +153,24 @@ class Head(WallClockView):
             msg[6:6 + len(chain)] = _i64(chain)
             self.comm.send([msg], self.S, TAG_DRAFT_REQ)
 
-    def _count_draft(self, ask: int, tokens: list[int]) -> None:
-        c = self.draft_calls
+    def _count_draft(self, ask: int, branches: list[list[int]]) -> None:
+        """Counts a draft's trunk (the acceptance model's ``stop_p``: where the drafter stopped short)."""
+        c, n = self.draft_calls, len(branches[0]) if branches else 0
         c[0] += 1
-        c[1] += len(tokens)
-        c[2] += len(tokens) < self.asked.pop(ask, 0)
+        c[1] += n
+        c[2] += n < self.asked.pop(ask, 0)
 
     def _launch(self, run: Run, n_out: int | None = None) -> int:
         """Stage 0 computes ``run`` here and passes it on; returns its global id."""
         gid, self.next_gid = self.next_gid, self.next_gid + 1
-        n_out = len(run.tokens) if n_out is None else n_out
+        n_out = run.fed if n_out is None else n_out
         if run.id >= 0:
             self.inflight[gid] = run
             self.gid_of[run.id] = gid
-        x = torch.tensor(run.tokens, dtype=torch.long)
-        out = self.stage.compute(gid, x, run.start, n_out, False)
-        self.stage.send_on(gid, run.start, len(run.tokens), n_out, out)
+        x = torch.tensor([t for b in run.branches for t in b], dtype=torch.long)
+        lens = [len(b) for b in run.branches]
+        out = self.stage.compute(gid, x, run.start, lens, list(run.rows), run.copies, n_out, False)
+        self.stage.send_on(gid, run.start, lens, list(run.rows), run.copies, n_out, out)
         if self.S == 1:
             buf = self.stage.local
             self.events.put(("result", gid, buf[3:3 + n_out].tolist()))
@@ -206,14 +208,19 @@ class Head(WallClockView):
             self.events.put(("result", gid, buf[3:3 + n].tolist()))
 
     def _receive_drafts(self) -> None:
-        size = 4 + self.s.n_draft
+        W = self.s.width
+        size = 4 + W + W * self.s.n_draft
         while True:
             buf = self.comm.recv((size,), torch.long, self.S, TAG_DRAFT)
             req, ask, n, sent = buf[:4].tolist()
             if req < 0:
                 return
             wait_until(sent + self.stage.delay_ns)
-            self.events.put(("draft", req, ask, buf[4:4 + n].tolist()))
+            flat, branches, at = buf[4 + W:].tolist(), [], 0
+            for m in buf[4:4 + n].tolist():
+                branches.append(flat[at:at + m])
+                at += m
+            self.events.put(("draft", req, ask, branches))
 
     def _shutdown(self, threads) -> dict:
         """Stops every rank and gathers what each counted."""
@@ -221,7 +228,7 @@ class Head(WallClockView):
         for r in range(1, self.S):
             self.comm.send([stop], r, TAG_CANCEL)
         if self.S > 1:
-            self.comm.send([_i64([STOP] + [0] * (RUN_HDR - 1))], 1, TAG_RUN)
+            self.comm.send([_i64([STOP] + [0] * (run_hdr(self.s.width) - 1))], 1, TAG_RUN)
         if self.s.mode != "plain":
             self.comm.send([_i64([STOP] + [0] * (5 + self.ctx.cache_len))], self.S, TAG_DRAFT_REQ)
         for t in threads:
@@ -236,13 +243,16 @@ class Head(WallClockView):
 
 
 def speculation_stats(counts: SpecCounts, stages, drafter, draft_calls, hops) -> dict:
-    """``RunReport.speculation``: the heads' counts, each stage's, the drafter's, and the fits the simulated
-    timeline is priced with (``stage_base_s``, ``stage_tok_s``: a straight line of a stage's seconds on a run's
-    tokens; ``stop_p``: the drafts' stops per drafted token)."""
+    """``RunReport.speculation``: the heads' counts, each stage's, the drafter's, and what the simulated timeline
+    is priced with (``stage_base_s``, ``stage_tok_s``: a straight line of a stage's seconds on a run's padded
+    tokens; the acceptance model: ``trunk_acceptance`` (alpha), ``stop_p`` (the trunks' stops per drafted token)
+    and ``rescue`` (per sibling tried where the trunk missed))."""
     out = {f: getattr(counts, f) for f in counts.__slots__}
     out["acceptance"] = counts.acceptance
+    out["trunk_acceptance"], out["rescue"] = counts.trunk_acceptance, counts.rescue
     names = ("runs", "skipped", "aborted", "rolled_back", "layers", "layers_saved")
-    out["stages"] = [{k: int(v) for k, v in zip(names, st[:6])} for st in stages]
+    out["stages"] = [{k: int(v) for k, v in zip(names, st[:6])} | {"copies": int(st[11]), "copied": int(st[12])}
+                     for st in stages]
     out["stage_sums"] = [[float(x) for x in st[6:11]] for st in stages]
     fits = [fit_line(st[6:11]) for st in stages]
     out["stage_base_s"], out["stage_tok_s"] = [f[0] for f in fits], [f[1] for f in fits]

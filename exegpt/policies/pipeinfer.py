@@ -11,12 +11,14 @@ Knobs: ``n_draft`` (most tokens a draft proposes), ``cutoff`` (the drafter stops
 under it: the top-1 probability of a model drafter, the share of the n-gram's continuations of a prompt-lookup
 drafter), ``depth`` (speculative runs in flight at most), ``draft`` (``ngram:N`` prompt lookup on the last N
 tokens; ``layers:N`` the target's first N layers with its head (self-speculation); ``model:NAME`` another model of
-the same vocabulary), ``stages`` (target stages) and ``split`` (layers per stage; by default the placement's,
-balanced on layer time). Tree width is 1: each draft is one chain (PipeInfer's narrow trees, at their narrowest).
-Not knobs but what the simulation needs: the acceptance model ``alpha`` and ``stop_p`` (per drafted token: the
-probability the target agrees, and that the drafter's confidence falls under the cutoff), measured by the runner
-for the drafter and cutoff (``RunReport.speculation``), and ``link_delay_s``, the delay added to every hop (the
-runner emulates a slow link with it).
+the same vocabulary), ``width`` (tree width: branches a speculative run carries, 1 to ``MAX_WIDTH``; the drafter's
+alternatives for its first token, each continued greedily, each computed in a KV cache row of its own),
+``stages`` (target stages) and ``split`` (layers per stage; by default the placement's, balanced on layer time).
+Not knobs but what the simulation needs: the acceptance model ``alpha``, ``stop_p`` and ``rescue`` (per drafted
+token: the probability the target agrees, and that the drafter's confidence falls under the cutoff; per sibling:
+the probability it holds the target's token where the trunk's first token is wrong), measured by the runner for
+the drafter and cutoff (``RunReport.speculation``), and ``link_delay_s``, the delay added to every hop (the runner
+emulates a slow link with it).
 
 The estimate: the simulated timeline (``exegpt.spec_sim``) of a request of the workload's mean lengths, priced by
 the profile; throughput is one request at a time.
@@ -30,12 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ExeGPTError
-from ..memory import stage_weights
 from ..problem import Problem
 from ..schedule import Policy
 from ..spec_sim import Acceptance, SpecCosts, SpecOptions, simulate_request
-from ..speculation import MODES
-from ..stages import Layout, Stage, Terms, encode_times, place_stages
+from ..speculation import MAX_WIDTH, MODES, cache_rows as spec_rows
+from ..stages import Layout, Stage, Terms, encode_times, place_stages, stage_memory
 from .base import MAIN, DriverStats, WaitArrival
 
 NAMES = (Policy.PIPEINFER,)
@@ -69,6 +70,10 @@ class PipeInferSchedule:
     split: tuple[int, ...] = ()
     """Layers per target stage (PipeInfer's ``--mpi-layer-split``); empty: the placement's, balanced on layer
     time."""
+    width: int = 1
+    """Tree width: branches a speculative run carries at most (plain decoding ignores it)."""
+    rescue: float = 0.0
+    """The acceptance model's per-sibling rescue probability (``exegpt.spec_sim.Acceptance``)."""
     policy: Policy = Policy.PIPEINFER
 
     def __post_init__(self):
@@ -83,12 +88,15 @@ class PipeInferSchedule:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ExeGPTError(f"pipeinfer: {name}={v!r} must be a whole number >= 1")
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or not 1 <= self.width <= MAX_WIDTH:
+            raise ExeGPTError(f"pipeinfer: tree width={self.width!r} must be a whole number of branches in "
+                              f"[1, {MAX_WIDTH}] (1: every draft a chain)")
         if isinstance(self.n_draft, bool) or not isinstance(self.n_draft, int) or self.n_draft < 1:
             raise ExeGPTError(f"pipeinfer: draft length n_draft={self.n_draft!r} must be a whole number of tokens "
                               f">= 1 (the most tokens one draft proposes)")
         if isinstance(self.cutoff, bool) or not isinstance(self.cutoff, (int, float)) or not 0 <= self.cutoff <= 1:
             raise ExeGPTError(f"pipeinfer: confidence cutoff={self.cutoff!r} must be a probability in [0, 1]")
-        Acceptance(self.alpha, self.stop_p)
+        Acceptance(self.alpha, self.stop_p, self.rescue)
         if not isinstance(self.link_delay_s, (int, float)) or not self.link_delay_s >= 0:
             raise ExeGPTError(f"pipeinfer: link_delay_s={self.link_delay_s!r} must be >= 0 seconds")
         draft_spec(self.draft)
@@ -104,11 +112,16 @@ class PipeInferSchedule:
 
     @property
     def acceptance(self) -> Acceptance:
-        return Acceptance(self.alpha, self.stop_p)
+        return Acceptance(self.alpha, self.stop_p, self.rescue)
 
     @property
     def options(self) -> SpecOptions:
-        return SpecOptions(self.mode, self.n_draft, self.depth)
+        return SpecOptions(self.mode, self.n_draft, self.depth, self.width)
+
+    @property
+    def rows(self) -> int:
+        """KV cache rows on each stage: the main row and the siblings' of every tree run that may be in flight."""
+        return spec_rows(self.mode, self.width, self.depth)
 
 
 def draft_spec(spec) -> tuple[str, str]:
@@ -141,12 +154,33 @@ def stage_roles(s: PipeInferSchedule) -> tuple[tuple[str, int], ...]:
     return (("both", 1),) * s.stages
 
 
+def memory(prob: Problem, lay: Layout, s: PipeInferSchedule) -> list:
+    """Peak bytes per stage device: its weights, ``s.rows`` KV cache rows of the workload's longest context and
+    the activations of the largest run (the prompt, or a tree of ``width`` branches of ``n_draft + 1``)."""
+    tokens = max(prob.stats.in_max, s.width * (s.n_draft + 1))
+    return [float(np.ravel(m)[0]) for m in stage_memory(prob, lay.stages, float(s.rows), float(tokens))]
+
+
+def check(prob: Problem, s: PipeInferSchedule) -> None:
+    """One line for a tree that does not fit: the KV cache rows its width and depth need beside the weights."""
+    lay = layout(prob, s)
+    if lay is None or s.rows == 1:
+        return  # layout_for names a model that does not fit at all
+    mem = memory(prob, lay, s)
+    worst = int(np.argmax([m / prob.capacity_bytes for m in mem]))
+    if mem[worst] > prob.capacity_bytes:
+        raise ExeGPTError(f"pipeinfer: tree width {s.width} at depth {s.depth} needs {s.rows} KV cache rows of "
+                          f"{prob.workload.max_total_len} positions per stage; stage {worst} then needs "
+                          f"{mem[worst] / 2**30:.3g} GiB of the {prob.capacity_bytes / 2**30:.3g} GiB a device "
+                          f"holds: narrow the tree or lower the depth")
+
+
 def costs_from_profile(prob: Problem, lay: Layout, s: PipeInferSchedule) -> SpecCosts:
     """The timeline's prices from the profile: each stage's time for runs of 1 and ``n_draft + 1`` tokens (a
     straight line between), every hop ``link_delay_s`` plus the profile's token return, a drafter of ``layers:N``
     at N layers' share of a 1-token pass, a prompt-lookup drafter free, another model at the target's cost scaled
     by its layers."""
-    b = (1, s.n_draft + 1)
+    b = (1, s.width * (s.n_draft + 1))
     per = [encode_times(prob, lay.stages, 1, _prompts_cost(prob, n))[0] for n in b]
     t1 = [float(np.ravel(x)[0]) for x in per[0]]
     t2 = [float(np.ravel(x)[0]) for x in per[1]]
@@ -188,8 +222,7 @@ def estimate_detail(prob: Problem, lay: Layout, s: PipeInferSchedule) -> tuple[T
     per_req = float(np.mean([r.token_s[-1] for r in runs]))
     ttft = float(np.mean([r.ttft_s for r in runs]))
     itl = (per_req - ttft) / max(1, mean_out - 1)
-    mem = [np.asarray(stage_weights(prob.model, st, i == 0, i == len(lay.stages) - 1))
-           for i, st in enumerate(lay.stages)]
+    mem = [np.asarray(m) for m in memory(prob, lay, s)]
     ok = np.asarray(all(m < prob.capacity_bytes for m in mem))
     one = np.asarray(1.0)
     return Terms(one / per_req, np.asarray(lat), ok, np.asarray(ttft), np.asarray(itl), one, mem), k_q
@@ -199,35 +232,45 @@ def spaces(prob: Problem, policy, tp_degrees, space) -> list:
     return []  # no box function: a grid of schedules (``candidates``), searched on the simulated timeline
 
 
-def candidates(prob: Problem, tps: list[int], grid: int, base: PipeInferSchedule | None = None
-               ) -> list[PipeInferSchedule]:
+SEARCH_WIDTHS = 3
+"""Tree widths the search tries (1 to this)."""
+
+
+def candidates(prob: Problem, tps: list[int], grid: int, base: PipeInferSchedule | None = None,
+               widths: int = SEARCH_WIDTHS) -> list[PipeInferSchedule]:
     """The knobs over the devices there are: plain decoding over all of them or all but one; PipeInfer and sync
-    over all but the drafter's, draft lengths 1 to 8, depths 1 and the stages. ``base`` gives the drafter, its
-    cutoff, the acceptance model measured at that cutoff, and the link (default: prompt lookup, alpha 0.5)."""
+    over all but the drafter's, draft lengths 1 to 8, depths 1 and the stages, tree widths 1 to ``widths``.
+    ``base`` gives the drafter, its cutoff, the acceptance model measured at that cutoff (and width), and the link
+    (default: prompt lookup, alpha 0.5)."""
     n = prob.cluster.count
     if n - 1 > prob.model.n_layers:
         return []
     base = base or PipeInferSchedule("pipeinfer", max(1, n - 1), max(2, n))
-    out = [dataclasses.replace(base, mode="plain", stages=m, num_gpus=m) for m in (n, n - 1) if m >= 1]
+    out = [dataclasses.replace(base, mode="plain", stages=m, num_gpus=m, width=1) for m in (n, n - 1) if m >= 1]
     if n < 2:
         return out
     for k in (1, 2, 4, 8):
-        out.append(dataclasses.replace(base, mode="sync", stages=n - 1, num_gpus=n, n_draft=k, depth=1))
-        for d in sorted({1, n - 1}):
-            out.append(dataclasses.replace(base, mode="pipeinfer", stages=n - 1, num_gpus=n, n_draft=k, depth=d))
+        for w in range(1, widths + 1):
+            out.append(dataclasses.replace(base, mode="sync", stages=n - 1, num_gpus=n, n_draft=k, depth=1, width=w))
+            for d in sorted({1, n - 1}):
+                out.append(dataclasses.replace(base, mode="pipeinfer", stages=n - 1, num_gpus=n, n_draft=k, depth=d,
+                                               width=w))
     return out
 
 
-def best_schedule(prob: Problem, base: PipeInferSchedule) -> tuple[PipeInferSchedule, list]:
+def best_schedule(prob: Problem, base: PipeInferSchedule, widths: int = SEARCH_WIDTHS
+                  ) -> tuple[PipeInferSchedule, list]:
     """The candidates' schedule whose requests finish soonest on the simulated timeline (one request at a time:
     the highest throughput), with every (seconds a request, schedule) tried: whether speculation pays for this
-    drafter, acceptance model and link, and with which knobs."""
+    drafter, acceptance model and link, and with which knobs (tree width among them: whether what siblings
+    rescue, ``base.rescue``, pays for the rows they add to every stage's micro-batch and the drafter's work)."""
     tried = []
-    for s in candidates(prob, [1], 0, base):
+    for s in candidates(prob, [1], 0, base, widths):
         lay = layout(prob, s)
         if lay is not None:
             terms, _ = estimate_detail(prob, lay, s)
-            tried.append((1.0 / float(np.ravel(terms.thr)[0]), s))
+            if bool(np.ravel(terms.ok)[0]):
+                tried.append((1.0 / float(np.ravel(terms.thr)[0]), s))
     tried.sort(key=lambda x: (x[0], describe(x[1])))
     if not tried:
         raise ExeGPTError(f"pipeinfer: no schedule of {prob.model.name} fits {prob.cluster.label}")
@@ -242,11 +285,13 @@ def parse(policy, fields: dict, num_gpus: int) -> PipeInferSchedule:
 
 
 def describe(s: PipeInferSchedule) -> str:
-    """``pipeinfer k=4 c=0.3 d=2 ngram:2 S3``, ``sync k=4 c=0.3 ngram:2 S3``, ``plain S3``."""
+    """``pipeinfer k=4 c=0.3 d=2 ngram:2 S3``, ``sync k=4 c=0.3 w=2 ngram:2 S3`` (a tree width past 1),
+    ``plain S3``."""
     if s.mode == "plain":
         return f"plain S{s.stages}"
     depth = f" d={s.depth}" if s.mode == "pipeinfer" else ""
-    return f"{s.mode} k={s.n_draft} c={s.cutoff:g}{depth} {s.draft} S{s.stages}"
+    width = f" w={s.width}" if s.width > 1 else ""
+    return f"{s.mode} k={s.n_draft} c={s.cutoff:g}{depth}{width} {s.draft} S{s.stages}"
 
 
 def from_fields(fields: dict) -> PipeInferSchedule:
@@ -254,7 +299,7 @@ def from_fields(fields: dict) -> PipeInferSchedule:
 
 
 def cache_rows(plan, group: str) -> int:
-    return 1
+    return plan.schedule.rows
 
 
 def drivers(plan) -> dict:

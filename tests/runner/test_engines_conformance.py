@@ -110,12 +110,13 @@ def test_shift_parallelism_configurations_on_two_ranks():
     assert modes == {True, False}
 
 
-
 def test_pipeinfer_decides_alike_decodes_greedily_and_cancels():
     """PipeInfer and synchronous speculation on two target stages and a drafter (three gloo ranks), draft lengths
-    1 to 8: the simulated engine's driver decisions; every request's tokens the target's greedy tokens; with a
-    drafter the target mostly rejects (a one-layer self-draft of a random model), runs cancelled in flight and
-    their KV rolled back on every stage; with the target as its own drafter, every draft accepted."""
+    1 to 8, tree widths 1 to 3: the simulated engine's driver decisions; every request's tokens the target's greedy
+    tokens; with a drafter the target mostly rejects (a one-layer self-draft of a random model), runs cancelled in
+    flight and their KV rolled back on every stage; with the target as its own drafter, every draft accepted; with
+    trees of that one-layer drafter, siblings (its next choices for the first token) rescue rejected tokens, and
+    the row copies that bring their rows up to date run on every stage (all of them where nothing is cancelled)."""
     from exegpt.policies.pipeinfer import PipeInferSchedule
     from runner.generate import greedy_reference
     from runner.requests import make_requests
@@ -127,7 +128,9 @@ def test_pipeinfer_decides_alike_decodes_greedily_and_cancels():
     w, n, seed = Workload.truncated_normal(input=(24, 10, 48), output=(20, 8, 40)), 3, 3
     scheds = [PipeInferSchedule("sync", 2, 3, n_draft=1, draft="layers:1"),
               PipeInferSchedule("pipeinfer", 2, 3, n_draft=8, depth=2, draft="layers:1", link_delay_s=0.002),
-              PipeInferSchedule("pipeinfer", 2, 3, n_draft=4, cutoff=0.02, depth=2, draft="model:tiny")]
+              PipeInferSchedule("pipeinfer", 2, 3, n_draft=4, cutoff=0.02, depth=2, draft="model:tiny"),
+              PipeInferSchedule("sync", 2, 3, n_draft=3, draft="layers:1", width=3),
+              PipeInferSchedule("pipeinfer", 2, 3, n_draft=4, depth=2, draft="layers:1", width=2, link_delay_s=0.002)]
     plans = [evaluate_schedule(s, w, profile=prof, devices="3xcpu") for s in scheds]
     reps = run_plans(plans, "tiny", num_requests=n, seed=seed, keep_tokens=True, log_decisions=True)
     model, args, _ = load_model("tiny", seed=seed)
@@ -145,3 +148,10 @@ def test_pipeinfer_decides_alike_decodes_greedily_and_cancels():
     later = rejecting["stages"][1]  # every run reaches it: computed, skipped, or stopped mid-way (timing decides)
     assert later["runs"] + later["skipped"] + later["aborted"] == rejecting["runs"] + n
     assert reps[2].speculation["acceptance"] == 1.0 and reps[0].speculation["cancelled"] == 0
+    sync_tree, tree = reps[3].speculation, reps[4].speculation
+    assert sync_tree["rescued"] > 0 and sync_tree["tree_runs"] == sync_tree["spec_runs"]
+    assert sync_tree["cancelled"] == 0 and all(st["copies"] == sync_tree["copies"] > 0 for st in sync_tree["stages"])
+    assert tree["tree_runs"] > 0 and tree["cancelled"] > 0 and all(st["rolled_back"] > 0 for st in tree["stages"])
+    assert tree["stages"][0]["copies"] == tree["copies"] >= tree["stages"][1]["copies"]
+    later = tree["stages"][1]
+    assert later["runs"] + later["skipped"] + later["aborted"] == tree["runs"] + n
