@@ -3,8 +3,8 @@
 Two processes share one copy of the weights (``runner.colocate``): a prefill process that prefills ``b`` prompts of
 ``prompt_len`` tokens again and again, and a decode process that advances ``b`` rows at a ``context_len``
 context again and again. For each split of the device and batch size, each phase is timed alone (the other process
-waits) and beside the other (both loop over the same window); and once each alone on the kernel tables'
-condition. A point is the median step over its window.
+waits) and beside the other (both loop over the same window, the faster going on until the other's window is
+over); and once each alone on the kernel tables' condition. A point is the mean step over its window.
 
 On a CPU a split is thread counts, the weights a mapped file, the kernel tables' condition ``base_threads``, and
 one pair of processes walks every point. On a GPU a split is MPS percentages (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``,
@@ -129,7 +129,9 @@ def _worker(role: int, source, opts: InterferenceOptions, points, barrier, resul
             # of them ran alone.
             while timed.value < 2 * (k + 1):
                 step()
-        out.append(float(np.median(times)))
+        # The mean step, not the median: a process time-sliced with the other runs most of its short steps
+        # untouched and pays the wait in a few; only the mean sees it.
+        out.append(float(np.mean(times)))
         barrier.wait()
     results.put((role, out))
 
