@@ -21,7 +21,8 @@ Pricing: the profile's kernel tables time one process alone with the whole devic
 much longer while the other phase computes (``kappa``). Without it, on a GPU of the datasheets the two factors
 come from the roofline's account of sharing (``exegpt.share_roofline``: SMs split by share, one memory system);
 elsewhere a phase is taken to run 100 / share times slower and the interference is the profile's two-rank
-concurrency. Both are assumptions, not measurements.
+concurrency, or the oversubscription where the shares add past the device. Both are assumptions, not
+measurements.
 
 The estimate is approximate (the policy is searched on the simulated engine): the prefill process's throughput
 at a batch of ``max_prefill_tokens / E[prompt]`` prompts and the decode process's at the running requests its caps
@@ -132,8 +133,8 @@ def phase_pricing(prob: Problem, s: SplitwiserSchedule):
     inter = prob.profile.phase_interference
     if inter is None and prob.cluster.device.name in DEVICES:  # a GPU of the datasheets: its roofline's account
         return _roofline_pricing(prob, s)
-    if inter is None:
-        kappa = prob.profile.concurrency(2) - 1.0
+    if inter is None:  # shares past the whole device time-slice it
+        kappa = max(prob.profile.concurrency(2) - 1.0, (s.prefill_share + s.decode_share) / 100.0 - 1.0)
         return lambda group, rows: (100.0 / s.share(group), kappa)
     kp, kd = threads(s.prefill_share, inter.cores), threads(s.decode_share, inter.cores)
     return lambda group, rows: inter.factors(kp, kd, "prefill" if group == ENCODE else "decode", rows)
