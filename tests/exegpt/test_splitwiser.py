@@ -11,8 +11,9 @@ import pytest
 from exegpt import Profile, Workload, evaluate_schedule, find_schedule, run_simulated
 from exegpt.errors import ExeGPTError
 from exegpt.interference import PhaseInterference, PhasePair
-from exegpt.policies import describe
+from exegpt.policies import describe, splitwiser
 from exegpt.policies.splitwiser import SplitwiserSchedule, threads
+from exegpt.problem import problem
 from exegpt.report import FINISHED
 
 PROFILE = Path(__file__).resolve().parents[1] / "data" / "tiny-cpu.json"
@@ -78,6 +79,13 @@ def test_shares_become_threads_and_the_optimizer_searches_the_policy():
     assert isinstance(plan.schedule, SplitwiserSchedule) and plan.estimate.throughput_seq_s > 0
     assert describe(plan.schedule).startswith("splitwiser S=")
     assert [s.role for s in plan.stages] == ["encode", "decode"]
+    # In the default portfolio where a plan has one device at TP 1, and only there.
+    searched = dict(find_schedule(W, 1.0, profile=Profile.load(PROFILE), devices="1xcpu",
+                                  per_policy=True).search.per_policy)
+    assert searched["splitwiser"] > 0 and set(searched) >= {"rra", "cb", "chunked", "splitwiser"}
+    assert splitwiser.candidates(problem(W, 1.0, profile=Profile.load(PROFILE), devices="1xcpu"), [1], 4)
+    assert not splitwiser.candidates(problem(W, 1.0, profile=Profile.load(PROFILE), devices="2xcpu"), [1], 4)
+    assert not splitwiser.candidates(problem(W, 1.0, profile=Profile.load(PROFILE), devices="1xcpu"), [2], 4)
 
 
 def test_on_one_gpu_the_phases_share_its_compute_and_bandwidth():
