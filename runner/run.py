@@ -195,9 +195,15 @@ def run_plans(plans: list[Plan], model: str = "tiny", requests: tuple[Request, .
         with colocated({i: ctxs[i] for i in shared}, model_args(model), DTYPES[opts.dtype], opts) as (
                 done, setups, notes):
             ctxs = [done.get(i, c) for i, c in enumerate(ctxs)]
-            reports = _run_contexts(plans, ctxs, worlds, opts, setups)
-        return [dataclasses.replace(r, notes=r.notes + notes) if r is not None and i in shared else r
-                for i, r in enumerate(reports)]
+
+            def noted(reports):
+                return [dataclasses.replace(r, notes=r.notes + notes) if r is not None and i in shared else r
+                        for i, r in enumerate(reports)]
+            try:
+                return noted(_run_contexts(plans, ctxs, worlds, opts, setups))
+            except RankFailedError as e:  # a failed run's reports say how the device was shared too
+                e.reports = noted(e.reports or [])
+                raise
     return _run_contexts(plans, ctxs, worlds, opts)
 
 
