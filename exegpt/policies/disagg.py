@@ -108,14 +108,15 @@ def layout(prob: Problem, s: DisaggSchedule) -> Layout | None:
     return Layout(Policy.DISAGG, s.tp, s.tp_gpus, s.prefill_gpus, s.decode_gpus, enc + dec)
 
 
-def check_knobs(prob: Problem, s: DisaggSchedule) -> None:
-    """One clear line for knobs the workload or the model cannot run with."""
+def check_knobs(prob: Problem, s, label: str = "disaggregation") -> None:
+    """One clear line for knobs the workload or the model cannot run with (``s``: a schedule with
+    ``max_prefill_tokens`` and ``block_size``; ``label`` names its policy in the line)."""
     longest = prob.workload.input_len.max
     if s.max_prefill_tokens < longest:
-        raise ExeGPTError(f"disaggregation: max_prefill_tokens={s.max_prefill_tokens} is below the workload's "
+        raise ExeGPTError(f"{label}: max_prefill_tokens={s.max_prefill_tokens} is below the workload's "
                           f"longest prompt ({longest} tokens), which could never be prefilled")
     if prob.model.max_seq_len % s.block_size:
-        raise ExeGPTError(f"disaggregation: block_size={s.block_size} does not divide {prob.model.name}'s "
+        raise ExeGPTError(f"{label}: block_size={s.block_size} does not divide {prob.model.name}'s "
                           f"context of {prob.model.max_seq_len} tokens")
 
 

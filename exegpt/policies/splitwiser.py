@@ -116,17 +116,6 @@ def layout(prob: Problem, s: SplitwiserSchedule) -> Layout | None:
     return Layout(Policy.SPLITWISER, 1, 0, 1, 1, enc + dec)
 
 
-def check_knobs(prob: Problem, s: SplitwiserSchedule) -> None:
-    """One clear line for knobs the workload or the model cannot run with."""
-    longest = prob.workload.input_len.max
-    if s.max_prefill_tokens < longest:
-        raise ExeGPTError(f"splitwiser: max_prefill_tokens={s.max_prefill_tokens} is below the workload's longest "
-                          f"prompt ({longest} tokens), which could never be prefilled")
-    if prob.model.max_seq_len % s.block_size:
-        raise ExeGPTError(f"splitwiser: block_size={s.block_size} does not divide {prob.model.name}'s context of "
-                          f"{prob.model.max_seq_len} tokens")
-
-
 def phase_pricing(prob: Problem, s: SplitwiserSchedule):
     """``price(group, rows) -> (scale, kappa)``: how much longer a step of ``rows`` of the group's phase takes on
     its share than the kernel tables say, and the fraction more it takes while the other process computes."""
@@ -159,7 +148,7 @@ def _roofline_pricing(prob: Problem, s: SplitwiserSchedule):
 
 def estimate_detail(prob: Problem, lay: Layout, s: SplitwiserSchedule) -> tuple[Terms, int]:
     """Each process's throughput on its share, slowed by the other's interference while it is busy."""
-    check_knobs(prob, s)
+    disagg.check_knobs(prob, s, "splitwiser")  # the same two knobs as disaggregation's
     enc_st, dec_st, st = lay.group("encode"), lay.group("decode"), prob.stats
     price = phase_pricing(prob, s)
     bp = float(np.clip(s.max_prefill_tokens / max(st.in_mean, 1.0), 1.0, s.max_num_seqs))
