@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from exegpt.devices import DEVICES
-from exegpt.errors import ExeGPTError
+from runner.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +41,6 @@ class DeviceInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> ``cuda`` when available, else ``cpu``; a CUDA device that is missing is a one-line error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ExeGPTError(f"device {device!r} not understood; expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ExeGPTError(f"device {device!r} asked for but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ExeGPTError(f"device {device!r} does not exist; this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ExeGPTError(f"device type {dev.type!r} is not supported by the profiler; expected cpu or cuda")
-    return dev
 
 
 def describe_device(device: str | torch.device | None = None) -> DeviceInfo:

@@ -34,6 +34,7 @@ import torch
 
 from exegpt.errors import ExeGPTError
 
+from .device import resolve_device
 from .launch import RankSetup
 
 log = logging.getLogger(__name__)
@@ -54,22 +55,8 @@ def device_cores() -> int:
 def colocated_device(name: str | None) -> torch.device:
     """The device both processes compute on: ``name`` ('cpu', 'cuda' or 'cuda:N'), by default the first GPU
     where CUDA is available, else the CPU; one line for a device this host does not have."""
-    if name is None:
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ExeGPTError(f"colocated_device={name!r} is not a device; expected 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ExeGPTError(f"colocated_device={name!r}: processes share a CPU or a CUDA device, not {dev.type}")
-    if not torch.cuda.is_available():
-        raise ExeGPTError(f"colocated_device={name!r} requested but CUDA is not available")
-    index = 0 if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise ExeGPTError(f"colocated_device={name!r}: this host has {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device("cuda", index)
+    dev = resolve_device(name, "colocated_device")
+    return torch.device("cuda", dev.index or 0) if dev.type == "cuda" else dev
 
 
 def weights_mode(weights: str | None, device: torch.device) -> str:
