@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from exegpt.errors import ExeGPTError
+from exegpt.speculation import common_prefix
 
 
 class NgramDrafter:
@@ -95,12 +96,7 @@ class ModelDrafter:
         """The greedy trunk and up to ``width - 1`` siblings from the next most probable first tokens, each
         continued greedily (siblings first, so the cache ends on the trunk, which the next context continues)."""
         m, cache = self.model, self.model.cache
-        p = 0
-        for a, b in zip(self.seen, ctx):
-            if a != b:
-                break
-            p += 1
-        p = min(p, len(ctx) - 1)  # the last token is fed again for its logits
+        p = min(common_prefix(self.seen, ctx), len(ctx) - 1)  # the last token is fed again for its logits
         if len(ctx) + k > cache.max_len:
             raise ExeGPTError(f"draft context of {len(ctx)} + {k} tokens exceeds the drafter's {cache.max_len}")
         cache.lengths[0] = p  # roll back to the common prefix
