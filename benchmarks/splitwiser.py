@@ -39,6 +39,7 @@ from exegpt.policies.splitwiser import SplitwiserSchedule
 
 WORKLOADS = {"tiny": Workload.truncated_normal(input=(48, 16, 96), output=(32, 12, 64)),
              "smollm2": Workload.truncated_normal(input=(32, 12, 64), output=(16, 6, 32))}
+MB = 2 ** 20
 
 
 def schedules(w: Workload) -> dict[str, tuple[object, str, dict]]:
@@ -160,14 +161,18 @@ def weight_memory(model: str) -> str:
             p.join(60)
     finally:
         Path(path).unlink(missing_ok=True)
-    mb = 2 ** 20
-    rows = [f"| {'prefill' if pre else 'decode'} | {g['rss_bytes'] / mb:.1f} | {g['pss_bytes'] / mb:.1f} | "
-            f"{g['private_bytes'] / mb:.1f} | {g['process_rss_bytes'] / mb:.0f} |" for pre, g in got.items()]
     pss = sum(g["pss_bytes"] for g in got.values())
-    return (f"Weights of {model} ({size / mb:.1f} MiB file, fp32) in the two processes, MiB:\n\n"
-            "| process | weights resident | weights, proportional share | weights, private | process RSS |\n"
-            "|---|---|---|---|---|\n" + "\n".join(rows) +
-            f"\n\nThe proportional shares add up to {pss / mb:.1f} MiB: {pss / size:.2f} copies of the weights.")
+    return (f"Weights of {model} ({size / MB:.1f} MiB file, fp32) in the two processes, MiB:\n\n" +
+            _residency_table({"prefill" if pre else "decode": g for pre, g in got.items()}) +
+            f"\n\nThe proportional shares add up to {pss / MB:.1f} MiB: {pss / size:.2f} copies of the weights.")
+
+
+def _residency_table(got: dict[str, dict]) -> str:
+    """Per process, what it holds of the shared weights (``runner.colocate.weight_residency``), MiB."""
+    rows = [f"| {name} | {g['rss_bytes'] / MB:.1f} | {g['pss_bytes'] / MB:.1f} | {g['private_bytes'] / MB:.1f} | "
+            f"{g['process_rss_bytes'] / MB:.0f} |" for name, g in got.items()]
+    return ("| process | weights resident | weights, proportional share | weights, private | process RSS |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def interference_options(model: str, splits=((1, 1), (2, 2))):
@@ -270,16 +275,11 @@ def ipc_weight_memory(model: str) -> str:
     size = sum(t.numel() * t.element_size() for t in shared.state.values())
     got = launch(_ipc_worker, 2, (), 600, setup=RankSetup(shared=shared, backend="gloo"))
     mine = weight_residency(list(shared.state.values()))
-    mb = 2 ** 20
-    rows = [f"| {name} | {g['rss_bytes'] / mb:.1f} | {g['pss_bytes'] / mb:.1f} | {g['private_bytes'] / mb:.1f} | "
-            f"{g['process_rss_bytes'] / mb:.0f} |" for name, g in zip(("prefill", "decode"), got)]
     pss = sum(g["pss_bytes"] for g in got)
-    return (f"Weights of {model} ({size / mb:.1f} MiB, fp32) shared by IPC, MiB (the launcher maps them too while "
-            f"the ranks run):\n\n"
-            "| process | weights resident | weights, proportional share | weights, private | process RSS |\n"
-            "|---|---|---|---|---|\n" + "\n".join(rows) +
-            f"\n\nThe ranks' proportional shares add up to {pss / mb:.1f} MiB ({pss / size:.2f} of a copy); the "
-            f"launcher, alone after they exited, holds {mine['rss_bytes'] / mb:.1f} MiB resident "
+    return (f"Weights of {model} ({size / MB:.1f} MiB, fp32) shared by IPC, MiB (the launcher maps them too while "
+            f"the ranks run):\n\n" + _residency_table(dict(zip(("prefill", "decode"), got))) +
+            f"\n\nThe ranks' proportional shares add up to {pss / MB:.1f} MiB ({pss / size:.2f} of a copy); the "
+            f"launcher, alone after they exited, holds {mine['rss_bytes'] / MB:.1f} MiB resident "
             f"({mine['pss_bytes'] / size:.2f} copies).")
 
 
