@@ -153,6 +153,7 @@ def table3(quick: bool, requests: int, rounds: int) -> None:
     """Splitwiser (two processes on one device) against one process alternating the phases on that device and
     against WAA and disaggregation on two devices: simulated on GPUs (each policy's best schedule at the bound),
     then executed beside simulated on the CPU with the interference the profiler measures in the same run."""
+    from exegpt.policies import disagg
     from exegpt.policies.splitwiser import phase_pricing
     from exegpt.sim import run_simulated
 
@@ -178,7 +179,7 @@ def table3(quick: bool, requests: int, rounds: int) -> None:
                 prob = problem(w, b, model=model, devices=f"1x{dev}")
                 sw = plan.schedule
                 price = phase_pricing(prob, sw)
-                bp = float(np.clip(sw.max_prefill_tokens / max(prob.stats.in_mean, 1.0), 1.0, sw.max_num_seqs))
+                bp = disagg.mean_prefill_batch(prob, sw)
                 kap = f"{price('encode', bp)[1]:.2f} / {price('decode', sw.max_num_seqs)[1]:.2f}"
             base = rep.throughput_seq_s if pols == ["cb"] else base
             rows.append((pols, n, plan, rep, kap))

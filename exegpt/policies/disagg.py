@@ -120,12 +120,17 @@ def check_knobs(prob: Problem, s, label: str = "disaggregation") -> None:
                           f"context of {prob.model.max_seq_len} tokens")
 
 
+def mean_prefill_batch(prob: Problem, s) -> float:
+    """Prompts a prefill batch holds on average: ``max_prefill_tokens`` of mean prompts, 1 to ``max_num_seqs``."""
+    return float(np.clip(s.max_prefill_tokens / max(prob.stats.in_mean, 1.0), 1.0, s.max_num_seqs))
+
+
 def estimate_detail(prob: Problem, lay: Layout, s: DisaggSchedule) -> tuple[Terms, int]:
     """The lower of the prefill pool's and the decode pool's throughput; a batch's prefill, hand-off and the
     bound-length output's decode iterations."""
     check_knobs(prob, s)
     enc_st, dec_st, st = lay.group("encode"), lay.group("decode"), prob.stats
-    bp = float(np.clip(s.max_prefill_tokens / max(st.in_mean, 1.0), 1.0, s.max_num_seqs))
+    bp = mean_prefill_batch(prob, s)
     enc, ok_e = encode_times(prob, enc_st, bp)
     t_int, t_lat = np.maximum.reduce(enc), sum(enc)
     if len(enc_st) > 1:

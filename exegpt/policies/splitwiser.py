@@ -134,7 +134,7 @@ def _roofline_pricing(prob: Problem, s: SplitwiserSchedule):
     requests, the prefill process at a full batch of mean prompts."""
     st, m, dev = prob.stats, prob.model, prob.cluster.device
     ctx = float(st.in_mean + prob.mean_iters / 2)
-    bp = float(np.clip(s.max_prefill_tokens / max(st.in_mean, 1.0), 1.0, s.max_num_seqs))
+    bp = disagg.mean_prefill_batch(prob, s)
     others = {ENCODE: step_work(m, dev, "decode", s.max_num_seqs, st.in_mean, ctx),
               DECODE: step_work(m, dev, "prefill", bp, st.in_mean, ctx)}
     mine = {ENCODE: s.prefill_share / 100, DECODE: s.decode_share / 100}
@@ -151,7 +151,7 @@ def estimate_detail(prob: Problem, lay: Layout, s: SplitwiserSchedule) -> tuple[
     disagg.check_knobs(prob, s, "splitwiser")  # the same two knobs as disaggregation's
     enc_st, dec_st, st = lay.group("encode"), lay.group("decode"), prob.stats
     price = phase_pricing(prob, s)
-    bp = float(np.clip(s.max_prefill_tokens / max(st.in_mean, 1.0), 1.0, s.max_num_seqs))
+    bp = disagg.mean_prefill_batch(prob, s)
     enc, ok_e = encode_times(prob, enc_st, bp)
     in_flight = HANDOFF_DEPTH * s.max_prefill_tokens  # hand-off receive buffers, and the batch being prefilled
     pool = pool_tokens(prob, dec_st, s.max_num_seqs, in_flight + s.max_prefill_tokens)
